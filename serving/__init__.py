@@ -1,0 +1,1 @@
+"""The `zoo` command line and everything that uses registered models: loading, ONNX export, classification."""

@@ -1,0 +1,224 @@
+"""The `zoo` command line: one Click group; training commands are attached here too.
+
+Exit codes: 0 success, 1 runtime failure (click.ClickException), 2 bad usage
+(click.UsageError). Set ZOO_DEBUG=1 to see the traceback behind an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL_URI, STD
+
+
+def _version() -> str:
+    try:
+        return version("mlflow-zoo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    return (ValueError, FileNotFoundError)
+
+
+class ZooGroup(click.Group):
+    """Turns known exceptions into one friendly line and the right exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("ZOO_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, _usage_errors()):
+                raise click.UsageError(message, ctx) from exc
+            raise click.ClickException(f"{message} (set ZOO_DEBUG=1 for the traceback)") from exc
+
+
+@click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", prog_name="zoo")
+def cli() -> None:
+    """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
+
+    Runs go to MLflow's default store (sqlite:///mlflow.db in the current folder)
+    unless MLFLOW_TRACKING_URI says otherwise.
+    """
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@cli.command()
+@click.option("--model", "model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
+@click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+@MEAN
+@STD
+@click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--optimizer", default=None, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
+@click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
+@click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@DEVICE
+@DATA_DIR
+@EXPERIMENT
+@click.option("--run-name", default=None)
+@click.option("--register", "register", default=None, metavar="NAME", help="Register the model under NAME.")
+@click.option("--alias", default=None, help="Point this alias of the registered model at the new version.")
+@click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
+@click.option("--no-checkpoints", is_flag=True, help="Do not log a checkpoint per epoch.")
+@FORMAT
+def train(model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, seed, device, data_dir,
+          experiment, run_name, register, alias, dry_run, no_checkpoints, fmt) -> None:
+    """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model)."""
+    from training.train import TrainConfig
+    from training.train import train as run_train
+
+    config = TrainConfig(
+        model=model, dataset=dataset, mean=mean, std=std, epochs=epochs, batch_size=batch_size,
+        optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, seed=seed, device=device,
+        data_dir=data_dir, max_batches=2 if dry_run else None, checkpoints=not no_checkpoints,
+    )
+    result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias)
+    summary = {
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "registered": f"models:/{register}@{alias}" if register and alias else register,
+        "normalization": result.normalization.to_dict(),
+        "val_accuracy": result.val_accuracy,
+        "test_accuracy": result.test_accuracy,
+    }
+    if fmt == "json":
+        echo_json(summary)
+    else:
+        click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
+        click.echo(f"model: {result.model_uri}" + (f"  registered as {summary['registered']}" if register else ""))
+
+
+@cli.command()
+@MODEL_URI
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Fail if onnxruntime and PyTorch outputs differ by more than this.")
+@FORMAT
+def export(model_uri, output, tolerance, fmt) -> None:
+    """Export MODEL_URI to ONNX with its normalization inside the graph (input: pixels in [0, 1]).
+
+    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder.
+    """
+    from serving.export import export_onnx
+    from serving.loading import load_model
+
+    if not output.endswith(".onnx"):
+        raise click.BadParameter(f"{output!r} should end in .onnx", param_hint="--output")
+    report = export_onnx(load_model(model_uri), output, tolerance=tolerance)
+    if fmt == "json":
+        echo_json(report.to_dict())
+    else:
+        click.echo(f"wrote {report.path} (opset {report.opset}); max |onnxruntime - torch| = {report.max_abs_diff:.2e} "
+                   f"over batches {report.batch_sizes_checked}")
+
+
+@cli.command()
+@MODEL_URI
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--runtime", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
+@click.option("--invert", is_flag=True, help="Invert grayscale (dark digits on light paper -> MNIST's light on dark).")
+@FORMAT
+def classify(model_uri, paths, top_k, runtime, invert, fmt) -> None:
+    """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
+
+    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a model folder or a .onnx file.
+    """
+    from serving.classify import classify as run_classify
+    from serving.classify import open_classifier
+
+    predictions = run_classify(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert)
+    if fmt == "json":
+        echo_json([p.to_dict() for p in predictions])
+        return
+    for p in predictions:
+        click.echo(f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top))
+
+
+@cli.command()
+@click.option("--registered", is_flag=True, help="List the MLflow registered models (with aliases) instead of architectures.")
+@click.option("--filter", "pattern", default=None, help="fnmatch pattern on the architecture name, e.g. 'mnist*'.")
+@FORMAT
+def models(registered, pattern, fmt) -> None:
+    """List the architectures the zoo can train, or the registered models it can serve."""
+    if registered:
+        rows = _registered_models()
+    else:
+        from zoo.registry import get_model_spec, list_models
+
+        rows = []
+        for name in list_models(pattern):
+            spec = get_model_spec(name)
+            rows.append({
+                "name": name, "input_shape": list(spec.input_shape), "classes": spec.num_classes,
+                "normalization": spec.normalization.to_dict(), "description": spec.description,
+            })
+    if fmt == "json":
+        echo_json(rows)
+        return
+    for row in rows:
+        if registered:
+            aliases = ", ".join(f"@{a}->v{v}" for a, v in row["aliases"].items()) or "no alias"
+            click.echo(f"{row['name']}\tlatest v{row['latest_version']}\t{aliases}")
+        else:
+            shape = "x".join(map(str, row["input_shape"]))
+            click.echo(f"{row['name']:<14}{shape:<10}{row['classes']:>3} classes  {row['description']}")
+
+
+def _registered_models() -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    rows = []
+    for rm in MlflowClient().search_registered_models():
+        versions = [int(v.version) for v in rm.latest_versions or []]
+        rows.append({"name": rm.name, "latest_version": max(versions) if versions else None, "aliases": dict(rm.aliases or {})})
+    return rows
+
+
+@cli.command()
+@FORMAT
+def datasets(fmt) -> None:
+    """List the datasets in the catalog."""
+    from zoo.data import list_datasets
+
+    rows = list_datasets()
+    if fmt == "json":
+        echo_json(rows)
+    else:
+        for name, desc in rows.items():
+            click.echo(f"{name:<15}{desc}")
+
+
+def _attach_commands() -> None:
+    from serving.demo import demo
+
+    cli.add_command(demo)
+
+
+_attach_commands()
+
+
+def main() -> None:
+    cli(prog_name="zoo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
+
+The logged network takes *normalized* input; its normalization, input shape and class
+names come from the model's MLflow metadata, so nothing here hard-codes them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from zoo.normalization import Normalization, NormalizedModel
+
+
+class ModelNotFound(RuntimeError):
+    """The URI is well formed but names no model in the tracking store."""
+
+
+@dataclass
+class LoadedModel:
+    uri: str
+    network: nn.Module  # takes normalized input
+    normalization: Normalization
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    model_name: str
+
+    def with_normalization(self) -> nn.Module:
+        """The network preceded by its normalization: takes pixels in [0, 1]."""
+        wrapped = NormalizedModel(self.network, self.normalization)
+        wrapped.training = False  # the network itself was put in eval mode at load
+        return wrapped
+
+
+_URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a local MLflow model folder, or a .onnx file"
+
+
+def check_uri(uri: str) -> None:
+    """Raise ValueError (bad usage) for a string that is no model URI at all."""
+    if re.match(r"^(models|runs):/.+", uri) or Path(uri).exists():
+        return
+    if "://" in uri or uri.startswith(("models:", "runs:")):
+        raise ValueError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
+    raise ValueError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
+
+
+def read_metadata(uri: str) -> dict:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except MlflowException as exc:
+        raise ModelNotFound(f"no model at {uri!r} in tracking store {mlflow.get_tracking_uri()}: {_short(exc)}") from exc
+    except OSError as exc:
+        raise ModelNotFound(f"no MLflow model at {uri!r}: {_short(exc)}") from exc
+    metadata = info.metadata or {}
+    missing = [k for k in ("normalization", "input_shape", "class_names") if k not in metadata]
+    if missing:
+        raise ModelNotFound(
+            f"model {uri!r} has no {', '.join(missing)} in its metadata; log it with `zoo train` "
+            "(or training.tracking.log_model) so its normalization and classes travel with it"
+        )
+    return metadata
+
+
+def load_model(uri: str) -> LoadedModel:
+    """Load a model logged by ``training.tracking.log_model``."""
+    import mlflow.pytorch
+
+    check_uri(uri)
+    metadata = read_metadata(uri)
+    network = set_eval(mlflow.pytorch.load_model(uri))
+    return LoadedModel(
+        uri=uri,
+        network=network,
+        normalization=Normalization.from_dict(metadata["normalization"]),
+        class_names=list(metadata["class_names"]),
+        input_shape=tuple(metadata["input_shape"]),
+        model_name=str(metadata.get("zoo_model", "unknown")),
+    )
+
+
+def set_eval(network: nn.Module) -> nn.Module:
+    """eval() mode; a pt2 (torch.export) module was exported in eval mode and refuses eval() itself."""
+    try:
+        network.eval()
+    except NotImplementedError:
+        pass
+    return network
+
+
+def resolve_model_id(uri: str) -> str:
+    """A stable identity for the model behind a (possibly moving) alias, for caching exports."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    m = re.match(r"^models:/([^/@]+)@(.+)$", uri)
+    if m:
+        version = client.get_model_version_by_alias(m.group(1), m.group(2))
+        return version.model_id or f"{m.group(1)}-v{version.version}"
+    m = re.match(r"^models:/([^/@]+)/(\d+)$", uri)
+    if m:
+        version = client.get_model_version(m.group(1), m.group(2))
+        return version.model_id or f"{m.group(1)}-v{version.version}"
+    return uri
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

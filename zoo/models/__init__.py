@@ -1,0 +1,3 @@
+"""Model families, one module each; importing this package registers them all."""
+
+from zoo.models import mnist_cnn  # noqa: F401

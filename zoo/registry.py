@@ -1,0 +1,93 @@
+"""The model registry: a dict plus a decorator, in the style of torchvision's ``_api.py``.
+
+Each entry knows what the data loader, the trainer, the exporter and the classifier
+need to know without special cases: input shape, number of classes, default
+normalization and the default optimizer recipe.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from zoo.normalization import Normalization
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # (channels, height, width) the network expects
+    num_classes: int
+    normalization: Normalization  # the default, as the reference code ships it
+    optimizer: str = "adadelta"
+    lr: float = 1.0
+    lr_gamma: float = 0.7  # StepLR(step_size=1) decay per epoch; 1.0 keeps lr constant
+    # "autograd" models share training.engine; another value names a trainer of its own.
+    trainer: str = "autograd"
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    normalization: Normalization,
+    **spec: Any,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder under ``name``; a duplicate name is an error."""
+
+    def wrapper(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        description = spec.pop("description", None) or (builder.__doc__ or "").strip().splitlines()[0]
+        _MODELS[name] = ModelSpec(
+            name, builder, tuple(input_shape), num_classes, normalization, description=description, **spec
+        )
+        return builder
+
+    return wrapper
+
+
+def list_models(include: str | None = None, exclude: str | None = None) -> list[str]:
+    """Sorted model names, optionally filtered by fnmatch patterns."""
+    _import_families()
+    names = sorted(_MODELS)
+    if include:
+        names = [n for n in names if fnmatch.fnmatch(n, include)]
+    if exclude:
+        names = [n for n in names if not fnmatch.fnmatch(n, exclude)]
+    return names
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    _import_families()
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}") from None
+
+
+def create_model(name: str, **config: Any) -> nn.Module:
+    """Build a registered model; ``None`` values are dropped so the builder's defaults stay in force."""
+    spec = get_model_spec(name)
+    kwargs = {**spec.defaults, **{k: v for k, v in config.items() if v is not None}}
+    kwargs.setdefault("num_classes", spec.num_classes)
+    return spec.builder(**kwargs)
+
+
+def _import_families() -> None:
+    # Importing the families runs their @register_model decorators.
+    import zoo.models  # noqa: F401
