@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL_URI, STD
+from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL_URI, STD, unset_sentinels
 
 
 def _version() -> str:
@@ -65,7 +65,7 @@ def echo_json(data) -> None:
 @STD
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--optimizer", default=None, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
+@click.option("--optimizer", default=None, callback=unset_sentinels, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
 @click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
 @click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
@@ -74,8 +74,8 @@ def echo_json(data) -> None:
 @DATA_DIR
 @EXPERIMENT
 @click.option("--run-name", default=None)
-@click.option("--register", "register", default=None, metavar="NAME", help="Register the model under NAME.")
-@click.option("--alias", default=None, help="Point this alias of the registered model at the new version.")
+@click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
+@click.option("--alias", default=None, callback=unset_sentinels, help="Point this alias of the registered model at the new version.")
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
 @click.option("--no-checkpoints", is_flag=True, help="Do not log a checkpoint per epoch.")
 @FORMAT

@@ -2,13 +2,19 @@
 
 import click
 
+
+def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
+    """MLproject parameters cannot be absent: "" and "default" mean "not given" (the model's default)."""
+    return None if value in ("", "default") else value
+
+
 MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
 FORMAT = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
     help="json prints machine-readable output on stdout (logs go to stderr).",
 )
-MEAN = click.option("--mean", default=None, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
-STD = click.option("--std", default=None, help="Normalization std (> 0): one value, or comma-separated per channel. Default: the model's.")
+MEAN = click.option("--mean", default=None, callback=unset_sentinels, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
+STD = click.option("--std", default=None, callback=unset_sentinels, help="Normalization std (> 0): one value, or comma-separated per channel. Default: the model's.")
 DATA_DIR = click.option(
     "--data-dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
     help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]",
