@@ -53,6 +53,39 @@ def _loss(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -
     return F.cross_entropy(output, target, reduction=reduction)
 
 
+score_loss = _loss  # the public name, for trainers outside this module
+
+
+# One optimization step on a batch of normalized images; returns the batch's mean loss.
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_epoch(
+    step: Step,
+    split: Split,
+    normalization: Normalization,
+    batch_size: int,
+    generator: torch.Generator,
+    on_batch: Callable[[int], None] | None = None,
+    max_batches: int | None = None,
+) -> float:
+    """One shuffled pass of ``step`` over ``split``; returns the mean training loss.
+
+    Every trainer (autograd or hand-written) goes through here, so batching, the
+    ``max_batches`` cut and the loss bookkeeping are the same for all models.
+    """
+    total, count = 0.0, 0
+    for i, (images, labels) in enumerate(batches(split, batch_size, shuffle=True, generator=generator)):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss = step(normalization.apply(images), labels)
+        total += loss.item() * len(labels)
+        count += len(labels)
+        if on_batch:
+            on_batch(len(labels))
+    return total / max(count, 1)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -63,21 +96,17 @@ def train_one_epoch(
     on_batch: Callable[[int], None] | None = None,
     max_batches: int | None = None,
 ) -> float:
-    """One pass over ``split``; returns the mean training loss."""
-    model.train()
-    total, count = 0.0, 0
-    for i, (images, labels) in enumerate(batches(split, batch_size, shuffle=True, generator=generator)):
-        if max_batches is not None and i >= max_batches:
-            break
+    """One autograd pass over ``split``; returns the mean training loss."""
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = _loss(model(normalization.apply(images)), labels)
+        loss = _loss(model(images), labels)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(labels)
-        count += len(labels)
-        if on_batch:
-            on_batch(len(labels))
-    return total / max(count, 1)
+        return loss.detach()
+
+    model.train()
+    return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
 
 
 @torch.inference_mode()

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
-from torch.optim.lr_scheduler import StepLR
 from tqdm.auto import tqdm
 
 from training import tracking
-from training.engine import EpochResult, check_finite, evaluate, make_optimizer, train_one_epoch
+from training.engine import EpochResult, check_finite, evaluate
+from training.trainers import make_trainer
 from zoo.data import Dataset, Split, load_dataset
+from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization
 from zoo.registry import ModelSpec, create_model, get_model_spec
+
+
+# Training settings a model's registry recipe may override (ModelSpec.recipe).
+RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False}
 
 
 @dataclass
@@ -24,15 +29,17 @@ class TrainConfig:
     mean: str | None = None  # None: the model's default normalization
     std: str | None = None
     epochs: int = 14  # the pytorch/examples default
-    batch_size: int = 64
-    optimizer: str | None = None  # None: the model's default recipe
+    batch_size: int | None = None  # None here and below: the model's recipe (see resolved)
+    optimizer: str | None = None
     lr: float | None = None
     gamma: float | None = None
     weight_decay: float = 0.0
+    momentum: float | None = None  # SGD momentum (ignored by the other optimizers)
     seed: int = 1
     device: str = "auto"
     data_dir: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float | None = None
+    keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
     max_batches: int | None = None  # per epoch; for --dry-run and quick tests
     checkpoints: bool = True
     progress: bool = True
@@ -40,6 +47,13 @@ class TrainConfig:
 
     def spec(self) -> ModelSpec:
         return get_model_spec(self.model)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None setting taken from the model's recipe, and model_config typed and checked."""
+        spec = self.spec()
+        recipe = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
+        unset = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return replace(self, **unset, model_config=coerce_model_config(self.model, self.model_config))
 
     def normalization(self) -> Normalization:
         spec = self.spec()
@@ -92,21 +106,40 @@ def check_compatible(spec: ModelSpec, dataset: Dataset) -> None:
 
 
 def run_params(config: TrainConfig, normalization: Normalization) -> dict[str, object]:
-    spec = config.spec()
+    config = config.resolved()
     return {
         "model": config.model,
         "dataset": config.dataset,
         **normalization.as_params(),
         "epochs": config.epochs,
         "batch_size": config.batch_size,
-        "optimizer": config.optimizer or spec.optimizer,
-        "lr": config.lr if config.lr is not None else spec.lr,
-        "lr_gamma": config.gamma if config.gamma is not None else spec.lr_gamma,
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "lr_gamma": config.gamma,
         "weight_decay": config.weight_decay,
+        "momentum": config.momentum,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
+        "keep_best": config.keep_best,
         **{f"model_{k}": v for k, v in config.model_config.items()},
     }
+
+
+class BestEpoch:
+    """The weights of the epoch with the best validation accuracy (never chosen on the test set)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
+
+    def update(self, result: EpochResult, network: torch.nn.Module) -> None:
+        if result.val_accuracy > self.val_accuracy:
+            self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
+            self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def restore(self, network: torch.nn.Module) -> None:
+        if self.state is not None:
+            network.load_state_dict(self.state)
+            tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy})
 
 
 def fit(
@@ -118,59 +151,78 @@ def fit(
     """Train inside the active MLflow run: log params, per-epoch metrics, checkpoints, test metrics.
 
     ``on_epoch`` is called after each epoch's metrics are logged (a study prunes from it).
-    The model itself is not logged here: see :func:`train` and ``tracking.log_model``.
+    With ``keep_best``, the best epoch by validation accuracy is restored before the test
+    and the accuracy curve is logged as a figure. The model itself is not logged here:
+    see :func:`train` and ``tracking.log_model``.
     """
+    config = config.resolved()
     spec = config.spec()
     check_compatible(spec, dataset)
     normalization = config.normalization()
     device = resolve_device(config.device)
-    params = run_params(config, normalization)
-    tracking.log_params(params)
+    tracking.log_params(run_params(config, normalization))
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     network = create_model(config.model, **config.model_config).to(device)
-    optimizer = make_optimizer(str(params["optimizer"]), network.parameters(), float(params["lr"]), config.weight_decay)
-    scheduler = StepLR(optimizer, step_size=1, gamma=float(params["lr_gamma"]))
+    trainer = make_trainer(
+        spec.trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
+        weight_decay=config.weight_decay, momentum=config.momentum,
+    )
     train_split, val_split, test_split = (
         Split(s.images.to(device), s.labels.to(device)) for s in (dataset.train, dataset.val, dataset.test)
     )
 
     history: list[EpochResult] = []
+    best = BestEpoch()
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
     with tqdm(total=per_epoch * config.epochs, unit="img", desc=f"{config.model} on {config.dataset}", disable=not config.progress, leave=False) as bar:
         for epoch in range(1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
             started = time.perf_counter()
-            train_loss = train_one_epoch(
-                network, optimizer, train_split, normalization, config.batch_size, generator,
-                on_batch=bar.update, max_batches=config.max_batches,
+            train_loss = trainer.train_epoch(
+                train_split, normalization, config.batch_size, generator, on_batch=bar.update, max_batches=config.max_batches
             )
             val_loss, val_accuracy = evaluate(network, val_split, normalization)
-            scheduler.step()
+            trainer.end_epoch()
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
             tracking.log_metrics({**result.metrics(), "epoch_seconds": time.perf_counter() - started}, step=epoch)
             check_finite(result)
             if config.checkpoints:
-                tracking.log_checkpoint(
-                    {
-                        "model": network.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "args": asdict(config),
-                        "normalization": normalization.to_dict(),
-                    },
-                    epoch,
-                )
+                state = {"model": network.state_dict(), **trainer.state_dict(), "epoch": epoch, "args": asdict(config),
+                         "normalization": normalization.to_dict()}
+                tracking.log_checkpoint(state, epoch)
             history.append(result)
+            best.update(result, network)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
 
+    if config.keep_best:
+        best.restore(network)
+        tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy = evaluate(network, test_split, normalization)
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
     run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
+
+
+def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
+    """Validation accuracy per epoch with the kept epoch marked (a matplotlib Figure, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    ax = figure.add_subplot()
+    ax.plot([r.epoch for r in history], [r.val_accuracy for r in history], marker="o", label="val_accuracy")
+    ax.axvline(best_epoch, color="tab:red", linestyle="--", label=f"kept: epoch {best_epoch}")
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
+    ax.legend()
+    return figure
+
+
+def load_training_data(config: TrainConfig) -> Dataset:
+    """The dataset split the way ``config`` (resolved against its model's recipe) asks."""
+    config = config.resolved()
+    return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0)
 
 
 def train(
@@ -184,12 +236,13 @@ def train(
     log_model: bool = True,
 ) -> TrainResult:
     """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model."""
-    spec = config.spec()  # unknown model: fail before any run exists
+    config = config.resolved()  # unknown model or model option: fail before any run exists
+    spec = config.spec()
     config.normalization()  # bad mean/std: same
     if alias and not register:
         raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
     if dataset is None:
-        dataset = load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0)
+        dataset = load_training_data(config)
     check_compatible(spec, dataset)
     with tracking.start_run(experiment=experiment, run_name=run_name or f"{config.model}-{config.dataset}"):
         result = fit(config, dataset)

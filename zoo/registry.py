@@ -29,7 +29,10 @@ class ModelSpec:
     # "autograd" models share training.engine; another value names a trainer of its own.
     trainer: str = "autograd"
     description: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
+    # Training defaults beyond the optimizer (batch_size, val_fraction, momentum, keep_best):
+    # TrainConfig fields left at None take them from here (see TrainConfig.resolved).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:

@@ -1,0 +1,98 @@
+"""How a model takes its training steps, chosen by its registry entry's ``trainer`` name.
+
+``fit`` owns everything around the steps (params, metrics, checkpoints, best epoch, test
+metrics); a trainer only runs an epoch, closes it (learning-rate schedule) and reports its
+state for checkpoints. "autograd" is the shared engine; "scratch" is the hand-written
+backpropagation of ``zoo.models.scratch_mlp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import StepLR
+
+from training.engine import make_optimizer, run_epoch, score_loss, train_one_epoch
+from zoo.data import Split
+from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD
+from zoo.normalization import Normalization
+
+
+class EpochTrainer(Protocol):
+    def train_epoch(
+        self,
+        split: Split,
+        normalization: Normalization,
+        batch_size: int,
+        generator: torch.Generator,
+        on_batch: Callable[[int], None] | None = None,
+        max_batches: int | None = None,
+    ) -> float:
+        """One pass over ``split``; returns the mean training loss."""
+
+    def end_epoch(self) -> None:
+        """Called once per epoch after validation (the learning-rate schedule)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint entries besides the model's weights (optimizer, lr_scheduler)."""
+
+
+class AutogradTrainer:
+    """training.engine's loop with one of its optimizers and a StepLR(step_size=1) schedule."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float):
+        self.network = network
+        self.optimizer = make_optimizer(optimizer, network.parameters(), lr, weight_decay, momentum)
+        self.scheduler = StepLR(self.optimizer, step_size=1, gamma=gamma)
+
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches)
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict()}
+
+
+class ScratchTrainer:
+    """Hand-written forward, backward and SGD step, no autograd (zoo.models.scratch_mlp)."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float):
+        if not isinstance(network, ScratchMLP):
+            raise ValueError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
+        if optimizer != "sgd" or weight_decay:
+            raise ValueError(
+                f"scratch_mlp trains with its own SGD (lr, momentum); got optimizer={optimizer!r}, "
+                f"weight_decay={weight_decay}: use --optimizer sgd (the default) and no weight decay"
+            )
+        self.network, self.gamma = network, gamma
+        self.sgd = ScratchSGD(network.parameter_list(), lr, momentum)
+
+    @torch.no_grad()
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            zs, activations = self.network.layers(images)
+            self.sgd.step(self.network.gradients(activations, labels))
+            # Reported with the same cross-entropy of the scores as val_loss, so the curves compare.
+            return score_loss(zs[-1], labels)
+
+        return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
+
+    def end_epoch(self) -> None:
+        self.sgd.lr *= self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.sgd.state_dict()}
+
+
+TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}
+
+
+def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
+    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
+    return TRAINERS[name](network, **settings)

@@ -1,0 +1,61 @@
+"""Builder keyword arguments from the command line: ``--model-opt dropout=0.2 --model-opt batchnorm=true``.
+
+Values arrive as strings; they are checked against the builder's keyword arguments and
+converted to the type of each one's default, so a typo fails with the list of valid keys
+before any run starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+from zoo.registry import get_model_spec
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
+    """``["dropout=0.2", "batchnorm=true"]`` -> ``{"dropout": "0.2", "batchnorm": "true"}``."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model option {pair!r} is not KEY=VALUE (e.g. dropout=0.2)")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def builder_options(model: str) -> dict[str, Any]:
+    """The keyword arguments a model's builder accepts, with their defaults (num_classes comes from the data)."""
+    signature = inspect.signature(get_model_spec(model).builder)
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "num_classes"
+    }
+
+
+def coerce_model_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Check ``config``'s keys against the builder and convert string values to each default's type."""
+    valid = builder_options(model)
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key not in valid:
+            choices = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
+            raise ValueError(f"model {model!r} has no option {key!r}; valid options: {choices}")
+        out[key] = _convert(key, value, valid[key]) if isinstance(value, str) else value
+    return out
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"model option {key} takes true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ValueError(f"model option {key} takes a {type(default).__name__}, got {value!r}") from None
+    return value

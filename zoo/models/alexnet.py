@@ -1,0 +1,69 @@
+"""AlexNet for single-channel Fashion-MNIST, as in the LeNet/AlexNet notebook (after d2l).
+
+The network takes the dataset's 28x28 images and resizes them to 224x224 itself
+(bilinear), instead of the notebook's resize in the data loader: 60,000 images at
+224x224 would take 3 GB as uint8, and with the resize inside, the registry's input
+shape is what the dataset provides and what `zoo classify` feeds (1x28x28).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.models.lenet import xavier_uniform_
+from zoo.normalization import Normalization
+from zoo.registry import register_model
+
+RESIZE = 224  # the side AlexNet's layer sizes were designed for (6400 = 256 x 5 x 5 features)
+
+
+class AlexNet(nn.Module):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1),  # a large window with a large stride on 224x224
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(96, 256, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(256, 384, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # 256@5x5
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(256 * 5 * 5, 4096),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(4096, num_classes),
+        )
+        xavier_uniform_(self)  # d2l's train_ch6 initializes AlexNet as it does LeNet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(RESIZE, RESIZE), mode="bilinear", align_corners=False)
+        return self.classifier(self.features(x))
+
+
+@register_model(
+    "alexnet",
+    input_shape=(1, 28, 28),  # resized to 224x224 inside the network
+    num_classes=10,
+    normalization=Normalization.identity(1),
+    optimizer="sgd",
+    lr=0.01,
+    lr_gamma=1.0,
+    recipe={"batch_size": 128},
+)
+def alexnet(*, num_classes: int = 10, dropout: float = 0.5) -> AlexNet:
+    """Single-channel AlexNet (28x28 input resized to 224x224 inside), dropout 0.5 in the classifier (SGD)."""
+    return AlexNet(num_classes=num_classes, dropout=dropout)

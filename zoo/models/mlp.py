@@ -1,0 +1,55 @@
+"""The course's fully connected network, 784-256-256-10 with ReLU, and its regularization switches.
+
+Dropout and BatchNorm are builder switches rather than separate registered models: the
+three regularizers (with L2 weight decay, which is an optimizer setting) combine freely,
+and runs that differ only by them stay comparable under one model name in MLflow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.normalization import Normalization
+from zoo.registry import register_model
+
+# The course feeds ToTensor() pixels in [0, 1] with no normalization.
+PIXELS = Normalization.identity(1)
+
+
+class MLP(nn.Module):
+    def __init__(self, num_classes: int = 10, hidden: int = 256, dropout: float = 0.0, batchnorm: bool = False):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout is a probability in [0, 1), got {dropout}")
+        self.fc1 = nn.Linear(28 * 28, hidden)
+        # One BatchNorm per hidden layer: the course's mlp_bn applied bn1 twice, sharing
+        # running statistics between two layers whose activations differ.
+        self.bn1 = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.dropout1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.dropout2 = nn.Dropout(dropout)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = self.dropout1(F.relu(self.bn1(self.fc1(x))))  # BatchNorm before the activation, as in the course
+        x = self.dropout2(F.relu(self.bn2(self.fc2(x))))
+        return self.fc3(x)
+
+
+@register_model(
+    "mlp",
+    input_shape=(1, 28, 28),
+    num_classes=10,
+    normalization=PIXELS,
+    optimizer="adam",
+    lr=1e-3,
+    lr_gamma=1.0,
+    recipe={"batch_size": 64, "val_fraction": 0.2},  # the course's 80/20 train/validation split
+)
+def mlp(*, num_classes: int = 10, dropout: float = 0.0, batchnorm: bool = False) -> MLP:
+    """784-256-256-10 ReLU MLP (Adam 1e-3); switches: dropout=P after each hidden layer, batchnorm=true."""
+    return MLP(num_classes=num_classes, dropout=dropout, batchnorm=batchnorm)
