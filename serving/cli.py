@@ -23,8 +23,14 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    return (ValueError, FileNotFoundError)
+USAGE_ERRORS = (ValueError, FileNotFoundError)  # bad input from the user: exit 2
+
+
+class InputError(click.UsageError):
+    """Bad input found past Click's own parsing: one line, exit 2 (no usage block, the message says what is valid)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True, file=file)
 
 
 class ZooGroup(click.Group):
@@ -39,8 +45,8 @@ class ZooGroup(click.Group):
             if os.environ.get("ZOO_DEBUG"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, _usage_errors()):
-                raise click.UsageError(message, ctx) from exc
+            if isinstance(exc, USAGE_ERRORS):
+                raise InputError(message, ctx) from exc
             raise click.ClickException(f"{message} (set ZOO_DEBUG=1 for the traceback)") from exc
 
 

@@ -43,11 +43,15 @@ def start_run(
     """
     if run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
         run_id = os.environ["MLFLOW_RUN_ID"]
-    if experiment and run_id is None:
-        mlflow.set_experiment(experiment)
-    elif run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(DEFAULT_EXPERIMENT)
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    if run_id:
+        experiment_id = None
+    elif parent_run_id and not experiment:  # children live beside their parent
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    else:
+        experiment_id = experiment_id_for(experiment)
+    run = mlflow.start_run(
+        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+    )
     try:
         yield run
     except KeyboardInterrupt:
@@ -60,6 +64,25 @@ def start_run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def experiment_id_for(name: str | None = None) -> str:
+    """The id of experiment ``name`` (default: $MLFLOW_EXPERIMENT_NAME, else "zoo"), created if missing.
+
+    Resolved by name on every call rather than through mlflow.set_experiment, whose cached id
+    (also exported as MLFLOW_EXPERIMENT_ID) goes stale when the tracking URI changes.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -84,7 +84,11 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> Dataset:
-    """Load ``name`` as in-memory uint8 splits. The split is deterministic for a given ``seed``."""
+    """Load ``name`` as in-memory uint8 splits. The split is deterministic for a given ``seed``.
+
+    ``ZOO_OFFLINE=1`` in the environment turns downloads off (as HF_HUB_OFFLINE does for the hub).
+    """
+    download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}")
     if not 0.0 < val_fraction < 1.0:

@@ -1,0 +1,92 @@
+"""zoo train / training.train against a real MLflow store."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from serving.cli import cli
+
+
+def all_runs():
+    client = MlflowClient()
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_trained_run_records_params_metrics_checkpoints_and_model(registered_model):
+    result = registered_model["result"]
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model"] == "mnist_cnn" and params["dataset"] == "mnist-5k"
+    assert (params["mean"], params["std"]) == ("0.1307", "0.3081")
+    assert (params["epochs"], params["batch_size"], params["optimizer"], params["lr"], params["seed"]) == (
+        "2", "64", "adadelta", "1.0", "1")
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2]
+    assert 0.9 <= run.data.metrics["test_accuracy"] <= 1.0  # 2 epochs on 3,500 real digits
+    checkpoints = [a.path for a in client.list_artifacts(result.run_id, "checkpoints")]
+    assert checkpoints == ["checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"]
+    state = torch.load(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=checkpoints[-1]),
+                       weights_only=False)
+    assert set(state) >= {"model", "optimizer", "lr_scheduler", "epoch", "args"} and state["epoch"] == 2
+    meta = mlflow.models.get_model_info(result.model_uri).metadata
+    assert meta["normalization"] == {"mean": [0.1307], "std": [0.3081]}
+    assert meta["input_shape"] == [1, 28, 28] and meta["class_names"] == [str(d) for d in range(10)]
+
+
+def test_train_cli_logs_a_custom_normalization_and_prints_json():
+    res = CliRunner().invoke(cli, ["train", "--mean", "0.5", "--std", "0.25", "--epochs", "2", "--dry-run",
+                                   "--no-checkpoints", "--format", "json", "--register", "quick", "--alias", "dev"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["normalization"] == {"mean": [0.5], "std": [0.25]}
+    assert summary["registered"] == "models:/quick@dev"
+    run = MlflowClient().get_run(summary["run_id"])
+    assert (run.data.params["mean"], run.data.params["std"]) == ("0.5", "0.25")
+    version = MlflowClient().get_model_version_by_alias("quick", "dev")
+    assert version.run_id == summary["run_id"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--std", "0"], "std must be positive"),
+        (["--mean", "abc"], "not a number"),
+        (["--model", "vgg99"], "unknown model 'vgg99'; valid models: "),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'; valid datasets: fashion-mnist, mnist, mnist-5k"),
+        (["--optimizer", "lbfgs"], "only adadelta, sgd, adam, adamw are supported"),
+        (["--alias", "x"], "--alias needs --register"),
+    ],
+)
+def test_bad_train_input_exits_2_with_one_line_and_leaves_no_run(args, expected):
+    res = CliRunner().invoke(cli, ["train", "--epochs", "1", "--dry-run", *args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert expected in res.stderr
+    assert [r.info.status for r in all_runs() if r.info.status == "RUNNING"] == []
+
+
+def test_diverging_training_exits_1_and_marks_the_run_failed_with_the_reason():
+    res = CliRunner().invoke(cli, ["train", "--optimizer", "sgd", "--lr", "1e12", "--epochs", "2", "--dry-run",
+                                   "--no-checkpoints"])
+    assert res.exit_code == 1, res.output
+    assert "training diverged at epoch 1" in res.stderr
+    (run,) = all_runs()
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["zoo.failure"]
+    # What was recorded before the failure is kept.
+    assert run.data.params["lr"] == "1000000000000.0" and "train_loss" in run.data.metrics
+
+
+def test_unavailable_dataset_exits_1_naming_alternatives(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--dry-run"],
+                             env={"ZOO_OFFLINE": "1"})
+    # Offline here: torchvision cannot download, so the error names where it looked.
+    assert res.exit_code == 1, res.output
+    assert "mnist-5k" in res.stderr and "fashion-mnist" in res.stderr
+    assert all_runs() == []

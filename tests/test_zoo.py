@@ -1,0 +1,100 @@
+"""The zoo package on its own: registry, normalization, dataset catalog."""
+
+import pytest
+import torch
+
+from zoo.data import DatasetUnavailable, load_dataset, stratified_split
+from zoo.normalization import Normalization, NormalizedModel
+from zoo.registry import create_model, get_model_spec, list_models, register_model
+
+
+def test_registry_lists_and_describes_mnist_cnn():
+    assert "mnist_cnn" in list_models()
+    assert list_models("mnist*") == [n for n in list_models() if n.startswith("mnist")]
+    spec = get_model_spec("mnist_cnn")
+    assert spec.input_shape == (1, 28, 28) and spec.num_classes == 10
+    assert spec.normalization == Normalization((0.1307,), (0.3081,))
+
+
+def test_unknown_and_duplicate_model_names_are_errors_that_name_them():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet1000'.*mnist_cnn"):
+        get_model_spec("resnet1000")
+    with pytest.raises(ValueError, match="'mnist_cnn' is already registered"):
+        register_model("mnist_cnn", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity())(
+            lambda **_: None
+        )
+
+
+def test_create_model_keeps_builder_defaults_for_none_options():
+    net = create_model("mnist_cnn", num_classes=None)
+    assert net.fc2.out_features == 10
+    assert create_model("mnist_cnn", num_classes=3).fc2.out_features == 3
+
+
+def test_mnist_cnn_is_the_pytorch_examples_net_layer_for_layer():
+    net = create_model("mnist_cnn")
+    layers = [(name, type(m).__name__) for name, m in net.named_children()]
+    assert layers == [("conv1", "Conv2d"), ("conv2", "Conv2d"), ("dropout1", "Dropout"), ("dropout2", "Dropout"),
+                      ("fc1", "Linear"), ("fc2", "Linear")]
+    assert sum(p.numel() for p in net.parameters()) == 1_199_882  # the upstream Net's parameter count
+    out = net.eval()(torch.rand(4, 1, 28, 28))
+    assert out.shape == (4, 10) and torch.allclose(out.exp().sum(1), torch.ones(4))  # log-probabilities
+
+
+def test_normalization_parses_broadcasts_and_rejects_bad_values():
+    n = Normalization.parse("0.5", "0.25", channels=3)
+    assert n.mean == (0.5, 0.5, 0.5) and n.as_params() == {"mean": "0.5,0.5,0.5", "std": "0.25,0.25,0.25"}
+    assert Normalization.parse("-10", "10").as_params() == {"mean": "-10", "std": "10"}
+    with pytest.raises(ValueError, match="std must be positive"):
+        Normalization.parse("0.1307", "0")
+    with pytest.raises(ValueError, match="not a number"):
+        Normalization.parse("zero", "1")
+    with pytest.raises(ValueError, match="give 1 or 3"):
+        Normalization.parse("0.1,0.2", "1", channels=3)
+
+
+def test_normalization_of_uint8_equals_torchvision_normalize_of_float_pixels():
+    from torchvision.transforms import v2
+
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    n = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = v2.Normalize(n.mean, n.std)(pixels.float() / 255)
+    assert torch.allclose(n.apply(pixels), expected, atol=1e-6)
+    net = torch.nn.Identity()
+    assert torch.allclose(NormalizedModel(net, n)(pixels.float() / 255), expected, atol=1e-6)
+
+
+def test_mnist_5k_is_real_digits_in_a_deterministic_stratified_split(mnist_5k):
+    d = mnist_5k
+    assert (len(d.train), len(d.val), len(d.test)) == (3500, 500, 1000)
+    assert d.train.images.dtype == torch.uint8 and d.image_shape == (1, 28, 28)
+    for split, per_class in ((d.train, 350), (d.val, 50), (d.test, 100)):
+        assert torch.bincount(split.labels, minlength=10).tolist() == [per_class] * 10
+    again = load_dataset("mnist-5k")
+    assert torch.equal(again.test.images, d.test.images)
+    # No image is in two splits: compare whole images.
+    seen = {bytes(img.numpy()) for img in d.train.images}
+    assert not any(bytes(img.numpy()) in seen for img in d.test.images)
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = torch.arange(10).repeat_interleave(100)
+    a, b = stratified_split(labels, [0.8, 0.2], seed=3)
+    assert len(a) == 800 and len(b) == 200
+    assert torch.bincount(labels[b]).tolist() == [20] * 10
+    assert set(a.tolist()).isdisjoint(b.tolist())
+
+
+def test_fashion_mnist_loads_offline_from_the_debian_package(tmp_path):
+    d = load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+    assert (len(d.train) + len(d.val), len(d.test)) == (60000, 10000)
+    assert d.classes[9] == "Ankle boot" and d.image_shape == (1, 28, 28)
+
+
+def test_missing_dataset_error_names_where_it_looked_and_the_offline_alternatives(tmp_path):
+    with pytest.raises(DatasetUnavailable) as info:
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert "'mnist'" in message and str(tmp_path) in message and "mnist-5k" in message
+    with pytest.raises(ValueError, match=r"unknown dataset 'cifar'.*fashion-mnist, mnist, mnist-5k"):
+        load_dataset("cifar")
