@@ -21,8 +21,7 @@ from serving.cli import cli
 from serving.export import export_onnx
 from serving.loading import LoadedModel
 from training import tracking
-from training.train import TrainConfig, fit, load_training_data, train
-from training.trainers import make_trainer
+from training.train import TrainConfig, fit, load_training_data, train, trainer_for
 from zoo.data import Split
 from zoo.model_options import coerce_model_config, parse_model_options
 from zoo.registry import create_model, get_model_spec, list_models
@@ -73,11 +72,11 @@ def test_one_training_step_lowers_the_loss(name: str, mnist_5k) -> None:
     a full-size first step may overshoot on one batch (LeNet-5's sigmoid layers at lr 0.9 do).
     """
     config = TrainConfig(model=name).resolved()
+    config.lr /= 10
     spec = config.spec()
     torch.manual_seed(0)
     network = create_model(name)
-    trainer = make_trainer(spec.trainer, network, optimizer=config.optimizer, lr=config.lr / 10, gamma=config.gamma,
-                           weight_decay=config.weight_decay, momentum=config.momentum)
+    trainer = trainer_for(config, network)
     batch = real_batch(mnist_5k, name, batch_size_for(name))
 
     def loss_before_a_step() -> float:

@@ -71,3 +71,12 @@ def test_xavier_initialization_scales_weights_by_layer_size() -> None:
     assert xavier.weights[0].std().item() == pytest.approx((2 / (784 + 30)) ** 0.5, rel=0.05)
     assert normal.weights[0].std().item() == pytest.approx(1.0, rel=0.05)
     assert all(b.abs().sum() == 0 for b in xavier.biases)
+
+
+def test_scratch_mlp_refuses_settings_its_own_sgd_does_not_have() -> None:
+    from training.train import TrainConfig, trainer_for
+
+    with pytest.raises(ValueError, match="own SGD"):
+        trainer_for(TrainConfig(model="scratch_mlp", optimizer="adam"), create_model("scratch_mlp"))
+    with pytest.raises(ValueError, match="own SGD"):
+        trainer_for(TrainConfig(model="scratch_mlp", weight_decay=1e-4), create_model("scratch_mlp"))

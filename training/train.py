@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from training import tracking
 from training.engine import EpochResult, check_finite, evaluate
-from training.trainers import make_trainer
+from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization
@@ -142,6 +142,15 @@ class BestEpoch:
             tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy})
 
 
+def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
+    """The trainer ``config``'s model names in the registry, set up with its (resolved) optimizer settings."""
+    config = config.resolved()
+    return make_trainer(
+        config.spec().trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
+        weight_decay=config.weight_decay, momentum=config.momentum,
+    )
+
+
 def fit(
     config: TrainConfig,
     dataset: Dataset,
@@ -165,10 +174,7 @@ def fit(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     network = create_model(config.model, **config.model_config).to(device)
-    trainer = make_trainer(
-        spec.trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
-        weight_decay=config.weight_decay, momentum=config.momentum,
-    )
+    trainer = trainer_for(config, network)
     train_split, val_split, test_split = (
         Split(s.images.to(device), s.labels.to(device)) for s in (dataset.train, dataset.val, dataset.test)
     )
@@ -192,7 +198,8 @@ def fit(
                          "normalization": normalization.to_dict()}
                 tracking.log_checkpoint(state, epoch)
             history.append(result)
-            best.update(result, network)
+            if config.keep_best:
+                best.update(result, network)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
