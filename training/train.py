@@ -186,8 +186,7 @@ def train(
     """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model."""
     spec = config.spec()  # unknown model: fail before any run exists
     config.normalization()  # bad mean/std: same
-    if alias and not register:
-        raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+    tracking.check_registry_names(register, alias)
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0)
     check_compatible(spec, dataset)
