@@ -47,7 +47,9 @@ def start_run(
         mlflow.set_experiment(experiment)
     elif run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(DEFAULT_EXPERIMENT)
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    # A child started while its parent is active in this thread must be "nested" for MLflow.
+    nested = parent_run_id is not None and mlflow.active_run() is not None
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags, nested=nested)
     try:
         yield run
     except KeyboardInterrupt:
@@ -80,6 +82,11 @@ def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "chec
 
 def log_dict(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A text artifact (CSV, Markdown) of the active run."""
+    mlflow.log_text(text, artifact_file)
 
 
 def log_figure(figure, artifact_file: str) -> None:
