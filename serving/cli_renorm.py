@@ -6,8 +6,6 @@ import click
 
 from serving.options import DEVICE, EXPERIMENT, FORMAT, unset_sentinels
 
-ADAPT_CHOICES = ("none", "bn-recalibrate", "fold")
-
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
     """Repeated options and space- (or, for --adapt, comma-) separated lists both work (MLproject passes one string)."""
@@ -15,6 +13,19 @@ def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]
     for item in value or ():
         words.extend(item.replace(",", " ").split() if param.name == "adaptations" else item.split())
     return words
+
+
+def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | None:
+    value = unset_sentinels(ctx, param, value)
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number") from None
+    if count < 1:
+        raise click.BadParameter(f"must be at least 1, got {count}")
+    return count
 
 
 @click.command("renorm")
@@ -32,8 +43,9 @@ def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]
 @click.option("--grid-std", nargs=3, type=(float, float, int), default=None, metavar="LOW HIGH STEPS",
               help="Grid of stds (> 0), crossed with --grid-mean; STEPS 0: no grid.")
 @click.option("--adapt", "adaptations", multiple=True, callback=_split_words, metavar="ADAPTATION",
-              help=f"{', '.join(ADAPT_CHOICES)}. Repeatable or comma-separated. Default: none.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate on this many images drawn at random (seeded).")
+              help="none, bn-recalibrate or fold. Repeatable or comma-separated. Default: none.")
+@click.option("--limit", default=None, callback=_optional_count, metavar="N",
+              help="Evaluate on N images drawn at random (seeded). Default: all.")
 @click.option("--calibration", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Images for bn-recalibrate, split off --data (never evaluated) unless --calibration-data is given.")
 @click.option("--calibration-data", type=click.Path(exists=True, file_okay=False), default=None,
@@ -56,7 +68,7 @@ def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]
 @click.option("--alias", default=None, callback=unset_sentinels)
 @click.option("--register-norm", default=None, callback=unset_sentinels, metavar="SPEC",
               help="Which evaluated normalization to register. Default: the first --norm.")
-@click.option("--register-adapt", default=None, callback=unset_sentinels, type=click.Choice(ADAPT_CHOICES),
+@click.option("--register-adapt", default=None, callback=unset_sentinels, metavar="ADAPTATION",
               help="Which adaptation to register. Default: fold, else bn-recalibrate, else none (the first evaluated).")
 @FORMAT
 def renorm(model, weights, data, norms, grid_mean, grid_std, adaptations, limit, calibration, calibration_data,

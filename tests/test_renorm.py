@@ -17,7 +17,7 @@ from serving.cli import ZooGroup
 from serving.cli import cli as zoo_cli
 from serving.cli_renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
-from zoo.data import Split, load_dataset
+from zoo.data import load_dataset
 from zoo.image_folder import map_folders
 from zoo.normalization import IMAGENET, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
 
@@ -113,3 +113,110 @@ def test_class_folders_map_by_synset_index_by_name_or_by_sorted_index():
         map_folders(["x", "y"], classes)
     with pytest.raises(ValueError, match="all of them must be present"):
         map_folders(synsets[:2], classes)
+
+
+def renorm_cli() -> ZooGroup:
+    """The renorm command under the zoo group's error handling (exit 2 for bad usage)."""
+    return ZooGroup(commands={"renorm": renorm_command})
+
+
+@pytest.fixture(scope="module")
+def fashion_folder(fashion, tmp_path_factory) -> Path:
+    """200 real Fashion-MNIST test images as PNG class folders (``T-shirt_top``, ``Trouser``, ...)."""
+    return write_image_folder(fashion.test.subset(200), fashion.classes, tmp_path_factory.mktemp("fashion") / "images")
+
+
+def test_calibration_images_are_disjoint_from_evaluation_images(fashion, fashion_folder):
+    from training.renorm import RenormConfig, split_files
+    from zoo.image_folder import list_labelled_files
+
+    files, classes = list_labelled_files(fashion_folder, fashion.classes)
+    assert files.class_mapping == "class-names" and classes == fashion.classes
+    assert [fashion.classes[int(y)].replace("/", "_") for y in files.labels] == [f.parent.name for f in files.files]
+    config = RenormConfig(data=str(fashion_folder), adaptations=["none", "bn-recalibrate"], limit=50, calibration=30)
+    evaluation, calibration = split_files(config, files, classes)
+    assert len(evaluation) == 50 and len(calibration) == 30
+    assert not set(evaluation.files) & set(calibration.files)
+    assert len(set(evaluation.labels.tolist())) > 5  # --limit draws across classes, not the first folders
+
+
+def test_crops_spill_to_a_memmap_on_disk_beyond_the_memory_limit(fashion_folder, tmp_path):
+    from zoo.image_folder import decode_crops, list_labelled_files
+
+    files, _ = list_labelled_files(fashion_folder, None)
+    in_memory = decode_crops(files.files[:20], resize=32, crop=28)
+    on_disk = decode_crops(files.files[:20], resize=32, crop=28, memory_limit_bytes=0, spill_dir=tmp_path)
+    assert in_memory.shape == (20, 3, 28, 28) and in_memory.dtype == torch.uint8
+    assert torch.equal(in_memory, on_disk)
+    assert list(tmp_path.glob("crops-*.npy"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapt", "retrain"], "unknown adaptation retrain; valid: none, bn-recalibrate, fold"),
+        (["--norm", "0.5"], "is not imagenet or identity or MEAN:STD"),
+        (["--norm", "0:0"], "std must be positive"),
+        (["--grid-mean", "-1", "1", "3"], "give both --grid-mean and --grid-std"),
+        (["--register", "x", "--register-norm", "0:1"], "is not among the evaluated normalizations"),
+        (["--weights", "missing.pt"], "no state dict at missing.pt"),
+        (["--model", "mnist_cnn"], "model 'mnist_cnn' has no torchvision weights"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_clear_message(fashion_folder, args, message):
+    result = CliRunner().invoke(renorm_cli(), ["renorm", "--data", str(fashion_folder), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(fashion, tmp_path_factory) -> Path:
+    """resnet18 trained here on 512 real Fashion-MNIST images (28x28 RGB) under ImageNet's normalization."""
+    network, _ = train_small_resnet(fashion, IMAGENET, train_images=512, size=SIZE)
+    return save_checkpoint(network, IMAGENET, fashion.classes, tmp_path_factory.mktemp("weights") / "resnet18.pt")
+
+
+def child_runs(parent_run_id: str):
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.slow
+def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trained_checkpoint, fashion_folder, fashion, tmp_path):
+    result = CliRunner().invoke(renorm_cli(), [
+        "renorm", "--model", "resnet18", "--weights", str(trained_checkpoint), "--data", str(fashion_folder),
+        "--norm", "imagenet", "--norm", "0:1", "--grid-mean", "-1", "1", "2", "--grid-std", "0.5", "1", "2",
+        "--adapt", "none", "--adapt", "bn-recalibrate,fold", "--calibration", "50", "--resize", "28", "--crop", "28",
+        "--workers", "0", "--register", "fashion-renorm", "--alias", "zero-one", "--register-norm", "0:1",
+        "--register-adapt", "fold", "--experiment", "renorm-test", "--format", "json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # progress bars go to stderr
+    rows = {(r["normalization"], r["adaptation"]): r for r in report["results"]}
+    assert len(rows) == (2 + 4) * 3
+
+    children = child_runs(report["parent_run_id"])
+    assert len(children) == 18
+    parent = mlflow.get_run(report["parent_run_id"])
+    assert mlflow.get_experiment(parent.info.experiment_id).name == "renorm-test"
+    assert set(children["experiment_id"]) == {parent.info.experiment_id}
+    assert set(children["params.adaptation"]) == {"none", "bn-recalibrate", "fold"}
+    assert children["metrics.top1"].between(0, 1).all() and (children["metrics.top5"] >= children["metrics.top1"]).all()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(report["parent_run_id"])}
+    assert {"renorm_results.csv", "heatmap_top1_none.png", "heatmap_top1_fold.png", "heatmap_top1_bn-recalibrate.png"} <= artifacts
+
+    canonical = rows[("imagenet", "none")]
+    assert canonical["top1"] > 0.3  # three times chance after 512 training images
+    assert rows[("imagenet", "fold")]["agreement"] == 1.0  # folding into the same normalization changes nothing
+    # Under 0:1, fold keeps most predictions of the original network (only the borders differ); `none` does not.
+    assert rows[("0:1", "fold")]["agreement"] > max(0.8, rows[("0:1", "none")]["agreement"])
+
+    classified = CliRunner().invoke(zoo_cli, [
+        "classify", "models:/fashion-renorm@zero-one", str(fashion_folder / "Trouser"), "--runtime", "torch",
+        "--top-k", "1", "--format", "json",
+    ])
+    assert classified.exit_code == 0, classified.output
+    predictions = json.loads(classified.stdout)
+    assert {p["label"] for p in predictions} <= set(fashion.classes)
+    assert sum(p["label"] == "Trouser" for p in predictions) / len(predictions) > 0.5
+    metadata = mlflow.models.get_model_info("models:/fashion-renorm@zero-one").metadata
+    assert metadata["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3} and metadata["adaptation"] == "fold"

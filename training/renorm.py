@@ -127,6 +127,8 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
     if chosen is None:
         raise ValueError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
     adapt = config.register_adapt or next(a for a in REGISTER_ADAPT_PREFERENCE if a in config.adaptations)
+    if adapt not in ADAPTATIONS:
+        raise ValueError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
     if adapt not in config.adaptations:
         raise ValueError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
     return cands, chosen, adapt
@@ -214,72 +216,108 @@ def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Norma
     return network.eval()
 
 
-def prepare(config: RenormConfig) -> tuple[Pretrained, list[str], LabelledFiles, LabelledFiles | None, str]:
-    """Weights, class names, evaluation and calibration files, and the folder-to-class rule used."""
+@dataclass
+class Prepared:
+    """Everything the evaluations share: the network, its classes, the decoded crops, the device."""
+
+    config: RenormConfig
+    pretrained: Pretrained
+    class_names: list[str]
+    class_mapping: str
+    data_root: str
+    evaluation: Crops
+    calibration: Crops | None
+    crop: int
+    resize: int
+    device: torch.device
+
+    @property
+    def source(self) -> Normalization:
+        return self.pretrained.normalization
+
+
+def prepare(config: RenormConfig) -> Prepared:
+    """Load the weights, map the class folders, split off calibration images and decode everything once."""
     pretrained = load_pretrained(config.model, config.weights)
     if config.source_norm:
         pretrained.normalization = parse_spec(config.source_norm, 3)
+    resize, crop = config.resize or pretrained.resize, config.crop or pretrained.crop
+    if resize < crop:
+        raise ValueError(f"--resize ({resize}) must be at least --crop ({crop})")
     files, class_names = list_labelled_files(config.data, pretrained.class_names)
     if len(class_names) != pretrained.num_classes:
         raise ValueError(
             f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
             "(a state dict without class names takes them from the sorted folder names)"
         )
-    evaluation, calibration = split_files(config, files, class_names)
-    return pretrained, class_names, evaluation, calibration, files.class_mapping
+    device = resolve_device(config.device)
+    eval_files, calib_files = split_files(config, files, class_names)
+    pretrained.network.to(device).eval()
+    return Prepared(
+        config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
+        evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
+        calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
+        crop=crop, resize=resize, device=device,
+    )
+
+
+def parent_params(job: Prepared) -> dict[str, object]:
+    config, source = job.config, job.source.as_params()
+    return {
+        "model": config.model, "weights": job.pretrained.weights, "data": job.data_root,
+        "class_mapping": job.class_mapping, "eval_images": len(job.evaluation.labels),
+        "calibration_images": len(job.calibration.labels) if job.calibration else 0,
+        "calibration_data": config.calibration_data or ("split off --data" if job.calibration else None),
+        "source_mean": source["mean"], "source_std": source["std"], "resize": job.resize, "crop": job.crop,
+        "adaptations": ",".join(config.adaptations), "norms": " ".join(config.norms),
+        "grid_mean": _fmt_grid(config.grid_mean), "grid_std": _fmt_grid(config.grid_std),
+        "seed": config.seed, "batch_size": config.batch_size,
+    }
+
+
+def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: torch.Tensor, register: bool) -> dict:
+    """One child run (inside the active parent): adapt, score, log, and log/register the model if asked."""
+    config, base = job.config, job.pretrained.network
+    network = adapt(base, adaptation, job.source, cand.normalization, job.calibration, job.device, config.batch_size)
+    parent_id = tracking.mlflow.active_run().info.run_id
+    with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}") as child:
+        tracking.log_params({
+            "model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
+            "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
+            "eval_images": len(job.evaluation.labels),
+        })
+        metrics = score(network, job.evaluation, cand.normalization, reference, job.device, config.batch_size, adaptation)
+        tracking.log_metrics(metrics)
+        model_uri = None
+        if register:
+            model_uri = tracking.log_model(
+                copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
+                input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
+                alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
+                source_normalization=job.source.to_dict(), top1=metrics["top1"],
+            )
+    return {
+        "normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
+        "grid_mean": cand.grid_cell[0] if cand.grid_cell else None,
+        "grid_std": cand.grid_cell[1] if cand.grid_cell else None,
+        **metrics, "run_id": child.info.run_id, "model_uri": model_uri,
+    }
 
 
 def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str | None = None) -> RenormResult:
     """Evaluate every (normalization, adaptation) pair in one parent run with a child run each."""
     cands, register_cand, register_adapt = check_config(config)
-    pretrained, class_names, eval_files, calib_files, class_mapping = prepare(config)
-    resize, crop = config.resize or pretrained.resize, config.crop or pretrained.crop
-    if resize < crop:
-        raise ValueError(f"--resize ({resize}) must be at least --crop ({crop})")
-    device = resolve_device(config.device)
-    evaluation = decode(config, eval_files, resize, crop, "decoding evaluation images")
-    calibration = decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None
-    source, base = pretrained.normalization, pretrained.network.to(device).eval()
-
+    job = prepare(config)
     with tracking.start_run(experiment=experiment, run_name=run_name or f"renorm {config.model}") as parent:
-        tracking.log_params({
-            "model": config.model, "weights": pretrained.weights, "data": str(eval_files.root),
-            "class_mapping": class_mapping, "eval_images": len(evaluation.labels),
-            "calibration_images": len(calibration.labels) if calibration else 0,
-            "calibration_data": config.calibration_data or ("split off --data" if calibration else None),
-            "source_mean": source.as_params()["mean"], "source_std": source.as_params()["std"],
-            "resize": resize, "crop": crop, "adaptations": ",".join(config.adaptations),
-            "norms": " ".join(config.norms), "grid_mean": _fmt_grid(config.grid_mean),
-            "grid_std": _fmt_grid(config.grid_std), "seed": config.seed, "batch_size": config.batch_size,
-        })
-        reference = reference_logits(base, evaluation, source, device, config.batch_size)
-        result = RenormResult(parent.info.run_id, [], source=source)
+        tracking.log_params(parent_params(job))
+        reference = reference_logits(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size)
+        result = RenormResult(parent.info.run_id, [], source=job.source)
         pairs = [(c, a) for c in cands for a in config.adaptations]
         for cand, adaptation in tqdm(pairs, unit="eval", desc=f"renorm {config.model}"):
-            network = adapt(base, adaptation, source, cand.normalization, calibration, device, config.batch_size)
-            with tracking.start_run(experiment=experiment, parent_run_id=parent.info.run_id,
-                                    run_name=f"{adaptation} {cand.label}") as child:
-                tracking.log_params({
-                    "model": config.model, "weights": pretrained.weights, **cand.normalization.as_params(),
-                    "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
-                    "eval_images": len(evaluation.labels),
-                })
-                metrics = score(network, evaluation, cand.normalization, reference, device, config.batch_size, adaptation)
-                tracking.log_metrics(metrics)
-                if cand is register_cand and adaptation == register_adapt:
-                    result.model_uri = tracking.log_model(
-                        copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
-                        input_shape=(3, crop, crop), class_names=class_names, registered_name=config.register,
-                        alias=config.alias, weights=pretrained.weights, adaptation=adaptation,
-                        source_normalization=source.to_dict(), top1=metrics["top1"],
-                    )
-            result.rows.append({
-                "normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
-                "grid_mean": cand.grid_cell[0] if cand.grid_cell else None,
-                "grid_std": cand.grid_cell[1] if cand.grid_cell else None,
-                **metrics, "run_id": child.info.run_id,
-            })
-        log_summary(result.rows, config, len(class_names))
+            row = evaluate_pair(job, cand, adaptation, reference, cand is register_cand and adaptation == register_adapt)
+            result.model_uri = row.pop("model_uri") or result.model_uri
+            result.rows.append(row)
+        log_summary(result.rows, config, len(job.class_names))
     return result
 
 

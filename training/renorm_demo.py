@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from training import tracking
 from training.engine import evaluate, make_optimizer, train_one_epoch
@@ -38,8 +39,9 @@ def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_
     optimizer = make_optimizer("adam", network.parameters(), lr)
     train, val = as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(1000), size)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        train_one_epoch(network, optimizer, train, normalization, batch_size, generator)
+    with tqdm(total=epochs * len(train), unit="img", desc="training resnet18", leave=False) as bar:
+        for _ in range(epochs):
+            train_one_epoch(network, optimizer, train, normalization, batch_size, generator, on_batch=bar.update)
     _, val_accuracy = evaluate(network, val, normalization, batch_size=250)
     return network.eval(), val_accuracy
 
@@ -98,6 +100,13 @@ def main(out_dir, train_images, test_images, epochs, size, train_norm, grid_step
         top1 = {a: result.top1(label, a) for a in config.adaptations}
         agreement = next(r["agreement"] for r in result.rows if r["normalization"] == label and r["adaptation"] == "fold")
         click.echo(f"| {label} | {top1['none']:.4f} | {top1['bn-recalibrate']:.4f} | {top1['fold']:.4f} | {agreement:.4f} |")
+    for adaptation in config.adaptations:
+        cells = sorted(r["top1"] for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None)
+        if cells:
+            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {cells[len(cells) // 2]:.4f}, "
+                       f"min {cells[0]:.4f}, max {cells[-1]:.4f}")
+    if result.model_uri:
+        click.echo(f"registered: models:/{register} ({result.model_uri})")
 
 
 if __name__ == "__main__":

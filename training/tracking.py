@@ -43,13 +43,19 @@ def start_run(
     """
     if run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
         run_id = os.environ["MLFLOW_RUN_ID"]
-    if experiment and run_id is None:
+    experiment_id = None
+    if parent_run_id is not None and run_id is None and not experiment:
+        # A child lives in its parent's experiment, whatever the environment or the default say.
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    elif experiment and run_id is None:
         mlflow.set_experiment(experiment)
     elif run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(DEFAULT_EXPERIMENT)
     # A child started while its parent is active in this thread must be "nested" for MLflow.
     nested = parent_run_id is not None and mlflow.active_run() is not None
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags, nested=nested)
+    run = mlflow.start_run(
+        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags, nested=nested
+    )
     try:
         yield run
     except KeyboardInterrupt:
