@@ -16,6 +16,7 @@ How folder names map to the model's classes, in this order:
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -125,14 +126,18 @@ def decode_crops(
     spill_dir: str | Path | None = None,
     desc: str = "decoding",
 ) -> torch.Tensor:
-    """uint8 ``[N, 3, crop, crop]``; backed by a memmap in ``spill_dir`` (default: a temp folder) above the limit."""
+    """uint8 ``[N, 3, crop, crop]``; above the limit, backed by an (unlinked) memmap file in ``spill_dir`` (default: the temp folder)."""
     shape = (len(files), 3, crop, crop)
     if int(np.prod(shape)) <= memory_limit_bytes:
         out = np.empty(shape, dtype=np.uint8)
     else:
-        folder = Path(spill_dir or tempfile.mkdtemp(prefix="zoo-crops-"))
+        folder = Path(spill_dir or tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(folder / f"crops-{len(files)}x{crop}.npy", mode="w+", dtype=np.uint8, shape=shape)
+        handle, name = tempfile.mkstemp(prefix=f"zoo-crops-{len(files)}x{crop}-", suffix=".npy", dir=folder)
+        os.close(handle)
+        path = Path(name)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        path.unlink()  # the mapping keeps the data until the crops are freed; nothing is left behind
     loader = torch.utils.data.DataLoader(_CenterCrops(files, resize, crop), batch_size=64, num_workers=workers)
     start = 0
     with tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
