@@ -363,8 +363,8 @@ def heatmap(cells: list[dict], title: str):
     image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 50 else "black", fontsize=8)
-    ax.set_xticks(range(len(means)), [f"{m:g}" for m in means])
-    ax.set_yticks(range(len(stds)), [f"{s:g}" for s in stds])
+    ax.set_xticks(range(len(means)), [f"{m:.3g}" for m in means])
+    ax.set_yticks(range(len(stds)), [f"{s:.3g}" for s in stds])
     ax.set_xlabel("mean (all channels)")
     ax.set_ylabel("std (all channels)")
     ax.set_title(title)
