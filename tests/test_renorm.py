@@ -116,6 +116,17 @@ def test_class_folders_map_by_synset_index_by_name_or_by_sorted_index():
         map_folders(synsets[:2], classes)
 
 
+def test_torchvision_imagenet_root_reads_its_val_folder(tmp_path):
+    from zoo.image_folder import image_folder_root
+
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    assert image_folder_root(tmp_path) == tmp_path  # a plain folder is taken as it is
+    (tmp_path / "meta.bin").write_bytes(b"")  # torchvision's ImageNet layout: meta.bin beside train/ and val/
+    assert image_folder_root(tmp_path) == tmp_path / "val"
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        image_folder_root(tmp_path / "missing")
+
+
 def renorm_cli() -> ZooGroup:
     """The renorm command under the zoo group's error handling (exit 2 for bad usage)."""
     return ZooGroup(commands={"renorm": renorm_command})
@@ -161,6 +172,7 @@ def test_crops_spill_to_a_memmap_on_disk_beyond_the_memory_limit(fashion_folder,
         (["--register", "x", "--register-norm", "0:1"], "is not among the evaluated normalizations"),
         (["--weights", "missing.pt"], "no state dict at missing.pt"),
         (["--model", "mnist_cnn"], "model 'mnist_cnn' has no torchvision weights"),
+        (["--weights", "IMAGENET1K_V9"], "unknown weights 'IMAGENET1K_V9' for resnet18; valid: DEFAULT, IMAGENET1K_V1"),
     ],
 )
 def test_bad_usage_exits_2_with_a_clear_message(fashion_folder, args, message):

@@ -57,7 +57,7 @@ def _from_torchvision(model: str, name: str) -> Pretrained:
     try:
         weights = enum[name]
     except KeyError:
-        raise ValueError(f"unknown weights {name!r} for {model}; valid: {', '.join(['DEFAULT', *enum.__members__])}") from None
+        raise ValueError(f"unknown weights {name!r} for {model}; valid: {', '.join(['DEFAULT', *(w.name for w in enum)])}") from None
     try:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError) as exc:  # offline and not in the cache
