@@ -49,8 +49,11 @@ def start_run(
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     else:
         experiment_id = experiment_id_for(experiment)
+    # A child started while its parent is active in this thread must be "nested" for MLflow.
+    nested = parent_run_id is not None and mlflow.active_run() is not None
     run = mlflow.start_run(
-        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+        nested=nested,
     )
     try:
         yield run
@@ -122,6 +125,11 @@ def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "chec
 
 def log_dict(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A text artifact (CSV, Markdown) of the active run."""
+    mlflow.log_text(text, artifact_file)
 
 
 def log_figure(figure, artifact_file: str) -> None:
