@@ -32,6 +32,8 @@ def test_alias_and_version_uris_resolve_to_the_trained_model(registered_model):
     by_alias = load_model("models:/digits@champion")
     by_version = load_model("models:/digits/1")
     result = registered_model["result"]
+    by_run = load_model(f"runs:/{result.run_id}/model")
+    assert by_run.class_names == by_alias.class_names
     assert by_alias.normalization == result.normalization and by_alias.class_names == result.class_names
     assert by_alias.input_shape == (1, 28, 28) and by_version.model_name == "mnist_cnn"
     pixels = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
