@@ -192,10 +192,15 @@ def models(registered, pattern, fmt) -> None:
 def _registered_models() -> list[dict]:
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient()
     rows = []
-    for rm in MlflowClient().search_registered_models():
-        versions = [int(v.version) for v in rm.latest_versions or []]
-        rows.append({"name": rm.name, "latest_version": max(versions) if versions else None, "aliases": dict(rm.aliases or {})})
+    for rm in client.search_registered_models():
+        versions = [int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")]
+        rows.append({
+            "name": rm.name,
+            "latest_version": max(versions, default=None),
+            "aliases": {alias: int(v) for alias, v in (rm.aliases or {}).items()},
+        })
     return rows
 
 

@@ -61,6 +61,7 @@ def test_train_cli_logs_a_custom_normalization_and_prints_json():
         (["--dataset", "cifar"], "unknown dataset 'cifar'; valid datasets: fashion-mnist, mnist, mnist-5k"),
         (["--optimizer", "lbfgs"], "only adadelta, sgd, adam, adamw are supported"),
         (["--alias", "x"], "--alias needs --register"),
+        (["--register", "m", "--alias", "latest"], "alias 'latest' is reserved by MLflow"),
     ],
 )
 def test_bad_train_input_exits_2_with_one_line_and_leaves_no_run(args, expected):

@@ -49,8 +49,11 @@ def start_run(
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     else:
         experiment_id = experiment_id_for(experiment)
+    # A child started while its parent is active in this thread must be "nested" for MLflow.
+    nested = parent_run_id is not None and mlflow.active_run() is not None
     run = mlflow.start_run(
-        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+        nested=nested,
     )
     try:
         yield run
@@ -86,7 +89,26 @@ def experiment_id_for(name: str | None = None) -> str:
 
 
 def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({k: v for k, v in params.items() if v is not None})
+    """Log params, skipping those the run already holds with the same value.
+
+    `mlflow run` logs an entry point's -P values before our code runs ("1" for epochs);
+    logging 1 again is fine, but MLflow refuses a changed string such as "1.0".
+    """
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    fresh = {k: v for k, v in params.items() if v is not None and not _same_value(existing.get(k), v)}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def _same_value(logged: str | None, value: Any) -> bool:
+    if logged is None:
+        return False
+    if logged == str(value):
+        return True
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -103,6 +125,11 @@ def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "chec
 
 def log_dict(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A text artifact (CSV, Markdown) of the active run."""
+    mlflow.log_text(text, artifact_file)
 
 
 def log_figure(figure, artifact_file: str) -> None:
@@ -155,6 +182,23 @@ def log_model(
     if registered_name:
         register(info.model_uri, registered_name, alias)
     return info.model_uri
+
+
+def check_registry_names(name: str | None, alias: str | None) -> None:
+    """Validate a registered-model name and alias before any training time is spent."""
+    import re
+
+    if alias and not name:
+        raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+    if name is not None and not name.strip():
+        raise ValueError("the registered model name is empty")
+    if alias is None:
+        return
+    # MLflow reserves "latest" and version-like aliases ("v3") for version lookups.
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(f"alias {alias!r} is reserved by MLflow (latest, vN); choose another, e.g. champion or staging")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
+        raise ValueError(f"alias {alias!r} may only contain letters, digits, '_' and '-'")
 
 
 def register(model_uri: str, name: str, alias: str | None = None) -> int:

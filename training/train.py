@@ -246,8 +246,7 @@ def train(
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
     config.normalization()  # bad mean/std: same
-    if alias and not register:
-        raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+    tracking.check_registry_names(register, alias)
     if dataset is None:
         dataset = load_training_data(config)
     check_compatible(spec, dataset)

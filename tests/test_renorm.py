@@ -1,0 +1,240 @@
+"""The renorm job: fold and BN recalibration on real images, the class-folder rules, the tracked job, classify."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from torch import nn
+
+from serving.cli import ZooGroup
+from serving.cli import cli as zoo_cli
+from serving.cli_renorm import renorm as renorm_command
+from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
+from zoo.data import load_dataset
+from zoo.image_folder import decode_crops, list_labelled_files, map_folders
+from zoo.normalization import IMAGENET, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
+from zoo.pretrained import load_pretrained
+
+SIZE = 28  # Fashion-MNIST's own size: no resize, the cheapest input a ResNet-18 still takes
+FOLD_TOLERANCE = 1e-4  # max |logit difference| relative to the largest |logit|: float32 rounding only
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def real_batch(fashion) -> torch.Tensor:
+    """64 real Fashion-MNIST images as uint8 RGB crops."""
+    return as_rgb(fashion.test.subset(64), SIZE).images
+
+
+def calibrated_resnet(real_batch: torch.Tensor, normalization: Normalization) -> nn.Module:
+    """A random-weight resnet18 whose BatchNorm statistics come from real images (not the trivial 0/1 defaults)."""
+    torch.manual_seed(0)
+    network = torchvision.models.resnet18(num_classes=10)
+    recalibrate_batchnorm(network, [normalization.apply(real_batch)])
+    return network.eval()
+
+
+def logits(network: nn.Module, pixels: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    with torch.inference_mode():
+        return network(normalization.apply(pixels))
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_fold_is_exact_without_padding(real_batch):
+    target = parse_spec("0.5:0.5", 3)
+    original = calibrated_resnet(real_batch, IMAGENET)
+    original.conv1.padding = (0, 0)  # every conv1 output sees image pixels only
+    folded = fold_normalization(copy.deepcopy(original), IMAGENET, target)
+    assert not torch.equal(folded.bn1.running_mean, original.bn1.running_mean)
+    assert relative_difference(logits(folded, real_batch, target), logits(original, real_batch, IMAGENET)) < FOLD_TOLERANCE
+    # Unfolded, the same network under the new normalization is far off.
+    assert relative_difference(logits(original, real_batch, target), logits(original, real_batch, IMAGENET)) > 0.01
+
+
+def test_fold_with_zero_padding_is_exact_for_a_std_change_only(real_batch):
+    original = calibrated_resnet(real_batch, IMAGENET)
+    reference = logits(original, real_batch, IMAGENET)
+    same_mean = Normalization(IMAGENET.mean, (0.5, 0.5, 0.5))
+    folded = fold_normalization(copy.deepcopy(original), IMAGENET, same_mean)
+    assert relative_difference(logits(folded, real_batch, same_mean), reference) < FOLD_TOLERANCE
+    # A mean change moves what the padded zeros stand for: the border outputs differ, measurably.
+    shifted = parse_spec("0:1", 3)
+    folded = fold_normalization(copy.deepcopy(original), IMAGENET, shifted)
+    border_effect = relative_difference(logits(folded, real_batch, shifted), reference)
+    assert border_effect > 10 * FOLD_TOLERANCE
+    unfolded = relative_difference(logits(original, real_batch, shifted), reference)
+    assert border_effect < unfolded
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_into_a_convolution_without_batchnorm(real_batch, bias):
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(3, 8, 5, bias=bias), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).eval()
+    target = parse_spec("-1:2", 3)
+    folded = fold_normalization(copy.deepcopy(network), IMAGENET, target)
+    assert folded[0].bias is not None  # the constant term needs a bias when there is no BatchNorm to take it
+    assert relative_difference(logits(folded, real_batch, target), logits(network, real_batch, IMAGENET)) < FOLD_TOLERANCE
+
+
+def test_bn_recalibrate_moves_statistics_to_the_new_normalization(real_batch):
+    network = calibrated_resnet(real_batch[:32], IMAGENET)
+    before = network.bn1.running_mean.clone()
+    target = parse_spec("0:1", 3)
+    calibration = real_batch[32:]
+    seen = recalibrate_batchnorm(network, [target.apply(calibration[:16]), target.apply(calibration[16:])])
+    assert seen == 32
+    with torch.inference_mode():  # bn1's statistics are now those of conv1's output on the calibration images
+        conv_out = network.conv1(target.apply(calibration))
+    assert torch.allclose(network.bn1.running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert (network.bn1.running_mean - before).abs().max() > 0.05
+    assert not network.training and network.bn1.momentum == 0.1  # eval mode and the momentum restored
+
+
+def test_class_folders_map_by_synset_index_by_name_or_by_sorted_index():
+    synsets = [f"n{i:08d}" for i in (3, 1, 2)]
+    assert map_folders(synsets, ["a", "b", "c"]) == ({"n00000001": 0, "n00000002": 1, "n00000003": 2}, "imagenet-synsets")
+    classes = ["T-shirt/top", "Trouser", "Ankle boot"]
+    assert map_folders(["ankle_boot", "T-shirt_top"], classes) == ({"T-shirt_top": 0, "ankle_boot": 2}, "class-names")
+    assert map_folders(["x", "y", "z"], classes)[1] == "sorted-index"
+    with pytest.raises(ValueError, match="name no class"):
+        map_folders(["x", "y"], classes)
+    with pytest.raises(ValueError, match="all of them must be present"):
+        map_folders(synsets[:2], classes)
+
+
+def test_torchvision_imagenet_root_reads_its_val_folder(tmp_path):
+    from zoo.image_folder import image_folder_root
+
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    assert image_folder_root(tmp_path) == tmp_path  # a plain folder is taken as it is
+    (tmp_path / "meta.bin").write_bytes(b"")  # torchvision's ImageNet layout: meta.bin beside train/ and val/
+    assert image_folder_root(tmp_path) == tmp_path / "val"
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        image_folder_root(tmp_path / "missing")
+
+
+def renorm_cli() -> ZooGroup:
+    """The renorm command under the zoo group's error handling (exit 2 for bad usage)."""
+    return ZooGroup(commands={"renorm": renorm_command})
+
+
+@pytest.fixture(scope="module")
+def fashion_folder(fashion, tmp_path_factory) -> Path:
+    """200 real Fashion-MNIST test images as PNG class folders (``T-shirt_top``, ``Trouser``, ...)."""
+    return write_image_folder(fashion.test.subset(200), fashion.classes, tmp_path_factory.mktemp("fashion") / "images")
+
+
+def test_calibration_images_are_disjoint_from_evaluation_images(fashion, fashion_folder):
+    from training.renorm import RenormConfig, split_files
+
+    files, classes = list_labelled_files(fashion_folder, fashion.classes)
+    assert files.class_mapping == "class-names" and classes == fashion.classes
+    assert [fashion.classes[int(y)].replace("/", "_") for y in files.labels] == [f.parent.name for f in files.files]
+    config = RenormConfig(data=str(fashion_folder), adaptations=["none", "bn-recalibrate"], limit=50, calibration=30)
+    evaluation, calibration = split_files(config, files, classes)
+    assert len(evaluation) == 50 and len(calibration) == 30
+    assert not set(evaluation.files) & set(calibration.files)
+    assert len(set(evaluation.labels.tolist())) > 5  # --limit draws across classes, not the first folders
+
+
+def test_crops_spill_to_a_memmap_on_disk_beyond_the_memory_limit(fashion_folder, tmp_path):
+    files, _ = list_labelled_files(fashion_folder, None)
+    in_memory = decode_crops(files.files[:20], resize=32, crop=28)
+    spill = tmp_path / "spill"
+    on_disk = decode_crops(files.files[:20], resize=32, crop=28, memory_limit_bytes=0, spill_dir=spill)
+    assert in_memory.shape == (20, 3, 28, 28) and in_memory.dtype == torch.uint8
+    assert torch.equal(in_memory, on_disk)
+    assert str(spill) in Path("/proc/self/maps").read_text()  # mapped from a file there...
+    assert not list(spill.iterdir())  # ...that is already unlinked: nothing left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapt", "retrain"], "unknown adaptation retrain; valid: none, bn-recalibrate, fold"),
+        (["--norm", "0.5"], "is not imagenet or identity or MEAN:STD"),
+        (["--norm", "0:0"], "std must be positive"),
+        (["--grid-mean", "-1", "1", "3"], "give both --grid-mean and --grid-std"),
+        (["--register", "x", "--register-norm", "0:1"], "is not among the evaluated normalizations"),
+        (["--weights", "missing.pt"], "no state dict at missing.pt"),
+        (["--model", "mnist_cnn"], "model 'mnist_cnn' has no torchvision weights"),
+        (["--weights", "IMAGENET1K_V9"], "unknown weights 'IMAGENET1K_V9' for resnet18; valid: DEFAULT, IMAGENET1K_V1"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_clear_message(fashion_folder, args, message):
+    result = CliRunner().invoke(renorm_cli(), ["renorm", "--data", str(fashion_folder), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(fashion, tmp_path_factory) -> Path:
+    """resnet18 trained here on 512 real Fashion-MNIST images (28x28 RGB) under ImageNet's normalization."""
+    network, _ = train_small_resnet(fashion, IMAGENET, train_images=512, size=SIZE)
+    return save_checkpoint(network, IMAGENET, fashion.classes, tmp_path_factory.mktemp("weights") / "resnet18.pt")
+
+
+def child_runs(parent_run_id: str):
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.slow
+def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trained_checkpoint, fashion_folder, fashion, tmp_path):
+    result = CliRunner().invoke(renorm_cli(), [
+        "renorm", "--model", "resnet18", "--weights", str(trained_checkpoint), "--data", str(fashion_folder),
+        "--norm", "imagenet", "--norm", "0:1", "--grid-mean", "-1", "1", "2", "--grid-std", "0.5", "1", "2",
+        "--adapt", "none", "--adapt", "bn-recalibrate,fold", "--calibration", "50", "--limit", "100", "--resize", "28", "--crop", "28",
+        "--workers", "0", "--register", "fashion-renorm", "--alias", "zero-one", "--register-norm", "0:1",
+        "--register-adapt", "fold", "--experiment", "renorm-test", "--format", "json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # progress bars go to stderr
+    rows = {(r["normalization"], r["adaptation"]): r for r in report["results"]}
+    assert len(rows) == (2 + 4) * 3
+
+    children = child_runs(report["parent_run_id"])
+    assert len(children) == 18
+    parent = mlflow.get_run(report["parent_run_id"])
+    assert mlflow.get_experiment(parent.info.experiment_id).name == "renorm-test"
+    assert set(children["experiment_id"]) == {parent.info.experiment_id}
+    assert set(children["params.adaptation"]) == {"none", "bn-recalibrate", "fold"}
+    assert children["metrics.top1"].between(0, 1).all() and (children["metrics.top5"] >= children["metrics.top1"]).all()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(report["parent_run_id"])}
+    assert {"renorm_results.csv", "heatmap_top1_none.png", "heatmap_top1_fold.png", "heatmap_top1_bn-recalibrate.png"} <= artifacts
+
+    canonical = rows[("imagenet", "none")]
+    assert canonical["top1"] > 0.3  # three times chance after 512 training images
+    assert rows[("imagenet", "fold")]["agreement"] == 1.0  # folding into the same normalization changes nothing
+    # Under 0:1, fold keeps most predictions of the original network; `none` does not. At 28x28 the zero
+    # padding touches 38 % of conv1's outputs, so fold is not exact here (it measured 0.75 against 0.07).
+    assert rows[("0:1", "fold")]["agreement"] > max(0.5, 2 * rows[("0:1", "none")]["agreement"])
+
+    classified = CliRunner().invoke(zoo_cli, [
+        "classify", "models:/fashion-renorm@zero-one", str(fashion_folder), "--runtime", "torch", "--top-k", "1",
+        "--format", "json",
+    ])
+    assert classified.exit_code == 0, classified.output
+    predicted = {p["path"]: p["label"] for p in json.loads(classified.stdout)}
+    metadata = mlflow.models.get_model_info("models:/fashion-renorm@zero-one").metadata
+    assert metadata["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3} and metadata["adaptation"] == "fold"
+    # zoo classify gives what the checkpoint, folded to 0:1, predicts on pixels normalized with 0:1.
+    files, _ = list_labelled_files(fashion_folder, fashion.classes)
+    folded = fold_normalization(load_pretrained("resnet18", str(trained_checkpoint)).network, IMAGENET, parse_spec("0:1", 3))
+    expected = logits(folded, decode_crops(files.files, resize=SIZE, crop=SIZE), parse_spec("0:1", 3)).argmax(dim=1)
+    assert predicted == {str(f): fashion.classes[int(i)] for f, i in zip(files.files, expected)}
+    correct = sum(predicted[str(f)] == fashion.classes[int(y)] for f, y in zip(files.files, files.labels))
+    assert correct / len(files) > 0.2  # twice chance

@@ -1,0 +1,373 @@
+"""Re-evaluate a trained network under other input normalizations, as is and adapted to them.
+
+One parent MLflow run, one child run per (normalization, adaptation) with ``top1``/``top5``;
+the parent holds a CSV table and a top-1 heatmap over the mean x std grid per adaptation.
+
+Adaptations (none of them trains):
+  ``none``            the published protocol: only the input normalization changes;
+  ``bn-recalibrate``  BatchNorm running statistics re-estimated on calibration images
+                      (disjoint from the evaluation images) under the new normalization;
+  ``fold``            the first convolution rewritten so the network computes on the new
+                      normalization what it computed on the old one (exact but at the borders).
+
+Every result also says how far the network moved from itself: ``agreement`` is the fraction
+of images whose top-1 class equals the unmodified network's under its own (source)
+normalization, ``max_abs_logit_diff`` the largest logit difference from that reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training import tracking
+from training.train import resolve_device
+from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
+from zoo.normalization import Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
+from zoo.pretrained import Pretrained, load_pretrained
+
+ADAPTATIONS = ("none", "bn-recalibrate", "fold")
+REGISTER_ADAPT_PREFERENCE = ("fold", "bn-recalibrate", "none")  # default --register-adapt: the first evaluated
+
+
+@dataclass
+class RenormConfig:
+    data: str
+    model: str = "resnet18"
+    weights: str = "IMAGENET1K_V1"  # a torchvision weights name, or the path of a state dict
+    norms: list[str] = field(default_factory=lambda: ["imagenet"])  # imagenet, identity or MEAN:STD
+    grid_mean: tuple[float, float, int] | None = None  # (low, high, steps); steps 0: no grid
+    grid_std: tuple[float, float, int] | None = None
+    adaptations: list[str] = field(default_factory=lambda: ["none"])
+    limit: int | None = None  # evaluation images, drawn at random (seeded) from the data
+    calibration: int = 1024  # images for bn-recalibrate, split off the data unless calibration_data is given
+    calibration_data: str | None = None
+    source_norm: str | None = None  # what the weights were trained with; default: the weights' own
+    resize: int | None = None  # default: the weights' preprocessing (256/224 for a state dict)
+    crop: int | None = None
+    batch_size: int = 128
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    memory_limit_gb: float = 4.0  # above this, crops go to a memmap in spill_dir
+    spill_dir: str | None = None
+    register: str | None = None
+    alias: str | None = None
+    register_norm: str | None = None  # default: the first --norm
+    register_adapt: str | None = None  # default: fold, else bn-recalibrate, else none (the first evaluated)
+
+
+@dataclass
+class Candidate:
+    label: str
+    normalization: Normalization
+    grid_cell: tuple[float, float] | None = None  # (mean, std) when it comes from the grid
+
+
+@dataclass
+class RenormResult:
+    parent_run_id: str
+    rows: list[dict]
+    model_uri: str | None = None
+    source: Normalization | None = None
+
+    def top1(self, label: str, adaptation: str) -> float:
+        return next(r["top1"] for r in self.rows if r["normalization"] == label and r["adaptation"] == adaptation)
+
+
+def grid_axis(spec: tuple[float, float, int] | None, name: str) -> np.ndarray:
+    if spec is None or int(spec[2]) == 0:
+        return np.array([])
+    low, high, steps = float(spec[0]), float(spec[1]), int(spec[2])
+    if steps < 0 or low > high:
+        raise ValueError(f"{name} takes LOW HIGH STEPS with LOW <= HIGH and STEPS >= 1 (0: no grid), got {spec}")
+    if name == "--grid-std" and low <= 0:
+        raise ValueError(f"--grid-std must stay positive (division by std), got LOW={low}")
+    return np.linspace(low, high, steps)
+
+
+def candidates(config: RenormConfig, channels: int) -> list[Candidate]:
+    """The explicit normalizations, then the grid cells (mean-major)."""
+    out = [Candidate(spec.strip().lower() if ":" not in spec else spec.strip(), parse_spec(spec, channels)) for spec in config.norms]
+    means, stds = grid_axis(config.grid_mean, "--grid-mean"), grid_axis(config.grid_std, "--grid-std")
+    if (len(means) == 0) != (len(stds) == 0):
+        raise ValueError("give both --grid-mean and --grid-std (LOW HIGH STEPS each), or neither")
+    for m in means:
+        for s in stds:
+            cell = (round(float(m), 6), round(float(s), 6))
+            out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
+    if not out:
+        raise ValueError("nothing to evaluate: give --norm and/or --grid-mean/--grid-std")
+    return out
+
+
+def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidate], Candidate | None, str | None]:
+    """Every usage error before any decoding or run; returns the candidates and what to register."""
+    bad = [a for a in config.adaptations if a not in ADAPTATIONS]
+    if bad or not config.adaptations:
+        raise ValueError(f"unknown adaptation {', '.join(bad) or '(none given)'}; valid: {', '.join(ADAPTATIONS)}")
+    if config.limit is not None and config.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {config.limit}")
+    if "bn-recalibrate" in config.adaptations and config.calibration < 2:
+        raise ValueError(f"bn-recalibrate needs --calibration of at least 2 images, got {config.calibration}")
+    cands = candidates(config, channels)
+    if not config.register:
+        if config.alias or config.register_norm or config.register_adapt:
+            raise ValueError("--alias, --register-norm and --register-adapt need --register NAME")
+        return cands, None, None
+    wanted = parse_spec(config.register_norm, channels) if config.register_norm else cands[0].normalization
+    chosen = next((c for c in cands if c.normalization == wanted), None)
+    if chosen is None:
+        raise ValueError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
+    adapt = config.register_adapt or next(a for a in REGISTER_ADAPT_PREFERENCE if a in config.adaptations)
+    if adapt not in ADAPTATIONS:
+        raise ValueError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
+    if adapt not in config.adaptations:
+        raise ValueError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
+    return cands, chosen, adapt
+
+
+@dataclass
+class Crops:
+    images: torch.Tensor  # uint8 [N, 3, crop, crop], in memory or memmap-backed
+    labels: torch.Tensor  # int64 [N]
+
+
+def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[str]) -> tuple[LabelledFiles, LabelledFiles | None]:
+    """(evaluation, calibration) files; calibration images never overlap the evaluation images."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(files), generator=generator)
+    calibration = None
+    if "bn-recalibrate" in config.adaptations:
+        if config.calibration_data:
+            other, _ = list_labelled_files(config.calibration_data, class_names)
+            calibration = other.take(torch.randperm(len(other), generator=generator)[: config.calibration])
+        else:
+            if len(files) <= config.calibration:
+                raise ValueError(
+                    f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration images "
+                    "plus evaluation images; lower --calibration or give --calibration-data"
+                )
+            calibration, order = files.take(order[: config.calibration]), order[config.calibration :]
+    evaluation = order[: config.limit] if config.limit else order
+    return files.take(evaluation.sort().values), calibration
+
+
+def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, desc: str) -> Crops:
+    images = decode_crops(
+        files.files, resize=resize, crop=crop, workers=config.workers,
+        memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir, desc=desc,
+    )
+    return Crops(images, files.labels)
+
+
+def logits_batches(network: nn.Module, images: torch.Tensor, normalization: Normalization, device: torch.device,
+                   batch_size: int, desc: str):
+    """(start index, CPU float logits) per batch; uint8 crops are normalized on the device."""
+    network.eval()
+    with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=desc, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            yield start, network(normalization.apply(x)).float().cpu()
+            bar.update(len(x))
+
+
+def reference_logits(network: nn.Module, crops: Crops, source: Normalization, device: torch.device, batch_size: int) -> torch.Tensor:
+    """The unmodified network under its own normalization: what every adaptation is compared with."""
+    return torch.cat([logits for _, logits in logits_batches(network, crops.images, source, device, batch_size, "reference")])
+
+
+def score(network: nn.Module, crops: Crops, normalization: Normalization, reference: torch.Tensor,
+          device: torch.device, batch_size: int, desc: str) -> dict[str, float]:
+    """top1/top5 accuracy, agreement with the reference's top-1 class, largest logit difference from it."""
+    k = min(5, reference.shape[1])
+    top1 = top5 = agree = 0
+    max_diff = 0.0
+    for start, logits in logits_batches(network, crops.images, normalization, device, batch_size, desc):
+        labels, ref = crops.labels[start : start + len(logits)], reference[start : start + len(logits)]
+        best = logits.topk(k, dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(dim=1).sum())
+        agree += int((best[:, 0] == ref.argmax(dim=1)).sum())
+        max_diff = max(max_diff, float((logits - ref).abs().max()))
+    n = max(len(crops.labels), 1)
+    return {"top1": top1 / n, "top5": top5 / n, "agreement": agree / n, "max_abs_logit_diff": max_diff}
+
+
+def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Normalization,
+          calibration: Crops | None, device: torch.device, batch_size: int) -> nn.Module:
+    """``base`` itself for ``none``; otherwise an adapted copy (``base`` is never changed)."""
+    if adaptation == "none":
+        return base
+    network = copy.deepcopy(base)
+    if adaptation == "fold":
+        return fold_normalization(network, source, target)
+    images = calibration.images
+    recalibrate_batchnorm(
+        network, (target.apply(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size))
+    )
+    return network.eval()
+
+
+@dataclass
+class Prepared:
+    """Everything the evaluations share: the network, its classes, the decoded crops, the device."""
+
+    config: RenormConfig
+    pretrained: Pretrained
+    class_names: list[str]
+    class_mapping: str
+    data_root: str
+    evaluation: Crops
+    calibration: Crops | None
+    crop: int
+    resize: int
+    device: torch.device
+
+    @property
+    def source(self) -> Normalization:
+        return self.pretrained.normalization
+
+
+def prepare(config: RenormConfig) -> Prepared:
+    """Load the weights, map the class folders, split off calibration images and decode everything once."""
+    pretrained = load_pretrained(config.model, config.weights)
+    if config.source_norm:
+        pretrained.normalization = parse_spec(config.source_norm, 3)
+    resize, crop = config.resize or pretrained.resize, config.crop or pretrained.crop
+    if resize < crop:
+        raise ValueError(f"--resize ({resize}) must be at least --crop ({crop})")
+    files, class_names = list_labelled_files(config.data, pretrained.class_names)
+    if len(class_names) != pretrained.num_classes:
+        raise ValueError(
+            f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
+            "(a state dict without class names takes them from the sorted folder names)"
+        )
+    device = resolve_device(config.device)
+    eval_files, calib_files = split_files(config, files, class_names)
+    pretrained.network.to(device).eval()
+    return Prepared(
+        config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
+        evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
+        calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
+        crop=crop, resize=resize, device=device,
+    )
+
+
+def parent_params(job: Prepared) -> dict[str, object]:
+    config, source = job.config, job.source.as_params()
+    return {
+        "model": config.model, "weights": job.pretrained.weights, "data": job.data_root,
+        "class_mapping": job.class_mapping, "eval_images": len(job.evaluation.labels),
+        "calibration_images": len(job.calibration.labels) if job.calibration else 0,
+        "calibration_data": config.calibration_data or ("split off --data" if job.calibration else None),
+        "source_mean": source["mean"], "source_std": source["std"], "resize": job.resize, "crop": job.crop,
+        "adaptations": ",".join(config.adaptations), "norms": " ".join(config.norms),
+        "grid_mean": _fmt_grid(config.grid_mean), "grid_std": _fmt_grid(config.grid_std),
+        "seed": config.seed, "batch_size": config.batch_size,
+    }
+
+
+def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: torch.Tensor, register: bool) -> dict:
+    """One child run (inside the active parent): adapt, score, log, and log/register the model if asked."""
+    config, base = job.config, job.pretrained.network
+    network = adapt(base, adaptation, job.source, cand.normalization, job.calibration, job.device, config.batch_size)
+    parent_id = tracking.mlflow.active_run().info.run_id
+    with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}") as child:
+        tracking.log_params({
+            "model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
+            "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
+            "eval_images": len(job.evaluation.labels),
+        })
+        metrics = score(network, job.evaluation, cand.normalization, reference, job.device, config.batch_size, adaptation)
+        tracking.log_metrics(metrics)
+        model_uri = None
+        if register:
+            model_uri = tracking.log_model(
+                copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
+                input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
+                alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
+                source_normalization=job.source.to_dict(), top1=metrics["top1"],
+            )
+    return {
+        "normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
+        "grid_mean": cand.grid_cell[0] if cand.grid_cell else None,
+        "grid_std": cand.grid_cell[1] if cand.grid_cell else None,
+        **metrics, "run_id": child.info.run_id, "model_uri": model_uri,
+    }
+
+
+def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str | None = None) -> RenormResult:
+    """Evaluate every (normalization, adaptation) pair in one parent run with a child run each."""
+    cands, register_cand, register_adapt = check_config(config)
+    job = prepare(config)
+    with tracking.start_run(experiment=experiment, run_name=run_name or f"renorm {config.model}") as parent:
+        tracking.log_params(parent_params(job))
+        reference = reference_logits(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size)
+        result = RenormResult(parent.info.run_id, [], source=job.source)
+        pairs = [(c, a) for c in cands for a in config.adaptations]
+        for cand, adaptation in tqdm(pairs, unit="eval", desc=f"renorm {config.model}"):
+            row = evaluate_pair(job, cand, adaptation, reference, cand is register_cand and adaptation == register_adapt)
+            result.model_uri = row.pop("model_uri") or result.model_uri
+            result.rows.append(row)
+        log_summary(result.rows, config, len(job.class_names))
+    return result
+
+
+def _fmt_grid(spec: tuple[float, float, int] | None) -> str | None:
+    return None if spec is None or int(spec[2]) == 0 else f"{spec[0]:g} {spec[1]:g} {int(spec[2])}"
+
+
+def results_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def log_summary(rows: list[dict], config: RenormConfig, num_classes: int) -> None:
+    """On the parent run: the table, and per adaptation a grid heatmap and the grid's median top-1."""
+    tracking.log_text(results_csv(rows), "renorm_results.csv")
+    for adaptation in config.adaptations:
+        cells = [r for r in rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
+        if not cells:
+            continue
+        tracking.log_metrics({f"grid_median_top1_{adaptation}": float(np.median([r["top1"] for r in cells]))})
+        figure = heatmap(cells, f"{config.model} top-1, adaptation: {adaptation} (chance {1 / num_classes:.1%})")
+        tracking.log_figure(figure, f"heatmap_top1_{adaptation}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def heatmap(cells: list[dict], title: str):
+    """Top-1 (%) over the grid: mean on x, std on y, one annotated cell per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means, stds = sorted({r["grid_mean"] for r in cells}), sorted({r["grid_std"] for r in cells})
+    grid = np.full((len(stds), len(means)), np.nan)
+    for r in cells:
+        grid[stds.index(r["grid_std"]), means.index(r["grid_mean"])] = 100 * r["top1"]
+    figure, ax = plt.subplots(figsize=(1.1 * len(means) + 3, 0.8 * len(stds) + 2))
+    image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 50 else "black", fontsize=8)
+    ax.set_xticks(range(len(means)), [f"{m:.3g}" for m in means])
+    ax.set_yticks(range(len(stds)), [f"{s:.3g}" for s in stds])
+    ax.set_xlabel("mean (all channels)")
+    ax.set_ylabel("std (all channels)")
+    ax.set_title(title)
+    figure.colorbar(image, ax=ax, label="top-1 accuracy (%)")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,113 @@
+"""The renorm experiment on real data, offline: a ResNet-18 trained here on Fashion-MNIST, then re-evaluated.
+
+    python -m training.renorm_demo --out renorm-demo
+
+trains torchvision's resnet18 (10 classes) on Fashion-MNIST upsampled to 32x32 and replicated to
+3 channels, under ImageNet's normalization (as a pretrained network would have been), saves it as a
+checkpoint, writes held-out test images as PNG class folders, and runs the renorm job on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training import tracking
+from training.engine import evaluate, make_optimizer, train_one_epoch
+from zoo.data import Dataset, Split, load_dataset
+from zoo.normalization import Normalization, parse_spec
+from zoo.registry import create_model
+
+
+def as_rgb(split: Split, size: int) -> Split:
+    """Grayscale uint8 [N, 1, H, W] -> [N, 3, size, size], resized as the renorm job's decoder does (bilinear)."""
+    from torchvision.transforms import functional as F
+
+    images = F.resize(split.images, [size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return Split(images.expand(-1, 3, -1, -1).contiguous(), split.labels)
+
+
+def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_images: int = 6000, epochs: int = 1,
+                       size: int = 32, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> tuple[nn.Module, float]:
+    """resnet18 with one output per class, trained with the project's loop; returns it and its val accuracy."""
+    torch.manual_seed(seed)
+    network = create_model("resnet18", num_classes=len(dataset.classes))
+    optimizer = make_optimizer("adam", network.parameters(), lr)
+    train, val = as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(1000), size)
+    generator = torch.Generator().manual_seed(seed)
+    with tqdm(total=epochs * len(train), unit="img", desc="training resnet18", leave=False) as bar:
+        for _ in range(epochs):
+            train_one_epoch(network, optimizer, train, normalization, batch_size, generator, on_batch=bar.update)
+    _, val_accuracy = evaluate(network, val, normalization, batch_size=250)
+    return network.eval(), val_accuracy
+
+
+def save_checkpoint(network: nn.Module, normalization: Normalization, class_names: list[str], path: Path) -> Path:
+    """The checkpoint layout zoo.pretrained reads: the state dict with its normalization and class names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network.state_dict(), "normalization": normalization.to_dict(), "class_names": class_names}, path)
+    return path
+
+
+def write_image_folder(split: Split, class_names: list[str], root: Path) -> Path:
+    """One folder per class (``/`` in a class name becomes ``_``), one PNG per image."""
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(split.images, split.labels)):
+        folder = root / class_names[int(label)].replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy(), mode="L").save(folder / f"{i:05d}.png")
+    return root
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="renorm-demo", show_default=True)
+@click.option("--train-images", type=click.IntRange(min=100), default=6000, show_default=True)
+@click.option("--test-images", type=click.IntRange(min=20), default=2000, show_default=True,
+              help="Fashion-MNIST test images written as PNG (calibration images are split off them).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=32, show_default=True)
+@click.option("--train-norm", default="imagenet", show_default=True, help="The normalization the network is trained with.")
+@click.option("--grid-steps", type=click.IntRange(min=0), default=7, show_default=True)
+@click.option("--calibration", type=click.IntRange(min=2), default=500, show_default=True)
+@click.option("--register", default=None, help="Register the fold-adapted model under 0:1 as NAME.")
+def main(out_dir, train_images, test_images, epochs, size, train_norm, grid_steps, calibration, register) -> None:
+    from training.renorm import RenormConfig, renorm
+
+    out = Path(out_dir)
+    dataset = load_dataset("fashion-mnist")
+    normalization = parse_spec(train_norm, 3)
+    network, val_accuracy = train_small_resnet(dataset, normalization, train_images=train_images, epochs=epochs, size=size)
+    click.echo(f"resnet18 trained on {train_images} Fashion-MNIST images ({epochs} epoch(s), {size}x{size}, "
+               f"{normalization}): val accuracy {val_accuracy:.4f}", err=True)
+    checkpoint = save_checkpoint(network, normalization, dataset.classes, out / "resnet18-fashion.pt")
+    images = write_image_folder(dataset.test.subset(test_images), dataset.classes, out / "test-images")
+    grid = (-3.0, 3.0, grid_steps), (0.05, 1.0, grid_steps)
+    config = RenormConfig(
+        data=str(images), model="resnet18", weights=str(checkpoint), norms=["imagenet", "0.5:0.5", "0:1"],
+        grid_mean=grid[0], grid_std=grid[1], adaptations=["none", "bn-recalibrate", "fold"], calibration=calibration,
+        resize=size, crop=size, workers=0, register=register, register_norm="0:1" if register else None,
+    )
+    result = renorm(config, run_name="renorm resnet18 fashion-mnist demo")
+    click.echo(f"parent run {result.parent_run_id} in {tracking.tracking_uri()}")
+    click.echo("| normalization | none | bn-recalibrate | fold | fold agreement |")
+    click.echo("|---|---|---|---|---|")
+    for label in [c for c in config.norms]:
+        top1 = {a: result.top1(label, a) for a in config.adaptations}
+        agreement = next(r["agreement"] for r in result.rows if r["normalization"] == label and r["adaptation"] == "fold")
+        click.echo(f"| {label} | {top1['none']:.4f} | {top1['bn-recalibrate']:.4f} | {top1['fold']:.4f} | {agreement:.4f} |")
+    for adaptation in config.adaptations:
+        cells = sorted(r["top1"] for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None)
+        if cells:
+            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {cells[len(cells) // 2]:.4f}, "
+                       f"min {cells[0]:.4f}, max {cells[-1]:.4f}")
+    if result.model_uri:
+        click.echo(f"registered: models:/{register} ({result.model_uri})")
+
+
+if __name__ == "__main__":
+    main()

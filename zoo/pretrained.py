@@ -1,0 +1,119 @@
+"""Pretrained weights for a registered model: a torchvision weights name, or a local state dict.
+
+torchvision's weights carry their preprocessing (resize, center crop, normalization) and
+class names (``meta["categories"]``); a local state dict may carry them too, as the
+project's own checkpoints do (``{"model": state_dict, "normalization": ..., "class_names": ...}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo.normalization import Normalization
+from zoo.registry import create_model, get_model_spec
+
+# torchvision's ImageNet evaluation preprocessing, used for a local state dict.
+DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
+
+
+@dataclass
+class Pretrained:
+    model: str
+    weights: str  # the torchvision weights name, or the state dict's path
+    network: nn.Module  # in eval mode, takes input normalized with ``normalization``
+    normalization: Normalization  # the one the weights were trained with
+    class_names: list[str] | None  # None: unknown (a bare state dict); the data folders name them
+    resize: int
+    crop: int
+
+    @property
+    def num_classes(self) -> int:
+        return _num_classes(self.network.state_dict())
+
+
+def is_local_weights(weights: str) -> bool:
+    return Path(weights).exists() or weights.endswith((".pt", ".pth")) or "/" in weights
+
+
+def load_pretrained(model: str, weights: str) -> Pretrained:
+    """``weights``: a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) or the path of a state dict."""
+    get_model_spec(model)  # unknown model: ValueError naming the valid ones
+    return _from_state_dict_file(model, weights) if is_local_weights(weights) else _from_torchvision(model, weights)
+
+
+def _from_torchvision(model: str, name: str) -> Pretrained:
+    from urllib.error import URLError
+
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(model)
+    except ValueError:
+        raise ValueError(f"model {model!r} has no torchvision weights; pass the path of a state dict as --weights") from None
+    try:
+        weights = enum[name]
+    except KeyError:
+        raise ValueError(f"unknown weights {name!r} for {model}; valid: {', '.join(['DEFAULT', *(w.name for w in enum)])}") from None
+    try:
+        state_dict = weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError) as exc:  # offline and not in the cache
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise RuntimeError(
+            f"cannot download {weights.url} ({exc}) and it is not in torchvision's cache at {cached}; "
+            "go online once, copy the file there, or pass a local state dict as --weights"
+        ) from exc
+    categories = list(weights.meta["categories"])
+    network = create_model(model, num_classes=len(categories))
+    network.load_state_dict(state_dict)
+    preprocessing = weights.transforms()
+    return Pretrained(
+        model=model,
+        weights=name,
+        network=network.eval(),
+        normalization=Normalization(tuple(preprocessing.mean), tuple(preprocessing.std)),
+        class_names=categories,
+        resize=int(preprocessing.resize_size[0]),
+        crop=int(preprocessing.crop_size[0]),
+    )
+
+
+def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
+    # The classifier is the last 2-D weight (ResNet's fc.weight: [classes, features]).
+    matrices = [t for t in state_dict.values() if t.ndim == 2]
+    if not matrices:
+        raise ValueError("the state dict has no linear classifier weight to count classes from")
+    return int(matrices[-1].shape[0])
+
+
+def _from_state_dict_file(model: str, path: str) -> Pretrained:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    # A project checkpoint wraps the state dict with its normalization and class names.
+    checkpoint = saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else {"model": saved}
+    state_dict = checkpoint["model"]
+    num_classes = _num_classes(state_dict)
+    network = create_model(model, num_classes=num_classes)
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} is not a {model} state dict: {str(exc).splitlines()[0]}") from None
+    class_names = checkpoint.get("class_names")
+    if class_names is None and num_classes == 1000:
+        from torchvision.models import ResNet18_Weights
+
+        class_names = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k, in synset order
+    saved_norm = checkpoint.get("normalization")
+    return Pretrained(
+        model=model,
+        weights=str(path),
+        network=network.eval(),
+        normalization=Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization,
+        class_names=list(class_names) if class_names is not None else None,
+        resize=DEFAULT_RESIZE,
+        crop=DEFAULT_CROP,
+    )
