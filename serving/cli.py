@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL_URI, STD, unset_sentinels
+from serving.train_options import MODEL_OPT, MOMENTUM
 
 
 def _version() -> str:
@@ -70,11 +71,14 @@ def echo_json(data) -> None:
 @MEAN
 @STD
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
+              help="Default: the model's recipe (64 for mnist_cnn).")
 @click.option("--optimizer", default=None, callback=unset_sentinels, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
 @click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
 @click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@MOMENTUM
+@MODEL_OPT
 @click.option("--seed", type=int, default=1, show_default=True)
 @DEVICE
 @DATA_DIR
@@ -85,7 +89,7 @@ def echo_json(data) -> None:
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
 @click.option("--no-checkpoints", is_flag=True, help="Do not log a checkpoint per epoch.")
 @FORMAT
-def train(model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, seed, device, data_dir,
+def train(model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device, data_dir,
           experiment, run_name, register, alias, dry_run, no_checkpoints, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model)."""
     from training.train import TrainConfig
@@ -93,7 +97,8 @@ def train(model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, w
 
     config = TrainConfig(
         model=model, dataset=dataset, mean=mean, std=std, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, seed=seed, device=device,
+        optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, momentum=momentum, model_config=model_opts,
+        seed=seed, device=device,
         data_dir=data_dir, max_batches=2 if dry_run else None, checkpoints=not no_checkpoints,
     )
     result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias)
@@ -219,9 +224,11 @@ def datasets(fmt) -> None:
 
 
 def _attach_commands() -> None:
+    from serving.cli_renorm import renorm
     from serving.demo import demo
 
-    cli.add_command(demo)
+    for command in (demo, renorm):
+        cli.add_command(command)
 
 
 _attach_commands()

@@ -16,7 +16,7 @@ FORMAT = click.option(
 MEAN = click.option("--mean", default=None, callback=unset_sentinels, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
 STD = click.option("--std", default=None, callback=unset_sentinels, help="Normalization std (> 0): one value, or comma-separated per channel. Default: the model's.")
 DATA_DIR = click.option(
-    "--data-dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
+    "--data-dir", "--data_dir", "data_dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
     help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]",
 )
 EXPERIMENT = click.option(

@@ -246,6 +246,7 @@ def train(
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
     config.normalization()  # bad mean/std: same
+    trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
     tracking.check_registry_names(register, alias)
     if dataset is None:
         dataset = load_training_data(config)
