@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -24,7 +25,9 @@ import numpy as np
 import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from alembic.util import CommandError as AlembicCommandError
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 from tqdm.auto import tqdm
 
 from training import tracking
@@ -41,7 +44,8 @@ OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, 
 SAMPLERS = ("tpe", "random", "qmc")
 LOG_MODELS = ("best", "all", "none")
 MODEL_URI_TAG = "zoo.model_uri"
-PARENT_WAIT_S = 60.0  # how long a process waits for the study's creator to name the parent run
+PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
+# (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
 # The fields a re-run of an existing study must keep: they define what its trials measure.
 _IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
@@ -129,16 +133,28 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
                          f"postgresql://USER@HOST:PORT/DB, got {url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
 
     def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         _end_orphaned_run(trial)
         retry(study, trial)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                          heartbeat_stale_trial_callback=on_stale_trial)
+    def connect() -> RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              heartbeat_stale_trial_callback=on_stale_trial)
+
+    for attempt in range(4):
+        try:
+            return connect()
+        except (SQLAlchemyError, AlembicCommandError):
+            # Processes started together on a fresh database race to create its schema:
+            # the losers retry once the winner's tables exist.
+            time.sleep(1.0 + attempt)
+    return connect()
 
 
 def masked_url(url: str) -> str:
@@ -190,23 +206,38 @@ def _check_same_search(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str) -> str:
-    """The study's one parent run: created by the process that created the study, adopted by the others."""
+    """The study's one parent run: created by the process that created the study, adopted by the others.
+
+    The others touch MLflow only once the parent exists, so they never race the creator
+    while it initializes a fresh MLflow store.
+    """
     if created:
         return _create_parent_run(study, config, storage_url)
-    deadline = time.monotonic() + PARENT_WAIT_S
-    while (parent := study.user_attrs.get(PARENT_ATTR)) is None:
-        if time.monotonic() > deadline:
-            # The creator died before naming a parent: claim it, then keep whichever claim was written last.
-            _create_parent_run(study, config, storage_url)
-            time.sleep(1.0)
-            continue
-        time.sleep(0.5)
+    parent = _wait_for_parent(study, PARENT_WAIT_S)
+    if parent is None:
+        # The creator died before naming a parent: claim it; of simultaneous claims the last written wins.
+        mine = _create_parent_run(study, config, storage_url)
+        time.sleep(2.0)
+        parent = study.user_attrs[PARENT_ATTR]
+        if parent != mine:
+            tracking.end_run_by_id(mine, "KILLED", f"another process named the study's parent run: {parent}")
     _check_same_search(study, config)
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
         # Inside `mlflow run`, the project's own run points at the study's parent.
         tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=os.environ["MLFLOW_RUN_ID"])
     if tracking.run_status(parent) != "RUNNING":
         tracking.reopen_run(parent)  # resuming
+    return parent
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
+    deadline, told = time.monotonic() + timeout, False
+    while (parent := study.user_attrs.get(PARENT_ATTR)) is None and time.monotonic() < deadline:
+        if not told:
+            tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
+                       file=sys.stderr)
+            told = True
+        time.sleep(0.5)
     return parent
 
 
@@ -276,8 +307,8 @@ class _Context:
 
 
 def _objective(trial: optuna.Trial, ctx: _Context) -> float:
-    config, spec_channels = ctx.config, ctx.dataset.image_shape[0]
-    normalization = suggest_normalization(trial, config, spec_channels)
+    config = ctx.config
+    normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
     tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
@@ -310,10 +341,10 @@ def _pruning_callback(trial: optuna.Trial):
 
 
 def _log_trial_model(network: torch.nn.Module, normalization: Normalization, config: StudyConfig,
-                     dataset: Dataset, test_accuracy: float, register: str | None = None) -> str:
+                     dataset: Dataset, test_accuracy: float) -> str:
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
-        class_names=dataset.classes, registered_name=register, alias=config.alias if register else None,
+        class_names=dataset.classes,
         dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
     )
 
@@ -428,9 +459,9 @@ def log_plots(study: optuna.Study, parent_run_id: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                axes = plot(study)
+                axes = plot(study, target_name="val_accuracy")
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
-                tqdm.write(f"study: no {name} plot yet ({exc})")
+                tqdm.write(f"study: no {name} plot yet ({exc})", file=sys.stderr)
                 continue
         figure = np.asarray(axes).flat[0].figure
         figure.set_size_inches(8, 6)
@@ -494,7 +525,10 @@ def _after_trial(ctx: _Context, bar: tqdm):
             if trial.state == TrialState.COMPLETE:
                 bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}", refresh=False)
             bar.refresh()
-            log_summary(study, ctx.parent_run_id, len(ctx.dataset.classes), ctx.config.collapse_margin)
+            try:
+                log_summary(study, ctx.parent_run_id, len(ctx.dataset.classes), ctx.config.collapse_margin)
+            except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
+                tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
             if finished + running >= ctx.config.trials:
                 study.stop()  # the other threads' and processes' trials in flight complete the count
 

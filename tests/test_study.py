@@ -1,0 +1,185 @@
+"""`zoo study`: one Optuna study = one MLflow parent run with every trial nested under it,
+under threads, several processes, a killed-and-resumed study and a diverging trial.
+
+Real data (small mnist-5k subsets, 1 epoch), a real SQLite Optuna storage and the real
+SQLite MLflow store of conftest's autouse fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from serving.cli import cli
+from serving.cli_study import study as study_command
+from training.study import PARENT_ATTR, RUN_ATTR, StudyConfig, open_study, make_storage, run_study
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough for seconds per trial on a shared 2-core machine, large enough to learn something.
+SMALL = {"train_size": 192, "val_size": 200, "test_size": 200}
+SMALL_ARGS = ["--train-size", "192", "--val-size", "200", "--test-size", "200"]
+
+if "study" not in cli.commands:
+    cli.add_command(study_command)
+
+
+def small_config(tmp_path: Path, **overrides) -> StudyConfig:
+    settings = dict(dataset="mnist-5k", trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s",
+                    log_models="none", progress=False, heartbeat=2, **SMALL)
+    return StudyConfig(**{**settings, **overrides})
+
+
+def study_runs() -> tuple[list, list]:
+    """(parent runs, every other run) over all experiments."""
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("zoo.kind") == "study"]
+    return parents, [r for r in runs if r.data.tags.get("zoo.kind") != "study"]
+
+
+def assert_all_children_of(parent_id: str, children: list) -> None:
+    orphans = [r.info.run_id for r in children if r.data.tags.get("mlflow.parentRunId") != parent_id]
+    assert not orphans, f"runs not nested under the study's parent: {orphans}"
+
+
+def cli_process(storage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "serving.cli_study", "study", "--dataset", "mnist-5k", "--storage", storage,
+            "--study-name", "shared", "--log-models", "none", "--no-progress", "--heartbeat", "2",
+            "--format", "json", *SMALL_ARGS, *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "ZOO_DEBUG": "1"}  # a failure shows its traceback
+
+
+@pytest.mark.slow
+def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tmp_path):
+    result = run_study(small_config(tmp_path, trials=6, jobs=2, log_models="best", register="best-norm"))
+
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+    assert_all_children_of(result.parent_run_id, children)
+    assert sorted(int(r.data.params["trial_number"]) for r in children) == list(range(6))
+    for run in children:
+        assert {"mean", "std", "model", "epochs"} <= run.data.params.keys()
+        assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0 and 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+        assert any(a.path == "checkpoints" for a in MlflowClient().list_artifacts(run.info.run_id))
+
+    parent = MlflowClient().get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["seed"] == "0"
+    summary = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/study/summary.json")
+    assert summary["trials_complete"] == 6 and summary["best"]["trial"] in range(6)
+    table = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study/trials.csv").strip().splitlines()
+    assert len(table) == 1 + 6 and "val_accuracy" in table[0] and "test_accuracy" in table[0]
+    plots = {a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "study")}
+    assert {"study/contour.png", "study/param_importances.png"} <= plots
+    # The best trial (by validation accuracy) carries the MLflow model, registered under --register.
+    best_run = summary["best"]["run_id"]
+    assert max(children, key=lambda r: r.data.metrics["val_accuracy"]).data.metrics["val_accuracy"] == summary["best"]["val_accuracy"]
+    assert MlflowClient().get_model_version("best-norm", "1").run_id == best_run
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_parent_run(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    procs = [subprocess.Popen(cli_process(storage, "--trials", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=subprocess_env()) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+
+    reports = [json.loads(out) for out, _ in outputs]
+    parents, children = study_runs()
+    assert len(parents) == 1
+    assert {r["parent_run_id"] for r in reports} == {parents[0].info.run_id}
+    assert_all_children_of(parents[0].info.run_id, children)
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 4
+    # Every Optuna trial is exactly one child run, and every child run is a trial.
+    assert sorted(t.user_attrs[RUN_ATTR] for t in trials) == sorted(r.info.run_id for r in children)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli_process(storage, "--trials", "4")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+
+    def mid_trial() -> bool:
+        """At least one trial finished and the last one is training in its child run."""
+        try:
+            trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+        except KeyError:  # the study does not exist yet
+            return False
+        return (any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
+                and RUN_ATTR in trials[-1].user_attrs)
+
+    wait_until(mid_trial, 240, "a trial in progress")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    parent_id = optuna.load_study(study_name="shared", storage=storage).user_attrs[PARENT_ATTR]
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    assert json.loads(rerun.stdout)["parent_run_id"] == parent_id
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [parent_id]
+    assert MlflowClient().get_run(parent_id).info.status == "FINISHED"
+    assert_all_children_of(parent_id, children)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    numbers = [r.data.params["trial_number"] for r in finished]
+    assert len(finished) == 4 and len(set(numbers)) == 4
+    # The trial that died is not left RUNNING nor lost: its run ended KILLED and its params were retried.
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(killed) == 1 and "process died" in killed[0].data.tags["zoo.failure"]
+    retry = [r for r in finished if r.data.tags.get("zoo.retry_of_run_id") == killed[0].info.run_id]
+    assert len(retry) == 1 and retry[0].data.params["mean"] == killed[0].data.params["mean"]
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_and_the_study_goes_on(tmp_path):
+    # std = 1e-45 is a float32 denormal: inputs become infinite and the loss NaN.
+    result = run_study(small_config(tmp_path, trials=3, enqueue=[("0", "1e-45")]))
+
+    _, children = study_runs()
+    by_status = {s: [r for r in children if r.info.status == s] for s in ("FINISHED", "FAILED")}
+    assert len(by_status["FAILED"]) == 1 and len(by_status["FINISHED"]) == 2
+    failed = by_status["FAILED"][0]
+    assert failed.data.params["std"] == "1e-45"
+    assert "TrainingDiverged" in failed.data.tags["zoo.failure"]
+    assert result.summary["trials_diverged"] == 1 and result.summary["trials_complete"] == 2
+
+
+def test_bad_ranges_are_usage_errors():
+    result = CliRunner().invoke(cli, ["study", "--std-range", "0", "1"])
+    assert result.exit_code == 2 and "--std-range needs 0 < LOW < HIGH" in result.output
+    result = CliRunner().invoke(cli, ["study", "--mean-range", "2", "1"])
+    assert result.exit_code == 2 and "--mean-range" in result.output
+
+
+def test_resuming_with_other_settings_names_the_difference(tmp_path):
+    config = small_config(tmp_path)
+    open_study(config, make_storage(config.storage, config.heartbeat))
+    with pytest.raises(ValueError, match="epochs: study has 1, command has 2"):
+        run_study(small_config(tmp_path, epochs=2))
