@@ -1,17 +1,21 @@
 """`zoo study`: one Optuna study = one MLflow parent run with every trial nested under it,
 under threads, several processes, a killed-and-resumed study and a diverging trial.
 
-Real data (small mnist-5k subsets, 1 epoch), a real SQLite Optuna storage and the real
-SQLite MLflow store of conftest's autouse fixture.
+Real data (small mnist-5k subsets, 1 epoch), a real SQLite Optuna storage (and a private
+PostgreSQL server when its binaries are installed) and the real SQLite MLflow store of
+conftest's autouse fixture.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,6 +162,7 @@ def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter std")  # 1e-45 is outside the searched range on purpose
 def test_a_diverging_trial_fails_and_the_study_goes_on(tmp_path):
     # std = 1e-45 is a float32 denormal: inputs become infinite and the loss NaN.
     result = run_study(small_config(tmp_path, trials=3, enqueue=[("0", "1e-45")]))
@@ -183,3 +188,51 @@ def test_resuming_with_other_settings_names_the_difference(tmp_path):
     open_study(config, make_storage(config.storage, config.heartbeat))
     with pytest.raises(ValueError, match="epochs: study has 1, command has 2"):
         run_study(small_config(tmp_path, epochs=2))
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) if Path("/usr/lib/postgresql").is_dir() else []
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A private PostgreSQL server for one test (initdb in a temporary folder, trust auth, loopback only)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (initdb, pg_ctl); install them with "
+                    "`apt-get install -y postgresql` to run this test")
+    # initdb refuses to run as root: run the server as the postgres user then.
+    as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="zoo-pg-"))
+    folder.chmod(0o777)  # the server user writes its data, socket and log here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
+    try:
+        run(bin_dir / "initdb", "-D", folder / "data", "-A", "trust", "-U", "zoo")
+        run(bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-l", folder / "log", "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "zoo", "optuna")
+        yield f"postgresql://zoo@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_server, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres_url):
+    result = run_study(small_config(tmp_path, trials=2, jobs=2, storage=postgres_url))
+
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert_all_children_of(result.parent_run_id, children)
+    stored = optuna.load_study(study_name="s", storage=postgres_url)
+    assert stored.user_attrs[PARENT_ATTR] == result.parent_run_id
+    assert sum(t.state == TrialState.COMPLETE for t in stored.get_trials()) == 2
