@@ -205,14 +205,18 @@ def _check_same_search(study: optuna.Study, config: StudyConfig) -> None:
                          "Repeat its settings to resume it, or use another --study-name.")
 
 
-def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str) -> str:
+def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
+                      project_run_id: str | None = None) -> str:
     """The study's one parent run: created by the process that created the study, adopted by the others.
+
+    Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
+    or points at the parent of an existing one.
 
     The others touch MLflow only once the parent exists, so they never race the creator
     while it initializes a fresh MLflow store.
     """
     if created:
-        return _create_parent_run(study, config, storage_url)
+        return _create_parent_run(study, config, storage_url, project_run_id)
     parent = _wait_for_parent(study, PARENT_WAIT_S)
     if parent is None:
         # The creator died before naming a parent: claim it; of simultaneous claims the last written wins.
@@ -222,9 +226,8 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
         if parent != mine:
             tracking.end_run_by_id(mine, "KILLED", f"another process named the study's parent run: {parent}")
     _check_same_search(study, config)
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
-        # Inside `mlflow run`, the project's own run points at the study's parent.
-        tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=os.environ["MLFLOW_RUN_ID"])
+    if project_run_id and project_run_id != parent:
+        tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=project_run_id)
     if tracking.run_status(parent) != "RUNNING":
         tracking.reopen_run(parent)  # resuming
     return parent
@@ -241,9 +244,10 @@ def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
     return parent
 
 
-def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str) -> str:
+def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,
+                       project_run_id: str | None = None) -> str:
     tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), "zoo.kind": "study"}
-    run_id = os.environ.get("MLFLOW_RUN_ID")  # inside `mlflow run`: the project's run is the parent
+    run_id = project_run_id
     if run_id:
         tracking.set_tags(tags, run_id=run_id)
     else:
@@ -256,7 +260,7 @@ def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: st
 
 def _parent_params(config: StudyConfig, storage_url: str) -> dict[str, Any]:
     return {
-        "study_name": config.name, "storage": masked_url(storage_url), "trials": config.trials,
+        "optuna_study": config.name, "optuna_storage": masked_url(storage_url), "trials": config.trials,
         "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
         "mean_range": "{:g},{:g}".format(*config.mean_range), "std_range": "{:g},{:g}".format(*config.std_range),
         "mean_scale": "linear", "std_scale": "log", "per_channel": config.per_channel,
@@ -562,7 +566,10 @@ def run_study(config: StudyConfig) -> StudyResult:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     storage = make_storage(config.storage, config.heartbeat)
     study, created = open_study(config, storage)
-    parent = ensure_parent_run(study, created, config, config.storage)
+    # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
+    # would make every trial log into the project's run instead of a child: take it out.
+    project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = ensure_parent_run(study, created, config, config.storage, project_run_id)
     for params in queued:
         study.enqueue_trial(params, skip_if_exists=True)
     ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent))
