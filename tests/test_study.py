@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import optuna
@@ -37,6 +39,27 @@ SMALL_ARGS = ["--train-size", "192", "--val-size", "200", "--test-size", "200"]
 
 if "study" not in cli.commands:
     cli.add_command(study_command)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; an id left by an earlier test names an
+    experiment this test's fresh store does not have (and subprocesses would inherit it)."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+
+@contextmanager
+def started(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
+    """CLI subprocesses that are killed if the test ends before they do."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for c in commands]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def small_config(tmp_path: Path, **overrides) -> StudyConfig:
@@ -64,6 +87,7 @@ def cli_process(storage: str, *args: str) -> list[str]:
 
 
 def subprocess_env() -> dict[str, str]:
+    # (conftest points MLFLOW_TRACKING_URI at this test's store; the children inherit it)
     return {**os.environ, "PYTHONPATH": str(REPO), "ZOO_DEBUG": "1"}  # a failure shows its traceback
 
 
@@ -99,9 +123,9 @@ def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tm
 @pytest.mark.slow
 def test_two_processes_share_one_parent_run(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    procs = [subprocess.Popen(cli_process(storage, "--trials", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=subprocess_env()) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    command = cli_process(storage, "--trials", "4")
+    with started(command, command) as procs:
+        outputs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
 
@@ -123,27 +147,27 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def mid_trial(storage: str) -> bool:
+    """At least one trial finished and the last one is training in its child run."""
+    try:
+        trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    except KeyError:  # the study does not exist yet
+        return False
+    return (any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
+            and RUN_ATTR in trials[-1].user_attrs)
+
+
 @pytest.mark.slow
 def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = cli_process(storage, "--trials", "4")
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
-
-    def mid_trial() -> bool:
-        """At least one trial finished and the last one is training in its child run."""
-        try:
-            trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
-        except KeyError:  # the study does not exist yet
-            return False
-        return (any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
-                and RUN_ATTR in trials[-1].user_attrs)
-
-    wait_until(mid_trial, 240, "a trial in progress")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    with started(command) as (first,):
+        wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     parent_id = optuna.load_study(study_name="shared", storage=storage).user_attrs[PARENT_ATTR]
 
-    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
 
     assert json.loads(rerun.stdout)["parent_run_id"] == parent_id
