@@ -51,7 +51,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for two is failed and retried once.")
 @click.option("--collapse-margin", type=click.FloatRange(min=0), default=0.02, show_default=True,
-              help="A trial with accuracy <= 1/classes + this counts as collapsed.")
+              help="A trial whose val accuracy is <= that of predicting the most frequent class + this counts as collapsed.")
 @DEVICE
 @DATA_DIR
 @EXPERIMENT

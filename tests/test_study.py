@@ -260,3 +260,10 @@ def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres_u
     stored = optuna.load_study(study_name="s", storage=postgres_url)
     assert stored.user_attrs[PARENT_ATTR] == result.parent_run_id
     assert sum(t.state == TrialState.COMPLETE for t in stored.get_trials()) == 2
+
+
+def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5k):
+    from training.study import one_class_accuracy
+
+    assert one_class_accuracy(mnist_5k.val) == pytest.approx(0.1)  # 50 of each digit
+    assert one_class_accuracy(mnist_5k.val.subset(7)) >= 2 / 7  # 7 images of 10 classes: some class repeats
