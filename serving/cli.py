@@ -225,9 +225,10 @@ def datasets(fmt) -> None:
 
 def _attach_commands() -> None:
     from serving.cli_renorm import renorm
+    from serving.cli_study import study
     from serving.demo import demo
 
-    for command in (demo, renorm):
+    for command in (study, renorm, demo):
         cli.add_command(command)
 
 

@@ -16,7 +16,7 @@ from serving.cli import cli
 from serving.demo import write_digit_images
 from serving.loading import load_model
 
-COMMANDS = ["train", "export", "classify", "models", "datasets", "demo"]
+COMMANDS = ["train", "study", "renorm", "export", "classify", "models", "datasets", "demo"]
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,12 @@ def start_run(
     parent_run_id: str | None = None,
     run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    stopped: tuple[type[BaseException], ...] = (),
 ) -> Iterator[mlflow.ActiveRun]:
     """A run that ends FINISHED, FAILED (with the reason as a tag) or KILLED (Ctrl-C), never left RUNNING.
 
+    Exceptions of the ``stopped`` types (e.g. a pruned study trial) end the run KILLED
+    with the reason, not FAILED: the run was stopped on purpose, nothing broke.
     Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created, and it is reused.
     """
     if run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
@@ -59,6 +62,10 @@ def start_run(
         yield run
     except KeyboardInterrupt:
         mlflow.set_tag(FAILURE_TAG, "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except stopped as exc:
+        mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
@@ -88,16 +95,78 @@ def experiment_id_for(name: str | None = None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def log_params(params: dict[str, Any]) -> None:
-    """Log params, skipping those the run already holds with the same value.
+def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
+    and processes); returns its id. End it with :func:`end_run_by_id`."""
+    tags = {"mlflow.runName": run_name, **(tags or {})}
+    return MlflowClient().create_run(experiment_id_for(experiment), tags=tags, run_name=run_name).info.run_id
+
+
+def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
+    """Set a run's final status (FINISHED, FAILED, KILLED), recording ``reason`` as a tag."""
+    client = MlflowClient()
+    if reason:
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed study's parent), dropping the reason it stopped."""
+    client = MlflowClient()
+    if FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+    client.update_run(run_id, status="RUNNING")
+
+
+def default_experiment() -> str:
+    """The experiment a new run goes to: MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``."""
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return os.environ["MLFLOW_EXPERIMENT_NAME"]
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
+    return DEFAULT_EXPERIMENT
+
+
+def run_experiment_name(run_id: str) -> str:
+    client = MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+def run_status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
+    """A checkpoint written by :func:`log_checkpoint`, read back from the run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.set_tags(tags)
+    else:
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+
+
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Log params (to the active run, or ``run_id``), skipping those the run already holds with the same value.
 
     `mlflow run` logs an entry point's -P values before our code runs ("1" for epochs);
     logging 1 again is fine, but MLflow refuses a changed string such as "1.0".
     """
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    run_id = run_id or mlflow.active_run().info.run_id
+    existing = MlflowClient().get_run(run_id).data.params
     fresh = {k: v for k, v in params.items() if v is not None and not _same_value(existing.get(k), v)}
     if fresh:
-        mlflow.log_params(fresh)
+        mlflow.log_params(fresh, run_id=run_id)
 
 
 def _same_value(logged: str | None, value: Any) -> bool:
@@ -111,8 +180,8 @@ def _same_value(logged: str | None, value: Any) -> bool:
         return False
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    mlflow.log_metrics(metrics, step=step, run_id=run_id)
 
 
 def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "checkpoints") -> None:
@@ -123,17 +192,19 @@ def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "chec
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_dict(data: Any, artifact_file: str) -> None:
-    mlflow.log_dict(data, artifact_file)
+def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:
+    mlflow.log_dict(data, artifact_file, run_id=run_id)
 
 
-def log_text(text: str, artifact_file: str) -> None:
-    """A text artifact (CSV, Markdown) of the active run."""
-    mlflow.log_text(text, artifact_file)
+def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
+    mlflow.log_text(text, artifact_file, run_id=run_id)
 
 
-def log_figure(figure, artifact_file: str) -> None:
-    mlflow.log_figure(figure, artifact_file)
+def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.log_figure(figure, artifact_file)
+    else:
+        MlflowClient().log_figure(run_id, figure, artifact_file)
 
 
 def model_metadata(

@@ -1,0 +1,106 @@
+"""`zoo study`: search input normalizations with Optuna, one MLflow parent run per study.
+
+Attach with ``cli.add_command(study)``; the group turns ValueError into exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
+
+_POSITIVE = click.IntRange(min=1)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value):
+    """MLproject passes 0 for "all images"."""
+    return None if value in (None, 0) else value
+
+
+@click.command()
+@click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
+@click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+@click.option("--trials", type=_POSITIVE, default=20, show_default=True,
+              help="Finished trials the study must hold; a re-run tops it up to this number.")
+@click.option("--epochs", type=_POSITIVE, default=1, show_default=True, help="Training epochs per trial.")
+@click.option("--mean-range", nargs=2, type=float, default=(-1.0, 2.0), show_default=True, metavar="LOW HIGH",
+              help="Mean searched on a linear scale.")
+@click.option("--std-range", nargs=2, type=float, default=(0.05, 1.0), show_default=True, metavar="LOW HIGH",
+              help="Std searched on a log scale (LOW > 0).")
+@click.option("--per-channel", is_flag=True, help="Search one mean and std per channel (RGB models).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "qmc"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (training always starts from seed 1).")
+@click.option("--jobs", type=_POSITIVE, default=1, show_default=True, help="Trials run in parallel threads of this process.")
+@click.option("--storage", envvar="ZOO_OPTUNA_STORAGE", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. [env: ZOO_OPTUNA_STORAGE]")
+@click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
+@click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
+@click.option("--batch-size", type=_POSITIVE, default=64, show_default=True)
+@click.option("--train-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N training images (default all).")
+@click.option("--val-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N validation images.")
+@click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")
+@click.option("--max-batches", type=click.IntRange(min=0), default=None, callback=_size, help="Stop each epoch after N batches.")
+@click.option("--enqueue", nargs=2, multiple=True, metavar="MEAN STD",
+              help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081.")
+@click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
+              help="Which trials log an MLflow model (every trial logs its checkpoint).")
+@click.option("--register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the best trial's model under NAME.")
+@click.option("--alias", default=None, callback=unset_sentinels, help="Point this alias of NAME at the best model.")
+@click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,
+              help="Seconds between trial heartbeats; a trial silent for two is failed and retried once.")
+@click.option("--collapse-margin", type=click.FloatRange(min=0), default=0.02, show_default=True,
+              help="A trial whose val accuracy is <= that of predicting the most frequent class + this counts as collapsed.")
+@DEVICE
+@DATA_DIR
+@EXPERIMENT
+@click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
+@FORMAT
+def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, storage, study_name,
+          prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
+          heartbeat, collapse_margin, device, data_dir, experiment, no_progress, fmt) -> None:
+    """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
+
+    Run the same command in several processes or machines (sharing --storage) to parallelize;
+    run it again to resume an interrupted study.
+    """
+    from training.study import StudyConfig, run_study
+
+    config = StudyConfig(
+        model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
+        std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs, storage=storage,
+        study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
+        val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
+        alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
+        data_dir=data_dir, progress=not no_progress,
+    )
+    result = run_study(config)
+    report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,
+              "best_model_uri": result.best_model_uri, **result.summary}
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    s = result.summary
+    click.echo(f"study {result.study_name} (parent run {result.parent_run_id}): {s['trials_complete']} complete, "
+               f"{s['trials_diverged']} diverged, {s['trials_pruned']} pruned, {s['trials_collapsed']} collapsed "
+               f"(val accuracy <= {s['collapse_threshold']:.4f})")
+    for split in ("val", "test"):
+        stats = s[f"{split}_accuracy"]
+        if stats["median"] is not None:
+            click.echo(f"{split} accuracy: median {stats['median']:.4f}  sd {stats['sd']:.4f}  "
+                       f"min {stats['min']:.4f}  max {stats['max']:.4f}")
+    if s["best"]:
+        params = "  ".join(f"{k}={v:.4g}" for k, v in s["best"]["params"].items())
+        click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
+                   + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
+
+
+if __name__ == "__main__":
+    # `python -m serving.cli_study study ...`: the zoo group with this command attached (its error contract included).
+    from serving.cli import main
+    from serving.cli import cli as _group
+
+    if "study" not in _group.commands:
+        _group.add_command(study)
+    main()

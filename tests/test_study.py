@@ -1,0 +1,269 @@
+"""`zoo study`: one Optuna study = one MLflow parent run with every trial nested under it,
+under threads, several processes, a killed-and-resumed study and a diverging trial.
+
+Real data (small mnist-5k subsets, 1 epoch), a real SQLite Optuna storage (and a private
+PostgreSQL server when its binaries are installed) and the real SQLite MLflow store of
+conftest's autouse fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from serving.cli import cli
+from serving.cli_study import study as study_command
+from training.study import PARENT_ATTR, RUN_ATTR, StudyConfig, open_study, make_storage, run_study
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough for seconds per trial on a shared 2-core machine, large enough to learn something.
+SMALL = {"train_size": 192, "val_size": 200, "test_size": 200}
+SMALL_ARGS = ["--train-size", "192", "--val-size", "200", "--test-size", "200"]
+
+if "study" not in cli.commands:
+    cli.add_command(study_command)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; an id left by an earlier test names an
+    experiment this test's fresh store does not have (and subprocesses would inherit it)."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+
+@contextmanager
+def started(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
+    """CLI subprocesses that are killed if the test ends before they do."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for c in commands]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def small_config(tmp_path: Path, **overrides) -> StudyConfig:
+    settings = dict(dataset="mnist-5k", trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s",
+                    log_models="none", progress=False, heartbeat=2, **SMALL)
+    return StudyConfig(**{**settings, **overrides})
+
+
+def study_runs() -> tuple[list, list]:
+    """(parent runs, every other run) over all experiments."""
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("zoo.kind") == "study"]
+    return parents, [r for r in runs if r.data.tags.get("zoo.kind") != "study"]
+
+
+def assert_all_children_of(parent_id: str, children: list) -> None:
+    orphans = [r.info.run_id for r in children if r.data.tags.get("mlflow.parentRunId") != parent_id]
+    assert not orphans, f"runs not nested under the study's parent: {orphans}"
+
+
+def cli_process(storage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "serving.cli_study", "study", "--dataset", "mnist-5k", "--storage", storage,
+            "--study-name", "shared", "--log-models", "none", "--no-progress", "--heartbeat", "2",
+            "--format", "json", *SMALL_ARGS, *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    # (conftest points MLFLOW_TRACKING_URI at this test's store; the children inherit it)
+    return {**os.environ, "PYTHONPATH": str(REPO), "ZOO_DEBUG": "1"}  # a failure shows its traceback
+
+
+@pytest.mark.slow
+def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tmp_path):
+    result = run_study(small_config(tmp_path, trials=6, jobs=2, log_models="best", register="best-norm"))
+
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+    assert_all_children_of(result.parent_run_id, children)
+    assert sorted(int(r.data.params["trial_number"]) for r in children) == list(range(6))
+    for run in children:
+        assert {"mean", "std", "model", "epochs"} <= run.data.params.keys()
+        assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0 and 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+        assert any(a.path == "checkpoints" for a in MlflowClient().list_artifacts(run.info.run_id))
+
+    parent = MlflowClient().get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["seed"] == "0"
+    summary = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/study/summary.json")
+    assert summary["trials_complete"] == 6 and summary["best"]["trial"] in range(6)
+    table = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study/trials.csv").strip().splitlines()
+    assert len(table) == 1 + 6 and "val_accuracy" in table[0] and "test_accuracy" in table[0]
+    plots = {a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "study")}
+    assert {"study/contour.png", "study/param_importances.png"} <= plots
+    # The best trial (by validation accuracy) carries the MLflow model, registered under --register.
+    best_run = summary["best"]["run_id"]
+    assert max(children, key=lambda r: r.data.metrics["val_accuracy"]).data.metrics["val_accuracy"] == summary["best"]["val_accuracy"]
+    assert MlflowClient().get_model_version("best-norm", "1").run_id == best_run
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_parent_run(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli_process(storage, "--trials", "4")
+    with started(command, command) as procs:
+        outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+
+    reports = [json.loads(out) for out, _ in outputs]
+    parents, children = study_runs()
+    assert len(parents) == 1
+    assert {r["parent_run_id"] for r in reports} == {parents[0].info.run_id}
+    assert_all_children_of(parents[0].info.run_id, children)
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 4
+    # Every Optuna trial is exactly one child run, and every child run is a trial.
+    assert sorted(t.user_attrs[RUN_ATTR] for t in trials) == sorted(r.info.run_id for r in children)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def mid_trial(storage: str) -> bool:
+    """At least one trial finished and the last one is training in its child run."""
+    try:
+        trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    except KeyError:  # the study does not exist yet
+        return False
+    return (any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
+            and RUN_ATTR in trials[-1].user_attrs)
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli_process(storage, "--trials", "4")
+    with started(command) as (first,):
+        wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    parent_id = optuna.load_study(study_name="shared", storage=storage).user_attrs[PARENT_ATTR]
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    assert json.loads(rerun.stdout)["parent_run_id"] == parent_id
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [parent_id]
+    assert MlflowClient().get_run(parent_id).info.status == "FINISHED"
+    assert_all_children_of(parent_id, children)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    numbers = [r.data.params["trial_number"] for r in finished]
+    assert len(finished) == 4 and len(set(numbers)) == 4
+    # The trial that died is not left RUNNING nor lost: its run ended KILLED and its params were retried.
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(killed) == 1 and "process died" in killed[0].data.tags["zoo.failure"]
+    retry = [r for r in finished if r.data.tags.get("zoo.retry_of_run_id") == killed[0].info.run_id]
+    assert len(retry) == 1 and retry[0].data.params["mean"] == killed[0].data.params["mean"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter std")  # 1e-45 is outside the searched range on purpose
+def test_a_diverging_trial_fails_and_the_study_goes_on(tmp_path):
+    # std = 1e-45 is a float32 denormal: inputs become infinite and the loss NaN.
+    result = run_study(small_config(tmp_path, trials=3, enqueue=[("0", "1e-45")]))
+
+    _, children = study_runs()
+    by_status = {s: [r for r in children if r.info.status == s] for s in ("FINISHED", "FAILED")}
+    assert len(by_status["FAILED"]) == 1 and len(by_status["FINISHED"]) == 2
+    failed = by_status["FAILED"][0]
+    assert failed.data.params["std"] == "1e-45"
+    assert "TrainingDiverged" in failed.data.tags["zoo.failure"]
+    assert result.summary["trials_diverged"] == 1 and result.summary["trials_complete"] == 2
+
+
+def test_bad_ranges_are_usage_errors():
+    result = CliRunner().invoke(cli, ["study", "--std-range", "0", "1"])
+    assert result.exit_code == 2 and "--std-range needs 0 < LOW < HIGH" in result.output
+    result = CliRunner().invoke(cli, ["study", "--mean-range", "2", "1"])
+    assert result.exit_code == 2 and "--mean-range" in result.output
+
+
+def test_resuming_with_other_settings_names_the_difference(tmp_path):
+    config = small_config(tmp_path)
+    open_study(config, make_storage(config.storage, config.heartbeat))
+    with pytest.raises(ValueError, match="epochs: study has 1, command has 2"):
+        run_study(small_config(tmp_path, epochs=2))
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) if Path("/usr/lib/postgresql").is_dir() else []
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A private PostgreSQL server for one test (initdb in a temporary folder, trust auth, loopback only)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (initdb, pg_ctl); install them with "
+                    "`apt-get install -y postgresql` to run this test")
+    # initdb refuses to run as root: run the server as the postgres user then.
+    as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="zoo-pg-"))
+    folder.chmod(0o777)  # the server user writes its data, socket and log here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
+    try:
+        run(bin_dir / "initdb", "-D", folder / "data", "-A", "trust", "-U", "zoo")
+        run(bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-l", folder / "log", "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "zoo", "optuna")
+        yield f"postgresql://zoo@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_server, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres_url):
+    result = run_study(small_config(tmp_path, trials=2, jobs=2, storage=postgres_url))
+
+    parents, children = study_runs()
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert_all_children_of(result.parent_run_id, children)
+    stored = optuna.load_study(study_name="s", storage=postgres_url)
+    assert stored.user_attrs[PARENT_ATTR] == result.parent_run_id
+    assert sum(t.state == TrialState.COMPLETE for t in stored.get_trials()) == 2
+
+
+def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5k):
+    from training.study import one_class_accuracy
+
+    assert one_class_accuracy(mnist_5k.val) == pytest.approx(0.1)  # 50 of each digit
+    assert one_class_accuracy(mnist_5k.val.subset(7)) >= 2 / 7  # 7 images of 10 classes: some class repeats

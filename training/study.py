@@ -1,0 +1,597 @@
+"""One Optuna study over input normalizations = one MLflow parent run, one child run per trial.
+
+The study lives in Optuna storage (SQLite for one machine, PostgreSQL for several) and
+names its MLflow parent run in a study user attribute, so every thread, process or
+machine running the same command nests its trials under the same parent, and a re-run
+resumes the study under that parent. Each trial is trained by :func:`training.train.fit`
+(the same code path as ``zoo train``) inside a child run started with an explicit
+``parent_run_id``: MLflow's active run is thread-local, so ``nested=True`` would orphan
+the trials of worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterator
+
+import numpy as np
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from alembic.util import CommandError as AlembicCommandError
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
+from tqdm.auto import tqdm
+
+from training import tracking
+from training.engine import EpochResult, TrainingDiverged
+from training.train import TrainConfig, check_compatible, fit
+from zoo.data import Dataset, Split, load_dataset
+from zoo.normalization import Normalization
+from zoo.registry import create_model
+
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
+CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree
+RUN_ATTR = "mlflow_run_id"  # trial user attribute naming its child run
+OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, not an accident
+SAMPLERS = ("tpe", "random", "qmc")
+LOG_MODELS = ("best", "all", "none")
+MODEL_URI_TAG = "zoo.model_uri"
+PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
+# (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
+
+# The fields a re-run of an existing study must keep: they define what its trials measure.
+_IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
+             "train_size", "val_size", "test_size", "max_batches")
+
+
+@dataclass
+class StudyConfig:
+    model: str = "mnist_cnn"
+    dataset: str = "mnist-5k"
+    trials: int = 20  # finished trials the study must hold (complete, pruned or diverged)
+    epochs: int = 1
+    mean_range: tuple[float, float] = (-1.0, 2.0)  # linear; the published study's range
+    std_range: tuple[float, float] = (0.05, 1.0)  # log
+    per_channel: bool = False  # one mean/std per channel for RGB models
+    sampler: str = "tpe"
+    seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
+    jobs: int = 1  # trials in parallel threads of this process
+    storage: str = "sqlite:///optuna.db"
+    study_name: str | None = None  # default: MODEL-DATASET-normalization
+    experiment: str | None = None
+    prune: bool = False  # median pruning on per-epoch validation accuracy
+    batch_size: int = 64
+    train_size: int | None = None  # use the first N images of each split (None: all)
+    val_size: int | None = None
+    test_size: int | None = None
+    max_batches: int | None = None
+    log_models: str = "best"
+    register: str | None = None
+    alias: str | None = None
+    heartbeat: int = 60  # seconds; a RUNNING trial silent for 2 heartbeats belongs to a dead process
+    enqueue: list[tuple[str, str]] = field(default_factory=list)  # (mean, std) to try first
+    collapse_margin: float = 0.02  # val accuracy <= majority-class share + margin counts as collapsed
+    device: str = "auto"
+    data_dir: str | None = None
+    progress: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.study_name or f"{self.model}-{self.dataset}-normalization"
+
+    def validate(self) -> None:
+        lo, hi = self.mean_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"--mean-range needs two finite numbers LOW < HIGH, got {lo} {hi}")
+        lo, hi = self.std_range
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"--std-range needs 0 < LOW < HIGH (it is searched on a log scale), got {lo} {hi}")
+        if self.trials < 1 or self.jobs < 1 or self.epochs < 1:
+            raise ValueError("--trials, --jobs and --epochs must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if self.log_models not in LOG_MODELS:
+            raise ValueError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
+        if self.alias and not self.register:
+            raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+        if self.register and self.log_models == "none":
+            raise ValueError("--register needs a logged model; use --log-models best or all")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in _IDENTITY}
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
+            device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
+        )
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    parent_run_id: str
+    summary: dict[str, Any]
+    best_model_uri: str | None
+
+
+# --- storage, study and parent run -------------------------------------------------------
+
+
+def make_storage(url: str, heartbeat: int) -> RDBStorage:
+    """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once."""
+    if "://" not in url:
+        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db or "
+                         f"postgresql://USER@HOST:PORT/DB, got {url!r}")
+    # Several threads and processes write one SQLite file: wait for its lock instead of failing.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+    def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        _end_orphaned_run(trial)
+        retry(study, trial)
+
+    def connect() -> RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              heartbeat_stale_trial_callback=on_stale_trial)
+
+    for attempt in range(4):
+        try:
+            return connect()
+        except (SQLAlchemyError, AlembicCommandError):
+            # Processes started together on a fresh database race to create its schema:
+            # the losers retry once the winner's tables exist.
+            time.sleep(1.0 + attempt)
+    return connect()
+
+
+def masked_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+
+
+def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
+    """Create the study or load it; returns (study, created). The database's unique study
+    name makes exactly one of several processes started at once the creator."""
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if config.prune else optuna.pruners.NopPruner()
+    try:
+        study = optuna.create_study(storage=storage, study_name=config.name, direction="maximize",
+                                    sampler=make_sampler(config.sampler, config.seed), pruner=pruner)
+        study.set_user_attr(CONFIG_ATTR, config.identity())
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        # Same seed in every process would make them sample the same points: vary it.
+        seed = (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
+        study = optuna.load_study(study_name=config.name, storage=storage,
+                                  sampler=make_sampler(config.sampler, seed), pruner=pruner)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ValueError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
+                         "Use another --study-name.")
+    _check_same_search(study, config)
+    return study, False
+
+
+def _check_same_search(study: optuna.Study, config: StudyConfig) -> None:
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        return  # its creator has not written it yet, or it was not made by zoo
+    differing = {k: (stored.get(k), v) for k, v in config.identity().items() if stored.get(k) != v}
+    if differing:
+        what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())
+        raise ValueError(f"study {config.name!r} was created with other settings ({what}). "
+                         "Repeat its settings to resume it, or use another --study-name.")
+
+
+def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
+                      project_run_id: str | None = None) -> str:
+    """The study's one parent run: created by the process that created the study, adopted by the others.
+
+    Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
+    or points at the parent of an existing one.
+
+    The others touch MLflow only once the parent exists, so they never race the creator
+    while it initializes a fresh MLflow store.
+    """
+    if created:
+        return _create_parent_run(study, config, storage_url, project_run_id)
+    parent = _wait_for_parent(study, PARENT_WAIT_S)
+    if parent is None:
+        # The creator died before naming a parent: claim it; of simultaneous claims the last written wins.
+        mine = _create_parent_run(study, config, storage_url)
+        time.sleep(2.0)
+        parent = study.user_attrs[PARENT_ATTR]
+        if parent != mine:
+            tracking.end_run_by_id(mine, "KILLED", f"another process named the study's parent run: {parent}")
+    _check_same_search(study, config)
+    if project_run_id and project_run_id != parent:
+        tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=project_run_id)
+    if tracking.run_status(parent) != "RUNNING":
+        tracking.reopen_run(parent)  # resuming
+    return parent
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
+    deadline, told = time.monotonic() + timeout, False
+    while (parent := study.user_attrs.get(PARENT_ATTR)) is None and time.monotonic() < deadline:
+        if not told:
+            tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
+                       file=sys.stderr)
+            told = True
+        time.sleep(0.5)
+    return parent
+
+
+def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,
+                       project_run_id: str | None = None) -> str:
+    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), "zoo.kind": "study"}
+    run_id = project_run_id
+    if run_id:
+        tracking.set_tags(tags, run_id=run_id)
+    else:
+        run_id = tracking.create_run(experiment=config.experiment or tracking.default_experiment(),
+                                     run_name=f"study-{config.name}", tags=tags)
+    tracking.log_params(_parent_params(config, storage_url), run_id=run_id)
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def _parent_params(config: StudyConfig, storage_url: str) -> dict[str, Any]:
+    return {
+        "optuna_study": config.name, "optuna_storage": masked_url(storage_url), "trials": config.trials,
+        "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
+        "mean_range": "{:g},{:g}".format(*config.mean_range), "std_range": "{:g},{:g}".format(*config.std_range),
+        "mean_scale": "linear", "std_scale": "log", "per_channel": config.per_channel,
+        "sampler": config.sampler, "seed": config.seed, "pruner": "median" if config.prune else "none",
+        "batch_size": config.batch_size, "train_size": config.train_size, "val_size": config.val_size,
+        "test_size": config.test_size, "max_batches": config.max_batches, "collapse_margin": config.collapse_margin,
+    }
+
+
+# --- trials -------------------------------------------------------------------------------
+
+
+def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: int) -> Normalization:
+    """Mean on a linear scale, std on a log scale; one pair for all channels unless per_channel."""
+    if config.per_channel and channels > 1:
+        means = [trial.suggest_float(f"mean_{c}", *config.mean_range) for c in range(channels)]
+        stds = [trial.suggest_float(f"std_{c}", *config.std_range, log=True) for c in range(channels)]
+        return Normalization(means, stds)
+    mean = trial.suggest_float("mean", *config.mean_range)
+    std = trial.suggest_float("std", *config.std_range, log=True)
+    return Normalization((mean,), (std,)).for_channels(channels)
+
+
+def enqueue_params(config: StudyConfig, channels: int) -> list[dict[str, float]]:
+    """``--enqueue MEAN STD`` pairs as Optuna params (values outside the ranges are allowed)."""
+    out = []
+    for mean, std in config.enqueue:
+        norm = Normalization.parse(mean, std, channels=channels)
+        if config.per_channel and channels > 1:
+            out.append({**{f"mean_{c}": m for c, m in enumerate(norm.mean)},
+                        **{f"std_{c}": s for c, s in enumerate(norm.std)}})
+        else:
+            if len(set(norm.mean)) > 1 or len(set(norm.std)) > 1:
+                raise ValueError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
+            out.append({"mean": norm.mean[0], "std": norm.std[0]})
+    return out
+
+
+@dataclass
+class _Context:
+    """What every trial of this process shares."""
+
+    config: StudyConfig
+    dataset: Dataset
+    parent_run_id: str
+    experiment: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _objective(trial: optuna.Trial, ctx: _Context) -> float:
+    config = ctx.config
+    normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
+    train_config = replace(config.train_config(), **normalization.as_params())
+    tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}
+    if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
+        tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
+    with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
+                            run_name=f"trial-{trial.number:03d}", tags=tags, stopped=(optuna.TrialPruned,)) as run:
+        trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        tracking.log_params({"trial_number": trial.number, "train_size": len(ctx.dataset.train),
+                             "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)})
+        try:
+            result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None)
+        except TrainingDiverged as exc:
+            trial.set_user_attr(OUTCOME_ATTR, "diverged")
+            trial.set_user_attr("failure", str(exc))
+            raise
+        trial.set_user_attr("test_accuracy", result.test_accuracy)
+        if config.log_models == "all":
+            uri = _log_trial_model(result.network, result.normalization, config, ctx.dataset, result.test_accuracy)
+            tracking.set_tags({MODEL_URI_TAG: uri})
+    return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
+
+
+def _pruning_callback(trial: optuna.Trial):
+    def on_epoch(result: EpochResult) -> None:
+        trial.report(result.val_accuracy, result.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val_accuracy {result.val_accuracy:.4f})")
+
+    return on_epoch
+
+
+def _log_trial_model(network: torch.nn.Module, normalization: Normalization, config: StudyConfig,
+                     dataset: Dataset, test_accuracy: float) -> str:
+    return tracking.log_model(
+        network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
+        class_names=dataset.classes,
+        dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
+    )
+
+
+def _end_orphaned_run(trial: FrozenTrial) -> None:
+    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED."""
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id and tracking.run_status(run_id) == "RUNNING":
+        tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
+                                                 "the trial was failed and retried")
+
+
+def end_orphaned_runs(study: optuna.Study) -> None:
+    """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        _end_orphaned_run(trial)
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """A trial whose result is known: complete, pruned, or diverged (a failure that is itself a result)."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and trial.user_attrs.get(OUTCOME_ATTR) == "diverged")
+
+
+def count_trials(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials over every process working on the study."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(map(is_finished, trials)), sum(t.state == TrialState.RUNNING for t in trials)
+
+
+# --- the parent's summary -----------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "sd": None, "min": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"median": float(np.median(a)), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def one_class_accuracy(split: Split) -> float:
+    """The accuracy of always predicting the most frequent class: 1/classes on a balanced split,
+    more on a small subset (e.g. 0.122 on the first 500 Fashion-MNIST validation images)."""
+    return float(split.labels.bincount().max()) / max(len(split), 1)
+
+
+def summarize(study: optuna.Study, one_class: float, collapse_margin: float = 0.02) -> dict[str, Any]:
+    """The answer to the study's question: how much accuracy moves over normalizations, and how often
+    training collapses to predicting one class (val accuracy at or below ``one_class`` + margin)."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    threshold = one_class + collapse_margin
+    val = [t.value for t in complete]
+    test = [t.user_attrs["test_accuracy"] for t in complete if "test_accuracy" in t.user_attrs]
+    summary: dict[str, Any] = {
+        "study_name": study.study_name,
+        "trials_complete": len(complete),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "trials_diverged": sum(is_finished(t) and t.state == TrialState.FAIL for t in trials),
+        "trials_failed_other": sum(t.state == TrialState.FAIL and not is_finished(t) for t in trials),
+        "trials_running": sum(t.state == TrialState.RUNNING for t in trials),
+        "collapse_threshold": threshold,
+        "trials_collapsed": sum(v <= threshold for v in val),
+        "val_accuracy": _stats(val),
+        "test_accuracy": _stats(test),
+        "best": None,
+    }
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary["best"] = {"trial": best.number, "params": best.params, "val_accuracy": best.value,
+                           "test_accuracy": best.user_attrs.get("test_accuracy"), "run_id": best.user_attrs.get(RUN_ATTR)}
+    return summary
+
+
+def trials_table(study: optuna.Study) -> str:
+    """All trials as CSV: number, state, value (val_accuracy), params, test accuracy, run id, failure."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    frame = frame.rename(columns={"value": "val_accuracy", "user_attrs_test_accuracy": "test_accuracy"})
+    if "duration" in frame:
+        frame["duration"] = frame["duration"].dt.total_seconds()
+    return frame.to_csv(index=False)
+
+
+def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, collapse_margin: float,
+                plots: bool = False) -> dict[str, Any]:
+    """Write the summary, the trials table (and, with ``plots``, the contour and importances) to the parent."""
+    summary = summarize(study, one_class, collapse_margin)
+    tracking.log_dict(summary, "study/summary.json", run_id=parent_run_id)
+    tracking.log_text(trials_table(study), "study/trials.csv", run_id=parent_run_id)
+    metrics = {"trials_complete": summary["trials_complete"], "trials_collapsed": summary["trials_collapsed"],
+               "trials_diverged": summary["trials_diverged"], "trials_pruned": summary["trials_pruned"]}
+    for split in ("val", "test"):
+        metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
+    tracking.log_metrics(metrics, run_id=parent_run_id)
+    if summary["best"]:
+        best = summary["best"]
+        tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
+        tracking.set_tags({"best_trial": best["trial"], "best_run_id": best["run_id"],
+                           **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}}, run_id=parent_run_id)
+    if plots:
+        log_plots(study, parent_run_id)
+    return summary
+
+
+def log_plots(study: optuna.Study, parent_run_id: str) -> None:
+    """Optuna's matplotlib contour of accuracy over (mean, std) and the parameter importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study, target_name="val_accuracy")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
+                tqdm.write(f"study: no {name} plot yet ({exc})", file=sys.stderr)
+                continue
+        figure = np.asarray(axes).flat[0].figure
+        figure.set_size_inches(8, 6)
+        tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
+        plt.close(figure)
+
+
+# --- the best model -----------------------------------------------------------------------
+
+
+def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyConfig, dataset: Dataset) -> str | None:
+    """Log the best trial's network as an MLflow model in its child run (rebuilt from its checkpoint,
+    so it works whichever process ran it) and register it with ``config.register``."""
+    if config.log_models == "none" or not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return None
+    best = study.best_trial
+    run_id = best.user_attrs[RUN_ATTR]
+    uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
+    if uri is None:
+        state = tracking.load_checkpoint(run_id, f"checkpoints/epoch_{config.epochs:03d}.pt")
+        network = create_model(config.model)
+        network.load_state_dict(state["model"])
+        with tracking.start_run(run_id=run_id):
+            uri = _log_trial_model(network, Normalization.from_dict(state["normalization"]), config, dataset,
+                                   best.user_attrs.get("test_accuracy"))
+            tracking.set_tags({MODEL_URI_TAG: uri})
+    if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
+        version = tracking.register(uri, config.register, config.alias)
+        tracking.set_tags({"zoo.registered_run_id": run_id, "zoo.registered_version": version}, run_id=parent_run_id)
+    tracking.set_tags({"best_model_uri": uri}, run_id=parent_run_id)
+    return uri
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+def load_study_dataset(config: StudyConfig) -> Dataset:
+    """The dataset once per process (every trial reuses the decoded tensors), cut to the requested sizes."""
+    full = load_dataset(config.dataset, data_dir=config.data_dir, seed=0)
+    return Dataset(full.name, full.classes, full.train.subset(config.train_size),
+                   full.val.subset(config.val_size), full.test.subset(config.test_size))
+
+
+@contextmanager
+def _torch_threads(jobs: int) -> Iterator[None]:
+    """Share the cores between trial threads instead of oversubscribing them."""
+    before = torch.get_num_threads()
+    if jobs > 1:
+        torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _after_trial(ctx: _Context, bar: tqdm):
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        with ctx.lock:  # callbacks run in the trial threads
+            finished, running = count_trials(study)
+            bar.n = min(finished, bar.total)
+            if trial.state == TrialState.COMPLETE:
+                bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}", refresh=False)
+            bar.refresh()
+            try:
+                log_summary(study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val), ctx.config.collapse_margin)
+            except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
+                tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
+            if finished + running >= ctx.config.trials:
+                study.stop()  # the other threads' and processes' trials in flight complete the count
+
+    return callback
+
+
+def _optimize_until_done(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
+    while True:
+        end_orphaned_runs(study)
+        finished, running = count_trials(study)
+        bar.n = min(finished, bar.total)
+        bar.refresh()
+        remaining = ctx.config.trials - finished - running
+        if remaining <= 0:
+            return
+        study.optimize(lambda trial: _objective(trial, ctx), n_trials=remaining, n_jobs=ctx.config.jobs,
+                       catch=(TrainingDiverged,), callbacks=[_after_trial(ctx, bar)])
+        if count_trials(study)[0] == finished:
+            return  # no trial of this round finished: stop rather than spin
+
+
+def run_study(config: StudyConfig) -> StudyResult:
+    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials."""
+    config.validate()
+    train_config = config.train_config()
+    spec = train_config.spec()  # unknown model: fail before anything is created
+    dataset = load_study_dataset(config)
+    check_compatible(spec, dataset)
+    queued = enqueue_params(config, spec.channels)
+    if config.progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
+    storage = make_storage(config.storage, config.heartbeat)
+    study, created = open_study(config, storage)
+    # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
+    # would make every trial log into the project's run instead of a child: take it out.
+    project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = ensure_parent_run(study, created, config, config.storage, project_run_id)
+    for params in queued:
+        study.enqueue_trial(params, skip_if_exists=True)
+    ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent))
+    try:
+        with _torch_threads(config.jobs), tqdm(total=config.trials, unit="trial", desc=f"study {config.name}",
+                                               disable=not config.progress) as bar:
+            _optimize_until_done(study, ctx, bar)
+    except BaseException as exc:
+        if count_trials(study)[1] == 0:  # no other process is working on it
+            tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                                   f"{type(exc).__name__}: {exc}; re-run the same command to resume")
+        raise
+    end_orphaned_runs(study)
+    summary = log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin, plots=True)
+    model_uri = publish_best_model(study, parent, config, dataset)
+    finished, running = count_trials(study)
+    if finished >= config.trials and running == 0:
+        tracking.end_run_by_id(parent, "FINISHED")
+    return StudyResult(config.name, parent, summary, model_uri)
