@@ -236,8 +236,11 @@ _attach_commands()
 
 
 def main() -> None:
+    if not sys.stderr.isatty():
+        # Progress bars redraw 10 times a second; in a log file (CI, `mlflow run`) every 10 s is plenty.
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     cli(prog_name="zoo")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
