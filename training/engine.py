@@ -1,8 +1,8 @@
 """The one training loop shared by every model that trains with autograd.
 
-Data stay uint8 on the device and are normalized per batch: for MNIST-sized data that is
-faster than a DataLoader with per-sample transforms, and the same decoded tensors serve
-every normalization a study tries.
+Data stay uint8 on the device and are normalized per batch (see zoo/data.py for why and
+benchmarks/RESULTS.md for the measurement); the same decoded tensors serve every
+normalization a study tries.
 """
 
 from __future__ import annotations
