@@ -9,6 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+if not sys.stderr.isatty():
+    # Progress bars redraw 10 times a second; in a log file (CI, `mlflow run`) every 10 s is
+    # plenty. tqdm reads TQDM_* defaults when it is imported, so this comes before any import.
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+
 from importlib.metadata import PackageNotFoundError, version
 
 import click
@@ -236,9 +242,6 @@ _attach_commands()
 
 
 def main() -> None:
-    if not sys.stderr.isatty():
-        # Progress bars redraw 10 times a second; in a log file (CI, `mlflow run`) every 10 s is plenty.
-        os.environ.setdefault("TQDM_MININTERVAL", "10")
     cli(prog_name="zoo")
 
 
