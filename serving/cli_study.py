@@ -37,7 +37,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
               help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
 @click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
-@click.option("--batch-size", type=_POSITIVE, default=64, show_default=True)
+@click.option("--batch-size", type=_POSITIVE, default=None, help="Default: the model's recipe (64 for mnist_cnn).")
 @click.option("--train-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N training images (default all).")
 @click.option("--val-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N validation images.")
 @click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from training import tracking
 from training.engine import EpochResult, TrainingDiverged
-from training.train import TrainConfig, check_compatible, fit
-from zoo.data import Dataset, Split, load_dataset
+from training.train import TrainConfig, check_compatible, fit, load_training_data
+from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.registry import create_model
 
@@ -68,7 +68,7 @@ class StudyConfig:
     study_name: str | None = None  # default: MODEL-DATASET-normalization
     experiment: str | None = None
     prune: bool = False  # median pruning on per-epoch validation accuracy
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the model's recipe
     train_size: int | None = None  # use the first N images of each split (None: all)
     val_size: int | None = None
     test_size: int | None = None
@@ -509,8 +509,9 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
 
 
 def load_study_dataset(config: StudyConfig) -> Dataset:
-    """The dataset once per process (every trial reuses the decoded tensors), cut to the requested sizes."""
-    full = load_dataset(config.dataset, data_dir=config.data_dir, seed=0)
+    """The dataset once per process (every trial reuses the decoded tensors), split as the model's
+    recipe asks (as ``zoo train`` does), cut to the requested sizes."""
+    full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
                    full.val.subset(config.val_size), full.test.subset(config.test_size))
 
