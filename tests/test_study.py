@@ -160,12 +160,17 @@ def mid_trial(storage: str) -> bool:
 @pytest.mark.slow
 def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = cli_process(storage, "--trials", "4")
+    # Trials long enough (47 batches x 2 epochs, seconds) that the kill lands while one trains:
+    # with 3 batches a trial could finish between the poll and the kill, leaving nothing to kill.
+    command = cli_process(storage, "--trials", "4", "--train-size", "3000", "--epochs", "2")
     with started(command) as (first,):
         wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
         first.send_signal(signal.SIGKILL)
         first.wait()
-    parent_id = optuna.load_study(study_name="shared", storage=storage).user_attrs[PARENT_ATTR]
+    frozen = optuna.load_study(study_name="shared", storage=storage)
+    dead = [t.number for t in frozen.get_trials() if t.state == TrialState.RUNNING]
+    assert len(dead) == 1, f"the kill should leave exactly one trial RUNNING, found {dead}"
+    parent_id = frozen.user_attrs[PARENT_ATTR]
 
     rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
