@@ -19,7 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL_URI, STD, unset_sentinels
+from serving.options import (
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL, MODEL_URI, STD, unset_sentinels,
+)
 from serving.train_options import MODEL_OPT, MOMENTUM
 
 
@@ -72,8 +74,8 @@ def echo_json(data) -> None:
 
 
 @cli.command()
-@click.option("--model", "model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
-@click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+@MODEL
+@DATASET
 @MEAN
 @STD
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
@@ -91,7 +93,7 @@ def echo_json(data) -> None:
 @EXPERIMENT
 @click.option("--run-name", default=None)
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
-@click.option("--alias", default=None, callback=unset_sentinels, help="Point this alias of the registered model at the new version.")
+@ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
 @click.option("--no-checkpoints", is_flag=True, help="Do not log a checkpoint per epoch.")
 @FORMAT

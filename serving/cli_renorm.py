@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from serving.options import DEVICE, EXPERIMENT, FORMAT, unset_sentinels
+from serving.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
 
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
@@ -65,7 +65,7 @@ def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | 
 @click.option("--run-name", default=None)
 @click.option("--register", default=None, callback=unset_sentinels, metavar="NAME",
               help="Register the model adapted to --register-norm with --register-adapt under NAME.")
-@click.option("--alias", default=None, callback=unset_sentinels)
+@ALIAS
 @click.option("--register-norm", default=None, callback=unset_sentinels, metavar="SPEC",
               help="Which evaluated normalization to register. Default: the first --norm.")
 @click.option("--register-adapt", default=None, callback=unset_sentinels, metavar="ADAPTATION",

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from serving.options import DATA_DIR, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
+from serving.options import ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, MODEL, unset_sentinels
 
 _POSITIVE = click.IntRange(min=1)
 
@@ -20,8 +20,8 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 
 
 @click.command()
-@click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
-@click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+@MODEL
+@DATASET
 @click.option("--trials", type=_POSITIVE, default=20, show_default=True,
               help="Finished trials the study must hold; a re-run tops it up to this number.")
 @click.option("--epochs", type=_POSITIVE, default=1, show_default=True, help="Training epochs per trial.")
@@ -47,7 +47,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
               help="Which trials log an MLflow model (every trial logs its checkpoint).")
 @click.option("--register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the best trial's model under NAME.")
-@click.option("--alias", default=None, callback=unset_sentinels, help="Point this alias of NAME at the best model.")
+@ALIAS
 @click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for two is failed and retried once.")
 @click.option("--collapse-margin", type=click.FloatRange(min=0), default=0.02, show_default=True,

@@ -8,6 +8,10 @@ def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
     return None if value in ("", "default") else value
 
 
+MODEL = click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
+DATASET = click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
+                     help="Point this alias of the registered model (--register) at the new version.")
 MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
 FORMAT = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,

@@ -100,8 +100,7 @@ class StudyConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         if self.log_models not in LOG_MODELS:
             raise ValueError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
-        if self.alias and not self.register:
-            raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+        tracking.check_registry_names(self.register, self.alias)
         if self.register and self.log_models == "none":
             raise ValueError("--register needs a logged model; use --log-models best or all")
 
