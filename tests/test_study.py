@@ -148,13 +148,19 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def mid_trial(storage: str) -> bool:
-    """At least one trial finished and the last one is training in its child run."""
+    """At least one trial finished and the last one is training in its child run (params logged)."""
     try:
         trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     except KeyError:  # the study does not exist yet
         return False
-    return (any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
-            and RUN_ATTR in trials[-1].user_attrs)
+    if not trials:
+        return False
+    last = trials[-1]
+    if not (any(t.state == TrialState.COMPLETE for t in trials) and last.state == TrialState.RUNNING
+            and RUN_ATTR in last.user_attrs):
+        return False
+    # Training has begun once fit has logged the run's params (the run exists a moment earlier).
+    return "mean" in MlflowClient().get_run(last.user_attrs[RUN_ATTR]).data.params
 
 
 @pytest.mark.slow
