@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # them from a local wheel cache when one is configured, PyPI otherwise.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test clean
+.PHONY: venv system-packages demo test clean
 
 venv: $(VENV)/.installed
 
@@ -20,7 +20,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: venv
 	$(VENV)/bin/zoo demo
 
-test: venv
+# Debian packages the suite uses for real (Fashion-MNIST, PostgreSQL, Chromium): installed when
+# missing, or the exact command to run is printed when this user cannot install them.
+system-packages:
+	bash scripts/system-packages.sh
+
+test: venv system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
