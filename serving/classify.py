@@ -1,70 +1,243 @@
-"""Images and folders -> top-k labels, on onnxruntime (default) or PyTorch."""
+"""Images and folders -> top-k labels, on onnxruntime (default) or PyTorch.
+
+Files are walked lazily, decoded in batches (in worker processes when there is more than one
+batch) and classified batch by batch, so memory stays flat however many files there are.
+A file that cannot be read becomes a row with an ``error``; it never stops the others.
+Only numpy is imported here at start-up: PIL, onnxruntime, MLflow and torch are imported by
+the path that needs them (an .onnx file needs neither MLflow nor torch).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
+from collections import deque
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RUNTIMES = ("onnx", "torch")
+DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own Image.MAX_IMAGE_PIXELS: about 0.25 GB for a 1024x1024x3 bomb check
+_SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+class ImageError(Exception):
+    """One input cannot be classified; the message says why (the path is added by the caller)."""
 
 
 @dataclass
 class Prediction:
     path: str
-    top: list[tuple[str, float]]  # (label, probability), best first
+    top: list[tuple[str, float]]  # (label, probability), best first; empty when error is set
+    error: str | None = None
 
     @property
-    def label(self) -> str:
-        return self.top[0][0]
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "top": [{"label": l, "probability": p} for l, p in self.top]}
+        return {"path": self.path, "label": self.label, "top": [{"label": l, "probability": p} for l, p in self.top],
+                "error": self.error}
 
 
-def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly, plus those under named folders (recursively, sorted)."""
-    found: list[Path] = []
+# ---- inputs: files named, folders walked lazily ---------------------------------------------------
+
+def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each file to decode, (path, reason) for a missing path or a folder without images.
+
+    A file named directly is tried whatever its suffix; in folders only image suffixes count.
+    """
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{p} is not an image; supported: {', '.join(sorted(IMAGE_SUFFIXES))}")
-            found.append(p)
+            found = False
+            for item in _walk_images(p):
+                found = found or item[1] is None
+                yield item
+            if not found:
+                yield p, f"no images ({_SUFFIXES}) in this folder"
+        elif p.exists():
+            yield p, None
         else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    if not found:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, paths))}")
-    return found
+            yield p, "no such file or folder"
+
+
+def _walk_images(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    # Depth first, entries sorted by name: the order of sorted(folder.rglob("*")), without holding the tree.
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        yield folder, f"cannot list this folder: {exc.strerror or exc}"
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_images(Path(entry.path))
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            yield Path(entry.path), None
+
+
+# ---- decoding: one file -> uint8 [C, H, W], or ImageError -----------------------------------------
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decoder needs (picklable: sent to the worker processes)."""
+
+    input_shape: tuple[int, int, int]
+    invert: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def decode_image(path: str | Path, spec: DecodeSpec) -> np.ndarray:
+    """The model's input for one file: grayscale or RGB, resized, uint8 [C, H, W]; ImageError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check below
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Palette-transparency and bomb warnings: the size is checked below, the rest is harmless.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                return _pixels(img, spec)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image Pillow can read (unknown format); supported: {_SUFFIXES}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
+        raise ImageError(f"refused before decoding, a possible decompression bomb ({exc}); "
+                         f"--max-pixels is {spec.max_pixels:,}") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ImageError(f"cannot open: {exc.strerror}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
+        # What Pillow raises for truncated or corrupt data (e.g. "image file is truncated").
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _pixels(img, spec: DecodeSpec) -> np.ndarray:
+    from PIL import Image
+
+    channels, height, width = spec.input_shape
+    w, h = img.size
+    if w * h > spec.max_pixels:  # Image.open read only the header: refuse before decoding anything
+        raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
+                         "(a decompression bomb?); raise --max-pixels if the image is genuine")
+    mode = "L" if channels == 1 else "RGB"
+    img.draft(mode, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
+    img = _to_8bit(img)
+    if img.mode != mode:
+        img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return 255 - arr if spec.invert else arr
+
+
+def _to_8bit(img):
+    """16- and 32-bit integer images (16-bit PNG, TIFF): scale to 8 bits; Pillow's convert("L") would clip at 255."""
+    from PIL import Image
+
+    if not img.mode.startswith("I"):
+        return img
+    arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
+    """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""
+    out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
+    errors: list[str | None] = []
+    for i, path in enumerate(paths):
+        if path is None:
+            errors.append("skipped")
+            continue
+        try:
+            out[i] = decode_image(path, spec)
+            errors.append(None)
+        except ImageError as exc:
+            errors.append(str(exc))
+    return out, errors
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1], the exported graph's input."""
+    return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool = False) -> np.ndarray:
-    """Decode, convert to the model's channels (grayscale or RGB), resize: float32 [N, C, H, W] in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """float32 [N, C, H, W] in [0, 1] for a few files; ValueError naming the first unreadable one."""
+    spec = DecodeSpec(tuple(input_shape), invert)
+    pixels, errors = decode_batch([str(f) for f in files], spec)
+    for f, error in zip(files, errors):
+        if error:
+            raise ValueError(f"cannot read image {f}: {error}")
+    return to_float(pixels)
 
-    channels, height, width = input_shape
-    mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), channels, height, width), dtype=np.float32)
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as img:
-                img = img.convert(mode)
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {f}: {exc}") from exc
-        arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-        out[i] = 1.0 - arr if invert else arr
-    return out
 
+# ---- batches, decoded in worker processes -----------------------------------------------------------
+
+Batch = list[tuple[Path, "str | None"]]
+
+
+def _batches(items: Iterator[tuple[Path, str | None]], size: int) -> Iterator[Batch]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | None = None
+                    ) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
+    """Each batch with its pixels and errors, in order. One batch: decoded here (no process start-up);
+    more: by ``workers`` processes, a few batches ahead of the consumer, never the whole list."""
+    first = next(batches, None)
+    if first is None:
+        return
+    second = next(batches, None)
+    workers = default_workers() if workers is None else workers
+    if second is None or workers == 0:
+        for batch in chain([first], [second] if second else [], batches):
+            yield (batch, *decode_batch(_to_decode(batch), spec))
+        return
+    yield from _decode_in_pool(chain([first, second], batches), spec, workers)
+
+
+def _decode_in_pool(batches: Iterator[Batch], spec: DecodeSpec, workers: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the workers need only numpy and PIL, and forking a process running onnxruntime's or
+    # torch's thread pools is unsafe.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, pool.submit(decode_batch, _to_decode(batch), spec)))
+            if len(pending) > 2 * workers:  # enough to keep every worker busy; memory stays bounded
+                batch, future = pending.popleft()
+                yield (batch, *future.result())
+        while pending:
+            batch, future = pending.popleft()
+            yield (batch, *future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _to_decode(batch: Batch) -> list[str | None]:
+    return [str(path) if error is None else None for path, error in batch]
+
+
+# ---- classifiers -------------------------------------------------------------------------------------
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     # Networks end in logits or log-probabilities: softmax gives probabilities for both.
@@ -75,21 +248,22 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 def top_k(probabilities: np.ndarray, class_names: list[str], files: Sequence[Path], k: int) -> list[Prediction]:
     k = min(k, probabilities.shape[1])
-    preds = []
-    for f, p in zip(files, probabilities):
-        order = np.argsort(-p)[:k]
-        preds.append(Prediction(str(f), [(class_names[j], float(p[j])) for j in order]))
-    return preds
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [Prediction(str(f), [(class_names[j], float(p[j])) for j in o]) for f, p, o in zip(files, probabilities, order)]
 
 
 class OnnxClassifier:
     """An exported graph: takes pixels in [0, 1], knows its classes and input shape from its metadata."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int = 0):
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+        # Decode workers share the cores: idle inference threads must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if "class_names" not in meta or "input_shape" not in meta:
             raise ValueError(f"{self.path} has no class_names/input_shape metadata; export it with `zoo export`")
@@ -129,27 +303,71 @@ def open_classifier(uri: str, runtime: str = "onnx"):
             raise FileNotFoundError(f"no such ONNX file: {uri}")
         return OnnxClassifier(uri)
 
-    from serving.loading import check_uri, load_model, read_metadata, resolve_model_id
+    from serving.loading import check_uri, load_model
 
     check_uri(uri)
     if runtime == "torch":
         return TorchClassifier(load_model(uri))
-    read_metadata(uri)  # a clear error for an unknown URI before any export work
+    return OnnxClassifier(cached_export(uri))
+
+
+def cached_export(uri: str) -> Path:
+    """The ONNX file for ``uri``: one registry lookup when it is cached, else loaded and exported once."""
     import mlflow
 
     # Model ids are unique; the tracking URI guards the runs:/ and local-folder forms.
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{resolve_model_id(uri)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
     cached = onnx_cache_dir() / f"{key}.onnx"
     if not cached.is_file():
         from serving.export import export_onnx
+        from serving.loading import load_model
 
-        export_onnx(load_model(uri), cached)
-    return OnnxClassifier(cached)
+        # Written beside, renamed when complete: an interrupted or failed export never leaves a
+        # file the next call would trust.
+        partial = cached.with_name(f"{key}.{os.getpid()}.partial.onnx")
+        try:
+            export_onnx(load_model(uri), partial)
+            os.replace(partial, cached)
+        finally:
+            partial.unlink(missing_ok=True)
+    return cached
+
+
+def _model_identity(uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    from serving.loading import ModelNotFound, resolve_model_id
+
+    try:
+        return resolve_model_id(uri)
+    except MlflowException as exc:
+        import mlflow
+
+        reason = (exc.message or str(exc)).strip().splitlines()[0]
+        raise ModelNotFound(f"no model at {uri!r} in tracking store {mlflow.get_tracking_uri()}: {reason}") from exc
+
+
+# ---- the whole path ----------------------------------------------------------------------------------
+
+def classify_stream(classifier, paths: Iterable[str | Path], *, k: int = 3, invert: bool = False,
+                    batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                    max_pixels: int | None = None) -> Iterator[Prediction]:
+    """One Prediction per input, in input order, as each batch finishes; unreadable inputs have ``error`` set."""
+    if k < 1:
+        raise ValueError(f"top-k must be at least 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
+    for batch, pixels, errors in decoded_batches(_batches(iter_inputs(paths), batch_size), spec, workers):
+        good = [i for i, e in enumerate(errors) if e is None]
+        rows: dict[int, Prediction] = {}
+        if good:
+            probabilities = softmax(classifier.scores(to_float(pixels[good])))
+            predictions = top_k(probabilities, classifier.class_names, [batch[i][0] for i in good], k)
+            rows = dict(zip(good, predictions))
+        for i, (path, error) in enumerate(batch):
+            yield rows.get(i) or Prediction(str(path), [], error or errors[i])
 
 
 def classify(classifier, paths: Sequence[str | Path], *, k: int = 3, invert: bool = False) -> list[Prediction]:
-    if k < 1:
-        raise ValueError(f"top-k must be at least 1, got {k}")
-    files = collect_images(paths)
-    pixels = load_pixels(files, classifier.input_shape, invert=invert)
-    return top_k(softmax(classifier.scores(pixels)), classifier.class_names, files, k)
+    return list(classify_stream(classifier, paths, k=k, invert=invert))

@@ -155,21 +155,46 @@ def export(model_uri, output, tolerance, fmt) -> None:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--runtime", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
 @click.option("--invert", is_flag=True, help="Invert grayscale (dark digits on light paper -> MNIST's light on dark).")
-@FORMAT
-def classify(model_uri, paths, top_k, runtime, invert, fmt) -> None:
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images decoded and classified together: memory grows with this, not with the number of files.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes decoding images when there is more than one batch; 0 decodes in this process. "
+                   "Default: one per CPU core.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
+                   "Default: Pillow's limit, 89,478,485.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True,
+              help="json: one array; jsonl: one object per line, written as each batch finishes (for large folders).")
+def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_pixels, fmt) -> None:
     """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
 
     MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a model folder or a .onnx file.
-    """
-    from serving.classify import classify as run_classify
-    from serving.classify import open_classifier
 
-    predictions = run_classify(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert)
+    An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
+    stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
+    """
+    from serving.classify import classify_stream, open_classifier
+
+    predictions = classify_stream(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert,
+                                  batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    total = failed = 0
     if fmt == "json":
-        echo_json([p.to_dict() for p in predictions])
-        return
+        click.echo("[")  # streamed: rows appear as batches finish, the array is valid JSON at the end
     for p in predictions:
-        click.echo(f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top))
+        total += 1
+        if p.error:
+            failed += 1
+            click.echo(f"cannot classify {p.path}: {p.error}", err=True)
+        if fmt == "json":
+            click.echo(("  " if total == 1 else ", ") + json.dumps(p.to_dict()))
+        elif fmt == "jsonl":
+            click.echo(json.dumps(p.to_dict()))
+        elif not p.error:
+            click.echo(f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top))
+    if fmt == "json":
+        click.echo("]")
+    if failed:
+        raise click.ClickException(f"{failed} of {total} inputs could not be classified (listed above)")
 
 
 @cli.command()

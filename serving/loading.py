@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
+    from torch import nn
 
-from zoo.normalization import Normalization, NormalizedModel
+    from zoo.normalization import Normalization
 
 
 class ModelNotFound(RuntimeError):
@@ -30,6 +32,8 @@ class LoadedModel:
 
     def with_normalization(self) -> nn.Module:
         """The network preceded by its normalization: takes pixels in [0, 1]."""
+        from zoo.normalization import NormalizedModel
+
         wrapped = NormalizedModel(self.network, self.normalization)
         wrapped.training = False  # the network itself was put in eval mode at load
         return wrapped
@@ -70,6 +74,8 @@ def read_metadata(uri: str) -> dict:
 def load_model(uri: str) -> LoadedModel:
     """Load a model logged by ``training.tracking.log_model``."""
     import mlflow.pytorch
+
+    from zoo.normalization import Normalization
 
     check_uri(uri)
     metadata = read_metadata(uri)

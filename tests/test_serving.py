@@ -11,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from serving.classify import collect_images, load_pixels
+from serving.classify import load_pixels
 from serving.cli import cli
 from serving.demo import write_digit_images
 from serving.loading import load_model
@@ -110,15 +110,15 @@ def test_images_are_converted_to_the_models_input(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (56, 40), (255, 255, 255)).save(tmp_path / "white.jpg")
-    pixels = load_pixels(collect_images([tmp_path]), (1, 28, 28))
+    pixels = load_pixels([tmp_path / "white.jpg"], (1, 28, 28))
     assert pixels.shape == (1, 1, 28, 28) and pixels.dtype == np.float32 and np.allclose(pixels, 1.0)
-    assert np.allclose(load_pixels(collect_images([tmp_path]), (1, 28, 28), invert=True), 0.0)
+    assert np.allclose(load_pixels([tmp_path / "white.jpg"], (1, 28, 28), invert=True), 0.0)
 
 
 @pytest.mark.parametrize(
     "args, code, expected",
     [
-        (["classify", "models:/digits@champion", "no/such.png"], 2, "no such file or folder: no/such.png"),
+        (["classify", "models:/digits@champion", "no/such.png"], 1, "cannot classify no/such.png: no such file or folder"),
         (["classify", "models:/digits@nope", "."], 1, "no model at 'models:/digits@nope'"),
         (["classify", "models:/unknown-model/3", "."], 1, "no model at 'models:/unknown-model/3'"),
         (["classify", "s3://bucket/x", "."], 2, "not of a supported form; use models:/NAME@ALIAS"),

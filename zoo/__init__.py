@@ -4,8 +4,20 @@ Nothing in this package imports MLflow: it is usable on its own, and the trackin
 layer (``training.tracking``) is the only place that writes runs.
 """
 
-from zoo.normalization import Normalization
-from zoo.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
+from __future__ import annotations
+
+import importlib
+
+# Loaded on first use (PEP 562): `import zoo.x` must not pull in torch for code that only
+# needs a torch-free module (the CLI's start-up, classifying with an .onnx file).
+_EXPORTS = {
+    "Normalization": "zoo.normalization",
+    "ModelSpec": "zoo.registry",
+    "create_model": "zoo.registry",
+    "get_model_spec": "zoo.registry",
+    "list_models": "zoo.registry",
+    "register_model": "zoo.registry",
+}
 
 __all__ = [
     "Normalization",
@@ -15,3 +27,9 @@ __all__ = [
     "list_models",
     "register_model",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Iterable
 
-from zoo.registry import get_model_spec
-
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -28,6 +26,8 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
 
 def builder_options(model: str) -> dict[str, Any]:
     """The keyword arguments a model's builder accepts, with their defaults (num_classes comes from the data)."""
+    from zoo.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
+
     signature = inspect.signature(get_model_spec(model).builder)
     return {
         name: p.default

@@ -1,0 +1,136 @@
+"""`zoo classify` on a folder of real 28x28 digit PNGs: images/s and peak memory, as a user runs it.
+
+Makes a real ONNX model (a freshly initialised mnist_cnn exported through serving.export: the
+speed does not depend on the weights) and N PNGs of real mnist-5k digits in a temporary folder,
+then times the whole `zoo classify MODEL.onnx FOLDER --format jsonl` process (start-up included)
+and samples the resident memory of its process tree (the command plus its decode workers).
+
+    python benchmarks/bench_classify.py --images 10000
+    python benchmarks/bench_classify.py --images 10000 --baseline-src /tmp/zoo-main   # old code, side by side
+    python benchmarks/bench_classify.py --images 10000 --keep /tmp/bench   # keep the model and PNGs
+
+--baseline-src is a checkout of another revision (e.g. `git archive main | tar -x -C /tmp/zoo-main`);
+it runs with the same interpreter and the same model and files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_model(path: Path) -> Path:
+    """mnist_cnn, freshly initialised, exported with its normalization and metadata like `zoo export`."""
+    import torch
+
+    from serving.export import export_onnx
+    from serving.loading import LoadedModel
+    from zoo.registry import create_model, get_model_spec
+
+    torch.manual_seed(0)
+    spec = get_model_spec("mnist_cnn")
+    network = create_model("mnist_cnn").eval()
+    loaded = LoadedModel("benchmark:mnist_cnn", network, spec.normalization, [str(i) for i in range(10)],
+                         spec.input_shape, "mnist_cnn")
+    export_onnx(loaded, path)
+    return path
+
+
+def write_pngs(folder: Path, n: int) -> Path:
+    """n PNG files of real MNIST digits (mnist-5k, cycled)."""
+    from PIL import Image
+
+    from zoo.data import load_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = load_dataset("mnist-5k").train.images.numpy()
+    for i in range(n):
+        Image.fromarray(images[i % len(images)][0], mode="L").save(folder / f"{i:06d}.png")
+    return folder
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run_classify(src: Path, model: Path, folder: Path, extra: list[str]) -> dict:
+    """One `zoo classify` process from the code in ``src``: wall seconds, rows, peak memory."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    fmt = ["--format", "jsonl"] if "--format" not in extra else []
+    cmd = [sys.executable, "-m", "serving.cli", "classify", str(model), str(folder), *fmt, *extra]
+    peak = 0
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=src)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    rows = out.count(b'"path"')
+    return {"wall_s": wall, "rows": rows, "images_per_s": rows / wall, "peak_tree_mb": peak / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per variant; the median is reported.")
+    parser.add_argument("--baseline-src", type=Path, default=None, help="A checkout of the old code to compare.")
+    parser.add_argument("--keep", type=Path, default=None, help="Write the model and PNGs here and keep them.")
+    parser.add_argument("--variants", default="default", help="Comma-separated: default, workers0, batch512, ...")
+    args = parser.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-classify-"))
+    model = work / "mnist_cnn.onnx"
+    folder = work / f"pngs-{args.images}"
+    if not model.is_file():
+        make_model(model)
+    if not folder.is_dir() or len(os.listdir(folder)) != args.images:
+        write_pngs(folder, args.images)
+
+    variants = {"default": [], "workers0": ["--workers", "0"], "workers1": ["--workers", "1"],
+                "batch512": ["--batch-size", "512"], "batch32": ["--batch-size", "32"]}
+    runs: list[tuple[str, Path, list[str]]] = [(v, REPO, variants[v]) for v in args.variants.split(",")]
+    if args.baseline_src:
+        runs.insert(0, ("baseline", args.baseline_src.resolve(), ["--format", "json"]))
+    print(f"{args.images} PNGs of 28x28 in {folder}; {os.cpu_count()} CPUs; median of {args.repeats}")
+    print(f"{'variant':<10}{'wall s':>9}{'images/s':>10}{'peak MB (tree)':>16}")
+    for name, src, extra in runs:
+        results = sorted((run_classify(src, model, folder, extra) for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+        r = results[len(results) // 2]
+        assert r["rows"] == args.images, f"{name}: {r['rows']} rows for {args.images} images"
+        print(f"{name:<10}{r['wall_s']:>9.2f}{r['images_per_s']:>10.0f}{r['peak_tree_mb']:>16.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

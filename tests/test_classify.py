@@ -1,0 +1,218 @@
+"""`zoo classify` on hostile input: real digit PNGs beside broken, empty, fake and bomb files.
+
+Every readable image is classified, every unreadable one gets an error row and one stderr line,
+and the exit code says whether any failed. The model is the trained models:/digits@champion
+(tests/conftest.py), exported once per module to a local .onnx file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import use_tracking_store
+from serving.cli import cli
+from serving.demo import write_digit_images
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_store, tmp_path_factory) -> Path:
+    from serving.export import export_onnx
+    from serving.loading import load_model
+
+    path = tmp_path_factory.mktemp("model") / "digits.onnx"
+    with pytest.MonkeyPatch.context() as mp:
+        use_tracking_store(trained_store["folder"], mp)
+        export_onnx(load_model(trained_store["model_uri"]), path)
+    mlflow.set_tracking_uri(None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, mnist_5k) -> tuple[Path, dict[str, str]]:
+    """30 held-out test digits as real PNG files (named NNNN_true-LABEL.png) and their true labels."""
+    folder = tmp_path_factory.mktemp("digits")
+    test = mnist_5k.test.subset(30)
+    written = write_digit_images(test.images, test.labels, mnist_5k.classes, folder)
+    return folder, {p.name: label for p, label in written}
+
+
+def crafted_bomb(png: Path, out: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A real PNG whose IHDR declares width x height (CRC fixed): what a decompression bomb's header says."""
+    data = bytearray(png.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    out.write_bytes(bytes(data))
+    return out
+
+
+def hostile_files(folder: Path, good_png: Path) -> dict[Path, str]:
+    """The unreadable inputs, made for real on disk, each with words its error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = folder / "source.jpg"
+    Image.open(good_png).convert("RGB").resize((200, 200)).save(jpeg, quality=90)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(good_png.read_bytes()[: good_png.stat().st_size // 2])
+    (folder / "truncated.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    jpeg.unlink()
+    (folder / "text.png").write_text("this is a text file, not a PNG\n")
+    (folder / "noise.xyz").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "no-images").mkdir()
+    (folder / "no-images" / "notes.txt").write_text("no pictures here")
+    return {
+        folder / "empty.png": "empty file",
+        folder / "truncated.png": "truncated",
+        folder / "truncated.jpg": "truncated",
+        folder / "text.png": "unknown format",
+        folder / "noise.xyz": "unknown format",
+        crafted_bomb(good_png, folder / "bomb.png"): "decompression bomb",
+        folder / "no-images": "no images",
+        folder / "missing.png": "no such file or folder",
+    }
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["classify", *map(str, args)])
+
+
+def test_bad_files_get_error_rows_and_the_good_ones_are_still_classified(onnx_model, digits, tmp_path):
+    folder, truth = digits
+    good = sorted(folder.glob("*.png"))
+    bad = hostile_files(tmp_path / "bad", good[0])
+    inputs = [good[0], *bad, *good[1:]]
+    res = invoke(onnx_model, *inputs, "--format", "json", "-k", "1")
+
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    rows = json.loads(res.stdout)
+    assert [r["path"] for r in rows] == [str(p) for p in inputs]  # one row per input, in order
+    by_path = {r["path"]: r for r in rows}
+    for path, reason in bad.items():
+        row = by_path[str(path)]
+        assert row["label"] is None and reason in row["error"], row
+        assert f"cannot classify {path}: {row['error']}" in res.stderr.splitlines()
+    assert f"{len(bad)} of {len(inputs)} inputs could not be classified" in res.stderr.splitlines()[-1]
+    classified = [by_path[str(p)] for p in good]
+    assert all(r["error"] is None and r["top"][0]["label"] == r["label"] for r in classified)
+    correct = sum(r["label"] == truth[Path(r["path"]).name] for r in classified)
+    assert correct >= 0.9 * len(good), correct  # the 2-epoch model scores about 0.95
+
+
+def test_awkward_but_valid_images_are_classified_like_the_plain_png(onnx_model, digits, tmp_path):
+    folder, truth = digits
+    png = sorted(folder.glob("*.png"))[1]
+    digit = Image.open(png)
+    other = Image.open(sorted(folder.glob("*.png"))[2])
+    pixels = np.asarray(digit)
+    variants = {
+        "grey16.png": Image.fromarray(pixels.astype(np.uint16) * 257),  # 16-bit grayscale
+        "cmyk.jpg": digit.convert("CMYK"),
+        "rgba.png": digit.convert("RGBA"),
+        "palette.png": digit.convert("P"),
+        "large.png": digit.resize((3000, 3000), Image.Resampling.NEAREST),  # 9 Mpixel, within the limit
+    }
+    for name, image in variants.items():
+        image.save(tmp_path / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # really 16 bits on disk
+    digit.save(tmp_path / "animated.gif", save_all=True, append_images=[other])  # first frame counts
+    assert Image.open(tmp_path / "animated.gif").n_frames == 2
+
+    res = invoke(onnx_model, png, tmp_path, "--format", "json", "-k", "1")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    expected = rows[0]["label"]
+    assert expected == truth[png.name]
+    assert {Path(r["path"]).name: r["label"] for r in rows[1:]} == {name: expected for name in [*variants, "animated.gif"]}
+
+
+def test_a_declared_size_above_max_pixels_is_refused_before_decoding(onnx_model, digits, tmp_path):
+    folder, _ = digits
+    png = sorted(folder.glob("*.png"))[0]
+    big = tmp_path / "big.png"
+    Image.open(png).resize((2000, 1000)).save(big)
+    res = invoke(onnx_model, big, png, "--max-pixels", "1000000", "--format", "jsonl")
+    assert res.exit_code == 1
+    bad, good = (json.loads(line) for line in res.stdout.splitlines())
+    assert "declares 2000x1000 = 2,000,000 pixels, above the limit of 1,000,000" in bad["error"]
+    assert good["error"] is None and good["label"] is not None
+    assert invoke(onnx_model, big, png, "--max-pixels", "2000000").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, code, expected",
+    [
+        (["--batch-size", "0"], 2, "Invalid value for '--batch-size'"),
+        (["--workers", "-1"], 2, "Invalid value for '--workers'"),
+        (["--format", "xml"], 2, "'xml' is not one of 'text', 'json', 'jsonl'"),
+    ],
+)
+def test_bad_options_are_usage_errors(onnx_model, digits, args, code, expected):
+    res = invoke(onnx_model, digits[0], *args)
+    assert res.exit_code == code and expected in res.stderr and "Traceback" not in res.output
+
+
+def test_exit_codes_all_good_all_bad_and_unknown_uri_form(onnx_model, digits, tmp_path):
+    folder, _ = digits
+    assert invoke(onnx_model, folder).exit_code == 0
+    (tmp_path / "empty.png").write_bytes(b"")
+    only_bad = invoke(onnx_model, tmp_path / "empty.png")
+    assert only_bad.exit_code == 1 and only_bad.stdout == ""
+    assert "cannot classify" in only_bad.stderr and "Traceback" not in only_bad.output
+    unknown = invoke("ftp://host/model", folder)
+    assert unknown.exit_code == 2 and "not of a supported form" in unknown.stderr
+
+
+def test_jsonl_streams_every_row_in_order_over_many_batches_and_workers(onnx_model, digits, tmp_path):
+    """Batches of 4 decoded by 2 worker processes give the same rows, in the same order, as one batch here."""
+    folder, truth = digits
+    (folder_with_bad := tmp_path / "mixed").mkdir()
+    for png in sorted(folder.glob("*.png")):
+        (folder_with_bad / png.name).write_bytes(png.read_bytes())
+    (folder_with_bad / "0015_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    res = invoke(onnx_model, folder_with_bad, "--format", "jsonl", "--batch-size", "4", "--workers", "2")
+    assert res.exit_code == 1, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]  # one JSON object per line
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder_with_bad.iterdir())
+    assert [r["path"] for r in rows if r["error"]] == [str(folder_with_bad / "0015_broken.png")]
+
+    single = invoke(onnx_model, folder_with_bad, "--format", "json", "--batch-size", "1000", "--workers", "0")
+    assert json.loads(single.stdout) == rows
+
+
+def test_text_output_lists_the_classified_files(onnx_model, digits):
+    folder, truth = digits
+    files = sorted(folder.glob("*.png"))[:3]
+    res = invoke(onnx_model, *files, "-k", "2")
+    lines = res.stdout.strip().splitlines()
+    assert res.exit_code == 0 and [line.split("\t")[0] for line in lines] == list(map(str, files))
+    assert all(len(line.split("\t")[1].split()) == 4 for line in lines)  # 2 labels with 2 probabilities
+
+
+def test_classifying_with_an_onnx_file_imports_neither_torch_nor_mlflow(onnx_model, digits):
+    folder, _ = digits
+    script = (
+        "import sys\n"
+        "import serving.cli\n"
+        "loaded = {m for m in ('torch', 'mlflow') if m in sys.modules}\n"
+        f"serving.cli.cli.main(['classify', {str(onnx_model)!r}, {str(folder)!r}, '--format', 'json',"
+        " '--batch-size', '8'], standalone_mode=False)\n"
+        "loaded |= {m for m in ('torch', 'mlflow') if m in sys.modules}\n"
+        "print('LOADED', sorted(loaded), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 30
+    assert "LOADED []" in proc.stderr
