@@ -216,3 +216,25 @@ def test_classifying_with_an_onnx_file_imports_neither_torch_nor_mlflow(onnx_mod
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 30
     assert "LOADED []" in proc.stderr
+
+
+def test_an_alias_is_exported_once_then_served_from_the_cache_without_torch(registered_model, digits, tmp_path):
+    folder, truth = digits
+    png = sorted(folder.glob("*.png"))[0]
+    first = invoke("models:/digits@champion", png, "--format", "json")
+    assert first.exit_code == 0, first.output
+    cached = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".onnx"  # no partial file left beside it
+
+    script = (
+        "import sys\n"
+        "import serving.cli\n"
+        f"serving.cli.cli.main(['classify', 'models:/digits@champion', {str(png)!r}, '--format', 'json'],"
+        " standalone_mode=False)\n"
+        "print('LOADED', sorted(m for m in ('torch', 'mlflow') if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(first.stdout)
+    assert "LOADED ['mlflow']" in proc.stderr  # the alias is looked up; the network is not loaded again
