@@ -349,10 +349,10 @@ def _model_identity(uri: str) -> str:
 
 # ---- the whole path ----------------------------------------------------------------------------------
 
-def classify_stream(classifier, paths: Iterable[str | Path], *, k: int = 3, invert: bool = False,
-                    batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                    max_pixels: int | None = None) -> Iterator[Prediction]:
-    """One Prediction per input, in input order, as each batch finishes; unreadable inputs have ``error`` set."""
+def classify_batches(classifier, paths: Iterable[str | Path], *, k: int = 3, invert: bool = False,
+                     batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                     max_pixels: int | None = None) -> Iterator[list[Prediction]]:
+    """One Prediction per input, in input order, a batch at a time; unreadable inputs have ``error`` set."""
     if k < 1:
         raise ValueError(f"top-k must be at least 1, got {k}")
     if batch_size < 1:
@@ -365,9 +365,8 @@ def classify_stream(classifier, paths: Iterable[str | Path], *, k: int = 3, inve
             probabilities = softmax(classifier.scores(to_float(pixels[good])))
             predictions = top_k(probabilities, classifier.class_names, [batch[i][0] for i in good], k)
             rows = dict(zip(good, predictions))
-        for i, (path, error) in enumerate(batch):
-            yield rows.get(i) or Prediction(str(path), [], error or errors[i])
+        yield [rows.get(i) or Prediction(str(path), [], error or errors[i]) for i, (path, error) in enumerate(batch)]
 
 
 def classify(classifier, paths: Sequence[str | Path], *, k: int = 3, invert: bool = False) -> list[Prediction]:
-    return list(classify_stream(classifier, paths, k=k, invert=invert))
+    return [p for batch in classify_batches(classifier, paths, k=k, invert=invert) for p in batch]

@@ -173,28 +173,44 @@ def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_
     An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
     stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
     """
-    from serving.classify import classify_stream, open_classifier
+    from serving.classify import classify_batches, open_classifier
 
-    predictions = classify_stream(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert,
-                                  batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    batches = classify_batches(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert,
+                               batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    try:
+        _print_classified(batches, fmt)
+    except BrokenPipeError:
+        # The reader left (`zoo classify ... | head`): stop quietly, as other streaming tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _print_classified(batches, fmt: str) -> None:
     total = failed = 0
+    separator = "[\n  "  # json: the array is streamed, rows appear as batches finish
+    for batch in batches:
+        total += len(batch)
+        for p in batch:
+            if p.error:
+                failed += 1
+                click.echo(f"cannot classify {p.path}: {p.error}", err=True)
+        lines = _classify_lines(batch, fmt)
+        if fmt == "json" and lines:
+            click.echo(separator + ",\n  ".join(lines), nl=False)
+            separator = ",\n  "
+        elif lines:
+            click.echo("\n".join(lines))
     if fmt == "json":
-        click.echo("[")  # streamed: rows appear as batches finish, the array is valid JSON at the end
-    for p in predictions:
-        total += 1
-        if p.error:
-            failed += 1
-            click.echo(f"cannot classify {p.path}: {p.error}", err=True)
-        if fmt == "json":
-            click.echo(("  " if total == 1 else ", ") + json.dumps(p.to_dict()))
-        elif fmt == "jsonl":
-            click.echo(json.dumps(p.to_dict()))
-        elif not p.error:
-            click.echo(f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top))
-    if fmt == "json":
-        click.echo("]")
+        click.echo("\n]" if separator != "[\n  " else "[]")
     if failed:
         raise click.ClickException(f"{failed} of {total} inputs could not be classified (listed above)")
+
+
+def _classify_lines(batch, fmt: str) -> list[str]:
+    """One output line per row; text shows only the classified ones (the others are on stderr)."""
+    if fmt in ("json", "jsonl"):
+        return [json.dumps(p.to_dict()) for p in batch]
+    return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]
 
 
 @cli.command()
