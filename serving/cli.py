@@ -50,6 +50,10 @@ class ZooGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            # The reader left (`zoo classify ... | head`): stop quietly, as other command-line tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
         except Exception as exc:
             if os.environ.get("ZOO_DEBUG"):
                 raise
@@ -177,12 +181,7 @@ def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_
 
     batches = classify_batches(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert,
                                batch_size=batch_size, workers=workers, max_pixels=max_pixels)
-    try:
-        _print_classified(batches, fmt)
-    except BrokenPipeError:
-        # The reader left (`zoo classify ... | head`): stop quietly, as other streaming tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    _print_classified(batches, fmt)
 
 
 def _print_classified(batches, fmt: str) -> None:

@@ -238,3 +238,17 @@ def test_an_alias_is_exported_once_then_served_from_the_cache_without_torch(regi
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(first.stdout)
     assert "LOADED ['mlflow']" in proc.stderr  # the alias is looked up; the network is not loaded again
+
+
+def test_a_reader_that_stops_early_ends_classify_quietly(onnx_model, digits):
+    """`zoo classify ... | head -1`: no traceback, no broken-pipe error, exit 1."""
+    folder, _ = digits
+    many = [str(folder)] * 100  # 3,000 rows: more than a pipe holds, so the writer meets the closed end
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "classify", str(onnx_model), *many, "--format", "jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert json.loads(proc.stdout.readline())["error"] is None
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
