@@ -136,6 +136,22 @@ def test_fold_refuses_an_unknown_padding_mode_and_grouped_convolutions():
     assert isinstance(alone, BorderPaddedConv2d)  # a bare convolution is replaced, not changed in place
 
 
+def test_renorm_warns_when_a_fold_is_not_exact(real_batch, capsys):
+    from training.renorm import Crops, score, warn_if_fold_inexact
+
+    torch.manual_seed(0)  # a layer before the first Conv2d: the fold cannot know what it does to the input
+    network = nn.Sequential(nn.Tanh(), nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).eval()
+    crops, target = Crops(real_batch, torch.zeros(len(real_batch), dtype=torch.long)), parse_spec("0:1", 3)
+    reference = logits(network, real_batch, IMAGENET)
+    folded = fold_normalization(copy.deepcopy(network), IMAGENET, target)
+    warn_if_fold_inexact(score(folded, crops, target, reference, torch.device("cpu"), 32, "fold"), reference, "tanh-net under 0:1")
+    assert "warning: fold of tanh-net under 0:1 is not exact" in capsys.readouterr().err
+    exact = fold_normalization(copy.deepcopy(network[1:]), IMAGENET, target)  # without the Tanh it is
+    plain = logits(network[1:], real_batch, IMAGENET)
+    warn_if_fold_inexact(score(exact, crops, target, plain, torch.device("cpu"), 32, "fold"), plain, "conv-net")
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_bn_recalibrate_moves_statistics_to_the_new_normalization(real_batch):
     network = calibrated_resnet(real_batch[:32], IMAGENET)
     before = network.bn1.running_mean.clone()
@@ -289,5 +305,9 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     expected = logits(original, decode_crops(files.files, resize=SIZE, crop=SIZE), IMAGENET).argmax(dim=1)
     assert len(predicted) == len(files) == 200
     assert predicted == {str(f): fashion.classes[int(i)] for f, i in zip(files.files, expected)}
+    on_torch = CliRunner().invoke(zoo_cli, ["classify", "models:/fashion-renorm@zero-one", str(fashion_folder),
+                                            "--runtime", "torch", "--top-k", "1", "--format", "json"])
+    assert on_torch.exit_code == 0, on_torch.output
+    assert {p["path"]: p["label"] for p in json.loads(on_torch.stdout)} == predicted  # the logged model itself, too
     correct = sum(predicted[str(f)] == fashion.classes[int(y)] for f, y in zip(files.files, files.labels))
     assert correct / len(files) > 0.2  # twice chance
