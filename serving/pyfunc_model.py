@@ -111,9 +111,9 @@ def decode_image(data: Any, input_shape: tuple[int, int, int], row: int) -> np.n
             if img.size != (width, height):
                 img = img.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is not an image Pillow can read (PNG, JPEG, ...): "
-                      f"{str(exc).splitlines()[0]}") from None
+    except (UnidentifiedImageError, OSError):
+        raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is not an image Pillow can read; send PNG/JPEG/... "
+                      "file bytes (base64 strings over REST)") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
