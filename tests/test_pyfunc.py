@@ -34,6 +34,8 @@ from serving.loading import load_model, load_module
 
 URI = "models:/digits@champion"
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+# `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv.
+VENV_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +141,7 @@ def served_model(registered_model):
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", URI, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # its workers die with it
+            stdout=out, stderr=subprocess.STDOUT, env=VENV_ENV, start_new_session=True,  # its workers die with it
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -154,12 +156,22 @@ def served_model(registered_model):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and the workers it started (its own process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:  # already gone
+            break
         try:
             server.wait(timeout=20)
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            continue
+    server.wait()
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -195,7 +207,7 @@ def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digit
     request.write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits[:5]]}}))
     out = tmp_path / "predictions.json"
     done = subprocess.run([MLFLOW, "models", "predict", "-m", URI, "-i", str(request), "-t", "json", "-o", str(out),
-                           "--env-manager", "local"], capture_output=True, text=True, timeout=300)
+                           "--env-manager", "local"], capture_output=True, text=True, timeout=300, env=VENV_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p["label"] for p in json.loads(out.read_text())["predictions"]] == zoo_classify_labels(digits[:5])
 
