@@ -35,6 +35,7 @@ def main() -> None:
         for i in range(args.repeat):
             with mlflow.start_run():
                 started = time.perf_counter()
+                # The "before" figure ran on 2edb5a9, whose log_model took no sample images.
                 kwargs = {"sample_images": samples.images} if "sample_images" in tracking.log_model.__code__.co_varnames else {}
                 tracking.log_model(network, model_name="mnist_cnn", normalization=spec.normalization,
                                    input_shape=spec.input_shape, class_names=[str(d) for d in range(10)], **kwargs)
