@@ -301,6 +301,7 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
             model_uri = tracking.log_model(
                 copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
                 input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
+                sample_images=job.evaluation.images[:2],
                 alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
                 source_normalization=job.source.to_dict(), top1=metrics["top1"],
             )

@@ -347,7 +347,7 @@ def _log_trial_model(network: torch.nn.Module, normalization: Normalization, con
                      dataset: Dataset, test_accuracy: float) -> str:
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
-        class_names=dataset.classes,
+        class_names=dataset.classes, sample_images=dataset.test.images[:2],
         dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
     )
 
