@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -225,43 +222,9 @@ def test_resuming_with_other_settings_names_the_difference(tmp_path):
         run_study(small_config(tmp_path, epochs=2))
 
 
-def _postgres_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) if Path("/usr/lib/postgresql").is_dir() else []
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-@pytest.fixture
-def postgres_url():
-    """A private PostgreSQL server for one test (initdb in a temporary folder, trust auth, loopback only)."""
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not found (initdb, pg_ctl); install them with "
-                    "`apt-get install -y postgresql` to run this test")
-    # initdb refuses to run as root: run the server as the postgres user then.
-    as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="zoo-pg-"))
-    folder.chmod(0o777)  # the server user writes its data, socket and log here
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = lambda *cmd: subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
-    try:
-        run(bin_dir / "initdb", "-D", folder / "data", "-A", "trust", "-U", "zoo")
-        run(bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-l", folder / "log", "-o",
-            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
-        run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "zoo", "optuna")
-        yield f"postgresql://zoo@127.0.0.1:{port}/optuna"
-    finally:
-        subprocess.run([*as_server, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres_url):
+def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres):
+    postgres_url = f"{postgres}/optuna"
     result = run_study(small_config(tmp_path, trials=2, jobs=2, storage=postgres_url))
 
     parents, children = study_runs()
