@@ -46,10 +46,11 @@ def no_inherited_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextmanager
-def started(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
+def started(*commands: list[str], env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> Iterator[list[subprocess.Popen]]:
     """CLI subprocesses that are killed if the test ends before they do."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-             for c in commands]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env or subprocess_env(), cwd=cwd) for c in commands]
     try:
         yield procs
     finally:
