@@ -7,6 +7,10 @@ resumes the study under that parent. Each trial is trained by :func:`training.tr
 (the same code path as ``zoo train``) inside a child run started with an explicit
 ``parent_run_id``: MLflow's active run is thread-local, so ``nested=True`` would orphan
 the trials of worker threads.
+
+Trials are started by this module's own ask/tell loop rather than ``study.optimize``: a trial
+starts only under a lock held in the storage (:class:`StudyLock`) while fewer than ``trials``
+are finished or running, so any number of workers ends with exactly that many finished trials.
 """
 
 from __future__ import annotations
