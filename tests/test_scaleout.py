@@ -17,10 +17,11 @@ from collections import Counter
 
 import optuna
 import pytest
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from test_study import assert_all_children_of, started, study_runs, subprocess_env, wait_until
+from test_study import assert_all_children_of, cli, started, study_runs, subprocess_env, wait_until
 from training.study import PARENT_ATTR, RUN_ATTR, WORKER_TAG
 
 TRIALS = 6
@@ -83,3 +84,12 @@ def test_three_workers_one_killed_end_with_exactly_the_requested_trials(tmp_path
     # Artifacts went through the server into its artifact folder (the workers never see that folder).
     assert children[0].info.artifact_uri.startswith("mlflow-artifacts:")
     assert list((tmp_path / "served-artifacts").rglob("summary.json"))
+
+
+def test_a_storage_the_workers_cannot_share_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("ZOO_OPTUNA_STORAGE", "redis://127.0.0.1:6379/0")
+    result = CliRunner().invoke(cli, ["study", "--trials", "1", "--train-size", "64", "--val-size", "64",
+                                      "--test-size", "64"])
+    assert result.exit_code == 2
+    assert "--storage must be a database URL such as sqlite:///optuna.db" in result.output
+    assert "redis://127.0.0.1:6379/0" in result.output

@@ -54,6 +54,7 @@ OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, 
 SAMPLERS = ("tpe", "random", "qmc")
 LOG_MODELS = ("best", "all", "none")
 MODEL_URI_TAG = "zoo.model_uri"
+STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
@@ -139,9 +140,9 @@ class StudyResult:
 
 def make_storage(url: str, heartbeat: int) -> RDBStorage:
     """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once."""
-    if "://" not in url:
-        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db or "
-                         f"postgresql://USER@HOST:PORT/DB, got {url!r}")
+    if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
+        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
+                         f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
@@ -190,9 +191,6 @@ class StudyLock:
         self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
         database = parsed.database if self.dialect == "sqlite" else None
         self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
-        if self.dialect not in ("sqlite", "postgresql", "mysql"):
-            raise ValueError(f"--storage {self.dialect}:// is not supported; use sqlite:/// (one machine) "
-                             "or postgresql:// (several machines)")
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
