@@ -34,12 +34,13 @@ def make_model(path: Path) -> Path:
 
     from serving.export import export_onnx
     from serving.loading import LoadedModel
+    from zoo.normalization import NormalizedModel
     from zoo.registry import create_model, get_model_spec
 
     torch.manual_seed(0)
     spec = get_model_spec("mnist_cnn")
-    network = create_model("mnist_cnn").eval()
-    loaded = LoadedModel("benchmark:mnist_cnn", network, spec.normalization, [str(i) for i in range(10)],
+    module = NormalizedModel(create_model("mnist_cnn").eval(), spec.normalization).eval()  # takes pixels in [0, 1]
+    loaded = LoadedModel("benchmark:mnist_cnn", module, spec.normalization, [str(i) for i in range(10)],
                          spec.input_shape, "mnist_cnn")
     export_onnx(loaded, path)
     return path

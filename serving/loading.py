@@ -1,7 +1,10 @@
 """``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
 
-The logged network takes *normalized* input; its normalization, input shape and class
-names come from the model's MLflow metadata, so nothing here hard-codes them.
+A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (serving/pyfunc_model.py)
+whose network has its normalization inside: it takes pixels in [0, 1]. Its normalization, input
+shape and class names come from the model's MLflow metadata, so nothing here hard-codes them.
+Models logged by earlier versions (the ``pytorch`` flavor, a network taking normalized input)
+still load: their normalization is put in front of them here.
 """
 
 from __future__ import annotations
@@ -24,19 +27,15 @@ class ModelNotFound(RuntimeError):
 @dataclass
 class LoadedModel:
     uri: str
-    network: nn.Module  # takes normalized input
+    module: nn.Module  # the network with its normalization inside: takes pixels in [0, 1]
     normalization: Normalization
     class_names: list[str]
     input_shape: tuple[int, int, int]
     model_name: str
 
     def with_normalization(self) -> nn.Module:
-        """The network preceded by its normalization: takes pixels in [0, 1]."""
-        from zoo.normalization import NormalizedModel
-
-        wrapped = NormalizedModel(self.network, self.normalization)
-        wrapped.training = False  # the network itself was put in eval mode at load
-        return wrapped
+        """The network preceded by its normalization: takes pixels in [0, 1], returns scores."""
+        return self.module
 
 
 _URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a local MLflow model folder, or a .onnx file"
@@ -52,15 +51,22 @@ def check_uri(uri: str) -> None:
 
 
 def read_metadata(uri: str) -> dict:
+    return _metadata(_model_info(uri), uri)
+
+
+def _model_info(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        info = mlflow.models.get_model_info(uri)
+        return mlflow.models.get_model_info(uri)
     except MlflowException as exc:
         raise ModelNotFound(f"no model at {uri!r} in tracking store {mlflow.get_tracking_uri()}: {_short(exc)}") from exc
     except OSError as exc:
         raise ModelNotFound(f"no MLflow model at {uri!r}: {_short(exc)}") from exc
+
+
+def _metadata(info, uri: str) -> dict:
     metadata = info.metadata or {}
     missing = [k for k in ("normalization", "input_shape", "class_names") if k not in metadata]
     if missing:
@@ -72,22 +78,40 @@ def read_metadata(uri: str) -> dict:
 
 
 def load_model(uri: str) -> LoadedModel:
-    """Load a model logged by ``training.tracking.log_model``."""
-    import mlflow.pytorch
-
+    """Load a model logged by ``training.tracking.log_model`` (or its pytorch-flavor predecessor)."""
     from zoo.normalization import Normalization
 
     check_uri(uri)
-    metadata = read_metadata(uri)
-    network = set_eval(mlflow.pytorch.load_model(uri))
+    info = _model_info(uri)
+    metadata = _metadata(info, uri)
+    normalization = Normalization.from_dict(metadata["normalization"])
     return LoadedModel(
         uri=uri,
-        network=network,
-        normalization=Normalization.from_dict(metadata["normalization"]),
+        module=_pixel_module(uri, "pytorch" in info.flavors, normalization),
+        normalization=normalization,
         class_names=list(metadata["class_names"]),
         input_shape=tuple(metadata["input_shape"]),
         model_name=str(metadata.get("zoo_model", "unknown")),
     )
+
+
+def load_module(uri: str) -> nn.Module:
+    """The PyTorch module of a logged model: pixels in [0, 1] ``[N, C, H, W]`` in, class scores out."""
+    return load_model(uri).module
+
+
+def _pixel_module(uri: str, legacy_pytorch: bool, normalization: Normalization) -> nn.Module:
+    import mlflow
+
+    from zoo.normalization import NormalizedModel
+
+    if legacy_pytorch:  # logged before the pyfunc model: the network takes normalized input
+        import mlflow.pytorch
+
+        wrapped = NormalizedModel(set_eval(mlflow.pytorch.load_model(uri)), normalization)
+        wrapped.training = False  # the network itself is in eval mode; a pt2 module refuses eval()
+        return wrapped
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model().module
 
 
 def set_eval(network: nn.Module) -> nn.Module:

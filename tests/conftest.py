@@ -8,6 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from servers import mlflow_server, postgres_bin, postgres_server
+
 # Keep test runs off the user's caches.
 os.environ.setdefault("ZOO_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "zoo"))
 
@@ -60,3 +62,25 @@ def registered_model(trained_store, monkeypatch: pytest.MonkeyPatch, tmp_path: P
     use_tracking_store(trained_store["folder"], monkeypatch)
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
     return trained_store
+
+
+@pytest.fixture
+def postgres() -> str:
+    """A private PostgreSQL server for one test with databases ``optuna`` and ``mlflow``; yields
+    ``postgresql://zoo@127.0.0.1:PORT`` (append ``/optuna`` or ``/mlflow``)."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL server binaries not found (initdb, pg_ctl); install them with "
+                    "`apt-get install -y postgresql` to run this test")
+    with postgres_server("optuna", "mlflow") as url:
+        yield url
+
+
+@pytest.fixture
+def mlflow_tracking_server(postgres: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real ``mlflow server`` on a loopback port: PostgreSQL backend store (database ``mlflow``),
+    artifacts served from a folder under tmp_path. This test and its subprocesses track to it."""
+    with mlflow_server(f"{postgres}/mlflow", tmp_path / "served-artifacts") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        yield url
+        mlflow.set_tracking_uri(None)

@@ -24,6 +24,7 @@ from training import tracking
 from training.train import TrainConfig, fit, load_training_data, train, trainer_for
 from zoo.data import Split
 from zoo.model_options import coerce_model_config, parse_model_options
+from zoo.normalization import NormalizedModel
 from zoo.registry import create_model, get_model_spec, list_models
 
 
@@ -91,7 +92,8 @@ def test_one_training_step_lowers_the_loss(name: str, mnist_5k) -> None:
 def loaded_in_memory(name: str, uri: str = "memory") -> LoadedModel:
     spec = get_model_spec(name)
     torch.manual_seed(0)
-    return LoadedModel(uri, create_model(name).eval(), spec.normalization,
+    module = NormalizedModel(create_model(name), spec.normalization).eval()  # pixels in [0, 1], as loaded ones
+    return LoadedModel(uri, module, spec.normalization,
                        [f"class {i}" for i in range(spec.num_classes)], spec.input_shape, name)
 
 
@@ -122,7 +124,7 @@ def test_classify_real_digits_through_the_cli(name: str, mnist_5k, tmp_path: Pat
     spec = get_model_spec(name)
     model = loaded_in_memory(name)
     with tracking.start_run(run_name=f"log-{name}"):
-        uri = tracking.log_model(model.network, model_name=name, normalization=spec.normalization,
+        uri = tracking.log_model(model.module.network, model_name=name, normalization=spec.normalization,
                                  input_shape=spec.input_shape, class_names=model.class_names)
     write_digit_pngs(mnist_5k, tmp_path / "digits", 3)
     predictions = classify_json(uri, tmp_path / "digits")

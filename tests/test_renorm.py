@@ -19,11 +19,14 @@ from serving.cli_renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
 from zoo.data import load_dataset
 from zoo.image_folder import decode_crops, list_labelled_files, map_folders
-from zoo.normalization import IMAGENET, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
+from zoo.normalization import (
+    IMAGENET, BorderPaddedConv2d, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm,
+)
 from zoo.pretrained import load_pretrained
 
 SIZE = 28  # Fashion-MNIST's own size: no resize, the cheapest input a ResNet-18 still takes
 FOLD_TOLERANCE = 1e-4  # max |logit difference| relative to the largest |logit|: float32 rounding only
+FOLD_ABS_TOLERANCE = 1e-3  # max |logit difference| of a fold: float32 rounding (measured under 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -54,40 +57,99 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_fold_is_exact_without_padding(real_batch):
-    target = parse_spec("0.5:0.5", 3)
-    original = calibrated_resnet(real_batch, IMAGENET)
-    original.conv1.padding = (0, 0)  # every conv1 output sees image pixels only
+@pytest.fixture(scope="module")
+def resnet_and_reference(real_batch) -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated resnet18 (conv1: 7x7, zero padding 3) and its logits under its own (ImageNet) normalization."""
+    network = calibrated_resnet(real_batch, IMAGENET)
+    return network, logits(network, real_batch, IMAGENET)
+
+
+GRID = [f"{mean}:{std}" for mean in (-3, -1, 0.5, 3) for std in (0.05, 0.3, 1)]
+
+
+@pytest.mark.parametrize("spec", [*GRID, "0:1", "0.1,-2,3:0.2,1,0.07"])
+def test_fold_is_exact_borders_included(real_batch, resnet_and_reference, spec):
+    original, reference = resnet_and_reference
+    target = parse_spec(spec, 3)
     folded = fold_normalization(copy.deepcopy(original), IMAGENET, target)
-    assert not torch.equal(folded.bn1.running_mean, original.bn1.running_mean)
-    assert relative_difference(logits(folded, real_batch, target), logits(original, real_batch, IMAGENET)) < FOLD_TOLERANCE
+    # conv1's border now holds what ImageNet's normalization maps to zero, in the new units.
+    expected = [(m - mt) / st for m, mt, st in zip(IMAGENET.mean, target.mean, target.std)]
+    assert isinstance(folded.conv1, BorderPaddedConv2d) and folded.conv1.padding == (0, 0)
+    assert folded.conv1.pad_value == pytest.approx(expected)
+    new = logits(folded, real_batch, target)
+    assert torch.equal(new.argmax(dim=1), reference.argmax(dim=1))
+    assert float((new - reference).abs().max()) < FOLD_ABS_TOLERANCE
+    assert relative_difference(new, reference) < FOLD_TOLERANCE
     # Unfolded, the same network under the new normalization is far off.
-    assert relative_difference(logits(original, real_batch, target), logits(original, real_batch, IMAGENET)) > 0.01
+    assert relative_difference(logits(original, real_batch, target), reference) > 0.01
 
 
-def test_fold_with_zero_padding_is_exact_for_a_std_change_only(real_batch):
-    original = calibrated_resnet(real_batch, IMAGENET)
-    reference = logits(original, real_batch, IMAGENET)
+def test_fold_of_a_std_change_keeps_zero_padding(real_batch, resnet_and_reference):
+    original, reference = resnet_and_reference
     same_mean = Normalization(IMAGENET.mean, (0.5, 0.5, 0.5))
     folded = fold_normalization(copy.deepcopy(original), IMAGENET, same_mean)
+    assert type(folded.conv1) is nn.Conv2d and folded.conv1.padding == (3, 3)  # zeros still stand for the mean
     assert relative_difference(logits(folded, real_batch, same_mean), reference) < FOLD_TOLERANCE
-    # A mean change moves what the padded zeros stand for: the border outputs differ, measurably.
-    shifted = parse_spec("0:1", 3)
-    folded = fold_normalization(copy.deepcopy(original), IMAGENET, shifted)
-    border_effect = relative_difference(logits(folded, real_batch, shifted), reference)
-    assert border_effect > 10 * FOLD_TOLERANCE
-    unfolded = relative_difference(logits(original, real_batch, shifted), reference)
-    assert border_effect < unfolded
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_fold_into_a_convolution_without_batchnorm(real_batch, bias):
+def test_folding_a_folded_model_again_stays_exact(real_batch, resnet_and_reference):
+    original, reference = resnet_and_reference
+    middle, last = parse_spec("0.5:0.5", 3), parse_spec("0.1,-2,3:0.2,1,0.07", 3)
+    twice = fold_normalization(fold_normalization(copy.deepcopy(original), IMAGENET, middle), middle, last)
+    assert relative_difference(logits(twice, real_batch, last), reference) < FOLD_TOLERANCE
+    back = fold_normalization(twice, last, IMAGENET)  # home again: the border is zeros again
+    assert back.conv1.pad_value == pytest.approx((0.0, 0.0, 0.0), abs=1e-9)
+    assert relative_difference(logits(back, real_batch, IMAGENET), reference) < FOLD_TOLERANCE
+    assert relative_difference(back.bn1.running_mean, original.bn1.running_mean) < FOLD_TOLERANCE
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's note on the original conv
+@pytest.mark.parametrize(
+    "kernel, padding, mode",
+    [(5, 2, "zeros"), (4, "same", "zeros"), (5, "valid", "zeros"), (5, 2, "reflect"), (5, 2, "replicate"), (5, 2, "circular")],
+)
+def test_fold_is_exact_for_every_padding_of_a_first_convolution(real_batch, kernel, padding, mode):
     torch.manual_seed(0)
-    network = nn.Sequential(nn.Conv2d(3, 8, 5, bias=bias), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).eval()
-    target = parse_spec("-1:2", 3)
+    conv = nn.Conv2d(3, 8, kernel, padding=padding, padding_mode=mode, bias=False)
+    network = nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10))
+    recalibrate_batchnorm(network, [IMAGENET.apply(real_batch)])
+    target = parse_spec("-2:0.1", 3)
     folded = fold_normalization(copy.deepcopy(network), IMAGENET, target)
-    assert folded[0].bias is not None  # the constant term needs a bias when there is no BatchNorm to take it
-    assert relative_difference(logits(folded, real_batch, target), logits(network, real_batch, IMAGENET)) < FOLD_TOLERANCE
+    # Only zero padding needs a new border: "same" with an even kernel pads 1 left/top and 2 right/bottom.
+    padded = mode == "zeros" and padding != "valid"
+    assert isinstance(folded[0], BorderPaddedConv2d) == padded
+    if padding == "same":
+        assert folded[0].border == (1, 2, 1, 2)
+    reference = logits(network, real_batch, IMAGENET)
+    assert relative_difference(logits(folded, real_batch, target), reference) < FOLD_TOLERANCE
+    assert relative_difference(logits(network, real_batch, target), reference) > 10 * FOLD_TOLERANCE  # unfolded
+
+
+def test_fold_refuses_an_unknown_padding_mode_and_grouped_convolutions():
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    conv.padding_mode = "mirror"  # not one torch makes, but a subclass could
+    with pytest.raises(ValueError, match="padding_mode 'mirror'; valid: zeros, reflect, replicate, circular"):
+        fold_normalization(conv, IMAGENET, parse_spec("0:1", 3))
+    with pytest.raises(ValueError, match="groups=1 only"):
+        fold_normalization(nn.Conv2d(3, 6, 3, groups=3), IMAGENET, parse_spec("0:1", 3))
+    alone = fold_normalization(nn.Conv2d(3, 6, 3, padding=1), IMAGENET, parse_spec("0:1", 3))
+    assert isinstance(alone, BorderPaddedConv2d)  # a bare convolution is replaced, not changed in place
+
+
+def test_renorm_warns_when_a_fold_is_not_exact(real_batch, capsys):
+    from training.renorm import Crops, score, warn_if_fold_inexact
+
+    torch.manual_seed(0)  # a layer before the first Conv2d: the fold cannot know what it does to the input
+    network = nn.Sequential(nn.Tanh(), nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).eval()
+    crops, target = Crops(real_batch, torch.zeros(len(real_batch), dtype=torch.long)), parse_spec("0:1", 3)
+    reference = logits(network, real_batch, IMAGENET)
+    folded = fold_normalization(copy.deepcopy(network), IMAGENET, target)
+    warn_if_fold_inexact(score(folded, crops, target, reference, torch.device("cpu"), 32, "fold"), reference, "tanh-net under 0:1")
+    assert "warning: fold of tanh-net under 0:1 is not exact" in capsys.readouterr().err
+    exact = fold_normalization(copy.deepcopy(network[1:]), IMAGENET, target)  # without the Tanh it is
+    plain = logits(network[1:], real_batch, IMAGENET)
+    warn_if_fold_inexact(score(exact, crops, target, plain, torch.device("cpu"), 32, "fold"), plain, "conv-net")
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_bn_recalibrate_moves_statistics_to_the_new_normalization(real_batch):
@@ -196,18 +258,19 @@ def child_runs(parent_run_id: str):
 def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trained_checkpoint, fashion_folder, fashion, tmp_path):
     result = CliRunner().invoke(renorm_cli(), [
         "renorm", "--model", "resnet18", "--weights", str(trained_checkpoint), "--data", str(fashion_folder),
-        "--norm", "imagenet", "--norm", "0:1", "--grid-mean", "-1", "1", "2", "--grid-std", "0.5", "1", "2",
+        "--norm", "imagenet", "--norm", "0:1", "--grid-mean", "-3", "3", "3", "--grid-std", "0.05", "1", "2",
         "--adapt", "none", "--adapt", "bn-recalibrate,fold", "--calibration", "50", "--limit", "100", "--resize", "28", "--crop", "28",
         "--workers", "0", "--register", "fashion-renorm", "--alias", "zero-one", "--register-norm", "0:1",
         "--register-adapt", "fold", "--experiment", "renorm-test", "--format", "json",
     ])
     assert result.exit_code == 0, result.output
+    assert "not exact" not in result.stderr  # renorm warns when a fold misses its reference
     report = json.loads(result.stdout)  # progress bars go to stderr
     rows = {(r["normalization"], r["adaptation"]): r for r in report["results"]}
-    assert len(rows) == (2 + 4) * 3
+    assert len(rows) == (2 + 6) * 3
 
     children = child_runs(report["parent_run_id"])
-    assert len(children) == 18
+    assert len(children) == 24
     parent = mlflow.get_run(report["parent_run_id"])
     assert mlflow.get_experiment(parent.info.experiment_id).name == "renorm-test"
     assert set(children["experiment_id"]) == {parent.info.experiment_id}
@@ -216,25 +279,35 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(report["parent_run_id"])}
     assert {"renorm_results.csv", "heatmap_top1_none.png", "heatmap_top1_fold.png", "heatmap_top1_bn-recalibrate.png"} <= artifacts
 
-    canonical = rows[("imagenet", "none")]
-    assert canonical["top1"] > 0.3  # three times chance after 512 training images
-    assert rows[("imagenet", "fold")]["agreement"] == 1.0  # folding into the same normalization changes nothing
-    # Under 0:1, fold keeps most predictions of the original network; `none` does not. At 28x28 the zero
-    # padding touches 38 % of conv1's outputs, so fold is not exact here (it measured 0.75 against 0.07).
-    assert rows[("0:1", "fold")]["agreement"] > max(0.5, 2 * rows[("0:1", "none")]["agreement"])
+    assert rows[("imagenet", "none")]["top1"] > 0.3  # three times chance after 512 training images
+    # Every fold child run, mean -3 to 3 and std 0.05 to 1 included, is the original network to float rounding;
+    # unadapted, 0:1 changes most predictions.
+    folds = children[children["params.adaptation"] == "fold"]
+    assert len(folds) == 8 and (folds["metrics.agreement"] == 1.0).all()
+    assert (folds["metrics.max_abs_logit_diff"] < FOLD_ABS_TOLERANCE).all()
+    assert rows[("0:1", "none")]["agreement"] < 0.5
 
-    classified = CliRunner().invoke(zoo_cli, [
-        "classify", "models:/fashion-renorm@zero-one", str(fashion_folder), "--runtime", "torch", "--top-k", "1",
-        "--format", "json",
-    ])
+    # The registered fold, exported by `zoo export` and run by `zoo classify` on onnxruntime, labels the
+    # images as the original network does under its own normalization.
+    onnx_path = tmp_path / "folded.onnx"
+    exported = CliRunner().invoke(zoo_cli, ["export", "models:/fashion-renorm@zero-one", "-o", str(onnx_path)])
+    assert exported.exit_code == 0, exported.output
+    import onnx
+
+    assert "Pad" in {node.op_type for node in onnx.load(str(onnx_path)).graph.node}  # conv1's border, in the graph
+    classified = CliRunner().invoke(zoo_cli, ["classify", str(onnx_path), str(fashion_folder), "--top-k", "1", "--format", "json"])
     assert classified.exit_code == 0, classified.output
     predicted = {p["path"]: p["label"] for p in json.loads(classified.stdout)}
     metadata = mlflow.models.get_model_info("models:/fashion-renorm@zero-one").metadata
     assert metadata["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3} and metadata["adaptation"] == "fold"
-    # zoo classify gives what the checkpoint, folded to 0:1, predicts on pixels normalized with 0:1.
     files, _ = list_labelled_files(fashion_folder, fashion.classes)
-    folded = fold_normalization(load_pretrained("resnet18", str(trained_checkpoint)).network, IMAGENET, parse_spec("0:1", 3))
-    expected = logits(folded, decode_crops(files.files, resize=SIZE, crop=SIZE), parse_spec("0:1", 3)).argmax(dim=1)
+    original = load_pretrained("resnet18", str(trained_checkpoint)).network
+    expected = logits(original, decode_crops(files.files, resize=SIZE, crop=SIZE), IMAGENET).argmax(dim=1)
+    assert len(predicted) == len(files) == 200
     assert predicted == {str(f): fashion.classes[int(i)] for f, i in zip(files.files, expected)}
+    on_torch = CliRunner().invoke(zoo_cli, ["classify", "models:/fashion-renorm@zero-one", str(fashion_folder),
+                                            "--runtime", "torch", "--top-k", "1", "--format", "json"])
+    assert on_torch.exit_code == 0, on_torch.output
+    assert {p["path"]: p["label"] for p in json.loads(on_torch.stdout)} == predicted  # the logged model itself, too
     correct = sum(predicted[str(f)] == fashion.classes[int(y)] for f, y in zip(files.files, files.labels))
     assert correct / len(files) > 0.2  # twice chance

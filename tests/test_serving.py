@@ -66,7 +66,7 @@ def test_export_puts_normalization_and_classes_in_a_dynamic_batch_graph(register
     pixels = torch.rand(5, 1, 28, 28)
     (onnx_scores,) = ort.InferenceSession(str(out)).run(None, {"pixels": pixels.numpy()})
     with torch.inference_mode():
-        torch_scores = loaded.network(loaded.normalization.apply(pixels)).numpy()
+        torch_scores = registered_model["result"].network(loaded.normalization.apply(pixels)).numpy()
     assert np.abs(onnx_scores - torch_scores).max() < 1e-4
 
 

@@ -94,17 +94,20 @@ def main(out_dir, train_images, test_images, epochs, size, train_norm, grid_step
     )
     result = renorm(config, run_name="renorm resnet18 fashion-mnist demo")
     click.echo(f"parent run {result.parent_run_id} in {tracking.tracking_uri()}")
-    click.echo("| normalization | none | bn-recalibrate | fold | fold agreement |")
-    click.echo("|---|---|---|---|---|")
-    for label in [c for c in config.norms]:
+    click.echo("| normalization | none | bn-recalibrate | fold | fold agreement | fold max logit diff |")
+    click.echo("|---|---|---|---|---|---|")
+    for label in config.norms:
         top1 = {a: result.top1(label, a) for a in config.adaptations}
-        agreement = next(r["agreement"] for r in result.rows if r["normalization"] == label and r["adaptation"] == "fold")
-        click.echo(f"| {label} | {top1['none']:.4f} | {top1['bn-recalibrate']:.4f} | {top1['fold']:.4f} | {agreement:.4f} |")
+        fold = next(r for r in result.rows if r["normalization"] == label and r["adaptation"] == "fold")
+        click.echo(f"| {label} | {top1['none']:.4f} | {top1['bn-recalibrate']:.4f} | {top1['fold']:.4f} | "
+                   f"{fold['agreement']:.4f} | {fold['max_abs_logit_diff']:.2g} |")
     for adaptation in config.adaptations:
-        cells = sorted(r["top1"] for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None)
+        cells = [r for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
         if cells:
-            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {cells[len(cells) // 2]:.4f}, "
-                       f"min {cells[0]:.4f}, max {cells[-1]:.4f}")
+            top1 = sorted(r["top1"] for r in cells)
+            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {top1[len(top1) // 2]:.4f}, "
+                       f"min {top1[0]:.4f}, max {top1[-1]:.4f}; agreement min {min(r['agreement'] for r in cells):.4f}, "
+                       f"max logit diff {max(r['max_abs_logit_diff'] for r in cells):.2g}")
     if result.model_uri:
         click.echo(f"registered: models:/{register} ({result.model_uri})")
 

@@ -7,16 +7,24 @@ resumes the study under that parent. Each trial is trained by :func:`training.tr
 (the same code path as ``zoo train``) inside a child run started with an explicit
 ``parent_run_id``: MLflow's active run is thread-local, so ``nested=True`` would orphan
 the trials of worker threads.
+
+Trials are started by this module's own ask/tell loop rather than ``study.optimize``: a trial
+starts only under a lock held in the storage (:class:`StudyLock`) while fewer than ``trials``
+are finished or running, so any number of workers ends with exactly that many finished trials.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import math
 import os
+import socket
 import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
@@ -27,6 +35,8 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from alembic.util import CommandError as AlembicCommandError
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm.auto import tqdm
 
@@ -44,6 +54,9 @@ OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, 
 SAMPLERS = ("tpe", "random", "qmc")
 LOG_MODELS = ("best", "all", "none")
 MODEL_URI_TAG = "zoo.model_uri"
+STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
+WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
 # (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
@@ -127,9 +140,9 @@ class StudyResult:
 
 def make_storage(url: str, heartbeat: int) -> RDBStorage:
     """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once."""
-    if "://" not in url:
-        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db or "
-                         f"postgresql://USER@HOST:PORT/DB, got {url!r}")
+    if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
+        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
+                         f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
@@ -157,9 +170,57 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
 
 
 def masked_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
+
+
+class StudyLock:
+    """A lock over every thread, process and machine working on one study, held in its storage.
+
+    PostgreSQL: a session advisory lock (released by the server if the holder dies); MySQL:
+    ``GET_LOCK``; SQLite (one machine): ``flock`` on a file beside the database. Taken only for
+    short bookkeeping (claiming a trial slot, naming the parent run, the final summary), never
+    while a trial trains.
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
+        self.name = f"zoo-study:{study_name}"[:64]
+        self.threads = threading.Lock()  # flock and advisory locks are per connection, not per thread
+        self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
+        database = parsed.database if self.dialect == "sqlite" else None
+        self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.threads:
+            if self.dialect == "sqlite":
+                with self._file_lock():
+                    yield
+            else:
+                take, give = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)")
+                              if self.dialect == "postgresql" else
+                              ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"))
+                with self.engine.connect() as connection:
+                    connection.execute(text(take), {"key": self.key, "name": self.name})
+                    try:
+                        yield
+                    finally:
+                        connection.execute(text(give), {"key": self.key, "name": self.name})
+                        connection.commit()
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        if self.path is None:  # an in-memory database lives in this process only
+            yield
+            return
+        with open(self.path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -205,7 +266,7 @@ def _check_same_search(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
-                      project_run_id: str | None = None) -> str:
+                      project_run_id: str | None = None, lock: StudyLock | None = None) -> str:
     """The study's one parent run: created by the process that created the study, adopted by the others.
 
     Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
@@ -218,12 +279,9 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
         return _create_parent_run(study, config, storage_url, project_run_id)
     parent = _wait_for_parent(study, PARENT_WAIT_S)
     if parent is None:
-        # The creator died before naming a parent: claim it; of simultaneous claims the last written wins.
-        mine = _create_parent_run(study, config, storage_url)
-        time.sleep(2.0)
-        parent = study.user_attrs[PARENT_ATTR]
-        if parent != mine:
-            tracking.end_run_by_id(mine, "KILLED", f"another process named the study's parent run: {parent}")
+        # The creator died before naming a parent: the first process to take the lock names one.
+        with (lock or StudyLock(storage_url, config.name))():
+            parent = study.user_attrs.get(PARENT_ATTR) or _create_parent_run(study, config, storage_url)
     _check_same_search(study, config)
     if project_run_id and project_run_id != parent:
         tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=project_run_id)
@@ -306,14 +364,16 @@ class _Context:
     dataset: Dataset
     parent_run_id: str
     experiment: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    claim: StudyLock  # across processes and machines: who may start the next trial
+    lock: threading.Lock = field(default_factory=threading.Lock)  # this process's progress bar and summary
+    stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
 
 
 def _objective(trial: optuna.Trial, ctx: _Context) -> float:
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
-    tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}
+    tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
     with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
@@ -347,7 +407,7 @@ def _log_trial_model(network: torch.nn.Module, normalization: Normalization, con
                      dataset: Dataset, test_accuracy: float) -> str:
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
-        class_names=dataset.classes,
+        class_names=dataset.classes, sample_images=dataset.test.images[:2],
         dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
     )
 
@@ -366,7 +426,8 @@ def end_orphaned_runs(study: optuna.Study) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        _end_orphaned_run(trial)
+        if not is_finished(trial):  # a diverged trial ended its own run
+            _end_orphaned_run(trial)
 
 
 def is_finished(trial: FrozenTrial) -> bool:
@@ -527,37 +588,116 @@ def _torch_threads(jobs: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _after_trial(ctx: _Context, bar: tqdm):
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        with ctx.lock:  # callbacks run in the trial threads
+def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
+    with ctx.lock:  # trial threads share the bar
+        _show_progress(bar, count_trials(study)[0])
+        if trial.state == TrialState.COMPLETE:
+            bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
+        if not ctx.config.progress:
+            tqdm.write(f"study {study.study_name}: trial {trial.number} {trial.state.name.lower()}"
+                       + (f", val_accuracy {trial.value:.4f}" if trial.value is not None else ""), file=sys.stderr)
+        try:
+            log_summary(study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val), ctx.config.collapse_margin)
+        except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
+            tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
+
+
+def _show_progress(bar: tqdm, finished: int) -> None:
+    bar.n = min(finished, bar.total)
+    bar.refresh()
+
+
+def _claim_trial(study: optuna.Study, ctx: _Context, bar: tqdm) -> optuna.Trial | None:
+    """The next trial this thread should run, or None once the study holds ``config.trials`` finished trials.
+
+    The race this closes: with ``study.optimize`` each process counts the trials, sees one
+    slot left, and starts a trial; N processes doing so at once overshoot by up to N - 1. Here
+    counting and starting (``study.ask``, which takes a queued retry first) happen under one
+    lock held in the storage, so a trial starts only while finished + running < target, and no
+    surplus trial (nor its child run) is ever created. Stale trials are failed under the same
+    lock, so a dead trial's slot and its queued retry are accounted together.
+
+    When every slot is taken by a trial in flight, the thread waits instead of leaving: if that
+    trial's process dies, this one fails it (after two missed heartbeats) and runs its retry.
+    """
+    poll_s = min(5.0, max(0.5, ctx.config.heartbeat / 2))
+    while not ctx.stop.is_set():
+        with ctx.claim():
+            end_orphaned_runs(study)
             finished, running = count_trials(study)
-            bar.n = min(finished, bar.total)
-            if trial.state == TrialState.COMPLETE:
-                bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}", refresh=False)
-            bar.refresh()
-            try:
-                log_summary(study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val), ctx.config.collapse_margin)
-            except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
-                tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
-            if finished + running >= ctx.config.trials:
-                study.stop()  # the other threads' and processes' trials in flight complete the count
-
-    return callback
+            if finished >= ctx.config.trials:
+                return None
+            if finished + running < ctx.config.trials:
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _heartbeat records it
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    return study.ask()
+        _show_progress(bar, finished)
+        time.sleep(poll_s)
+    return None
 
 
-def _optimize_until_done(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
-    while True:
-        end_orphaned_runs(study)
-        finished, running = count_trials(study)
-        bar.n = min(finished, bar.total)
-        bar.refresh()
-        remaining = ctx.config.trials - finished - running
-        if remaining <= 0:
-            return
-        study.optimize(lambda trial: _objective(trial, ctx), n_trials=remaining, n_jobs=ctx.config.jobs,
-                       catch=(TrainingDiverged,), callbacks=[_after_trial(ctx, bar)])
-        if count_trials(study)[0] == finished:
-            return  # no trial of this round finished: stop rather than spin
+@contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while it runs (as
+    ``study.optimize`` does): a trial whose heartbeat stops belongs to a dead process."""
+    storage, done = study._storage, threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if done.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: _Context) -> FrozenTrial:
+    """Train one claimed trial and tell Optuna its outcome; a diverged trial is a result, any other error is raised."""
+    value, state, error = None, TrialState.FAIL, None
+    with _heartbeat(study, trial):
+        try:
+            value, state = _objective(trial, ctx), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except TrainingDiverged:
+            pass
+        except BaseException as exc:  # Ctrl-C included: the trial is failed, not left RUNNING
+            error = exc
+    frozen = study.tell(trial, value, state=state)
+    if error is not None:
+        raise error
+    return frozen
+
+
+def _work(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
+    while (trial := _claim_trial(study, ctx, bar)) is not None:
+        try:
+            frozen = _run_trial(study, trial, ctx)
+        except BaseException:
+            ctx.stop.set()  # the other threads finish their trials and start no more
+            raise
+        _after_trial(ctx, bar, study, frozen)
+
+
+def _work_until_done(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
+    """Run trials in ``config.jobs`` threads until the study holds ``config.trials`` finished trials."""
+    if ctx.config.jobs == 1:
+        _work(study, ctx, bar)
+        return
+    with ThreadPoolExecutor(ctx.config.jobs, thread_name_prefix="trial") as pool:
+        futures = [pool.submit(_work, study, ctx, bar) for _ in range(ctx.config.jobs)]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            ctx.stop.set()
+            raise
 
 
 def run_study(config: StudyConfig) -> StudyResult:
@@ -571,25 +711,36 @@ def run_study(config: StudyConfig) -> StudyResult:
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     storage = make_storage(config.storage, config.heartbeat)
+    lock = StudyLock(config.storage, config.name)
     study, created = open_study(config, storage)
     # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
     # would make every trial log into the project's run instead of a child: take it out.
     project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    parent = ensure_parent_run(study, created, config, config.storage, project_run_id)
-    for params in queued:
-        study.enqueue_trial(params, skip_if_exists=True)
-    ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent))
+    parent = ensure_parent_run(study, created, config, config.storage, project_run_id, lock)
+    with lock():  # processes started together would each queue the same points
+        for params in queued:
+            study.enqueue_trial(params, skip_if_exists=True)
+    ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent), lock)
     try:
         with _torch_threads(config.jobs), tqdm(total=config.trials, unit="trial", desc=f"study {config.name}",
                                                disable=not config.progress) as bar:
-            _optimize_until_done(study, ctx, bar)
+            _work_until_done(study, ctx, bar)
     except BaseException as exc:
         if count_trials(study)[1] == 0:  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                    f"{type(exc).__name__}: {exc}; re-run the same command to resume")
         raise
+    with lock():  # the workers end together: one of them writes the final summary and publishes the model
+        return _finish_study(study, parent, config, dataset)
+
+
+def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset: Dataset) -> StudyResult:
+    one_class = one_class_accuracy(dataset.val)
+    if tracking.run_status(parent) == "FINISHED":  # another worker finished it
+        summary = summarize(study, one_class, config.collapse_margin)
+        return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"))
     end_orphaned_runs(study)
-    summary = log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin, plots=True)
+    summary = log_summary(study, parent, one_class, config.collapse_margin, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
     finished, running = count_trials(study)
     if finished >= config.trials and running == 0:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -229,30 +228,93 @@ def log_model(
     class_names: list[str],
     registered_name: str | None = None,
     alias: str | None = None,
+    sample_images: torch.Tensor | None = None,
     **extra_metadata: Any,
 ) -> str:
-    """Log ``network`` (it takes *normalized* input) as an MLflow PyTorch model; returns its model URI.
+    """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images; returns its URI.
 
-    The normalization, input shape and class names go into the model's metadata. The input
-    example has a batch of 2 so the pickle-free pt2 export keeps the batch dimension dynamic.
+    The logged model (serving/pyfunc_model.py, "models from code") holds the network *with*
+    its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
+    pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
+    of the dataset) give the input example; the normalization, input shape and class names
+    also go into the model's metadata for ``serving.loading``.
     """
-    network = network.eval().cpu()
-    example = np.zeros((2, *input_shape), dtype=np.float32)
-    info = mlflow.pytorch.log_model(
-        network,
-        name="model",
-        input_example=example,
-        metadata=model_metadata(
-            model_name=model_name,
-            normalization=normalization,
-            input_shape=input_shape,
-            class_names=class_names,
-            **extra_metadata,
-        ),
-    )
+    config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape)}
+    with tempfile.TemporaryDirectory() as tmp:
+        program = Path(tmp) / "program.pt2"
+        torch.export.save(export_program(network, normalization, input_shape), program)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_MODEL_CODE),
+            artifacts={PROGRAM_ARTIFACT: str(program)},
+            model_config=config,
+            signature=model_signature(),
+            input_example=image_example(sample_images, input_shape),
+            pip_requirements=pip_requirements(),
+            metadata=model_metadata(
+                model_name=model_name, normalization=normalization, input_shape=input_shape,
+                class_names=class_names, **extra_metadata,
+            ),
+        )
     if registered_name:
         register(info.model_uri, registered_name, alias)
     return info.model_uri
+
+
+PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
+SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports
+
+
+def export_program(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int]):
+    """The network preceded by its normalization, exported with a dynamic batch dimension (pixels in [0, 1] in)."""
+    from zoo.normalization import NormalizedModel
+
+    module = NormalizedModel(network.eval().cpu(), normalization).eval()
+    example = torch.rand(2, *input_shape)  # batch 2, not 1: a batch of 1 would be specialized
+    return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def model_signature():
+    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    inputs = Schema([
+        ColSpec("binary", "image", required=False),
+        ColSpec(Array(Array(Array("double"))), "pixels", required=False),
+    ])
+    outputs = Schema([
+        ColSpec("string", "label"),
+        ColSpec("double", "probability"),
+        ColSpec(Array(Object([Property("label", "string"), Property("probability", "double")])), "top"),
+    ])
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", "long", 3)]))
+
+
+def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]):
+    """A DataFrame with real images as PNG bytes (mid-grey when none are given)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    if images is None:
+        images = torch.full((1, *input_shape), 128, dtype=torch.uint8)
+    encoded = []
+    for image in images[:2]:
+        array = image.cpu().numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return pd.DataFrame({"image": encoded})
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the served model, given explicitly: MLflow's inference takes seconds."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 def check_registry_names(name: str | None, alias: str | None) -> None:
@@ -273,8 +335,83 @@ def check_registry_names(name: str | None, alias: str | None) -> None:
 
 
 def register(model_uri: str, name: str, alias: str | None = None) -> int:
-    """Register ``model_uri`` as a new version of ``name``; point ``alias`` at it. Returns the version."""
-    version = mlflow.register_model(model_uri, name)
+    """Register ``model_uri`` as a new version of ``name``, described and tagged; point ``alias`` at it.
+
+    Returns the version. The descriptions and tags come from the logged model's metadata, so
+    every caller (train, study, renorm) gets the same ones.
+    """
+    info = mlflow.models.get_model_info(model_uri)
+    metadata = info.metadata or {}
+    version = mlflow.register_model(model_uri, name, tags=version_tags(metadata, info.run_id))
+    client = MlflowClient()
+    client.update_model_version(name, version.version, description=version_description(metadata, info.run_id))
+    client.update_registered_model(name, description=registered_model_description(metadata, name, version.version, alias))
+    for key, value in registered_model_tags(metadata).items():
+        client.set_registered_model_tag(name, key, value)
     if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version.version)
+        client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def _accuracy(metadata: dict[str, Any]) -> tuple[str, float] | None:
+    """(metric name, value): a trained model's test accuracy, or a renormalized one's top-1 agreement."""
+    for key in ("test_accuracy", "top1"):
+        if metadata.get(key) is not None:
+            return key, float(metadata[key])
+    return None
+
+
+def _source(metadata: dict[str, Any]) -> str:
+    if metadata.get("dataset"):
+        return f"trained on {metadata['dataset']}"
+    if metadata.get("weights"):
+        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}"
+    return "source unknown"
+
+
+def _normalization_text(metadata: dict[str, Any]) -> str:
+    return str(Normalization.from_dict(metadata["normalization"])) if "normalization" in metadata else "unknown"
+
+
+def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
+    tags = {
+        "zoo_model": str(metadata.get("zoo_model", "unknown")),
+        "dataset": str(metadata.get("dataset") or metadata.get("weights") or "unknown"),
+        "normalization": _normalization_text(metadata),
+        "source_run_id": str(run_id),
+    }
+    accuracy = _accuracy(metadata)
+    if accuracy:
+        tags[accuracy[0]] = f"{accuracy[1]:.4f}"
+    return tags
+
+
+def version_description(metadata: dict[str, Any], run_id: str | None) -> str:
+    accuracy = _accuracy(metadata)
+    scored = f"; {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
+    return (f"{metadata.get('zoo_model', 'model')} {_source(metadata)}, normalization {_normalization_text(metadata)} "
+            f"(inside the model){scored}. Logged by run {run_id}.")
+
+
+def registered_model_description(metadata: dict[str, Any], name: str, version: str, alias: str | None) -> str:
+    classes = [str(c) for c in metadata.get("class_names", [])]
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    shape = "x".join(map(str, metadata.get("input_shape", [])))
+    accuracy = _accuracy(metadata)
+    scored = f", {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
+    pointer = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    return (
+        f"{metadata.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({shown}). "
+        f"Takes images (column 'image': PNG/JPEG bytes, base64 over REST) or pixels in [0, 1] "
+        f"(column 'pixels', {shape}); the normalization is inside the model. Answers label, probability and top-k.\n\n"
+        f"Latest version {version} ({pointer}): {_source(metadata)}, normalization {_normalization_text(metadata)}{scored}."
+    )
+
+
+def registered_model_tags(metadata: dict[str, Any]) -> dict[str, str]:
+    return {
+        "task": "image-classification",
+        "zoo_model": str(metadata.get("zoo_model", "unknown")),
+        "input": "image bytes or pixels in [0, 1], " + "x".join(map(str, metadata.get("input_shape", []))),
+        "classes": str(len(metadata.get("class_names", []))),
+    }

@@ -260,6 +260,7 @@ def train(
                 normalization=result.normalization,
                 input_shape=spec.input_shape,
                 class_names=dataset.classes,
+                sample_images=dataset.test.images[:2],
                 registered_name=register,
                 alias=alias,
                 dataset=config.dataset,

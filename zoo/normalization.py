@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float, ...]:
@@ -160,49 +161,138 @@ def parse_spec(spec: str, channels: int) -> Normalization:
 # --- Adapting a trained network to another normalization, without training ---
 
 
-def first_conv_and_norm(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
-    """The first ``Conv2d`` (in registration order) and the BatchNorm registered right after it, if any."""
-    modules = list(model.modules())
-    for i, module in enumerate(modules):
+def first_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.BatchNorm2d | None]:
+    """The first ``Conv2d`` (in registration order), its name in ``model``, and the BatchNorm registered right after it, if any."""
+    modules = list(model.named_modules())
+    for i, (name, module) in enumerate(modules):
         if isinstance(module, nn.Conv2d):
-            following = modules[i + 1] if i + 1 < len(modules) else None
+            following = modules[i + 1][1] if i + 1 < len(modules) else None
             if isinstance(following, nn.BatchNorm2d) and following.num_features == module.out_channels:
-                return module, following
-            return module, None
+                return name, module, following
+            return name, module, None
     raise ValueError(f"{type(model).__name__} has no Conv2d layer to fold a normalization into")
+
+
+class BorderPaddedConv2d(nn.Conv2d):
+    """A ``Conv2d`` that pads its input with a constant per channel, then convolves without padding.
+
+    ``fold_normalization`` turns a zero-padded first convolution into one: under the new
+    normalization the border must hold the value that the old normalization maps to zero.
+    ``border`` is ``F.pad``'s (left, right, top, bottom); ``pad_value`` has one value per input channel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
+                 border: Sequence[int], pad_value: Sequence[float], stride: int | tuple[int, int] = 1,
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, dilation=dilation,
+                         bias=bias, device=device, dtype=dtype)
+        if len(border) != 4 or len(pad_value) != in_channels:
+            raise ValueError(f"border takes 4 amounts and pad_value {in_channels} value(s), got {border} and {pad_value}")
+        self.border = tuple(int(b) for b in border)
+        self.pad_value = tuple(float(v) for v in pad_value)
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d, border: Sequence[int], pad_value: Sequence[float]) -> "BorderPaddedConv2d":
+        """A copy of ``conv`` (weights, bias, mode) whose zero padding becomes ``pad_value`` padding."""
+        weight = conv.weight
+        padded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, border=border, pad_value=pad_value,
+                     stride=conv.stride, dilation=conv.dilation, bias=conv.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+        padded.load_state_dict(conv.state_dict())
+        return padded.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_per_channel(x, self.border, self.pad_value))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, border={self.border}, pad_value={self.pad_value}"
+
+
+def pad_per_channel(x: torch.Tensor, border: Sequence[int], values: Sequence[float]) -> torch.Tensor:
+    """Constant padding of ``[N, C, H, W]`` with ``values[c]`` around channel ``c``; exact (no arithmetic on pixels)."""
+    if len(set(values)) == 1:  # one Pad node in an exported graph
+        return F.pad(x, tuple(border), value=values[0])
+    return torch.cat([F.pad(x[:, c : c + 1], tuple(border), value=v) for c, v in enumerate(values)], dim=1)
+
+
+# Padding modes that copy pixels: they commute with a per-channel affine map, so the fold is exact as it is.
+_PIXEL_PADDING_MODES = ("reflect", "replicate", "circular")
+
+
+def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zeros ``conv`` pads its input with, as ``F.pad``'s (left, right, top, bottom); ``"same"`` may be uneven."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":  # as torch does it: the odd pixel goes right/bottom
+        amounts: list[int] = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            amounts += [total // 2, total - total // 2]
+        return tuple(amounts)
+    height, width = conv.padding
+    return (width, width, height, height)
+
+
+def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[float], shift: list[float]) -> nn.Conv2d:
+    """Give ``conv`` the border that keeps it exact; returns the conv now in ``model`` (maybe a replacement).
+
+    A border pixel ``v`` in the new units stands for ``scale * v + shift`` in the old ones, so the
+    old border ``v_old`` (0 for zero padding) becomes ``(v_old - shift) / scale``.
+    """
+    if conv.padding_mode in _PIXEL_PADDING_MODES:
+        return conv
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"cannot fold into a first convolution with padding_mode {conv.padding_mode!r}; "
+                         f"valid: zeros, {', '.join(_PIXEL_PADDING_MODES)}")
+    old = conv.pad_value if isinstance(conv, BorderPaddedConv2d) else (0.0,) * conv.in_channels
+    new = tuple((v - b) / a for v, a, b in zip(old, scale, shift))
+    if isinstance(conv, BorderPaddedConv2d):
+        conv.pad_value = new
+        return conv
+    border = zero_padding(conv)
+    if not any(border) or not any(new):  # no padding, or zeros stay zeros (same means): nothing to change
+        return conv
+    padded = BorderPaddedConv2d.replacing(conv, border, new)
+    if name:
+        model.set_submodule(name, padded)
+    return padded
 
 
 @torch.no_grad()
 def fold_normalization(model: nn.Module, source: Normalization, target: Normalization) -> nn.Module:
-    """Rewrite ``model`` in place so that on ``target``-normalized input it computes what it computed on ``source``.
+    """Rewrite ``model`` so that on ``target``-normalized input it computes what it computed on ``source``.
 
     With ``a = s_target / s_source`` and ``b = (m_target - m_source) / s_source`` per input channel,
     ``x_source = a * x_target + b``. The first convolution's weights are scaled by ``a`` and the
     response of its kernel to the constant ``b`` is added to its bias, or, when it has none
     (ResNet's conv1), subtracted from the running mean of the BatchNorm after it.
 
-    Exact wherever the kernel sees only image pixels. Zero padding differs: a padded zero stands
-    for pixel value ``m_source`` before and ``m_target`` after, so outputs whose receptive field
-    overlaps the border change unless the means are equal (a change of std alone is exact).
-    The BatchNorm route holds in eval mode, where running statistics are used.
+    Exact up to float rounding, borders included: zero padding of ``x_source`` is padding of
+    ``x_target`` with ``v = -b / a = (m_source - m_target) / s_target`` (what ``source`` maps to
+    zero), so a zero-padded convolution becomes a :class:`BorderPaddedConv2d` padding with ``v``
+    (unchanged when the means are equal). Reflect, replicate and circular padding copy pixels and
+    need nothing. Folding a folded model again composes. The BatchNorm route holds in eval mode,
+    where running statistics are used. Changes ``model`` in place and returns it (the new
+    convolution itself when ``model`` is one).
     """
-    conv, bn = first_conv_and_norm(model)
+    name, conv, bn = first_conv_and_norm(model)
     if conv.groups != 1:
         raise ValueError("fold_normalization supports a first convolution with groups=1 only")
     src, tgt = source.for_channels(conv.in_channels), target.for_channels(conv.in_channels)
+    scale = [t / s for t, s in zip(tgt.std, src.std)]
+    shift = [(mt - ms) / s for mt, ms, s in zip(tgt.mean, src.mean, src.std)]
+    conv = _refold_padding(model, name, conv, scale, shift)
     weight = conv.weight
-    as_tensor = lambda values: torch.tensor(values, dtype=weight.dtype, device=weight.device)  # noqa: E731
-    scale = as_tensor(tgt.std) / as_tensor(src.std)
-    shift = (as_tensor(tgt.mean) - as_tensor(src.mean)) / as_tensor(src.std)
-    constant = (weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))  # the kernel's response to a constant input
-    weight.mul_(scale.view(1, -1, 1, 1))
+    shift_t = torch.tensor(shift, dtype=weight.dtype, device=weight.device).view(1, -1, 1, 1)
+    constant = (weight * shift_t).sum(dim=(1, 2, 3))  # the kernel's response to a constant input
+    weight.mul_(torch.tensor(scale, dtype=weight.dtype, device=weight.device).view(1, -1, 1, 1))
     if conv.bias is not None:
         conv.bias.add_(constant)
     elif bn is not None and bn.running_mean is not None:
         bn.running_mean.sub_(constant)
     else:
         conv.bias = nn.Parameter(constant)
-    return model
+    return model if name else conv
 
 
 @torch.no_grad()

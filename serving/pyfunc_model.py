@@ -1,0 +1,148 @@
+"""The MLflow model of a zoo classifier: images in, labels out ("models from code").
+
+``training.tracking.log_model`` logs this file as the model's code. MLflow copies it into the
+logged model and runs it wherever the model is loaded or served, so it imports only torch,
+numpy, pandas, Pillow and mlflow, never the zoo package. The network it loads (a
+``torch.export`` program, pickle-free) has its normalization inside: callers send images or
+pixels in [0, 1], never normalized tensors.
+
+Input (a DataFrame, one image per row), one of two columns:
+  image   PNG/JPEG/... bytes (REST clients send them base64-encoded; MLflow decodes them)
+  pixels  float [C][H][W] in [0, 1], the model's input shape
+Output: one row per image: ``label``, ``probability`` and ``top`` (the ``top_k`` best, param).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+PROGRAM_ARTIFACT = "program"  # the torch.export program: pixels in [0, 1] -> scores
+IMAGE_COLUMN = "image"
+PIXELS_COLUMN = "pixels"
+DEFAULT_TOP_K = 3
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Decodes images to the network's channels and size, runs it, and names the classes."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = context.model_config
+        self.class_names: list[str] = [str(c) for c in config["class_names"]]
+        self.input_shape: tuple[int, int, int] = tuple(config["input_shape"])
+        self.module: torch.nn.Module = torch.export.load(context.artifacts[PROGRAM_ARTIFACT]).module()
+        # Exported in eval mode (dropout off, BatchNorm running statistics); such a module refuses
+        # eval() but reports training=True, which would mislead torch.onnx.export and its users.
+        self.module.training = False
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        if top_k < 1:
+            raise invalid(f"top_k must be at least 1, got {top_k}")
+        pixels = self.pixels_of(model_input)
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.module(torch.from_numpy(pixels)), dim=1).numpy()
+        return pd.DataFrame(self.top(probabilities, top_k))
+
+    def pixels_of(self, frame: pd.DataFrame) -> np.ndarray:
+        """float32 [N, C, H, W] in [0, 1] from the ``image`` or the ``pixels`` column."""
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
+        has_image, has_pixels = IMAGE_COLUMN in frame.columns, PIXELS_COLUMN in frame.columns
+        if has_image == has_pixels:
+            raise invalid(
+                f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "
+                f"{PIXELS_COLUMN!r} (floats [C][H][W] in [0, 1], C,H,W = {','.join(map(str, self.input_shape))}); "
+                f"got {'both' if has_image else 'neither'}"
+            )
+        if has_image:
+            images = list(_unnest(frame[IMAGE_COLUMN], lambda cell: isinstance(cell, (list, tuple, np.ndarray))))
+            if not images:
+                raise invalid(f"column {IMAGE_COLUMN!r} is empty; send at least one image")
+            return np.stack([decode_image(data, self.input_shape, row) for row, data in enumerate(images)])
+        return stack_pixels(frame[PIXELS_COLUMN], self.input_shape)
+
+    def top(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
+        rows = []
+        for p in probabilities:
+            order = np.argsort(-p, kind="stable")[: min(k, len(p))]
+            top = [{"label": self.class_names[j], "probability": float(p[j])} for j in order]
+            rows.append({"label": top[0]["label"], "probability": top[0]["probability"], "top": top})
+        return rows
+
+
+def invalid(message: str) -> MlflowException:
+    """Bad input: the scoring server answers HTTP 400 with this one line."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _unnest(cells, nested) -> Any:
+    """The values of a column, with list cells spread out.
+
+    A dict input ({"image": [a, b]}, MLflow's REST "inputs" form) reaches predict as one row
+    holding the whole list, because the signature has an array column.
+    """
+    for cell in cells:
+        if nested(cell):
+            yield from cell
+        else:
+            yield cell
+
+
+def decode_image(data: Any, input_shape: tuple[int, int, int], row: int) -> np.ndarray:
+    """Encoded image bytes -> float32 [C, H, W] in [0, 1], converted to the model's channels and size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, str):
+        data = data.encode("ascii", errors="replace")
+    if not isinstance(data, (bytes, bytearray)):
+        raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is {type(data).__name__}; send PNG/JPEG bytes")
+    channels, height, width = input_shape
+    try:
+        with Image.open(io.BytesIO(_base64_decoded(data))) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError):
+        raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is not an image Pillow can read; send PNG/JPEG/... "
+                      "file bytes (base64 strings over REST)") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _base64_decoded(data: bytes) -> bytes:
+    """``data`` itself, or what it encodes when it is base64 text.
+
+    MLflow decodes base64 for the binary column of a "dataframe_split"/"dataframe_records"
+    request, not for an "inputs" request or a string passed in Python. Image files never
+    parse as base64 (PNG and JPEG open with non-ASCII bytes), so the two cannot be confused.
+    """
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return bytes(data)
+
+
+def stack_pixels(cells: pd.Series, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 [N, C, H, W] from cells that each hold one image [C][H][W]."""
+    try:
+        pixels = np.stack([np.asarray(cell, dtype=np.float32) for cell in cells])
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"column {PIXELS_COLUMN!r} must hold float arrays [C][H][W] of one shape: {exc}") from None
+    if pixels.shape[1:] != tuple(input_shape):
+        raise invalid(f"column {PIXELS_COLUMN!r} holds arrays of shape {list(pixels.shape[1:])}; "
+                      f"this model takes {list(input_shape)} (C, H, W) in [0, 1]")
+    return pixels
+
+
+mlflow.models.set_model(ImageClassifier())

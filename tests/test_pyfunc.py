@@ -1,0 +1,233 @@
+"""A registered model through MLflow's own doors: pyfunc, `mlflow models serve`, `mlflow models predict`.
+
+One contract everywhere: images (or pixels in [0, 1]) in, labels out, the same labels as `zoo classify`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from serving.classify import collect_images, load_pixels
+from serving.cli import cli
+from serving.demo import write_digit_images
+from serving.loading import load_model, load_module
+
+URI = "models:/digits@champion"
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+# `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv.
+VENV_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, mnist_5k) -> list[Path]:
+    """20 held-out test digits written as PNG files, 2 per class."""
+    folder = tmp_path_factory.mktemp("pyfunc-digits")
+    test = mnist_5k.test.subset(20)
+    write_digit_images(test.images, test.labels, mnist_5k.classes, folder)
+    return collect_images([folder])
+
+
+def zoo_classify_labels(files: list[Path], runtime: str = "onnx") -> list[str]:
+    res = CliRunner().invoke(cli, ["classify", URI, *map(str, files), "--runtime", runtime, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return [p["label"] for p in json.loads(res.stdout)]
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_pyfunc_takes_png_bytes_or_pixels_and_answers_zoo_classify_labels(registered_model, digits):
+    expected = zoo_classify_labels(digits)
+    model = mlflow.pyfunc.load_model(URI)
+
+    by_bytes = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in digits]}))
+    assert by_bytes["label"].tolist() == expected
+    truth = [f.stem.split("true-")[1] for f in digits]
+    assert sum(a == b for a, b in zip(expected, truth)) >= 16  # a trained model, not chance
+    pixels = load_pixels(digits, (1, 28, 28))  # float32 [N, 1, 28, 28] in [0, 1]
+    by_pixels = model.predict(pd.DataFrame({"pixels": list(pixels)}), params={"top_k": 5})
+    assert by_pixels["label"].tolist() == expected
+    np.testing.assert_allclose(by_pixels["probability"], by_bytes["probability"], atol=1e-5)
+    top = by_pixels["top"][0]
+    assert len(top) == 5 and top[0]["label"] == expected[0]
+    assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+    assert len(by_bytes["top"][0]) == 3  # the default top_k
+    # A dict of lists (MLflow's "inputs" form) and base64 strings work too.
+    assert model.predict({"image": [b64(f) for f in digits[:3]]})["label"].tolist() == expected[:3]
+
+
+def test_pytorch_users_get_a_module_that_takes_pixels(registered_model, digits):
+    pixels = torch.from_numpy(load_pixels(digits, (1, 28, 28)))
+    module = mlflow.pyfunc.load_model(URI).unwrap_python_model().module
+    with torch.inference_mode():
+        scores = module(pixels)
+        assert torch.allclose(load_module(URI)(pixels), scores)
+        trained = registered_model["result"]
+        assert torch.allclose(trained.network(trained.normalization.apply(pixels)), scores, atol=1e-5)
+    names = load_model(URI).class_names
+    assert [names[i] for i in scores.argmax(1)] == zoo_classify_labels(digits, runtime="torch")
+
+
+@pytest.mark.parametrize("frame, message", [
+    ({"image": [b"hello, not an image"]}, "row 0 of column 'image' is not an image Pillow can read"),
+    ({"img": [b"\x89PNG"]}, "expected one column, 'image' (PNG/JPEG bytes, base64 strings over REST) or 'pixels'"),
+    ({"pixels": [np.zeros((1, 10, 28))]}, "this model takes [1, 28, 28] (C, H, W) in [0, 1]"),
+])
+def test_bad_pyfunc_input_is_one_clear_line(registered_model, frame, message):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as caught:
+        mlflow.pyfunc.load_model(URI).predict(pd.DataFrame(frame))
+    assert message in caught.value.message and "\n" not in caught.value.message
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_the_registered_model_and_version_are_described(registered_model):
+    client = MlflowClient()
+    result = registered_model["result"]
+    model = client.get_registered_model("digits")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
+    assert "mnist_cnn image classifier, 10 classes" in model.description
+    assert "trained on mnist-5k, normalization mean=0.1307 std=0.3081" in model.description
+    assert f"test_accuracy {result.test_accuracy:.4f}" in model.description
+    assert model.tags["task"] == "image-classification" and model.tags["zoo_model"] == "mnist_cnn"
+    version = client.get_model_version("digits", "1")
+    assert version.tags == {
+        "zoo_model": "mnist_cnn", "dataset": "mnist-5k", "normalization": "mean=0.1307 std=0.3081",
+        "source_run_id": result.run_id, "test_accuracy": f"{result.test_accuracy:.4f}",
+    }
+    assert "mnist_cnn trained on mnist-5k" in version.description and result.run_id in version.description
+
+    info = mlflow.models.get_model_info(URI)
+    assert [i["name"] for i in info.signature.inputs.to_dict()] == ["image", "pixels"]
+    assert info.signature.inputs.to_dict()[0]["type"] == "binary"
+    assert [o["name"] for o in info.signature.outputs.to_dict()] == ["label", "probability", "top"]
+    local = Path(mlflow.artifacts.download_artifacts(URI))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    first = Image.open(io.BytesIO(example["image"][0]))
+    assert first.size == (28, 28) and np.asarray(first).max() > 200  # a real digit, not zeros
+    requirements = (local / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and f"mlflow=={mlflow.__version__}" in requirements
+
+
+@pytest.fixture
+def served_model(registered_model):
+    """`mlflow models serve` of models:/digits@champion on a free port; killed at teardown."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = registered_model["folder"] / f"serve-{port}.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [MLFLOW, "models", "serve", "-m", URI, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+            stdout=out, stderr=subprocess.STDOUT, env=VENV_ENV, start_new_session=True,  # its workers die with it
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow models serve not ready:\n{log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and the workers it started (its own process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:  # already gone
+            break
+        try:
+            server.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    server.wait()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model, digits):
+    expected = zoo_classify_labels(digits)
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits]}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == expected
+    assert set(answer["predictions"][0]) == {"label", "probability", "top"}
+
+    not_an_image = base64.b64encode(b"hello, not an image").decode()
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[not_an_image]]}})
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    # MLflow's scoring server prefixes "Failed to predict data '<input>'." ; the model's own line comes last.
+    assert answer["message"].splitlines()[-1].startswith("Error: row 0 of column 'image' is not an image Pillow can read")
+
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["img"], "data": [[b64(digits[0])]]}})
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"].splitlines()[-1].startswith("Error: expected one column, 'image' (PNG/JPEG bytes")
+
+
+def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digits, tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits[:5]]}}))
+    out = tmp_path / "predictions.json"
+    done = subprocess.run([MLFLOW, "models", "predict", "-m", URI, "-i", str(request), "-t", "json", "-o", str(out),
+                           "--env-manager", "local"], capture_output=True, text=True, timeout=300, env=VENV_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p["label"] for p in json.loads(out.read_text())["predictions"]] == zoo_classify_labels(digits[:5])
+
+
+def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
+    """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
+    from training.tracking import model_metadata
+    from zoo.normalization import Normalization
+    from zoo.registry import create_model
+
+    torch.manual_seed(0)
+    network = create_model("mnist_cnn").eval()
+    normalization = Normalization((0.1307,), (0.3081,))
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(network, name="model", input_example=np.zeros((2, 1, 28, 28), np.float32),
+                                        metadata=model_metadata(model_name="mnist_cnn", normalization=normalization,
+                                                                input_shape=(1, 28, 28), class_names=list("0123456789")))
+    loaded = load_model(info.model_uri)
+    pixels = mnist_5k.test.images[:4].float() / 255
+    with torch.inference_mode():
+        expected = network(normalization.apply(pixels))
+        assert torch.allclose(loaded.with_normalization()(pixels), expected, atol=1e-5)
+    assert loaded.normalization == normalization and loaded.class_names == list("0123456789")
