@@ -68,6 +68,16 @@ def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]
             yield p, "no such file or folder"
 
 
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """The image files named, and those under the folders named (in name order); ValueError for a bad path."""
+    files = []
+    for path, error in iter_inputs(paths):
+        if error:
+            raise ValueError(f"{path}: {error}")
+        files.append(path)
+    return files
+
+
 def _walk_images(folder: Path) -> Iterator[tuple[Path, str | None]]:
     # Depth first, entries sorted by name: the order of sorted(folder.rglob("*")), without holding the tree.
     try:
