@@ -123,7 +123,7 @@ def main() -> None:
     if not folder.is_dir() or len(os.listdir(folder)) != args.images:
         write_pngs(folder, args.images)
 
-    variants = {"default": [], "workers0": ["--workers", "0"], "workers1": ["--workers", "1"],
+    variants = {"default": [], "workers0": ["--workers", "0"], "workers1": ["--workers", "1"], "workers2": ["--workers", "2"],
                 "batch512": ["--batch-size", "512"], "batch32": ["--batch-size", "32"]}
     runs: list[tuple[str, Path, list[str]]] = [(v, REPO, variants[v]) for v in args.variants.split(",")]
     if args.baseline_src:

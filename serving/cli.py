@@ -162,8 +162,8 @@ def export(model_uri, output, tolerance, fmt) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images decoded and classified together: memory grows with this, not with the number of files.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Processes decoding images (0: in this process). Default: one per CPU core from 4,096 "
-                   "images on, in this process below.")
+              help="Processes decoding images (0: in this process). Default: none on 2 CPU cores or fewer, "
+                   "else one per core but one, from 4,096 images on.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
                    "Default: Pillow's limit, 89,478,485.")
