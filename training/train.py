@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
@@ -342,7 +343,7 @@ def interrupted_message(run_id: str) -> str:
 
 # Settings a resumed run may change: where and how it runs, not what it trains.
 RESUME_MAY_CHANGE = ("device", "data_dir", "progress", "keep_checkpoints", "checkpoints")
-_OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--dry-run"}  # TrainConfig field -> zoo train option
+_OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--max-batches/--dry-run"}  # TrainConfig field -> zoo train option
 
 
 def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: Any) -> TrainResult:
@@ -353,6 +354,7 @@ def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: A
     policy may differ. ``train_kwargs`` go to :func:`train` (register, alias, log_model).
     """
     config, state = config_to_resume(run_id, options or {})
+    tqdm.write(f"resuming run {run_id} after epoch {state['epoch']} of {config.epochs}", file=sys.stderr)
     tracking.reopen_run(run_id)
     return train(config, run_id=run_id, resume_from=state, **train_kwargs)
 
