@@ -223,3 +223,26 @@ def test_unreachable_postgresql_storage_fails_with_one_line():
     line = last_error_line(res.stderr)
     assert line.startswith(f"Error: cannot reach the Optuna storage postgresql://zoo@127.0.0.1:{port}/x (")
     assert "--storage" in line
+
+
+def test_resume_restores_dropout_randomness_and_the_best_epoch(mnist_5k):
+    """mlp with dropout and keep_best: the resumed run draws the same dropout masks and restores the same best epoch."""
+    from training.train import fit, resume
+
+    config = TrainConfig(model="mlp", epochs=3, max_batches=5, lr=0.05, keep_best=True, model_config={"dropout": "0.3"},
+                         progress=False)
+
+    def stop_after_epoch_2(result) -> None:
+        if result.epoch == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises, once epoch 2's checkpoint is logged
+
+    with pytest.raises(KeyboardInterrupt), tracking.start_run(run_name="stopped") as run:
+        fit(config, mnist_5k, on_epoch=stop_after_epoch_2)
+    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+    resumed = resume(run.info.run_id, dataset=mnist_5k, log_model=False)
+    fresh = train(config, dataset=mnist_5k, log_model=False)
+    assert resumed.run_id == run.info.run_id and steps(resumed.run_id, "val_accuracy") == [1, 2, 3]
+    assert resumed.test_accuracy == fresh.test_accuracy and resumed.test_loss == fresh.test_loss
+    metrics = [MlflowClient().get_run(r.run_id).data.metrics for r in (resumed, fresh)]
+    assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"]  # the recipe's keep_best, restored across the stop
