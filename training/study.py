@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm.auto import tqdm
 
-from training import tracking
+from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
 from training.train import TrainConfig, check_compatible, fit, load_training_data
 from zoo.data import Dataset, Split
@@ -57,6 +57,7 @@ MODEL_URI_TAG = "zoo.model_uri"
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
 # (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
@@ -144,7 +145,11 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
         raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # A database server that does not answer fails in DB_CONNECT_TIMEOUT_S instead of the OS's minutes.
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
+                     {"pool_pre_ping": True, "connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S}})
+    if not url.startswith("sqlite"):
+        check_database_server(url, engine_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -167,6 +172,22 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
             # the losers retry once the winner's tables exist.
             time.sleep(1.0 + attempt)
     return connect()
+
+
+def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
+    """One connection attempt, so an unreachable server fails at once with one line (not after the schema retries)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(url, **engine_kwargs)
+    try:
+        engine.connect().close()
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise ConnectionError(f"cannot reach the Optuna storage {masked_url(url)} ({reason}): check that the database "
+                              "server runs there and accepts connections, or fix --storage / ZOO_OPTUNA_STORAGE") from None
+    finally:
+        engine.dispose()
 
 
 def masked_url(url: str) -> str:
@@ -367,6 +388,7 @@ class _Context:
     claim: StudyLock  # across processes and machines: who may start the next trial
     lock: threading.Lock = field(default_factory=threading.Lock)  # this process's progress bar and summary
     stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
+    checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
 
 
 def _objective(trial: optuna.Trial, ctx: _Context) -> float:
@@ -551,7 +573,9 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
     run_id = best.user_attrs[RUN_ATTR]
     uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
     if uri is None:
-        state = tracking.load_checkpoint(run_id, f"checkpoints/epoch_{config.epochs:03d}.pt")
+        # The weights the trial was tested with: its best epoch's under the recipe's keep_best, else its last.
+        tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
+        state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
         network = create_model(config.model)
         network.load_state_dict(state["model"])
         with tracking.start_run(run_id=run_id):
@@ -588,8 +612,41 @@ def _torch_threads(jobs: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _best_run_id(study: optuna.Study) -> str | None:
+    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return study.best_trial.user_attrs.get(RUN_ATTR) if complete else None
+
+
+def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: _Context) -> None:
+    """Only the best trial keeps its checkpoints (full last + weights-only best, ~19 MB for mnist_cnn):
+    a finished trial that is not the best loses them, and so does the best it supersedes. Other
+    processes' leftovers go in :func:`sweep_checkpoints` when the study ends."""
+    run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)
+    if run_id is None:
+        return
+    try:
+        if run_id != best:
+            tracking.delete_checkpoints(run_id)
+            return
+        if ctx.checkpointed_best not in (None, run_id):
+            tracking.delete_checkpoints(ctx.checkpointed_best)
+        ctx.checkpointed_best = run_id
+    except Exception as exc:  # a failed clean-up must not stop the study; the final sweep retries
+        tqdm.write(f"study: could not delete a trial's checkpoints ({exc})", file=sys.stderr)
+
+
+def sweep_checkpoints(study: optuna.Study) -> None:
+    """Delete the checkpoints of every finished trial but the best (whichever process ran them)."""
+    best = _best_run_id(study)
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if trial.state.is_finished() and run_id not in (None, best):
+            tracking.delete_checkpoints(run_id)
+
+
 def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
-    with ctx.lock:  # trial threads share the bar
+    with ctx.lock:  # trial threads share the bar and the best trial's checkpoints
+        keep_best_trial_checkpoints(study, trial, ctx)
         _show_progress(bar, count_trials(study)[0])
         if trial.state == TrialState.COMPLETE:
             bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
@@ -710,6 +767,7 @@ def run_study(config: StudyConfig) -> StudyResult:
     queued = enqueue_params(config, spec.channels)
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
+    tracking.check_tracking_server()
     storage = make_storage(config.storage, config.heartbeat)
     lock = StudyLock(config.storage, config.name)
     study, created = open_study(config, storage)
@@ -740,6 +798,7 @@ def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset
         summary = summarize(study, one_class, config.collapse_margin)
         return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"))
     end_orphaned_runs(study)
+    sweep_checkpoints(study)
     summary = log_summary(study, parent, one_class, config.collapse_margin, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
     finished, running = count_trials(study)

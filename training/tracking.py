@@ -21,10 +21,32 @@ from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
+CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+SERVER_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer,
+    before any training time is spent (a server that answers but hangs is MLFLOW_HTTP_REQUEST_TIMEOUT's)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri())
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    server = f"{parts.scheme}://{parts.hostname}:{port}"  # without any credentials in the URI
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the MLflow tracking server at {server} ({exc.strerror or exc}): check "
+                              "that `mlflow server` runs there, or fix MLFLOW_TRACKING_URI") from None
 
 
 @contextmanager
@@ -139,11 +161,38 @@ def run_tags(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
+def find_run(run_id: str):
+    """The MLflow run ``run_id``, or None when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    folder, _, _ = artifact_path.rpartition("/")
+    return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
+
+
 def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
     """A checkpoint written by :func:`log_checkpoint`, read back from the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
+    """Delete a run's checkpoints from its artifact store (local, mlflow-artifacts, S3, ...); a run without any is fine."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if MlflowClient().list_artifacts(run_id, artifact_path):
+        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run_id, key)]
 
 
 def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
@@ -183,10 +232,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     mlflow.log_metrics(metrics, step=step, run_id=run_id)
 
 
-def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "checkpoints") -> None:
-    """Save a training checkpoint (model, optimizer, lr_scheduler, epoch, args) as a run artifact."""
+def log_checkpoint(state: dict[str, Any], name: str, artifact_path: str = CHECKPOINTS) -> None:
+    """Save ``state`` as ``checkpoints/NAME.pt`` of the active run.
+
+    Logging the same name again replaces the file (local and served mlflow-artifacts stores
+    overwrite), so ``last`` and ``best`` each hold one file however many epochs run.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"epoch_{epoch:03d}.pt"
+        path = Path(tmp) / f"{name}.pt"
         torch.save(state, path)
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
