@@ -512,7 +512,7 @@ def load_study_dataset(config: StudyConfig) -> Dataset:
     recipe asks (as ``zoo train`` does), cut to the requested sizes."""
     full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
-                   full.val.subset(config.val_size), full.test.subset(config.test_size))
+                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source)
 
 
 @contextmanager
