@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 from torch import nn
 
 from training.engine import batches
@@ -78,6 +79,8 @@ def accuracy_against_figure(values: dict[str, list[float]], accuracies: list[flo
         ax.axhline(threshold, color="tab:red", linestyle=":", linewidth=1, label="collapse threshold")
         if name.startswith("std"):
             ax.set_xscale("log")  # searched on a log scale
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set(xlabel=name, ylabel="validation accuracy", title=f"accuracy against {name}")
         ax.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from zoo.data import Dataset
 from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
@@ -281,28 +280,25 @@ def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
     mlflow.log_text(text, artifact_file, run_id=run_id)
 
 
-SPLIT_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}  # Dataset attribute -> input context
+def log_dataset_inputs(name: str, source: str, splits: dict[str, Any]) -> None:
+    """Image splits as inputs of the active run (MLflow dataset tracking), e.g. ``{"train": split, ...}``.
 
-
-def log_dataset_inputs(dataset: Dataset) -> None:
-    """The train, validation and test splits as inputs of the active run (MLflow dataset tracking).
-
-    Each split is named after the dataset and split, with the file or folder the images came
-    from as its source; the UI shows them on the run page and groups runs on the same data.
-    MLflow's digest hashes the shape and the first 10,000 values only: cheap for any size.
+    Each split (anything with uint8 ``images`` and int ``labels`` tensors) is named NAME-CONTEXT,
+    with the file or folder the images came from as its source; the UI lists them on the run
+    page and groups runs on the same data. MLflow's digest hashes the shape and the first
+    10,000 values only, so this stays cheap for any size (about 0.04 s for Fashion-MNIST).
     """
     import warnings
 
     datasets = []
     with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
         warnings.simplefilter("ignore", UserWarning)
-        for attr, context in SPLIT_CONTEXTS.items():
-            split = getattr(dataset, attr)
+        for context, split in splits.items():
             datasets.append(mlflow.data.from_numpy(
-                split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=dataset.source or None,
-                name=f"{dataset.name}-{context}",
+                split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source or None,
+                name=f"{name}-{context}",
             ))
-    mlflow.log_inputs(datasets=datasets, contexts=list(SPLIT_CONTEXTS.values()), tags_list=[None] * len(datasets))
+    mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
 
 
 def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:

@@ -170,7 +170,8 @@ def fit(
     normalization = config.normalization()
     device = resolve_device(config.device)
     tracking.log_params(run_params(config, normalization))
-    tracking.log_dataset_inputs(dataset)
+    tracking.log_dataset_inputs(dataset.name, dataset.source,
+                                {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
