@@ -28,11 +28,12 @@ def experiment_url(port: int) -> str:
 
     from training import tracking
 
-    url = f"http://{HOST}:{port}"
-    if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is None:
-        return url
-    # (stores written before runs were marked model-development get marked here, so they open on their runs)
-    return f"{url}/#/experiments/{tracking.experiment_id_for()}"
+    url = f"http://{HOST}:{port}/#/experiments"
+    if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
+        url += f"/{tracking.experiment_id_for()}"  # (which also marks an experiment made before the tag existed)
+    # The 3.17 UI opens every experiment as its global GenAI/Model training switch says (GenAI by
+    # default, whatever the experiment's mlflow.experimentKind tag): ask for the runs in the address.
+    return url + "?workflowType=machine_learning"
 
 
 @click.command("ui")
@@ -59,6 +60,7 @@ def ui(port: int) -> None:
     # Its own process group: `mlflow ui` runs the web server as a child, and both must stop with us.
     server = subprocess.Popen(command, start_new_session=True, env=env)
     click.echo(f"MLflow UI over {uri}\nopen {url}\n(Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, as Ctrl-C does
     try:
         code = server.wait()
     except KeyboardInterrupt:
