@@ -140,14 +140,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(monkeypatch):
+def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(tracking_store):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         result = CliRunner().invoke(cli, ["ui", "--port", str(busy.getsockname()[1])])
     assert result.exit_code == 1 and "is in use" in result.output and "--port" in result.output
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    result = CliRunner().invoke(cli, ["ui"])
+    mlflow.set_tracking_uri("http://127.0.0.1:1")  # as MLFLOW_TRACKING_URI=http://... does
+    try:
+        result = CliRunner().invoke(cli, ["ui", "--port", str(free_port())])
+    finally:
+        mlflow.set_tracking_uri(tracking_store)
     assert result.exit_code == 2 and "open that address in a browser" in result.output
 
 
