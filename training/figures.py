@@ -12,21 +12,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
-from torch import nn
 
-from training.engine import batches
 from zoo.data import Split
-from zoo.normalization import Normalization
 
 MISCLASSIFIED_SHOWN = 24  # images in the grid: enough to see a pattern, small enough to read the labels
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, split: Split, normalization: Normalization, batch_size: int = 1000) -> torch.Tensor:
-    """The predicted class of every image of ``split``, on the CPU."""
-    model.eval()
-    return torch.cat([model(normalization.apply(images)).argmax(dim=1).cpu()
-                      for images, _ in batches(split, batch_size, shuffle=False)])
 
 
 def confusion_figure(labels: np.ndarray, predicted: np.ndarray, class_names: list[str], title: str) -> Figure:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training import tracking
-from training.engine import EpochResult, check_finite, evaluate
+from training.engine import EpochResult, check_finite, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
 from zoo.model_options import coerce_model_config
@@ -209,9 +209,9 @@ def fit(
     if config.keep_best:
         best.restore(network)
         tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
-    test_loss, test_accuracy = evaluate(network, test_split, normalization)
+    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization)
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-    log_test_figures(network, test_split, normalization, dataset.classes, f"{config.model} on {config.dataset}")
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
     run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
@@ -232,12 +232,11 @@ def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
 FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
 
 
-def log_test_figures(network: torch.nn.Module, test: Split, normalization: Normalization, class_names: list[str],
+def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
                      title: str) -> None:
     """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
-    from training.figures import confusion_figure, misclassified_figure, predict
+    from training.figures import confusion_figure, misclassified_figure
 
-    predicted = predict(network, test, normalization)
     labels = test.labels.cpu()
     title = f"{title} ({normalization})"
     tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
