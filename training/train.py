@@ -276,7 +276,8 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
         "",
         f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
         f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
-        f"Recipe: {config.optimizer}, lr {config.lr:g}, batch {config.batch_size}, seed {config.seed}.",
+        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
+        + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
         "",
     ]
     if result is None:
