@@ -254,8 +254,9 @@ def _attach_commands() -> None:
     from serving.cli_renorm import renorm
     from serving.cli_study import study
     from serving.demo import demo
+    from serving.ui import ui
 
-    for command in (study, renorm, demo):
+    for command in (study, renorm, demo, ui):
         cli.add_command(command)
 
 

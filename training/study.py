@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 
 from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
-from training.train import TrainConfig, check_compatible, fit, load_training_data
+from training.train import (
+    TrainConfig, check_compatible, describe_training, fit, load_training_data, short_normalization, training_tags,
+)
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.registry import create_model
@@ -324,13 +326,16 @@ def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
 
 def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,
                        project_run_id: str | None = None) -> str:
-    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), "zoo.kind": "study"}
-    run_id = project_run_id
-    if run_id:
-        tracking.set_tags(tags, run_id=run_id)
+    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), tracking.KIND_TAG: "study",
+            "zoo.model": config.model, "zoo.dataset": config.dataset}
+    if tracking.is_project_run_here(project_run_id, config.experiment):
+        run_id = project_run_id
+        tracking.set_tags({**tags, "mlflow.runName": f"study {config.name}"}, run_id=run_id)
     else:
         run_id = tracking.create_run(experiment=config.experiment or tracking.default_experiment(),
-                                     run_name=f"study-{config.name}", tags=tags)
+                                     run_name=f"study {config.name}", tags=tags)
+        if project_run_id:
+            tracking.link_project_run(project_run_id, run_id)
     tracking.log_params(_parent_params(config, storage_url), run_id=run_id)
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
@@ -395,12 +400,15 @@ def _objective(trial: optuna.Trial, ctx: _Context) -> float:
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
-    tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
+    tags = {**training_tags(train_config, normalization, "trial"),
+            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
     with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                            run_name=f"trial-{trial.number:03d}", tags=tags, stopped=(optuna.TrialPruned,)) as run:
+                            run_name=f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags=tags,
+                            stopped=(optuna.TrialPruned,)) as run:
         trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization))
         tracking.log_params({"trial_number": trial.number, "train_size": len(ctx.dataset.train),
                              "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)})
         try:
@@ -410,10 +418,23 @@ def _objective(trial: optuna.Trial, ctx: _Context) -> float:
             trial.set_user_attr("failure", str(exc))
             raise
         trial.set_user_attr("test_accuracy", result.test_accuracy)
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization, result))
         if config.log_models == "all":
             uri = _log_trial_model(result.network, result.normalization, config, ctx.dataset, result.test_accuracy)
             tracking.set_tags({MODEL_URI_TAG: uri})
     return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
+
+
+def _describe_trial(trial: optuna.Trial, ctx: _Context, train_config: TrainConfig, normalization: Normalization,
+                    result=None) -> str:
+    """The trial's description: which study it belongs to, then what was trained and its result."""
+    text = (f"Trial {trial.number} of the Optuna study **{ctx.config.name}** (the parent run), which searches "
+            f"the input normalization.\n\n" + describe_training(train_config, normalization, ctx.dataset, result))
+    threshold = one_class_accuracy(ctx.dataset.val) + ctx.config.collapse_margin
+    if result is not None and result.val_accuracy <= threshold:
+        text += (f"\n\n**Collapsed:** validation accuracy {100 * result.val_accuracy:.2f} % is at most "
+                 f"{100 * threshold:.2f} % (predicting the most frequent class, plus a margin).")
+    return text
 
 
 def _pruning_callback(trial: optuna.Trial):
@@ -529,18 +550,50 @@ def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, colla
     for split in ("val", "test"):
         metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
     tracking.log_metrics(metrics, run_id=parent_run_id)
+    tracking.set_description(describe_study(study, summary), run_id=parent_run_id)
     if summary["best"]:
         best = summary["best"]
         tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
         tracking.set_tags({"best_trial": best["trial"], "best_run_id": best["run_id"],
                            **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}}, run_id=parent_run_id)
     if plots:
-        log_plots(study, parent_run_id)
+        log_plots(study, parent_run_id, summary["collapse_threshold"])
     return summary
 
 
-def log_plots(study: optuna.Study, parent_run_id: str) -> None:
-    """Optuna's matplotlib contour of accuracy over (mean, std) and the parameter importances."""
+PLOTS = ("contour.png", "param_importances.png", "accuracy_vs_normalization.png", "interactive.html")  # under study/
+
+
+def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
+    """The parent run's description (markdown): what the study searches and, so far, what it found."""
+    searched = study.user_attrs.get(CONFIG_ATTR, {})
+    lines = [f"Optuna study **{study.study_name}**"]
+    if searched:
+        lines[0] += (f": trains **{searched['model']}** on **{searched['dataset']}** for {searched['epochs']} epoch(s) "
+                     f"per trial, with the input mean searched in [{searched['mean_range'][0]:g}, "
+                     f"{searched['mean_range'][1]:g}] and the std in [{searched['std_range'][0]:g}, "
+                     f"{searched['std_range'][1]:g}] (log scale)")
+    lines[0] += ". Every trial is a child run of this one."
+    lines.append("")
+    val = summary["val_accuracy"]
+    if not summary["trials_complete"]:
+        lines.append("**Result:** no trial has completed yet.")
+    else:
+        best = summary["best"]
+        lines.append(
+            f"**Result:** {summary['trials_complete']} trials complete ({summary['trials_collapsed']} collapsed to "
+            f"predicting one class, {summary['trials_diverged']} diverged, {summary['trials_pruned']} pruned). "
+            f"Validation accuracy: median **{100 * val['median']:.2f} %**, sd {100 * val['sd']:.2f} pt, "
+            f"range {100 * val['min']:.2f}-{100 * val['max']:.2f} %. Best: trial {best['trial']} "
+            f"({', '.join(f'{k} {v:.4g}' for k, v in best['params'].items())}).")
+    lines += ["", "Figures under `study/`: " + ", ".join(f"`{p}`" for p in PLOTS) + "; every trial in `study/trials.csv`."]
+    return "\n".join(lines)
+
+
+def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:
+    """Optuna's contour of accuracy over (mean, std) and parameter importances (matplotlib), accuracy
+    against each searched value with the collapsed trials in red, and Optuna's interactive plotly
+    versions in one HTML file."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
@@ -548,7 +601,8 @@ def log_plots(study: optuna.Study, parent_run_id: str) -> None:
     from optuna.visualization import matplotlib as optuna_plots
 
     for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
-        with warnings.catch_warnings():
+        # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")
             try:
                 axes = plot(study, target_name="val_accuracy")
@@ -559,6 +613,39 @@ def log_plots(study: optuna.Study, parent_run_id: str) -> None:
         figure.set_size_inches(8, 6)
         tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
         plt.close(figure)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        from training.figures import accuracy_against_figure
+
+        names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), k))  # mean(s), then std(s)
+        figure = accuracy_against_figure(
+            {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
+            [t.value <= collapse_threshold for t in complete], collapse_threshold,
+            f"study {study.study_name}: {len(complete)} complete trials",
+        )
+        tracking.log_figure(figure, "study/accuracy_vs_normalization.png", run_id=parent_run_id)
+    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+
+
+def interactive_html(study: optuna.Study) -> str:
+    """Optuna's plotly contour, slice, importances and history on one page, plotly.js embedded once
+    (about 4.7 MB) so the page works offline in the MLflow UI's artifact viewer."""
+    from optuna import visualization
+
+    parts, embedded = [], False
+    for plot in (visualization.plot_contour, visualization.plot_slice, visualization.plot_param_importances,
+                 visualization.plot_optimization_history):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                figure = plot(study, target_name="val_accuracy")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
+                parts.append(f"<p>{plot.__name__}: not available yet ({exc})</p>")
+                continue
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
+        embedded = True
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head>"
+            f"<body><h2>Optuna study {study.study_name}</h2>{''.join(parts)}</body></html>")
 
 
 # --- the best model -----------------------------------------------------------------------
@@ -597,7 +684,7 @@ def load_study_dataset(config: StudyConfig) -> Dataset:
     recipe asks (as ``zoo train`` does), cut to the requested sizes."""
     full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
-                   full.val.subset(config.val_size), full.test.subset(config.test_size))
+                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
-from training.engine import EpochResult, check_finite, evaluate
+from training.engine import EpochResult, check_finite, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
 from zoo.model_options import coerce_model_config
@@ -184,6 +184,9 @@ def fit(
     normalization = config.normalization()
     device = resolve_device(config.device)
     tracking.log_params(run_params(config, normalization))
+    if resume is None:  # a resumed run logged its inputs when it started
+        tracking.log_dataset_inputs(dataset.name, dataset.source,
+                                    {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -226,8 +229,9 @@ def fit(
     if config.keep_best:
         best.restore(network)
         tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
-    test_loss, test_accuracy = evaluate(network, test_split, normalization)
+    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization)
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
     run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
@@ -270,6 +274,69 @@ def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
     return figure
 
 
+FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
+
+
+def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
+                     title: str) -> None:
+    """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
+    from training.figures import confusion_figure, misclassified_figure
+
+    labels = test.labels.cpu()
+    title = f"{title} ({normalization})"
+    tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
+    tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1])
+
+
+def short_normalization(normalization: Normalization) -> str:
+    """Mean/std as in "0.1307/0.3081" (per-channel values comma-separated), for names and tags."""
+    return "/".join(",".join(f"{v:.4g}" for v in values) for values in (normalization.mean, normalization.std))
+
+
+def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
+    """What tells training runs apart at a glance, e.g. "mnist_cnn mnist-5k norm 0.1307/0.3081 14ep seed1"."""
+    name = f"{config.model} {config.dataset} norm {short_normalization(normalization)} {config.epochs}ep seed{config.seed}"
+    return name + (" dry-run" if config.max_batches else "")
+
+
+def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
+    """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
+    return {
+        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
+        "zoo.normalization": short_normalization(normalization),
+        "zoo.normalization_is_default": str(normalization == config.spec().normalization).lower(),
+        **({"zoo.dry_run": "true"} if config.max_batches else {}),
+    }
+
+
+def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
+                      result: TrainResult | None = None) -> str:
+    """The run's description (markdown): what was trained, on what data, and the result once known."""
+    config = config.resolved()
+    default = " (the model's default)" if normalization == config.spec().normalization else ""
+    batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
+    lines = [
+        f"Trained **{config.model}** on **{config.dataset}** for {config.epochs} epoch(s){batches}: "
+        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images.",
+        "",
+        f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
+        f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
+        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
+        + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
+        "",
+    ]
+    if result is None:
+        lines.append("**Result:** none yet (training, or stopped before the test evaluation).")
+    else:
+        lines += [
+            f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** "
+            f"(validation {100 * result.val_accuracy:.2f} % after the last epoch).",
+            "",
+            f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split).",
+        ]
+    return "\n".join(lines)
+
+
 def load_training_data(config: TrainConfig) -> Dataset:
     """The dataset split the way ``config`` (resolved against its model's recipe) asks."""
     config = config.resolved()
@@ -306,13 +373,19 @@ def train(
     if dataset is None:
         dataset = load_training_data(config)
     check_compatible(spec, dataset)
+    normalization = config.normalization()
     if run_id is None:
-        run_name = run_name or f"{config.model}-{config.dataset}"
+        run_name = run_name or readable_run_name(config, normalization)
     started: str | None = None
     try:
-        with checkpoints.sigterm_as_interrupt(), tracking.start_run(experiment=experiment, run_name=run_name, run_id=run_id) as run:
+        with checkpoints.sigterm_as_interrupt(), tracking.start_run(
+            experiment=experiment, run_name=run_name, run_id=run_id, tags=training_tags(config, normalization, "train"),
+        ) as run:
             started = run.info.run_id
+            if resume_from is None:
+                tracking.set_description(describe_training(config, normalization, dataset))
             result = fit(config, dataset, resume=resume_from)
+            tracking.set_description(describe_training(config, normalization, dataset, result))
             if log_model:
                 result.model_uri = tracking.log_model(
                     result.network,
