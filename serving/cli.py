@@ -15,6 +15,13 @@ if not sys.stderr.isatty():
     # plenty. tqdm reads TQDM_* defaults when it is imported, so this comes before any import.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
+# MLflow retries a failed HTTP request 7 times with a doubling backoff: minutes before an
+# unreachable tracking server is reported. It reads these at every request, so a user's own
+# values win; README "Timeouts" says how to change them.
+for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_name, _value)
+
 from importlib.metadata import PackageNotFoundError, version
 
 import click
@@ -22,7 +29,7 @@ import click
 from serving.options import (
     ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL, MODEL_URI, STD, unset_sentinels,
 )
-from serving.train_options import MODEL_OPT, MOMENTUM
+from serving.train_options import KEEP_CHECKPOINTS, MODEL_OPT, MOMENTUM, RESUME, resume_options
 
 
 def _version() -> str:
@@ -99,21 +106,33 @@ def echo_json(data) -> None:
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
 @ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
-@click.option("--no-checkpoints", is_flag=True, help="Do not log a checkpoint per epoch.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each epoch after N batches.")
+@KEEP_CHECKPOINTS
+@click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
+@RESUME
 @FORMAT
-def train(model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device, data_dir,
-          experiment, run_name, register, alias, dry_run, no_checkpoints, fmt) -> None:
-    """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model)."""
+@click.pass_context
+def train(ctx, model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device,
+          data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
+    """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
+
+    Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it.
+    """
     from training.train import TrainConfig
+    from training.train import resume as resume_training
     from training.train import train as run_train
 
     config = TrainConfig(
         model=model, dataset=dataset, mean=mean, std=std, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, momentum=momentum, model_config=model_opts,
-        seed=seed, device=device,
-        data_dir=data_dir, max_batches=2 if dry_run else None, checkpoints=not no_checkpoints,
+        seed=seed, device=device, data_dir=data_dir, max_batches=2 if dry_run else max_batches, checkpoints=not no_checkpoints,
+        keep_checkpoints=keep_checkpoints,
     )
-    result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias)
+    if resume:
+        options = resume_options(ctx, config)
+        result = resume_training(resume, options, register=register, alias=alias)
+    else:
+        result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias)
     summary = {
         "run_id": result.run_id,
         "model_uri": result.model_uri,
@@ -275,8 +294,9 @@ def _attach_commands() -> None:
     from serving.cli_renorm import renorm
     from serving.cli_study import study
     from serving.demo import demo
+    from serving.ui import ui
 
-    for command in (study, renorm, demo):
+    for command in (study, renorm, demo, ui):
         cli.add_command(command)
 
 

@@ -46,7 +46,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--enqueue", nargs=2, multiple=True, metavar="MEAN STD",
               help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081.")
 @click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
-              help="Which trials log an MLflow model (every trial logs its checkpoint).")
+              help="Which trials log an MLflow model (only the best trial keeps its checkpoints).")
 @click.option("--register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the best trial's model under NAME.")
 @ALIAS
 @click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,

@@ -68,5 +68,5 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
         mark = "" if pred.label == truth else "   <- wrong"
         click.echo(f"{path.name:<32}{truth:>5}{pred.label:>11}{pred.top[0][1]:>13.3f}{mark}")
     click.echo(f"{correct}/{len(written)} correct; test accuracy over all {len(dataset.test)} held-out digits: {result.test_accuracy:.4f}")
-    click.echo("\nBrowse the runs:  mlflow ui --backend-store-uri " + mlflow.get_tracking_uri() + "   (then open http://127.0.0.1:5000)")
+    click.echo("\nBrowse the runs:  zoo ui   (the MLflow UI on http://127.0.0.1:5000; Ctrl-C stops it)")
     click.echo(f"Classify more:    zoo classify {uri} {out / 'digits'}")

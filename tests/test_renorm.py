@@ -276,6 +276,13 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     assert set(children["experiment_id"]) == {parent.info.experiment_id}
     assert set(children["params.adaptation"]) == {"none", "bn-recalibrate", "fold"}
     assert children["metrics.top1"].between(0, 1).all() and (children["metrics.top5"] >= children["metrics.top1"]).all()
+    # What a person browsing the runs reads: a description and tags on the parent and every child.
+    note = parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["zoo.kind"] == "renorm" and "Re-evaluated the pretrained **resnet18**" in note
+    assert f"| 0:1 | {100 * rows[('0:1', 'none')]['top1']:.1f} %" in note
+    assert [i.dataset.name for i in parent.inputs.dataset_inputs] == [f"{fashion_folder.name}-evaluation"]
+    assert set(children["tags.zoo.kind"]) == {"renorm-eval"}
+    assert children["tags.mlflow.note.content"].str.contains("top-1").all()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(report["parent_run_id"])}
     assert {"renorm_results.csv", "heatmap_top1_none.png", "heatmap_top1_fold.png", "heatmap_top1_bn-recalibrate.png"} <= artifacts
 

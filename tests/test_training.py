@@ -30,10 +30,10 @@ def test_trained_run_records_params_metrics_checkpoints_and_model(registered_mod
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2]
     assert 0.9 <= run.data.metrics["test_accuracy"] <= 1.0  # 2 epochs on 3,500 real digits
     checkpoints = [a.path for a in client.list_artifacts(result.run_id, "checkpoints")]
-    assert checkpoints == ["checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"]
+    assert checkpoints == ["checkpoints/best.pt", "checkpoints/last.pt"]  # the default: last and best
     state = torch.load(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=checkpoints[-1]),
-                       weights_only=False)
-    assert set(state) >= {"model", "optimizer", "lr_scheduler", "epoch", "args"} and state["epoch"] == 2
+                       weights_only=True)
+    assert set(state) >= {"model", "optimizer", "lr_scheduler", "epoch", "args", "rng", "history"} and state["epoch"] == 2
     meta = mlflow.models.get_model_info(result.model_uri).metadata
     assert meta["normalization"] == {"mean": [0.1307], "std": [0.3081]}
     assert meta["input_shape"] == [1, 28, 28] and meta["class_names"] == [str(d) for d in range(10)]

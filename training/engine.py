@@ -109,17 +109,26 @@ def train_one_epoch(
     return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch_size: int = 1000) -> tuple[float, float]:
     """Mean loss and accuracy (a fraction in [0, 1]) of ``model`` on ``split``."""
+    loss, accuracy, _ = evaluate_predictions(model, split, normalization, batch_size)
+    return loss, accuracy
+
+
+@torch.inference_mode()
+def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
+                         batch_size: int = 1000) -> tuple[float, float, torch.Tensor]:
+    """Mean loss, accuracy and the predicted class of every image (on the CPU), in one pass."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, predictions = 0.0, 0, []
     for images, labels in batches(split, batch_size, shuffle=False):
         output = model(normalization.apply(images))
         loss_sum += _loss(output, labels, reduction="sum").item()
-        correct += (output.argmax(dim=1) == labels).sum().item()
+        predicted = output.argmax(dim=1)
+        correct += (predicted == labels).sum().item()
+        predictions.append(predicted.cpu())
     n = max(len(split), 1)
-    return loss_sum / n, correct / n
+    return loss_sum / n, correct / n, torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import csv
 import io
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -286,7 +287,9 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
     config, base = job.config, job.pretrained.network
     network = adapt(base, adaptation, job.source, cand.normalization, job.calibration, job.device, config.batch_size)
     parent_id = tracking.mlflow.active_run().info.run_id
-    with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}") as child:
+    tags = {tracking.KIND_TAG: "renorm-eval", "zoo.model": config.model, "zoo.weights": job.pretrained.weights,
+            "zoo.normalization": cand.label, "zoo.adaptation": adaptation}
+    with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}", tags=tags) as child:
         tracking.log_params({
             "model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
             "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
@@ -296,6 +299,7 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
         tracking.log_metrics(metrics)
         if adaptation == "fold":
             warn_if_fold_inexact(metrics, reference, f"{config.model} under {cand.label}")
+        tracking.set_description(describe_evaluation(job, cand, adaptation, metrics))
         model_uri = None
         if register:
             model_uri = tracking.log_model(
@@ -328,8 +332,12 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
     """Evaluate every (normalization, adaptation) pair in one parent run with a child run each."""
     cands, register_cand, register_adapt = check_config(config)
     job = prepare(config)
-    with tracking.start_run(experiment=experiment, run_name=run_name or f"renorm {config.model}") as parent:
+    tags = {tracking.KIND_TAG: "renorm", "zoo.model": config.model, "zoo.weights": job.pretrained.weights}
+    with tracking.start_run(experiment=experiment, run_name=run_name or f"renorm {config.model} on {Path(job.data_root).name}",
+                            tags=tags) as parent:
         tracking.log_params(parent_params(job))
+        tracking.log_dataset_inputs(Path(job.data_root).name, job.data_root, {"evaluation": job.evaluation})
+        tracking.set_description(describe_renorm(job))
         reference = reference_logits(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size)
         result = RenormResult(parent.info.run_id, [], source=job.source)
         pairs = [(c, a) for c in cands for a in config.adaptations]
@@ -338,7 +346,49 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
             result.model_uri = row.pop("model_uri") or result.model_uri
             result.rows.append(row)
         log_summary(result.rows, config, len(job.class_names))
+        tracking.set_description(describe_renorm(job, result.rows))
     return result
+
+
+ADAPTATION_MEANING = {
+    "none": "only the input normalization changes",
+    "bn-recalibrate": "BatchNorm statistics re-estimated on calibration images under the new normalization",
+    "fold": "the first convolution rewritten to compute under the new normalization what it computed under the old",
+}
+
+
+def describe_renorm(job: Prepared, rows: list[dict] | None = None) -> str:
+    """The parent run's description (markdown): what was re-evaluated on what, then top-1 per normalization."""
+    config = job.config
+    lines = [
+        f"Re-evaluated the pretrained **{config.model}** (weights `{job.pretrained.weights}`, trained with "
+        f"{job.source}) on {len(job.evaluation.labels):,} images of `{job.data_root}`, under other input "
+        "normalizations; nothing is retrained. Adaptations: "
+        + "; ".join(f"**{a}**: {ADAPTATION_MEANING[a]}" for a in config.adaptations) + ".",
+        "", "Every (normalization, adaptation) pair is a child run.",
+    ]
+    if rows:
+        explicit = [r for r in rows if r["grid_mean"] is None]
+        lines += ["", "| normalization | " + " | ".join(config.adaptations) + " |",
+                  "|---|" + "---|" * len(config.adaptations)]
+        for label in dict.fromkeys(r["normalization"] for r in explicit):
+            top1 = {r["adaptation"]: r["top1"] for r in explicit if r["normalization"] == label}
+            lines.append(f"| {label} | " + " | ".join(f"{100 * top1[a]:.1f} %" for a in config.adaptations) + " |")
+        lines += ["", "Top-1 accuracy above; the whole table is `renorm_results.csv`"
+                  + (", the grid's top-1 the `heatmap_top1_*.png` figures." if any(r["grid_mean"] is not None for r in rows) else ".")]
+    return "\n".join(lines)
+
+
+def describe_evaluation(job: Prepared, cand: Candidate, adaptation: str, metrics: dict[str, float]) -> str:
+    """A child run's description: one normalization, one adaptation, and how the network did."""
+    return (
+        f"**{job.config.model}** (weights `{job.pretrained.weights}`, trained with {job.source}) evaluated with "
+        f"input normalization **{cand.normalization}** ({cand.label}), adaptation **{adaptation}**: "
+        f"{ADAPTATION_MEANING[adaptation]}.\n\n"
+        f"**Result** on {len(job.evaluation.labels):,} images: top-1 **{100 * metrics['top1']:.2f} %**, "
+        f"top-5 {100 * metrics['top5']:.2f} %; {100 * metrics['agreement']:.1f} % of the images keep the top-1 class "
+        f"of the unmodified network under its own normalization."
+    )
 
 
 def _fmt_grid(spec: tuple[float, float, int] | None) -> str | None:

@@ -40,9 +40,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from tqdm.auto import tqdm
 
-from training import tracking
+from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
-from training.train import TrainConfig, check_compatible, fit, load_training_data
+from training.train import (
+    TrainConfig, check_compatible, describe_training, fit, load_training_data, short_normalization, training_tags,
+)
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.registry import create_model
@@ -57,6 +59,7 @@ MODEL_URI_TAG = "zoo.model_uri"
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
 # (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
@@ -144,7 +147,11 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
         raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # A database server that does not answer fails in DB_CONNECT_TIMEOUT_S instead of the OS's minutes.
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
+                     {"pool_pre_ping": True, "connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S}})
+    if not url.startswith("sqlite"):
+        check_database_server(url, engine_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -167,6 +174,22 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
             # the losers retry once the winner's tables exist.
             time.sleep(1.0 + attempt)
     return connect()
+
+
+def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
+    """One connection attempt, so an unreachable server fails at once with one line (not after the schema retries)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(url, **engine_kwargs)
+    try:
+        engine.connect().close()
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise ConnectionError(f"cannot reach the Optuna storage {masked_url(url)} ({reason}): check that the database "
+                              "server runs there and accepts connections, or fix --storage / ZOO_OPTUNA_STORAGE") from None
+    finally:
+        engine.dispose()
 
 
 def masked_url(url: str) -> str:
@@ -303,13 +326,16 @@ def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
 
 def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,
                        project_run_id: str | None = None) -> str:
-    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), "zoo.kind": "study"}
-    run_id = project_run_id
-    if run_id:
-        tracking.set_tags(tags, run_id=run_id)
+    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), tracking.KIND_TAG: "study",
+            "zoo.model": config.model, "zoo.dataset": config.dataset}
+    if tracking.is_project_run_here(project_run_id, config.experiment):
+        run_id = project_run_id
+        tracking.set_tags({**tags, "mlflow.runName": f"study {config.name}"}, run_id=run_id)
     else:
         run_id = tracking.create_run(experiment=config.experiment or tracking.default_experiment(),
-                                     run_name=f"study-{config.name}", tags=tags)
+                                     run_name=f"study {config.name}", tags=tags)
+        if project_run_id:
+            tracking.link_project_run(project_run_id, run_id)
     tracking.log_params(_parent_params(config, storage_url), run_id=run_id)
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
@@ -367,18 +393,22 @@ class _Context:
     claim: StudyLock  # across processes and machines: who may start the next trial
     lock: threading.Lock = field(default_factory=threading.Lock)  # this process's progress bar and summary
     stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
+    checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
 
 
 def _objective(trial: optuna.Trial, ctx: _Context) -> float:
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
-    tags = {"optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
+    tags = {**training_tags(train_config, normalization, "trial"),
+            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
     with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                            run_name=f"trial-{trial.number:03d}", tags=tags, stopped=(optuna.TrialPruned,)) as run:
+                            run_name=f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags=tags,
+                            stopped=(optuna.TrialPruned,)) as run:
         trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization))
         tracking.log_params({"trial_number": trial.number, "train_size": len(ctx.dataset.train),
                              "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)})
         try:
@@ -388,10 +418,23 @@ def _objective(trial: optuna.Trial, ctx: _Context) -> float:
             trial.set_user_attr("failure", str(exc))
             raise
         trial.set_user_attr("test_accuracy", result.test_accuracy)
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization, result))
         if config.log_models == "all":
             uri = _log_trial_model(result.network, result.normalization, config, ctx.dataset, result.test_accuracy)
             tracking.set_tags({MODEL_URI_TAG: uri})
     return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
+
+
+def _describe_trial(trial: optuna.Trial, ctx: _Context, train_config: TrainConfig, normalization: Normalization,
+                    result=None) -> str:
+    """The trial's description: which study it belongs to, then what was trained and its result."""
+    text = (f"Trial {trial.number} of the Optuna study **{ctx.config.name}** (the parent run), which searches "
+            f"the input normalization.\n\n" + describe_training(train_config, normalization, ctx.dataset, result))
+    threshold = one_class_accuracy(ctx.dataset.val) + ctx.config.collapse_margin
+    if result is not None and result.val_accuracy <= threshold:
+        text += (f"\n\n**Collapsed:** validation accuracy {100 * result.val_accuracy:.2f} % is at most "
+                 f"{100 * threshold:.2f} % (predicting the most frequent class, plus a margin).")
+    return text
 
 
 def _pruning_callback(trial: optuna.Trial):
@@ -507,18 +550,50 @@ def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, colla
     for split in ("val", "test"):
         metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
     tracking.log_metrics(metrics, run_id=parent_run_id)
+    tracking.set_description(describe_study(study, summary), run_id=parent_run_id)
     if summary["best"]:
         best = summary["best"]
         tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
         tracking.set_tags({"best_trial": best["trial"], "best_run_id": best["run_id"],
                            **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}}, run_id=parent_run_id)
     if plots:
-        log_plots(study, parent_run_id)
+        log_plots(study, parent_run_id, summary["collapse_threshold"])
     return summary
 
 
-def log_plots(study: optuna.Study, parent_run_id: str) -> None:
-    """Optuna's matplotlib contour of accuracy over (mean, std) and the parameter importances."""
+PLOTS = ("contour.png", "param_importances.png", "accuracy_vs_normalization.png", "interactive.html")  # under study/
+
+
+def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
+    """The parent run's description (markdown): what the study searches and, so far, what it found."""
+    searched = study.user_attrs.get(CONFIG_ATTR, {})
+    lines = [f"Optuna study **{study.study_name}**"]
+    if searched:
+        lines[0] += (f": trains **{searched['model']}** on **{searched['dataset']}** for {searched['epochs']} epoch(s) "
+                     f"per trial, with the input mean searched in [{searched['mean_range'][0]:g}, "
+                     f"{searched['mean_range'][1]:g}] and the std in [{searched['std_range'][0]:g}, "
+                     f"{searched['std_range'][1]:g}] (log scale)")
+    lines[0] += ". Every trial is a child run of this one."
+    lines.append("")
+    val = summary["val_accuracy"]
+    if not summary["trials_complete"]:
+        lines.append("**Result:** no trial has completed yet.")
+    else:
+        best = summary["best"]
+        lines.append(
+            f"**Result:** {summary['trials_complete']} trials complete ({summary['trials_collapsed']} collapsed to "
+            f"predicting one class, {summary['trials_diverged']} diverged, {summary['trials_pruned']} pruned). "
+            f"Validation accuracy: median **{100 * val['median']:.2f} %**, sd {100 * val['sd']:.2f} pt, "
+            f"range {100 * val['min']:.2f}-{100 * val['max']:.2f} %. Best: trial {best['trial']} "
+            f"({', '.join(f'{k} {v:.4g}' for k, v in best['params'].items())}).")
+    lines += ["", "Figures under `study/`: " + ", ".join(f"`{p}`" for p in PLOTS) + "; every trial in `study/trials.csv`."]
+    return "\n".join(lines)
+
+
+def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:
+    """Optuna's contour of accuracy over (mean, std) and parameter importances (matplotlib), accuracy
+    against each searched value with the collapsed trials in red, and Optuna's interactive plotly
+    versions in one HTML file."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
@@ -526,7 +601,8 @@ def log_plots(study: optuna.Study, parent_run_id: str) -> None:
     from optuna.visualization import matplotlib as optuna_plots
 
     for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
-        with warnings.catch_warnings():
+        # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")
             try:
                 axes = plot(study, target_name="val_accuracy")
@@ -537,6 +613,39 @@ def log_plots(study: optuna.Study, parent_run_id: str) -> None:
         figure.set_size_inches(8, 6)
         tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
         plt.close(figure)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        from training.figures import accuracy_against_figure
+
+        names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), k))  # mean(s), then std(s)
+        figure = accuracy_against_figure(
+            {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
+            [t.value <= collapse_threshold for t in complete], collapse_threshold,
+            f"study {study.study_name}: {len(complete)} complete trials",
+        )
+        tracking.log_figure(figure, "study/accuracy_vs_normalization.png", run_id=parent_run_id)
+    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+
+
+def interactive_html(study: optuna.Study) -> str:
+    """Optuna's plotly contour, slice, importances and history on one page, plotly.js embedded once
+    (about 4.7 MB) so the page works offline in the MLflow UI's artifact viewer."""
+    from optuna import visualization
+
+    parts, embedded = [], False
+    for plot in (visualization.plot_contour, visualization.plot_slice, visualization.plot_param_importances,
+                 visualization.plot_optimization_history):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                figure = plot(study, target_name="val_accuracy")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
+                parts.append(f"<p>{plot.__name__}: not available yet ({exc})</p>")
+                continue
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
+        embedded = True
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head>"
+            f"<body><h2>Optuna study {study.study_name}</h2>{''.join(parts)}</body></html>")
 
 
 # --- the best model -----------------------------------------------------------------------
@@ -551,7 +660,9 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
     run_id = best.user_attrs[RUN_ATTR]
     uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
     if uri is None:
-        state = tracking.load_checkpoint(run_id, f"checkpoints/epoch_{config.epochs:03d}.pt")
+        # The weights the trial was tested with: its best epoch's under the recipe's keep_best, else its last.
+        tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
+        state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
         network = create_model(config.model)
         network.load_state_dict(state["model"])
         with tracking.start_run(run_id=run_id):
@@ -573,7 +684,7 @@ def load_study_dataset(config: StudyConfig) -> Dataset:
     recipe asks (as ``zoo train`` does), cut to the requested sizes."""
     full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
-                   full.val.subset(config.val_size), full.test.subset(config.test_size))
+                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source)
 
 
 @contextmanager
@@ -588,8 +699,41 @@ def _torch_threads(jobs: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _best_run_id(study: optuna.Study) -> str | None:
+    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return study.best_trial.user_attrs.get(RUN_ATTR) if complete else None
+
+
+def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: _Context) -> None:
+    """Only the best trial keeps its checkpoints (full last + weights-only best, ~19 MB for mnist_cnn):
+    a finished trial that is not the best loses them, and so does the best it supersedes. Other
+    processes' leftovers go in :func:`sweep_checkpoints` when the study ends."""
+    run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)
+    if run_id is None:
+        return
+    try:
+        if run_id != best:
+            tracking.delete_checkpoints(run_id)
+            return
+        if ctx.checkpointed_best not in (None, run_id):
+            tracking.delete_checkpoints(ctx.checkpointed_best)
+        ctx.checkpointed_best = run_id
+    except Exception as exc:  # a failed clean-up must not stop the study; the final sweep retries
+        tqdm.write(f"study: could not delete a trial's checkpoints ({exc})", file=sys.stderr)
+
+
+def sweep_checkpoints(study: optuna.Study) -> None:
+    """Delete the checkpoints of every finished trial but the best (whichever process ran them)."""
+    best = _best_run_id(study)
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if trial.state.is_finished() and run_id not in (None, best):
+            tracking.delete_checkpoints(run_id)
+
+
 def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
-    with ctx.lock:  # trial threads share the bar
+    with ctx.lock:  # trial threads share the bar and the best trial's checkpoints
+        keep_best_trial_checkpoints(study, trial, ctx)
         _show_progress(bar, count_trials(study)[0])
         if trial.state == TrialState.COMPLETE:
             bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
@@ -710,6 +854,7 @@ def run_study(config: StudyConfig) -> StudyResult:
     queued = enqueue_params(config, spec.channels)
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
+    tracking.check_tracking_server()
     storage = make_storage(config.storage, config.heartbeat)
     lock = StudyLock(config.storage, config.name)
     study, created = open_study(config, storage)
@@ -740,6 +885,7 @@ def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset
         summary = summarize(study, one_class, config.collapse_margin)
         return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"))
     end_orphaned_runs(study)
+    sweep_checkpoints(study)
     summary = log_summary(study, parent, one_class, config.collapse_margin, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
     finished, running = count_trials(study)

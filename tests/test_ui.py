@@ -1,0 +1,220 @@
+"""What a person browsing the runs meets: names, descriptions, tags, datasets, figures, `zoo ui`,
+and the MLflow UI itself in a real (headless Debian) Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from serving.cli import cli
+from training import tracking
+from training.study import StudyConfig, run_study
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def png_artifact(run_id: str, path: str) -> Image.Image:
+    """A run's artifact opened as an image; fails unless it is a valid PNG."""
+    data = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_bytes()
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.verify()
+    return Image.open(io.BytesIO(data))
+
+
+def test_a_trained_run_has_a_readable_name_tags_description_datasets_and_figures(registered_model):
+    client = MlflowClient()
+    run = client.get_run(registered_model["result"].run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "zoo" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "mnist_cnn mnist-5k norm 0.1307/0.3081 2ep seed1"
+    tags = run.data.tags
+    assert (tags["zoo.kind"], tags["zoo.model"], tags["zoo.dataset"]) == ("train", "mnist_cnn", "mnist-5k")
+    assert (tags["zoo.normalization"], tags["zoo.normalization_is_default"]) == ("0.1307/0.3081", "true")
+    note = tags["mlflow.note.content"]
+    assert "Trained **mnist_cnn** on **mnist-5k** for 2 epoch(s)" in note and "3,500 training" in note
+    assert f"test accuracy **{100 * run.data.metrics['test_accuracy']:.2f} %**" in note
+
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-5k-train", "mnist-5k-validation", "mnist-5k-test"}
+    assert [t.value for t in inputs["mnist-5k-validation"].tags if t.key == "mlflow.data.context"] == ["validation"]
+    assert "mnist_5k.csv.gz" in inputs["mnist-5k-train"].dataset.source  # where the digits came from
+    assert '"features_shape": [3500, 1, 28, 28]' in inputs["mnist-5k-train"].dataset.profile
+
+    confusion = png_artifact(run.info.run_id, "confusion_matrix.png")
+    misclassified = png_artifact(run.info.run_id, "misclassified.png")
+    for image in (confusion, misclassified):
+        assert 300 <= min(image.size) and max(image.size) <= 1200  # readable, and small
+        assert len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+
+
+def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(mnist_5k):
+    from training.train import TrainConfig, train
+
+    config = TrainConfig(epochs=1, max_batches=2, checkpoints=False, progress=False)
+    runs = [MlflowClient().get_run(train(config, dataset=mnist_5k, log_model=False).run_id) for _ in range(2)]
+    assert [r.info.run_name for r in runs] == ["mnist_cnn mnist-5k norm 0.1307/0.3081 1ep seed1 dry-run",
+                                               "mnist_cnn mnist-5k norm 0.1307/0.3081 1ep seed1 dry-run #2"]
+    assert runs[0].data.tags["zoo.dry_run"] == "true"
+    digests = [{i.dataset.name: i.dataset.digest for i in r.inputs.dataset_inputs} for r in runs]
+    assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # one digest per split
+
+
+def test_a_name_taken_in_the_experiment_gets_a_suffix():
+    names = []
+    for _ in range(3):
+        with tracking.start_run(run_name="mnist_cnn mnist-5k norm 0/1 1ep seed1") as run:
+            names.append(run.info.run_name)
+    with tracking.start_run(experiment="other", run_name="mnist_cnn mnist-5k norm 0/1 1ep seed1") as run:
+        names.append(run.info.run_name)
+    assert names == ["mnist_cnn mnist-5k norm 0/1 1ep seed1", "mnist_cnn mnist-5k norm 0/1 1ep seed1 #2",
+                     "mnist_cnn mnist-5k norm 0/1 1ep seed1 #3", "mnist_cnn mnist-5k norm 0/1 1ep seed1"]
+    assert MlflowClient().get_experiment_by_name("other").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_created_by_mlflow_run_in_default_points_at_ours_in_zoo(monkeypatch):
+    """As `mlflow run` without an experiment does: its run in Default, MLFLOW_RUN_ID/_EXPERIMENT_ID exported."""
+    project = MlflowClient().create_run("0", tags={"mlflow.project.entryPoint": "train"})
+    monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    with tracking.start_run(run_name="ours") as run:
+        pass
+    ours = MlflowClient().get_run(run.info.run_id)
+    assert MlflowClient().get_experiment(ours.info.experiment_id).name == "zoo"
+    assert ours.data.tags["zoo.project_run_id"] == project.info.run_id
+    assert ours.data.tags["mlflow.project.entryPoint"] == "train"
+    pointer = MlflowClient().get_run(project.info.run_id).data.tags
+    assert pointer["zoo.run_id"] == run.info.run_id and "experiment **zoo**" in pointer["mlflow.note.content"]
+
+
+@pytest.mark.slow
+def test_a_study_parent_shows_its_search_and_its_trials_say_what_they_trained(tmp_path):
+    result = run_study(StudyConfig(
+        dataset="mnist-5k", trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="look",
+        log_models="none", progress=False, heartbeat=2, train_size=192, val_size=200, test_size=200,
+    ))
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.run_name == "study look"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Optuna study **look**: trains **mnist_cnn** on **mnist-5k**" in note and "3 trials complete" in note
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "study")}
+    assert {"study/contour.png", "study/param_importances.png", "study/accuracy_vs_normalization.png",
+            "study/interactive.html"} <= artifacts
+    png_artifact(result.parent_run_id, "study/accuracy_vs_normalization.png")
+    page = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study/interactive.html")
+    assert page.count("Plotly.newPlot") >= 3
+    assert '<script src="https://cdn.plot.ly' not in page and len(page) > 1_000_000  # plotly.js inside: works offline
+
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(trials) == 3
+    for trial in trials:
+        tags = trial.data.tags
+        assert tags["zoo.kind"] == "trial" and trial.info.run_name.startswith(f"trial {int(tags['optuna.trial_number']):03d} norm ")
+        assert tags["mlflow.note.content"].startswith(f"Trial {tags['optuna.trial_number']} of the Optuna study **look**")
+        assert {i.dataset.name for i in trial.inputs.dataset_inputs} == {"mnist-5k-train", "mnist-5k-validation", "mnist-5k-test"}
+        png_artifact(trial.info.run_id, "confusion_matrix.png")
+
+
+# --- zoo ui -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(tracking_store):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(cli, ["ui", "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 1 and "is in use" in result.output and "--port" in result.output
+    mlflow.set_tracking_uri("http://127.0.0.1:1")  # as MLFLOW_TRACKING_URI=http://... does
+    try:
+        result = CliRunner().invoke(cli, ["ui", "--port", str(free_port())])
+    finally:
+        mlflow.set_tracking_uri(tracking_store)
+    assert result.exit_code == 2 and "open that address in a browser" in result.output
+
+
+@pytest.fixture
+def zoo_ui(registered_model):
+    """`zoo ui` over the store with the trained run, as a user starts it; yields the URL it prints."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = next(line.split()[1] for line in proc.stdout if line.startswith("open "))
+        deadline = time.monotonic() + 120
+        while not _answers(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the MLflow UI did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+        assert not _answers(port)  # the server stopped with it
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium, or run scripts/system-packages.sh)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing (pip install -e '.[dev]')"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_the_mlflow_ui_shows_the_run_its_dataset_description_and_confusion_matrix(zoo_ui, registered_model, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    run = MlflowClient().get_run(registered_model["result"].run_id)
+    shots = Path(os.environ.get("ZOO_SCREENSHOTS", tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(60_000)  # a shared 2-core machine
+        # The experiment, from the address `zoo ui` printed: the runs table, not the GenAI overview.
+        page.goto(zoo_ui, wait_until="load")  # the UI polls: never wait for networkidle
+        link = page.get_by_role("link", name=run.info.run_name)
+        expect(link).to_be_visible()
+        expect(page.get_by_text("Token Usage")).to_have_count(0)
+        page.screenshot(path=shots / "experiment.png")
+
+        link.click()
+        expect(page.get_by_text("Trained mnist_cnn on mnist-5k for 2 epoch(s)", exact=False)).to_be_visible()
+        expect(page.get_by_text("mnist-5k-train").first).to_be_visible()
+        page.screenshot(path=shots / "run.png", full_page=True)
+
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("confusion_matrix.png").first.click()
+        expect(page.locator("img[src*='confusion_matrix.png'], img[alt*='confusion_matrix']").first).to_be_visible()
+        page.screenshot(path=shots / "artifacts.png")
+        browser.close()
