@@ -6,7 +6,6 @@ Attach with ``cli.add_command(study)``; the group turns ValueError into exit 2.
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
@@ -68,8 +67,6 @@ def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sa
     """
     from training.study import StudyConfig, run_study
 
-    if fmt == "json":  # stdout is the report alone: MLflow prints "View run ... at" there for a tracking server
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
         std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs, storage=storage,

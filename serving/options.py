@@ -1,5 +1,7 @@
 """Options shared by several commands, defined once (as in MLflow's utils/cli_args.py)."""
 
+import os
+
 import click
 
 
@@ -13,8 +15,18 @@ DATASET = click.option("--dataset", default="mnist-5k", show_default=True, help=
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")
 MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
+
+
+def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """With --format json/jsonl stdout holds the data alone: MLflow would print "View run ... at"
+    there for a tracking server (a line per run), which breaks a JSON reader."""
+    if value != "text":
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return value
+
+
 FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, callback=machine_output,
     help="json prints machine-readable output on stdout (logs go to stderr).",
 )
 MEAN = click.option("--mean", default=None, callback=unset_sentinels, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
