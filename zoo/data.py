@@ -170,8 +170,8 @@ def _read_idx(path: Path) -> torch.Tensor:
 def _torchvision_dataset(class_name: str, name: str, root: Path, download: bool, hint: str):
     raw = root / class_name / "raw"
     if all((raw / f).is_file() for f in _IDX_FILES):
-        # Read directly: importing torchvision.datasets pulls in torch._dynamo, about a second
-        # of every run, to read the same bytes.
+        # Read directly: importing torchvision.datasets imports all of torchvision (its models
+        # and ops), a fixed cost of every run, to read the same bytes.
         train_images, train_labels, test_images, test_labels = (_read_idx(raw / f) for f in _IDX_FILES)
         return (_IdxPair(train_images, train_labels.long(), str(raw)),
                 _IdxPair(test_images, test_labels.long(), str(raw)))

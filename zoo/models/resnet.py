@@ -16,8 +16,8 @@ _RECIPE = dict(optimizer="sgd", lr=0.1, lr_gamma=0.9)
 
 if TYPE_CHECKING:
     from torchvision import models as tv
-# Otherwise torchvision is imported by the builders: importing it pulls in torch._dynamo, about
-# a second of every `zoo` command that never builds a ResNet.
+# Otherwise torchvision is imported by the builders: importing it (its models and ops, and with
+# them torch._dynamo) is a fixed cost of every `zoo` command that never builds a ResNet.
 
 
 @register_model("resnet18", input_shape=(3, 224, 224), num_classes=1000, normalization=IMAGENET, **_RECIPE)
