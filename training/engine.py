@@ -8,6 +8,7 @@ normalization a study tries.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -122,17 +123,30 @@ def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch
     return loss, accuracy
 
 
-@torch.inference_mode()
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[None]:
+    """Convolution weights in channels-last while inside: the MNIST CNN's inference ran about 1.5x
+    faster so on the 2-core CPU (oneDNN). The same parameter objects are converted back after, so
+    the optimizer and training are untouched (convert outside inference mode, or they become
+    inference tensors that autograd refuses)."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
                          batch_size: int = 1000) -> tuple[float, float, torch.Tensor]:
     """Mean loss, accuracy and the predicted class of every image (on the CPU), in one pass."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.images.device)
     predictions = []
-    for images, labels in batches(split, batch_size, shuffle=False):
-        output = model(normalization.apply(images))
-        loss_sum.add_(_loss(output, labels, reduction="sum"))
-        predictions.append(output.argmax(dim=1))
+    with channels_last(model), torch.inference_mode():  # converted outside inference mode: the weights train on
+        for images, labels in batches(split, batch_size, shuffle=False):
+            output = model(normalization.apply(images))
+            loss_sum.add_(_loss(output, labels, reduction="sum"))
+            predictions.append(output.argmax(dim=1))
     n = max(len(split), 1)
     if not predictions:
         return 0.0, 0.0, torch.empty(0, dtype=torch.long)
