@@ -65,14 +65,16 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 def save(keep: frozenset[str], epoch: int, improved: bool,
          full: Callable[[], dict[str, Any]], weights: Callable[[], dict[str, Any]]) -> None:
     """Log the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the best so far)."""
+    states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()
         if LAST in keep:
-            tracking.log_checkpoint(state, LAST)
+            states[LAST] = state
         if EPOCHS in keep:
-            tracking.log_checkpoint(state, f"epoch_{epoch:03d}")
+            states[f"epoch_{epoch:03d}"] = state
     if BEST in keep and improved:
-        tracking.log_checkpoint(weights(), BEST)
+        states[BEST] = weights()
+    tracking.log_checkpoints(states)
 
 
 def _in_main_thread() -> bool:

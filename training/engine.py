@@ -8,6 +8,7 @@ normalization a study tries.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -39,12 +40,17 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, mome
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    n = len(split)
-    order = torch.randperm(n, generator=generator, device="cpu") if shuffle else torch.arange(n)
-    order = order.to(split.images.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield split.images[idx], split.labels[idx]
+    """Batches of ``split`` in order, or in a new random order drawn from ``generator``.
+
+    A shuffled epoch is gathered once into contiguous tensors and then sliced: one copy per
+    epoch rather than one small gather per batch, and the same batches as gathering per batch.
+    """
+    images, labels = split.images, split.labels
+    if shuffle:
+        order = torch.randperm(len(split), generator=generator, device="cpu").to(images.device)
+        images, labels = images[order], labels[order]
+    for start in range(0, len(labels), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -74,16 +80,18 @@ def run_epoch(
     Every trainer (autograd or hand-written) goes through here, so batching, the
     ``max_batches`` cut and the loss bookkeeping are the same for all models.
     """
-    total, count = 0.0, 0
+    # Summed on the device and read once per epoch: loss.item() every batch would wait for the
+    # device (a GPU) to finish each step before queueing the next.
+    total, count = torch.zeros((), dtype=torch.float64, device=split.images.device), 0
     for i, (images, labels) in enumerate(batches(split, batch_size, shuffle=True, generator=generator)):
         if max_batches is not None and i >= max_batches:
             break
         loss = step(normalization.apply(images), labels)
-        total += loss.item() * len(labels)
+        total.add_(loss.detach(), alpha=len(labels))
         count += len(labels)
         if on_batch:
             on_batch(len(labels))
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def train_one_epoch(
@@ -115,20 +123,36 @@ def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch
     return loss, accuracy
 
 
-@torch.inference_mode()
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[None]:
+    """Convolution weights in channels-last while inside: the MNIST CNN's inference ran about 1.5x
+    faster so on the 2-core CPU (oneDNN). The same parameter objects are converted back after, so
+    the optimizer and training are untouched (convert outside inference mode, or they become
+    inference tensors that autograd refuses)."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
                          batch_size: int = 1000) -> tuple[float, float, torch.Tensor]:
     """Mean loss, accuracy and the predicted class of every image (on the CPU), in one pass."""
     model.eval()
-    loss_sum, correct, predictions = 0.0, 0, []
-    for images, labels in batches(split, batch_size, shuffle=False):
-        output = model(normalization.apply(images))
-        loss_sum += _loss(output, labels, reduction="sum").item()
-        predicted = output.argmax(dim=1)
-        correct += (predicted == labels).sum().item()
-        predictions.append(predicted.cpu())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.images.device)
+    predictions = []
+    with channels_last(model), torch.inference_mode():  # converted outside inference mode: the weights train on
+        for images, labels in batches(split, batch_size, shuffle=False):
+            output = model(normalization.apply(images))
+            loss_sum.add_(_loss(output, labels, reduction="sum"))
+            predictions.append(output.argmax(dim=1))
     n = max(len(split), 1)
-    return loss_sum / n, correct / n, torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    if not predictions:
+        return 0.0, 0.0, torch.empty(0, dtype=torch.long)
+    predicted = torch.cat(predictions)  # read back once, not per batch
+    correct = int((predicted == split.labels).sum())
+    return loss_sum.item() / n, correct / n, predicted.cpu()
 
 
 @dataclass

@@ -257,7 +257,7 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
 
 
 def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
-    """A checkpoint written by :func:`log_checkpoint`, read back from the run's artifacts."""
+    """A checkpoint written by :func:`log_checkpoints`, read back from the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -312,16 +312,27 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     mlflow.log_metrics(metrics, step=step, run_id=run_id)
 
 
-def log_checkpoint(state: dict[str, Any], name: str, artifact_path: str = CHECKPOINTS) -> None:
-    """Save ``state`` as ``checkpoints/NAME.pt`` of the active run.
+def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS) -> None:
+    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of the active run, in one artifact upload.
 
+    A state given under several names (``last`` and ``epoch_003``) is serialized once and copied.
     Logging the same name again replaces the file (local and served mlflow-artifacts stores
     overwrite), so ``last`` and ``best`` each hold one file however many epochs run.
     """
+    import shutil
+
+    if not states:
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.pt"
-        torch.save(state, path)
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        written: dict[int, Path] = {}
+        for name, state in states.items():
+            path = Path(tmp) / f"{name}.pt"
+            if id(state) in written:
+                shutil.copyfile(written[id(state)], path)
+            else:
+                torch.save(state, path)
+                written[id(state)] = path
+        mlflow.log_artifacts(tmp, artifact_path=artifact_path)
 
 
 def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:

@@ -1,0 +1,134 @@
+"""`zoo train --model mnist_cnn --dataset fashion-mnist --epochs 1` against the published notebook's protocol.
+
+The reference is a faithful re-implementation of the notebook's loop: torchvision's FashionMNIST
+read from the same files the project reads (zoo/data.py unpacks them under --data-dir), a
+per-sample ``Compose([ToTensor(), Normalize((0.2860,), (0.3530,))])``, a shuffled DataLoader of
+batch 64, the project's mnist_cnn network, Adadelta lr 1.0, one epoch on 54,000 training images
+(the project keeps the other 6,000 for validation), then the 10,000 test images in batches of 1000.
+
+Each side runs as a whole process, start-up included, in A B A B pairs (pairing keeps the ratio
+meaningful when the machine's speed drifts); the zoo side gets a fresh temporary MLflow store
+each time. Prints wall seconds, training-loop images/s, test accuracy and the ratio.
+
+Run:      PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py [--pairs 2]
+One side: PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py --reference   (what farm-bench --vs times)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+TRAIN_IMAGES = 54_000
+ZOO_COMMAND = ["train", "--model", "mnist_cnn", "--dataset", "fashion-mnist", "--epochs", "1"]
+
+
+def reference() -> dict[str, float]:
+    """The notebook's protocol, one epoch; returns loop images/s and test accuracy."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from zoo.data import _stage_system_fashion_mnist, default_data_dir
+    from zoo.registry import create_model
+
+    torch.manual_seed(1)
+    root = default_data_dir()
+    _stage_system_fashion_mnist(root)  # the Debian package's files, where the project reads them
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    train_set = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
+    test_set = datasets.FashionMNIST(str(root), train=False, download=False, transform=transform)
+    train_set = Subset(train_set, torch.randperm(len(train_set))[:TRAIN_IMAGES].tolist())
+    model = create_model("mnist_cnn")
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+
+    started = time.perf_counter()
+    model.train()
+    for data, target in DataLoader(train_set, batch_size=64, shuffle=True):
+        optimizer.zero_grad()
+        loss = F.nll_loss(model(data), target)
+        loss.backward()
+        optimizer.step()
+    loop_seconds = time.perf_counter() - started
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for data, target in DataLoader(test_set, batch_size=1000):
+            correct += (model(data).argmax(dim=1) == target).sum().item()
+    return {"images_per_s": TRAIN_IMAGES / loop_seconds, "test_accuracy": correct / len(test_set)}
+
+
+def zoo_metrics(store: str) -> dict[str, float]:
+    """Loop images/s (the epoch's seconds include its 6,000-image validation) and test accuracy of the store's run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    return {"images_per_s": TRAIN_IMAGES / run.data.metrics["epoch_seconds"],
+            "test_accuracy": run.data.metrics["test_accuracy"]}
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def run_zoo() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+        zoo = os.path.join(os.path.dirname(sys.executable), "zoo")
+        wall = timed([zoo, *ZOO_COMMAND], env)
+        return {"wall_s": wall, **zoo_metrics(store)}
+
+
+def run_reference() -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        wall = timed([sys.executable, __file__, "--reference", "--json", out.name], dict(os.environ))
+        return {"wall_s": wall, **json.load(open(out.name))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2, help="A B pairs to run (zoo, then reference)")
+    parser.add_argument("--reference", action="store_true", help="run the reference protocol once, in this process")
+    parser.add_argument("--json", help="with --reference: write its figures to this file")
+    args = parser.parse_args()
+    if args.reference:
+        figures = reference()
+        print(json.dumps(figures))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f)
+        return
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    rows: dict[str, list[dict[str, float]]] = {"zoo train": [], "reference": []}
+    for pair in range(args.pairs):
+        rows["zoo train"].append(run_zoo())
+        rows["reference"].append(run_reference())
+        a, b = rows["zoo train"][-1], rows["reference"][-1]
+        print(f"pair {pair + 1}: zoo {a['wall_s']:.1f} s ({a['images_per_s']:.0f} img/s, acc {a['test_accuracy']:.4f}) | "
+              f"reference {b['wall_s']:.1f} s ({b['images_per_s']:.0f} img/s, acc {b['test_accuracy']:.4f}) | "
+              f"reference/zoo {b['wall_s'] / a['wall_s']:.2f}x", flush=True)
+    median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()}
+    ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(rows["zoo train"], rows["reference"])]
+    for name, m in median.items():
+        print(f"{name:10s} median wall {m['wall_s']:.1f} s, loop {m['images_per_s']:.0f} images/s, "
+              f"test accuracy {m['test_accuracy']:.4f}")
+    print(f"zoo train is {statistics.median(ratios):.2f}x faster than the reference (median of pair ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
