@@ -147,37 +147,7 @@ def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: in
     return Dataset("mnist-5k", DIGIT_CLASSES, pick(train_idx), pick(val_idx), pick(test_idx), str(source))
 
 
-# The four uncompressed IDX files torchvision's MNIST and FashionMNIST read from ROOT/CLASS/raw/.
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-@dataclass
-class _IdxPair:
-    """What _from_torchvision reads from a torchvision MNIST-style dataset."""
-    data: torch.Tensor
-    targets: torch.Tensor
-    raw_folder: str
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """An uncompressed IDX file of uint8 values (the MNIST format) as a tensor of its own shape."""
-    data = path.read_bytes()
-    ndim = data[3]
-    shape = tuple(np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-
-
-def _torchvision_dataset(class_name: str, name: str, root: Path, download: bool, hint: str):
-    raw = root / class_name / "raw"
-    if all((raw / f).is_file() for f in _IDX_FILES):
-        # Read directly: importing torchvision.datasets imports all of torchvision (its models
-        # and ops), a fixed cost of every run, to read the same bytes.
-        train_images, train_labels, test_images, test_labels = (_read_idx(raw / f) for f in _IDX_FILES)
-        return (_IdxPair(train_images, train_labels.long(), str(raw)),
-                _IdxPair(test_images, test_labels.long(), str(raw)))
-    import torchvision.datasets
-
-    cls = getattr(torchvision.datasets, class_name)
+def _torchvision_dataset(cls, name: str, root: Path, download: bool, hint: str):
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except (RuntimeError, OSError) as exc:  # torchvision raises RuntimeError when not found, URLError when offline
@@ -200,8 +170,10 @@ def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, 
 
 @register_dataset("mnist", "full MNIST (60k/10k) through torchvision: downloads when online, or reads --data-dir")
 def _load_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    from torchvision.datasets import MNIST
+
     pair = _torchvision_dataset(
-        "MNIST", "mnist", data_dir, download, "Point --data-dir at a folder holding MNIST/raw/, or go online."
+        MNIST, "mnist", data_dir, download, "Point --data-dir at a folder holding MNIST/raw/, or go online."
     )
     return _from_torchvision("mnist", DIGIT_CLASSES, pair, val_fraction, seed)
 
@@ -225,9 +197,11 @@ def _stage_system_fashion_mnist(root: Path) -> None:
     "Fashion-MNIST (60k/10k) through torchvision; offline from the Debian package dataset-fashion-mnist",
 )
 def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    from torchvision.datasets import FashionMNIST
+
     _stage_system_fashion_mnist(data_dir)
     pair = _torchvision_dataset(
-        "FashionMNIST",
+        FashionMNIST,
         "fashion-mnist",
         data_dir,
         download,
