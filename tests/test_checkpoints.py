@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,10 +12,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from servers import free_port
+from servers import mlflow_server as served_mlflow
 from serving.cli import cli
 from training import tracking
 from training.train import TrainConfig, train
@@ -152,34 +152,13 @@ def test_bad_keep_checkpoints_exits_2_naming_the_valid_values():
     assert "give last, best, all or none, or a comma-separated list such as last,best" in res.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real `mlflow server` serving artifacts over HTTP (mlflow-artifacts:/), the tests' store pointed at it."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "served")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    uri = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield tmp_path / "served"
-    server.terminate()
-    server.wait(timeout=60)
+    with served_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "served") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield tmp_path / "served"
 
 
 def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow_server: Path):

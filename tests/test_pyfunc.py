@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from servers import free_port
 from serving.classify import collect_images, load_pixels
 from serving.cli import cli
 from serving.demo import write_digit_images
@@ -134,9 +134,7 @@ def test_the_registered_model_and_version_are_described(registered_model):
 @pytest.fixture
 def served_model(registered_model):
     """`mlflow models serve` of models:/digits@champion on a free port; killed at teardown."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = registered_model["folder"] / f"serve-{port}.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(

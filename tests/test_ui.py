@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from servers import free_port
 from serving.cli import cli
 from training import tracking
 from training.study import StudyConfig, run_study
@@ -133,12 +133,6 @@ def test_a_study_parent_shows_its_search_and_its_trials_say_what_they_trained(tm
 
 
 # --- zoo ui -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(tracking_store):
