@@ -33,6 +33,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread
 from alembic.util import CommandError as AlembicCommandError
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
@@ -772,7 +773,7 @@ def _claim_trial(study: optuna.Study, ctx: _Context, bar: tqdm) -> optuna.Trial 
             if finished >= ctx.config.trials:
                 return None
             if finished + running < ctx.config.trials:
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _heartbeat records it
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _run_trial records it
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                     return study.ask()
         _show_progress(bar, finished)
@@ -780,31 +781,12 @@ def _claim_trial(study: optuna.Study, ctx: _Context, bar: tqdm) -> optuna.Trial 
     return None
 
 
-@contextmanager
-def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while it runs (as
-    ``study.optimize`` does): a trial whose heartbeat stops belongs to a dead process."""
-    storage, done = study._storage, threading.Event()
-
-    def beat() -> None:
-        while True:
-            storage.record_heartbeat(trial._trial_id)
-            if done.wait(storage.get_heartbeat_interval()):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
 def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: _Context) -> FrozenTrial:
     """Train one claimed trial and tell Optuna its outcome; a diverged trial is a result, any other error is raised."""
     value, state, error = None, TrialState.FAIL, None
-    with _heartbeat(study, trial):
+    # Optuna's own heartbeat thread, the one study.optimize runs: a trial whose heartbeat stops
+    # belongs to a dead process (optuna.storages._heartbeat is not re-exported publicly).
+    with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             value, state = _objective(trial, ctx), TrialState.COMPLETE
         except optuna.TrialPruned:
