@@ -361,7 +361,17 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any]) -> None:
                 split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source or None,
                 name=f"{name}-{context}",
             ))
-    mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
+    except MlflowException as exc:
+        # MLflow's SQL store checks for the dataset, then inserts it: two trial threads logging the
+        # same split at once clash on its unique key. The transaction was rolled back and the
+        # dataset now exists, so the second try links it.
+        if "unique" not in str(exc).lower():
+            raise
+        mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
 
 
 def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
