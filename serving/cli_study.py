@@ -33,6 +33,9 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--sampler", type=click.Choice(["tpe", "random", "qmc"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (training always starts from seed 1).")
 @click.option("--jobs", type=_POSITIVE, default=1, show_default=True, help="Trials run in parallel threads of this process.")
+@click.option("--batch-trials", type=_POSITIVE, default=1, show_default=True, metavar="K",
+              help="Train K trials at once in one batched computation (torch.func.vmap; each still its own trial and "
+                   "child run). For GPUs: on a CPU it is slower than one at a time.")
 @click.option("--storage", envvar="ZOO_OPTUNA_STORAGE", default="sqlite:///optuna.db", show_default=True,
               help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
@@ -57,7 +60,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @EXPERIMENT
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
-def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, storage, study_name,
+def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
           prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
           heartbeat, collapse_margin, device, data_dir, experiment, no_progress, fmt) -> None:
     """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
@@ -70,6 +73,7 @@ def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sa
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
         std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs, storage=storage,
+        batch_trials=batch_trials,
         study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
         val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,

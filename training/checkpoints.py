@@ -63,8 +63,9 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save(keep: frozenset[str], epoch: int, improved: bool,
-         full: Callable[[], dict[str, Any]], weights: Callable[[], dict[str, Any]]) -> None:
-    """Log the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the best so far)."""
+         full: Callable[[], dict[str, Any]], weights: Callable[[], dict[str, Any]], run_id: str | None = None) -> None:
+    """Log the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the best so far)
+    to run ``run_id`` (default: the active run)."""
     states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()
@@ -74,7 +75,7 @@ def save(keep: frozenset[str], epoch: int, improved: bool,
             states[f"epoch_{epoch:03d}"] = state
     if BEST in keep and improved:
         states[BEST] = weights()
-    tracking.log_checkpoints(states)
+    tracking.log_checkpoints(states, run_id=run_id)
 
 
 def _in_main_thread() -> bool:

@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
@@ -81,6 +81,7 @@ class StudyConfig:
     sampler: str = "tpe"
     seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
     jobs: int = 1  # trials in parallel threads of this process
+    batch_trials: int = 1  # trials trained together in one batched computation (training/batched.py)
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # default: MODEL-DATASET-normalization
     experiment: str | None = None
@@ -111,8 +112,8 @@ class StudyConfig:
         lo, hi = self.std_range
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"--std-range needs 0 < LOW < HIGH (it is searched on a log scale), got {lo} {hi}")
-        if self.trials < 1 or self.jobs < 1 or self.epochs < 1:
-            raise ValueError("--trials, --jobs and --epochs must be at least 1")
+        if self.trials < 1 or self.jobs < 1 or self.epochs < 1 or self.batch_trials < 1:
+            raise ValueError("--trials, --jobs, --batch-trials and --epochs must be at least 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         if self.log_models not in LOG_MODELS:
@@ -251,7 +252,9 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed)
+            # constant_liar: a trial still running (in another thread, process, or the same batch)
+            # counts as a poor result, so trials sampled while it runs go elsewhere.
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
@@ -397,7 +400,8 @@ class _Context:
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
 
 
-def _objective(trial: optuna.Trial, ctx: _Context) -> float:
+def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Normalization, str, dict[str, str]]:
+    """The trial's training config, normalization, child run name and tags."""
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
@@ -405,13 +409,22 @@ def _objective(trial: optuna.Trial, ctx: _Context) -> float:
             "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
-    with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                            run_name=f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags=tags,
+    return train_config, normalization, f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags
+
+
+def _trial_params(trial: optuna.Trial, ctx: _Context) -> dict[str, int]:
+    return {"trial_number": trial.number, "train_size": len(ctx.dataset.train),
+            "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)}
+
+
+def _objective(trial: optuna.Trial, ctx: _Context) -> float:
+    config = ctx.config
+    train_config, normalization, run_name, tags = _trial_setup(trial, ctx)
+    with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, run_name=run_name, tags=tags,
                             stopped=(optuna.TrialPruned,)) as run:
         trial.set_user_attr(RUN_ATTR, run.info.run_id)
         tracking.set_description(_describe_trial(trial, ctx, train_config, normalization))
-        tracking.log_params({"trial_number": trial.number, "train_size": len(ctx.dataset.train),
-                             "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)})
+        tracking.log_params(_trial_params(trial, ctx))
         try:
             result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None)
         except TrainingDiverged as exc:
@@ -454,6 +467,66 @@ def _log_trial_model(network: torch.nn.Module, normalization: Normalization, con
         class_names=dataset.classes, sample_images=dataset.test.images[:2],
         dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
     )
+
+
+def _objective_batch(trials: list[optuna.Trial], ctx: _Context) -> list[tuple[float | None, TrialState]]:
+    """Train ``trials`` together (training.train_batch), each in its own child run; each one's (value, state).
+
+    A trial that diverges or is pruned ends there, its run FAILED or KILLED with the reason; the
+    others go on. Any other error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised.
+    """
+    from training.train_batch import fit_batch
+
+    config = ctx.config
+    setups = [_trial_setup(trial, ctx) for trial in trials]
+    together = ",".join(str(t.number) for t in trials)
+    run_ids = []
+    for trial, (train_config, normalization, run_name, tags) in zip(trials, setups):
+        run_id = tracking.create_run(experiment=ctx.experiment, run_name=run_name, parent_run_id=ctx.parent_run_id,
+                                     tags={**tags, "zoo.trained_with_trials": together})
+        run_ids.append(run_id)
+        trial.set_user_attr(RUN_ATTR, run_id)
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization), run_id=run_id)
+        tracking.log_params(_trial_params(trial, ctx), run_id=run_id)
+    try:
+        results = fit_batch([setup[0] for setup in setups], ctx.dataset, run_ids,
+                            on_epoch=_batch_pruning_callback(trials) if config.prune else None,
+                            stops=(optuna.TrialPruned,))
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        for run_id in run_ids:
+            tracking.end_run_by_id(run_id, status, f"{type(exc).__name__}: {exc}")
+        raise
+    return [_end_batch_trial(trial, result, setup, ctx) for trial, result, setup in zip(trials, results, setups)]
+
+
+def _end_batch_trial(trial: optuna.Trial, result, setup, ctx: _Context) -> tuple[float | None, TrialState]:
+    """Record one trial of a batch as :func:`_objective` records a lone one, and end its run."""
+    train_config, normalization = setup[0], setup[1]
+    if isinstance(result.stopped, TrainingDiverged):
+        trial.set_user_attr(OUTCOME_ATTR, "diverged")
+        trial.set_user_attr("failure", str(result.stopped))
+        tracking.end_run_by_id(result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
+        return None, TrialState.FAIL
+    if isinstance(result.stopped, optuna.TrialPruned):
+        tracking.end_run_by_id(result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
+        return None, TrialState.PRUNED
+    trial.set_user_attr("test_accuracy", result.test_accuracy)
+    with tracking.start_run(run_id=result.run_id):  # ends it FINISHED
+        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization, result))
+        if ctx.config.log_models == "all":
+            uri = _log_trial_model(result.network, normalization, ctx.config, ctx.dataset, result.test_accuracy)
+            tracking.set_tags({MODEL_URI_TAG: uri})
+    return result.val_accuracy, TrialState.COMPLETE
+
+
+def _batch_pruning_callback(trials: list[optuna.Trial]):
+    one = [_pruning_callback(trial) for trial in trials]
+
+    def on_epoch(member: int, result: EpochResult) -> None:
+        one[member](result)
+
+    return on_epoch
 
 
 def _end_orphaned_run(trial: FrozenTrial) -> None:
@@ -752,8 +825,9 @@ def _show_progress(bar: tqdm, finished: int) -> None:
     bar.refresh()
 
 
-def _claim_trial(study: optuna.Study, ctx: _Context, bar: tqdm) -> optuna.Trial | None:
-    """The next trial this thread should run, or None once the study holds ``config.trials`` finished trials.
+def _claim_trials(study: optuna.Study, ctx: _Context, bar: tqdm, most: int = 1) -> list[optuna.Trial]:
+    """The next trials (at most ``most``) this thread should run, or none once the study holds
+    ``config.trials`` finished trials.
 
     The race this closes: with ``study.optimize`` each process counts the trials, sees one
     slot left, and starts a trial; N processes doing so at once overshoot by up to N - 1. Here
@@ -764,21 +838,30 @@ def _claim_trial(study: optuna.Study, ctx: _Context, bar: tqdm) -> optuna.Trial 
 
     When every slot is taken by a trial in flight, the thread waits instead of leaving: if that
     trial's process dies, this one fails it (after two missed heartbeats) and runs its retry.
+
+    Each trial's normalization is sampled as soon as it is asked for, so that the sampler sees
+    it running (TPE's constant liar) when it samples the next one: trials claimed together differ.
     """
     poll_s = min(5.0, max(0.5, ctx.config.heartbeat / 2))
+    channels = ctx.dataset.image_shape[0]
     while not ctx.stop.is_set():
         with ctx.claim():
             end_orphaned_runs(study)
             finished, running = count_trials(study)
             if finished >= ctx.config.trials:
-                return None
-            if finished + running < ctx.config.trials:
+                return []
+            free = ctx.config.trials - finished - running
+            if free > 0:
+                trials = []
                 with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _run_trial records it
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    return study.ask()
+                    for _ in range(min(most, free)):
+                        trials.append(study.ask())
+                        suggest_normalization(trials[-1], ctx.config, channels)
+                return trials
         _show_progress(bar, finished)
         time.sleep(poll_s)
-    return None
+    return []
 
 
 def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: _Context) -> FrozenTrial:
@@ -801,14 +884,33 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: _Context) -> Froze
     return frozen
 
 
-def _work(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
-    while (trial := _claim_trial(study, ctx, bar)) is not None:
+def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: _Context) -> list[FrozenTrial]:
+    """:func:`_run_trial` for trials trained together: each has its heartbeat, its outcome and its tell."""
+    outcomes, error = [(None, TrialState.FAIL)] * len(trials), None
+    with ExitStack() as heartbeats:
+        for trial in trials:
+            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
         try:
-            frozen = _run_trial(study, trial, ctx)
+            outcomes = _objective_batch(trials, ctx)
+        except BaseException as exc:  # Ctrl-C included: the trials are failed, not left RUNNING
+            error = exc
+    frozen = [study.tell(trial, value, state=state) for trial, (value, state) in zip(trials, outcomes)]
+    if error is not None:
+        raise error
+    return frozen
+
+
+def _work(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
+    together = ctx.config.batch_trials
+    while trials := _claim_trials(study, ctx, bar, together):
+        try:
+            frozen = (_run_trial_batch(study, trials, ctx) if together > 1 else
+                      [_run_trial(study, trial, ctx) for trial in trials])
         except BaseException:
             ctx.stop.set()  # the other threads finish their trials and start no more
             raise
-        _after_trial(ctx, bar, study, frozen)
+        for one in frozen:
+            _after_trial(ctx, bar, study, one)
 
 
 def _work_until_done(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
@@ -831,6 +933,10 @@ def run_study(config: StudyConfig) -> StudyResult:
     config.validate()
     train_config = config.train_config()
     spec = train_config.spec()  # unknown model: fail before anything is created
+    if config.batch_trials > 1:
+        from training.batched import check_batchable
+
+        check_batchable(create_model(config.model), spec.trainer, config.model)
     dataset = load_study_dataset(config)
     check_compatible(spec, dataset)
     queued = enqueue_params(config, spec.channels)

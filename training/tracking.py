@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from zoo.normalization import Normalization
 
@@ -185,12 +186,16 @@ def set_description(markdown: str, run_id: str | None = None) -> None:
     set_tags({NOTE_TAG: markdown}, run_id=run_id)
 
 
-def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
     """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
-    and processes); returns its id. End it with :func:`end_run_by_id`."""
+    and processes; trials trained together); returns its id. End it with :func:`end_run_by_id`.
+    A top-level run's name is made unique in its experiment; a child keeps its name."""
     experiment_id = experiment_id_for(experiment)
-    run_name = unique_run_name(experiment_id, run_name)
-    tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id is None:
+        run_name = unique_run_name(experiment_id, run_name)
+    tags = {"mlflow.runName": run_name, **(tags or {}),
+            **({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})}
     return MlflowClient().create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
 
 
@@ -312,8 +317,9 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     mlflow.log_metrics(metrics, step=step, run_id=run_id)
 
 
-def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS) -> None:
-    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of the active run, in one artifact upload.
+def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS, run_id: str | None = None) -> None:
+    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of run ``run_id`` (default: the active run), in one
+    artifact upload.
 
     A state given under several names (``last`` and ``epoch_003``) is serialized once and copied.
     Logging the same name again replaces the file (local and served mlflow-artifacts stores
@@ -332,7 +338,7 @@ def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHEC
             else:
                 torch.save(state, path)
                 written[id(state)] = path
-        mlflow.log_artifacts(tmp, artifact_path=artifact_path)
+        mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
 
 
 def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:
@@ -343,8 +349,9 @@ def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
     mlflow.log_text(text, artifact_file, run_id=run_id)
 
 
-def log_dataset_inputs(name: str, source: str, splits: dict[str, Any]) -> None:
-    """Image splits as inputs of the active run (MLflow dataset tracking), e.g. ``{"train": split, ...}``.
+def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: str | None = None) -> None:
+    """Image splits as inputs of run ``run_id`` (default: the active run; MLflow dataset tracking),
+    e.g. ``{"train": split, ...}``.
 
     Each split (anything with uint8 ``images`` and int ``labels`` tensors) is named NAME-CONTEXT,
     with the file or folder the images came from as its source; the UI lists them on the run
@@ -361,17 +368,23 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any]) -> None:
                 split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source or None,
                 name=f"{name}-{context}",
             ))
+    from mlflow.entities import DatasetInput, InputTag
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    # MlflowClient.log_inputs, which mlflow.log_inputs calls for the active run, takes any run.
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+              for dataset, context in zip(datasets, splits)]
+    run_id = run_id or mlflow.active_run().info.run_id
     try:
-        mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
+        MlflowClient().log_inputs(run_id, datasets=inputs)
     except MlflowException as exc:
         # MLflow's SQL store checks for the dataset, then inserts it: two trial threads logging the
         # same split at once clash on its unique key. The transaction was rolled back and the
         # dataset now exists, so the second try links it.
         if "unique" not in str(exc).lower():
             raise
-        mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[None] * len(datasets))
+        MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
 def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:

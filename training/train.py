@@ -238,7 +238,13 @@ def fit(
 
 def weights_state(network: torch.nn.Module, config: TrainConfig, normalization: Normalization, epoch: int) -> dict[str, Any]:
     """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
-    return {"model": network.state_dict(), "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
+    return checkpoint_state(network.state_dict(), config, normalization, epoch)
+
+
+def checkpoint_state(model_state: dict[str, Any], config: TrainConfig, normalization: Normalization,
+                     epoch: int) -> dict[str, Any]:
+    """:func:`weights_state` from a ``state_dict`` (a batched trial's weights are not a module of their own)."""
+    return {"model": model_state, "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
 
 
 def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
@@ -278,14 +284,14 @@ FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained mo
 
 
 def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
-                     title: str) -> None:
+                     title: str, run_id: str | None = None) -> None:
     """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
     from training.figures import confusion_figure, misclassified_figure
 
     labels = test.labels.cpu()
     title = f"{title} ({normalization})"
-    tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
-    tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1])
+    tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0], run_id)
+    tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1], run_id)
 
 
 def short_normalization(normalization: Normalization) -> str:

@@ -1,0 +1,158 @@
+"""Train K runs that differ only in their input normalization as one batched computation.
+
+What :func:`training.train.fit` logs for one run, this logs for each of K runs given by id (they
+need not be active: MLflow's active run is one per thread): params, dataset inputs, per-epoch
+metrics, checkpoints, test metrics and figures. The weights are trained together by
+:class:`training.batched.StackedTrials`. A member that diverges, or whose ``on_epoch`` raises
+one of ``stops`` (a pruned trial), stops there; the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from training import checkpoints, tracking
+from training.batched import StackedTrials, check_batchable
+from training.engine import EpochResult, TrainingDiverged, check_finite
+from training.train import (
+    BestEpoch, TrainConfig, check_compatible, checkpoint_state, log_test_figures, resolve_device, resume_state,
+    run_params,
+)
+from zoo.data import Dataset, Split
+from zoo.registry import create_model
+
+
+@dataclass
+class MemberResult:
+    run_id: str
+    history: list[EpochResult] = field(default_factory=list)
+    stopped: BaseException | None = None  # TrainingDiverged, or what on_epoch raised
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    network: nn.Module | None = None  # the trained network (CPU, eval mode) when not stopped
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.history[-1].val_accuracy if self.history else float("nan")
+
+
+class _Member:
+    """One member seen as a lone network, for BestEpoch (which copies ``state_dict()``)."""
+
+    def __init__(self, stack: StackedTrials, member: int) -> None:
+        self.stack, self.member = stack, member
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.stack.state_dict_of(self.member)
+
+
+def check_same_but_normalization(configs: list[TrainConfig]) -> None:
+    first = replace(configs[0], mean=None, std=None)
+    for config in configs[1:]:
+        if replace(config, mean=None, std=None) != first:
+            raise ValueError("runs trained together must differ only in their normalization (mean, std)")
+
+
+def fit_batch(
+    configs: list[TrainConfig],
+    dataset: Dataset,
+    run_ids: list[str],
+    *,
+    on_epoch: Callable[[int, EpochResult], None] | None = None,
+    stops: tuple[type[BaseException], ...] = (),
+) -> list[MemberResult]:
+    """Train ``configs[i]`` into run ``run_ids[i]``, all K at once; ``on_epoch(i, result)`` after each member's epoch."""
+    configs = [c.resolved() for c in configs]
+    check_same_but_normalization(configs)
+    config, spec = configs[0], configs[0].spec()
+    check_compatible(spec, dataset)
+    normalizations = [c.normalization() for c in configs]
+    device = resolve_device(config.device)
+    for c, normalization, run_id in zip(configs, normalizations, run_ids):
+        tracking.log_params(run_params(c, normalization), run_id=run_id)
+        tracking.log_dataset_inputs(dataset.name, dataset.source,
+                                    {"train": dataset.train, "validation": dataset.val, "test": dataset.test},
+                                    run_id=run_id)
+
+    torch.manual_seed(config.seed)  # the initial weights and dropout masks of a lone run
+    generator = torch.Generator().manual_seed(config.seed)
+    network = create_model(config.model, **config.model_config).to(device)
+    check_batchable(network, spec.trainer, config.model)
+    stack = StackedTrials(network, normalizations, optimizer=config.optimizer.lower(), lr=config.lr,
+                          gamma=config.gamma, weight_decay=config.weight_decay, momentum=config.momentum)
+    train_split, val_split, test_split = (
+        Split(s.images.to(device), s.labels.to(device)) for s in (dataset.train, dataset.val, dataset.test)
+    )
+    results = [MemberResult(run_id) for run_id in run_ids]
+    best = [BestEpoch(keep_weights=config.keep_best) for _ in configs]
+    keep = config.kept_checkpoints()
+    for epoch in range(1, config.epochs + 1):
+        if not stack.members:
+            break
+        started = time.perf_counter()
+        train_losses = stack.train_epoch(train_split, config.batch_size, generator, max_batches=config.max_batches)
+        val_losses, val_accuracies, _ = stack.evaluate(val_split)
+        stack.end_epoch()
+        seconds = time.perf_counter() - started
+        stopped = []
+        for position, member in enumerate(list(stack.members)):
+            result = EpochResult(epoch, train_losses[position], val_losses[position], val_accuracies[position])
+            try:
+                _end_member_epoch(stack, member, result, results[member], best[member], configs[member],
+                                  generator, keep, seconds, on_epoch)
+            except (TrainingDiverged, *stops) as exc:
+                results[member].stopped = exc
+                stopped.append(member)
+        stack.drop(stopped)
+
+    for member in stack.members:
+        if config.keep_best and best[member].state is not None:
+            stack.load_state_of(member, best[member].state)
+            tracking.log_metrics({"best_epoch": best[member].epoch, "best_val_accuracy": best[member].val_accuracy},
+                                 run_id=run_ids[member])
+    if stack.members:
+        _test(stack, test_split, dataset, results, normalizations, config)
+    return results
+
+
+def _end_member_epoch(stack: StackedTrials, member: int, result: EpochResult, out: MemberResult, best: BestEpoch,
+                      config: TrainConfig, generator: torch.Generator, keep: frozenset[str], seconds: float,
+                      on_epoch: Callable[[int, EpochResult], None] | None) -> None:
+    """One member's epoch as fit logs it: metrics, then its checkpoints (both or neither), then on_epoch."""
+    out.history.append(result)
+    view = _Member(stack, member)
+    improved = best.update(result, view)
+    normalization = config.normalization()
+    with checkpoints.interrupts_held():
+        tracking.log_metrics({**result.metrics(), "epoch_seconds": seconds}, step=result.epoch, run_id=out.run_id)
+        check_finite(result)
+
+        def weights() -> dict[str, Any]:
+            return checkpoint_state(view.state_dict(), config, normalization, result.epoch)
+
+        checkpoints.save(
+            keep, result.epoch, improved,
+            full=lambda: {**weights(), **stack.trainer_state_of(member), **resume_state(generator, out.history, best)},
+            weights=lambda: {**weights(), "val_accuracy": result.val_accuracy},
+            run_id=out.run_id,
+        )
+    if on_epoch:
+        on_epoch(member, result)
+
+
+def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: list[MemberResult],
+          normalizations: list, config: TrainConfig) -> None:
+    """Test metrics and figures of every member still trained, from one batched pass over the test split."""
+    losses, accuracies, predicted = stack.evaluate(test_split)
+    for position, member in enumerate(stack.members):
+        out = results[member]
+        out.test_loss, out.test_accuracy = losses[position], accuracies[position]
+        out.network = stack.network_of(member)
+        tracking.log_metrics({"test_loss": out.test_loss, "test_accuracy": out.test_accuracy}, run_id=out.run_id)
+        log_test_figures(dataset.test, predicted[position], normalizations[member], dataset.classes,
+                         f"{config.model} on {config.dataset}", run_id=out.run_id)
