@@ -46,6 +46,7 @@ from training.engine import EpochResult, TrainingDiverged
 from training.train import (
     TrainConfig, check_compatible, describe_training, fit, load_training_data, short_normalization, training_tags,
 )
+from training.train_batch import MemberResult, fit_batch
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.registry import create_model
@@ -475,8 +476,6 @@ def _objective_batch(trials: list[optuna.Trial], ctx: _Context) -> list[tuple[fl
     A trial that diverges or is pruned ends there, its run FAILED or KILLED with the reason; the
     others go on. Any other error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised.
     """
-    from training.train_batch import fit_batch
-
     config = ctx.config
     setups = [_trial_setup(trial, ctx) for trial in trials]
     together = ",".join(str(t.number) for t in trials)
@@ -500,7 +499,8 @@ def _objective_batch(trials: list[optuna.Trial], ctx: _Context) -> list[tuple[fl
     return [_end_batch_trial(trial, result, setup, ctx) for trial, result, setup in zip(trials, results, setups)]
 
 
-def _end_batch_trial(trial: optuna.Trial, result, setup, ctx: _Context) -> tuple[float | None, TrialState]:
+def _end_batch_trial(trial: optuna.Trial, result: MemberResult, setup: tuple[TrainConfig, Normalization, str, Any],
+                     ctx: _Context) -> tuple[float | None, TrialState]:
     """Record one trial of a batch as :func:`_objective` records a lone one, and end its run."""
     train_config, normalization = setup[0], setup[1]
     if isinstance(result.stopped, TrainingDiverged):
