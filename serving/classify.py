@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -346,18 +347,69 @@ def cached_export(uri: str) -> Path:
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
     cached = onnx_cache_dir() / f"{key}.onnx"
     if not cached.is_file():
-        from serving.export import export_onnx
-        from serving.loading import load_model
-
         # Written beside, renamed when complete: an interrupted or failed export never leaves a
         # file the next call would trust.
         partial = cached.with_name(f"{key}.{os.getpid()}.partial.onnx")
+        partial.parent.mkdir(parents=True, exist_ok=True)
         try:
-            export_onnx(load_model(uri), partial)
+            if not _shipped_onnx(uri, partial):
+                from serving.export import export_onnx
+                from serving.loading import load_model
+
+                export_onnx(load_model(uri), partial)
             os.replace(partial, cached)
         finally:
             partial.unlink(missing_ok=True)
     return cached
+
+
+SHIPPED_ONNX = "artifacts/model.onnx"  # where a registered model keeps its ONNX graph (training.tracking.log_model)
+
+
+def _shipped_onnx(uri: str, target: Path) -> bool:
+    """Copy the ONNX graph the model ships to ``target``; False when it ships none (logged unregistered, or
+    by an earlier version): then it is exported here. Saves the export (seconds, torch and onnxscript)."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quiet = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"  # one small file: MLflow's progress bar would only clutter stderr
+    try:
+        location = _model_location(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.move(mlflow.artifacts.download_artifacts(f"{location}/{SHIPPED_ONNX}", dst_path=tmp), target)
+        return True
+    except (MlflowException, OSError):
+        return False
+    finally:
+        if quiet is None:
+            del os.environ[_PROGRESS_BAR]
+        else:
+            os.environ[_PROGRESS_BAR] = quiet
+
+
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def _model_location(uri: str) -> str:
+    """Where the files of the model ``uri`` names are: its logged model's artifact location (MLflow 3's
+    ``models:/m-ID``, what registered versions point at), a ``runs:/`` URI or a local folder."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    m = re.match(r"^models:/([^/@]+)(?:@(.+)|/(\d+))$", uri)
+    if m and not m.group(1).startswith("m-"):
+        client = MlflowClient()
+        version = (client.get_model_version_by_alias(m.group(1), m.group(2)) if m.group(2) else
+                   client.get_model_version(m.group(1), m.group(3)))
+        uri = f"models:/{version.model_id}" if version.model_id else version.source
+    m = re.match(r"^models:/(m-[0-9a-f]+)$", uri)
+    if m:
+        return mlflow.get_logged_model(m.group(1)).artifact_location
+    return Path(uri).resolve().as_uri() if Path(uri).is_dir() else uri
 
 
 def _model_identity(uri: str) -> str:

@@ -218,26 +218,64 @@ def test_classifying_with_an_onnx_file_imports_neither_torch_nor_mlflow(onnx_mod
     assert "LOADED []" in proc.stderr
 
 
-def test_an_alias_is_exported_once_then_served_from_the_cache_without_torch(registered_model, digits, tmp_path):
-    folder, truth = digits
-    png = sorted(folder.glob("*.png"))[0]
-    first = invoke("models:/digits@champion", png, "--format", "json")
-    assert first.exit_code == 0, first.output
-    cached = list((tmp_path / "cache" / "onnx").iterdir())
-    assert len(cached) == 1 and cached[0].suffix == ".onnx"  # no partial file left beside it
-
+def classify_in_subprocess(uri: str, png: Path) -> tuple[list, list[str]]:
+    """`zoo classify URI PNG --format json` in a fresh interpreter: its rows and which of torch/mlflow it imported."""
     script = (
         "import sys\n"
         "import serving.cli\n"
-        f"serving.cli.cli.main(['classify', 'models:/digits@champion', {str(png)!r}, '--format', 'json'],"
-        " standalone_mode=False)\n"
-        "print('LOADED', sorted(m for m in ('torch', 'mlflow') if m in sys.modules), file=sys.stderr)\n"
+        f"serving.cli.cli.main(['classify', {uri!r}, {str(png)!r}, '--format', 'json'], standalone_mode=False)\n"
+        "print('LOADED', ','.join(sorted(m for m in ('torch', 'mlflow') if m in sys.modules)), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == json.loads(first.stdout)
-    assert "LOADED ['mlflow']" in proc.stderr  # the alias is looked up; the network is not loaded again
+    return json.loads(proc.stdout), proc.stderr.split("LOADED ")[-1].strip().split(",")
+
+
+def onnx_source(path: Path) -> str:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}["source_uri"]
+
+
+def test_a_registered_model_ships_its_onnx_so_even_the_first_call_needs_no_torch(registered_model, digits, tmp_path):
+    folder, _ = digits
+    png = sorted(folder.glob("*.png"))[0]
+    first, loaded = classify_in_subprocess("models:/digits@champion", png)
+    assert loaded == ["mlflow"]  # the alias is looked up and the shipped graph downloaded: no export, no torch
+    cached = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".onnx"  # no partial file left beside it
+    assert onnx_source(cached[0]) == "models:/digits"  # the graph logged at registration, not a local export
+    with_torch = invoke("models:/digits@champion", png, "--format", "json", "--runtime", "torch")
+    torch_rows = json.loads(with_torch.stdout)
+    assert [[t["label"] for t in r["top"]] for r in first] == [[t["label"] for t in r["top"]] for r in torch_rows]
+    assert [t["probability"] for r in first for t in r["top"]] == pytest.approx(
+        [t["probability"] for r in torch_rows for t in r["top"]], abs=1e-4)
+
+    again, loaded = classify_in_subprocess("models:/digits@champion", png)
+    assert again == first and loaded == ["mlflow"]
+
+
+def test_a_model_that_ships_no_onnx_is_exported_once_then_served_from_the_cache(registered_model, digits, tmp_path,
+                                                                                 monkeypatch):
+    from training import tracking
+
+    use_tracking_store(tmp_path / "store", monkeypatch)  # a store of its own: the shared one stays as it is
+    result = registered_model["result"]
+    with mlflow.start_run():  # as an earlier version of zoo logged it: the program only
+        uri = tracking.log_model(result.network, model_name="mnist_cnn", normalization=result.normalization,
+                                 input_shape=(1, 28, 28), class_names=result.class_names, registered_name="plain",
+                                 onnx=False)
+    assert not any(a.path.endswith(".onnx") for a in mlflow.MlflowClient().list_logged_model_artifacts(
+        uri.removeprefix("models:/"), "artifacts"))
+    folder, _ = digits
+    png = sorted(folder.glob("*.png"))[0]
+    first, loaded = classify_in_subprocess("models:/plain/1", png)
+    assert "torch" in loaded  # exported here, once
+    cached = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(cached) == 1 and onnx_source(cached[0]) == "models:/plain/1"
+    again, loaded = classify_in_subprocess("models:/plain/1", png)
+    assert again == first and loaded == ["mlflow"]
 
 
 def test_a_reader_that_stops_early_ends_classify_quietly(onnx_model, digits):

@@ -417,6 +417,7 @@ def log_model(
     registered_name: str | None = None,
     alias: str | None = None,
     sample_images: torch.Tensor | None = None,
+    onnx: bool | None = None,
     **extra_metadata: Any,
 ) -> str:
     """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images; returns its URI.
@@ -426,15 +427,24 @@ def log_model(
     pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
     of the dataset) give the input example; the normalization, input shape and class names
     also go into the model's metadata for ``serving.loading``.
+
+    With ``onnx`` (the default when the model is registered), the model also ships its ONNX
+    graph (``artifacts/model.onnx``, checked against PyTorch with onnxruntime): `zoo classify
+    models:/NAME@ALIAS` then downloads it instead of exporting on each machine's first call.
     """
     config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape)}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "program.pt2"
         torch.export.save(export_program(network, normalization, input_shape), program)
+        artifacts = {PROGRAM_ARTIFACT: str(program)}
+        if (registered_name is not None) if onnx is None else onnx:
+            artifacts[ONNX_ARTIFACT] = str(export_onnx_file(
+                network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
+                source=f"models:/{registered_name}" if registered_name else "the logged model"))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
-            artifacts={PROGRAM_ARTIFACT: str(program)},
+            artifacts=artifacts,
             model_config=config,
             signature=model_signature(),
             input_example=image_example(sample_images, input_shape),
@@ -451,6 +461,7 @@ def log_model(
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
+ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # shipped as artifacts/model.onnx (serving.classify reads it)
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports
 
 
@@ -461,6 +472,19 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
     example = torch.rand(2, *input_shape)  # batch 2, not 1: a batch of 1 would be specialized
     return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def export_onnx_file(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
+                     class_names: list[str], model_name: str, path: Path, source: str) -> Path:
+    """``path``: the network with its normalization as ONNX, exactly what `zoo export` writes for the model."""
+    from serving.export import export_onnx  # the one exporter (parity-checked), shared with `zoo export`
+    from serving.loading import LoadedModel
+    from zoo.normalization import NormalizedModel
+
+    module = NormalizedModel(network.eval().cpu(), normalization).eval()
+    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name),
+                path)
+    return path
 
 
 def model_signature():
