@@ -1,0 +1,98 @@
+"""A study's results as files for the docs: its summary table, per-trial table and figures.
+
+Reads the Optuna storage only (no MLflow), so it works on a study that is still running:
+
+    python -m training.study_report fmnist-full-sane --storage sqlite:///optuna.db --out docs/study/fmnist-full-sane
+
+writes ``summary.md`` (median, sd, min, max of validation and test accuracy, collapsed trials,
+and where the enqueued normalizations rank), ``trials.md``, ``contour.png`` (Optuna's contour of
+validation accuracy over mean x std) and ``accuracy_vs_normalization.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from training.figures import accuracy_against_figure
+from training.study import summarize
+
+
+def rank_of(trial: FrozenTrial, complete: list[FrozenTrial]) -> int:
+    """1 = the best validation accuracy among complete trials (ties share the better rank)."""
+    return 1 + sum(t.value > trial.value for t in complete)
+
+
+def summary_markdown(study: optuna.Study, one_class: float, margin: float) -> str:
+    summary = summarize(study, one_class, margin)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    val, test = summary["val_accuracy"], summary["test_accuracy"]
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete]
+    lines = [
+        f"| trials complete | collapsed (val acc <= {summary['collapse_threshold']:.3f}) | diverged | "
+        "val accuracy median / sd / min / max | test accuracy median / sd / min / max | median trial (s) |",
+        "|---:|---:|---:|---|---|---:|",
+        f"| {summary['trials_complete']} | {summary['trials_collapsed']} | {summary['trials_diverged']} | "
+        + " / ".join(f"{val[k]:.4f}" for k in ("median", "sd", "min", "max")) + " | "
+        + " / ".join(f"{test[k]:.4f}" for k in ("median", "sd", "min", "max")) + f" | {np.median(durations):.0f} |",
+    ]
+    enqueued = [t for t in complete if t.system_attrs.get("fixed_params")]
+    if enqueued:
+        lines += ["", "| enqueued normalization (mean / std) | val accuracy | rank among complete trials |",
+                  "|---|---:|---:|"]
+        lines += [f"| {t.params['mean']:g} / {t.params['std']:g} | {t.value:.4f} | {rank_of(t, complete)} of "
+                  f"{len(complete)} |" for t in enqueued]
+    return "\n".join(lines) + "\n"
+
+
+def trials_markdown(study: optuna.Study) -> str:
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+    lines = ["| trial | mean | std | val accuracy | test accuracy |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {t.number} | {t.params['mean']:.3f} | {t.params['std']:.3f} | {t.value:.4f} | "
+              f"{t.user_attrs.get('test_accuracy', float('nan')):.4f} |" for t in complete]
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(study: optuna.Study, threshold: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization.matplotlib import plot_contour
+
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore")
+        axes = plot_contour(study, target_name="val_accuracy")
+    figure = np.asarray(axes).flat[0].figure
+    figure.set_size_inches(8, 6)
+    figure.savefig(out / "contour.png", dpi=80)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    accuracy_against_figure(
+        {k: [t.params[k] for t in complete] for k in ("mean", "std")}, [t.value for t in complete],
+        [t.value <= threshold for t in complete], threshold, f"study {study.study_name}: {len(complete)} complete trials",
+    ).savefig(out / "accuracy_vs_normalization.png", dpi=80)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study_name")
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--one-class", type=float, default=0.1,
+                        help="accuracy of predicting the most frequent validation class (0.1 on balanced splits)")
+    parser.add_argument("--collapse-margin", type=float, default=0.02)
+    args = parser.parse_args()
+    study = optuna.load_study(study_name=args.study_name, storage=args.storage)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.md").write_text(summary_markdown(study, args.one_class, args.collapse_margin))
+    (args.out / "trials.md").write_text(trials_markdown(study))
+    write_figures(study, args.one_class + args.collapse_margin, args.out)
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
