@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -22,15 +21,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from serving.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, ImageError, decode_image
+
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own Image.MAX_IMAGE_PIXELS: about 0.25 GB for a 1024x1024x3 bomb check
-_SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
-
-
-class ImageError(Exception):
-    """One input cannot be classified; the message says why (the path is added by the caller)."""
 
 
 @dataclass
@@ -62,7 +56,7 @@ def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]
                 found = found or item[1] is None
                 yield item
             if not found:
-                yield p, f"no images ({_SUFFIXES}) in this folder"
+                yield p, f"no images ({SUPPORTED}) in this folder"
         elif p.exists():
             yield p, None
         else:
@@ -94,73 +88,7 @@ def _walk_images(folder: Path) -> Iterator[tuple[Path, str | None]]:
             yield Path(entry.path), None
 
 
-# ---- decoding: one file -> uint8 [C, H, W], or ImageError -----------------------------------------
-
-@dataclass(frozen=True)
-class DecodeSpec:
-    """What a decoder needs (picklable: sent to the worker processes)."""
-
-    input_shape: tuple[int, int, int]
-    invert: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-def decode_image(path: str | Path, spec: DecodeSpec) -> np.ndarray:
-    """The model's input for one file: grayscale or RGB, resized, uint8 [C, H, W]; ImageError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check below
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Palette-transparency and bomb warnings: the size is checked below, the rest is harmless.
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                return _pixels(img, spec)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"not an image Pillow can read (unknown format); supported: {_SUFFIXES}") from None
-    except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
-        raise ImageError(f"refused before decoding, a possible decompression bomb ({exc}); "
-                         f"--max-pixels is {spec.max_pixels:,}") from None
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise ImageError(f"cannot open: {exc.strerror}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
-        # What Pillow raises for truncated or corrupt data (e.g. "image file is truncated").
-        raise ImageError(f"corrupt or truncated image: {exc}") from None
-
-
-def _pixels(img, spec: DecodeSpec) -> np.ndarray:
-    from PIL import Image
-
-    channels, height, width = spec.input_shape
-    w, h = img.size
-    if w * h > spec.max_pixels:  # Image.open read only the header: refuse before decoding anything
-        raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
-                         "(a decompression bomb?); raise --max-pixels if the image is genuine")
-    mode = "L" if channels == 1 else "RGB"
-    img.draft(mode, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
-    img = _to_8bit(img)
-    if img.mode != mode:
-        img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    return 255 - arr if spec.invert else arr
-
-
-def _to_8bit(img):
-    """16- and 32-bit integer images (16-bit PNG, TIFF): scale to 8 bits; Pillow's convert("L") would clip at 255."""
-    from PIL import Image
-
-    if not img.mode.startswith("I"):
-        return img
-    arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
-    return Image.fromarray(arr.astype(np.uint8), mode="L")
-
+# ---- decoding: serving/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
 
 def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
     """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""

@@ -1,8 +1,9 @@
 """The MLflow model of a zoo classifier: images in, labels out ("models from code").
 
-``training.tracking.log_model`` logs this file as the model's code. MLflow copies it into the
-logged model and runs it wherever the model is loaded or served, so it imports only torch,
-numpy, pandas, Pillow and mlflow, never the zoo package. The network it loads (a
+``training.tracking.log_model`` logs this file as the model's code, with serving/imaging.py (the
+image decoder `zoo classify` uses) beside it. MLflow copies both into the logged model and runs
+them wherever the model is loaded or served, so they import only torch, numpy, pandas, Pillow and
+mlflow, never the zoo package. The network it loads (a
 ``torch.export`` program, pickle-free) has its normalization inside: callers send images or
 pixels in [0, 1], never normalized tensors.
 
@@ -14,7 +15,6 @@ Output: one row per image: ``label``, ``probability`` and ``top`` (the ``top_k``
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import mlflow
@@ -23,6 +23,11 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+try:  # the logged model: serving/imaging.py ships beside this file (log_model's code_paths)
+    import imaging
+except ImportError:  # this file imported from the repository
+    from serving import imaging
 
 PROGRAM_ARTIFACT = "program"  # the torch.export program: pixels in [0, 1] -> scores
 IMAGE_COLUMN = "image"
@@ -97,24 +102,18 @@ def _unnest(cells, nested) -> Any:
 
 
 def decode_image(data: Any, input_shape: tuple[int, int, int], row: int) -> np.ndarray:
-    """Encoded image bytes -> float32 [C, H, W] in [0, 1], converted to the model's channels and size."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Encoded image bytes -> float32 [C, H, W] in [0, 1], decoded as `zoo classify` decodes a file."""
     if isinstance(data, str):
         data = data.encode("ascii", errors="replace")
     if not isinstance(data, (bytes, bytearray)):
         raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is {type(data).__name__}; send PNG/JPEG bytes")
-    channels, height, width = input_shape
     try:
-        with Image.open(io.BytesIO(_base64_decoded(data))) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError):
-        raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is not an image Pillow can read; send PNG/JPEG/... "
-                      "file bytes (base64 strings over REST)") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        pixels = imaging.decode_image(_base64_decoded(data), imaging.DecodeSpec(
+            tuple(input_shape), max_pixels_hint="send a smaller image"))
+    except imaging.ImageError as exc:
+        raise invalid(f"row {row} of column {IMAGE_COLUMN!r}: {exc}; send PNG/JPEG/... file bytes "
+                      "(base64 strings over REST)") from None
+    return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def _base64_decoded(data: bytes) -> bytes:

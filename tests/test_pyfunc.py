@@ -90,7 +90,7 @@ def test_pytorch_users_get_a_module_that_takes_pixels(registered_model, digits):
 
 
 @pytest.mark.parametrize("frame, message", [
-    ({"image": [b"hello, not an image"]}, "row 0 of column 'image' is not an image Pillow can read"),
+    ({"image": [b"hello, not an image"]}, "row 0 of column 'image': not an image Pillow can read"),
     ({"img": [b"\x89PNG"]}, "expected one column, 'image' (PNG/JPEG bytes, base64 strings over REST) or 'pixels'"),
     ({"pixels": [np.zeros((1, 10, 28))]}, "this model takes [1, 28, 28] (C, H, W) in [0, 1]"),
 ])
@@ -100,6 +100,30 @@ def test_bad_pyfunc_input_is_one_clear_line(registered_model, frame, message):
     with pytest.raises(MlflowException) as caught:
         mlflow.pyfunc.load_model(URI).predict(pd.DataFrame(frame))
     assert message in caught.value.message and "\n" not in caught.value.message
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_the_served_model_decodes_awkward_images_as_zoo_classify_and_refuses_a_bomb(registered_model, digits, tmp_path):
+    from mlflow.exceptions import MlflowException
+    from test_classify import crafted_bomb
+
+    digit = Image.open(digits[1])
+    variants = {
+        "grey16.png": Image.fromarray(np.asarray(digit).astype(np.uint16) * 257),  # 16-bit: convert("L") clips it white
+        "cmyk.jpg": digit.convert("CMYK"),
+        "palette.png": digit.convert("P"),
+    }
+    for name, image in variants.items():
+        image.save(tmp_path / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    files = [digits[1], *(tmp_path / name for name in variants)]
+    model = mlflow.pyfunc.load_model(URI)
+    answered = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert answered["label"].tolist() == zoo_classify_labels(files) == zoo_classify_labels(digits[1:2]) * len(files)
+
+    bomb = crafted_bomb(digits[1], tmp_path / "bomb.png")  # a real PNG whose header declares 100,000 x 100,000
+    with pytest.raises(MlflowException) as caught:
+        model.predict(pd.DataFrame({"image": [digits[0].read_bytes(), bomb.read_bytes()]}))
+    assert "row 1 of column 'image'" in caught.value.message and "decompression bomb" in caught.value.message
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
@@ -193,7 +217,7 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[not_an_image]]}})
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
     # MLflow's scoring server prefixes "Failed to predict data '<input>'." ; the model's own line comes last.
-    assert answer["message"].splitlines()[-1].startswith("Error: row 0 of column 'image' is not an image Pillow can read")
+    assert answer["message"].splitlines()[-1].startswith("Error: row 0 of column 'image': not an image Pillow can read")
 
     status, answer = post(served_model, {"dataframe_split": {"columns": ["img"], "data": [[b64(digits[0])]]}})
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"

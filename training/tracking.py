@@ -444,6 +444,7 @@ def log_model(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
+            code_paths=[str(IMAGING_CODE)],
             artifacts=artifacts,
             model_config=config,
             signature=model_signature(),
@@ -460,6 +461,7 @@ def log_model(
 
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+IMAGING_CODE = PYFUNC_MODEL_CODE.with_name("imaging.py")  # its image decoder, shipped beside it
 PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
 ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # shipped as artifacts/model.onnx (serving.classify reads it)
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports

@@ -1,0 +1,96 @@
+"""One image (a file or its bytes) -> the model's input, uint8 [C, H, W], or an ImageError saying why not.
+
+Shared by ``zoo classify`` and by the logged MLflow model (serving/pyfunc_model.py), which ships
+this file beside its own code (``code_paths``): a served model decodes exactly as the command
+line does, 16-bit and CMYK images included, and refuses a decompression bomb from its header.
+So it imports only numpy and Pillow, never the zoo package.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SUPPORTED = ", ".join(sorted(IMAGE_SUFFIXES))
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own Image.MAX_IMAGE_PIXELS: about 0.25 GB for a 1024x1024x3 bomb check
+
+
+class ImageError(Exception):
+    """One input cannot be classified; the message says why (the caller adds which input)."""
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decoder needs (picklable: sent to the worker processes)."""
+
+    input_shape: tuple[int, int, int]
+    invert: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels_hint: str = "raise --max-pixels if the image is genuine"  # how the caller lifts the limit
+
+
+def decode_image(source: str | Path | bytes, spec: DecodeSpec) -> np.ndarray:
+    """The model's input for one file (a path) or encoded image (bytes): grayscale or RGB, resized, uint8 [C, H, W]."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check below
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError("empty image (0 bytes)")
+            source = io.BytesIO(source)
+        elif os.path.getsize(source) == 0:
+            raise ImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Palette-transparency and bomb warnings: the size is checked below, the rest is harmless.
+            warnings.simplefilter("ignore")
+            with Image.open(source) as img:
+                return _pixels(img, spec)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image Pillow can read (unknown format); supported: {SUPPORTED}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
+        raise ImageError(f"refused before decoding, a possible decompression bomb ({exc}); "
+                         f"the limit is {spec.max_pixels:,} pixels") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ImageError(f"cannot open: {exc.strerror}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
+        # What Pillow raises for truncated or corrupt data (e.g. "image file is truncated").
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _pixels(img, spec: DecodeSpec) -> np.ndarray:
+    from PIL import Image
+
+    channels, height, width = spec.input_shape
+    w, h = img.size
+    if w * h > spec.max_pixels:  # Image.open read only the header: refuse before decoding anything
+        raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
+                         f"(a decompression bomb?); {spec.max_pixels_hint}")
+    mode = "L" if channels == 1 else "RGB"
+    img.draft(mode, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
+    img = _to_8bit(img)
+    if img.mode != mode:
+        img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return 255 - arr if spec.invert else arr
+
+
+def _to_8bit(img):
+    """16- and 32-bit integer images (16-bit PNG, TIFF): scale to 8 bits; Pillow's convert("L") would clip at 255."""
+    from PIL import Image
+
+    if not img.mode.startswith("I"):
+        return img
+    arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
