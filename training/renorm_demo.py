@@ -32,18 +32,42 @@ def as_rgb(split: Split, size: int) -> Split:
 
 
 def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_images: int = 6000, epochs: int = 1,
-                       size: int = 32, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> tuple[nn.Module, float]:
-    """resnet18 with one output per class, trained with the project's loop; returns it and its val accuracy."""
+                       size: int = 32, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, patience: int | None = None,
+                       val_images: int = 1000, device: str = "cpu") -> tuple[nn.Module, float]:
+    """resnet18 with one output per class, trained with the project's loop; returns it and its val accuracy.
+
+    With ``patience``, training runs up to ``epochs`` and stops once validation accuracy has not
+    improved for ``patience`` epochs (converged), halving the learning rate at each epoch without
+    improvement; the best epoch's weights are kept. Each epoch's validation accuracy is printed.
+    """
     torch.manual_seed(seed)
-    network = create_model("resnet18", num_classes=len(dataset.classes))
+    target = torch.device(device)
+    network = create_model("resnet18", num_classes=len(dataset.classes)).to(target)
     optimizer = make_optimizer("adam", network.parameters(), lr)
-    train, val = as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(1000), size)
+    train, val = (Split(s.images.to(target), s.labels.to(target)) for s in
+                  (as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(val_images), size)))
     generator = torch.Generator().manual_seed(seed)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
+    best, best_state, stale = -1.0, None, 0
     with tqdm(total=epochs * len(train), unit="img", desc="training resnet18", leave=False) as bar:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             train_one_epoch(network, optimizer, train, normalization, batch_size, generator, on_batch=bar.update)
+            if patience is None:
+                continue
+            _, accuracy = evaluate(network, val, normalization, batch_size=250)
+            tqdm.write(f"epoch {epoch}: val accuracy {accuracy:.4f}")
+            plateau.step(accuracy)  # an epoch without improvement halves the learning rate
+            if accuracy > best:
+                best, stale = accuracy, 0
+                best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    if best_state is not None:
+        network.load_state_dict(best_state)
     _, val_accuracy = evaluate(network, val, normalization, batch_size=250)
-    return network.eval(), val_accuracy
+    return network.cpu().eval(), val_accuracy
 
 
 def save_checkpoint(network: nn.Module, normalization: Normalization, class_names: list[str], path: Path) -> Path:
@@ -69,28 +93,35 @@ def write_image_folder(split: Split, class_names: list[str], root: Path) -> Path
 @click.option("--train-images", type=click.IntRange(min=100), default=6000, show_default=True)
 @click.option("--test-images", type=click.IntRange(min=20), default=2000, show_default=True,
               help="Fashion-MNIST test images written as PNG (calibration images are split off them).")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Epochs (the most, with --patience).")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="Train to convergence: stop after N epochs without a better val accuracy, keep the best epoch.")
+@click.option("--val-images", type=click.IntRange(min=100), default=1000, show_default=True)
 @click.option("--size", type=click.IntRange(min=16), default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (training and re-evaluation).")
 @click.option("--train-norm", default="imagenet", show_default=True, help="The normalization the network is trained with.")
 @click.option("--grid-steps", type=click.IntRange(min=0), default=7, show_default=True)
 @click.option("--calibration", type=click.IntRange(min=2), default=500, show_default=True)
 @click.option("--register", default=None, help="Register the fold-adapted model under 0:1 as NAME.")
-def main(out_dir, train_images, test_images, epochs, size, train_norm, grid_steps, calibration, register) -> None:
+def main(out_dir, train_images, test_images, epochs, patience, val_images, size, device, train_norm, grid_steps,
+         calibration, register) -> None:
     from training.renorm import RenormConfig, renorm
 
     out = Path(out_dir)
     dataset = load_dataset("fashion-mnist")
     normalization = parse_spec(train_norm, 3)
-    network, val_accuracy = train_small_resnet(dataset, normalization, train_images=train_images, epochs=epochs, size=size)
-    click.echo(f"resnet18 trained on {train_images} Fashion-MNIST images ({epochs} epoch(s), {size}x{size}, "
-               f"{normalization}): val accuracy {val_accuracy:.4f}", err=True)
+    network, val_accuracy = train_small_resnet(dataset, normalization, train_images=train_images, epochs=epochs, size=size,
+                                               patience=patience, val_images=val_images, device=device)
+    click.echo(f"resnet18 trained on {train_images} Fashion-MNIST images (at most {epochs} epoch(s), {size}x{size}, "
+               f"{normalization}): val accuracy {val_accuracy:.4f} on {val_images} images", err=True)
     checkpoint = save_checkpoint(network, normalization, dataset.classes, out / "resnet18-fashion.pt")
     images = write_image_folder(dataset.test.subset(test_images), dataset.classes, out / "test-images")
     grid = (-3.0, 3.0, grid_steps), (0.05, 1.0, grid_steps)
     config = RenormConfig(
         data=str(images), model="resnet18", weights=str(checkpoint), norms=["imagenet", "0.5:0.5", "0:1"],
         grid_mean=grid[0], grid_std=grid[1], adaptations=["none", "bn-recalibrate", "fold"], calibration=calibration,
-        resize=size, crop=size, workers=0, register=register, register_norm="0:1" if register else None,
+        resize=size, crop=size, workers=0, register=register, register_norm="0:1" if register else None, device=device,
     )
     result = renorm(config, run_name="renorm resnet18 fashion-mnist demo")
     click.echo(f"parent run {result.parent_run_id} in {tracking.tracking_uri()}")
