@@ -462,11 +462,12 @@ def _pruning_callback(trial: optuna.Trial):
 
 
 def _log_trial_model(network: torch.nn.Module, normalization: Normalization, config: StudyConfig,
-                     dataset: Dataset, test_accuracy: float) -> str:
+                     dataset: Dataset, test_accuracy: float, onnx: bool = False) -> str:
+    """``onnx``: ship the ONNX graph too (the model is about to be registered)."""
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
         class_names=dataset.classes, sample_images=dataset.test.images[:2],
-        dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name,
+        dataset=config.dataset, test_accuracy=test_accuracy, study_name=config.name, onnx=onnx,
     )
 
 
@@ -741,7 +742,7 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
         network.load_state_dict(state["model"])
         with tracking.start_run(run_id=run_id):
             uri = _log_trial_model(network, Normalization.from_dict(state["normalization"]), config, dataset,
-                                   best.user_attrs.get("test_accuracy"))
+                                   best.user_attrs.get("test_accuracy"), onnx=config.register is not None)
             tracking.set_tags({MODEL_URI_TAG: uri})
     if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
         version = tracking.register(uri, config.register, config.alias)

@@ -8,6 +8,7 @@ trials in threads starts each child run in its own thread with an explicit
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -438,9 +439,13 @@ def log_model(
         torch.export.save(export_program(network, normalization, input_shape), program)
         artifacts = {PROGRAM_ARTIFACT: str(program)}
         if (registered_name is not None) if onnx is None else onnx:
-            artifacts[ONNX_ARTIFACT] = str(export_onnx_file(
-                network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
-                source=f"models:/{registered_name}" if registered_name else "the logged model"))
+            try:
+                artifacts[ONNX_ARTIFACT] = str(export_onnx_file(
+                    network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
+                    source=f"models:/{registered_name}" if registered_name else "the logged model"))
+            except Exception as exc:  # a convenience: the model is logged without it, and exported where used
+                print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
+                      "zoo classify and zoo export will export it when used", file=sys.stderr)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
