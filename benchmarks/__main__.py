@@ -13,10 +13,10 @@ Benchmarks, in order (each reuses the functions of its own script, which also ru
 - ``batched``: ``zoo study --batch-trials K`` against ``--batch-trials 1`` (skipped while `zoo study` lacks it);
 - ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200.
 
-The results replace the generated section of RESULTS.md (between the markers below), with the
-machine, the date, the load average before and after (other jobs on the machine show there) and
-the exact command; the rest of the file is left as it is. A benchmark that fails is reported in
-its section and the others still run.
+Each benchmark's result replaces its own part of the generated section of RESULTS.md (between the
+markers below; ``--only`` refreshes some and keeps the others), with the exact command, the date,
+the machine and the load average before and after (other jobs on the machine show there); the rest
+of the file is left as it is. A benchmark that fails is reported in its part and the others still run.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def classify(quick: bool) -> str:
 def overhead(quick: bool) -> str:
     r = bench_study_trials.measure_overhead(trials=4 if quick else 10)
     return (f"`zoo study --dataset mnist-5k --train-size 64 --val-size 64 --test-size 64 --trials {r['trials']} "
-            "--log-models none`: one-batch trials, so a trial's time is nearly all fixed cost (MLflow child run, "
+            "--log-models none --jobs 1`: one-batch trials, one at a time, so a trial's time is nearly all fixed cost (MLflow child run, "
             "params, description, dataset inputs, metrics, checkpoint, figures, the parent's summary). Median over "
             "the trials after the first of the time between trial starts, minus the trial's `epoch_seconds`.\n\n"
             + table(["per trial", "seconds"], [["between trial starts", r["interval_s"]],
@@ -104,18 +104,19 @@ def batched(quick: bool) -> str:
             f"--batch-trials K`, K = 1 and {k}, default `--jobs`.\n\n" + table(RATE_HEADER, rate_rows(rows)))
 
 
-def projection(quick: bool) -> str:
-    trials, size = (2, 640) if quick else (int(os.environ.get("ZOO_BENCH_PROJECTION_TRIALS", 20)), None)
+def projection(quick: bool, projection_trials: int = 20) -> str:
+    trials, size = (2, 640) if quick else (projection_trials, None)
     rows = bench_study_trials.measure_study(trials=trials, train_size=size)
     r = rows["measured"]
     hours = PROJECTED_TRIALS * r["s_per_trial"] / 3600
-    return (f"`zoo study --dataset fashion-mnist --trials {trials} --log-models none`"
-            f"{f' --train-size {size}' if size else ''} (1 epoch, default `--jobs`), projected to "
+    sized = f" --train-size {size}" if size else ""
+    return (f"`zoo study --dataset fashion-mnist --trials {trials} --log-models none{sized}` (1 epoch, default "
+            f"`--jobs`), projected to "
             f"{PROJECTED_TRIALS} trials from its trials per minute.\n\n" + table(RATE_HEADER, rate_rows(rows))
             + f"\n\n**{PROJECTED_TRIALS} trials: about {hours:.2f} h.**")
 
 
-BENCHMARKS: dict[str, Callable[[bool], str]] = {
+BENCHMARKS: dict[str, Callable[..., str]] = {
     "train": train, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
     "projection": projection,
 }
@@ -134,10 +135,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {versions}"
 
 
-def write_section(body: str, path: Path) -> None:
-    """Replace the generated section of ``path`` with ``body`` (appended when the file has none)."""
+def subsection_markers(name: str) -> tuple[str, str]:
+    return f"<!-- python -m benchmarks: {name} -->", f"<!-- python -m benchmarks: {name} end -->"
+
+
+def write_sections(bodies: dict[str, str], path: Path) -> None:
+    """Put each benchmark's ``bodies[name]`` into the generated part of ``path``, replacing that
+    benchmark's previous result and keeping the others' (so ``--only`` refreshes some); the rest of
+    the file is left as it is."""
     text = path.read_text() if path.exists() else ""
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    previous = text[text.index(BEGIN) + len(BEGIN): text.index(END)] if BEGIN in text and END in text else ""
+    kept = {}
+    for name in BENCHMARKS:
+        begin, end = subsection_markers(name)
+        if begin in previous and end in previous:
+            kept[name] = previous[previous.index(begin) + len(begin): previous.index(end)].strip()
+    kept.update(bodies)
+    inner = "\n\n".join(f"{subsection_markers(n)[0]}\n{kept[n]}\n{subsection_markers(n)[1]}" for n in BENCHMARKS if n in kept)
+    section = f"{BEGIN}\n{INTRO}\n\n{inner}\n{END}"
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:
@@ -145,34 +160,37 @@ def write_section(body: str, path: Path) -> None:
     path.write_text(text)
 
 
+INTRO = ("## All benchmarks side by side: `python -m benchmarks`\n\n"
+         "Generated: each part says the command that produced it, when, on which machine, and the load average "
+         "before and after (above the number of cores, other jobs shared the machine and the seconds are inflated).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every benchmark runs")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--projection-trials", type=int, default=20, metavar="N",
+                        help="trials of the full Fashion-MNIST study measured for the projection (default: %(default)s)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write (default: %(default)s)")
     args = parser.parse_args()
 
-    started, load_before = time.gmtime(), os.getloadavg()
-    parts = []
+    command, where = shlex.join(sys.orig_argv), machine()
     for name in args.only:
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
-        began = time.monotonic()
+        started, load_before, began = time.gmtime(), os.getloadavg()[0], time.monotonic()
         try:
-            body = BENCHMARKS[name](args.quick)
+            options = {"projection_trials": args.projection_trials} if name == "projection" else {}
+            body = BENCHMARKS[name](args.quick, **options)
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             traceback.print_exc()
-            body = f"**Failed:** `{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}`"
-        parts.append(f"### {TITLES[name]}\n\n{body}\n\n({time.monotonic() - began:.0f} s)")
-        print(parts[-1] + "\n", flush=True)
-    load_after = os.getloadavg()
-    header = (f"## All benchmarks side by side{' (--quick: toy sizes, not figures to quote)' if args.quick else ''}\n\n"
-              f"Generated by `{shlex.join(sys.orig_argv)}` (with `PYTHONPATH` at the checkout), "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', started)} to {time.strftime('%H:%M UTC', time.gmtime())}.\n"
-              f"Machine: {machine()}. Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after: "
-              "above the number of cores means other jobs shared the machine and the seconds are inflated.")
-    write_section("\n\n".join([header, *parts]), args.results)
+            lines = str(exc).strip().splitlines()
+            body = f"**Failed:** `{type(exc).__name__}: {lines[-1] if lines else ''}`"
+        body = (f"### {TITLES[name]}{' (--quick: toy sizes, not figures to quote)' if args.quick else ''}\n\n"
+                f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', started)}, {time.monotonic() - began:.0f} s; "
+                f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {where}.\n\n{body}")
+        print(body + "\n", flush=True)
+        write_sections({name: body}, args.results)  # at once: a later benchmark's crash loses nothing
     print(f"wrote {args.results}", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

@@ -77,7 +77,7 @@ def measure_overhead(trials: int = 8) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-overhead-") as tmp:
         folder = Path(tmp)
-        run_study_processes(study_command(trials=trials, **TINY), folder)
+        run_study_processes(study_command(trials=trials, **TINY, extra=("--jobs", "1")), folder)  # one after another
         done = finished_trials(folder)
         client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
         compute = [client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["epoch_seconds"] for t in done]
