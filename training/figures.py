@@ -32,10 +32,8 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, class_names: lis
     ax.imshow(counts, cmap="Blues", interpolation="nearest")
     dark = counts > (counts.max() + counts.min()) / 2  # white text on dark cells, as scikit-learn does
     for (row, column), count in np.ndenumerate(counts):
-        # Inside the axes, so no use to the layout engine, which would otherwise measure all n * n texts
-        # (most of the figure's cost).
         ax.text(column, row, str(count), ha="center", va="center", color="white" if dark[row, column] else "black",
-                fontsize=8 if n > 6 else 10, in_layout=False)
+                fontsize=8 if n > 6 else 10)
     ax.set_xticks(range(n), class_names, rotation=45 if max(map(len, class_names)) > 2 else 0,
                   ha="right" if max(map(len, class_names)) > 2 else "center", rotation_mode="anchor")
     ax.set_yticks(range(n), class_names)
@@ -81,7 +79,7 @@ def misclassified_figure(split: Split, predicted: torch.Tensor, class_names: lis
         x = (slot % columns) * (width + pad[1]) + width / 2
         y = (slot // columns) * (height + pad[0]) + pad[0]
         ax.text(x, y - 0.5, f"true {class_names[labels[index]]}\npred {class_names[predicted[index]]}", fontsize=7,
-                color="tab:red", ha="center", va="bottom", in_layout=False)  # inside the image: not the layout's concern
+                color="tab:red", ha="center", va="bottom")
     return figure
 
 
