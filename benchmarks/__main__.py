@@ -54,8 +54,8 @@ def rate_rows(rows: dict[str, dict]) -> list[list[object]]:
 RATE_HEADER = ["", "finished trials", "first start -> last end (s)", "trials/min", "s per trial"]
 
 
-def train(quick: bool) -> str:
-    result = bench_train.compare(pairs=1 if quick else 2, batches=10 if quick else None)
+def train(quick: bool, pairs: int = 2) -> str:
+    result = bench_train.compare(pairs=1 if quick else pairs, batches=10 if quick else None)
     m = result["median"]
     ratios = ", ".join(f"{r:.2f}" for r in result["ratios"])
     return (f"`zoo train --model mnist_cnn --dataset fashion-mnist --epochs 1` against the notebook's protocol "
@@ -169,6 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every benchmark runs")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--train-pairs", type=int, default=2, metavar="N",
+                        help="A B pairs of the train benchmark (default: %(default)s)")
     parser.add_argument("--projection-trials", type=int, default=20, metavar="N",
                         help="trials of the full Fashion-MNIST study measured for the projection (default: %(default)s)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write (default: %(default)s)")
@@ -179,7 +181,8 @@ def main() -> None:
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
         started, load_before, began = time.gmtime(), os.getloadavg()[0], time.monotonic()
         try:
-            options = {"projection_trials": args.projection_trials} if name == "projection" else {}
+            options = {"projection": {"projection_trials": args.projection_trials},
+                       "train": {"pairs": args.train_pairs}}.get(name, {})
             body = BENCHMARKS[name](args.quick, **options)
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             traceback.print_exc()
