@@ -16,6 +16,7 @@ it runs with the same interpreter and the same model and files.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import resource
 import subprocess
@@ -104,6 +105,44 @@ def run_classify(src: Path, model: Path, folder: Path, extra: list[str]) -> dict
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its workers, once reaped
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "rows": rows, "images_per_s": rows / wall, "peak_tree_mb": peak / 2**20}
+
+
+def predict_vs_classify(pairs: int = 3) -> dict[str, dict[str, float]]:
+    """`mlflow models predict` against `zoo classify` on one 28x28 PNG, from one registry alias.
+
+    A freshly trained (2 batches) mnist_cnn is registered as models:/bench@champion in a temporary
+    SQLite store; one `zoo classify` call first fills its export cache (as a user's first call
+    does), then the two commands run in A B pairs, whole processes. Returns median wall seconds
+    per command, and checks that both answer the same label.
+    """
+    import json
+    import statistics
+
+    from benchmarks.bench_train import timed
+
+    bin_dir = Path(sys.executable).parent
+    uri = "models:/bench@champion"
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "ZOO_CACHE_DIR": str(work / "cache")}
+        png = next(write_pngs(work / "png", 1).iterdir())
+        request = work / "request.json"
+        request.write_text(json.dumps({"dataframe_split": {"columns": ["image"],
+                                                           "data": [[base64.b64encode(png.read_bytes()).decode()]]}}))
+        zoo = [str(bin_dir / "zoo"), "classify", uri, str(png), "--format", "json"]
+        mlflow = [str(bin_dir / "mlflow"), "models", "predict", "-m", uri, "-i", str(request), "-t", "json",
+                  "-o", str(work / "predicted.json"), "--env-manager", "local"]
+        subprocess.run([str(bin_dir / "zoo"), "train", "--dataset", "mnist-5k", "--epochs", "1", "--dry-run",
+                        "--register", "bench", "--alias", "champion"], env=env, cwd=work, check=True, capture_output=True)
+        first = subprocess.run(zoo, env=env, cwd=work, check=True, capture_output=True, text=True)
+        walls: dict[str, list[float]] = {"zoo classify": [], "mlflow models predict": []}
+        for _ in range(pairs):
+            walls["zoo classify"].append(timed(zoo, env, cwd=work))
+            walls["mlflow models predict"].append(timed(mlflow, env, cwd=work))
+        predicted = json.loads((work / "predicted.json").read_text())["predictions"][0]["label"]
+        if predicted != json.loads(first.stdout)[0]["label"]:
+            raise RuntimeError(f"mlflow models predict answered {predicted!r}, zoo classify {first.stdout!r}")
+    return {name: {"wall_s": statistics.median(w)} for name, w in walls.items()}
 
 
 def main() -> None:

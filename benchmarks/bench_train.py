@@ -30,8 +30,8 @@ TRAIN_IMAGES = 54_000
 ZOO_COMMAND = ["train", "--model", "mnist_cnn", "--dataset", "fashion-mnist", "--epochs", "1"]
 
 
-def reference() -> dict[str, float]:
-    """The notebook's protocol, one epoch; returns loop images/s and test accuracy."""
+def reference(images: int = TRAIN_IMAGES) -> dict[str, float]:
+    """The notebook's protocol, one epoch (of ``images`` training images); returns loop images/s and test accuracy."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Subset
@@ -46,7 +46,7 @@ def reference() -> dict[str, float]:
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     train_set = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
     test_set = datasets.FashionMNIST(str(root), train=False, download=False, transform=transform)
-    train_set = Subset(train_set, torch.randperm(len(train_set))[:TRAIN_IMAGES].tolist())
+    train_set = Subset(train_set, torch.randperm(len(train_set))[:images].tolist())
     model = create_model("mnist_cnn")
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
 
@@ -64,37 +64,41 @@ def reference() -> dict[str, float]:
     with torch.no_grad():
         for data, target in DataLoader(test_set, batch_size=1000):
             correct += (model(data).argmax(dim=1) == target).sum().item()
-    return {"images_per_s": TRAIN_IMAGES / loop_seconds, "test_accuracy": correct / len(test_set)}
+    return {"images_per_s": images / loop_seconds, "test_accuracy": correct / len(test_set)}
 
 
-def zoo_metrics(store: str) -> dict[str, float]:
+def zoo_metrics(store: str, images: int = TRAIN_IMAGES) -> dict[str, float]:
     """Loop images/s (the epoch's seconds include its 6,000-image validation) and test accuracy of the store's run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=store)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
-    return {"images_per_s": TRAIN_IMAGES / run.data.metrics["epoch_seconds"],
+    return {"images_per_s": images / run.data.metrics["epoch_seconds"],
             "test_accuracy": run.data.metrics["test_accuracy"]}
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str], cwd: str | os.PathLike | None = None) -> float:
+    """Wall seconds of one whole process (start-up included)."""
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
-def run_zoo() -> dict[str, float]:
+def run_zoo(batches: int | None = None) -> dict[str, float]:
+    """One `zoo train` process; ``batches`` cuts the epoch to that many batches of 64 (a smoke run)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": store}
         zoo = os.path.join(os.path.dirname(sys.executable), "zoo")
-        wall = timed([zoo, *ZOO_COMMAND], env)
-        return {"wall_s": wall, **zoo_metrics(store)}
+        wall = timed([zoo, *ZOO_COMMAND, *(["--max-batches", str(batches)] if batches else [])], env)
+        return {"wall_s": wall, **zoo_metrics(store, 64 * batches if batches else TRAIN_IMAGES)}
 
 
-def run_reference() -> dict[str, float]:
+def run_reference(batches: int | None = None) -> dict[str, float]:
+    """One process of the reference protocol; ``batches`` as for :func:`run_zoo`."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        wall = timed([sys.executable, __file__, "--reference", "--json", out.name], dict(os.environ))
+        images = ["--images", str(64 * batches)] if batches else []
+        wall = timed([sys.executable, __file__, "--reference", "--json", out.name, *images], dict(os.environ))
         return {"wall_s": wall, **json.load(open(out.name))}
 
 
@@ -103,9 +107,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="A B pairs to run (zoo, then reference)")
     parser.add_argument("--reference", action="store_true", help="run the reference protocol once, in this process")
     parser.add_argument("--json", help="with --reference: write its figures to this file")
+    parser.add_argument("--images", type=int, default=TRAIN_IMAGES, help="with --reference: training images")
     args = parser.parse_args()
     if args.reference:
-        figures = reference()
+        figures = reference(args.images)
         print(json.dumps(figures))
         if args.json:
             with open(args.json, "w") as f:
@@ -113,22 +118,26 @@ def main() -> None:
         return
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    result = compare(args.pairs)
+    for name, m in result["median"].items():
+        print(f"{name:10s} median wall {m['wall_s']:.1f} s, loop {m['images_per_s']:.0f} images/s, "
+              f"test accuracy {m['test_accuracy']:.4f}")
+    print(f"zoo train is {statistics.median(result['ratios']):.2f}x faster than the reference (median of pair ratios "
+          f"{', '.join(f'{r:.2f}' for r in result['ratios'])})")
+
+
+def compare(pairs: int, batches: int | None = None) -> dict:
+    """``pairs`` A B pairs (zoo, then reference); returns each side's medians and the pair ratios reference/zoo."""
     rows: dict[str, list[dict[str, float]]] = {"zoo train": [], "reference": []}
-    for pair in range(args.pairs):
-        rows["zoo train"].append(run_zoo())
-        rows["reference"].append(run_reference())
+    for pair in range(pairs):
+        rows["zoo train"].append(run_zoo(batches))
+        rows["reference"].append(run_reference(batches))
         a, b = rows["zoo train"][-1], rows["reference"][-1]
         print(f"pair {pair + 1}: zoo {a['wall_s']:.1f} s ({a['images_per_s']:.0f} img/s, acc {a['test_accuracy']:.4f}) | "
               f"reference {b['wall_s']:.1f} s ({b['images_per_s']:.0f} img/s, acc {b['test_accuracy']:.4f}) | "
               f"reference/zoo {b['wall_s'] / a['wall_s']:.2f}x", flush=True)
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()}
-    ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(rows["zoo train"], rows["reference"])]
-    for name, m in median.items():
-        print(f"{name:10s} median wall {m['wall_s']:.1f} s, loop {m['images_per_s']:.0f} images/s, "
-              f"test accuracy {m['test_accuracy']:.4f}")
-    print(f"zoo train is {statistics.median(ratios):.2f}x faster than the reference (median of pair ratios "
-          f"{', '.join(f'{r:.2f}' for r in ratios)})")
-
+    return {"median": median, "ratios": [b["wall_s"] / a["wall_s"] for a, b in zip(rows["zoo train"], rows["reference"])]}
 
 if __name__ == "__main__":
     main()

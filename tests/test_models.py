@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

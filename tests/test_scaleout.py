@@ -30,7 +30,8 @@ WORKERS = 3
 # enough for the kill to land while the trial trains.
 WORKER = [sys.executable, "-m", "serving.cli_study", "study", "--dataset", "mnist-5k", "--study-name", "scale",
           "--trials", str(TRIALS), "--train-size", "1000", "--val-size", "200", "--test-size", "200",
-          "--log-models", "none", "--heartbeat", "2", "--no-progress", "--format", "json"]
+          "--log-models", "none", "--heartbeat", "2", "--no-progress", "--format", "json",
+          "--jobs", "1"]  # one trial per worker, so that the kill fails exactly one
 
 
 def training_run_of(pid: int):

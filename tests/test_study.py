@@ -167,7 +167,8 @@ def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # Trials long enough (47 batches x 2 epochs, seconds) that the kill lands while one trains:
     # with 3 batches a trial could finish between the poll and the kill, leaving nothing to kill.
-    command = cli_process(storage, "--trials", "4", "--train-size", "3000", "--epochs", "2")
+    # One trial at a time (not the default one per core), so that the kill leaves exactly one to retry.
+    command = cli_process(storage, "--trials", "4", "--train-size", "3000", "--epochs", "2", "--jobs", "1")
     with started(command) as (first,):
         wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
         first.send_signal(signal.SIGKILL)

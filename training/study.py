@@ -62,6 +62,7 @@ STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
+SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (about 0.1-0.3 s each)
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
 # (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
@@ -399,6 +400,7 @@ class _Context:
     lock: threading.Lock = field(default_factory=threading.Lock)  # this process's progress bar and summary
     stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
+    summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
 
 
 def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Normalization, str, dict[str, str]]:
@@ -624,13 +626,13 @@ def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, colla
                "trials_diverged": summary["trials_diverged"], "trials_pruned": summary["trials_pruned"]}
     for split in ("val", "test"):
         metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
-    tracking.log_metrics(metrics, run_id=parent_run_id)
-    tracking.set_description(describe_study(study, summary), run_id=parent_run_id)
+    tags = {tracking.NOTE_TAG: describe_study(study, summary)}  # the parent's description
     if summary["best"]:
         best = summary["best"]
         tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
-        tracking.set_tags({"best_trial": best["trial"], "best_run_id": best["run_id"],
-                           **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}}, run_id=parent_run_id)
+        tags.update({"best_trial": best["trial"], "best_run_id": best["run_id"],
+                     **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}})
+    tracking.log_batch(parent_run_id, metrics=metrics, tags=tags)
     if plots:
         log_plots(study, parent_run_id, summary["collapse_threshold"])
     return summary
@@ -762,6 +764,25 @@ def load_study_dataset(config: StudyConfig) -> Dataset:
                    full.val.subset(config.val_size), full.test.subset(config.test_size), full.source)
 
 
+MAX_AUTO_JOBS = 8  # trials in flight hold a network and its optimizer each: bound the memory of the default
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Trials at once when ``--jobs`` is not given: one per CPU core this process may use (up to
+    MAX_AUTO_JOBS) on the CPU, where each then trains with one torch thread; one on a GPU.
+
+    On the 2-core development machine two 1-thread trials finished 1.3x more trials per minute
+    than one trial on 2 threads (the MNIST CNN's small layers split poorly across threads);
+    two 1-thread processes were as fast as one process with two trial threads
+    (benchmarks/RESULTS.md)."""
+    from training.train import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      MAX_AUTO_JOBS))
+
+
 @contextmanager
 def _torch_threads(jobs: int) -> Iterator[None]:
     """Share the cores between trial threads instead of oversubscribing them."""
@@ -815,8 +836,11 @@ def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTri
         if not ctx.config.progress:
             tqdm.write(f"study {study.study_name}: trial {trial.number} {trial.state.name.lower()}"
                        + (f", val_accuracy {trial.value:.4f}" if trial.value is not None else ""), file=sys.stderr)
+        if time.monotonic() - ctx.summary_logged < SUMMARY_EVERY_S:
+            return  # refreshed a moment ago; the study's end always writes the final one
         try:
             log_summary(study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val), ctx.config.collapse_margin)
+            ctx.summary_logged = time.monotonic()
         except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
             tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
 

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -285,9 +286,21 @@ def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
     if run_id is None:
         mlflow.set_tags(tags)
     else:
-        client = MlflowClient()
-        for key, value in tags.items():
-            client.set_tag(run_id, key, str(value))
+        log_batch(run_id, tags=tags)
+
+
+def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
+              step: int = 0) -> None:
+    """Metrics and tags of run ``run_id`` in one store call (one request to a tracking server)."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    timestamp = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in (metrics or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
 
 
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
@@ -359,20 +372,11 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: s
     page and groups runs on the same data. MLflow's digest hashes the shape and the first
     10,000 values only, so this stays cheap for any size (about 0.04 s for Fashion-MNIST).
     """
-    import warnings
-
-    datasets = []
-    with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
-        warnings.simplefilter("ignore", UserWarning)
-        for context, split in splits.items():
-            datasets.append(mlflow.data.from_numpy(
-                split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source or None,
-                name=f"{name}-{context}",
-            ))
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    datasets = [_mlflow_dataset(split.images, split.labels, source, f"{name}-{context}") for context, split in splits.items()]
     # MlflowClient.log_inputs, which mlflow.log_inputs calls for the active run, takes any run.
     inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for dataset, context in zip(datasets, splits)]
@@ -386,6 +390,18 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: s
         if "unique" not in str(exc).lower():
             raise
         MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+@lru_cache(maxsize=3)  # one dataset's train, validation and test splits
+def _mlflow_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str):
+    """MLflow's dataset object (and digest) of a split, made once per process: every trial of a study logs
+    the same splits. Tensors hash by identity, and the cache holds them, so an id is never reused here."""
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_numpy(images.cpu().numpy(), targets=labels.cpu().numpy(), source=source or None,
+                                      name=name)
 
 
 def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:

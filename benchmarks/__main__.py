@@ -1,0 +1,199 @@
+"""Every side-by-side measurement of the project in one run, written into benchmarks/RESULTS.md.
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks            # the figures to quote (about 25 min on 2 quiet cores)
+    PYTHONPATH=. .venv/bin/python -m benchmarks --quick    # a smoke run of every benchmark at toy sizes
+    PYTHONPATH=. .venv/bin/python -m benchmarks --only overhead threads
+
+Benchmarks, in order (each reuses the functions of its own script, which also runs alone):
+
+- ``train``: the published notebook's protocol against `zoo train`, one Fashion-MNIST epoch (bench_train.py);
+- ``classify``: `mlflow models predict` against `zoo classify` on one image from a registry alias (bench_classify.py);
+- ``overhead``: the fixed cost of a study trial (bench_study_trials.py);
+- ``threads``: two cores spent as one 2-thread trial, two 1-thread processes, or ``--jobs 2``;
+- ``batched``: ``zoo study --batch-trials K`` against ``--batch-trials 1`` (skipped while `zoo study` lacks it);
+- ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200.
+
+Each benchmark's result replaces its own part of the generated section of RESULTS.md (between the
+markers below; ``--only`` refreshes some and keeps the others), with the exact command, the date,
+the machine and the load average before and after (other jobs on the machine show there); the rest
+of the file is left as it is. A benchmark that fails is reported in its part and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+from benchmarks import bench_classify, bench_study_trials, bench_train
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- python -m benchmarks: begin (generated; edits here are overwritten) -->", "<!-- python -m benchmarks: end -->"
+PROJECTED_TRIALS = 200
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
+def rate_rows(rows: dict[str, dict]) -> list[list[object]]:
+    return [[label, r["trials"], r["window_s"], r["per_min"], r["s_per_trial"]] for label, r in rows.items()]
+
+
+RATE_HEADER = ["", "finished trials", "first start -> last end (s)", "trials/min", "s per trial"]
+
+
+def train(quick: bool, pairs: int = 2) -> str:
+    result = bench_train.compare(pairs=1 if quick else pairs, batches=10 if quick else None)
+    m = result["median"]
+    ratios = ", ".join(f"{r:.2f}" for r in result["ratios"])
+    return (f"`zoo train --model mnist_cnn --dataset fashion-mnist --epochs 1` against the notebook's protocol "
+            f"(DataLoader, per-sample ToTensor + Normalize, batch 64, Adadelta), whole processes in A B pairs, "
+            f"{'10 batches' if quick else '54,000 training images'}; medians.\n\n"
+            + table(["", "wall (s)", "loop (images/s)", "test accuracy"],
+                    [[name, r["wall_s"], r["images_per_s"], f"{r['test_accuracy']:.4f}"] for name, r in m.items()])
+            + f"\n\nreference wall / zoo wall per pair: {ratios} (above 1: zoo is faster).")
+
+
+def classify(quick: bool) -> str:
+    rows = bench_classify.predict_vs_classify(pairs=1 if quick else 3)
+    z, m = rows["zoo classify"]["wall_s"], rows["mlflow models predict"]["wall_s"]
+    return ("One 28x28 PNG classified from `models:/bench@champion` (a registered mnist_cnn, SQLite store, "
+            "`--env-manager local`; zoo's export cache filled by one earlier call), whole processes in A B pairs; "
+            "medians. Both answer the same label (checked).\n\n"
+            + table(["command", "wall (s)"], [[name, r["wall_s"]] for name, r in rows.items()])
+            + f"\n\n`zoo classify` is {m / z:.1f}x faster.")
+
+
+def overhead(quick: bool) -> str:
+    r = bench_study_trials.measure_overhead(trials=4 if quick else 10)
+    return (f"`zoo study --dataset mnist-5k --train-size 64 --val-size 64 --test-size 64 --trials {r['trials']} "
+            "--log-models none --jobs 1`: one-batch trials, one at a time, so a trial's time is nearly all fixed cost (MLflow child run, "
+            "params, description, dataset inputs, metrics, checkpoint, figures, the parent's summary). Median over "
+            "the trials after the first of the time between trial starts, minus the trial's `epoch_seconds`.\n\n"
+            + table(["per trial", "seconds"], [["between trial starts", r["interval_s"]],
+                                               ["training + validation compute", r["compute_s"]],
+                                               ["**fixed cost**", r["fixed_s"]]]))
+
+
+def threads(quick: bool) -> str:
+    trials, size = (2, 640) if quick else (6, 6000)
+    rows = bench_study_trials.measure_threads(trials=trials, train_size=size)
+    return (f"The same study (`--dataset fashion-mnist --train-size {size} --val-size 1000 --test-size 1000 "
+            f"--trials {trials}`) with two cores spent three ways (OMP_NUM_THREADS per process).\n\n"
+            + table(RATE_HEADER, rate_rows(rows)))
+
+
+def batched(quick: bool) -> str:
+    k, trials, size = (2, 2, 640) if quick else (4, 8, 6000)
+    rows = bench_study_trials.measure_batched(batch=k, trials=trials, train_size=size)
+    if rows is None:
+        return "Skipped: this checkout's `zoo study --help` has no `--batch-trials`."
+    return (f"`zoo study --dataset fashion-mnist --train-size {size} --val-size 1000 --test-size 1000 --trials {trials} "
+            f"--batch-trials K`, K = 1 and {k}, default `--jobs`.\n\n" + table(RATE_HEADER, rate_rows(rows)))
+
+
+def projection(quick: bool, projection_trials: int = 20) -> str:
+    trials, size = (2, 640) if quick else (projection_trials, None)
+    rows = bench_study_trials.measure_study(trials=trials, train_size=size)
+    r = rows["measured"]
+    hours = PROJECTED_TRIALS * r["s_per_trial"] / 3600
+    sized = f" --train-size {size}" if size else ""
+    return (f"`zoo study --dataset fashion-mnist --trials {trials} --log-models none{sized}` (1 epoch, default "
+            f"`--jobs`), projected to "
+            f"{PROJECTED_TRIALS} trials from its trials per minute.\n\n" + table(RATE_HEADER, rate_rows(rows))
+            + f"\n\n**{PROJECTED_TRIALS} trials: about {hours:.2f} h.**")
+
+
+BENCHMARKS: dict[str, Callable[..., str]] = {
+    "train": train, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
+    "projection": projection,
+}
+TITLES = {"train": "Reference protocol vs `zoo train`", "classify": "`mlflow models predict` vs `zoo classify`",
+          "overhead": "Fixed cost per study trial", "threads": "Two cores: threads vs processes",
+          "batched": "Batched vs sequential trials", "projection": "A 200-trial Fashion-MNIST study, projected"}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "mlflow", "optuna", "onnxruntime"))
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {versions}"
+
+
+def subsection_markers(name: str) -> tuple[str, str]:
+    return f"<!-- python -m benchmarks: {name} -->", f"<!-- python -m benchmarks: {name} end -->"
+
+
+def write_sections(bodies: dict[str, str], path: Path) -> None:
+    """Put each benchmark's ``bodies[name]`` into the generated part of ``path``, replacing that
+    benchmark's previous result and keeping the others' (so ``--only`` refreshes some); the rest of
+    the file is left as it is."""
+    text = path.read_text() if path.exists() else ""
+    previous = text[text.index(BEGIN) + len(BEGIN): text.index(END)] if BEGIN in text and END in text else ""
+    kept = {}
+    for name in BENCHMARKS:
+        begin, end = subsection_markers(name)
+        if begin in previous and end in previous:
+            kept[name] = previous[previous.index(begin) + len(begin): previous.index(end)].strip()
+    kept.update(bodies)
+    inner = "\n\n".join(f"{subsection_markers(n)[0]}\n{kept[n]}\n{subsection_markers(n)[1]}" for n in BENCHMARKS if n in kept)
+    section = f"{BEGIN}\n{INTRO}\n\n{inner}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+INTRO = ("## All benchmarks side by side: `python -m benchmarks`\n\n"
+         "Generated: each part says the command that produced it, when, on which machine, and the load average "
+         "before and after (above the number of cores, other jobs shared the machine and the seconds are inflated).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every benchmark runs")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--train-pairs", type=int, default=2, metavar="N",
+                        help="A B pairs of the train benchmark (default: %(default)s)")
+    parser.add_argument("--projection-trials", type=int, default=20, metavar="N",
+                        help="trials of the full Fashion-MNIST study measured for the projection (default: %(default)s)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write (default: %(default)s)")
+    args = parser.parse_args()
+
+    command, where = shlex.join(sys.orig_argv), machine()
+    for name in args.only:
+        print(f"benchmark {name} ...", file=sys.stderr, flush=True)
+        started, load_before, began = time.gmtime(), os.getloadavg()[0], time.monotonic()
+        try:
+            options = {"projection": {"projection_trials": args.projection_trials},
+                       "train": {"pairs": args.train_pairs}}.get(name, {})
+            body = BENCHMARKS[name](args.quick, **options)
+        except Exception as exc:  # one broken benchmark must not lose the others' figures
+            traceback.print_exc()
+            lines = str(exc).strip().splitlines()
+            body = f"**Failed:** `{type(exc).__name__}: {lines[-1] if lines else ''}`"
+        body = (f"### {TITLES[name]}{' (--quick: toy sizes, not figures to quote)' if args.quick else ''}\n\n"
+                f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', started)}, {time.monotonic() - began:.0f} s; "
+                f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {where}.\n\n{body}")
+        print(body + "\n", flush=True)
+        write_sections({name: body}, args.results)  # at once: a later benchmark's crash loses nothing
+    print(f"wrote {args.results}", file=sys.stderr)
+
+if __name__ == "__main__":
+    main()
