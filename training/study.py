@@ -984,6 +984,10 @@ def run_study(config: StudyConfig) -> StudyResult:
                                                disable=not config.progress) as bar:
             _work_until_done(study, ctx, bar)
     except BaseException as exc:
+        try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
+            log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin)
+        except Exception:  # the store itself may be what failed; the error being raised says more
+            pass
         if count_trials(study)[1] == 0:  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                    f"{type(exc).__name__}: {exc}; re-run the same command to resume")
