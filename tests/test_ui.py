@@ -155,7 +155,7 @@ def zoo_ui(registered_model):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         url = next(line.split()[1] for line in proc.stdout if line.startswith("open "))
         deadline = time.monotonic() + 120
@@ -167,6 +167,12 @@ def zoo_ui(registered_model):
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0
         assert not _answers(port)  # the server stopped with it
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A test suite started in the background (`cmd &`, nohup) runs with SIGINT ignored, and a child
+    inherits that: give `zoo ui` the Ctrl-C a user's terminal delivers, which the test then sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _answers(port: int) -> bool:
