@@ -668,15 +668,27 @@ def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
 
 
 def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:
-    """Optuna's contour of accuracy over (mean, std) and parameter importances (matplotlib), accuracy
-    against each searched value with the collapsed trials in red, and Optuna's interactive plotly
-    versions in one HTML file."""
+    """The study's figures (:func:`study_figures`) and Optuna's interactive plotly versions in one
+    HTML file, under ``study/`` of the parent run."""
+    figures = study_figures(study, collapse_threshold)  # sets the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
+        plt.close(figure)
+    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+
+
+def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, Any]:
+    """Matplotlib figures by name: Optuna's contour of accuracy over (mean, std) and parameter
+    importances, and accuracy against each searched value with the collapsed trials in red. A
+    figure that needs more complete trials than the study has is left out, with a line on stderr."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
+    figures = {}
     for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
         # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
         with warnings.catch_warnings(), matplotlib.rc_context():
@@ -686,22 +698,19 @@ def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
                 tqdm.write(f"study: no {name} plot yet ({exc})", file=sys.stderr)
                 continue
-        figure = np.asarray(axes).flat[0].figure
-        figure.set_size_inches(8, 6)
-        tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
-        plt.close(figure)
+        figures[name] = np.asarray(axes).flat[0].figure
+        figures[name].set_size_inches(8, 6)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         from training.figures import accuracy_against_figure
 
         names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), k))  # mean(s), then std(s)
-        figure = accuracy_against_figure(
+        figures["accuracy_vs_normalization"] = accuracy_against_figure(
             {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
             [t.value <= collapse_threshold for t in complete], collapse_threshold,
             f"study {study.study_name}: {len(complete)} complete trials",
         )
-        tracking.log_figure(figure, "study/accuracy_vs_normalization.png", run_id=parent_run_id)
-    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+    return figures
 
 
 def interactive_html(study: optuna.Study) -> str:

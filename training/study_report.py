@@ -12,15 +12,13 @@ validation accuracy over mean x std) and ``accuracy_vs_normalization.png``.
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from training.figures import accuracy_against_figure
-from training.study import summarize
+from training.study import study_figures, summarize
 
 
 def rank_of(trial: FrozenTrial, complete: list[FrozenTrial]) -> int:
@@ -59,22 +57,14 @@ def trials_markdown(study: optuna.Study) -> str:
 
 
 def write_figures(study: optuna.Study, threshold: float, out: Path) -> None:
-    import matplotlib
+    """The contour and accuracy-vs-normalization figures the parent run logs (training.study.study_figures)."""
+    figures = study_figures(study, threshold)
+    for name in FIGURES:
+        if name in figures:
+            figures[name].savefig(out / f"{name}.png", dpi=80)
 
-    matplotlib.use("Agg")
-    from optuna.visualization.matplotlib import plot_contour
 
-    with warnings.catch_warnings(), matplotlib.rc_context():
-        warnings.simplefilter("ignore")
-        axes = plot_contour(study, target_name="val_accuracy")
-    figure = np.asarray(axes).flat[0].figure
-    figure.set_size_inches(8, 6)
-    figure.savefig(out / "contour.png", dpi=80)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    accuracy_against_figure(
-        {k: [t.params[k] for t in complete] for k in ("mean", "std")}, [t.value for t in complete],
-        [t.value <= threshold for t in complete], threshold, f"study {study.study_name}: {len(complete)} complete trials",
-    ).savefig(out / "accuracy_vs_normalization.png", dpi=80)
+FIGURES = ("contour", "accuracy_vs_normalization")
 
 
 def main() -> None:
