@@ -326,13 +326,11 @@ def _model_location(uri: str) -> str:
     """Where the files of the model ``uri`` names are: its logged model's artifact location (MLflow 3's
     ``models:/m-ID``, what registered versions point at), a ``runs:/`` URI or a local folder."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    m = re.match(r"^models:/([^/@]+)(?:@(.+)|/(\d+))$", uri)
-    if m and not m.group(1).startswith("m-"):
-        client = MlflowClient()
-        version = (client.get_model_version_by_alias(m.group(1), m.group(2)) if m.group(2) else
-                   client.get_model_version(m.group(1), m.group(3)))
+    from serving.loading import registry_version
+
+    version = registry_version(uri)
+    if version is not None:
         uri = f"models:/{version.model_id}" if version.model_id else version.source
     m = re.match(r"^models:/(m-[0-9a-f]+)$", uri)
     if m:

@@ -123,20 +123,25 @@ def set_eval(network: nn.Module) -> nn.Module:
     return network
 
 
-def resolve_model_id(uri: str) -> str:
-    """A stable identity for the model behind a (possibly moving) alias, for caching exports."""
+def registry_version(uri: str):
+    """The registered model version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (one
+    registry lookup), or None for any other URI (a logged model's ``models:/m-ID``, ``runs:/``, a folder)."""
     from mlflow.tracking import MlflowClient
 
+    m = re.match(r"^models:/([^/@]+)(?:@(.+)|/(\d+))$", uri)
+    if not m:
+        return None
     client = MlflowClient()
-    m = re.match(r"^models:/([^/@]+)@(.+)$", uri)
-    if m:
-        version = client.get_model_version_by_alias(m.group(1), m.group(2))
-        return version.model_id or f"{m.group(1)}-v{version.version}"
-    m = re.match(r"^models:/([^/@]+)/(\d+)$", uri)
-    if m:
-        version = client.get_model_version(m.group(1), m.group(2))
-        return version.model_id or f"{m.group(1)}-v{version.version}"
-    return uri
+    return (client.get_model_version_by_alias(m.group(1), m.group(2)) if m.group(2) else
+            client.get_model_version(m.group(1), m.group(3)))
+
+
+def resolve_model_id(uri: str) -> str:
+    """A stable identity for the model behind a (possibly moving) alias, for caching exports."""
+    version = registry_version(uri)
+    if version is None:
+        return uri
+    return version.model_id or f"{version.name}-v{version.version}"
 
 
 def _short(exc: BaseException) -> str:
