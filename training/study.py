@@ -43,8 +43,10 @@ from tqdm.auto import tqdm
 
 from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
+from training.batched import check_batchable
 from training.train import (
-    TrainConfig, check_compatible, describe_training, fit, load_training_data, short_normalization, training_tags,
+    TrainConfig, check_compatible, describe_training, fit, load_training_data, resolve_device, short_normalization,
+    training_tags,
 )
 from training.train_batch import MemberResult, fit_batch
 from zoo.data import Dataset, Split
@@ -784,8 +786,6 @@ def default_jobs(device: str = "auto") -> int:
     than one trial on 2 threads (the MNIST CNN's small layers split poorly across threads);
     two 1-thread processes were as fast as one process with two trial threads
     (benchmarks/RESULTS.md)."""
-    from training.train import resolve_device
-
     if resolve_device(device).type != "cpu":
         return 1
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
@@ -968,8 +968,6 @@ def run_study(config: StudyConfig) -> StudyResult:
     train_config = config.train_config()
     spec = train_config.spec()  # unknown model: fail before anything is created
     if config.batch_trials > 1:
-        from training.batched import check_batchable
-
         check_batchable(create_model(config.model), spec.trainer, config.model)
     dataset = load_study_dataset(config)
     check_compatible(spec, dataset)
