@@ -6,11 +6,12 @@ per-sample ``Compose([ToTensor(), Normalize((0.2860,), (0.3530,))])``, a shuffle
 batch 64, the project's mnist_cnn network, Adadelta lr 1.0, one epoch on 54,000 training images
 (the project keeps the other 6,000 for validation), then the 10,000 test images in batches of 1000.
 
-Each side runs as a whole process, start-up included, in A B A B pairs (pairing keeps the ratio
-meaningful when the machine's speed drifts); the zoo side gets a fresh temporary MLflow store
-each time. Prints wall seconds, training-loop images/s, test accuracy and the ratio.
+Each side runs as a whole process, start-up included, in rounds (zoo, zoo with --precision
+bf16-mixed, reference: rounds keep the ratios meaningful when the machine's speed drifts); a zoo
+side gets a fresh temporary MLflow store each time. Prints wall seconds, training-loop images/s,
+seconds outside the training epoch, test accuracy and the ratios.
 
-Run:      PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py [--pairs 2]
+Run:      PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py [--pairs 2]   (rounds)
 One side: PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py --reference   (what farm-bench --vs times)
 """
 
@@ -84,14 +85,20 @@ def timed(command: list[str], env: dict[str, str], cwd: str | os.PathLike | None
     return time.perf_counter() - started
 
 
-def run_zoo(batches: int | None = None) -> dict[str, float]:
-    """One `zoo train` process; ``batches`` cuts the epoch to that many batches of 64 (a smoke run)."""
+def run_zoo(batches: int | None = None, extra: list[str] | None = None) -> dict[str, float]:
+    """One `zoo train` process (with ``extra`` options); ``batches`` cuts the epoch to that many batches of 64 (a smoke run)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": store}
         zoo = os.path.join(os.path.dirname(sys.executable), "zoo")
-        wall = timed([zoo, *ZOO_COMMAND, *(["--max-batches", str(batches)] if batches else [])], env)
-        return {"wall_s": wall, **zoo_metrics(store, 64 * batches if batches else TRAIN_IMAGES)}
+        wall = timed([zoo, *ZOO_COMMAND, *(extra or []), *(["--max-batches", str(batches)] if batches else [])], env)
+        return with_outside({"wall_s": wall, **zoo_metrics(store, 64 * batches if batches else TRAIN_IMAGES)},
+                            64 * batches if batches else TRAIN_IMAGES)
+
+
+def with_outside(row: dict[str, float], images: int) -> dict[str, float]:
+    """``row`` with the seconds spent outside the training epoch (start-up, store, test, figures, model logging)."""
+    return {**row, "outside_s": row["wall_s"] - images / row["images_per_s"]}
 
 
 def run_reference(batches: int | None = None) -> dict[str, float]:
@@ -99,7 +106,7 @@ def run_reference(batches: int | None = None) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         images = ["--images", str(64 * batches)] if batches else []
         wall = timed([sys.executable, __file__, "--reference", "--json", out.name, *images], dict(os.environ))
-        return {"wall_s": wall, **json.load(open(out.name))}
+        return with_outside({"wall_s": wall, **json.load(open(out.name))}, 64 * batches if batches else TRAIN_IMAGES)
 
 
 def main() -> None:
@@ -120,24 +127,32 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     result = compare(args.pairs)
     for name, m in result["median"].items():
-        print(f"{name:10s} median wall {m['wall_s']:.1f} s, loop {m['images_per_s']:.0f} images/s, "
-              f"test accuracy {m['test_accuracy']:.4f}")
-    print(f"zoo train is {statistics.median(result['ratios']):.2f}x faster than the reference (median of pair ratios "
-          f"{', '.join(f'{r:.2f}' for r in result['ratios'])})")
+        print(f"{name:34s} median wall {m['wall_s']:.1f} s, loop {m['images_per_s']:.0f} images/s, "
+              f"outside the epoch {m['outside_s']:.1f} s, test accuracy {m['test_accuracy']:.4f}")
+    for name, ratios in result["ratios"].items():
+        print(f"{name} is {statistics.median(ratios):.2f}x faster than the reference (ratios per round "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+# The zoo sides: the default command, and the same with bfloat16 autocast (training.engine.PRECISIONS).
+ZOO_SIDES = {"zoo train": [], "zoo train --precision bf16-mixed": ["--precision", "bf16-mixed"]}
 
 
 def compare(pairs: int, batches: int | None = None) -> dict:
-    """``pairs`` A B pairs (zoo, then reference); returns each side's medians and the pair ratios reference/zoo."""
-    rows: dict[str, list[dict[str, float]]] = {"zoo train": [], "reference": []}
-    for pair in range(pairs):
-        rows["zoo train"].append(run_zoo(batches))
+    """``pairs`` rounds of every zoo side then the reference; each side's medians and, per zoo side,
+    the ratios reference wall / zoo wall of each round (above 1: zoo is faster)."""
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in [*ZOO_SIDES, "reference"]}
+    for round_ in range(pairs):
+        for name, extra in ZOO_SIDES.items():
+            rows[name].append(run_zoo(batches, extra))
         rows["reference"].append(run_reference(batches))
-        a, b = rows["zoo train"][-1], rows["reference"][-1]
-        print(f"pair {pair + 1}: zoo {a['wall_s']:.1f} s ({a['images_per_s']:.0f} img/s, acc {a['test_accuracy']:.4f}) | "
-              f"reference {b['wall_s']:.1f} s ({b['images_per_s']:.0f} img/s, acc {b['test_accuracy']:.4f}) | "
-              f"reference/zoo {b['wall_s'] / a['wall_s']:.2f}x", flush=True)
+        print(f"round {round_ + 1}: " + " | ".join(
+            f"{name} {r[-1]['wall_s']:.1f} s ({r[-1]['images_per_s']:.0f} img/s, acc {r[-1]['test_accuracy']:.4f})"
+            for name, r in rows.items()), flush=True)
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()}
-    return {"median": median, "ratios": [b["wall_s"] / a["wall_s"] for a, b in zip(rows["zoo train"], rows["reference"])]}
+    ratios = {name: [ref["wall_s"] / side["wall_s"] for side, ref in zip(rows[name], rows["reference"])] for name in ZOO_SIDES}
+    return {"median": median, "ratios": ratios}
+
 
 if __name__ == "__main__":
     main()

@@ -100,6 +100,9 @@ def echo_json(data) -> None:
 @MODEL_OPT
 @click.option("--seed", type=int, default=1, show_default=True)
 @DEVICE
+@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
+              help="bf16-mixed: forward passes in bfloat16 (weights stay float32); faster where the CPU or GPU "
+                   "has bfloat16 arithmetic, but it rounds normalized inputs to 8 significant bits.")
 @DATA_DIR
 @EXPERIMENT
 @click.option("--run-name", default=None)
@@ -113,7 +116,7 @@ def echo_json(data) -> None:
 @FORMAT
 @click.pass_context
 def train(ctx, model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device,
-          data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
+          precision, data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
 
     Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it.
@@ -125,8 +128,8 @@ def train(ctx, model, dataset, mean, std, epochs, batch_size, optimizer, lr, gam
     config = TrainConfig(
         model=model, dataset=dataset, mean=mean, std=std, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, momentum=momentum, model_config=model_opts,
-        seed=seed, device=device, data_dir=data_dir, max_batches=2 if dry_run else max_batches, checkpoints=not no_checkpoints,
-        keep_checkpoints=keep_checkpoints,
+        seed=seed, device=device, precision=precision, data_dir=data_dir, max_batches=2 if dry_run else max_batches,
+        checkpoints=not no_checkpoints, keep_checkpoints=keep_checkpoints,
     )
     if resume:
         options = resume_options(ctx, config)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from training.engine import batches, make_optimizer
+from training.engine import EVAL_BATCH_SIZE, batches, make_optimizer
 from zoo.data import Split
 from zoo.normalization import Normalization
 
@@ -104,7 +104,7 @@ class StackedTrials:
         self.scheduler.step()
 
     @torch.no_grad()
-    def evaluate(self, split: Split, batch_size: int = 1000) -> tuple[list[float], list[float], torch.Tensor]:
+    def evaluate(self, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> tuple[list[float], list[float], torch.Tensor]:
         """Each active member's mean loss and accuracy on ``split``, and its predictions ``[K, N]`` (CPU)."""
         self.base.eval()
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=split.images.device)

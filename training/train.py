@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
-from training.engine import EpochResult, check_finite, evaluate, evaluate_predictions
+from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
 from zoo.model_options import coerce_model_config
@@ -39,6 +39,7 @@ class TrainConfig:
     momentum: float | None = None  # SGD momentum (ignored by the other optimizers)
     seed: int = 1
     device: str = "auto"
+    precision: str = "fp32"  # or "bf16-mixed" (training.engine.PRECISIONS)
     data_dir: str | None = None
     val_fraction: float | None = None
     keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
@@ -125,6 +126,7 @@ def run_params(config: TrainConfig, normalization: Normalization) -> dict[str, o
         "weight_decay": config.weight_decay,
         "momentum": config.momentum,
         "seed": config.seed,
+        "precision": config.precision,
         "val_fraction": config.val_fraction,
         "keep_best": config.keep_best,
         **{f"model_{k}": v for k, v in config.model_config.items()},
@@ -159,7 +161,7 @@ def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
     config = config.resolved()
     return make_trainer(
         config.spec().trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
-        weight_decay=config.weight_decay, momentum=config.momentum,
+        weight_decay=config.weight_decay, momentum=config.momentum, precision=config.precision,
     )
 
 
@@ -208,7 +210,7 @@ def fit(
             train_loss = trainer.train_epoch(
                 train_split, normalization, config.batch_size, generator, on_batch=bar.update, max_batches=config.max_batches
             )
-            val_loss, val_accuracy = evaluate(network, val_split, normalization)
+            val_loss, val_accuracy = evaluate(network, val_split, normalization, precision=config.precision)
             trainer.end_epoch()
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
             history.append(result)
@@ -229,7 +231,7 @@ def fit(
     if config.keep_best:
         best.restore(network)
         tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
-    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization)
+    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
     log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
     run_id = tracking.mlflow.active_run().info.run_id
@@ -374,6 +376,7 @@ def train(
     config.normalization()  # bad mean/std: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
     trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
+    check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
     tracking.check_registry_names(register, alias)
     tracking.check_tracking_server()
     if dataset is None:
@@ -422,7 +425,7 @@ def interrupted_message(run_id: str) -> str:
 
 
 # Settings a resumed run may change: where and how it runs, not what it trains.
-RESUME_MAY_CHANGE = ("device", "data_dir", "progress", "keep_checkpoints", "checkpoints")
+RESUME_MAY_CHANGE = ("device", "precision", "data_dir", "progress", "keep_checkpoints", "checkpoints")
 _OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--max-batches/--dry-run"}  # TrainConfig field -> zoo train option
 
 

@@ -45,13 +45,15 @@ class EpochTrainer(Protocol):
 class AutogradTrainer:
     """training.engine's loop with one of its optimizers and a StepLR(step_size=1) schedule."""
 
-    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float):
-        self.network = network
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        self.network, self.precision = network, precision
         self.optimizer = make_optimizer(optimizer, network.parameters(), lr, weight_decay, momentum)
         self.scheduler = StepLR(self.optimizer, step_size=1, gamma=gamma)
 
     def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
-        return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches)
+        return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches,
+                               self.precision)
 
     def end_epoch(self) -> None:
         self.scheduler.step()
@@ -67,7 +69,10 @@ class AutogradTrainer:
 class ScratchTrainer:
     """Hand-written forward, backward and SGD step, no autograd (zoo.models.scratch_mlp)."""
 
-    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float):
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        if precision != "fp32":
+            raise ValueError(f"the scratch trainer computes in float32 only; got precision {precision!r}: use --precision fp32")
         if not isinstance(network, ScratchMLP):
             raise ValueError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
         if optimizer != "sgd" or weight_decay:
@@ -105,7 +110,7 @@ TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrai
 
 
 def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
-    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum."""
+    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum, precision."""
     if name not in TRAINERS:
         raise ValueError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
     return TRAINERS[name](network, **settings)
