@@ -197,6 +197,35 @@ def test_a_killed_study_resumes_under_the_same_parent(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_study_cleanly_and_the_same_command_resumes_it(tmp_path):
+    """kill, a scheduler's time limit or docker stop: the trial in flight must not be left RUNNING."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli_process(storage, "--trials", "3", "--train-size", "3000", "--epochs", "2", "--jobs", "1")
+    with started(command, env={**subprocess_env(), "ZOO_DEBUG": ""}) as (proc,):
+        wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    states = [t.state for t in optuna.load_study(study_name="shared", storage=storage).get_trials()]
+    assert states[-1] == TrialState.FAIL and TrialState.RUNNING not in states, states
+    done = states.count(TrialState.COMPLETE)
+    last_line = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last_line.startswith(f"Error: study shared stopped with {done} of 3 trials finished; "
+                                "re-run the same command to resume it"), last_line
+    (parent,), children = study_runs()
+    assert parent.info.status == "KILLED"
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * done + ["KILLED"]
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["parent_run_id"] == parent.info.run_id
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+    _, children = study_runs()
+    assert sum(r.info.status == "FINISHED" for r in children) == 3
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Fixed parameter std")  # 1e-45 is outside the searched range on purpose
 def test_a_diverging_trial_fails_and_the_study_goes_on(tmp_path):
     # std = 1e-45 is a float32 denormal: inputs become infinite and the loss NaN.

@@ -962,6 +962,10 @@ def _work_until_done(study: optuna.Study, ctx: _Context, bar: tqdm) -> None:
             raise
 
 
+class StudyInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the study; the message says how far it got and how to resume."""
+
+
 def run_study(config: StudyConfig) -> StudyResult:
     """Run (or resume, or join) the study until it holds ``config.trials`` finished trials."""
     config.validate()
@@ -987,8 +991,10 @@ def run_study(config: StudyConfig) -> StudyResult:
             study.enqueue_trial(params, skip_if_exists=True)
     ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent), lock)
     try:
-        with _torch_threads(config.jobs), tqdm(total=config.trials, unit="trial", desc=f"study {config.name}",
-                                               disable=not config.progress) as bar:
+        # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
+        # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
+        with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
+                total=config.trials, unit="trial", desc=f"study {config.name}", disable=not config.progress) as bar:
             _work_until_done(study, ctx, bar)
     except BaseException as exc:
         try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
@@ -998,6 +1004,10 @@ def run_study(config: StudyConfig) -> StudyResult:
         if count_trials(study)[1] == 0:  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                    f"{type(exc).__name__}: {exc}; re-run the same command to resume")
+        if isinstance(exc, KeyboardInterrupt):
+            finished = count_trials(study)[0]
+            raise StudyInterrupted(f"study {config.name} stopped with {finished} of {config.trials} trials finished; "
+                                   "re-run the same command to resume it") from None
         raise
     with lock():  # the workers end together: one of them writes the final summary and publishes the model
         return _finish_study(study, parent, config, dataset)
