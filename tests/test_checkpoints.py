@@ -55,6 +55,33 @@ def wait_for_first_checkpoint(proc: subprocess.Popen) -> str:
     raise AssertionError(f"no checkpoint appeared; training exited with {proc.poll()}: {proc.communicate()[1][-2000:]}")
 
 
+def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_process_died(tmp_path: Path):
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
+        try:
+            run_id = wait_for_first_checkpoint(proc)
+            proc.send_signal(signal.SIGSTOP)  # alive but held mid-training, however long the check below takes
+            # Two processes training one run would interleave its metrics and overwrite its checkpoints.
+            twice = zoo("train", "--resume", run_id)
+            assert twice.returncode == 2, twice.stderr[-2000:]
+            assert last_error_line(twice.stderr) == (
+                f"Error: run {run_id} is still training in process {proc.pid} on this machine; stop it first (Ctrl-C "
+                f"there, or kill {proc.pid}: the run ends KILLED with its last checkpoint), then resume it")
+            assert proc.poll() is None  # the refused resume left the training alone
+            proc.kill()  # SIGKILL (stopped or not): no handler runs, the run stays RUNNING with its last checkpoint
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    resumed = zoo("train", "--resume", run_id, "--format", "json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"run {run_id} is still marked RUNNING by " in resumed.stderr  # said, not silent
+    run = MlflowClient().get_run(run_id)
+    # (SIGKILL may land between an epoch's metrics and its checkpoint: that epoch is then trained again)
+    assert run.info.status == "FINISHED" and sorted(set(steps(run_id, "val_accuracy"))) == [1, 2, 3]
+
+
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
     log = tmp_path / "stopped.err"
     with open(log, "w") as err:

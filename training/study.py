@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import math
 import os
-import socket
 import sys
 import threading
 import time
@@ -61,8 +60,7 @@ SAMPLERS = ("tpe", "random", "qmc")
 LOG_MODELS = ("best", "all", "none")
 MODEL_URI_TAG = "zoo.model_uri"
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
-WORKER_TAG = "zoo.worker"  # HOST:PID of the process that ran a trial
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
+WORKER_TAG = tracking.WORKER_TAG  # HOST:PID of the process that ran a trial
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (about 0.1-0.3 s each)
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
@@ -411,7 +409,7 @@ def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Norma
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
     tags = {**training_tags(train_config, normalization, "trial"),
-            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: WORKER}
+            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: tracking.this_worker()}
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
     return train_config, normalization, f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags

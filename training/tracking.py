@@ -8,6 +8,7 @@ trials in threads starts each child run in its own thread with an explicit
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,28 @@ from zoo.normalization import Normalization
 DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
+WORKER_TAG = "zoo.worker"  # HOST:PID of the process that trains the run (zoo train, a study trial)
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_alive_here(worker: str | None) -> bool:
+    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one.
+    A process on another machine cannot be checked from here: False."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
 PROJECT_RUN_TAG = "zoo.project_run_id"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)

@@ -314,6 +314,7 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
         "zoo.normalization": short_normalization(normalization),
         "zoo.normalization_is_default": str(normalization == config.spec().normalization).lower(),
         **({"zoo.dry_run": "true"} if config.max_batches else {}),
+        tracking.WORKER_TAG: tracking.this_worker(),
     }
 
 
@@ -450,6 +451,14 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
                          "`mlflow runs list`) and MLFLOW_TRACKING_URI")
     if run.info.status == "FINISHED":
         raise ValueError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
+    worker = run.data.tags.get(tracking.WORKER_TAG)
+    if run.info.status == "RUNNING" and tracking.worker_alive_here(worker):
+        pid = worker.rpartition(":")[2]
+        raise ValueError(f"run {run_id} is still training in process {pid} on this machine; stop it first (Ctrl-C "
+                         f"there, or kill {pid}: the run ends KILLED with its last checkpoint), then resume it")
+    if run.info.status == "RUNNING":  # its process died (SIGKILL, out of memory, lost machine) or is elsewhere
+        tqdm.write(f"run {run_id} is still marked RUNNING{f' by {worker}' if worker else ''}, a process that is gone or "
+                   "on another machine: resuming it (if that process still trains, both write to the run)", file=sys.stderr)
     last = checkpoints.checkpoint_path(checkpoints.LAST)
     if not tracking.has_artifact(run_id, last):
         raise ValueError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
