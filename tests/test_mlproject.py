@@ -40,10 +40,11 @@ def test_mlflow_run_train_entry_point_logs_one_finished_run_in_the_zoo_experimen
 
 @pytest.mark.slow
 def test_mlflow_run_with_an_experiment_logs_into_its_own_run():
-    proc = mlflow_run("-e", "train", "-P", "epochs=1", "--experiment-name", "mine")
+    proc = mlflow_run("-e", "train", "-P", "epochs=1", "-P", "precision=bf16-mixed", "--experiment-name", "mine")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert client.get_experiment(run.info.experiment_id).name == "mine"
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.8
+    assert run.data.params["precision"] == "bf16-mixed"  # the entry point's parameter reached zoo train
     assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "custom_model_development"
