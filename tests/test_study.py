@@ -120,6 +120,30 @@ def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tm
 
 
 @pytest.mark.slow
+def test_log_models_all_registers_the_best_with_its_onnx_graph(tmp_path, mnist_5k):
+    from PIL import Image
+    from test_classify import classify_in_subprocess
+
+    from training.study import MODEL_URI_TAG
+    from training.tracking import ships_onnx
+
+    result = run_study(small_config(tmp_path, trials=2, log_models="all", register="every"))
+    _, children = study_runs()
+    uris = {r.info.run_id: r.data.tags[MODEL_URI_TAG] for r in children}  # every trial logged its model
+    assert len(set(uris.values())) == 2
+    # Logged during the trials without the ONNX graph (an export per trial would cost seconds); the
+    # one registered gets it, so `zoo classify models:/every@...` downloads rather than exports it.
+    best_uri = result.best_model_uri
+    version = MlflowClient().get_model_version("every", "1")
+    assert uris[version.run_id] == best_uri and ships_onnx(best_uri)
+    assert [uri for uri in uris.values() if uri != best_uri and ships_onnx(uri)] == []
+    png = tmp_path / "digit.png"
+    Image.fromarray(mnist_5k.test.images[0, 0].numpy()).save(png)
+    rows, loaded = classify_in_subprocess("models:/every/1", png)
+    assert loaded == ["mlflow"] and len(rows) == 1  # the shipped graph, downloaded: no torch, no export
+
+
+@pytest.mark.slow
 def test_two_processes_share_one_parent_run(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = cli_process(storage, "--trials", "4")

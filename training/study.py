@@ -737,6 +737,16 @@ def interactive_html(study: optuna.Study) -> str:
 # --- the best model -----------------------------------------------------------------------
 
 
+def _tested_network(run_id: str, config: StudyConfig) -> tuple[torch.nn.Module, Normalization]:
+    """A trial's network rebuilt from its checkpoint, with the weights it was tested with (its best
+    epoch's under the recipe's keep_best, else its last), and its normalization."""
+    tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
+    state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
+    network = create_model(config.model)
+    network.load_state_dict(state["model"])
+    return network, Normalization.from_dict(state["normalization"])
+
+
 def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyConfig, dataset: Dataset) -> str | None:
     """Log the best trial's network as an MLflow model in its child run (rebuilt from its checkpoint,
     so it works whichever process ran it) and register it with ``config.register``."""
@@ -746,16 +756,15 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
     run_id = best.user_attrs[RUN_ATTR]
     uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
     if uri is None:
-        # The weights the trial was tested with: its best epoch's under the recipe's keep_best, else its last.
-        tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
-        state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
-        network = create_model(config.model)
-        network.load_state_dict(state["model"])
+        network, normalization = _tested_network(run_id, config)
         with tracking.start_run(run_id=run_id):
-            uri = _log_trial_model(network, Normalization.from_dict(state["normalization"]), config, dataset,
-                                   best.user_attrs.get("test_accuracy"), onnx=config.register is not None)
+            uri = _log_trial_model(network, normalization, config, dataset, best.user_attrs.get("test_accuracy"),
+                                   onnx=config.register is not None)
             tracking.set_tags({MODEL_URI_TAG: uri})
     if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
+        if not tracking.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
+            network, normalization = _tested_network(run_id, config)
+            tracking.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model)
         version = tracking.register(uri, config.register, config.alias)
         tracking.set_tags({"zoo.registered_run_id": run_id, "zoo.registered_version": version}, run_id=parent_run_id)
     tracking.set_tags({"best_model_uri": uri}, run_id=parent_run_id)

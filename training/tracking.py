@@ -504,6 +504,27 @@ def log_model(
     return info.model_uri
 
 
+def ships_onnx(model_uri: str) -> bool:
+    """Whether the logged model ``models:/m-...`` holds its ONNX graph (``artifacts/model.onnx``)."""
+    listed = MlflowClient().list_logged_model_artifacts(_logged_model_id(model_uri), "artifacts")
+    return any(Path(a.path).name == ONNX_FILE for a in listed)
+
+
+def _logged_model_id(model_uri: str) -> str:
+    """``m-...`` of ``models:/m-...``."""
+    return model_uri.rstrip("/").rpartition("/")[2]
+
+
+def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
+              class_names: list[str], model_name: str) -> None:
+    """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
+    ``onnx`` would have put it (a model logged without it and registered later)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx_file(network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
+                                source=model_uri)
+        MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(path), artifact_path="artifacts")
+
+
 PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 IMAGING_CODE = PYFUNC_MODEL_CODE.with_name("imaging.py")  # its image decoder, shipped beside it
 PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
