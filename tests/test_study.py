@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 
 from serving.cli import cli
 from serving.cli_study import study as study_command
-from training.study import PARENT_ATTR, RUN_ATTR, StudyConfig, open_study, make_storage, run_study
+from training.study import PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig, open_study, make_storage, run_study
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds per trial on a shared 2-core machine, large enough to learn something.
@@ -130,6 +131,7 @@ def test_log_models_all_registers_the_best_with_its_onnx_graph(tmp_path, mnist_5
     result = run_study(small_config(tmp_path, trials=2, log_models="all", register="every"))
     _, children = study_runs()
     uris = {r.info.run_id: r.data.tags[MODEL_URI_TAG] for r in children}  # every trial logged its model
+    assert {r.data.tags[WORKER_TAG] for r in children} == {f"{socket.gethostname()}:{os.getpid()}"}
     assert len(set(uris.values())) == 2
     # Logged during the trials without the ONNX graph (an export per trial would cost seconds); the
     # one registered gets it, so `zoo classify models:/every@...` downloads rather than exports it.

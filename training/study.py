@@ -409,7 +409,7 @@ def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Norma
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
     tags = {**training_tags(train_config, normalization, "trial"),
-            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number), WORKER_TAG: tracking.this_worker()}
+            "optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}  # training_tags has WORKER_TAG
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
     return train_config, normalization, f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags
@@ -764,7 +764,8 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
     if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
         if not tracking.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
             network, normalization = _tested_network(run_id, config)
-            tracking.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model)
+            tracking.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model,
+                               source=f"models:/{config.register}")
         version = tracking.register(uri, config.register, config.alias)
         tracking.set_tags({"zoo.registered_run_id": run_id, "zoo.registered_version": version}, run_id=parent_run_id)
     tracking.set_tags({"best_model_uri": uri}, run_id=parent_run_id)

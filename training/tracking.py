@@ -516,12 +516,12 @@ def _logged_model_id(model_uri: str) -> str:
 
 
 def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-              class_names: list[str], model_name: str) -> None:
+              class_names: list[str], model_name: str, source: str) -> None:
     """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
-    ``onnx`` would have put it (a model logged without it and registered later)."""
+    ``onnx`` would have put it (a model logged without it and registered later as ``source``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx_file(network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
-                                source=model_uri)
+                                source=source)
         MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(path), artifact_path="artifacts")
 
 
