@@ -478,13 +478,10 @@ def log_model(
         torch.export.save(export_program(network, normalization, input_shape), program)
         artifacts = {PROGRAM_ARTIFACT: str(program)}
         if (registered_name is not None) if onnx is None else onnx:
-            try:
-                artifacts[ONNX_ARTIFACT] = str(export_onnx_file(
-                    network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
-                    source=f"models:/{registered_name}" if registered_name else "the logged model"))
-            except Exception as exc:  # a convenience: the model is logged without it, and exported where used
-                print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
-                      "zoo classify and zoo export will export it when used", file=sys.stderr)
+            graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp),
+                                     source=f"models:/{registered_name}" if registered_name else "the logged model")
+            if graph is not None:
+                artifacts[ONNX_ARTIFACT] = str(graph)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
@@ -520,9 +517,22 @@ def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normaliza
     """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
     ``onnx`` would have put it (a model logged without it and registered later as ``source``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx_file(network, normalization, input_shape, class_names, model_name, Path(tmp) / ONNX_FILE,
+        graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp), source)
+        if graph is not None:
+            MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(graph), artifact_path="artifacts")
+
+
+def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
+                     class_names: list[str], model_name: str, folder: Path, source: str) -> Path | None:
+    """The shipped ONNX graph written into ``folder``, or None with a warning: shipping it is a
+    convenience, so a model whose export fails is logged and registered without it (and exported where used)."""
+    try:
+        return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
                                 source=source)
-        MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(path), artifact_path="artifacts")
+    except Exception as exc:
+        print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
+              "zoo classify and zoo export will export it when used", file=sys.stderr)
+        return None
 
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
