@@ -200,9 +200,12 @@ def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_
     stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
     """
     from serving.classify import classify_batches, open_classifier
+    from zoo import startup
 
-    batches = classify_batches(open_classifier(model_uri, runtime), paths, k=top_k, invert=invert,
-                               batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    classifier = open_classifier(model_uri, runtime)
+    startup.settled()  # the model is loaded: what follows is the images
+    batches = classify_batches(classifier, paths, k=top_k, invert=invert, batch_size=batch_size, workers=workers,
+                               max_pixels=max_pixels)
     _print_classified(batches, fmt)
 
 
@@ -307,6 +310,9 @@ _attach_commands()
 
 
 def main() -> None:
+    from zoo import startup
+
+    startup.begin()  # the collector held back while the libraries load (zoo/startup.py)
     cli(prog_name="zoo")
 
 

@@ -160,3 +160,35 @@ def test_the_installed_zoo_command_keeps_stdout_for_json(registered_model, digit
                            "--format", "json"], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert [Path(p["path"]).name for p in json.loads(proc.stdout)] == [Path(f).name for f in files]
+
+
+# A `zoo` command starts with the collector held back and puts it back once its run begins (zoo/startup.py).
+_GC_PROBE = """
+import gc, json, sys
+initial = gc.get_threshold()
+{setup}
+from training import tracking
+before = gc.get_threshold()
+with tracking.start_run(experiment="gc"):
+    during = gc.get_threshold()
+print(json.dumps({{"initial": initial, "before": before, "during": during, "frozen": gc.get_freeze_count()}}))
+"""
+
+
+def _gc_probe(setup: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _GC_PROBE.format(setup=setup)], capture_output=True, text=True,
+                          check=True, timeout=300)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_zoo_command_holds_the_collector_back_only_until_its_run_begins():
+    probe = _gc_probe("from zoo import startup; startup.begin()")  # what the `zoo` entry point does first
+    assert probe["before"] == [100_000, *probe["initial"][1:]]  # while torch and MLflow were imported
+    assert probe["during"] == probe["initial"]  # CPython's defaults for the run's own work
+    assert probe["frozen"] > 100_000  # the libraries' objects, skipped by later collections
+
+
+def test_a_program_importing_the_project_keeps_its_own_collector_settings():
+    probe = _gc_probe("gc.set_threshold(500, 5, 5)")
+    assert probe["before"] == probe["during"] == [500, 5, 5]
+    assert probe["frozen"] == 0

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from zoo import startup
 from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
@@ -98,6 +99,7 @@ def start_run(
     Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created: it is reused when it
     lies in the experiment our runs go to, else pointed at the new run (see :func:`is_project_run_here`).
     """
+    startup.settled()  # the tracked work begins: the command's start-up is over
     project_run_id, new_top_level = None, run_id is None and parent_run_id is None
     if new_top_level:
         project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -216,6 +218,7 @@ def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = 
     """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
     and processes; trials trained together); returns its id. End it with :func:`end_run_by_id`.
     A top-level run's name is made unique in its experiment; a child keeps its name."""
+    startup.settled()  # the tracked work begins: the command's start-up is over
     experiment_id = experiment_id_for(experiment)
     if parent_run_id is None:
         run_name = unique_run_name(experiment_id, run_name)
