@@ -7,6 +7,7 @@
 Benchmarks, in order (each reuses the functions of its own script, which also runs alone):
 
 - ``train``: the published notebook's protocol against `zoo train`, one Fashion-MNIST epoch (bench_train.py);
+- ``fixed``: `zoo train`'s fixed cost phase by phase, against the libraries' own start-up (bench_fixed_cost.py);
 - ``classify``: `mlflow models predict` against `zoo classify` on one image from a registry alias (bench_classify.py);
 - ``overhead``: the fixed cost of a study trial (bench_study_trials.py);
 - ``threads``: two cores spent as one 2-thread trial, two 1-thread processes, or ``--jobs 2``;
@@ -32,7 +33,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import bench_classify, bench_study_trials, bench_train
+from benchmarks import bench_classify, bench_fixed_cost, bench_study_trials, bench_train
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- python -m benchmarks: begin (generated; edits here are overwritten) -->", "<!-- python -m benchmarks: end -->"
@@ -60,12 +61,26 @@ def train(quick: bool, pairs: int = 2) -> str:
     ratios = "; ".join(f"`{name}` {', '.join(f'{r:.2f}' for r in values)}" for name, values in result["ratios"].items())
     return (f"`zoo train --model mnist_cnn --dataset fashion-mnist --epochs 1` (and the same with `--precision bf16-mixed`) "
             f"against the notebook's protocol (DataLoader, per-sample ToTensor + Normalize, batch 64, Adadelta), whole "
-            f"processes in rounds of the three, {'10 batches' if quick else '54,000 training images'}; medians. "
+            f"processes in rounds of the three, {'10 batches' if quick else '54,000 training images'}; medians. The zoo runs "
+            "log into one SQLite store created before the first round, as a user's runs find theirs (a new store's "
+            "creation: the fixed-cost part below). "
             "zoo's loop figure divides the training images by the epoch's seconds, which include its 6,000-image "
             "validation; \"outside the epoch\" is the rest of the wall time (start-up, store, test, figures, model).\n\n"
             + table(["", "wall (s)", "loop (images/s)", "outside the epoch (s)", "test accuracy"],
                     [[name, r["wall_s"], r["images_per_s"], r["outside_s"], f"{r['test_accuracy']:.4f}"] for name, r in m.items()])
             + f"\n\nreference wall / zoo wall per round: {ratios} (above 1: zoo is faster).")
+
+
+def fixed(quick: bool) -> str:
+    r = bench_fixed_cost.measure(runs=2 if quick else 5)
+    first, median = r["first"], r["median"]
+    rows = [[phase, first[phase], median[phase]] for phase in median]
+    rows.append(["library floor: Python, import torch + torch._dynamo + mlflow, open the store", "", r["floor"]])
+    return (f"`{' '.join(['zoo', *bench_fixed_cost.COMMAND])}`, {r['runs']} whole processes into one SQLite store "
+            "(the first creates it); phases timed inside each process by wrapping the project's functions. The batch, "
+            "validation and test grow with the data; the **fixed cost** is the wall time without them. The floor "
+            "is a process that only imports the libraries and opens the same store.\n\n"
+            + table(["seconds", "first run (new store)", f"median of the {r['runs'] - 1} later runs"], rows))
 
 
 def classify(quick: bool) -> str:
@@ -119,10 +134,11 @@ def projection(quick: bool, projection_trials: int = 20) -> str:
 
 
 BENCHMARKS: dict[str, Callable[..., str]] = {
-    "train": train, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
+    "train": train, "fixed": fixed, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
     "projection": projection,
 }
-TITLES = {"train": "Reference protocol vs `zoo train`", "classify": "`mlflow models predict` vs `zoo classify`",
+TITLES = {"train": "Reference protocol vs `zoo train`", "fixed": "`zoo train`'s fixed cost, phase by phase",
+          "classify": "`mlflow models predict` vs `zoo classify`",
           "overhead": "Fixed cost per study trial", "threads": "Two cores: threads vs processes",
           "batched": "Batched vs sequential trials", "projection": "A 200-trial Fashion-MNIST study, projected"}
 
