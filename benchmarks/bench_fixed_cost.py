@@ -56,12 +56,14 @@ def child(out: str, argv: list[str]) -> None:
         importlib.import_module(name)
         phases[phase] = phases.get(phase, 0.0) + time.time() - started
 
-    try:
+    import zoo
+
+    # What the `zoo` entry point does first (main() calls it again: once per process). A checkout from
+    # before zoo/startup.py (a baseline) has none; an editable install's finder would find this one's.
+    if os.path.exists(os.path.join(os.path.dirname(zoo.__file__), "startup.py")):
         from zoo import startup
-    except ImportError:  # a checkout from before zoo/startup.py, measured as the baseline
-        startup = None
-    if startup is not None:
-        startup.begin()  # what the `zoo` entry point does first (main() calls it again: once per process)
+
+        startup.begin()
     timed_import("torch", "import torch")
     timed_import("torch._dynamo", "import torch._dynamo")
     timed_import("mlflow", "import mlflow")
