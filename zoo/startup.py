@@ -3,16 +3,18 @@
 Importing torch, torch._dynamo (torch.optim, torchvision and torch.export pull it in) and MLflow
 creates about a million objects that live as long as the process. Under CPython's default
 thresholds the collector walks them again and again while they are being created, and once more
-at exit: on the 2-core development machine about 0.7 s of the 3.3 s those imports take, and about
-1 s after the command has finished (benchmarks/RESULTS.md, "`zoo train`'s fixed cost").
+at exit: on the 2-core development machine about 0.7 s of the 3.3 s those imports take, and 1 to
+2 s after the command has finished (benchmarks/RESULTS.md, "`zoo train`'s fixed cost").
 
 So :func:`begin` (the `zoo` entry point calls it first) raises the youngest generation's threshold
 while the command starts: collections still happen, about a hundred times less often. When the
-tracked work begins (:func:`settled`, called once the first MLflow run starts), the objects loaded
-so far are frozen (``gc.freeze``: later collections skip them) and the default thresholds come
-back for the rest of the command. At exit everything left is frozen, so CPython's last
-collections have little to walk. A program that imports the project's modules without going
-through the `zoo` entry point keeps its own collector settings: :func:`settled` does nothing there.
+work begins (:func:`settled`: the first MLflow run starts, or `zoo classify` has loaded its model),
+the objects loaded so far are frozen (``gc.freeze``: later collections skip them) and the default
+thresholds come back for the rest of the command, however long a study runs. A short command that
+starts no run (`zoo export`) keeps the raised threshold to its end. At exit everything left is
+frozen, so CPython's last collections have little to walk. A program that imports the project's
+modules without going through the `zoo` entry point keeps its own collector settings:
+:func:`settled` does nothing there.
 """
 
 from __future__ import annotations
