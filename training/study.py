@@ -1009,11 +1009,11 @@ def run_study(config: StudyConfig) -> StudyResult:
             log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin)
         except Exception:  # the store itself may be what failed; the error being raised says more
             pass
-        if count_trials(study)[1] == 0:  # no other process is working on it
+        finished, running = count_trials(study)
+        if running == 0:  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                    f"{type(exc).__name__}: {exc}; re-run the same command to resume")
         if isinstance(exc, KeyboardInterrupt):
-            finished = count_trials(study)[0]
             raise StudyInterrupted(f"study {config.name} stopped with {finished} of {config.trials} trials finished; "
                                    "re-run the same command to resume it") from None
         raise
