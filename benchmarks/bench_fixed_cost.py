@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,12 +102,11 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_once(store: str, source: str = PROJECT) -> dict[str, float]:
     """One whole `zoo train` process of the code in ``source``: wall seconds and its phases (seconds)."""
+    from benchmarks.bench_train import timed  # here, not at the top: the child runs under another checkout's path
+
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": source, T0_VARIABLE: repr(time.time())}
-        started = time.perf_counter()
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--child", out.name, "--", *COMMAND],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wall = time.perf_counter() - started
+        wall = timed([sys.executable, os.path.abspath(__file__), "--child", out.name, "--", *COMMAND], env)
         record = json.load(open(out.name))
     phases = record["phases"]
     inside = sum(phases[p] for p in {p for _, _, p in WRAPPED})
@@ -126,9 +124,9 @@ def library_floor(store: str) -> dict[str, float]:
     code = ("import torch, torch._dynamo, mlflow\n"
             "from mlflow import MlflowClient\n"
             "MlflowClient().get_experiment_by_name('fixed-cost')\n")
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": store}, check=True)
-    return {"wall": time.perf_counter() - started}
+    from benchmarks.bench_train import timed
+
+    return {"wall": timed([sys.executable, "-c", code], {**os.environ, "MLFLOW_TRACKING_URI": store})}
 
 
 def summarize(rows: list[dict[str, float]]) -> dict:
