@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from serving.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, ImageError, decode_image
+from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
 
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
@@ -88,23 +88,7 @@ def _walk_images(folder: Path) -> Iterator[tuple[Path, str | None]]:
             yield Path(entry.path), None
 
 
-# ---- decoding: serving/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
-
-def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
-    """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""
-    out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
-    errors: list[str | None] = []
-    for i, path in enumerate(paths):
-        if path is None:
-            errors.append("skipped")
-            continue
-        try:
-            out[i] = decode_image(path, spec)
-            errors.append(None)
-        except ImageError as exc:
-            errors.append(str(exc))
-    return out, errors
-
+# ---- decoding: zoo/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
 
 def to_float(pixels: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1], the exported graph's input."""

@@ -1,6 +1,6 @@
 """The MLflow model of a zoo classifier: images in, labels out ("models from code").
 
-``training.tracking.log_model`` logs this file as the model's code, with serving/imaging.py (the
+``training.tracking.log_model`` logs this file as the model's code, with zoo/imaging.py (the
 image decoder `zoo classify` uses) beside it. MLflow copies both into the logged model and runs
 them wherever the model is loaded or served, so they import only torch, numpy, pandas, Pillow and
 mlflow, never the zoo package. The network it loads (a
@@ -24,10 +24,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-try:  # the logged model: serving/imaging.py ships beside this file (log_model's code_paths)
+try:  # the logged model: zoo/imaging.py ships beside this file (log_model's code_paths)
     import imaging
 except ImportError:  # this file imported from the repository
-    from serving import imaging
+    from zoo import imaging
 
 PROGRAM_ARTIFACT = "program"  # the torch.export program: pixels in [0, 1] -> scores
 IMAGE_COLUMN = "image"

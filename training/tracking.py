@@ -539,7 +539,7 @@ def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, inp
 
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
-IMAGING_CODE = PYFUNC_MODEL_CODE.with_name("imaging.py")  # its image decoder, shipped beside it
+IMAGING_CODE = Path(__file__).resolve().parent.parent / "zoo" / "imaging.py"  # its image decoder, shipped beside it
 PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
 ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # shipped as artifacts/model.onnx (serving.classify reads it)
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports

@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -94,3 +95,19 @@ def _to_8bit(img):
         return img
     arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
     return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
+    """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""
+    out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
+    errors: list[str | None] = []
+    for i, path in enumerate(paths):
+        if path is None:
+            errors.append("skipped")
+            continue
+        try:
+            out[i] = decode_image(path, spec)
+            errors.append(None)
+        except ImageError as exc:
+            errors.append(str(exc))
+    return out, errors
