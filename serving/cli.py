@@ -27,7 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from serving.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, MEAN, MODEL, MODEL_URI, STD, unset_sentinels,
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MEAN, MODEL, MODEL_URI, STD, TEST_FRACTION,
+    VAL_FRACTION, unset_sentinels,
 )
 from serving.train_options import KEEP_CHECKPOINTS, MODEL_OPT, MOMENTUM, RESUME, resume_options
 
@@ -87,6 +88,9 @@ def echo_json(data) -> None:
 @cli.command()
 @MODEL
 @DATASET
+@IMAGE_SIZE
+@VAL_FRACTION
+@TEST_FRACTION
 @MEAN
 @STD
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
@@ -115,7 +119,7 @@ def echo_json(data) -> None:
 @RESUME
 @FORMAT
 @click.pass_context
-def train(ctx, model, dataset, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device,
+def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device,
           precision, data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
 
@@ -126,7 +130,8 @@ def train(ctx, model, dataset, mean, std, epochs, batch_size, optimizer, lr, gam
     from training.train import train as run_train
 
     config = TrainConfig(
-        model=model, dataset=dataset, mean=mean, std=std, epochs=epochs, batch_size=batch_size,
+        model=model, dataset=dataset, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
+        mean=mean, std=std, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, momentum=momentum, model_config=model_opts,
         seed=seed, device=device, precision=precision, data_dir=data_dir, max_batches=2 if dry_run else max_batches,
         checkpoints=not no_checkpoints, keep_checkpoints=keep_checkpoints,
@@ -265,6 +270,10 @@ def models(registered, pattern, fmt) -> None:
         else:
             shape = "x".join(map(str, row["input_shape"]))
             click.echo(f"{row['name']:<14}{shape:<10}{row['classes']:>3} classes  {row['description']}")
+    if not registered:
+        click.echo("Each builds for the data's channels, size and classes. timm:NAME builds any timm architecture "
+                   "(pip install 'mlflow-zoo[timm]'); list them with: "
+                   "python -c \"import timm; print(timm.list_models('*resnet*'))\"", err=True)
 
 
 def _registered_models() -> list[dict]:

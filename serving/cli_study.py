@@ -9,7 +9,9 @@ import json
 
 import click
 
-from serving.options import ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, MODEL, unset_sentinels
+from serving.options import (
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MODEL, TEST_FRACTION, unset_sentinels,
+)
 
 _POSITIVE = click.IntRange(min=1)
 
@@ -22,6 +24,8 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.command()
 @MODEL
 @DATASET
+@IMAGE_SIZE
+@TEST_FRACTION
 @click.option("--trials", type=_POSITIVE, default=20, show_default=True,
               help="Finished trials the study must hold; a re-run tops it up to this number.")
 @click.option("--epochs", type=_POSITIVE, default=1, show_default=True, help="Training epochs per trial.")
@@ -49,7 +53,9 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")
 @click.option("--max-batches", type=click.IntRange(min=0), default=None, callback=_size, help="Stop each epoch after N batches.")
 @click.option("--enqueue", nargs=2, multiple=True, metavar="MEAN STD",
-              help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081.")
+              help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081, or auto auto: "
+                   "the training split's own statistics (shared: their average over the channels; per channel with "
+                   "--per-channel).")
 @click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
               help="Which trials log an MLflow model (only the best trial keeps its checkpoints).")
 @click.option("--register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the best trial's model under NAME.")
@@ -63,7 +69,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @EXPERIMENT
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
-def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
+def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
           prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
           heartbeat, collapse_margin, device, data_dir, experiment, no_progress, fmt) -> None:
     """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
@@ -81,7 +87,7 @@ def study(model, dataset, trials, epochs, mean_range, std_range, per_channel, sa
         study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
         val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
-        data_dir=data_dir, progress=not no_progress,
+        data_dir=data_dir, image_size=image_size, test_fraction=test_fraction, progress=not no_progress,
     )
     result = run_study(config)
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,

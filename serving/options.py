@@ -11,7 +11,38 @@ def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
 
 
 MODEL = click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
-DATASET = click.option("--dataset", default="mnist-5k", show_default=True, help="See `zoo datasets`.")
+def dataset_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A catalog name as given; an image folder as an absolute path, so the run (and --resume) finds it from anywhere."""
+    from zoo.folder_dataset import looks_like_folder  # torch: the commands taking --dataset load it anyway
+
+    if value and looks_like_folder(value):
+        path = os.path.abspath(os.path.expanduser(value))
+        if not os.path.isdir(path):
+            raise click.BadParameter(f"no such folder: {value} (a catalog name, see `zoo datasets`, or a folder of "
+                                     "class folders of images)", ctx, param)
+        return path
+    return value
+
+
+DATASET = click.option(
+    "--dataset", default="mnist-5k", show_default=True, callback=dataset_name,
+    help="A catalog name (see `zoo datasets`) or a folder of images: FOLDER/CLASS/*.png, or FOLDER/train/CLASS/... "
+         "with optional val/ and test/. Folders are decoded once and cached.",
+)
+IMAGE_SIZE = click.option(
+    "--image-size", default=None, callback=unset_sentinels, metavar="SIDE|HxW",
+    help="Image folders: resize every image to this (e.g. 32 or 48x64). Default: the images' own size when they "
+         "all agree, else the model's input size.",
+)
+TEST_FRACTION = click.option(
+    "--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+    help="Image folders without test/: the share of each class held out for testing. [default: 0.2]",
+)
+VAL_FRACTION = click.option(
+    "--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+    help="The share of the training data (of every image, for a folder with neither val/ nor test/) held out for "
+         "validation. Default: the model's recipe (0.1; 0.2 for mlp).",
+)
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")
 MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
@@ -29,8 +60,12 @@ FORMAT = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, callback=machine_output,
     help="json prints machine-readable output on stdout (logs go to stderr).",
 )
-MEAN = click.option("--mean", default=None, callback=unset_sentinels, help="Normalization mean: one value, or comma-separated per channel. Default: the model's.")
-STD = click.option("--std", default=None, callback=unset_sentinels, help="Normalization std (> 0): one value, or comma-separated per channel. Default: the model's.")
+MEAN = click.option("--mean", default=None, callback=unset_sentinels,
+                    help="Normalization mean: one value, comma-separated per channel, or auto (the training split's own, "
+                         "per channel). Default: the model's.")
+STD = click.option("--std", default=None, callback=unset_sentinels,
+                   help="Normalization std (> 0): one value, comma-separated per channel, or auto (the training "
+                        "split's own, per channel). Default: the model's.")
 DATA_DIR = click.option(
     "--data-dir", "--data_dir", "data_dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
     help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]",

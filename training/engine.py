@@ -78,10 +78,17 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Ge
 
     A shuffled epoch is gathered once into contiguous tensors and then sliced: one copy per
     epoch rather than one small gather per batch, and the same batches as gathering per batch.
+    A memory-mapped split (an image folder above the memory budget) is gathered batch by batch
+    instead, so that only one batch of it is ever read into memory.
     """
     images, labels = split.images, split.labels
-    if shuffle:
-        order = torch.randperm(len(split), generator=generator, device="cpu").to(images.device)
+    order = torch.randperm(len(split), generator=generator, device="cpu").to(images.device) if shuffle else None
+    if order is not None and split.mapped:
+        for start in range(0, len(labels), batch_size):
+            index = order[start : start + batch_size]
+            yield images[index], labels[index]
+        return
+    if order is not None:
         images, labels = images[order], labels[order]
     for start in range(0, len(labels), batch_size):
         yield images[start : start + batch_size], labels[start : start + batch_size]

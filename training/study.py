@@ -44,8 +44,8 @@ from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
 from training.batched import check_batchable
 from training.train import (
-    TrainConfig, check_compatible, describe_training, fit, load_training_data, resolve_device, short_normalization,
-    training_tags,
+    TrainConfig, build_network, dataset_label, describe_training, fit, load_training_data, resolve_device,
+    short_normalization, training_tags,
 )
 from training.train_batch import MemberResult, fit_batch
 from zoo.data import Dataset, Split
@@ -68,7 +68,7 @@ PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to nam
 
 # The fields a re-run of an existing study must keep: they define what its trials measure.
 _IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
-             "train_size", "val_size", "test_size", "max_batches")
+             "train_size", "val_size", "test_size", "max_batches", "image_size", "test_fraction")
 
 
 @dataclass
@@ -101,11 +101,13 @@ class StudyConfig:
     collapse_margin: float = 0.02  # val accuracy <= majority-class share + margin counts as collapsed
     device: str = "auto"
     data_dir: str | None = None
+    image_size: str | None = None  # image folders: see TrainConfig.image_size
+    test_fraction: float | None = None  # image folders without test/
     progress: bool = True
 
     @property
     def name(self) -> str:
-        return self.study_name or f"{self.model}-{self.dataset}-normalization"
+        return self.study_name or f"{self.model}-{dataset_label(self.dataset)}-normalization"
 
     def validate(self) -> None:
         lo, hi = self.mean_range
@@ -131,6 +133,7 @@ class StudyConfig:
         return TrainConfig(
             model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
             device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
+            image_size=self.image_size, test_fraction=self.test_fraction,
         )
 
 
@@ -356,6 +359,8 @@ def _parent_params(config: StudyConfig, storage_url: str) -> dict[str, Any]:
         "sampler": config.sampler, "seed": config.seed, "pruner": "median" if config.prune else "none",
         "batch_size": config.batch_size, "train_size": config.train_size, "val_size": config.val_size,
         "test_size": config.test_size, "max_batches": config.max_batches, "collapse_margin": config.collapse_margin,
+        **({"image_size": config.image_size} if config.image_size else {}),
+        **({"test_fraction": config.test_fraction} if config.test_fraction is not None else {}),
     }
 
 
@@ -373,17 +378,22 @@ def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: in
     return Normalization((mean,), (std,)).for_channels(channels)
 
 
-def enqueue_params(config: StudyConfig, channels: int) -> list[dict[str, float]]:
-    """``--enqueue MEAN STD`` pairs as Optuna params (values outside the ranges are allowed)."""
+def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, float]]:
+    """``--enqueue MEAN STD`` pairs as Optuna params (values outside the ranges are allowed); ``auto``
+    stands for the training split's own statistics, per channel."""
     out = []
+    channels = dataset.image_shape[0]
     for mean, std in config.enqueue:
-        norm = Normalization.parse(mean, std, channels=channels)
+        norm = replace(config.train_config(), mean=mean, std=std).normalization(dataset)
         if config.per_channel and channels > 1:
             out.append({**{f"mean_{c}": m for c, m in enumerate(norm.mean)},
                         **{f"std_{c}": s for c, s in enumerate(norm.std)}})
         else:
             if len(set(norm.mean)) > 1 or len(set(norm.std)) > 1:
-                raise ValueError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
+                if "auto" in (mean, std):  # the data's statistics, shared: their average over the channels
+                    norm = Normalization((sum(norm.mean) / channels,), (sum(norm.std) / channels,))
+                else:
+                    raise ValueError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
             out.append({"mean": norm.mean[0], "std": norm.std[0]})
     return out
 
@@ -737,12 +747,12 @@ def interactive_html(study: optuna.Study) -> str:
 # --- the best model -----------------------------------------------------------------------
 
 
-def _tested_network(run_id: str, config: StudyConfig) -> tuple[torch.nn.Module, Normalization]:
+def _tested_network(run_id: str, config: StudyConfig, dataset: Dataset) -> tuple[torch.nn.Module, Normalization]:
     """A trial's network rebuilt from its checkpoint, with the weights it was tested with (its best
     epoch's under the recipe's keep_best, else its last), and its normalization."""
     tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
     state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
-    network = create_model(config.model)
+    network = build_network(config.train_config(), dataset)
     network.load_state_dict(state["model"])
     return network, Normalization.from_dict(state["normalization"])
 
@@ -756,14 +766,14 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
     run_id = best.user_attrs[RUN_ATTR]
     uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
     if uri is None:
-        network, normalization = _tested_network(run_id, config)
+        network, normalization = _tested_network(run_id, config, dataset)
         with tracking.start_run(run_id=run_id):
             uri = _log_trial_model(network, normalization, config, dataset, best.user_attrs.get("test_accuracy"),
                                    onnx=config.register is not None)
             tracking.set_tags({MODEL_URI_TAG: uri})
     if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
         if not tracking.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
-            network, normalization = _tested_network(run_id, config)
+            network, normalization = _tested_network(run_id, config, dataset)
             tracking.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model,
                                source=f"models:/{config.register}")
         version = tracking.register(uri, config.register, config.alias)
@@ -780,7 +790,7 @@ def load_study_dataset(config: StudyConfig) -> Dataset:
     recipe asks (as ``zoo train`` does), cut to the requested sizes."""
     full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
-                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source)
+                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source, full.skipped)
 
 
 MAX_AUTO_JOBS = 8  # trials in flight hold a network and its optimizer each: bound the memory of the default
@@ -982,8 +992,8 @@ def run_study(config: StudyConfig) -> StudyResult:
     if config.batch_trials > 1:
         check_batchable(create_model(config.model), spec.trainer, config.model)
     dataset = load_study_dataset(config)
-    check_compatible(spec, dataset)
-    queued = enqueue_params(config, spec.channels)
+    build_network(train_config, dataset)  # images too small for the architecture: fail before anything is created
+    queued = enqueue_params(config, dataset)
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     tracking.check_tracking_server()

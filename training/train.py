@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -15,10 +17,13 @@ from training.checkpoints import DEFAULT_KEEP
 from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
 from zoo.data import Dataset, Split, load_dataset
+from zoo.folder_dataset import parse_image_size
 from zoo.model_options import coerce_model_config
-from zoo.normalization import Normalization
+from zoo.normalization import Normalization, parse_floats
 from zoo.registry import ModelSpec, create_model, get_model_spec
 
+
+AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
 
 # Training settings a model's registry recipe may override (ModelSpec.recipe).
 RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False}
@@ -42,6 +47,8 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16-mixed" (training.engine.PRECISIONS)
     data_dir: str | None = None
     val_fraction: float | None = None
+    test_fraction: float | None = None  # image folders without test/ (zoo.folder_dataset; None: 0.2)
+    image_size: str | None = None  # image folders: "32" or "48x64"; None: the images' own size, or the model's
     keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
     max_batches: int | None = None  # per epoch; for --dry-run and quick tests
     checkpoints: bool = True  # False: none, whatever keep_checkpoints says
@@ -62,16 +69,33 @@ class TrainConfig:
     def kept_checkpoints(self) -> frozenset[str]:
         return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
 
-    def normalization(self) -> Normalization:
-        spec = self.spec()
+    def normalization(self, dataset: Dataset | None = None) -> Normalization:
+        """The input normalization for ``dataset``'s channels: the model's default, the given values, or
+        with ``auto`` the training split's own statistics (which need ``dataset``). Without ``dataset``,
+        for as many channels as the model's default or the values given."""
+        given = [len(parse_floats(v, what)) for v, what in ((self.mean, "mean"), (self.std, "std")) if v not in (None, AUTO)]
+        channels = dataset.image_shape[0] if dataset is not None else max([self.spec().channels, *given])
+        default = self.spec().normalization.for_data(channels)
         if self.mean is None and self.std is None:
-            return spec.normalization
-        default = spec.normalization
-        return Normalization.parse(
-            self.mean if self.mean is not None else ",".join(map(str, default.mean)),
-            self.std if self.std is not None else ",".join(map(str, default.std)),
-            channels=spec.channels,
-        )
+            return default
+        mean = self.mean if self.mean is not None else ",".join(map(str, default.mean))
+        std = self.std if self.std is not None else ",".join(map(str, default.std))
+        if AUTO in (mean, std):
+            if dataset is None:
+                raise ValueError("--mean/--std auto is computed from the training data, which is not loaded yet")
+            measured = dataset.pixel_statistics()
+            mean = measured.mean if mean == AUTO else mean
+            std = measured.std if std == AUTO else std
+        return Normalization.parse(mean, std, channels=channels)
+
+    def check_normalization(self) -> None:
+        """Fail on a bad --mean/--std before any data is loaded (``auto`` is checked once the data is)."""
+        if AUTO not in (self.mean, self.std):
+            self.normalization()
+        elif self.std not in (None, AUTO):
+            Normalization.parse(0.0, self.std, channels=len(parse_floats(self.std, "std")))
+        elif self.mean not in (None, AUTO):
+            Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
 
 
 @dataclass
@@ -102,22 +126,45 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_compatible(spec: ModelSpec, dataset: Dataset) -> None:
-    if dataset.image_shape != spec.input_shape:
-        raise ValueError(
-            f"model {spec.name!r} expects images of shape {spec.input_shape} but dataset {dataset.name!r} "
-            f"has {dataset.image_shape}"
-        )
-    if len(dataset.classes) != spec.num_classes:
-        raise ValueError(f"model {spec.name!r} has {spec.num_classes} classes, dataset {dataset.name!r} has {len(dataset.classes)}")
-
-
-def run_params(config: TrainConfig, normalization: Normalization) -> dict[str, object]:
+def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
+    """``config``'s model built for ``dataset``'s images (C, H, W) and classes, with its builder options
+    (a ValueError when the images are too small for the architecture)."""
     config = config.resolved()
+    return create_model(config.model, input_shape=dataset.image_shape, num_classes=len(dataset.classes),
+                        **config.model_config)
+
+
+def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
+    """What changed in the architecture to fit the data, said on stderr and in the run's description."""
+    shape = dataset.image_shape
+    if shape == spec.input_shape and len(dataset.classes) == spec.num_classes:
+        return None
+    return (f"{spec.name} built for {'x'.join(map(str, shape))} images and {len(dataset.classes)} classes (it was "
+            f"designed for {'x'.join(map(str, spec.input_shape))} and {spec.num_classes}): the first layer takes "
+            f"{shape[0]} channel(s), the layers sized by the image follow its size, the last layer has "
+            f"{len(dataset.classes)} outputs")
+
+
+def dataset_label(dataset: str) -> str:
+    """A dataset as names show it: a catalog name, or an image folder's own name."""
+    return Path(dataset).name if os.sep in dataset else dataset
+
+
+def run_params(config: TrainConfig, normalization: Normalization, dataset: Dataset | None = None) -> dict[str, object]:
+    config = config.resolved()
+    data = {}
+    if dataset is not None:
+        data["image_shape"] = "x".join(map(str, dataset.image_shape))
+        data["classes"] = len(dataset.classes)
+        if dataset.skipped:
+            data["skipped_files"] = dataset.skipped
+    if config.mean == AUTO or config.std == AUTO:
+        data["normalization_from"] = "data"  # mean/std hold the statistics computed from the training split
     return {
         "model": config.model,
         "dataset": config.dataset,
         **normalization.as_params(),
+        **data,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "optimizer": config.optimizer,
@@ -181,21 +228,20 @@ def fit(
     run, continues training after its epoch (see :func:`resume`).
     """
     config = config.resolved()
-    spec = config.spec()
-    check_compatible(spec, dataset)
-    normalization = config.normalization()
+    normalization = config.normalization(dataset)
     device = resolve_device(config.device)
-    tracking.log_params(run_params(config, normalization))
+    tracking.log_params(run_params(config, normalization, dataset))
     if resume is None:  # a resumed run logged its inputs when it started
         tracking.log_dataset_inputs(dataset.name, dataset.source,
                                     {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    network = create_model(config.model, **config.model_config).to(device)
+    network = build_network(config, dataset).to(device)
     trainer = trainer_for(config, network)
     train_split, val_split, test_split = (
-        Split(s.images.to(device), s.labels.to(device)) for s in (dataset.train, dataset.val, dataset.test)
+        Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
+        for s in (dataset.train, dataset.val, dataset.test)
     )
 
     history: list[EpochResult] = []
@@ -204,7 +250,7 @@ def fit(
         restore_training(resume, network, trainer, generator, history, best)
     keep = config.kept_checkpoints()
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
-    with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {config.dataset}", disable=not config.progress, leave=False) as bar:
+    with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {dataset_label(config.dataset)}", disable=not config.progress, leave=False) as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
             started = time.perf_counter()
             train_loss = trainer.train_epoch(
@@ -303,7 +349,8 @@ def short_normalization(normalization: Normalization) -> str:
 
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
     """What tells training runs apart at a glance, e.g. "mnist_cnn mnist-5k norm 0.1307/0.3081 14ep seed1"."""
-    name = f"{config.model} {config.dataset} norm {short_normalization(normalization)} {config.epochs}ep seed{config.seed}"
+    name = (f"{config.model} {dataset_label(config.dataset)} norm {short_normalization(normalization)} "
+            f"{config.epochs}ep seed{config.seed}")
     return name + (" dry-run" if config.max_batches else "")
 
 
@@ -312,7 +359,7 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
     return {
         tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
         "zoo.normalization": short_normalization(normalization),
-        "zoo.normalization_is_default": str(normalization == config.spec().normalization).lower(),
+        "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
         **({"zoo.dry_run": "true"} if config.max_batches else {}),
         tracking.WORKER_TAG: tracking.this_worker(),
     }
@@ -322,12 +369,17 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
                       result: TrainResult | None = None) -> str:
     """The run's description (markdown): what was trained, on what data, and the result once known."""
     config = config.resolved()
-    default = " (the model's default)" if normalization == config.spec().normalization else ""
+    default = (" (the model's default)" if normalization == config.spec().normalization.for_data(normalization.channels)
+               else " (the training split's own statistics)" if AUTO in (config.mean, config.std) else "")
     batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
+    skipped = f" ({dataset.skipped:,} unreadable files skipped)" if dataset.skipped else ""
     lines = [
-        f"Trained **{config.model}** on **{config.dataset}** for {config.epochs} epoch(s){batches}: "
-        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images.",
+        f"Trained **{config.model}** on **{dataset_label(config.dataset)}** for {config.epochs} epoch(s){batches}: "
+        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images"
+        f"{skipped}, {'x'.join(map(str, dataset.image_shape))}, classes {', '.join(dataset.classes[:12])}"
+        f"{', ...' if len(dataset.classes) > 12 else ''}.",
         "",
+        *([fitted_note(config.spec(), dataset), ""] if fitted_note(config.spec(), dataset) else []),
         f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
         f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
         f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
@@ -349,7 +401,9 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
 def load_training_data(config: TrainConfig) -> Dataset:
     """The dataset split the way ``config`` (resolved against its model's recipe) asks."""
     config = config.resolved()
-    return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0)
+    return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0,
+                        test_fraction=config.test_fraction, image_size=parse_image_size(config.image_size),
+                        default_size=config.spec().input_shape[1:], progress=config.progress)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -374,7 +428,8 @@ def train(
     """
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
-    config.normalization()  # bad mean/std: same
+    config.check_normalization()  # bad mean/std: same
+    parse_image_size(config.image_size)  # bad --image-size: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
     trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
@@ -382,8 +437,11 @@ def train(
     tracking.check_tracking_server()
     if dataset is None:
         dataset = load_training_data(config)
-    check_compatible(spec, dataset)
-    normalization = config.normalization()
+    build_network(config, dataset)  # images too small for the architecture: same
+    note = fitted_note(spec, dataset)
+    if note and run_id is None:
+        tqdm.write(f"note: {note}", file=sys.stderr)
+    normalization = config.normalization(dataset)
     if run_id is None:
         run_name = run_name or readable_run_name(config, normalization)
     started: str | None = None
@@ -401,7 +459,7 @@ def train(
                     result.network,
                     model_name=config.model,
                     normalization=result.normalization,
-                    input_shape=spec.input_shape,
+                    input_shape=dataset.image_shape,
                     class_names=dataset.classes,
                     sample_images=dataset.test.images[:2],
                     registered_name=register,
@@ -478,7 +536,8 @@ def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any
         f"{_OPTION_NAMES.get(k, '--' + k.replace('_', '-'))} {getattr(wanted, k)} (the run has {getattr(stored, k)})"
         for k in fixed if k not in ("mean", "std") and getattr(wanted, k) != getattr(stored, k)
     ]
-    if {"mean", "std"} & fixed.keys() and wanted.normalization() != stored.normalization():
+    if {"mean", "std"} & fixed.keys() and (wanted.mean, wanted.std) != (stored.mean, stored.std) and (
+            AUTO in (wanted.mean, wanted.std, stored.mean, stored.std) or wanted.normalization() != stored.normalization()):
         differing.append(f"--mean/--std {wanted.normalization()} (the run has {stored.normalization()})")
     if differing:
         raise ValueError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "

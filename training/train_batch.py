@@ -20,11 +20,10 @@ from training import checkpoints, tracking
 from training.batched import StackedTrials, check_batchable
 from training.engine import EpochResult, TrainingDiverged, check_finite
 from training.train import (
-    BestEpoch, TrainConfig, check_compatible, checkpoint_state, log_test_figures, resolve_device, resume_state,
+    BestEpoch, TrainConfig, build_network, checkpoint_state, log_test_figures, resolve_device, resume_state,
     run_params,
 )
 from zoo.data import Dataset, Split
-from zoo.registry import create_model
 
 
 @dataclass
@@ -70,23 +69,23 @@ def fit_batch(
     configs = [c.resolved() for c in configs]
     check_same_but_normalization(configs)
     config, spec = configs[0], configs[0].spec()
-    check_compatible(spec, dataset)
-    normalizations = [c.normalization() for c in configs]
+    normalizations = [c.normalization(dataset) for c in configs]
     device = resolve_device(config.device)
     for c, normalization, run_id in zip(configs, normalizations, run_ids):
-        tracking.log_params(run_params(c, normalization), run_id=run_id)
+        tracking.log_params(run_params(c, normalization, dataset), run_id=run_id)
         tracking.log_dataset_inputs(dataset.name, dataset.source,
                                     {"train": dataset.train, "validation": dataset.val, "test": dataset.test},
                                     run_id=run_id)
 
     torch.manual_seed(config.seed)  # the initial weights and dropout masks of a lone run
     generator = torch.Generator().manual_seed(config.seed)
-    network = create_model(config.model, **config.model_config).to(device)
+    network = build_network(config, dataset).to(device)
     check_batchable(network, spec.trainer, config.model)
     stack = StackedTrials(network, normalizations, optimizer=config.optimizer.lower(), lr=config.lr,
                           gamma=config.gamma, weight_decay=config.weight_decay, momentum=config.momentum)
     train_split, val_split, test_split = (
-        Split(s.images.to(device), s.labels.to(device)) for s in (dataset.train, dataset.val, dataset.test)
+        Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
+        for s in (dataset.train, dataset.val, dataset.test)
     )
     results = [MemberResult(run_id) for run_id in run_ids]
     best = [BestEpoch(keep_weights=config.keep_best) for _ in configs]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from zoo.splits import Dataset, Split, stratified_split  # noqa: F401  (re-exported: zoo.data is the catalog's API)
 
 # Where the Debian package dataset-fashion-mnist installs the four IDX .gz files.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -29,32 +30,6 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 
 class DatasetUnavailable(RuntimeError):
     """The data is not on this machine and cannot be downloaded; the message says where we looked."""
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, n: int | None) -> "Split":
-        return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
-
-
-@dataclass
-class Dataset:
-    name: str
-    classes: list[str]
-    train: Split
-    val: Split
-    test: Split
-    source: str = ""  # where the images came from (a file or folder), shown beside the runs that use them
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
 
 
 def default_data_dir() -> Path:
@@ -85,37 +60,31 @@ def load_dataset(
     download: bool = True,
     val_fraction: float = 0.1,
     seed: int = 0,
+    test_fraction: float | None = None,
+    image_size: tuple[int, int] | None = None,
+    default_size: tuple[int, int] = (28, 28),
+    progress: bool = True,
 ) -> Dataset:
-    """Load ``name`` as in-memory uint8 splits. The split is deterministic for a given ``seed``.
+    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits. The split is
+    deterministic for a given ``seed``.
 
+    ``test_fraction``, ``image_size`` and ``default_size`` (the model's input size) apply to image
+    folders (zoo/folder_dataset.py); the catalog's datasets come with their own test split and size.
     ``ZOO_OFFLINE=1`` in the environment turns downloads off (as HF_HUB_OFFLINE does for the hub).
     """
     download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if name not in _DATASETS:
+        from zoo.folder_dataset import load_image_folder, looks_like_folder
+
+        if looks_like_folder(name):
+            return load_image_folder(name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                     image_size=image_size, default_size=default_size, progress=progress)
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}, "
+                         "or the path of a folder of class folders of images")
     loader, _ = _DATASETS[name]
     return loader(Path(data_dir) if data_dir else default_data_dir(), download, val_fraction, seed)
-
-
-def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int) -> list[torch.Tensor]:
-    """Indices for each fraction, with every class divided in the same proportions."""
-    generator = torch.Generator().manual_seed(seed)
-    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
-    for cls in labels.unique(sorted=True):
-        idx = (labels == cls).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        bounds = np.cumsum([0] + [round(f * len(idx)) for f in fractions[:-1]] + [len(idx)])
-        bounds[-1] = len(idx)
-        for i in range(len(fractions)):
-            parts[i].append(idx[bounds[i] : bounds[i + 1]])
-    # Shuffle within each part so classes are interleaved.
-    out = []
-    for p in parts:
-        cat = torch.cat(p)
-        out.append(cat[torch.randperm(len(cat), generator=generator)])
-    return out
 
 
 def _split_train(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int,

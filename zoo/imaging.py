@@ -111,3 +111,17 @@ def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndar
         except ImageError as exc:
             errors.append(str(exc))
     return out, errors
+
+
+def probe_batch(paths: Sequence[str]) -> list[tuple[int, int, str] | None]:
+    """(width, height, mode) from each file's header, None for a file Pillow cannot open."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                out.append((img.size[0], img.size[1], img.mode))
+        except Exception:  # any unreadable file: decoding names the reason
+            out.append(None)
+    return out

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float, ...]:
+def parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float, ...]:
     if isinstance(value, (int, float)):
         return (float(value),)
     if isinstance(value, str):
@@ -60,7 +60,7 @@ class Normalization:
         channels: int | None = None,
     ) -> "Normalization":
         """Build from CLI-style values ("0.5" or "0.485,0.456,0.406"); one value broadcasts over ``channels``."""
-        m, s = _parse_floats(mean, "mean"), _parse_floats(std, "std")
+        m, s = parse_floats(mean, "mean"), parse_floats(std, "std")
         if channels is not None:
             m, s = _broadcast(m, channels, "mean"), _broadcast(s, channels, "std")
         return cls(m, s)
@@ -76,6 +76,34 @@ class Normalization:
 
     def for_channels(self, channels: int) -> "Normalization":
         return Normalization(_broadcast(self.mean, channels, "mean"), _broadcast(self.std, channels, "std"))
+
+    def for_data(self, channels: int) -> "Normalization":
+        """A model's default for data of ``channels`` planes: one value broadcast, or, for grey data and
+        an RGB default (ImageNet's), the average over the channels, what a grey pixel's R=G=B sees."""
+        if self.channels != channels and channels == 1:
+            return Normalization((sum(self.mean) / self.channels,), (sum(self.std) / self.channels,))
+        return self.for_channels(channels)
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, chunk: int = 4096) -> "Normalization":
+        """Per-channel mean and std of uint8 images ``[N, C, H, W]`` as pixels in [0, 1] (``--mean auto``).
+
+        Accumulated in float64 over chunks, so a memory-mapped dataset is read once and never held whole."""
+        if len(images) == 0:
+            raise ValueError("cannot compute the normalization of an empty training split")
+        total = torch.zeros(images.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, len(images), chunk):
+            x = images[start : start + chunk].to("cpu", torch.float64).div_(255.0)
+            total += x.sum(dim=(0, 2, 3))
+            squares += x.square().sum(dim=(0, 2, 3))
+        count = images.shape[0] * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
+        if not bool((std > 0).all()):
+            raise ValueError("every training image has the same value in some channel (std 0): --mean/--std auto "
+                             "cannot normalize it; give explicit values")
+        return cls(tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()))
 
     def as_params(self) -> dict[str, str]:
         """MLflow param values: one number, or comma-separated per channel."""

@@ -3,6 +3,11 @@
 Each entry knows what the data loader, the trainer, the exporter and the classifier
 need to know without special cases: input shape, number of classes, default
 normalization and the default optimizer recipe.
+
+Every builder fits the data it is given (``create_model(name, input_shape=(C, H, W),
+num_classes=K)``, as timm's ``create_model(name, in_chans=C, num_classes=K)``): the
+registered input shape and classes are the defaults, those of the data the model was
+designed for. ``timm:NAME`` names any architecture of timm (zoo/models/timm_models.py).
 """
 
 from __future__ import annotations
@@ -75,19 +80,30 @@ def list_models(include: str | None = None, exclude: str | None = None) -> list[
     return names
 
 
+TIMM_PREFIX = "timm:"
+
+
 def get_model_spec(name: str) -> ModelSpec:
     _import_families()
+    if name.startswith(TIMM_PREFIX):
+        from zoo.models.timm_models import timm_spec
+
+        return timm_spec(name[len(TIMM_PREFIX):])
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}") from None
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}, "
+                         f"or {TIMM_PREFIX}NAME for any timm architecture") from None
 
 
-def create_model(name: str, **config: Any) -> nn.Module:
-    """Build a registered model; ``None`` values are dropped so the builder's defaults stay in force."""
+def create_model(name: str, *, input_shape: tuple[int, int, int] | None = None, **config: Any) -> nn.Module:
+    """Build a registered model for ``input_shape`` (C, H, W; default: the registered one) and
+    ``num_classes``; ``None`` values are dropped so the builder's defaults stay in force."""
     spec = get_model_spec(name)
     kwargs = {**spec.defaults, **{k: v for k, v in config.items() if v is not None}}
     kwargs.setdefault("num_classes", spec.num_classes)
+    if input_shape is not None and tuple(input_shape) != spec.input_shape:
+        kwargs["input_shape"] = tuple(int(v) for v in input_shape)
     return spec.builder(**kwargs)
 
 

@@ -20,10 +20,10 @@ RESIZE = 224  # the side AlexNet's layer sizes were designed for (6400 = 256 x 5
 
 
 class AlexNet(nn.Module):
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, in_channels: int = 1):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1),  # a large window with a large stride on 224x224
+            nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),  # a large window with a large stride on 224x224
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(96, 256, kernel_size=5, padding=2),
@@ -64,6 +64,6 @@ class AlexNet(nn.Module):
     lr_gamma=1.0,
     recipe={"batch_size": 128},
 )
-def alexnet(*, num_classes: int = 10, dropout: float = 0.5) -> AlexNet:
-    """Single-channel AlexNet (28x28 input resized to 224x224 inside), dropout 0.5 in the classifier (SGD)."""
-    return AlexNet(num_classes=num_classes, dropout=dropout)
+def alexnet(*, num_classes: int = 10, dropout: float = 0.5, input_shape: tuple[int, int, int] = (1, 28, 28)) -> AlexNet:
+    """AlexNet, input of any size resized to 224x224 inside (28x28 grey by default), dropout 0.5 in the classifier (SGD)."""
+    return AlexNet(num_classes=num_classes, dropout=dropout, in_channels=input_shape[0])

@@ -1,4 +1,9 @@
-"""LeNet-5 as in the LeNet/AlexNet notebook (after d2l): sigmoid activations, max pooling, no final Gaussian layer."""
+"""LeNet-5 as in the LeNet/AlexNet notebook (after d2l): sigmoid activations, max pooling, no final Gaussian layer.
+
+LeNet-5 was designed for 32x32 images: smaller ones are zero-padded by the first convolution up to
+that geometry (28x28 MNIST: padding 2, as d2l does), 32x32 and larger ones go in unpadded, as in the
+original, and the first linear layer takes whatever the feature map flattens to (16 x 5 x 5 at 32x32).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,18 @@ def xavier_uniform_(module: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
 
 
+LENET_SIDE = 32  # the input side LeNet-5's layers were designed for
+
+
 class LeNet5(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
+        height, width = image_size
+        if min(height, width) < 12:
+            raise ValueError(f"lenet5 needs images of at least 12x12 pixels, got {height}x{width}; pass a larger --image-size")
+        pad = max(0, (LENET_SIDE - min(height, width) + 1) // 2)  # 2 at 28x28: LeNet's 32x32 geometry
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, kernel_size=5, padding=2),  # 6@28x28: the padding keeps 28x28 input at LeNet's 32x32 geometry
+            nn.Conv2d(in_channels, 6, kernel_size=5, padding=pad),  # 6@28x28 for 28x28 and for 32x32 input
             nn.Sigmoid(),
             nn.MaxPool2d(kernel_size=2, stride=2),
             nn.Conv2d(6, 16, kernel_size=5),  # 16@10x10
@@ -29,7 +41,7 @@ class LeNet5(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120),
+            nn.Linear(_flattened(self.features, in_channels, height, width), 120),  # 16 x 5 x 5 at 28 and 32
             nn.Sigmoid(),
             nn.Linear(120, 84),
             nn.Sigmoid(),
@@ -39,6 +51,12 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def _flattened(features: nn.Module, channels: int, height: int, width: int) -> int:
+    """The number of features ``features`` leaves for one image of this size (one dry run)."""
+    with torch.no_grad():
+        return features(torch.zeros(1, channels, height, width)).numel()
 
 
 @register_model(
@@ -52,6 +70,6 @@ class LeNet5(nn.Module):
     # Keep the epoch with the best *validation* accuracy (the notebook picked it on the test set).
     recipe={"batch_size": 256, "keep_best": True},
 )
-def lenet5(*, num_classes: int = 10) -> LeNet5:
+def lenet5(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> LeNet5:
     """LeNet-5: two 5x5 sigmoid convolutions with max pooling, then 120-84-10 sigmoid layers (SGD)."""
-    return LeNet5(num_classes=num_classes)
+    return LeNet5(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

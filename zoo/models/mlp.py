@@ -7,6 +7,8 @@ and runs that differ only by them stay comparable under one model name in MLflow
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,11 +21,12 @@ PIXELS = Normalization.identity(1)
 
 
 class MLP(nn.Module):
-    def __init__(self, num_classes: int = 10, hidden: int = 256, dropout: float = 0.0, batchnorm: bool = False):
+    def __init__(self, num_classes: int = 10, hidden: int = 256, dropout: float = 0.0, batchnorm: bool = False,
+                 in_features: int = 28 * 28):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout is a probability in [0, 1), got {dropout}")
-        self.fc1 = nn.Linear(28 * 28, hidden)
+        self.fc1 = nn.Linear(in_features, hidden)  # C x H x W pixels: 784 for MNIST
         # One BatchNorm per hidden layer: the course's mlp_bn applied bn1 twice, sharing
         # running statistics between two layers whose activations differ.
         self.bn1 = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
@@ -50,6 +53,7 @@ class MLP(nn.Module):
     lr_gamma=1.0,
     recipe={"batch_size": 64, "val_fraction": 0.2},  # the course's 80/20 train/validation split
 )
-def mlp(*, num_classes: int = 10, dropout: float = 0.0, batchnorm: bool = False) -> MLP:
+def mlp(*, num_classes: int = 10, dropout: float = 0.0, batchnorm: bool = False,
+        input_shape: tuple[int, int, int] = (1, 28, 28)) -> MLP:
     """784-256-256-10 ReLU MLP (Adam 1e-3); switches: dropout=P after each hidden layer, batchnorm=true."""
-    return MLP(num_classes=num_classes, dropout=dropout, batchnorm=batchnorm)
+    return MLP(num_classes=num_classes, dropout=dropout, batchnorm=batchnorm, in_features=math.prod(input_shape))

@@ -1,4 +1,9 @@
-"""The pytorch/examples MNIST network (``mnist/main.py``), layer for layer."""
+"""The pytorch/examples MNIST network (``mnist/main.py``), layer for layer.
+
+At 1x28x28 it is the upstream network exactly. For other data the first convolution takes the
+data's channels and ``fc1`` the flattened size of the feature map (9216 = 64 x 12 x 12 at 28x28):
+the layers, their order and their widths stay as upstream.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +15,22 @@ from zoo.registry import register_model
 MNIST_NORMALIZATION = Normalization((0.1307,), (0.3081,))
 
 
+def flattened_features(height: int, width: int) -> int:
+    """fc1's input size: two unpadded 3x3 convolutions (-4 pixels), then a 2x2 max pool."""
+    if min(height, width) < 6:
+        raise ValueError(f"mnist_cnn needs images of at least 6x6 pixels (two 3x3 convolutions and a 2x2 pool), "
+                         f"got {height}x{width}; pass a larger --image-size")
+    return 64 * ((height - 4) // 2) * ((width - 4) // 2)
+
+
 class Net(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
         self.dropout1 = nn.Dropout(0.25)
         self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
+        self.fc1 = nn.Linear(flattened_features(*image_size), 128)  # 9216 at 28x28
         self.fc2 = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +57,6 @@ class Net(nn.Module):
     lr=1.0,
     lr_gamma=0.7,
 )
-def mnist_cnn(*, num_classes: int = 10) -> Net:
+def mnist_cnn(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> Net:
     """The pytorch/examples MNIST CNN: two 3x3 convolutions, max pool, dropout, two linear layers."""
-    return Net(num_classes=num_classes)
+    return Net(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

@@ -110,6 +110,6 @@ class ScratchSGD:
     trainer="scratch",
     recipe={"batch_size": 12, "momentum": 0.4},
 )
-def scratch_mlp(*, num_classes: int = 10, init: str = "xavier") -> ScratchMLP:
+def scratch_mlp(*, num_classes: int = 10, init: str = "xavier", input_shape: tuple[int, int, int] = (1, 28, 28)) -> ScratchMLP:
     """784-30-20-10 logistic MLP with hand-written backprop and SGD (init=xavier or normal)."""
-    return ScratchMLP((784, 30, 20, num_classes), init=init)
+    return ScratchMLP((math.prod(input_shape), 30, 20, num_classes), init=init)

@@ -1,0 +1,372 @@
+"""A folder of the user's images as a dataset: class folders in, uint8 splits out, decoded once and cached.
+
+Two layouts, those of torchvision's ``ImageFolder`` and timm:
+
+    PATH/train/CLASS/*.png  (and optionally PATH/val/CLASS/..., PATH/test/CLASS/...)
+    PATH/CLASS/*.png        (split into train/val/test by stratified, seeded fractions)
+
+A missing ``val/`` is carved from ``train/`` (``val_fraction`` of it); a missing ``test/`` too
+(``test_fraction``); a flat folder gives ``test_fraction`` and ``val_fraction`` of every class to
+test and validation. Class names are the folder names, sorted.
+
+Every image is decoded as ``zoo classify`` decodes it (zoo/imaging.py: 16-bit, CMYK, palette and
+transparent images included), to grey when every image is grey and RGB otherwise, resized to
+``image_size`` (default: the images' own size when they all agree, else the model's). The result
+is written once, as uint8 in split order, to ``$ZOO_CACHE_DIR/datasets/KEY/`` where KEY digests
+the files' relative paths, sizes and modification times with the options: a second run of the
+same folder reads the cache instead of decoding, and each split is a slice of it. A cache larger
+than ``memory_limit_bytes`` is memory-mapped rather than read.
+
+Files that are not readable images are skipped, each named in one warning (the first few) and
+counted (``Dataset.skipped``, logged on the run); a folder that cannot be a dataset (no class
+folders, one class, an empty class, splits with other classes) is a ValueError that says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from zoo.splits import Dataset, Split, stratified_split
+from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch, probe_batch
+
+CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+DEFAULT_TEST_FRACTION = 0.2
+DEFAULT_MEMORY_LIMIT = 4 << 30  # bytes of decoded images read into memory; above, the cache is memory-mapped
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+CHUNK = 256  # files per task sent to a decoding process
+PARALLEL_FROM = 2048  # fewer files decode faster in this process than a pool starts
+SHOWN_SKIPPED = 5  # skipped files named in the warning
+
+
+def looks_like_folder(name: str) -> bool:
+    """Whether a ``--dataset`` value names a folder rather than a catalog entry."""
+    return os.sep in name or name.startswith((".", "~")) or Path(name).is_dir()
+
+
+def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``32`` or ``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) (height x width); None stays None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        parts = [value]
+    elif isinstance(value, str):
+        try:
+            parts = [int(v) for v in value.lower().split("x")]
+        except ValueError:
+            parts = []
+    else:
+        parts = [int(v) for v in value]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise ValueError(f"image size {value!r} is not SIDE or HEIGHTxWIDTH in pixels (e.g. 32 or 48x64)")
+    return parts[0], parts[1]
+
+
+@dataclass
+class _Listing:
+    """The folder's images in split order, before decoding."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: list[int]
+    bounds: dict[str, tuple[int, int]]  # split -> [start, stop) in files
+    not_images: list[Path]  # files in class folders whose suffix is no image's
+
+
+def load_image_folder(
+    path: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float | None = None,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+    default_size: tuple[int, int] = (28, 28),
+    cache_dir: str | Path | None = None,
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
+    test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"need 0 < test fraction < 1 and val + test fractions < 1, got val {val_fraction}, test {test_fraction}")
+    listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
+    folder = cache_folder(cache_dir, listing, image_size, default_size)
+    if not (folder / "meta.json").is_file():
+        _decode_into(folder, listing, image_size, default_size, workers, progress)
+    return _from_cache(folder, listing.root, memory_limit_bytes)
+
+
+# ---- listing --------------------------------------------------------------------------------------
+
+
+def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> _Listing:
+    """Class folders and their files, assigned to splits; a ValueError for a folder that is no dataset."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
+                                "name: see zoo datasets)")
+    root = root.resolve()
+    layout = _split_folders(root)
+    per_split = {split: _class_files(folder) for split, folder in layout.items()}
+    classes = per_split["train"][0]
+    _check_classes(root, layout, per_split, classes)
+    not_images = [f for _, _, _, others in per_split.values() for f in others]
+    pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
+    ordered = _assign_splits(pools, val_fraction, test_fraction, seed)
+    files, labels, bounds, start = [], [], {}, 0
+    for split in ("train", "val", "test"):
+        split_files, split_labels = ordered[split]
+        files += split_files
+        labels += split_labels
+        bounds[split] = (start, start + len(split_files))
+        start += len(split_files)
+    return _Listing(root, classes, files, labels, bounds, not_images)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """{"train": ..., "val": ..., "test": ...} for the split layout (the ones present), or {"train": root}."""
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            if (root / name).is_dir():
+                found[split] = root / name
+                break
+    if "train" not in found:
+        if found:
+            raise ValueError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
+                             "give train/ (with optional val/ and test/), each holding one folder per class")
+        return {"train": root}
+    return found
+
+
+def _visible(entries) -> list[os.DirEntry]:
+    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _class_files(folder: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
+    """Sorted class folder names, the image files under each (recursively, in name order) with their
+    class index, and the other files found there."""
+    with os.scandir(folder) as it:
+        classes = [e.name for e in _visible(it) if e.is_dir()]
+    files, labels, others = [], [], []
+    for index, name in enumerate(classes):
+        for path in _walk(folder / name):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(index)
+            else:
+                others.append(path)
+    return classes, files, labels, others
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    with os.scandir(folder) as it:
+        entries = _visible(it)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk(Path(entry.path))
+        elif entry.is_file():
+            yield Path(entry.path)
+
+
+def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes: list[str]) -> None:
+    train = layout["train"]
+    if not classes:
+        raise ValueError(f"{train} holds no class folders: expected {train}/CLASS/IMAGE files, one folder per class "
+                         "(or train/, val/ and test/ folders holding them)")
+    if len(classes) < 2:
+        raise ValueError(f"{train} holds one class folder ({classes[0]}); a classifier needs at least two")
+    for split, (names, files, labels, _) in per_split.items():
+        if names != classes:
+            missing, extra = sorted(set(classes) - set(names)), sorted(set(names) - set(classes))
+            raise ValueError(f"{layout[split]} has other classes than {train}: "
+                             + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
+                                                       extra and f"extra {', '.join(extra[:5])}"]))
+                             + ". Every split needs the same class folders")
+        counts = np.bincount(labels, minlength=len(names))
+        for name, count in zip(names, counts):
+            if count == 0:
+                raise ValueError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
+                                 "add images or remove the folder")
+
+
+def _assign_splits(pools: dict[str, tuple[list[Path], torch.Tensor]], val_fraction: float, test_fraction: float,
+                   seed: int) -> dict[str, tuple[list[Path], list[int]]]:
+    """Each split's files and labels: the folders given, the missing splits carved (stratified) from train."""
+    train_files, train_labels = pools["train"]
+    carve = [s for s in ("val", "test") if s not in pools]
+    fractions = {"val": val_fraction, "test": test_fraction}
+    if "val" in carve and "test" not in carve:  # train/ and test/ given: val is a fraction of train/
+        fractions = {"val": val_fraction}
+    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed)
+    out = {}
+    for split, index in zip(["train", *carve], parts):
+        out[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
+    for split in ("val", "test"):
+        if split in pools:
+            files, labels = pools[split]
+            out[split] = (files, labels.tolist())
+    return out
+
+
+# ---- the cache ------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo")) / "datasets"
+
+
+def cache_folder(cache_dir: str | Path | None, listing: _Listing, image_size: tuple[int, int] | None,
+                 default_size: tuple[int, int]) -> Path:
+    """Where this listing decoded with these options is cached: a digest of every file's path relative to
+    the folder, size and modification time, in split order, and of the options."""
+    digest = hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "image_size": image_size, "default_size": list(default_size),
+        "bounds": listing.bounds, "classes": listing.classes,
+    }).encode())
+    for path in listing.files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(listing.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return Path(cache_dir or default_cache_dir()) / f"{listing.root.name}-{digest.hexdigest()[:20]}"
+
+
+def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
+                 workers: int | None, progress: bool) -> None:
+    """Decode every file into ``folder`` (written beside it, then renamed: a crash leaves no half cache)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+    try:
+        with _pool(len(listing.files), workers) as pool:
+            shape = _input_shape(listing, image_size, default_size, pool, progress)
+            kept, errors = _decode_all(listing, shape, work / "images.npy", pool, progress)
+        skipped = [(str(p), f"not an image file (image suffixes: {SUPPORTED})") for p in listing.not_images] + errors
+        labels = [listing.labels[i] for i in kept]
+        bounds, start = {}, 0
+        for split, (a, b) in listing.bounds.items():
+            n = sum(1 for i in kept if a <= i < b)
+            bounds[split] = (start, start + n)
+            start += n
+        meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
+                "skipped": skipped, "files": len(listing.files) + len(listing.not_images)}
+        (work / "meta.json").write_text(json.dumps(meta))
+        try:
+            work.rename(folder)
+        except OSError:  # another process cached the same folder first: theirs is as good
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+class _InProcess:
+    """The pool's ``map`` in this process, for small folders and ``workers=0``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def map(self, fn, *iterables):
+        return map(fn, *iterables)
+
+
+def _pool(files: int, workers: int | None):
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if files >= PARALLEL_FROM else 0
+    if workers <= 1:
+        return _InProcess()
+    # fork where there is one, as torch's DataLoader does on Linux: no import in the workers, and no
+    # `if __name__ == "__main__"` needed in a user's script. The workers run Pillow and numpy only.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+
+def _chunks(paths: list[Path]) -> list[list[str]]:
+    return [[str(p) for p in paths[i : i + CHUNK]] for i in range(0, len(paths), CHUNK)]
+
+
+def _input_shape(listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int], pool,
+                 progress: bool) -> tuple[int, int, int]:
+    """(C, H, W): grey when every readable image is grey, else RGB; the images' size when they all agree."""
+    headers = [h for chunk in tqdm(pool.map(probe_batch, _chunks(listing.files)), total=-(-len(listing.files) // CHUNK),
+                                   desc="reading headers", unit="chunk", leave=False, disable=not progress)
+               for h in chunk if h is not None]
+    channels = 1 if headers and all(mode in GREY_MODES for _, _, mode in headers) else 3
+    sizes = {(h, w) for w, h, _ in headers}
+    if image_size is None:
+        image_size = sizes.pop() if len(sizes) == 1 else tuple(default_size)
+        if len(sizes) > 1 or not headers:
+            print(f"note: the images of {listing.root} differ in size; resizing all to {image_size[0]}x{image_size[1]} "
+                  "(the model's input size; --image-size sets another)", file=sys.stderr)
+    return channels, image_size[0], image_size[1]
+
+
+def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, pool,
+                progress: bool) -> tuple[list[int], list[tuple[str, str]]]:
+    """Decode into a .npy file in split order; returns the indices kept and (file, reason) for the others."""
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
+    spec = DecodeSpec(shape, max_pixels_hint="remove the file or resize it")
+    kept: list[int] = []
+    errors: list[tuple[str, str]] = []
+    chunks = _chunks(listing.files)
+    index = 0
+    with tqdm(total=len(listing.files), desc=f"decoding {listing.root.name}", unit="img", leave=False,
+              disable=not progress) as bar:
+        for paths, (pixels, reasons) in zip(chunks, pool.map(decode_batch, chunks, [spec] * len(chunks))):
+            for path, row, reason in zip(paths, pixels, reasons):
+                if reason is None:
+                    out[len(kept)] = row  # compacted as it goes: the kept images stay in split order
+                    kept.append(index)
+                else:
+                    errors.append((path, reason))
+                index += 1
+            bar.update(len(paths))
+    out.flush()
+    del out
+    if errors:  # drop the unused tail rows
+        full = np.load(target, mmap_mode="r")
+        np.save(target.with_suffix(".tmp.npy"), full[: len(kept)])
+        del full
+        target.with_suffix(".tmp.npy").replace(target)
+    return kept, errors
+
+
+def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
+    meta = json.loads((folder / "meta.json").read_text())
+    path = folder / "images.npy"
+    mapped = path.stat().st_size > memory_limit_bytes
+    # Mapped copy-on-write: writable for torch, read page by page, the file untouched.
+    images = torch.from_numpy(np.load(path, mmap_mode="c" if mapped else None))
+    labels = torch.tensor(meta["labels"], dtype=torch.int64)
+    if len(labels) != len(images):
+        raise ValueError(f"the dataset cache {folder} is damaged (labels and images differ); delete it and run again")
+    splits = {name: Split(images[a:b], labels[a:b], mapped) for name, (a, b) in meta["bounds"].items()}
+    skipped = [tuple(s) for s in meta["skipped"]]
+    if skipped:
+        shown = "; ".join(f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p} ({reason})"
+                          for p, reason in skipped[:SHOWN_SKIPPED])
+        print(f"warning: skipped {len(skipped)} of {meta['files']:,} files in {root} that are not readable images: "
+              f"{shown}{', ...' if len(skipped) > SHOWN_SKIPPED else ''}", file=sys.stderr)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
+    return Dataset(root.name, meta["classes"], splits["train"], splits["val"], splits["test"], str(root),
+                   skipped=len(skipped))

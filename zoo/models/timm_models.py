@@ -1,0 +1,74 @@
+"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)``.
+
+timm is an optional extra (``pip install 'mlflow-zoo[timm]'``). Its names are listed by
+``python -c "import timm; print(timm.list_models('*resnet*'))"``. The default input shape and
+normalization come from the architecture's pretrained config (timm's ``_cfg``: usually 3x224x224
+and the ImageNet mean/std); the data decides the real input shape and number of classes.
+
+Pretrained weights: ``--model-opt pretrained=true`` downloads them through timm (online), and
+``--model-opt weights=FILE`` reads a local checkpoint (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+Either way timm adapts them as it does for its own fine-tuning: the stem is summed or repeated
+for another number of channels, and a classifier of another size starts fresh.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from torch import nn
+
+from zoo.normalization import IMAGENET, Normalization
+from zoo.registry import ModelSpec
+
+# timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
+_RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm: models need the timm package: pip install 'mlflow-zoo[timm]' (or pip install timm)") from None
+    return timm
+
+
+@functools.lru_cache(maxsize=None)
+def timm_spec(architecture: str) -> ModelSpec:
+    """The registry entry of timm architecture ``architecture``, or a ValueError saying how to list them."""
+    timm = _timm()
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture[:6]}*")[:8]
+        raise ValueError(f"unknown timm architecture {architecture!r}"
+                         + (f" (similar: {', '.join(close)})" if close else "")
+                         + "; list them with: python -c \"import timm; print(timm.list_models('*resnet*'))\"")
+    cfg = timm.get_pretrained_cfg(architecture)
+    input_shape = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+    normalization = Normalization(cfg.mean, cfg.std) if cfg is not None else IMAGENET
+    return ModelSpec(
+        name=f"timm:{architecture}",
+        builder=functools.partial(build_timm, architecture),
+        input_shape=input_shape,
+        num_classes=cfg.num_classes if cfg is not None and cfg.num_classes else 1000,
+        normalization=normalization,
+        description=f"timm {architecture} (in_chans and num_classes from the data)",
+        **_RECIPE,
+    )
+
+
+def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple[int, int, int] | None = None,
+               pretrained: bool = False, weights: str = "") -> nn.Module:
+    """``timm.create_model`` for ``input_shape``'s channels (and size, for architectures fixed to one)."""
+    timm = _timm()
+    cfg = timm.get_pretrained_cfg(architecture)
+    kwargs: dict = {"num_classes": num_classes}
+    if input_shape is not None:
+        kwargs["in_chans"] = input_shape[0]
+        if cfg is not None and cfg.fixed_input_size and tuple(input_shape[1:]) != tuple(cfg.input_size[1:]):
+            kwargs["img_size"] = tuple(input_shape[1:])  # ViTs and the like build their position table for one size
+    if weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights).resolve())}
+    return timm.create_model(architecture, pretrained=pretrained, **kwargs)
