@@ -12,7 +12,9 @@ Benchmarks, in order (each reuses the functions of its own script, which also ru
 - ``overhead``: the fixed cost of a study trial (bench_study_trials.py);
 - ``threads``: two cores spent as one 2-thread trial, two 1-thread processes, or ``--jobs 2``;
 - ``batched``: ``zoo study --batch-trials K`` against ``--batch-trials 1`` (skipped while `zoo study` lacks it);
-- ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200.
+- ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200;
+- ``folders``: image folders decoded into the cache against a plain PIL loop, the cached start, and
+  `zoo train` on Fashion-MNIST as PNG files against the catalog's (bench_folders.py).
 
 Each benchmark's result replaces its own part of the generated section of RESULTS.md (between the
 markers below; ``--only`` refreshes some and keeps the others), with the exact command, the date,
@@ -33,7 +35,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import bench_classify, bench_fixed_cost, bench_study_trials, bench_train
+from benchmarks import bench_classify, bench_fixed_cost, bench_folders, bench_study_trials, bench_train
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- python -m benchmarks: begin (generated; edits here are overwritten) -->", "<!-- python -m benchmarks: end -->"
@@ -134,14 +136,35 @@ def projection(quick: bool, projection_trials: int = 20) -> str:
             + f"\n\n**{PROJECTED_TRIALS} trials: about {hours:.2f} h.**")
 
 
+def folders(quick: bool) -> str:
+    rows = bench_folders.decoding(quick)
+    runs = bench_folders.training(quick)
+    folder, catalog = runs["folder"], runs["catalog"]
+    return ("Decoding a folder, in this process: a plain loop (PIL open + convert + stack, one process) against "
+            f"zoo's first load (list, read headers, decode in {rows[0]['workers']} worker processes, write the cache) "
+            "and its second load (from the cache).\n\n"
+            + table(["files", "plain loop (s)", "zoo first load (s)", "images/s plain", "images/s zoo",
+                     "zoo / plain", "zoo cached load (s)"],
+                    [[r["files"], r["plain_s"], r["zoo_first_s"], r["n"] / r["plain_s"], r["n"] / r["zoo_first_s"],
+                      r["speedup"], r["zoo_cached_s"]] for r in rows])
+            + "\n\n`zoo train --dataset FOLDER` (Fashion-MNIST written as PNG: train/ 60,000, test/ 10,000; cache "
+            "already made) against `--dataset fashion-mnist`, 1 epoch, seed 1, whole processes"
+            + (" (--quick: 20 batches)" if quick else "") + ".\n\n"
+            + table(["dataset", "test accuracy", "epoch (s)", "wall (s)"],
+                    [[name, f"{r['test_accuracy']:.4f}", r["epoch_s"], r["wall_s"]] for name, r in runs.items()])
+            + f"\n\nAccuracy difference {100 * (folder['test_accuracy'] - catalog['test_accuracy']):+.2f} points; "
+            f"epoch time folder / catalog {folder['epoch_s'] / catalog['epoch_s']:.3f}.")
+
+
 BENCHMARKS: dict[str, Callable[..., str]] = {
     "train": train, "fixed": fixed, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
-    "projection": projection,
+    "projection": projection, "folders": folders,
 }
 TITLES = {"train": "Reference protocol vs `zoo train`", "fixed": "`zoo train`'s fixed cost, phase by phase",
           "classify": "`mlflow models predict` vs `zoo classify`",
           "overhead": "Fixed cost per study trial", "threads": "Two cores: threads vs processes",
-          "batched": "Batched vs sequential trials", "projection": "A 200-trial Fashion-MNIST study, projected"}
+          "batched": "Batched vs sequential trials", "projection": "A 200-trial Fashion-MNIST study, projected",
+          "folders": "Image folders: decoding, the cache, training"}
 
 
 def machine() -> str:

@@ -113,7 +113,8 @@ def echo_json(data) -> None:
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
 @ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
-@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop each epoch after N batches.")
+@click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
+              help="Stop each epoch after N batches.")
 @KEEP_CHECKPOINTS
 @click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
 @RESUME

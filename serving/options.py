@@ -30,16 +30,16 @@ DATASET = click.option(
          "with optional val/ and test/. Folders are decoded once and cached.",
 )
 IMAGE_SIZE = click.option(
-    "--image-size", default=None, callback=unset_sentinels, metavar="SIDE|HxW",
+    "--image-size", "--image_size", "image_size", default=None, callback=unset_sentinels, metavar="SIDE|HxW",
     help="Image folders: resize every image to this (e.g. 32 or 48x64). Default: the images' own size when they "
          "all agree, else the model's input size.",
 )
 TEST_FRACTION = click.option(
-    "--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+    "--test-fraction", "--test_fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
     help="Image folders without test/: the share of each class held out for testing. [default: 0.2]",
 )
 VAL_FRACTION = click.option(
-    "--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+    "--val-fraction", "--val_fraction", "val_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
     help="The share of the training data (of every image, for a folder with neither val/ nor test/) held out for "
          "validation. Default: the model's recipe (0.1; 0.2 for mlp).",
 )
