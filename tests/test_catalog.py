@@ -11,14 +11,20 @@ file; test_a_copy_that_fails_the_checksum_is_refused shows the check is live.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from serving.cli import cli
 from zoo.data import DatasetUnavailable, load_dataset
 from zoo.dataset_info import dataset_info
 
@@ -209,4 +215,42 @@ def test_a_missing_dataset_offline_says_which_files_it_looked_for_and_where_to_g
     assert f"{name!r}" in message and str(tmp_path / "empty") in message
     assert looked_for in message and source in message
     assert "--data-dir" in message and "mnist-5k" in message  # how to point at a copy, and what works offline
+
+
+# --- zoo datasets -------------------------------------------------------------------------------------------
+
+NEW = {
+    "cifar10": (50_000, 10_000, [3, 32, 32], 10),
+    "cifar100": (50_000, 10_000, [3, 32, 32], 100),
+    "svhn": (73_257, 26_032, [3, 32, 32], 10),
+    "kmnist": (60_000, 10_000, [1, 28, 28], 10),
+    "emnist-letters": (124_800, 20_800, [1, 28, 28], 26),
+    "stl10": (5_000, 8_000, [3, 96, 96], 10),
+    "mnist-5k": (4_000, 1_000, [1, 28, 28], 10),
+    "fashion-mnist": (60_000, 10_000, [1, 28, 28], 10),
+}
+
+
+def zoo_json(*args: str):
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "datasets", "--format", "json", *args],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_zoo_datasets_lists_sizes_shapes_and_classes_and_keeps_its_json():
+    plain = zoo_json()
+    # The original shape, for scripts: name -> description.
+    assert set(NEW) <= set(plain) and isinstance(plain["cifar10"], str) and "torchvision" in plain["cifar10"]
+    details = zoo_json("--details")
+    assert set(details) == set(plain)
+    for name, (train, test, shape, classes) in NEW.items():
+        row = details[name]
+        assert row["description"] == plain[name]
+        assert (row["train_images"], row["test_images"], row["image_shape"], row["classes"]) == (train, test, shape,
+                                                                                                 classes)
+    text = CliRunner().invoke(cli, ["datasets"]).stdout
+    assert "name" in text.splitlines()[0] and "classes" in text.splitlines()[0]
+    cifar = next(line for line in text.splitlines() if line.startswith("cifar10 "))
+    assert cifar.split()[:5] == ["cifar10", "50,000", "10,000", "3x32x32", "10"]
 
