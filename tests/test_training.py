@@ -58,7 +58,8 @@ def test_train_cli_logs_a_custom_normalization_and_prints_json():
         (["--std", "0"], "std must be positive"),
         (["--mean", "abc"], "not a number"),
         (["--model", "vgg99"], "unknown model 'vgg99'; valid models: "),
-        (["--dataset", "cifar"], "unknown dataset 'cifar'; valid datasets: fashion-mnist, mnist, mnist-5k"),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'; valid datasets: cifar10, cifar100, "
+                                   "emnist-letters, fashion-mnist, kmnist, mnist, mnist-5k, stl10, svhn"),
         (["--optimizer", "lbfgs"], "only adadelta, sgd, adam, adamw are supported"),
         (["--alias", "x"], "--alias needs --register"),
         (["--register", "m", "--alias", "latest"], "alias 'latest' is reserved by MLflow"),

@@ -178,3 +178,6 @@ def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, see
         "point --data-dir at a folder holding FashionMNIST/raw/, or go online.",
     )
     return _from_torchvision("fashion-mnist", FASHION_MNIST_CLASSES, pair, val_fraction, seed)
+
+
+from zoo import torchvision_datasets  # noqa: E402,F401  registers cifar10, cifar100, svhn, kmnist, emnist-letters, stl10
