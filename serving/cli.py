@@ -304,7 +304,7 @@ def datasets(details, fmt) -> None:
     validation split.
     """
     from zoo.data import list_datasets
-    from zoo.dataset_info import dataset_info
+    from zoo.data import dataset_info
 
     descriptions = list_datasets()
     if fmt == "json" and not details:  # the original shape, name -> description, kept for scripts
@@ -319,6 +319,8 @@ def datasets(details, fmt) -> None:
         shape = "x".join(map(str, row["image_shape"])) if row["image_shape"] else "?"
         click.echo(f"{name:<16}{_count(row['train_images']):>8}{_count(row['test_images']):>8}  {shape:<9}"
                    f"{_count(row['classes']):>7}  {row['description']}")
+    click.echo("Any folder of class folders of images is a dataset too: --dataset PATH (FOLDER/CLASS/*.png, or "
+               "FOLDER/train/CLASS/... with optional val/ and test/).", err=True)
 
 
 def _info_fields(info) -> dict:

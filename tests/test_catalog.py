@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from serving.cli import cli
 from zoo.data import DatasetUnavailable, load_dataset
-from zoo.dataset_info import dataset_info
+from zoo.data import dataset_info
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 5, 2
 VAL_FRACTION = 0.2  # one validation image per class out of five

