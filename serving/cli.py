@@ -102,6 +102,9 @@ def echo_json(data) -> None:
 @click.option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @MOMENTUM
 @MODEL_OPT
+@click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
+              help="timm: models: start from timm's pretrained weights (pretrained, online) or a local checkpoint "
+                   "FILE; timm adapts the stem to the data's channels and starts a classifier of another size afresh.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @DEVICE
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
@@ -120,7 +123,7 @@ def echo_json(data) -> None:
 @RESUME
 @FORMAT
 @click.pass_context
-def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, seed, device,
+def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, weights, seed, device,
           precision, data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
 
@@ -130,6 +133,8 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
     from training.train import resume as resume_training
     from training.train import train as run_train
 
+    if weights:
+        model_opts = {**model_opts, **pretrained_weights_option(model, weights)}
     config = TrainConfig(
         model=model, dataset=dataset, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
         mean=mean, std=std, epochs=epochs, batch_size=batch_size,
@@ -155,6 +160,21 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
     else:
         click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
         click.echo(f"model: {result.model_uri}" + (f"  registered as {summary['registered']}" if register else ""))
+
+
+def pretrained_weights_option(model: str, weights: str) -> dict[str, str]:
+    """--weights as the timm builder's option: pretrained=true, or weights=FILE (absolute: --resume finds it)."""
+    from zoo.registry import TIMM_PREFIX
+
+    if not model.startswith(TIMM_PREFIX):
+        raise click.UsageError(f"--weights starts timm: models (--model timm:NAME) from pretrained weights, not "
+                               f"{model!r}; a torchvision ResNet's weights are re-evaluated with zoo renorm --weights")
+    if weights == "pretrained":
+        return {"pretrained": "true"}
+    if not os.path.isfile(weights):
+        raise click.BadParameter(f"no such file: {weights} (give pretrained, or a local timm checkpoint)",
+                                 param_hint="--weights")
+    return {"weights": os.path.abspath(weights)}
 
 
 @cli.command()

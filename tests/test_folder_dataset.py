@@ -251,14 +251,36 @@ def test_rgb_folder_trains_lenet5_with_auto_normalization_and_exports(rgb_folder
     assert session.get_inputs()[0].shape[1:] == [3, 32, 32]
 
 
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
+    """A local timm checkpoint of test_resnet (1000 ImageNet classes), as `--weights FILE` takes one."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(5)
+    state = timm.create_model("test_resnet", num_classes=1000).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_timm_weights_from_a_file_are_adapted_to_the_data(timm_checkpoint):
+    path, state = timm_checkpoint
+    rgb = create_model("timm:test_resnet", input_shape=(3, 32, 32), num_classes=5, weights=str(path)).state_dict()
+    grey = create_model("timm:test_resnet", input_shape=(1, 32, 32), num_classes=5, weights=str(path)).state_dict()
+    stem = "conv1.0.weight"
+    assert torch.equal(rgb[stem], state[stem])  # the file's weights, not a fresh initialization
+    assert torch.allclose(grey[stem], state[stem].sum(dim=1, keepdim=True))  # timm sums the stem over RGB
+    assert rgb["fc.weight"].shape[0] == 5  # a classifier of the data's size, started afresh
+
+
 @pytest.mark.slow
-def test_a_timm_architecture_trains_registers_and_classifies_an_rgb_folder(rgb_folder):
-    pytest.importorskip("timm")
+def test_a_timm_architecture_trains_registers_and_classifies_an_rgb_folder(rgb_folder, timm_checkpoint):
     result = zoo("train", "--model", "timm:test_resnet", "--dataset", str(rgb_folder), "--epochs", "1",
-                 "--max-batches", "3", "--register", "timm-rgb", "--alias", "a", "--format", "json")
+                 "--weights", str(timm_checkpoint[0]), "--max-batches", "3", "--register", "timm-rgb", "--alias", "a",
+                 "--format", "json")
     assert result.exit_code == 0, result.output
     run = MlflowClient().get_run(json.loads(result.stdout)["run_id"])
     assert run.data.params["model"] == "timm:test_resnet" and run.data.params["optimizer"] == "adamw"
+    assert run.data.params["model_weights"] == str(timm_checkpoint[0])
     some = sorted((rgb_folder / "7").glob("*.png"))[:3]
     result = zoo("classify", "models:/timm-rgb@a", *map(str, some), "--format", "json")
     assert result.exit_code == 0, result.output
@@ -269,6 +291,8 @@ def test_an_unknown_timm_architecture_says_how_to_list_them():
     pytest.importorskip("timm")
     result = zoo("train", "--model", "timm:resnet_nonexistent", "--dry-run")
     assert result.exit_code == 2 and "timm.list_models" in result.output
+    result = zoo("train", "--model", "mnist_cnn", "--weights", "pretrained", "--dry-run")
+    assert result.exit_code == 2 and "timm:" in result.output
 
 
 @pytest.mark.slow

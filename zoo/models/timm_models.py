@@ -5,8 +5,9 @@ timm is an optional extra (``pip install 'mlflow-zoo[timm]'``). Its names are li
 normalization come from the architecture's pretrained config (timm's ``_cfg``: usually 3x224x224
 and the ImageNet mean/std); the data decides the real input shape and number of classes.
 
-Pretrained weights: ``--model-opt pretrained=true`` downloads them through timm (online), and
-``--model-opt weights=FILE`` reads a local checkpoint (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+Pretrained weights: ``zoo train --weights pretrained`` (the builder option ``pretrained=true``)
+downloads them through timm (online), and ``--weights FILE`` (``weights=FILE``) reads a local
+checkpoint (timm's ``pretrained_cfg_overlay=dict(file=...)``).
 Either way timm adapts them as it does for its own fine-tuning: the stem is summed or repeated
 for another number of channels, and a classifier of another size starts fresh.
 """
