@@ -358,3 +358,13 @@ def test_a_grey_dataset_takes_the_average_of_an_rgb_default():
     grey = imagenet.for_data(1)
     assert grey.mean == pytest.approx((0.449,)) and grey.std == pytest.approx((0.226,))
     assert imagenet.for_data(3) == imagenet
+
+
+def test_a_class_whose_every_file_is_unreadable_is_refused_by_name(tmp_path, mnist_5k):
+    root = tmp_path / "digits"
+    write_folder(mnist_5k.train.images[:40], mnist_5k.train.labels[:40], mnist_5k.classes, root)
+    for f in (root / "7").glob("*.png"):
+        f.write_bytes(b"truncated")
+    result = zoo("train", "--dataset", str(root), "--epochs", "1", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "class 7 of" in result.output and "no readable training image" in result.output

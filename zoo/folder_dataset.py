@@ -365,6 +365,11 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
                           for p, reason in skipped[:SHOWN_SKIPPED])
         print(f"warning: skipped {len(skipped)} of {meta['files']:,} files in {root} that are not readable images: "
               f"{shown}{', ...' if len(skipped) > SHOWN_SKIPPED else ''}", file=sys.stderr)
+    unreadable = [c for c, n in zip(meta["classes"], np.bincount(splits["train"].labels.numpy(),
+                                                                   minlength=len(meta["classes"]))) if n == 0]
+    if unreadable:
+        raise ValueError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
+                         "see above); add images or remove the folder")
     for name, split in splits.items():
         if len(split) == 0:
             raise ValueError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
