@@ -45,7 +45,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The locked servers: user ``worker`` may MANAGE experiment ``zoo`` (a study deletes the checkpoints of
-    trials that are not the best, which MLflow counts as managing) and nothing in ``private``."""
+    trials that are not the best, which MLflow counts as managing), EDIT ``edit-only`` and nothing in ``private``."""
     if postgres_bin() is None:
         pytest.skip("PostgreSQL server binaries not found; install them with `apt-get install -y postgresql`")
     folder = tmp_path_factory.mktemp("locked")
@@ -62,9 +62,12 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 admin.create_user("worker", WORKER_PASSWORD)
                 experiment_id = MlflowClient().create_experiment("zoo")
                 admin.grant_user_permission("worker", "experiment", experiment_id, "MANAGE")
+                edit_only_id = MlflowClient().create_experiment("edit-only")
+                admin.grant_user_permission("worker", "experiment", edit_only_id, "EDIT")
                 private_id = MlflowClient().create_experiment("private")
                 mlflow.set_tracking_uri(None)
-            yield {"url": url, "database": database, "private_id": private_id, "folder": folder}
+            yield {"url": url, "database": database, "folder": folder, "zoo_id": experiment_id,
+                   "edit_only_id": edit_only_id, "private_id": private_id}
 
 
 def as_user(mp: pytest.MonkeyPatch, url: str, username: str | None, password: str | None) -> None:
@@ -160,7 +163,7 @@ def test_two_locked_workers_finish_exactly_the_trials_and_leak_no_password(admin
 
     study = optuna.load_study(study_name="locked", storage=f"postgresql://zoo:{DB_PASSWORD}@{host}/optuna")
     assert Counter(t.state for t in study.get_trials()) == {TrialState.COMPLETE: TRIALS}
-    parents, children = study_runs()
+    parents, children = (in_experiment(admin["zoo_id"], runs) for runs in study_runs())
     assert len(parents) == 1 and len(children) == TRIALS
     parent_id = parents[0].info.run_id
     assert {json.loads(out)["parent_run_id"] for _, out, _ in procs_out} == {parent_id}
@@ -170,11 +173,29 @@ def test_two_locked_workers_finish_exactly_the_trials_and_leak_no_password(admin
 
     for run in (*parents, *children):
         assert_no_secret(json.dumps([run.data.params, run.data.tags]), f"run {run.info.run_id}'s params or tags")
-    logged = [f for f in (admin["folder"] / "served-artifacts").rglob("*") if f.is_file()]
+    logged = [f for f in (admin["folder"] / "served-artifacts" / admin["zoo_id"]).rglob("*") if f.is_file()]
     assert any(f.name == "summary.json" for f in logged)
     assert len([f for f in logged if f.name == "last.pt"]) == 1  # MANAGE let the workers delete all but the best's
     for f in logged:
         assert_no_secret(f.read_bytes().decode("latin-1"), f"logged file {f}")
+
+
+def in_experiment(experiment_id: str, runs: list) -> list:
+    return [r for r in runs if r.info.experiment_id == experiment_id]
+
+
+def test_a_study_whose_user_may_only_edit_finishes_and_keeps_the_checkpoints(admin: dict, tmp_path: Path):
+    """Deleting artifacts needs MANAGE: with EDIT the study still records every trial, and says what it kept."""
+    command = [*WORKER, "--trials", "2", "--study-name", "edit-only", "--experiment", "edit-only",
+               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+    with started(command, env=env_of(admin["url"], tmp_path, "worker", WORKER_PASSWORD), cwd=tmp_path) as (worker,):
+        out, err = worker.communicate(timeout=900)
+    assert worker.returncode == 0, err[-3000:]
+    assert json.loads(out)["trials_complete"] == 2
+    assert "study: kept the checkpoints of trials that are not the best (1): 403" in err
+    assert "grant the workers' user MANAGE on the experiment" in err
+    kept = list((admin["folder"] / "served-artifacts" / admin["edit_only_id"]).rglob("last.pt"))
+    assert len(kept) == 2
 
 
 def test_a_client_without_valid_credentials_is_refused_and_creates_nothing(admin: dict, tmp_path: Path):

@@ -846,7 +846,7 @@ def sweep_checkpoints(study: optuna.Study) -> None:
             except Exception as exc:
                 kept, failure = kept + 1, exc
     if failure is not None:
-        tqdm.write(f"study: kept the checkpoints of {kept} trials that are not the best: {_cleanup_failure(failure)}",
+        tqdm.write(f"study: kept the checkpoints of trials that are not the best ({kept}): {_cleanup_failure(failure)}",
                    file=sys.stderr)
 
 
