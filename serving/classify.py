@@ -332,8 +332,10 @@ def _model_identity(uri: str) -> str:
     except MlflowException as exc:
         import mlflow
 
+        from zoo.access import masked_url
+
         reason = (exc.message or str(exc)).strip().splitlines()[0]
-        raise ModelNotFound(f"no model at {uri!r} in tracking store {mlflow.get_tracking_uri()}: {reason}") from exc
+        raise ModelNotFound(f"no model at {uri!r} in tracking store {masked_url(mlflow.get_tracking_uri())}: {reason}") from exc
 
 
 # ---- the whole path ----------------------------------------------------------------------------------

@@ -66,9 +66,29 @@ class ZooGroup(click.Group):
             if os.environ.get("ZOO_DEBUG"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if refused := tracking_refusal(exc):  # a locked server said no: which credentials to set, exit 1
+                raise click.ClickException(refused) from exc
             if isinstance(exc, USAGE_ERRORS):
                 raise InputError(message, ctx) from exc
             raise click.ClickException(f"{message} (set ZOO_DEBUG=1 for the traceback)") from exc
+
+
+def tracking_refusal(exc: BaseException | None) -> str | None:
+    """The one line for a 401 or 403 from the MLflow tracking server behind ``exc`` (or what it was
+    raised from, e.g. "no model at models:/..."), naming the credentials to set; else None."""
+    if "mlflow" not in sys.modules:  # no MLflow call was made
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    from zoo.access import masked_url, tracking_refused
+
+    while exc is not None:
+        if isinstance(exc, MlflowException) and (status := exc.get_http_status_code()) in (401, 403):
+            return tracking_refused(masked_url(mlflow.get_tracking_uri()), status, read_mlflow_creds().username)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -41,11 +41,12 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
     from serving.export import export_onnx
     from serving.loading import load_model
     from training.train import TrainConfig, train
+    from zoo.access import masked_url
     from zoo.data import load_dataset
 
     out = Path(out_dir)
     uri = f"models:/{registered_name}@{alias}"
-    click.echo(f"[1/4] training mnist_cnn on mnist-5k for {epochs} epochs (tracking: {mlflow.get_tracking_uri()})", err=True)
+    click.echo(f"[1/4] training mnist_cnn on mnist-5k for {epochs} epochs (tracking: {masked_url(mlflow.get_tracking_uri())})", err=True)
     dataset = load_dataset("mnist-5k", data_dir=data_dir)
     result = train(TrainConfig(epochs=epochs, data_dir=data_dir), dataset=dataset, experiment=experiment,
                    register=registered_name, alias=alias)

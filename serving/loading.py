@@ -58,10 +58,12 @@ def _model_info(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from zoo.access import masked_url
+
     try:
         return mlflow.models.get_model_info(uri)
     except MlflowException as exc:
-        raise ModelNotFound(f"no model at {uri!r} in tracking store {mlflow.get_tracking_uri()}: {_short(exc)}") from exc
+        raise ModelNotFound(f"no model at {uri!r} in tracking store {masked_url(mlflow.get_tracking_uri())}: {_short(exc)}") from exc
     except OSError as exc:
         raise ModelNotFound(f"no MLflow model at {uri!r}: {_short(exc)}") from exc
 

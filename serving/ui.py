@@ -45,10 +45,13 @@ def ui(port: int) -> None:
     """
     import mlflow
 
+    from zoo.access import masked_url
+
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
-        raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({uri}): open that address in a "
-                               "browser; `zoo ui` serves a local store such as sqlite:///mlflow.db")
+        raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({masked_url(uri)}): open that address "
+                               "in a browser (a server started with --app-name basic-auth asks there for your MLflow "
+                               "user name and password); `zoo ui` serves a local store such as sqlite:///mlflow.db")
     if not port_is_free(port):
         raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); choose another with --port")
     url = experiment_url(port)
@@ -59,7 +62,7 @@ def ui(port: int) -> None:
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     # Its own process group: `mlflow ui` runs the web server as a child, and both must stop with us.
     server = subprocess.Popen(command, start_new_session=True, env=env)
-    click.echo(f"MLflow UI over {uri}\nopen {url}\n(Ctrl-C stops it)")
+    click.echo(f"MLflow UI over {masked_url(uri)}\nopen {url}\n(Ctrl-C stops it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, as Ctrl-C does
     try:
         code = server.wait()

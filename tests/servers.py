@@ -8,6 +8,7 @@ stopped on the way out, whatever happened inside.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -39,9 +40,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def postgres_server(*databases: str) -> Iterator[str]:
-    """A private PostgreSQL server (initdb in a temporary folder, trust auth, loopback only) holding
-    ``databases``; yields ``postgresql://zoo@127.0.0.1:PORT`` (append ``/DB``)."""
+def postgres_server(*databases: str, password: str | None = None) -> Iterator[str]:
+    """A private PostgreSQL server (initdb in a temporary folder, loopback only) holding ``databases``;
+    yields ``postgresql://zoo@127.0.0.1:PORT`` (append ``/DB``).
+
+    Without ``password`` every connection is trusted; with it, user ``zoo`` must give that password
+    (``scram-sha-256``, as a locked production server does): in the URL, PGPASSWORD or ~/.pgpass.
+    """
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL server binaries not found (initdb, pg_ctl); install them with "
@@ -51,9 +56,16 @@ def postgres_server(*databases: str) -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="zoo-pg-"))
     folder.chmod(0o777)  # the server user writes its data, socket and log here
     port = free_port()
-    run = lambda *cmd: subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True, timeout=SERVER_START_S)  # noqa: E731
+    env = {**os.environ, "PGPASSWORD": password} if password else None  # createdb's password
+    run = lambda *cmd: subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True,  # noqa: E731
+                                      timeout=SERVER_START_S, env=env)
+    auth = ["-A", "trust"]
+    if password:
+        (folder / "pwfile").write_text(password + "\n")
+        (folder / "pwfile").chmod(0o644)  # readable by the server user; the folder goes at the end
+        auth = ["--auth-host", "scram-sha-256", "--auth-local", "scram-sha-256", "--pwfile", folder / "pwfile"]
     try:
-        run(bin_dir / "initdb", "-D", folder / "data", "-A", "trust", "-U", "zoo")
+        run(bin_dir / "initdb", "-D", folder / "data", *auth, "-U", "zoo")
         run(bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-t", SERVER_START_S, "-l", folder / "log", "-o",
             f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
         for name in databases:
@@ -66,17 +78,29 @@ def postgres_server(*databases: str) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
+def mlflow_server(backend_store_uri: str, artifacts: Path, auth_config: Path | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
     """``mlflow server`` with ``backend_store_uri`` and artifacts served from ``artifacts``
-    (MLflow 3 serves them through the server by default); yields ``http://127.0.0.1:PORT``."""
+    (MLflow 3 serves them through the server by default); yields ``http://127.0.0.1:PORT``.
+
+    ``auth_config``: MLflow's basic-auth ini (see :func:`write_auth_config`); the server then
+    runs ``--app-name basic-auth`` and answers 401 to a request without valid credentials.
+    ``env``: extra variables for the server (e.g. PGPASSWORD for its backend store).
+    """
     port = free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
+    server_env = {**os.environ, **(env or {})}
+    if auth_config is not None:
+        command += ["--app-name", "basic-auth"]
+        server_env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+        # The login's CSRF protection needs a fixed key (the server refuses to start without one).
+        server_env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(16))
     # Its own process group: stopping it stops the workers it forks too.
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -95,6 +119,19 @@ def mlflow_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
                 os.killpg(server.pid, 9)
                 server.wait()
         log.close()
+
+
+def write_auth_config(folder: Path, admin_password: str, default_permission: str = "NO_PERMISSIONS") -> Path:
+    """MLflow's basic-auth ini: its user database (SQLite) in ``folder``, admin ``admin`` with
+    ``admin_password``, and ``default_permission`` for what a user was not granted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "basic_auth.ini"
+    path.write_text(f"[mlflow]\ndefault_permission = {default_permission}\n"
+                    f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+                    f"admin_username = admin\nadmin_password = {admin_password}\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    path.chmod(0o600)  # it holds the admin password
+    return path
 
 
 def _answers(url: str) -> bool:

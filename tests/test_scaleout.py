@@ -94,3 +94,14 @@ def test_a_storage_the_workers_cannot_share_is_a_usage_error(monkeypatch):
     assert result.exit_code == 2
     assert "--storage must be a database URL such as sqlite:///optuna.db" in result.output
     assert "redis://127.0.0.1:6379/0" in result.output
+
+
+def test_a_storage_url_with_a_password_is_shown_without_it():
+    """A password written into the storage URL shows up as *** in the error, never in clear."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    result = CliRunner().invoke(cli, ["study", "--trials", "1", "--storage", f"postgresql://zoo:s3cret-pw@127.0.0.1:{port}/x"])
+    assert result.exit_code == 1
+    assert f"cannot reach the Optuna storage postgresql://zoo:***@127.0.0.1:{port}/x (" in result.output
+    assert "s3cret-pw" not in result.output

@@ -141,12 +141,14 @@ def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(tracking_store):
         busy.listen()
         result = CliRunner().invoke(cli, ["ui", "--port", str(busy.getsockname()[1])])
     assert result.exit_code == 1 and "is in use" in result.output and "--port" in result.output
-    mlflow.set_tracking_uri("http://127.0.0.1:1")  # as MLFLOW_TRACKING_URI=http://... does
+    mlflow.set_tracking_uri("http://someone:s3cret@127.0.0.1:1")  # as MLFLOW_TRACKING_URI=http://... does
     try:
         result = CliRunner().invoke(cli, ["ui", "--port", str(free_port())])
     finally:
         mlflow.set_tracking_uri(tracking_store)
     assert result.exit_code == 2 and "open that address in a browser" in result.output
+    assert "user name and password" in result.output  # what a locked server asks there
+    assert "http://someone:***@127.0.0.1:1" in result.output and "s3cret" not in result.output
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ from training.train import (
     short_normalization, training_tags,
 )
 from training.train_batch import MemberResult, fit_batch
+from zoo.access import masked_url, storage_refused_hint
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.registry import create_model
@@ -193,14 +194,12 @@ def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
         engine.connect().close()
     except OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0]
+        if hint := storage_refused_hint(reason):
+            raise PermissionError(f"the Optuna storage {masked_url(url)} refused the login ({reason}): {hint}") from None
         raise ConnectionError(f"cannot reach the Optuna storage {masked_url(url)} ({reason}): check that the database "
                               "server runs there and accepts connections, or fix --storage / ZOO_OPTUNA_STORAGE") from None
     finally:
         engine.dispose()
-
-
-def masked_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 class StudyLock:
@@ -842,16 +841,31 @@ def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: _C
             tracking.delete_checkpoints(ctx.checkpointed_best)
         ctx.checkpointed_best = run_id
     except Exception as exc:  # a failed clean-up must not stop the study; the final sweep retries
-        tqdm.write(f"study: could not delete a trial's checkpoints ({exc})", file=sys.stderr)
+        tqdm.write(f"study: could not delete a trial's checkpoints ({_cleanup_failure(exc)})", file=sys.stderr)
 
 
 def sweep_checkpoints(study: optuna.Study) -> None:
-    """Delete the checkpoints of every finished trial but the best (whichever process ran them)."""
-    best = _best_run_id(study)
+    """Delete the checkpoints of every finished trial but the best (whichever process ran them).
+    A deletion that fails is reported, not raised: every trial is recorded, only disk is lost."""
+    best, kept, failure = _best_run_id(study), 0, None
     for trial in study.get_trials(deepcopy=False):
         run_id = trial.user_attrs.get(RUN_ATTR)
         if trial.state.is_finished() and run_id not in (None, best):
-            tracking.delete_checkpoints(run_id)
+            try:
+                tracking.delete_checkpoints(run_id)
+            except Exception as exc:
+                kept, failure = kept + 1, exc
+    if failure is not None:
+        tqdm.write(f"study: kept the checkpoints of trials that are not the best ({kept}): {_cleanup_failure(failure)}",
+                   file=sys.stderr)
+
+
+def _cleanup_failure(exc: Exception) -> str:
+    """Why deleting checkpoints failed, in one line; a locked server's 403 says which permission is missing."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "403" in reason:
+        reason += " (MLflow counts deleting artifacts as MANAGE: grant the workers' user MANAGE on the experiment)"
+    return reason
 
 
 def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:

@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from zoo import startup
+from zoo import access, startup
 from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
@@ -64,8 +64,9 @@ SERVER_CONNECT_TIMEOUT_S = 5.0
 
 
 def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
-    """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer,
-    before any training time is spent (a server that answers but hangs is MLFLOW_HTTP_REQUEST_TIMEOUT's)."""
+    """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer or
+    refuses our credentials, before any training time is spent (a server that answers but hangs is
+    MLFLOW_HTTP_REQUEST_TIMEOUT's)."""
     import socket
     from urllib.parse import urlsplit
 
@@ -79,6 +80,21 @@ def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
     except OSError as exc:
         raise ConnectionError(f"cannot reach the MLflow tracking server at {server} ({exc.strerror or exc}): check "
                               "that `mlflow server` runs there, or fix MLFLOW_TRACKING_URI") from None
+    check_credentials(server)
+
+
+def check_credentials(server: str) -> None:
+    """One request with the credentials MLflow would send (MLFLOW_TRACKING_USERNAME/PASSWORD, token or
+    ~/.mlflow/credentials), so a locked server (``mlflow server --app-name basic-auth``) that refuses
+    them fails here in seconds, not after the data are loaded."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(tracking_uri())
+    response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
+                            max_retries=0, raise_on_status=False)  # MLFLOW_HTTP_REQUEST_TIMEOUT: a busy server is slow
+    if response.status_code in (401, 403):
+        raise PermissionError(access.tracking_refused(server, response.status_code, creds.username))
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
 from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
+from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
 from zoo.model_options import coerce_model_config
@@ -505,7 +506,7 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     """The run's config and ``last`` checkpoint, or a ValueError that says why the run cannot be resumed."""
     run = tracking.find_run(run_id)
     if run is None:
-        raise ValueError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check the id (MLflow UI, "
+        raise ValueError(f"no MLflow run {run_id!r} in {masked_url(tracking.tracking_uri())}; check the id (MLflow UI, "
                          "`mlflow runs list`) and MLFLOW_TRACKING_URI")
     if run.info.status == "FINISHED":
         raise ValueError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
