@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zoo.splits import Dataset, Split, stratified_split
-from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch, probe_batch
+from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -51,6 +51,7 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 CHUNK = 256  # files per task sent to a decoding process
 PARALLEL_FROM = 2048  # fewer files decode faster in this process than a pool starts
 SHOWN_SKIPPED = 5  # skipped files named in the warning
+GUESS_FROM = 64  # files whose headers give the shape of the first decoding pass
 
 
 def looks_like_folder(name: str) -> bool:
@@ -254,8 +255,14 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     try:
         with _pool(len(listing.files), workers) as pool:
-            shape = _input_shape(listing, image_size, default_size, pool, progress)
-            kept, errors = _decode_all(listing, shape, work / "images.npy", pool, progress)
+            # One pass over the files in the usual case: decode at the shape the first files have, read
+            # every file's own size and mode as it is decoded, and decode again only if they disagree.
+            guess = _input_shape(probe_batch([str(f) for f in listing.files[:GUESS_FROM]]), listing, image_size,
+                                 default_size, quiet=True)
+            kept, errors, headers = _decode_all(listing, guess, work / "images.npy", pool, progress)
+            shape = _input_shape(headers, listing, image_size, default_size)
+            if shape != guess:
+                kept, errors, _ = _decode_all(listing, shape, work / "images.npy", pool, progress)
         skipped = [(str(p), f"not an image file (image suffixes: {SUPPORTED})") for p in listing.not_images] + errors
         labels = [listing.labels[i] for i in kept]
         bounds, start = {}, 0
@@ -303,34 +310,35 @@ def _chunks(paths: list[Path]) -> list[list[str]]:
     return [[str(p) for p in paths[i : i + CHUNK]] for i in range(0, len(paths), CHUNK)]
 
 
-def _input_shape(listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int], pool,
-                 progress: bool) -> tuple[int, int, int]:
+def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
+                 default_size: tuple[int, int], quiet: bool = False) -> tuple[int, int, int]:
     """(C, H, W): grey when every readable image is grey, else RGB; the images' size when they all agree."""
-    headers = [h for chunk in tqdm(pool.map(probe_batch, _chunks(listing.files)), total=-(-len(listing.files) // CHUNK),
-                                   desc="reading headers", unit="chunk", leave=False, disable=not progress)
-               for h in chunk if h is not None]
-    channels = 1 if headers and all(mode in GREY_MODES for _, _, mode in headers) else 3
-    sizes = {(h, w) for w, h, _ in headers}
+    known = [h for h in headers if h is not None]
+    channels = 1 if known and all(mode in GREY_MODES for _, _, mode in known) else 3
+    sizes = {(h, w) for w, h, _ in known}
     if image_size is None:
-        image_size = sizes.pop() if len(sizes) == 1 else tuple(default_size)
-        if len(sizes) > 1 or not headers:
+        image_size = next(iter(sizes)) if len(sizes) == 1 else tuple(default_size)
+        if len(sizes) > 1 and not quiet:
             print(f"note: the images of {listing.root} differ in size; resizing all to {image_size[0]}x{image_size[1]} "
                   "(the model's input size; --image-size sets another)", file=sys.stderr)
     return channels, image_size[0], image_size[1]
 
 
 def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, pool,
-                progress: bool) -> tuple[list[int], list[tuple[str, str]]]:
-    """Decode into a .npy file in split order; returns the indices kept and (file, reason) for the others."""
+                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+    """Decode into a .npy file in split order; returns the indices kept, (file, reason) for the others,
+    and every file's own (width, height, mode)."""
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
     spec = DecodeSpec(shape, max_pixels_hint="remove the file or resize it")
     kept: list[int] = []
     errors: list[tuple[str, str]] = []
+    headers: list[Header | None] = []
     chunks = _chunks(listing.files)
     index = 0
     with tqdm(total=len(listing.files), desc=f"decoding {listing.root.name}", unit="img", leave=False,
               disable=not progress) as bar:
-        for paths, (pixels, reasons) in zip(chunks, pool.map(decode_batch, chunks, [spec] * len(chunks))):
+        for paths, (pixels, reasons, found) in zip(chunks, pool.map(decode_batch_with_headers, chunks,
+                                                                    [spec] * len(chunks))):
             for path, row, reason in zip(paths, pixels, reasons):
                 if reason is None:
                     out[len(kept)] = row  # compacted as it goes: the kept images stay in split order
@@ -338,6 +346,7 @@ def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, po
                 else:
                     errors.append((path, reason))
                 index += 1
+            headers += found
             bar.update(len(paths))
     out.flush()
     del out
@@ -346,7 +355,7 @@ def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, po
         np.save(target.with_suffix(".tmp.npy"), full[: len(kept)])
         del full
         target.with_suffix(".tmp.npy").replace(target)
-    return kept, errors
+    return kept, errors, headers
 
 
 def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:

@@ -36,8 +36,13 @@ class DecodeSpec:
     max_pixels_hint: str = "raise --max-pixels if the image is genuine"  # how the caller lifts the limit
 
 
-def decode_image(source: str | Path | bytes, spec: DecodeSpec) -> np.ndarray:
-    """The model's input for one file (a path) or encoded image (bytes): grayscale or RGB, resized, uint8 [C, H, W]."""
+Header = tuple[int, int, str]  # (width, height, mode) of an image file, as Pillow reads it
+
+
+def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] | None = None) -> np.ndarray:
+    """The model's input for one file (a path) or encoded image (bytes): grayscale or RGB, resized, uint8 [C, H, W].
+
+    ``header``, if given, receives the file's own (width, height, mode), read from the same open."""
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check below
@@ -52,6 +57,8 @@ def decode_image(source: str | Path | bytes, spec: DecodeSpec) -> np.ndarray:
             # Palette-transparency and bomb warnings: the size is checked below, the rest is harmless.
             warnings.simplefilter("ignore")
             with Image.open(source) as img:
+                if header is not None:
+                    header.append((img.size[0], img.size[1], img.mode))
                 return _pixels(img, spec)
     except ImageError:
         raise
@@ -99,18 +106,28 @@ def _to_8bit(img):
 
 def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
     """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""
+    out, errors, _ = decode_batch_with_headers(paths, spec)
+    return out, errors
+
+
+def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec
+                              ) -> tuple[np.ndarray, list[str | None], list[Header | None]]:
+    """:func:`decode_batch`, plus each decoded file's own (width, height, mode) (None for the others)."""
     out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
     errors: list[str | None] = []
+    headers: list[Header | None] = []
     for i, path in enumerate(paths):
+        header: list[Header] = []
         if path is None:
             errors.append("skipped")
-            continue
-        try:
-            out[i] = decode_image(path, spec)
-            errors.append(None)
-        except ImageError as exc:
-            errors.append(str(exc))
-    return out, errors
+        else:
+            try:
+                out[i] = decode_image(path, spec, header)
+                errors.append(None)
+            except ImageError as exc:
+                errors.append(str(exc))
+        headers.append(header[0] if header and errors[-1] is None else None)
+    return out, errors, headers
 
 
 def probe_batch(paths: Sequence[str]) -> list[tuple[int, int, str] | None]:
