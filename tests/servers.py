@@ -66,12 +66,13 @@ def postgres_server(*databases: str) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
+def mlflow_server(backend_store_uri: str, artifacts: Path, port: int | None = None) -> Iterator[str]:
     """``mlflow server`` with ``backend_store_uri`` and artifacts served from ``artifacts``
-    (MLflow 3 serves them through the server by default); yields ``http://127.0.0.1:PORT``."""
-    port = free_port()
+    (MLflow 3 serves them through the server by default); yields ``http://127.0.0.1:PORT``.
+    Given a ``port`` (a server restarted on the same address), it starts there."""
+    port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
-    log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
+    log = open(artifacts.parent / f"mlflow-server-{port}.log", "a")  # a restart adds to its log
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
