@@ -124,3 +124,11 @@ def tracking_epoch(run_id: str) -> int:
     from training import tracking
 
     return tracking.load_checkpoint(run_id, "checkpoints/last.pt")["epoch"]
+
+
+@pytest.mark.parametrize("env, args", [({"ZOO_TRACKING_TIMEOUT": "ten"}, []), ({}, ["--tracking-timeout", "-1"])])
+def test_a_bad_tracking_timeout_exits_2_before_any_run(env: dict, args: list[str]):
+    res = zoo("train", "--dry-run", *args, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--tracking-timeout" in last_error_line(res.stderr)
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
