@@ -132,20 +132,16 @@ class Outbox:
         if self.away_since is not None and not server_answers():
             self._check_bound()
             return
-        try:
-            tracking.log_metric_records(self.run_id, self.metrics)  # metrics first: a checkpoint never runs ahead
-            self.metrics = []
-            self._write_pending()
-            tracking.upload_checkpoints(self.run_id, self.folder / tracking.CHECKPOINTS, self.checkpoints)
-            self.checkpoints = []
-            self._write_pending()
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            self._went_away(exc)
+        if not self._attempt(self._send_pending)[0]:
             self._check_bound()
-            return
-        self._came_back()
+
+    def _send_pending(self) -> None:
+        tracking.log_metric_records(self.run_id, self.metrics)  # metrics first: a checkpoint never runs ahead
+        self.metrics = []
+        self._write_pending()
+        tracking.upload_checkpoints(self.run_id, self.folder / tracking.CHECKPOINTS, self.checkpoints)
+        self.checkpoints = []
+        self._write_pending()
 
     def wait_and_send(self) -> None:
         """Block until everything pending is sent, or raise ServerGone past the bound."""
@@ -157,16 +153,23 @@ class Outbox:
     def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``call(*args, **kwargs)``, called again once the server is back if it did not answer."""
         while True:
-            try:
-                result = call(*args, **kwargs)
-            except Exception as exc:
-                if not unreachable(exc):
-                    raise
-                self._went_away(exc)
-                self._wait_for_server()
-                continue
-            self._came_back()
-            return result
+            answered, result = self._attempt(call, *args, **kwargs)
+            if answered:
+                return result
+            self._wait_for_server()
+
+    def _attempt(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
+        """(True, what ``call`` returned), or (False, None) when the server did not answer (the outage noted);
+        any other error is raised."""
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self._went_away(exc)
+            return False, None
+        self._came_back()
+        return True, result
 
     def close(self) -> None:
         """The run is over and the server holds everything: the local folder goes."""
