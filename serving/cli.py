@@ -17,7 +17,8 @@ if not sys.stderr.isatty():
 
 # MLflow retries a failed HTTP request 7 times with a doubling backoff: minutes before an
 # unreachable tracking server is reported. It reads these at every request, so a user's own
-# values win; README "Timeouts" says how to change them.
+# values win. Short retries detect a server that went away mid-run quickly too: zoo train then
+# keeps what it logs and waits for the server itself, without blocking training (training/outage.py).
 for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_name, _value)
@@ -28,7 +29,7 @@ import click
 
 from serving.options import (
     ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MEAN, MODEL, MODEL_URI, STD, TEST_FRACTION,
-    VAL_FRACTION, unset_sentinels,
+    TRACKING_TIMEOUT, VAL_FRACTION, unset_sentinels,
 )
 from serving.train_options import KEEP_CHECKPOINTS, MODEL_OPT, MOMENTUM, RESUME, resume_options
 
@@ -141,10 +142,12 @@ def echo_json(data) -> None:
 @KEEP_CHECKPOINTS
 @click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
 @RESUME
+@TRACKING_TIMEOUT
 @FORMAT
 @click.pass_context
-def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma, weight_decay, momentum, model_opts, weights, seed, device,
-          precision, data_dir, experiment, run_name, register, alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, fmt) -> None:
+def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma,
+          weight_decay, momentum, model_opts, weights, seed, device, precision, data_dir, experiment, run_name, register,
+          alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, tracking_timeout, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
 
     Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it.
@@ -164,9 +167,10 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
     )
     if resume:
         options = resume_options(ctx, config)
-        result = resume_training(resume, options, register=register, alias=alias)
+        result = resume_training(resume, options, register=register, alias=alias, tracking_timeout=tracking_timeout)
     else:
-        result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias)
+        result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias,
+                           tracking_timeout=tracking_timeout)
     summary = {
         "run_id": result.run_id,
         "model_uri": result.model_uri,

@@ -74,3 +74,10 @@ EXPERIMENT = click.option(
     "--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=None, help="MLflow experiment name. [env: MLFLOW_EXPERIMENT_NAME; default zoo]"
 )
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+TRACKING_TIMEOUT = click.option(
+    "--tracking-timeout", "tracking_timeout", envvar="ZOO_TRACKING_TIMEOUT", type=click.FloatRange(min=0), default=600,
+    show_default=True, metavar="SECONDS",
+    help="How long a run waits for an MLflow tracking server that goes away once the run has started (a restart): "
+         "training goes on meanwhile, what it logs kept on local disk and sent when the server is back. "
+         "Past it, the command stops and names the command that finishes the run. [env: ZOO_TRACKING_TIMEOUT]",
+)

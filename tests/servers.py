@@ -79,17 +79,18 @@ def postgres_server(*databases: str, password: str | None = None) -> Iterator[st
 
 @contextmanager
 def mlflow_server(backend_store_uri: str, artifacts: Path, auth_config: Path | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[str]:
+                  env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
     """``mlflow server`` with ``backend_store_uri`` and artifacts served from ``artifacts``
     (MLflow 3 serves them through the server by default); yields ``http://127.0.0.1:PORT``.
 
     ``auth_config``: MLflow's basic-auth ini (see :func:`write_auth_config`); the server then
     runs ``--app-name basic-auth`` and answers 401 to a request without valid credentials.
     ``env``: extra variables for the server (e.g. PGPASSWORD for its backend store).
+    ``port``: start there (a server restarted on the same address); default a free one.
     """
-    port = free_port()
+    port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
-    log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
+    log = open(artifacts.parent / f"mlflow-server-{port}.log", "a")  # a restart adds to its log
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]

@@ -66,6 +66,12 @@ def save(keep: frozenset[str], epoch: int, improved: bool,
          full: Callable[[], dict[str, Any]], weights: Callable[[], dict[str, Any]], run_id: str | None = None) -> None:
     """Log the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the best so far)
     to run ``run_id`` (default: the active run)."""
+    tracking.log_checkpoints(states_to_keep(keep, epoch, improved, full, weights), run_id=run_id)
+
+
+def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Callable[[], dict[str, Any]],
+                   weights: Callable[[], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (see :func:`save`)."""
     states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()
@@ -75,7 +81,7 @@ def save(keep: frozenset[str], epoch: int, improved: bool,
             states[f"epoch_{epoch:03d}"] = state
     if BEST in keep and improved:
         states[BEST] = weights()
-    tracking.log_checkpoints(states, run_id=run_id)
+    return states
 
 
 def _in_main_thread() -> bool:

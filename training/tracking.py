@@ -63,6 +63,11 @@ def tracking_uri() -> str:
 SERVER_CONNECT_TIMEOUT_S = 5.0
 
 
+class ServerGone(RuntimeError):
+    """The tracking server went away in the middle of a run and stayed away past the bound
+    (training.outage): what the run still had to send is kept on local disk."""
+
+
 def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer or
     refuses our credentials, before any training time is spent (a server that answers but hangs is
@@ -143,6 +148,9 @@ def start_run(
         mlflow.set_tag(FAILURE_TAG, "interrupted")
         mlflow.end_run("KILLED")
         raise
+    except ServerGone:
+        _drop_active_run()
+        raise
     except stopped as exc:
         mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run("KILLED")
@@ -153,6 +161,16 @@ def start_run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _drop_active_run() -> None:
+    """End the active run here while the server is away: it stays RUNNING there, for `zoo train --resume`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.end_run("KILLED")  # MLflow drops the active run before it calls the server
+    except MlflowException:
+        pass
 
 
 def experiment_id_for(name: str | None = None) -> str:
@@ -381,20 +399,47 @@ def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHEC
     Logging the same name again replaces the file (local and served mlflow-artifacts stores
     overwrite), so ``last`` and ``best`` each hold one file however many epochs run.
     """
-    import shutil
-
     if not states:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        written: dict[int, Path] = {}
-        for name, state in states.items():
-            path = Path(tmp) / f"{name}.pt"
-            if id(state) in written:
-                shutil.copyfile(written[id(state)], path)
-            else:
-                torch.save(state, path)
-                written[id(state)] = path
+        write_checkpoints(states, Path(tmp))
         mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
+
+
+def write_checkpoints(states: dict[str, dict[str, Any]], folder: Path) -> None:
+    """Save each ``{name: state}`` as ``folder/NAME.pt``; a state given under several names is serialized once."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[int, Path] = {}
+    for name, state in states.items():
+        path = folder / f"{name}.pt"
+        if id(state) in written:
+            shutil.copyfile(written[id(state)], path)
+        else:
+            torch.save(state, path)
+            written[id(state)] = path
+
+
+def upload_checkpoints(run_id: str, folder: Path, names: list[str]) -> None:
+    """Upload ``folder/NAME.pt`` for each of ``names`` as the run's ``checkpoints/NAME.pt`` (replacing it)."""
+    client = MlflowClient()
+    for name in names:
+        client.log_artifact(run_id, str(folder / f"{name}.pt"), artifact_path=CHECKPOINTS)
+
+
+def log_metric_records(run_id: str, records: list[dict[str, Any]]) -> None:
+    """Metrics given as ``{key, value, timestamp, step}`` records, in order, in as few requests as MLflow allows.
+
+    Sending a record again is harmless: MLflow's SQL store drops an exact duplicate (same key, value,
+    timestamp and step), so a batch whose answer was lost is logged once however often it is resent.
+    """
+    from mlflow.entities import Metric
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+    metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in records]
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        MlflowClient().log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
 
 def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training import checkpoints, tracking
+from training.outage import Outbox, local_checkpoint
 from training.checkpoints import DEFAULT_KEEP
 from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
 from training.trainers import EpochTrainer, make_trainer
@@ -219,6 +220,7 @@ def fit(
     *,
     on_epoch: Callable[[EpochResult], None] | None = None,
     resume: dict[str, Any] | None = None,
+    outbox: Outbox | None = None,
 ) -> TrainResult:
     """Train inside the active MLflow run: log params, per-epoch metrics, checkpoints, test metrics.
 
@@ -226,7 +228,8 @@ def fit(
     With ``keep_best``, the best epoch by validation accuracy is restored before the test
     and the accuracy curve is logged as a figure. The model itself is not logged here:
     see :func:`train` and ``tracking.log_model``. ``resume``, a ``last`` checkpoint of this
-    run, continues training after its epoch (see :func:`resume`).
+    run, continues training after its epoch (see :func:`resume`). With an ``outbox``, each epoch's
+    metrics and checkpoints go through it: training goes on while the tracking server is away.
     """
     config = config.resolved()
     normalization = config.normalization(dataset)
@@ -262,27 +265,56 @@ def fit(
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
             history.append(result)
             improved = best.update(result, network)
+            states = lambda: checkpoints.states_to_keep(  # noqa: E731
+                keep, epoch, improved,
+                full=lambda: {**weights_state(network, config, normalization, epoch), **trainer.state_dict(),
+                              **resume_state(generator, history, best)},
+                weights=lambda: {**weights_state(network, config, normalization, epoch), "val_accuracy": val_accuracy},
+            )
             with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
-                tracking.log_metrics({**result.metrics(), "epoch_seconds": time.perf_counter() - started}, step=epoch)
-                check_finite(result)
-                checkpoints.save(
-                    keep, epoch, improved,
-                    full=lambda: {**weights_state(network, config, normalization, epoch), **trainer.state_dict(),
-                                  **resume_state(generator, history, best)},
-                    weights=lambda: {**weights_state(network, config, normalization, epoch), "val_accuracy": val_accuracy},
-                )
+                log_epoch(result, time.perf_counter() - started, states, outbox)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
 
+    if outbox is not None:
+        outbox.wait_and_send()  # the server holds every epoch before the run goes on (or ServerGone)
     if config.keep_best:
         best.restore(network)
         tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
-    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
+    patiently(outbox, log_test_results, test_loss, test_accuracy, dataset, predicted, normalization, config)
     run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
+
+
+def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
+              outbox: Outbox | None) -> None:
+    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises):
+    straight to MLflow, or through ``outbox``, which keeps them while the server is away."""
+    metrics = {**result.metrics(), "epoch_seconds": seconds}
+    if outbox is None:
+        tracking.log_metrics(metrics, step=result.epoch)
+        check_finite(result)
+        tracking.log_checkpoints(states())
+        return
+    outbox.add_metrics(metrics, step=result.epoch)
+    try:
+        check_finite(result)
+        outbox.add_checkpoints(states())
+    finally:
+        outbox.send()
+
+
+def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call``, through ``outbox.patiently`` (waiting for a server that went away) when there is one."""
+    return call(*args, **kwargs) if outbox is None else outbox.patiently(call, *args, **kwargs)
+
+
+def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
+                     normalization: Normalization, config: TrainConfig) -> None:
+    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
 
 
 def weights_state(network: torch.nn.Module, config: TrainConfig, normalization: Normalization, epoch: int) -> dict[str, Any]:
@@ -422,10 +454,13 @@ def train(
     log_model: bool = True,
     run_id: str | None = None,
     resume_from: dict[str, Any] | None = None,
+    tracking_timeout: float | None = None,
 ) -> TrainResult:
     """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model.
 
     ``run_id`` and ``resume_from`` continue a stopped run from its last checkpoint: see :func:`resume`.
+    A tracking server that goes away once the run has started is waited for, up to ``tracking_timeout``
+    seconds (default: ZOO_TRACKING_TIMEOUT, else 10 minutes; see training/outage.py).
     """
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
@@ -446,17 +481,21 @@ def train(
     if run_id is None:
         run_name = run_name or readable_run_name(config, normalization)
     started: str | None = None
+    outbox: Outbox | None = None
     try:
         with checkpoints.sigterm_as_interrupt(), tracking.start_run(
             experiment=experiment, run_name=run_name, run_id=run_id, tags=training_tags(config, normalization, "train"),
         ) as run:
             started = run.info.run_id
+            outbox = Outbox(started, tracking_timeout)
+            outbox.send()  # what a run stopped by an outage still held (see resume)
             if resume_from is None:
                 tracking.set_description(describe_training(config, normalization, dataset))
-            result = fit(config, dataset, resume=resume_from)
-            tracking.set_description(describe_training(config, normalization, dataset, result))
+            result = fit(config, dataset, resume=resume_from, outbox=outbox)
+            outbox.patiently(tracking.set_description, describe_training(config, normalization, dataset, result))
             if log_model:
-                result.model_uri = tracking.log_model(
+                result.model_uri = outbox.patiently(
+                    tracking.log_model,
                     result.network,
                     model_name=config.model,
                     normalization=result.normalization,
@@ -468,11 +507,23 @@ def train(
                     dataset=config.dataset,
                     test_accuracy=result.test_accuracy,
                 )
+        outbox.close()
+    except tracking.ServerGone:
+        raise  # the run's local folder stays: `zoo train --resume` reads it
     except KeyboardInterrupt:
+        close_outbox(outbox)
         if started is None:
             raise
         raise TrainingInterrupted(interrupted_message(started)) from None
+    except Exception:
+        close_outbox(outbox)
+        raise
     return result
+
+
+def close_outbox(outbox: Outbox | None) -> None:
+    if outbox is not None:
+        outbox.close()
 
 
 def interrupted_message(run_id: str) -> str:
@@ -518,15 +569,25 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     if run.info.status == "RUNNING":  # its process died (SIGKILL, out of memory, lost machine) or is elsewhere
         tqdm.write(f"run {run_id} is still marked RUNNING{f' by {worker}' if worker else ''}, a process that is gone or "
                    "on another machine: resuming it (if that process still trains, both write to the run)", file=sys.stderr)
-    last = checkpoints.checkpoint_path(checkpoints.LAST)
-    if not tracking.has_artifact(run_id, last):
-        raise ValueError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
-                         "was trained with --keep-checkpoints best or none); start a new run with zoo train")
-    state = tracking.load_checkpoint(run_id, last)
+    state = last_checkpoint(run_id)
     known = {f.name for f in fields(TrainConfig)}
     stored = TrainConfig(**{k: v for k, v in state["args"].items() if k in known})
     check_same_training(run_id, stored, options)
     return replace(stored, **{k: v for k, v in options.items() if k in RESUME_MAY_CHANGE}), state
+
+
+def last_checkpoint(run_id: str) -> dict[str, Any]:
+    """The run's ``last`` checkpoint: the one kept on this machine when the server went away before it got
+    it (written before every upload, so never older than the server's), else the server's."""
+    kept = local_checkpoint(run_id)
+    if kept is not None:
+        tqdm.write(f"resuming from the checkpoint kept on this machine, {kept}", file=sys.stderr)
+        return torch.load(kept, map_location="cpu", weights_only=True)
+    last = checkpoints.checkpoint_path(checkpoints.LAST)
+    if not tracking.has_artifact(run_id, last):
+        raise ValueError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
+                         "was trained with --keep-checkpoints best or none); start a new run with zoo train")
+    return tracking.load_checkpoint(run_id, last)
 
 
 def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any]) -> None:

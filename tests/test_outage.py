@@ -1,0 +1,134 @@
+"""A real `mlflow server` stopped and started again on the same port and store while `zoo train` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from servers import free_port, mlflow_server
+from test_checkpoints import HANG_GUARD_S, artifacts, last_error_line, steps, wait_for_first_checkpoint, zoo
+
+EPOCHS = 5
+TRAIN = ["train", "--epochs", str(EPOCHS), "--max-batches", "8", "--seed", "3", "--format", "json"]
+KEYS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
+AWAY, BACK = "stopped answering", "answers again"
+
+
+@pytest.fixture
+def server_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """One store (SQLite, served artifacts) and one loopback port that servers are started on, one after another."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield {"port": port, "store": f"sqlite:///{tmp_path / 'server.db'}", "artifacts": tmp_path / "served"}
+    mlflow.set_tracking_uri(None)
+
+
+def serve(address: dict):
+    return mlflow_server(address["store"], address["artifacts"], port=address["port"])
+
+
+def start_training(log: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "serving.cli", *TRAIN, *extra], stdout=open(out, "w"),
+                            stderr=open(log, "w"))
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen) -> float:
+    """When ``text`` appeared in the training's stderr (it must, before the process ends or the guard)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while text not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {text!r} line; exit {proc.poll()}: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return time.time()
+
+
+def assert_every_epoch_once(run_id: str) -> None:
+    for key in KEYS:
+        assert steps(run_id, key) == list(range(1, EPOCHS + 1)), key
+
+
+@pytest.mark.slow
+def test_training_rides_out_a_tracking_server_restart(server_address: dict, tmp_path: Path):
+    log, out = tmp_path / "train.err", tmp_path / "train.json"
+    with serve(server_address):
+        proc = start_training(log, out)
+        run_id = wait_for_first_checkpoint(proc)
+    try:
+        stopped = time.time()  # the server is down: training goes on, keeping what it logs
+        wait_for_line(log, AWAY, proc)
+        time.sleep(4)  # about two more epochs while the server is away
+        restarted = time.time()
+        with serve(server_address):
+            assert proc.wait(timeout=HANG_GUARD_S) == 0, log.read_text()[-3000:]
+            stderr = log.read_text()
+            assert stderr.count(AWAY) == 1 and stderr.count(BACK) == 1, stderr[-3000:]
+            run = MlflowClient().get_run(run_id)
+            assert run.info.status == "FINISHED"
+            assert_every_epoch_once(run_id)
+            # Epochs trained while the server was away were logged when it came back, at the time they ended.
+            ended = [m.timestamp / 1000 for m in MlflowClient().get_metric_history(run_id, "val_accuracy")]
+            assert any(stopped < t < restarted for t in ended), (stopped, ended, restarted)
+            assert artifacts(run_id) == ["checkpoints/best.pt", "checkpoints/last.pt"]
+            summary = json.loads(out.read_text())
+            assert summary["run_id"] == run_id and mlflow.models.get_model_info(summary["model_uri"]).run_id == run_id
+            assert not (Path(os.environ["ZOO_CACHE_DIR"]) / "runs" / run_id).exists()  # sent, so not kept
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_a_server_away_past_the_bound_stops_training_and_resume_finishes_the_run(server_address: dict, tmp_path: Path):
+    log, out = tmp_path / "train.err", tmp_path / "train.json"
+    with serve(server_address):
+        proc = start_training(log, out, "--tracking-timeout", "3")
+        run_id = wait_for_first_checkpoint(proc)
+    try:
+        assert proc.wait(timeout=HANG_GUARD_S) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log.read_text()
+    line = last_error_line(stderr)
+    kept = Path(os.environ["ZOO_CACHE_DIR"]) / "runs" / run_id / "checkpoints" / "last.pt"
+    assert line.startswith(f"Error: the MLflow tracking server at http://127.0.0.1:{server_address['port']} did not "
+                           f"answer for 3 s (--tracking-timeout): run {run_id} stopped after epoch "), line
+    assert f"its checkpoint kept at {kept}; once the server is back, finish the run with: zoo train --resume {run_id}" in line
+    assert "Traceback" not in stderr and kept.is_file()
+
+    with serve(server_address):
+        resumed = zoo("train", "--resume", run_id, "--format", "json")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming from the checkpoint kept on this machine, {kept}" in resumed.stderr
+        run = MlflowClient().get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert_every_epoch_once(run_id)  # those kept locally were sent by the resume, none twice
+        assert artifacts(run_id) == ["checkpoints/best.pt", "checkpoints/last.pt"]
+        assert tracking_epoch(run_id) == EPOCHS
+        assert json.loads(resumed.stdout)["model_uri"]
+    assert not kept.exists()
+
+
+def tracking_epoch(run_id: str) -> int:
+    from training import tracking
+
+    return tracking.load_checkpoint(run_id, "checkpoints/last.pt")["epoch"]
+
+
+@pytest.mark.parametrize("env, args", [({"ZOO_TRACKING_TIMEOUT": "ten"}, []), ({}, ["--tracking-timeout", "-1"])])
+def test_a_bad_tracking_timeout_exits_2_before_any_run(env: dict, args: list[str]):
+    res = zoo("train", "--dry-run", *args, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--tracking-timeout" in last_error_line(res.stderr)
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
