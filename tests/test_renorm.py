@@ -224,6 +224,25 @@ def test_crops_spill_to_a_memmap_on_disk_beyond_the_memory_limit(fashion_folder,
     assert not list(spill.iterdir())  # ...that is already unlinked: nothing left behind
 
 
+def test_renorm_reads_zoo_trains_layout_and_leaves_out_unreadable_files(fashion_folder, tmp_path):
+    import shutil
+
+    from training.renorm import RenormConfig, decode
+
+    root = tmp_path / "split"
+    shutil.copytree(fashion_folder, root / "val")
+    shutil.copytree(fashion_folder, root / "train")
+    (root / "val" / "Trouser" / "notes.txt").write_text("not an image")
+    broken = sorted((root / "val" / "Bag").glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    files, classes = list_labelled_files(root, None)
+    assert files.root == root / "val" and len(files) == 200  # the held-out split; notes.txt is no image file
+    crops = decode(RenormConfig(data=str(root)), files, 32, 28, "decoding")
+    assert crops.skipped == 1 and len(crops.images) == len(crops.labels) == 199
+    bag = classes.index("Bag")
+    assert int((crops.labels == bag).sum()) == int((files.labels == bag).sum()) - 1  # its label left out with it
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

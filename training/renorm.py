@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from training import tracking
 from training.train import resolve_device
+from zoo.folder_dataset import warn_skipped
 from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
 from zoo.normalization import Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
 from zoo.pretrained import Pretrained, load_pretrained
@@ -145,6 +146,7 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
 class Crops:
     images: torch.Tensor  # uint8 [N, 3, crop, crop], in memory or memmap-backed
     labels: torch.Tensor  # int64 [N]
+    skipped: int = 0  # files that could not be decoded, left out
 
 
 def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[str]) -> tuple[LabelledFiles, LabelledFiles | None]:
@@ -168,11 +170,19 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
 
 
 def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, desc: str) -> Crops:
+    """The files' crops; unreadable files are left out with their labels, named in one warning and counted."""
+    skipped: list[tuple[str, str]] = []
     images = decode_crops(
         files.files, resize=resize, crop=crop, workers=config.workers,
         memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir, desc=desc,
+        skipped=skipped,
     )
-    return Crops(images, files.labels)
+    labels = files.labels
+    if skipped:
+        warn_skipped(files.root, skipped, len(files))
+        unreadable = {path for path, _ in skipped}
+        labels = labels[torch.tensor([str(f) not in unreadable for f in files.files])]
+    return Crops(images, labels, len(skipped))
 
 
 def logits_batches(network: nn.Module, images: torch.Tensor, normalization: Normalization, device: torch.device,
@@ -279,6 +289,7 @@ def parent_params(job: Prepared) -> dict[str, object]:
         "adaptations": ",".join(config.adaptations), "norms": " ".join(config.norms),
         "grid_mean": _fmt_grid(config.grid_mean), "grid_std": _fmt_grid(config.grid_std),
         "seed": config.seed, "batch_size": config.batch_size,
+        "skipped_files": job.evaluation.skipped + (job.calibration.skipped if job.calibration else 0),
     }
 
 

@@ -125,7 +125,7 @@ def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
                                 "name: see zoo datasets)")
     root = root.resolve()
     layout = _split_folders(root)
-    per_split = {split: _class_files(folder) for split, folder in layout.items()}
+    per_split = {split: class_files(folder) for split, folder in layout.items()}
     classes = per_split["train"][0]
     _check_classes(root, layout, per_split, classes)
     not_images = [f for _, _, _, others in per_split.values() for f in others]
@@ -161,7 +161,7 @@ def _visible(entries) -> list[os.DirEntry]:
     return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _class_files(folder: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
+def class_files(folder: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
     """Sorted class folder names, the image files under each (recursively, in name order) with their
     class index, and the other files found there."""
     with os.scandir(folder) as it:
@@ -358,6 +358,15 @@ def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, po
     return kept, errors, headers
 
 
+def warn_skipped(root: Path, skipped: Sequence[tuple[str, str]], files: int) -> None:
+    """One warning on stderr naming the first few files skipped under ``root``, and why, with the count."""
+    if skipped:
+        shown = "; ".join(f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p} ({reason})"
+                          for p, reason in skipped[:SHOWN_SKIPPED])
+        print(f"warning: skipped {len(skipped)} of {files:,} files in {root} that are not readable images: "
+              f"{shown}{', ...' if len(skipped) > SHOWN_SKIPPED else ''}", file=sys.stderr)
+
+
 def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
     meta = json.loads((folder / "meta.json").read_text())
     path = folder / "images.npy"
@@ -369,11 +378,7 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
         raise ValueError(f"the dataset cache {folder} is damaged (labels and images differ); delete it and run again")
     splits = {name: Split(images[a:b], labels[a:b], mapped) for name, (a, b) in meta["bounds"].items()}
     skipped = [tuple(s) for s in meta["skipped"]]
-    if skipped:
-        shown = "; ".join(f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p} ({reason})"
-                          for p, reason in skipped[:SHOWN_SKIPPED])
-        print(f"warning: skipped {len(skipped)} of {meta['files']:,} files in {root} that are not readable images: "
-              f"{shown}{', ...' if len(skipped) > SHOWN_SKIPPED else ''}", file=sys.stderr)
+    warn_skipped(root, skipped, meta["files"])
     unreadable = [c for c, n in zip(meta["classes"], np.bincount(splits["train"].labels.numpy(),
                                                                    minlength=len(meta["classes"]))) if n == 0]
     if unreadable:

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from zoo.folder_dataset import SPLIT_FOLDERS, class_files, warn_skipped
+from zoo.imaging import SUPPORTED
+
 SYNSET = re.compile(r"^n\d{8}$")
 
 
@@ -44,12 +47,18 @@ class LabelledFiles:
 
 
 def image_folder_root(path: str | Path) -> Path:
-    """``path`` itself, or ``path/val`` for torchvision's ``ImageNet`` layout (``meta.bin`` beside ``val/``)."""
+    """The class folders to evaluate on: ``path`` itself, ``path/val`` for torchvision's ``ImageNet``
+    layout (``meta.bin`` beside ``val/``), or the held-out split of the layout zoo train takes
+    (``train/`` beside ``val/`` or ``test/``: validation first)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such image folder: {root} (expected one sub-folder of images per class)")
     if (root / "meta.bin").is_file() and (root / "val").is_dir():
         return root / "val"
+    if any((root / name).is_dir() for name in SPLIT_FOLDERS["train"]):
+        held_out = [root / name for split in ("val", "test") for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
+        if held_out:
+            return held_out[0]
     return root
 
 
@@ -81,21 +90,22 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
 
 
 def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tuple[LabelledFiles, list[str]]:
-    """Image files under ``path``'s class folders with their class index; ``class_names`` None: the sorted folders."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Image files under ``path``'s class folders with their class index; ``class_names`` None: the sorted folders.
 
+    The folders are listed as zoo train lists them (zoo/folder_dataset.py): hidden files are passed
+    over, sub-folders walked in name order, and other files are named in one warning."""
     root = image_folder_root(path)
-    try:
-        folders, folder_index = find_classes(str(root))
-    except FileNotFoundError as exc:
-        raise ValueError(f"{root} holds no class folders; expected one sub-folder of images per class") from exc
+    folders, files, indices, others = class_files(root)
+    if not folders:
+        raise ValueError(f"{root} holds no class folders; expected one sub-folder of images per class")
     names = class_names if class_names is not None else folders
     mapping, rule = map_folders(folders, names)
-    samples = make_dataset(str(root), folder_index, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {root}")
-    labels = torch.tensor([mapping[folders[i]] for _, i in samples], dtype=torch.int64)
-    return LabelledFiles(root, [Path(p) for p, _ in samples], labels, rule), list(names)
+    if not files:
+        raise ValueError(f"no images ({SUPPORTED}) in the class folders of {root}")
+    warn_skipped(root, [(str(f), f"not an image file (image suffixes: {SUPPORTED})") for f in others],
+                 len(files) + len(others))
+    labels = torch.tensor([mapping[folders[i]] for i in indices], dtype=torch.int64)
+    return LabelledFiles(root, files, labels, rule), list(names)
 
 
 class _CenterCrops(torch.utils.data.Dataset):
@@ -107,13 +117,18 @@ class _CenterCrops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        """The crop and "" , or zeros and why the file could not be decoded (the caller drops it)."""
         from PIL import Image
         from torchvision.transforms import functional as F
 
-        with Image.open(self.files[i]) as img:
-            img = F.resize(img.convert("RGB"), [self.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-        return F.pil_to_tensor(F.center_crop(img, [self.crop]))
+        try:
+            with Image.open(self.files[i]) as img:
+                img = F.resize(img.convert("RGB"), [self.resize], interpolation=F.InterpolationMode.BILINEAR,
+                               antialias=True)
+            return F.pil_to_tensor(F.center_crop(img, [self.crop])), ""
+        except Exception as exc:  # any unreadable file (Pillow raises many kinds): skipped, named in a warning
+            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 def decode_crops(
@@ -125,8 +140,12 @@ def decode_crops(
     memory_limit_bytes: int = 4 << 30,
     spill_dir: str | Path | None = None,
     desc: str = "decoding",
+    skipped: list[tuple[str, str]] | None = None,
 ) -> torch.Tensor:
-    """uint8 ``[N, 3, crop, crop]``; above the limit, backed by an (unlinked) memmap file in ``spill_dir`` (default: the temp folder)."""
+    """uint8 ``[N, 3, crop, crop]``; above the limit, backed by an (unlinked) memmap file in ``spill_dir`` (default: the temp folder).
+
+    A file that cannot be decoded is left out (the crops of the others stay in order) and, with
+    ``skipped``, appended there as (path, reason)."""
     shape = (len(files), 3, crop, crop)
     if int(np.prod(shape)) <= memory_limit_bytes:
         out = np.empty(shape, dtype=np.uint8)
@@ -139,10 +158,16 @@ def decode_crops(
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
         path.unlink()  # the mapping keeps the data until the crops are freed; nothing is left behind
     loader = torch.utils.data.DataLoader(_CenterCrops(files, resize, crop), batch_size=64, num_workers=workers)
-    start = 0
+    start = kept = 0
     with tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
-        for batch in loader:
-            out[start : start + len(batch)] = batch.numpy()
+        for batch, errors in loader:
+            for i, error in enumerate(errors):
+                if error:
+                    if skipped is not None:
+                        skipped.append((str(files[start + i]), error))
+                else:
+                    out[kept] = batch[i].numpy()  # compacted as it goes
+                    kept += 1
             start += len(batch)
             bar.update(len(batch))
-    return torch.from_numpy(out)
+    return torch.from_numpy(out[:kept])
