@@ -496,6 +496,9 @@ def log_model(
                                      source=f"models:/{registered_name}" if registered_name else "the logged model")
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
+        # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
+        # file name back (os.path.basename, mlflow/pyfunc/model.py) and loads the copy inside the model, so
+        # it is harmless; a relative path would need a chdir, process-wide and unsafe while study threads log.
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
@@ -668,7 +671,8 @@ def _source(metadata: dict[str, Any]) -> str:
     if metadata.get("dataset"):
         return f"trained on {metadata['dataset']}"
     if metadata.get("weights"):
-        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}"
+        evaluated = f", evaluated on {metadata['eval_data']}" if metadata.get("eval_data") else ""
+        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}{evaluated}"
     return "source unknown"
 
 
@@ -679,9 +683,10 @@ def _normalization_text(metadata: dict[str, Any]) -> str:
 def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
     tags = {
         "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "dataset": str(metadata.get("dataset") or metadata.get("weights") or "unknown"),
+        "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
         "normalization": _normalization_text(metadata),
         "source_run_id": str(run_id),
+        **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
     }
     accuracy = _accuracy(metadata)
     if accuracy:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from training.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
