@@ -12,6 +12,7 @@ Benchmarks, in order (each reuses the functions of its own script, which also ru
 - ``overhead``: the fixed cost of a study trial (bench_study_trials.py);
 - ``threads``: two cores spent as one 2-thread trial, two 1-thread processes, or ``--jobs 2``;
 - ``batched``: ``zoo study --batch-trials K`` against ``--batch-trials 1`` (skipped while `zoo study` lacks it);
+- ``floor``: `zoo train`'s loop and `zoo classify FOLDER` against the plain loop of each job, as ratios (bench_floor.py);
 - ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200;
 - ``folders``: image folders decoded into the cache against a plain PIL loop, the cached start, and
   `zoo train` on Fashion-MNIST as PNG files against the catalog's (bench_folders.py).
@@ -35,7 +36,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import bench_classify, bench_fixed_cost, bench_folders, bench_study_trials, bench_train
+from benchmarks import bench_classify, bench_fixed_cost, bench_floor, bench_folders, bench_study_trials, bench_train
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- python -m benchmarks: begin (generated; edits here are overwritten) -->", "<!-- python -m benchmarks: end -->"
@@ -94,6 +95,27 @@ def classify(quick: bool) -> str:
             "medians. Both answer the same label (checked).\n\n"
             + table(["command", "wall (s)"], [[name, r["wall_s"]] for name, r in rows.items()])
             + f"\n\n`zoo classify` is {m / z:.1f}x faster.")
+
+
+def floor(quick: bool, pairs: int = 3, train_images: int = bench_floor.TRAIN_IMAGES,
+          classify_images: int = bench_floor.CLASSIFY_IMAGES) -> str:
+    r = bench_floor.measure(quick, pairs, train_images, classify_images)
+    t, c = r["training"], r["classification"]
+    return ("Each job against the plainest code doing the same work, in the same process, in A B pairs (medians): "
+            "ratios above 1 mean zoo is faster than its floor. Machines differ by 2x or more, so only the ratios "
+            "carry from one machine to another.\n\n"
+            f"**Training**, one epoch of {t['images']:,} Fashion-MNIST images, mnist_cnn, Adadelta, batch 64: `zoo train`'s "
+            "loop (its trainer, uint8 batches normalized on the fly, its progress bar) against a plain loop over float "
+            "tensors already normalized, contiguous slices, nothing logged. Target: at least 0.95x.\n\n"
+            + table(["", "images/s"], [["plain loop (floor)", t["floor"]], ["`zoo train`'s loop", t["zoo"]]])
+            + f"\n\nratio per pair: {', '.join(f'{x:.2f}' for x in t['ratios'])}; **median {t['ratio']:.2f}x**.\n\n"
+            f"**Folder classification**, {c['images']:,} 28x28 PNG files, an exported mnist_cnn on onnxruntime: "
+            "`zoo classify MODEL.onnx FOLDER --format jsonl` (the whole command, start-up included, and its path "
+            "alone in a process) against PIL decoding and onnxruntime on batches of 128 in one plain loop. Target: at "
+            "least 1.0x.\n\n"
+            + table(["", "images/s", "ratio to the floor"],
+                    [[name, rate, f"{c['ratios'][name]:.2f}x" if name in c["ratios"] else ""]
+                     for name, rate in c["images_per_s"].items()]))
 
 
 def overhead(quick: bool) -> str:
@@ -158,12 +180,13 @@ def folders(quick: bool) -> str:
 
 BENCHMARKS: dict[str, Callable[..., str]] = {
     "train": train, "fixed": fixed, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
-    "projection": projection, "folders": folders,
+    "floor": floor, "projection": projection, "folders": folders,
 }
 TITLES = {"train": "Reference protocol vs `zoo train`", "fixed": "`zoo train`'s fixed cost, phase by phase",
           "classify": "`mlflow models predict` vs `zoo classify`",
           "overhead": "Fixed cost per study trial", "threads": "Two cores: threads vs processes",
-          "batched": "Batched vs sequential trials", "projection": "A 200-trial Fashion-MNIST study, projected",
+          "batched": "Batched vs sequential trials",
+          "floor": "Speed against the floor of each job", "projection": "A 200-trial Fashion-MNIST study, projected",
           "folders": "Image folders: decoding, the cache, training"}
 
 
@@ -215,6 +238,9 @@ def main() -> None:
                         help="A B pairs of the train benchmark (default: %(default)s)")
     parser.add_argument("--projection-trials", type=int, default=20, metavar="N",
                         help="trials of the full Fashion-MNIST study measured for the projection (default: %(default)s)")
+    parser.add_argument("--floor-pairs", type=int, default=3, metavar="N", help="A B pairs of the floor benchmark")
+    parser.add_argument("--floor-train-images", type=int, default=bench_floor.TRAIN_IMAGES, metavar="N")
+    parser.add_argument("--floor-classify-images", type=int, default=bench_floor.CLASSIFY_IMAGES, metavar="N")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write (default: %(default)s)")
     args = parser.parse_args()
 
@@ -224,7 +250,9 @@ def main() -> None:
         started, load_before, began = time.gmtime(), os.getloadavg()[0], time.monotonic()
         try:
             options = {"projection": {"projection_trials": args.projection_trials},
-                       "train": {"pairs": args.train_pairs}}.get(name, {})
+                       "train": {"pairs": args.train_pairs},
+                       "floor": {"pairs": args.floor_pairs, "train_images": args.floor_train_images,
+                                 "classify_images": args.floor_classify_images}}.get(name, {})
             body = BENCHMARKS[name](args.quick, **options)
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             traceback.print_exc()

@@ -210,7 +210,8 @@ def pretrained_weights_option(model: str, weights: str) -> dict[str, str]:
 def export(model_uri, output, tolerance, fmt) -> None:
     """Export MODEL_URI to ONNX with its normalization inside the graph (input: pixels in [0, 1]).
 
-    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder.
+    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model
+    or a model folder.
     """
     from serving.export import export_onnx
     from serving.loading import load_model
@@ -244,7 +245,8 @@ def export(model_uri, output, tolerance, fmt) -> None:
 def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_pixels, fmt) -> None:
     """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
 
-    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a model folder or a .onnx file.
+    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model,
+    a model folder or a .onnx file.
 
     An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
     stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.

@@ -38,7 +38,10 @@ class LoadedModel:
         return self.module
 
 
-_URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a local MLflow model folder, or a .onnx file"
+_URI_FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model, "
+              "a local MLflow model folder, or a .onnx file")
+_BARE_NAME = re.compile(r"^models:/([^/@]+)$")
+_LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # MLflow 3's models:/m-ID: a logged model, not a registered one
 
 
 def check_uri(uri: str) -> None:
@@ -48,6 +51,28 @@ def check_uri(uri: str) -> None:
     if "://" in uri or uri.startswith(("models:", "runs:")):
         raise ValueError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
     raise ValueError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
+
+
+def resolve_latest(uri: str) -> tuple[str, str | None]:
+    """``models:/NAME`` (no version, no alias) -> (``models:/NAME/LATEST``, a note saying so); any other URI unchanged.
+
+    MLflow itself reads ``models:/NAME`` as a logged model id and answers "Logged model with ID
+    'NAME' not found"; ``zoo renorm --register`` registers without an alias, so users write it.
+    """
+    m = _BARE_NAME.match(uri)
+    if not m or _LOGGED_MODEL_ID.match(m.group(1)):
+        return uri, None
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name = m.group(1)
+    escaped = name.replace("'", "\\'")
+    versions = [int(v.version) for v in MlflowClient().search_model_versions(f"name = '{escaped}'")]
+    if not versions:
+        raise ModelNotFound(f"no registered model {name!r} in tracking store {mlflow.get_tracking_uri()}; "
+                            f"`zoo models --registered` lists them; use {_URI_FORMS}")
+    latest = f"models:/{name}/{max(versions)}"
+    return latest, f"{uri} names no version or alias: using its latest version, {latest}"
 
 
 def read_metadata(uri: str) -> dict:

@@ -45,7 +45,21 @@ VAL_FRACTION = click.option(
 )
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")
-MODEL_URI = click.argument("model_uri", metavar="MODEL_URI")
+
+
+def latest_version(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``models:/NAME`` -> ``models:/NAME/LATEST``, said on stderr (MLflow alone would not find it)."""
+    if not value.startswith("models:/"):  # an .onnx file or a folder: no MLflow import, start-up stays fast
+        return value
+    from serving.loading import resolve_latest
+
+    uri, note = resolve_latest(value)
+    if note:
+        click.echo(note, err=True)
+    return uri
+
+
+MODEL_URI = click.argument("model_uri", metavar="MODEL_URI", callback=latest_version)
 
 
 def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> str:

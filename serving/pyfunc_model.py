@@ -141,6 +141,10 @@ def stack_pixels(cells: pd.Series, input_shape: tuple[int, int, int]) -> np.ndar
     if pixels.shape[1:] != tuple(input_shape):
         raise invalid(f"column {PIXELS_COLUMN!r} holds arrays of shape {list(pixels.shape[1:])}; "
                       f"this model takes {list(input_shape)} (C, H, W) in [0, 1]")
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if not (0.0 <= low and high <= 1.0):  # also catches NaN; 0-255 values would get confident, meaningless labels
+        raise invalid(f"column {PIXELS_COLUMN!r} holds values in [{low:g}, {high:g}]; this model takes pixels in "
+                      "[0, 1] (divide 0-255 values by 255)")
     return pixels
 
 

@@ -31,9 +31,7 @@ def experiment_url(port: int) -> str:
     url = f"http://{HOST}:{port}/#/experiments"
     if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
         url += f"/{tracking.experiment_id_for()}"  # (which also marks an experiment made before the tag existed)
-    # The 3.17 UI opens every experiment as its global GenAI/Model training switch says (GenAI by
-    # default, whatever the experiment's mlflow.experimentKind tag): ask for the runs in the address.
-    return url + "?workflowType=machine_learning"
+    return url + tracking.UI_VIEW  # the runs table, not the GenAI overview
 
 
 @click.command("ui")

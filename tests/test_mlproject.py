@@ -30,7 +30,7 @@ def test_mlflow_run_train_entry_point_logs_one_finished_run_in_the_zoo_experimen
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "1" and run.data.params["mean"] == "0.1307"
     assert run.data.metrics["test_accuracy"] > 0.8  # one epoch on 3,500 real digits
-    assert run.info.run_name == "mnist_cnn mnist-5k norm 0.1307/0.3081 1ep seed1"
+    assert run.info.run_name == "0.1307/0.3081 1ep s1 · mnist_cnn mnist-5k"
     assert run.data.tags["mlflow.project.entryPoint"] == "train"
     assert client.get_model_version_by_alias("mlproject-cnn", "candidate").run_id == run.info.run_id
     (project_run,) = client.search_runs(["0"])

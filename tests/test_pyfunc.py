@@ -93,6 +93,8 @@ def test_pytorch_users_get_a_module_that_takes_pixels(registered_model, digits):
     ({"image": [b"hello, not an image"]}, "row 0 of column 'image': not an image Pillow can read"),
     ({"img": [b"\x89PNG"]}, "expected one column, 'image' (PNG/JPEG bytes, base64 strings over REST) or 'pixels'"),
     ({"pixels": [np.zeros((1, 10, 28))]}, "this model takes [1, 28, 28] (C, H, W) in [0, 1]"),
+    ({"pixels": [np.full((1, 28, 28), 255.0)]}, "holds values in [255, 255]; this model takes pixels in [0, 1]"),
+    ({"pixels": [np.full((1, 28, 28), np.nan)]}, "this model takes pixels in [0, 1]"),
 ])
 def test_bad_pyfunc_input_is_one_clear_line(registered_model, frame, message):
     from mlflow.exceptions import MlflowException
@@ -101,6 +103,13 @@ def test_bad_pyfunc_input_is_one_clear_line(registered_model, frame, message):
         mlflow.pyfunc.load_model(URI).predict(pd.DataFrame(frame))
     assert message in caught.value.message and "\n" not in caught.value.message
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def ink_in_alpha(digit: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """The digit's strokes as alpha over one ``colour``: transparent background, no drawing in RGB."""
+    rgba = Image.new("RGBA", digit.size, colour)
+    rgba.putalpha(digit.convert("L"))
+    return rgba
 
 
 def test_the_served_model_decodes_awkward_images_as_zoo_classify_and_refuses_a_bomb(registered_model, digits, tmp_path):
@@ -112,6 +121,9 @@ def test_the_served_model_decodes_awkward_images_as_zoo_classify_and_refuses_a_b
         "grey16.png": Image.fromarray(np.asarray(digit).astype(np.uint16) * 257),  # 16-bit: convert("L") clips it white
         "cmyk.jpg": digit.convert("CMYK"),
         "palette.png": digit.convert("P"),
+        # What drawing programs and web canvases export: one colour everywhere, the strokes in alpha.
+        "ink-in-alpha-black.png": ink_in_alpha(digit, (0, 0, 0)),
+        "ink-in-alpha-white.png": ink_in_alpha(digit, (255, 255, 255)),
     }
     for name, image in variants.items():
         image.save(tmp_path / name, **({"quality": 95} if name.endswith(".jpg") else {}))
@@ -222,6 +234,12 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     status, answer = post(served_model, {"dataframe_split": {"columns": ["img"], "data": [[b64(digits[0])]]}})
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert answer["message"].splitlines()[-1].startswith("Error: expected one column, 'image' (PNG/JPEG bytes")
+
+    grey_levels = np.asarray(Image.open(digits[0]), dtype=float)[None].tolist()  # 0-255 floats: confident nonsense before
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["pixels"], "data": [[grey_levels]]}})
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    line = answer["message"].splitlines()[-1]
+    assert line.startswith("Error: column 'pixels' holds values in [0, 2") and "this model takes pixels in [0, 1]" in line
 
 
 def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digits, tmp_path):

@@ -326,6 +326,9 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     predicted = {p["path"]: p["label"] for p in json.loads(classified.stdout)}
     metadata = mlflow.models.get_model_info("models:/fashion-renorm@zero-one").metadata
     assert metadata["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3} and metadata["adaptation"] == "fold"
+    version = mlflow.MlflowClient().get_model_version_by_alias("fashion-renorm", "zero-one")
+    assert version.tags["dataset"] == fashion_folder.name  # the evaluation data, not the weights file
+    assert version.tags["weights"] == str(trained_checkpoint)
     files, _ = list_labelled_files(fashion_folder, fashion.classes)
     original = load_pretrained("resnet18", str(trained_checkpoint)).network
     expected = logits(original, decode_crops(files.files, resize=SIZE, crop=SIZE), IMAGENET).argmax(dim=1)

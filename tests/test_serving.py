@@ -106,6 +106,22 @@ def test_classify_text_output_and_a_local_onnx_file(registered_model, digit_fold
     assert sum(line.split("\t")[1].split()[0] == truth[f.name] for line, f in zip(lines, files)) >= 2
 
 
+def test_a_bare_registered_name_means_its_latest_version_in_classify_and_export(registered_model, digit_folder, tmp_path):
+    """`models:/digits` without version or alias (what `zoo renorm --register` leaves) is MLflow's "logged model
+    not found"; zoo resolves it to the latest version and says so on stderr."""
+    folder, _ = digit_folder
+    files = [str(f) for f in sorted(folder.glob("*.png"))[:5]]
+    runner = CliRunner()
+    bare = runner.invoke(cli, ["classify", "models:/digits", *files, "--format", "json"])
+    assert bare.exit_code == 0, bare.output
+    assert "models:/digits names no version or alias: using its latest version, models:/digits/1" in bare.stderr
+    pinned = runner.invoke(cli, ["classify", "models:/digits/1", *files, "--format", "json"])
+    assert [p["label"] for p in json.loads(bare.stdout)] == [p["label"] for p in json.loads(pinned.stdout)]
+    exported = runner.invoke(cli, ["export", "models:/digits", "-o", str(tmp_path / "d.onnx")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "d.onnx").is_file() and "using its latest version" in exported.stderr
+
+
 def test_images_are_converted_to_the_models_input(tmp_path):
     from PIL import Image
 
@@ -121,6 +137,7 @@ def test_images_are_converted_to_the_models_input(tmp_path):
         (["classify", "models:/digits@champion", "no/such.png"], 1, "cannot classify no/such.png: no such file or folder"),
         (["classify", "models:/digits@nope", "."], 1, "no model at 'models:/digits@nope'"),
         (["classify", "models:/unknown-model/3", "."], 1, "no model at 'models:/unknown-model/3'"),
+        (["export", "models:/unknown-model", "-o", "x.onnx"], 1, "no registered model 'unknown-model'"),
         (["classify", "s3://bucket/x", "."], 2, "not of a supported form; use models:/NAME@ALIAS"),
         (["export", "models:/digits@champion", "-o", "x.txt"], 2, "should end in .onnx"),
         (["classify", "models:/digits@champion", ".", "--runtime", "tvm"], 2, "'tvm' is not one of 'onnx', 'torch'"),

@@ -280,6 +280,15 @@ def test_resuming_with_other_settings_names_the_difference(tmp_path):
         run_study(small_config(tmp_path, epochs=2))
 
 
+def test_optunas_own_clients_see_a_named_objective_and_a_narrow_studies_table(tmp_path):
+    config = small_config(tmp_path)
+    study, created = open_study(config, make_storage(config.storage, config.heartbeat))
+    assert created and study.metric_names == ["val_accuracy"]  # optuna-dashboard's label, not "Objective 0"
+    table = subprocess.run([str(Path(sys.executable).with_name("optuna")), "studies", "--storage", config.storage],
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    assert " s " in table and max(map(len, table.splitlines())) <= 160, table  # the whole configuration made it ~300
+
+
 @pytest.mark.slow
 def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres):
     postgres_url = f"{postgres}/optuna"

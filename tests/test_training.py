@@ -110,3 +110,35 @@ def test_bf16_mixed_trains_as_well_as_fp32_and_the_run_says_which(mnist_5k):
     assert {p.dtype for p in results["bf16-mixed"].network.parameters()} == {torch.float32}
     precision_option = next(p for p in cli.commands["train"].params if p.name == "precision")
     assert tuple(precision_option.type.choices) == PRECISIONS  # the CLI offers what the engine knows
+
+
+NESTED_BARS = """
+from training.progress import tqdm
+with tqdm(total=2, desc="renorm resnet18", unit="eval", mininterval=0) as outer:
+    for _ in range(2):
+        with tqdm(total=50, desc="scoring", unit="img", leave=False, mininterval=0) as inner:
+            for _ in range(50):
+                inner.update()
+        tqdm.write("one evaluation done")
+        outer.update()
+"""
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path):
+    """Nested bars (as `zoo renorm` draws them) with stderr in a file (CI, `2> log`): no carriage
+    returns or cursor escapes, one readable line per refresh."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        subprocess.run([sys.executable, "-c", NESTED_BARS], stderr=err, stdout=subprocess.DEVNULL, check=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    text = log.read_text()
+    assert "\x1b" not in text and "\r" not in text, repr(text[:300])
+    lines = text.splitlines()
+    assert lines and all(line.startswith(("renorm resnet18:", "scoring:")) for line in lines), lines
+    assert lines[-1].startswith("renorm resnet18: 100%|##########| 2/2")
+    assert sum(line.startswith("scoring: 100%") for line in lines) == 2

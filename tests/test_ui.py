@@ -43,7 +43,7 @@ def test_a_trained_run_has_a_readable_name_tags_description_datasets_and_figures
     run = client.get_run(registered_model["result"].run_id)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "zoo" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert run.info.run_name == "mnist_cnn mnist-5k norm 0.1307/0.3081 2ep seed1"
+    assert run.info.run_name == "0.1307/0.3081 2ep s1 · mnist_cnn mnist-5k"
     tags = run.data.tags
     assert (tags["zoo.kind"], tags["zoo.model"], tags["zoo.dataset"]) == ("train", "mnist_cnn", "mnist-5k")
     assert (tags["zoo.normalization"], tags["zoo.normalization_is_default"]) == ("0.1307/0.3081", "true")
@@ -69,8 +69,9 @@ def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(m
 
     config = TrainConfig(epochs=1, max_batches=2, checkpoints=False, progress=False)
     runs = [MlflowClient().get_run(train(config, dataset=mnist_5k, log_model=False).run_id) for _ in range(2)]
-    assert [r.info.run_name for r in runs] == ["mnist_cnn mnist-5k norm 0.1307/0.3081 1ep seed1 dry-run",
-                                               "mnist_cnn mnist-5k norm 0.1307/0.3081 1ep seed1 dry-run #2"]
+    # What differs (normalization, epochs, seed, the number) first: the UI's runs table cuts names at ~24 characters.
+    assert [r.info.run_name for r in runs] == ["0.1307/0.3081 1ep s1 · mnist_cnn mnist-5k dry-run",
+                                               "0.1307/0.3081 1ep s1 #2 · mnist_cnn mnist-5k dry-run"]
     assert runs[0].data.tags["zoo.dry_run"] == "true"
     digests = [{i.dataset.name: i.dataset.digest for i in r.inputs.dataset_inputs} for r in runs]
     assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # one digest per split
@@ -83,8 +84,12 @@ def test_a_name_taken_in_the_experiment_gets_a_suffix():
             names.append(run.info.run_name)
     with tracking.start_run(experiment="other", run_name="mnist_cnn mnist-5k norm 0/1 1ep seed1") as run:
         names.append(run.info.run_name)
+    for _ in range(2):
+        with tracking.start_run(run_name=f"0/1 1ep s1{tracking.NAME_DETAIL}mnist_cnn") as run:
+            names.append(run.info.run_name)
     assert names == ["mnist_cnn mnist-5k norm 0/1 1ep seed1", "mnist_cnn mnist-5k norm 0/1 1ep seed1 #2",
-                     "mnist_cnn mnist-5k norm 0/1 1ep seed1 #3", "mnist_cnn mnist-5k norm 0/1 1ep seed1"]
+                     "mnist_cnn mnist-5k norm 0/1 1ep seed1 #3", "mnist_cnn mnist-5k norm 0/1 1ep seed1",
+                     "0/1 1ep s1 · mnist_cnn", "0/1 1ep s1 #2 · mnist_cnn"]
     assert MlflowClient().get_experiment_by_name("other").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -101,6 +106,9 @@ def test_a_run_created_by_mlflow_run_in_default_points_at_ours_in_zoo(monkeypatc
     assert ours.data.tags["mlflow.project.entryPoint"] == "train"
     pointer = MlflowClient().get_run(project.info.run_id).data.tags
     assert pointer["zoo.run_id"] == run.info.run_id and "experiment **zoo**" in pointer["mlflow.note.content"]
+    # The link opens the run in the model-training view, not MLflow 3.17's default GenAI one.
+    link = f"(#/experiments/{ours.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
+    assert link in pointer["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -126,7 +134,8 @@ def test_a_study_parent_shows_its_search_and_its_trials_say_what_they_trained(tm
     assert len(trials) == 3
     for trial in trials:
         tags = trial.data.tags
-        assert tags["zoo.kind"] == "trial" and trial.info.run_name.startswith(f"trial {int(tags['optuna.trial_number']):03d} norm ")
+        assert tags["zoo.kind"] == "trial" and trial.info.run_name == (
+            f"trial {int(tags['optuna.trial_number']):03d} {tags['zoo.normalization']}")
         assert tags["mlflow.note.content"].startswith(f"Trial {tags['optuna.trial_number']} of the Optuna study **look**")
         assert {i.dataset.name for i in trial.inputs.dataset_inputs} == {"mnist-5k-train", "mnist-5k-validation", "mnist-5k-test"}
         png_artifact(trial.info.run_id, "confusion_matrix.png")
@@ -201,12 +210,19 @@ def test_the_mlflow_ui_shows_the_run_its_dataset_description_and_confusion_matri
     shots = Path(os.environ.get("ZOO_SCREENSHOTS", tmp_path))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(viewport={"width": 1920, "height": 1000})  # a common desktop screen
         page.set_default_timeout(60_000)  # a shared 2-core machine
         # The experiment, from the address `zoo ui` printed: the runs table, not the GenAI overview.
         page.goto(zoo_ui, wait_until="load")  # the UI polls: never wait for networkidle
         link = page.get_by_role("link", name=run.info.run_name)
         expect(link).to_be_visible()
+        # At the column's default width the part that tells runs apart shows whole ("0.1307/0.3081 2ep s1").
+        distinctive = run.info.run_name.partition(tracking.NAME_DETAIL)[0]
+        shown, needed = link.evaluate(
+            "(e, n) => { const text = e.querySelector('span').firstChild, r = document.createRange();"
+            " r.setStart(text, 0); r.setEnd(text, n); return [e.getBoundingClientRect().width, r.getBoundingClientRect().width]; }",
+            len(distinctive))
+        assert needed <= shown, f"{distinctive!r} needs {needed:.0f} px, the runs table shows {shown:.0f} px of the name"
         expect(page.get_by_text("Token Usage")).to_have_count(0)
         page.screenshot(path=shots / "experiment.png")
 
@@ -214,6 +230,14 @@ def test_the_mlflow_ui_shows_the_run_its_dataset_description_and_confusion_matri
         expect(page.get_by_text("Trained mnist_cnn on mnist-5k for 2 epoch(s)", exact=False)).to_be_visible()
         expect(page.get_by_text("mnist-5k-train").first).to_be_visible()
         page.screenshot(path=shots / "run.png", full_page=True)
+
+        # A run's own address (as a description links it), in a fresh browser: the model-training view too.
+        fresh = browser.new_context(viewport={"width": 1920, "height": 1000}).new_page()
+        fresh.goto(f"{zoo_ui.split('#')[0]}#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                   f"{tracking.UI_VIEW}", wait_until="load")
+        expect(fresh.get_by_text("Model registry")).to_be_visible(timeout=60_000)
+        expect(fresh.get_by_text("Evaluation runs")).to_have_count(0)  # the GenAI sidebar
+        fresh.close()
 
         page.get_by_role("tab", name="Artifacts").click()
         page.get_by_text("confusion_matrix.png").first.click()

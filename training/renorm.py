@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from training.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
 from training.train import resolve_device
@@ -318,6 +318,7 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
                 input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
                 sample_images=job.evaluation.images[:2],
                 alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
+                eval_data=Path(job.data_root).name,  # the registry's `dataset` tag; the weights get their own
                 source_normalization=job.source.to_dict(), top1=metrics["top1"],
             )
     return {

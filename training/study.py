@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from tqdm.auto import tqdm
+from training.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged
@@ -54,7 +54,8 @@ from zoo.normalization import Normalization
 from zoo.registry import create_model
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
-CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree
+CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see stored_search)
+OBJECTIVE_NAME = "val_accuracy"  # what Optuna's dashboard and tables call the objective
 RUN_ATTR = "mlflow_run_id"  # trial user attribute naming its child run
 OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, not an accident
 SAMPLERS = ("tpe", "random", "qmc")
@@ -271,7 +272,11 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
     try:
         study = optuna.create_study(storage=storage, study_name=config.name, direction="maximize",
                                     sampler=make_sampler(config.sampler, config.seed), pruner=pruner)
-        study.set_user_attr(CONFIG_ATTR, config.identity())
+        # Kept out of the user attributes, which `optuna studies` prints whole in one table cell.
+        storage.set_study_system_attr(study._study_id, CONFIG_ATTR, config.identity())
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and the only way to name it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE_NAME])
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         # Same seed in every process would make them sample the same points: vary it.
@@ -285,8 +290,14 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
     return study, False
 
 
+def stored_search(study: optuna.Study) -> dict[str, Any] | None:
+    """What the study searches, as its creator stored it (a user attribute in studies made before 2026-11-30)."""
+    stored = study._storage.get_study_system_attrs(study._study_id).get(CONFIG_ATTR)
+    return stored if stored is not None else study.user_attrs.get(CONFIG_ATTR)
+
+
 def _check_same_search(study: optuna.Study, config: StudyConfig) -> None:
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = stored_search(study)
     if stored is None:
         return  # its creator has not written it yet, or it was not made by zoo
     differing = {k: (stored.get(k), v) for k, v in config.identity().items() if stored.get(k) != v}
@@ -421,7 +432,7 @@ def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Norma
             "optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}  # training_tags has WORKER_TAG
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
-    return train_config, normalization, f"trial {trial.number:03d} norm {short_normalization(normalization)}", tags
+    return train_config, normalization, f"trial {trial.number:03d} {short_normalization(normalization)}", tags
 
 
 def _trial_params(trial: optuna.Trial, ctx: _Context) -> dict[str, int]:
@@ -652,7 +663,7 @@ PLOTS = ("contour.png", "param_importances.png", "accuracy_vs_normalization.png"
 
 def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
     """The parent run's description (markdown): what the study searches and, so far, what it found."""
-    searched = study.user_attrs.get(CONFIG_ATTR, {})
+    searched = stored_search(study) or {}
     lines = [f"Optuna study **{study.study_name}**"]
     if searched:
         lines[0] += (f": trains **{searched['model']}** on **{searched['dataset']}** for {searched['epochs']} epoch(s) "

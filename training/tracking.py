@@ -49,6 +49,9 @@ def worker_alive_here(worker: str | None) -> bool:
     return True
 
 
+# The MLflow 3.17 UI opens every experiment and run page in its GenAI view (a per-browser switch,
+# which ignores the experiment's mlflow.experimentKind tag) unless the address asks for this one.
+UI_VIEW = "?workflowType=machine_learning"
 KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
 PROJECT_RUN_TAG = "zoo.project_run_id"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
@@ -225,20 +228,28 @@ def link_project_run(project_run_id: str, run_id: str) -> None:
     set_tags({"zoo.run_id": run_id, KIND_TAG: "pointer"}, run_id=project_run_id)
     set_description(
         f"This `mlflow run` logged its results in experiment **{experiment.name}**: run "
-        f"[{ours.info.run_name}](#/experiments/{experiment.experiment_id}/runs/{run_id}).\n\n"
+        f"[{ours.info.run_name}](#/experiments/{experiment.experiment_id}/runs/{run_id}{UI_VIEW}).\n\n"
         "(`mlflow run` files its own run in `Default` when given no experiment; "
         "pass `--experiment-name NAME` to keep both in one experiment.)",
         run_id=project_run_id,
     )
 
 
+NAME_DETAIL = " · "  # in a run name: what tells runs apart comes before it, the rest (model, data) after
+
+
 def unique_run_name(experiment_id: str, name: str) -> str:
-    """``name``, or ``name #2``, ``#3``... when runs of the experiment already have it."""
-    escaped = name.replace("'", "\\'")
+    """``name``, or the same with ``#2``, ``#3``... when runs of the experiment already have it.
+
+    The number goes before the name's NAME_DETAIL part, so that the UI's runs table, which shows
+    about 24 characters of a name, shows it: "0.1307/0.3081 14ep s1 #2 · mnist_cnn mnist-5k".
+    """
+    head, sep, detail = name.partition(NAME_DETAIL)
+    escaped = head.replace("'", "\\'")
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{escaped}%'",
                                       max_results=50_000)
     taken = {run.info.run_name for run in runs}
-    return next(candidate for candidate in (name, *(f"{name} #{n}" for n in range(2, len(taken) + 3)))
+    return next(candidate for candidate in (name, *(f"{head} #{n}{sep}{detail}" for n in range(2, len(taken) + 3)))
                 if candidate not in taken)
 
 
@@ -546,6 +557,9 @@ def log_model(
                                      source=f"models:/{registered_name}" if registered_name else "the logged model")
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
+        # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
+        # file name back (os.path.basename, mlflow/pyfunc/model.py) and loads the copy inside the model, so
+        # it is harmless; a relative path would need a chdir, process-wide and unsafe while study threads log.
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
@@ -718,7 +732,8 @@ def _source(metadata: dict[str, Any]) -> str:
     if metadata.get("dataset"):
         return f"trained on {metadata['dataset']}"
     if metadata.get("weights"):
-        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}"
+        evaluated = f", evaluated on {metadata['eval_data']}" if metadata.get("eval_data") else ""
+        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}{evaluated}"
     return "source unknown"
 
 
@@ -729,9 +744,10 @@ def _normalization_text(metadata: dict[str, Any]) -> str:
 def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
     tags = {
         "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "dataset": str(metadata.get("dataset") or metadata.get("weights") or "unknown"),
+        "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
         "normalization": _normalization_text(metadata),
         "source_run_id": str(run_id),
+        **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
     }
     accuracy = _accuracy(metadata)
     if accuracy:

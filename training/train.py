@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from training.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.outage import Outbox, local_checkpoint
@@ -381,9 +381,11 @@ def short_normalization(normalization: Normalization) -> str:
 
 
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
-    """What tells training runs apart at a glance, e.g. "mnist_cnn mnist-5k norm 0.1307/0.3081 14ep seed1"."""
-    name = (f"{config.model} {dataset_label(config.dataset)} norm {short_normalization(normalization)} "
-            f"{config.epochs}ep seed{config.seed}")
+    """What tells training runs apart first, e.g. "0.1307/0.3081 14ep s1 · mnist_cnn mnist-5k": the MLflow
+    UI's runs table shows about 24 characters of a name (146 px), and the model and data have their
+    own columns (tags zoo.model, Dataset). An image folder shows as its own name."""
+    name = (f"{short_normalization(normalization)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
+            f"{dataset_label(config.dataset)}")
     return name + (" dry-run" if config.max_batches else "")
 
 

@@ -2,7 +2,7 @@
 
 Shared by ``zoo classify`` and by the logged MLflow model (serving/pyfunc_model.py), which ships
 this file beside its own code (``code_paths``): a served model decodes exactly as the command
-line does, 16-bit and CMYK images included, and refuses a decompression bomb from its header.
+line does, 16-bit, CMYK and transparent images included, and refuses a decompression bomb from its header.
 So it imports only numpy and Pillow, never the zoo package.
 """
 
@@ -85,6 +85,8 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
     img.draft(mode, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
     img = _to_8bit(img)
+    if _has_transparency(img):
+        img = _flatten(img, channels, background=255 if spec.invert else 0)
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
     if img.size != (width, height):
@@ -92,6 +94,34 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return 255 - arr if spec.invert else arr
+
+
+def _has_transparency(img) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+INK_SPREAD = 8  # grey levels: colour channels that vary less than this where alpha > 0 carry no drawing
+
+
+def _flatten(img, channels: int, background: int):
+    """Composite transparency onto ``background``: black, the background of the MNIST family (light
+    ink on dark), or white under --invert, which then turns it black.
+
+    Drawing programs and web canvases export strokes as alpha over one colour (often black,
+    which on black would vanish): for a grayscale model such ink is the alpha itself, light on dark.
+    """
+    from PIL import Image
+
+    rgba = np.asarray(img.convert("RGBA"))
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:  # an alpha channel with nothing transparent in it
+        return img.convert("RGB")
+    inked = rgba[..., :3][alpha > 0]
+    if channels == 1 and inked.size and int(inked.max()) - int(inked.min()) < INK_SPREAD:
+        return Image.fromarray(255 - alpha if background else alpha, mode="L")
+    a = alpha[..., None].astype(np.uint32)
+    composite = (rgba[..., :3] * a + background * (255 - a) + 127) // 255
+    return Image.fromarray(composite.astype(np.uint8), mode="RGB")
 
 
 def _to_8bit(img):
