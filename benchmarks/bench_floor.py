@@ -66,7 +66,7 @@ def zoo_loop(split, normalization, seed: int = 1) -> float:
 
     import torch
 
-    from training.progress import tqdm
+    from zoo.progress import tqdm
     from training.train import TrainConfig, trainer_for
     from zoo.registry import create_model
 

@@ -113,7 +113,7 @@ def test_bf16_mixed_trains_as_well_as_fp32_and_the_run_says_which(mnist_5k):
 
 
 NESTED_BARS = """
-from training.progress import tqdm
+from zoo.progress import tqdm
 with tqdm(total=2, desc="renorm resnet18", unit="eval", mininterval=0) as outer:
     for _ in range(2):
         with tqdm(total=50, desc="scoring", unit="img", leave=False, mininterval=0) as inner:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from training.progress import tqdm  # plain lines when stderr is no terminal
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
 from training.train import resolve_device

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import torch
 from torch import nn
-from training.progress import tqdm  # plain lines when stderr is no terminal
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
 from training.engine import evaluate, make_optimizer, train_one_epoch

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from training.progress import tqdm  # plain lines when stderr is no terminal
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.engine import EpochResult, TrainingDiverged

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from training.progress import tqdm  # plain lines when stderr is no terminal
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.outage import Outbox, local_checkpoint

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch

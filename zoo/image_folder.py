@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from zoo.folder_dataset import SPLIT_FOLDERS, class_files, warn_skipped
 from zoo.imaging import SUPPORTED
