@@ -55,6 +55,7 @@ def wait_for_first_checkpoint(proc: subprocess.Popen) -> str:
     raise AssertionError(f"no checkpoint appeared; training exited with {proc.poll()}: {proc.communicate()[1][-2000:]}")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_process_died(tmp_path: Path):
     with open(tmp_path / "first.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
@@ -82,6 +83,7 @@ def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_proce
     assert run.info.status == "FINISHED" and sorted(set(steps(run_id, "val_accuracy"))) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
     log = tmp_path / "stopped.err"
     with open(log, "w") as err:
@@ -188,6 +190,7 @@ def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield tmp_path / "served"
 
 
+@pytest.mark.slow
 def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow_server: Path):
     result = train(TrainConfig(epochs=2, max_batches=2, progress=False), dataset=mnist_5k, log_model=False)
     assert MlflowClient().get_run(result.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
@@ -198,6 +201,7 @@ def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow
     assert not any(p.suffix == ".pt" for p in mlflow_server.rglob("*"))
 
 
+@pytest.mark.slow
 def test_a_study_keeps_checkpoints_of_its_best_trial_only(tmp_path: Path):
     from training.study import RUN_ATTR, StudyConfig, run_study
 
@@ -231,6 +235,7 @@ def test_unreachable_postgresql_storage_fails_with_one_line():
     assert "--storage" in line
 
 
+@pytest.mark.slow
 def test_resume_restores_dropout_randomness_and_the_best_epoch(mnist_5k):
     """mlp with dropout and keep_best: the resumed run draws the same dropout masks and restores the same best epoch."""
     from training.train import fit, resume

@@ -139,6 +139,7 @@ def test_classify_real_digits_through_the_cli(name: str, mnist_5k, tmp_path: Pat
         assert abs(top[0] - probs.max().item()) < 1e-4
 
 
+@pytest.mark.slow
 def test_scratch_mlp_trains_logs_and_classifies_like_the_others(mnist_5k, tmp_path: Path) -> None:
     """Its own loop, the same run contents (params, per-epoch metrics, checkpoints), and real digits recognized."""
     result = train(TrainConfig(model="scratch_mlp", epochs=3, progress=False), dataset=mnist_5k)

@@ -206,6 +206,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
+@pytest.mark.slow
 def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model, digits):
     expected = zoo_classify_labels(digits)
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits]}})
@@ -224,6 +225,7 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     assert answer["message"].splitlines()[-1].startswith("Error: expected one column, 'image' (PNG/JPEG bytes")
 
 
+@pytest.mark.slow
 def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digits, tmp_path):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits[:5]]}}))
