@@ -120,6 +120,41 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp
     assert [m.value for m in history(run_id, "train_loss")] == [m.value for m in history(fresh_run, "train_loss")]
 
 
+def default_sigint() -> None:
+    """A shell that starts jobs in the background sets SIGINT to ignored and children inherit it; a
+    terminal's Ctrl-C reaches a process that has Python's default handler (KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_zoo_train_and_resume_takes_the_options_that_may_differ(tmp_path: Path):
+    log = tmp_path / "stopped.err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "train", *TINY, "--keep-checkpoints", "last"],
+                                stderr=err, stdout=subprocess.DEVNULL, preexec_fn=default_sigint)
+        run_id = wait_for_first_checkpoint(proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        assert proc.wait(timeout=HANG_GUARD_S) == 1
+    stderr = log.read_text()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    # (the line also ends with "(set ZOO_DEBUG=1 for the traceback)", which the README's example lacks)
+    assert last_error_line(stderr).startswith(f"Error: training stopped: run {run_id} ended KILLED after epoch "
+                                              f"{len(steps(run_id, 'val_accuracy'))}, its last checkpoint kept; "
+                                              f"continue it with: zoo train --resume {run_id}")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["zoo.failure"] == "interrupted"
+    assert artifacts(run_id) == ["checkpoints/last.pt"]
+
+    # The README: --device, --precision, --data-dir and --keep-checkpoints may differ from the run's.
+    resumed = zoo("train", "--resume", run_id, "--device", "cpu", "--keep-checkpoints", "all",
+                  "--data-dir", str(tmp_path / "data"), "--format", "json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and steps(run_id, "val_accuracy") == [1, 2, 3]
+    assert "checkpoints/epoch_003.pt" in artifacts(run_id)  # the resume's --keep-checkpoints all took effect
+    assert "checkpoints/epoch_001.pt" not in artifacts(run_id)  # epoch 1 was trained under "last"
+
+
 @pytest.fixture
 def stopped_run(mnist_5k) -> str:
     """A 1-epoch run with its last checkpoint, marked KILLED as Ctrl-C leaves it."""
