@@ -213,6 +213,17 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     assert status == 200, answer
     assert [p["label"] for p in answer["predictions"]] == expected
     assert set(answer["predictions"][0]) == {"label", "probability", "top"}
+    # The README's other request forms: {"inputs": ...} with params.top_k, and a pixels column.
+    status, answer = post(served_model, {"inputs": {"image": [b64(f) for f in digits]}, "params": {"top_k": 1}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == expected
+    assert all(len(p["top"]) == 1 for p in answer["predictions"])
+    pixels = [(np.asarray(Image.open(f), dtype=np.float64)[None] / 255).tolist() for f in digits]  # [C][H][W]
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["pixels"], "data": [[p] for p in pixels]},
+                                         "params": {"top_k": 5}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == expected
+    assert all(len(p["top"]) == 5 for p in answer["predictions"])
 
     not_an_image = base64.b64encode(b"hello, not an image").decode()
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[not_an_image]]}})
