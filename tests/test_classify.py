@@ -256,6 +256,7 @@ def test_a_registered_model_ships_its_onnx_so_even_the_first_call_needs_no_torch
     assert again == first and loaded == ["mlflow"]
 
 
+@pytest.mark.slow
 def test_a_model_that_ships_no_onnx_is_exported_once_then_served_from_the_cache(registered_model, digits, tmp_path,
                                                                                  monkeypatch):
     from training import tracking

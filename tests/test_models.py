@@ -70,7 +70,7 @@ MEASURED_LOSS_DROP = {"alexnet": 0.0066, "lenet5": 0.056, "mlp": 0.0038, "mnist_
                       "resnet50": 0.89, "scratch_mlp": 0.021}
 
 
-@pytest.mark.parametrize("name", _models(heavy_mark=False))
+@pytest.mark.parametrize("name", _models(heavy_mark=True))  # a resnet50 step alone took 22-33 s on 2 busy cores
 def test_one_training_step_lowers_the_loss(name: str, mnist_5k) -> None:
     """The model's own trainer and optimizer (scratch_mlp: its hand-written SGD), one step on a real batch.
 
@@ -174,6 +174,7 @@ def test_scratch_mlp_trains_logs_and_classifies_like_the_others(mnist_5k, tmp_pa
     assert correct >= 15, predictions
 
 
+@pytest.mark.slow
 def test_keep_best_restores_the_best_validation_epoch(mnist_5k) -> None:
     """The test metrics and the returned network are those of the best val_accuracy epoch, with the curve as a figure."""
     from training.engine import evaluate
@@ -196,6 +197,7 @@ def test_lenet5_recipe_keeps_the_best_epoch() -> None:
     assert (config.keep_best, config.optimizer, config.batch_size) == (True, "sgd", 256)
 
 
+@pytest.mark.slow
 def test_mlp_regularization_switches_reach_the_network_and_the_run(mnist_5k) -> None:
     config = TrainConfig(model="mlp", epochs=1, weight_decay=1e-5, progress=False, checkpoints=False,
                          model_config=parse_model_options(["dropout=0.2", "batchnorm=true"]))

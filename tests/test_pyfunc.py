@@ -247,6 +247,7 @@ def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digit
     assert [p["label"] for p in json.loads(out.read_text())["predictions"]] == zoo_classify_labels(digits[:5])
 
 
+@pytest.mark.slow
 def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
     from training.tracking import model_metadata
