@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # them from a local wheel cache when one is configured, PyPI otherwise.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv system-packages demo test clean
+.PHONY: venv system-packages demo test test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ system-packages:
 
 test: venv system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: every test but those marked slow (CI and `make test` run them all).
+test-fast: venv system-packages
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info demo-out

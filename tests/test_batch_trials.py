@@ -55,6 +55,7 @@ def test_trials_trained_together_get_what_each_gets_alone(mnist_5k):
     dataset = small_dataset(mnist_5k)
     cfgs = configs(NORMALIZATIONS)
     batched = together(cfgs, dataset)
+    assert len(batched) == len(cfgs) == len(NORMALIZATIONS) > 1  # zip below would pass on nothing
     for config, member in zip(cfgs, batched):
         lone = alone(config, dataset)
         assert member.stopped is None
@@ -124,7 +125,9 @@ def test_zoo_study_batch_trials_runs_each_trial_as_its_own_child_run(tmp_path):
 def test_batched_trials_match_the_same_study_run_one_trial_at_a_time(tmp_path):
     batched = run_study(small_config(tmp_path, trials=3, batch_trials=3, study_name="together"))
     lone = run_study(small_config(tmp_path, trials=3, study_name="alone"))
-    for a, b in zip(sorted(batched_trials(batched)), sorted(batched_trials(lone))):
+    pairs = list(zip(sorted(batched_trials(batched)), sorted(batched_trials(lone))))
+    assert len(batched_trials(batched)) == len(batched_trials(lone)) == len(pairs) == 3  # every trial compared
+    for a, b in pairs:
         assert a[0] == b[0]  # the same normalizations (seeded sampler)...
         assert a[1] == pytest.approx(b[1], abs=1 / SMALL["val_size"])  # ...give the same accuracy
 

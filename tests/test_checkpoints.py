@@ -55,6 +55,7 @@ def wait_for_first_checkpoint(proc: subprocess.Popen) -> str:
     raise AssertionError(f"no checkpoint appeared; training exited with {proc.poll()}: {proc.communicate()[1][-2000:]}")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_process_died(tmp_path: Path):
     with open(tmp_path / "first.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
@@ -82,6 +83,7 @@ def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_proce
     assert run.info.status == "FINISHED" and sorted(set(steps(run_id, "val_accuracy"))) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
     log = tmp_path / "stopped.err"
     with open(log, "w") as err:
@@ -116,6 +118,41 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp
     assert summary["test_accuracy"] == json.loads(fresh.stdout)["test_accuracy"]
     history = MlflowClient().get_metric_history
     assert [m.value for m in history(run_id, "train_loss")] == [m.value for m in history(fresh_run, "train_loss")]
+
+
+def default_sigint() -> None:
+    """A shell that starts jobs in the background sets SIGINT to ignored and children inherit it; a
+    terminal's Ctrl-C reaches a process that has Python's default handler (KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_zoo_train_and_resume_takes_the_options_that_may_differ(tmp_path: Path):
+    log = tmp_path / "stopped.err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "train", *TINY, "--keep-checkpoints", "last"],
+                                stderr=err, stdout=subprocess.DEVNULL, preexec_fn=default_sigint)
+        run_id = wait_for_first_checkpoint(proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        assert proc.wait(timeout=HANG_GUARD_S) == 1
+    stderr = log.read_text()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    # (the line also ends with "(set ZOO_DEBUG=1 for the traceback)", which the README's example lacks)
+    assert last_error_line(stderr).startswith(f"Error: training stopped: run {run_id} ended KILLED after epoch "
+                                              f"{len(steps(run_id, 'val_accuracy'))}, its last checkpoint kept; "
+                                              f"continue it with: zoo train --resume {run_id}")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["zoo.failure"] == "interrupted"
+    assert artifacts(run_id) == ["checkpoints/last.pt"]
+
+    # The README: --device, --precision, --data-dir and --keep-checkpoints may differ from the run's.
+    resumed = zoo("train", "--resume", run_id, "--device", "cpu", "--keep-checkpoints", "all",
+                  "--data-dir", str(tmp_path / "data"), "--format", "json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and steps(run_id, "val_accuracy") == [1, 2, 3]
+    assert "checkpoints/epoch_003.pt" in artifacts(run_id)  # the resume's --keep-checkpoints all took effect
+    assert "checkpoints/epoch_001.pt" not in artifacts(run_id)  # epoch 1 was trained under "last"
 
 
 @pytest.fixture
@@ -188,6 +225,7 @@ def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield tmp_path / "served"
 
 
+@pytest.mark.slow
 def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow_server: Path):
     result = train(TrainConfig(epochs=2, max_batches=2, progress=False), dataset=mnist_5k, log_model=False)
     assert MlflowClient().get_run(result.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
@@ -198,6 +236,7 @@ def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow
     assert not any(p.suffix == ".pt" for p in mlflow_server.rglob("*"))
 
 
+@pytest.mark.slow
 def test_a_study_keeps_checkpoints_of_its_best_trial_only(tmp_path: Path):
     from training.study import RUN_ATTR, StudyConfig, run_study
 
@@ -231,6 +270,7 @@ def test_unreachable_postgresql_storage_fails_with_one_line():
     assert "--storage" in line
 
 
+@pytest.mark.slow
 def test_resume_restores_dropout_randomness_and_the_best_epoch(mnist_5k):
     """mlp with dropout and keep_best: the resumed run draws the same dropout masks and restores the same best epoch."""
     from training.train import fit, resume

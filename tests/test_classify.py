@@ -256,6 +256,7 @@ def test_a_registered_model_ships_its_onnx_so_even_the_first_call_needs_no_torch
     assert again == first and loaded == ["mlflow"]
 
 
+@pytest.mark.slow
 def test_a_model_that_ships_no_onnx_is_exported_once_then_served_from_the_cache(registered_model, digits, tmp_path,
                                                                                  monkeypatch):
     from training import tracking
@@ -290,3 +291,84 @@ def test_a_reader_that_stops_early_ends_classify_quietly(onnx_model, digits):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
+
+
+def probabilities(rows: list[dict]) -> list[float]:
+    return [t["probability"] for r in rows for t in r["top"]]
+
+
+@pytest.mark.slow
+def test_the_onnx_cache_follows_a_moved_alias_and_never_mixes_two_stores(registered_model, digits, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from training import tracking
+    from zoo.normalization import Normalization
+
+    folder, _ = digits
+    png = sorted(folder.glob("*.png"))[0]
+    shared, _ = classify_in_subprocess("models:/digits@champion", png)  # the shared store's digits v1, cached
+    use_tracking_store(tmp_path / "store", monkeypatch)  # a second store, the same cache folder
+    result, client = registered_model["result"], MlflowClient()
+
+    def logged(normalization: Normalization) -> str:
+        with mlflow.start_run():  # the same weights under another normalization give other probabilities
+            return tracking.log_model(result.network, model_name="mnist_cnn", normalization=normalization,
+                                      input_shape=(1, 28, 28), class_names=result.class_names, onnx=False)
+
+    # This store's digits v1, registered from the model's folder as older clients did: no logged-model id,
+    # so its cache key falls back to digits-v1, the key of the shared store's version too.
+    half = logged(Normalization((0.5,), (0.5,)))
+    client.create_registered_model("digits")
+    v1 = client.create_model_version("digits", mlflow.get_logged_model(half.removeprefix("models:/")).artifact_location)
+    assert v1.model_id is None
+    client.set_registered_model_alias("digits", "champion", "1")
+    other, _ = classify_in_subprocess("models:/digits@champion", png)
+    on_torch = json.loads(invoke("models:/digits@champion", png, "--format", "json", "--runtime", "torch").stdout)
+    assert probabilities(other) == pytest.approx(probabilities(on_torch), abs=1e-4)  # this store's model...
+    assert probabilities(other) != pytest.approx(probabilities(shared), abs=1e-3)  # ...not the other store's graph
+
+    # The alias moves to v2 (the shared store's network and normalization): classify follows it.
+    version = tracking.register(logged(result.normalization), "digits", "champion")
+    assert str(version) == str(client.get_model_version_by_alias("digits", "champion").version) == "2"
+    moved, _ = classify_in_subprocess("models:/digits@champion", png)
+    assert probabilities(moved) == pytest.approx(probabilities(shared), abs=1e-4)
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 3  # one graph per model, none reused
+
+
+def test_a_runs_uri_and_inverted_ink_classify_as_the_registered_model(registered_model, digits, tmp_path):
+    folder, truth = digits
+    pngs = sorted(folder.glob("*.png"))[:10]
+    by_alias = json.loads(invoke("models:/digits@champion", *pngs, "--format", "json").stdout)
+    run_uri = f"runs:/{registered_model['result'].run_id}/model"
+    by_run = invoke(run_uri, *pngs, "--format", "json")
+    assert by_run.exit_code == 0, by_run.output
+    assert [r["label"] for r in json.loads(by_run.stdout)] == [r["label"] for r in by_alias]
+    assert sum(r["label"] == truth[Path(r["path"]).name] for r in by_alias) >= 8  # about 95 % on test digits
+
+    # Dark ink on light paper, as a scan or a photo of a digit gives: --invert turns it back into MNIST's form.
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    for png in pngs:
+        Image.fromarray(255 - np.asarray(Image.open(png))).save(paper / png.name)
+    inverted = invoke("models:/digits@champion", paper, "--invert", "--format", "json")
+    assert inverted.exit_code == 0, inverted.output
+    assert [r["label"] for r in json.loads(inverted.stdout)] == [r["label"] for r in by_alias]
+    as_is = json.loads(invoke("models:/digits@champion", paper, "--format", "json").stdout)
+    assert sum(r["label"] == truth[Path(r["path"]).name] for r in as_is) <= 5  # what --invert is for
+
+
+@pytest.mark.slow
+def test_export_fails_with_exit_1_beyond_its_tolerance_and_zoo_debug_shows_why(registered_model, tmp_path):
+    out = tmp_path / "strict.onnx"
+    strict = CliRunner().invoke(cli, ["export", "models:/digits@champion", "-o", str(out), "--tolerance", "1e-12"])
+    assert strict.exit_code == 1, strict.output
+    assert strict.stderr.startswith("Error: ONNX export of models:/digits@champion differs from PyTorch by ")
+    assert "(tolerance 1e-12)" in strict.stderr and "ZOO_DEBUG=1" in strict.stderr and "Traceback" not in strict.stderr
+    loose = CliRunner().invoke(cli, ["export", "models:/digits@champion", "-o", str(out), "--tolerance", "1e-3"])
+    assert loose.exit_code == 0 and out.is_file(), loose.output
+    # ZOO_DEBUG=1: the exception itself (a traceback in a terminal), not the one line.
+    debug = subprocess.run([sys.executable, "-m", "serving.cli", "export", "models:/digits@champion", "-o", str(out),
+                            "--tolerance", "1e-12"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "ZOO_DEBUG": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "ParityError: ONNX export of models:/digits@champion differs" in debug.stderr

@@ -1,6 +1,7 @@
 """`mlflow run . -e ENTRY --env-manager local` as a user runs it, in real subprocesses."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,11 @@ from mlflow.tracking import MlflowClient
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def mlflow_run(*args: str) -> subprocess.CompletedProcess:
+def mlflow_run(*args: str, project: Path = PROJECT) -> subprocess.CompletedProcess:
     env = os.environ.copy()
     # The entry points call `python`: the one of this environment.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(PROJECT), *args, "--env-manager", "local"],
+    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), *args, "--env-manager", "local"],
                           capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -48,3 +49,120 @@ def test_mlflow_run_with_an_experiment_logs_into_its_own_run():
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.8
     assert run.data.params["precision"] == "bf16-mixed"  # the entry point's parameter reached zoo train
     assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The MLproject file alone in a folder of its own: `mlflow run` runs the entry point's command in
+    the project folder, so what an entry point writes to relative paths (demo-out/, optuna.db) lands
+    here, not in the checkout. The code comes from the installed package (or PYTHONPATH)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(PROJECT / "MLproject", folder / "MLproject")
+    return folder
+
+
+def zoo_runs(client: MlflowClient) -> list:
+    return client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+
+
+@pytest.mark.slow
+def test_main_entry_point_runs_the_demo_from_training_to_classified_digits(tmp_path):
+    project = project_copy(tmp_path)
+    proc = mlflow_run("-e", "main", "-P", "epochs=1", "-P", "images=5", project=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_demo_ran(proc.stdout, project, epochs=1, images=5)
+
+
+@pytest.mark.slow
+def test_make_demo_runs_zoo_demo_from_the_installed_environment(tmp_path):
+    """`make demo` as the README gives it (5 epochs, 20 digits), in this environment: the Makefile alone is
+    copied to a folder of its own, and -o keeps make from reinstalling the environment."""
+    shutil.copy(PROJECT / "Makefile", tmp_path / "Makefile")
+    venv = Path(sys.prefix)
+    proc = subprocess.run(["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_demo_ran(proc.stdout, tmp_path, epochs=5, images=20)
+
+
+def assert_demo_ran(stdout: str, folder: Path, epochs: int, images: int) -> None:
+    """The demo's promises: a finished run, registered, exported, and its digits classified in a table."""
+    client = MlflowClient()
+    (run,) = zoo_runs(client)
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(epochs)
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").run_id == run.info.run_id
+    assert (folder / "demo-out" / "mnist_cnn.onnx").is_file()
+    assert len(list((folder / "demo-out" / "digits").glob("*.png"))) == images
+    # One table row per written digit with its true and predicted label, then the tally.
+    rows = [line.split() for line in stdout.splitlines() if ".png " in line]
+    assert len(rows) == images and all(row[1] in "0123456789" and row[2] in "0123456789" for row in rows), stdout
+    correct = sum(row[1] == row[2] for row in rows)
+    accuracy = run.data.metrics["test_accuracy"]
+    assert f"{correct}/{images} correct; test accuracy over all 1000 held-out digits: {accuracy:.4f}" in stdout
+    assert accuracy > 0.8  # one epoch on 3,500 real digits already gets there
+
+
+@pytest.mark.slow
+def test_study_entry_point_runs_a_study_with_its_default_storage_and_no_registration(tmp_path):
+    project = project_copy(tmp_path)
+    proc = mlflow_run("-e", "study", "-P", "trials=2", "-P", "jobs=1", "-P", "train_size=192",
+                      "-P", "val_size=200", "-P", "test_size=200", project=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = zoo_runs(client)
+    (parent,) = [r for r in runs if r.data.tags.get("zoo.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert parent.info.run_name == "study mnist_cnn-mnist-5k-normalization"  # study_name=default: the default name
+    assert parent.data.params["trials"] == "2"
+    assert (project / "optuna.db").is_file()  # storage=sqlite:///optuna.db, relative to the project folder
+    assert client.search_registered_models() == []  # register=default: nothing registered
+
+
+@pytest.mark.slow
+def test_renorm_entry_point_evaluates_every_image_by_default(tmp_path, mnist_5k):
+    import torch
+    import torchvision
+
+    from training.renorm_demo import save_checkpoint, write_image_folder
+    from zoo.normalization import IMAGENET
+
+    project = project_copy(tmp_path)
+    data = write_image_folder(mnist_5k.test.subset(10), mnist_5k.classes, tmp_path / "digits")
+    torch.manual_seed(0)
+    weights = save_checkpoint(torchvision.models.resnet18(num_classes=10), IMAGENET, mnist_5k.classes,
+                              tmp_path / "resnet18.pt")
+    # Few evaluations (the entry point has no --resize/--crop: 224x224 crops, a second each on this CPU).
+    proc = mlflow_run("-e", "renorm", "-P", f"weights={weights}", "-P", f"data={data}", "-P", "norms=imagenet 0:1",
+                      "-P", "adapt=none", "-P", "grid_steps=2", project=project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = zoo_runs(MlflowClient())
+    (parent,) = [r for r in runs if r.data.tags.get("zoo.kind") == "renorm"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 + 2 * 2  # norms + grid cells, one adaptation
+    # limit="" means every image (none split off for calibration without bn-recalibrate)
+    assert parent.data.params["eval_images"] == "10" and parent.data.params["calibration_images"] == "0"
+    assert MlflowClient().search_registered_models() == []  # register="": nothing registered
+
+
+@pytest.mark.slow
+def test_export_and_classify_entry_points_use_a_registered_model(registered_model, tmp_path, mnist_5k):
+    from serving.demo import write_digit_images
+
+    project = project_copy(tmp_path)
+    onnx_path = tmp_path / "digits.onnx"
+    exported = mlflow_run("-e", "export", "-P", "model_uri=models:/digits@champion", "-P", f"output={onnx_path}",
+                          project=project)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert onnx_path.is_file()
+    test = mnist_5k.test.subset(10)
+    written = write_digit_images(test.images, test.labels, mnist_5k.classes, tmp_path / "digits")
+    classified = mlflow_run("-e", "classify", "-P", "model_uri=models:/digits@champion",
+                            "-P", f"path={tmp_path / 'digits'}", "-P", "top_k=2", project=project)
+    assert classified.returncode == 0, classified.stderr[-3000:]
+    # One line per image: PATH<TAB>LABEL PROBABILITY  LABEL PROBABILITY (top_k=2)
+    rows = [line.split("\t") for line in classified.stdout.splitlines() if ".png\t" in line]
+    predicted = {Path(path).name: top.split() for path, top in rows}
+    assert len(predicted) == len(written) == 10 and all(len(top) == 4 for top in predicted.values()), classified.stdout
+    correct = sum(predicted[path.name][0] == label for path, label in written)
+    assert correct >= 8, classified.stdout  # the 2-epoch model is right on about 95 % of test digits

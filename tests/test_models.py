@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,12 @@ def test_forward_shape_and_finite(name: str, mnist_5k) -> None:
     assert torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("name", _models(heavy_mark=False))
+# Relative loss drop of one step at a tenth of the recipe's lr on the batch below (seed 0), measured on CPU.
+MEASURED_LOSS_DROP = {"alexnet": 0.0066, "lenet5": 0.056, "mlp": 0.0038, "mnist_cnn": 0.100, "resnet18": 0.24,
+                      "resnet50": 0.89, "scratch_mlp": 0.021}
+
+
+@pytest.mark.parametrize("name", _models(heavy_mark=True))  # a resnet50 step alone took 22-33 s on 2 busy cores
 def test_one_training_step_lowers_the_loss(name: str, mnist_5k) -> None:
     """The model's own trainer and optimizer (scratch_mlp: its hand-written SGD), one step on a real batch.
 
@@ -86,6 +92,8 @@ def test_one_training_step_lowers_the_loss(name: str, mnist_5k) -> None:
     before = loss_before_a_step()  # train_epoch returns the loss it stepped from
     after = loss_before_a_step()
     assert math.isfinite(before) and after < before
+    # At least half the drop measured here (2026-11-30), so that a step that barely moves fails too.
+    assert (before - after) / before >= MEASURED_LOSS_DROP.get(name, 0.0) / 2, (name, before, after)
 
 
 def loaded_in_memory(name: str, uri: str = "memory") -> LoadedModel:
@@ -98,9 +106,18 @@ def loaded_in_memory(name: str, uri: str = "memory") -> LoadedModel:
 
 @pytest.mark.parametrize("name", _models(heavy_mark=True))
 def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
-    report = export_onnx(loaded_in_memory(name), tmp_path / f"{name}.onnx", tolerance=1e-4)
-    assert report.path.is_file()
-    assert report.max_abs_diff <= 1e-4
+    import onnxruntime
+
+    loaded = loaded_in_memory(name)
+    report = export_onnx(loaded, tmp_path / f"{name}.onnx", tolerance=1e-4)
+    # Checked here, not taken from the exporter's report, at a batch size it does not check (1 and 7).
+    pixels = np.random.default_rng(0).random((5, *loaded.input_shape), dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {session.get_inputs()[0].name: pixels})
+    with torch.inference_mode():
+        expected = loaded.module(torch.from_numpy(pixels)).numpy()
+    assert scores.shape == expected.shape == (5, len(loaded.class_names))
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
 
 
 def write_digit_pngs(mnist_5k, folder: Path, n: int) -> list[int]:
@@ -139,6 +156,7 @@ def test_classify_real_digits_through_the_cli(name: str, mnist_5k, tmp_path: Pat
         assert abs(top[0] - probs.max().item()) < 1e-4
 
 
+@pytest.mark.slow
 def test_scratch_mlp_trains_logs_and_classifies_like_the_others(mnist_5k, tmp_path: Path) -> None:
     """Its own loop, the same run contents (params, per-epoch metrics, checkpoints), and real digits recognized."""
     result = train(TrainConfig(model="scratch_mlp", epochs=3, progress=False), dataset=mnist_5k)
@@ -156,6 +174,7 @@ def test_scratch_mlp_trains_logs_and_classifies_like_the_others(mnist_5k, tmp_pa
     assert correct >= 15, predictions
 
 
+@pytest.mark.slow
 def test_keep_best_restores_the_best_validation_epoch(mnist_5k) -> None:
     """The test metrics and the returned network are those of the best val_accuracy epoch, with the curve as a figure."""
     from training.engine import evaluate
@@ -178,6 +197,7 @@ def test_lenet5_recipe_keeps_the_best_epoch() -> None:
     assert (config.keep_best, config.optimizer, config.batch_size) == (True, "sgd", 256)
 
 
+@pytest.mark.slow
 def test_mlp_regularization_switches_reach_the_network_and_the_run(mnist_5k) -> None:
     config = TrainConfig(model="mlp", epochs=1, weight_decay=1e-5, progress=False, checkpoints=False,
                          model_config=parse_model_options(["dropout=0.2", "batchnorm=true"]))
@@ -211,18 +231,29 @@ def test_model_options_are_checked_against_the_builder() -> None:
         create_model("mlp", dropout=1.5)
 
 
-def test_model_opt_and_momentum_options_for_zoo_train() -> None:
-    import click
+@pytest.mark.slow
+def test_zoo_train_options_reach_the_network_the_optimizer_and_the_run() -> None:
+    result = CliRunner().invoke(cli, [
+        "train", "--model", "mlp", "--model-opt", "dropout=0.2", "--model-opt", "batchnorm=true", "--optimizer", "sgd",
+        "--lr", "0.05", "--momentum", "0.4", "--gamma", "0.5", "--batch-size", "32", "--weight-decay", "1e-4",
+        "--run-name", "regularized mlp", "--epochs", "2", "--max-batches", "3", "--keep-checkpoints", "last",
+        "--format", "text"])
+    assert result.exit_code == 0, result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_name == "regularized mlp"
+    metrics, params = run.data.metrics, run.data.params
+    assert result.stdout.splitlines()[0] == (f"run {run.info.run_id}: test_accuracy={metrics['test_accuracy']:.4f} "
+                                             f"val_accuracy={metrics['val_accuracy']:.4f} (mean=0 std=1)")  # mlp's recipe
+    assert {k: params[k] for k in ("model_dropout", "model_batchnorm", "optimizer", "momentum", "lr_gamma", "batch_size",
+                                   "weight_decay")} == {"model_dropout": "0.2", "model_batchnorm": "True", "optimizer": "sgd",
+                                                        "momentum": "0.4", "lr_gamma": "0.5", "batch_size": "32",
+                                                        "weight_decay": "0.0001"}
+    # What was trained, from the checkpoint: the optimizer, its scheduler and the network got the options.
+    state = tracking.load_checkpoint(run.info.run_id, "checkpoints/last.pt")
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.4, 1e-4, 0.05)
+    assert state["lr_scheduler"]["gamma"] == 0.5
+    assert "bn1.running_mean" in state["model"]  # batchnorm=true built the BatchNorm layers
 
-    from serving.train_options import MODEL_OPT, MOMENTUM
-
-    @click.command()
-    @MODEL_OPT
-    @MOMENTUM
-    def command(model_opts, momentum):
-        click.echo(json.dumps([model_opts, momentum]))
-
-    ok = CliRunner().invoke(command, ["--model-opt", "dropout=0.2", "--model-opt", "batchnorm=true", "--momentum", "0.4"])
-    assert json.loads(ok.output) == [{"dropout": "0.2", "batchnorm": "true"}, 0.4]
-    bad = CliRunner().invoke(command, ["--model-opt", "dropout"])
+    bad = CliRunner().invoke(cli, ["train", "--model", "mlp", "--model-opt", "dropout"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output

@@ -218,12 +218,24 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
+@pytest.mark.slow
 def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model, digits):
     expected = zoo_classify_labels(digits)
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits]}})
     assert status == 200, answer
     assert [p["label"] for p in answer["predictions"]] == expected
     assert set(answer["predictions"][0]) == {"label", "probability", "top"}
+    # The README's other request forms: {"inputs": ...} with params.top_k, and a pixels column.
+    status, answer = post(served_model, {"inputs": {"image": [b64(f) for f in digits]}, "params": {"top_k": 1}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == expected
+    assert all(len(p["top"]) == 1 for p in answer["predictions"])
+    pixels = [(np.asarray(Image.open(f), dtype=np.float64)[None] / 255).tolist() for f in digits]  # [C][H][W]
+    status, answer = post(served_model, {"dataframe_split": {"columns": ["pixels"], "data": [[p] for p in pixels]},
+                                         "params": {"top_k": 5}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == expected
+    assert all(len(p["top"]) == 5 for p in answer["predictions"])
 
     not_an_image = base64.b64encode(b"hello, not an image").decode()
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[not_an_image]]}})
@@ -242,6 +254,7 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     assert line.startswith("Error: column 'pixels' holds values in [0, 2") and "this model takes pixels in [0, 1]" in line
 
 
+@pytest.mark.slow
 def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digits, tmp_path):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits[:5]]}}))
@@ -252,6 +265,7 @@ def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digit
     assert [p["label"] for p in json.loads(out.read_text())["predictions"]] == zoo_classify_labels(digits[:5])
 
 
+@pytest.mark.slow
 def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
     from training.tracking import model_metadata

@@ -340,3 +340,36 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     assert {p["path"]: p["label"] for p in json.loads(on_torch.stdout)} == predicted  # the logged model itself, too
     correct = sum(predicted[str(f)] == fashion.classes[int(y)] for f, y in zip(files.files, files.labels))
     assert correct / len(files) > 0.2  # twice chance
+
+
+@pytest.mark.slow
+def test_renorm_reads_calibration_data_a_source_norm_and_spills_with_decoding_workers(fashion, fashion_folder, tmp_path):
+    torch.manual_seed(0)
+    weights = save_checkpoint(torchvision.models.resnet18(num_classes=10), IMAGENET, fashion.classes, tmp_path / "r18.pt")
+    calibration = write_image_folder(fashion.train.subset(20), fashion.classes, tmp_path / "calibration")
+    spill = tmp_path / "spill"
+
+    def renorm(*args: str) -> tuple[dict, dict]:
+        result = CliRunner().invoke(renorm_cli(), [
+            "renorm", "--weights", str(weights), "--data", str(fashion_folder), "--limit", "40", "--resize", "28",
+            "--crop", "28", "--norm", "0.5:0.5", "--adapt", "none,bn-recalibrate", "--calibration", "20",
+            "--format", "json", *args])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        rows = {(r["normalization"], r["adaptation"]): r for r in report["results"]}
+        return rows, mlflow.get_run(report["parent_run_id"]).data.params
+
+    # Decoded by 2 worker processes into a memmap (a 0 GB memory limit), calibrated on another folder,
+    # for weights said to be trained under 0.5/0.5 ...
+    spilled, params = renorm("--calibration-data", str(calibration), "--source-norm", "0.5:0.5", "--workers", "2",
+                             "--memory-limit-gb", "0", "--spill-dir", str(spill))
+    assert (params["calibration_data"], params["calibration_images"], params["eval_images"]) == (str(calibration), "20", "40")
+    assert set(params["source_mean"].split(",")) == set(params["source_std"].split(",")) == {"0.5"}
+    assert spilled[("0.5:0.5", "none")]["agreement"] == 1.0  # evaluated under its own normalization: unchanged
+    assert spill.is_dir() and not list(spill.iterdir())  # the memmap was there, and is gone
+    # ... and in memory, in this process, under the checkpoint's own normalization (ImageNet's): 0.5/0.5
+    # is then a change, and the same 40 images give the same top-1.
+    in_memory, params = renorm("--workers", "0", "--calibration-data", str(calibration))
+    assert (params["source_mean"], params["eval_images"]) == ("0.485,0.456,0.406", "40")
+    assert in_memory[("0.5:0.5", "none")]["top1"] == spilled[("0.5:0.5", "none")]["top1"]
+    assert in_memory[("0.5:0.5", "none")]["agreement"] < 1.0

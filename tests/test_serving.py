@@ -16,7 +16,7 @@ from serving.cli import cli
 from serving.demo import write_digit_images
 from serving.loading import load_model
 
-COMMANDS = ["train", "study", "renorm", "export", "classify", "models", "datasets", "demo"]
+COMMANDS = ["train", "study", "renorm", "export", "classify", "models", "datasets", "demo", "ui"]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,14 @@ def test_bad_serving_input_fails_with_one_clear_line(registered_model, args, cod
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command):
-    res = CliRunner().invoke(cli, [command, "--help"])
-    assert res.exit_code == 0 and "Usage: " in res.stdout and "--help" in res.stdout
+    res = CliRunner().invoke(cli, [command, "--help"], prog_name="zoo")
+    assert res.exit_code == 0 and res.stdout.startswith(f"Usage: zoo {command} [OPTIONS]"), res.output
+    listed = CliRunner().invoke(cli, ["--help"]).stdout
+    assert f"\n  {command} " in listed  # and `zoo --help` lists it
+
+
+def test_the_command_list_above_is_every_zoo_command():
+    assert sorted(COMMANDS) == sorted(cli.commands)  # a new command gets its --help checked too
 
 
 def test_version_and_listings_as_json(registered_model):
@@ -173,8 +179,11 @@ def test_the_installed_zoo_command_keeps_stdout_for_json(registered_model, digit
     """A real subprocess: logs go to stderr, so stdout parses as JSON for scripts."""
     folder, truth = digit_folder
     files = [str(p) for p in sorted(folder.glob("*.png"))[:4]]
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "classify", "models:/digits@champion", *files,
-                           "--format", "json"], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    # The console script pip installed beside this Python (setup.cfg's console_scripts), as a user runs it.
+    zoo = Path(sys.executable).parent / "zoo"
+    assert zoo.is_file(), f"no installed zoo command at {zoo}: run `make venv` (pip install -e .)"
+    proc = subprocess.run([str(zoo), "classify", "models:/digits@champion", *files, "--format", "json"],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert [Path(p["path"]).name for p in json.loads(proc.stdout)] == [Path(f).name for f in files]
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +29,9 @@ from optuna.trial import TrialState
 
 from serving.cli import cli
 from serving.cli_study import study as study_command
-from training.study import PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig, open_study, make_storage, run_study
+from serving.loading import read_metadata
+from training.study import (PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig, load_study_dataset, make_storage, open_study,
+                            run_study)
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds per trial on a shared 2-core machine, large enough to learn something.
@@ -91,8 +94,13 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter mean")  # -10 is outside the searched range on purpose
 def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tmp_path):
-    result = run_study(small_config(tmp_path, trials=6, jobs=2, log_models="best", register="best-norm"))
+    # Two trials first that surely differ (measured 0.345 and 0.105 against a collapse threshold of
+    # 0.145), so that the collapsed count is neither 0 nor all; then 4 sampled in the published range.
+    config = small_config(tmp_path, trials=6, jobs=2, log_models="best", register="best-norm",
+                          enqueue=[("0.1307", "0.3081"), ("-10", "0.1")])
+    result = run_study(config)
 
     parents, children = study_runs()
     assert [p.info.run_id for p in parents] == [result.parent_run_id]
@@ -118,6 +126,41 @@ def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tm
     assert MlflowClient().get_model_version("best-norm", "1").run_id == best_run
     # Only the best trial keeps its checkpoints.
     assert [r.info.run_id for r in children if MlflowClient().list_artifacts(r.info.run_id, "checkpoints")] == [best_run]
+    assert_summary_matches_the_trials(parent, children, summary, config)
+
+
+def assert_summary_matches_the_trials(parent, children: list, summary: dict, config: StudyConfig) -> None:
+    """The parent's headline figures are those of its child runs, recomputed here from MLflow alone,
+    and every trial's normalization was drawn from the searched ranges."""
+    val = [r.data.metrics["val_accuracy"] for r in children]
+    test = [r.data.metrics["test_accuracy"] for r in children]
+    assert len(val) == len(test) == summary["trials_complete"] > 1
+    for split, values in (("val", val), ("test", test)):
+        expected = {"median": statistics.median(values), "sd": statistics.stdev(values),
+                    "min": min(values), "max": max(values)}
+        assert summary[f"{split}_accuracy"] == pytest.approx(expected), split
+        for stat, value in expected.items():  # the parent's metrics, what the runs table shows
+            assert parent.data.metrics[f"{stat}_{split}_accuracy"] == pytest.approx(value), (stat, split)
+    # Collapsed: no better than always answering the validation split's most frequent class.
+    labels = load_study_dataset(config).val.labels.tolist()
+    threshold = max(labels.count(c) for c in set(labels)) / len(labels) + config.collapse_margin
+    collapsed = sum(v <= threshold for v in val)
+    assert 0 < collapsed < len(val), f"the extreme range should collapse some trials, not all: {val}"
+    assert summary["trials_collapsed"] == parent.data.metrics["trials_collapsed"] == collapsed
+    description = parent.data.tags["mlflow.note.content"]
+    assert (f"{len(val)} trials complete ({collapsed} collapsed to predicting one class" in description
+            and f"median **{100 * statistics.median(val):.2f} %**, sd {100 * statistics.stdev(val):.2f} pt, "
+                f"range {100 * min(val):.2f}-{100 * max(val):.2f} %" in description), description
+    for run in children:
+        if int(run.data.params["trial_number"]) < len(config.enqueue):
+            continue  # enqueued as given, not sampled
+        assert config.mean_range[0] <= float(run.data.params["mean"]) <= config.mean_range[1]
+        assert config.std_range[0] <= float(run.data.params["std"]) <= config.std_range[1]
+    # The registered model normalizes as the best trial did.
+    best = max(children, key=lambda r: r.data.metrics["val_accuracy"])
+    registered = read_metadata("models:/best-norm/1")["normalization"]
+    assert registered == {"mean": [pytest.approx(float(best.data.params["mean"]))],
+                          "std": [pytest.approx(float(best.data.params["std"]))]}
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ def test_unavailable_dataset_exits_1_naming_alternatives(tmp_path):
     assert all_runs() == []
 
 
+@pytest.mark.slow
 def test_bf16_mixed_trains_as_well_as_fp32_and_the_run_says_which(mnist_5k):
     from training.engine import PRECISIONS
     from training.train import TrainConfig, train

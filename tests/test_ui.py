@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -62,6 +63,27 @@ def test_a_trained_run_has_a_readable_name_tags_description_datasets_and_figures
     for image in (confusion, misclassified):
         assert 300 <= min(image.size) and max(image.size) <= 1200  # readable, and small
         assert len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+    # What the confusion matrix shows: 10 x 10 cells, the diagonal (about 95 of 100 digits per class for
+    # this model) dark, every other cell (a few digits at most) light.
+    shades = cell_shades(confusion, 10)
+    off_diagonal = shades[~np.eye(10, dtype=bool)]
+    assert shades.diagonal().max() < 128 < off_diagonal.min(), shades.astype(int)
+
+
+def cell_shades(image: Image.Image, n: int) -> np.ndarray:
+    """The grey level of each cell of an n x n imshow drawn with the "Blues" colormap: the plot's extent is
+    where the pixels are blue (the ticks and text are black or white), each cell's the median of its middle."""
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    rows, columns = np.nonzero(rgb[..., 2] - rgb[..., 0] > 40)
+    top, left = rows.min(), columns.min()
+    height, width = (rows.max() + 1 - top) / n, (columns.max() + 1 - left) / n
+    grey = np.asarray(image.convert("L")).astype(float)
+
+    def middle(r: int, c: int) -> float:  # the cell without its borders
+        y, x = top + r * height, left + c * width
+        return float(np.median(grey[int(y + 0.15 * height):int(y + 0.85 * height), int(x + 0.15 * width):int(x + 0.85 * width)]))
+
+    return np.array([[middle(r, c) for c in range(n)] for r in range(n)])
 
 
 def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(mnist_5k):
