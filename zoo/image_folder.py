@@ -102,10 +102,10 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
     mapping, rule = map_folders(folders, names)
     if not files:
         raise ValueError(f"no images ({SUPPORTED}) in the class folders of {root}")
-    warn_skipped(root, [(str(f), f"not an image file (image suffixes: {SUPPORTED})") for f in others],
+    warn_skipped(root, [(f, f"not an image file (image suffixes: {SUPPORTED})") for f in others],
                  len(files) + len(others))
     labels = torch.tensor([mapping[folders[i]] for i in indices], dtype=torch.int64)
-    return LabelledFiles(root, files, labels, rule), list(names)
+    return LabelledFiles(root, [Path(f.path) for f in files], labels, rule), list(names)
 
 
 class _CenterCrops(torch.utils.data.Dataset):
