@@ -37,11 +37,12 @@ from alembic.util import CommandError as AlembicCommandError
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
-from training.outage import Outbox, Patience, unreachable
+from training.outage import Outbox, Patience, timeout_from_env, unreachable
+from training.storage_outage import PatientRDBStorage, recently_back, wait_for_database
 from training.engine import EpochResult, TrainingDiverged
 from training.batched import check_batchable
 from training.train import (
@@ -153,8 +154,10 @@ class StudyResult:
 # --- storage, study and parent run -------------------------------------------------------
 
 
-def make_storage(url: str, heartbeat: int) -> RDBStorage:
-    """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once."""
+def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBStorage:
+    """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once.
+    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else
+    600 s; see training/storage_outage.py)."""
     if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
         raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
@@ -175,8 +178,12 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
     def connect() -> RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              heartbeat_stale_trial_callback=on_stale_trial)
+            if url.startswith("sqlite"):  # a file: nothing restarts
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                  heartbeat_stale_trial_callback=on_stale_trial)
+            return PatientRDBStorage(url, wait_s=timeout_from_env() if wait_s is None else wait_s,
+                                     engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                     heartbeat_stale_trial_callback=on_stale_trial)
 
     for attempt in range(4):
         try:
@@ -215,7 +222,8 @@ class StudyLock:
     while a trial trains.
     """
 
-    def __init__(self, url: str, study_name: str) -> None:
+    def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
+        """``wait_s``: how long taking the lock waits for a database server that restarts (None: not at all)."""
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
@@ -224,6 +232,8 @@ class StudyLock:
         self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
         database = parsed.database if self.dialect == "sqlite" else None
         self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
+        if self.engine is not None and wait_s is not None:
+            wait_for_database(self.engine, wait_s)
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -240,8 +250,14 @@ class StudyLock:
                     try:
                         yield
                     finally:
-                        connection.execute(text(give), {"key": self.key, "name": self.name})
-                        connection.commit()
+                        self._release(connection, give)
+
+    def _release(self, connection: Any, give: str) -> None:
+        try:
+            connection.execute(text(give), {"key": self.key, "name": self.name})
+            connection.commit()
+        except OperationalError:
+            pass  # the database restarted under us: the lock ended with the session that held it
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -591,9 +607,11 @@ def _end_orphaned_run(trial: FrozenTrial) -> None:
 
 def end_orphaned_runs(study: optuna.Study) -> None:
     """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    # Right after a database outage every trial's heartbeat is late: give them two heartbeats to catch up.
+    if not recently_back(2 * (study._storage.get_heartbeat_interval() or 0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if not is_finished(trial):  # a diverged trial ended its own run
             _end_orphaned_run(trial)
@@ -1056,8 +1074,9 @@ def run_study(config: StudyConfig) -> StudyResult:
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     tracking.check_tracking_server()
-    storage = make_storage(config.storage, config.heartbeat)
-    lock = StudyLock(config.storage, config.name)
+    wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
+    storage = make_storage(config.storage, config.heartbeat, wait_s)
+    lock = StudyLock(config.storage, config.name, wait_s)
     study, created = open_study(config, storage)
     # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
     # would make every trial log into the project's run instead of a child: take it out.
