@@ -14,6 +14,9 @@ one when it is back:
 - past the bound, :class:`tracking.ServerGone`: the local folder is kept and
   ``zoo train --resume RUN_ID`` reads its checkpoint and sends its metrics.
 
+:class:`Patience` is the waiting alone, for calls that keep nothing locally (a study's parent
+run, a trial's start and end); :class:`Outbox` adds a run's epoch results kept on disk.
+
 What MLflow does not cover, and why this module exists: its asynchronous logging
 (``synchronous=False``) sends from a background thread, but a batch whose request fails is
 logged as an error and dropped (``AsyncLoggingQueue``), and artifacts have no asynchronous
