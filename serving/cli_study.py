@@ -10,7 +10,8 @@ import json
 import click
 
 from serving.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MODEL, TEST_FRACTION, unset_sentinels,
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MODEL, TEST_FRACTION, TRACKING_TIMEOUT,
+    unset_sentinels,
 )
 
 _POSITIVE = click.IntRange(min=1)
@@ -67,11 +68,12 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @DEVICE
 @DATA_DIR
 @EXPERIMENT
+@TRACKING_TIMEOUT
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
 def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
           prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
-          heartbeat, collapse_margin, device, data_dir, experiment, no_progress, fmt) -> None:
+          heartbeat, collapse_margin, device, data_dir, experiment, tracking_timeout, no_progress, fmt) -> None:
     """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
 
     Run the same command in several processes or machines (sharing --storage) to parallelize;
@@ -88,6 +90,7 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
         val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
         data_dir=data_dir, image_size=image_size, test_fraction=test_fraction, progress=not no_progress,
+        tracking_timeout=tracking_timeout,
     )
     result = run_study(config)
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,

@@ -93,5 +93,6 @@ TRACKING_TIMEOUT = click.option(
     show_default=True, metavar="SECONDS",
     help="How long a run waits for an MLflow tracking server that goes away once the run has started (a restart): "
          "training goes on meanwhile, what it logs kept on local disk and sent when the server is back. "
-         "Past it, the command stops and names the command that finishes the run. [env: ZOO_TRACKING_TIMEOUT]",
+         "Past it, the command stops and names the command that finishes the run. zoo study waits as long for its "
+         "database (PostgreSQL, MySQL) when it restarts. [env: ZOO_TRACKING_TIMEOUT]",
 )

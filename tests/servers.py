@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 SERVER_START_S = 300  # generous: a 2-core machine shared with other jobs starts servers slowly
+_PG_CTL: dict[str, tuple[list[str], list[str]]] = {}  # URL of a running postgres_server -> (stop, start) commands
 
 
 def postgres_bin() -> Path | None:
@@ -64,17 +65,30 @@ def postgres_server(*databases: str, password: str | None = None) -> Iterator[st
         (folder / "pwfile").write_text(password + "\n")
         (folder / "pwfile").chmod(0o644)  # readable by the server user; the folder goes at the end
         auth = ["--auth-host", "scram-sha-256", "--auth-local", "scram-sha-256", "--pwfile", folder / "pwfile"]
+    pg_ctl = [bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-t", SERVER_START_S]
+    url = f"postgresql://zoo@127.0.0.1:{port}"
     try:
         run(bin_dir / "initdb", "-D", folder / "data", *auth, "-U", "zoo")
-        run(bin_dir / "pg_ctl", "-D", folder / "data", "-w", "-t", SERVER_START_S, "-l", folder / "log", "-o",
-            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        start = [*pg_ctl, "-l", folder / "log", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]
+        run(*start)
         for name in databases:
             run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "zoo", name)
-        yield f"postgresql://zoo@127.0.0.1:{port}"
+        _PG_CTL[url] = ([*as_server, *map(str, pg_ctl), "-m", "fast", "stop"], [*as_server, *map(str, start)])
+        yield url
     finally:
+        _PG_CTL.pop(url, None)
         subprocess.run([*as_server, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def restart_postgres(url: str, down_s: float = 0.0) -> None:
+    """Restart the :func:`postgres_server` at ``url`` as ``pg_ctl restart`` does (fast shutdown: open
+    sessions are ended), staying down ``down_s`` seconds in between; same port, same data."""
+    stop, start = _PG_CTL[url]
+    subprocess.run(stop, check=True, capture_output=True, timeout=SERVER_START_S)
+    time.sleep(down_s)
+    subprocess.run(start, check=True, capture_output=True, timeout=SERVER_START_S)
 
 
 @contextmanager

@@ -14,6 +14,9 @@ one when it is back:
 - past the bound, :class:`tracking.ServerGone`: the local folder is kept and
   ``zoo train --resume RUN_ID`` reads its checkpoint and sends its metrics.
 
+:class:`Patience` is the waiting alone, for calls that keep nothing locally (a study's parent
+run, a trial's start and end); :class:`Outbox` adds a run's epoch results kept on disk.
+
 What MLflow does not cover, and why this module exists: its asynchronous logging
 (``synchronous=False``) sends from a background thread, but a batch whose request fails is
 logged as an error and dropped (``AsyncLoggingQueue``), and artifacts have no asynchronous
@@ -100,14 +103,86 @@ def say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
 
 
-class Outbox:
-    """One run's epoch results on their way to the tracking server, kept on local disk until it holds them."""
+class Patience:
+    """Calls to the tracking server that wait for it when it stops answering, up to the bound
+    (``timeout_s``), with one line on stderr when it goes away and one when it is back. Past the
+    bound, :class:`ServerGone`, whose line ends with ``then`` (what to do once the server is back).
 
-    def __init__(self, run_id: str, timeout_s: float | None = None) -> None:
-        self.run_id = run_id
+    A study uses one for its parent run's writes and each trial's start and end; :class:`Outbox`
+    adds a run's epoch results kept on local disk."""
+
+    def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
         self.timeout_s = timeout_from_env() if timeout_s is None else timeout_s
-        self.folder = local_run_dir(run_id)
+        self.then = then
         self.away_since: float | None = None
+
+    def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)``, called again once the server is back if it did not answer."""
+        while True:
+            answered, result = self._attempt(call, *args, **kwargs)
+            if answered:
+                return result
+            self._wait_for_server()
+
+    def _attempt(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
+        """(True, what ``call`` returned), or (False, None) when the server did not answer (the outage noted);
+        any other error is raised."""
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self._went_away(exc)
+            return False, None
+        self._came_back()
+        return True, result
+
+    # --- the outage -----------------------------------------------------------------------------
+    def _went_away(self, exc: BaseException) -> None:
+        if self.away_since is not None:
+            return
+        self.away_since = time.monotonic()
+        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+        say(self._away_line(errno.group(1) if errno else type(exc).__name__))
+
+    def _away_line(self, reason: str) -> str:
+        return (f"zoo: the MLflow tracking server at {_server()} stopped answering ({reason}); waiting for it "
+                f"up to {self.timeout_s:g} s (--tracking-timeout)")
+
+    def _came_back(self) -> None:
+        if self.away_since is None:
+            return
+        say(f"zoo: the MLflow tracking server at {_server()} answers again after "
+            f"{time.monotonic() - self.away_since:.0f} s{self._back_note()}")
+        self.away_since = None
+
+    def _back_note(self) -> str:
+        return ""
+
+    def _wait_for_server(self) -> None:
+        while not server_answers():
+            self._check_bound()
+            time.sleep(POLL_S)
+
+    def _check_bound(self) -> None:
+        if self.away_since is not None and time.monotonic() - self.away_since > self.timeout_s:
+            raise ServerGone(self._gone_message())
+
+    def _gone_message(self) -> str:
+        return (f"the MLflow tracking server at {_server()} did not answer for {self.timeout_s:g} s "
+                f"(--tracking-timeout); once it is back, {self.then}")
+
+
+class Outbox(Patience):
+    """One run's epoch results on their way to the tracking server, kept on local disk until it holds them.
+
+    ``then``: what the line past the bound says to do (default: ``zoo train --resume RUN_ID``, which
+    reads the kept checkpoint); a study trial, which is retried rather than resumed, gives its own."""
+
+    def __init__(self, run_id: str, timeout_s: float | None = None, then: str | None = None) -> None:
+        super().__init__(timeout_s, then or "")
+        self.run_id = run_id
+        self.folder = local_run_dir(run_id)
         self.epoch = 0
         pending = self._read_pending()
         self.metrics: list[dict[str, Any]] = pending.get("metrics", [])
@@ -150,68 +225,36 @@ class Outbox:
             time.sleep(POLL_S)
             self.send()
 
-    def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``call(*args, **kwargs)``, called again once the server is back if it did not answer."""
-        while True:
-            answered, result = self._attempt(call, *args, **kwargs)
-            if answered:
-                return result
-            self._wait_for_server()
-
-    def _attempt(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
-        """(True, what ``call`` returned), or (False, None) when the server did not answer (the outage noted);
-        any other error is raised."""
-        try:
-            result = call(*args, **kwargs)
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            self._went_away(exc)
-            return False, None
-        self._came_back()
-        return True, result
-
     def close(self) -> None:
         """The run is over and the server holds everything: the local folder goes."""
         if not self.pending:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.discard()
+
+    def discard(self) -> None:
+        """The local folder goes, sent or not (a study trial that failed is retried, never resumed)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     @property
     def pending(self) -> bool:
         return bool(self.metrics or self.checkpoints)
 
     # --- the outage -----------------------------------------------------------------------------
-    def _went_away(self, exc: BaseException) -> None:
-        if self.away_since is not None:
-            return
-        self.away_since = time.monotonic()
-        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
-        reason = errno.group(1) if errno else type(exc).__name__
-        say(f"zoo: the MLflow tracking server at {_server()} stopped answering ({reason}); training goes on and keeps "
-            f"what it logs in {self.folder} until the server is back, waiting up to {self.timeout_s:g} s "
-            f"(--tracking-timeout)")
+    def _away_line(self, reason: str) -> str:
+        return (f"zoo: the MLflow tracking server at {_server()} stopped answering ({reason}); training goes on and "
+                f"keeps what it logs in {self.folder} until the server is back, waiting up to {self.timeout_s:g} s "
+                f"(--tracking-timeout)")
 
-    def _came_back(self) -> None:
-        if self.away_since is None:
-            return
-        say(f"zoo: the MLflow tracking server at {_server()} answers again after "
-            f"{time.monotonic() - self.away_since:.0f} s; what was kept has been sent")
-        self.away_since = None
+    def _back_note(self) -> str:
+        return "; what was kept has been sent"
 
-    def _wait_for_server(self) -> None:
-        while not server_answers():
-            self._check_bound()
-            time.sleep(POLL_S)
-
-    def _check_bound(self) -> None:
-        if self.away_since is None or time.monotonic() - self.away_since <= self.timeout_s:
-            return
+    def _gone_message(self) -> str:
+        if self.then:
+            return super()._gone_message()
         checkpoint = local_checkpoint(self.run_id)
         kept = f"its checkpoint kept at {checkpoint}" if checkpoint else f"what it logged kept in {self.folder}"
-        raise ServerGone(
-            f"the MLflow tracking server at {_server()} did not answer for {self.timeout_s:g} s (--tracking-timeout): "
-            f"run {self.run_id} stopped after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, "
-            f"finish the run with: zoo train --resume {self.run_id}")
+        return (f"the MLflow tracking server at {_server()} did not answer for {self.timeout_s:g} s (--tracking-timeout): "
+                f"run {self.run_id} stopped after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, "
+                f"finish the run with: zoo train --resume {self.run_id}")
 
     def _last_epoch(self, checkpoint: Path | None) -> int:
         if checkpoint is None:

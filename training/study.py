@@ -37,10 +37,12 @@ from alembic.util import CommandError as AlembicCommandError
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
+from training.outage import Outbox, Patience, timeout_from_env, unreachable
+from training.storage_outage import PatientRDBStorage, recently_back, wait_for_database
 from training.engine import EpochResult, TrainingDiverged
 from training.batched import check_batchable
 from training.train import (
@@ -65,6 +67,7 @@ STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 WORKER_TAG = tracking.WORKER_TAG  # HOST:PID of the process that ran a trial
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (about 0.1-0.3 s each)
+RESUME_STUDY = "re-run the same command to resume the study (the trials it stopped are run again)"  # past --tracking-timeout
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
 # (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
 
@@ -106,6 +109,7 @@ class StudyConfig:
     image_size: str | None = None  # image folders: see TrainConfig.image_size
     test_fraction: float | None = None  # image folders without test/
     progress: bool = True
+    tracking_timeout: float | None = None  # seconds to wait for an MLflow server that goes away (None: ZOO_TRACKING_TIMEOUT, else 600)
 
     @property
     def name(self) -> str:
@@ -150,8 +154,10 @@ class StudyResult:
 # --- storage, study and parent run -------------------------------------------------------
 
 
-def make_storage(url: str, heartbeat: int) -> RDBStorage:
-    """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once."""
+def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBStorage:
+    """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once.
+    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else
+    600 s; see training/storage_outage.py)."""
     if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
         raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
@@ -172,8 +178,12 @@ def make_storage(url: str, heartbeat: int) -> RDBStorage:
     def connect() -> RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              heartbeat_stale_trial_callback=on_stale_trial)
+            if url.startswith("sqlite"):  # a file: nothing restarts
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                  heartbeat_stale_trial_callback=on_stale_trial)
+            return PatientRDBStorage(url, wait_s=timeout_from_env() if wait_s is None else wait_s,
+                                     engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                     heartbeat_stale_trial_callback=on_stale_trial)
 
     for attempt in range(4):
         try:
@@ -212,7 +222,8 @@ class StudyLock:
     while a trial trains.
     """
 
-    def __init__(self, url: str, study_name: str) -> None:
+    def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
+        """``wait_s``: how long taking the lock waits for a database server that restarts (None: not at all)."""
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
@@ -221,6 +232,8 @@ class StudyLock:
         self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
         database = parsed.database if self.dialect == "sqlite" else None
         self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
+        if self.engine is not None and wait_s is not None:
+            wait_for_database(self.engine, wait_s)
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -237,8 +250,14 @@ class StudyLock:
                     try:
                         yield
                     finally:
-                        connection.execute(text(give), {"key": self.key, "name": self.name})
-                        connection.commit()
+                        self._release(connection, give)
+
+    def _release(self, connection: Any, give: str) -> None:
+        try:
+            connection.execute(text(give), {"key": self.key, "name": self.name})
+            connection.commit()
+        except OperationalError:
+            pass  # the database restarted under us: the lock ended with the session that held it
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -421,6 +440,7 @@ class _Context:
     stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
     summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
+    patience: Patience = field(default_factory=Patience)  # the parent run's writes wait for a server that went away
 
 
 def _trial_setup(trial: optuna.Trial, ctx: _Context) -> tuple[TrainConfig, Normalization, str, dict[str, str]]:
@@ -443,23 +463,43 @@ def _trial_params(trial: optuna.Trial, ctx: _Context) -> dict[str, int]:
 def _objective(trial: optuna.Trial, ctx: _Context) -> float:
     config = ctx.config
     train_config, normalization, run_name, tags = _trial_setup(trial, ctx)
-    with tracking.start_run(experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, run_name=run_name, tags=tags,
-                            stopped=(optuna.TrialPruned,)) as run:
-        trial.set_user_attr(RUN_ATTR, run.info.run_id)
-        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization))
-        tracking.log_params(_trial_params(trial, ctx))
-        try:
-            result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None)
-        except TrainingDiverged as exc:
-            trial.set_user_attr(OUTCOME_ATTR, "diverged")
-            trial.set_user_attr("failure", str(exc))
-            raise
-        trial.set_user_attr("test_accuracy", result.test_accuracy)
-        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization, result))
-        if config.log_models == "all":
-            uri = _log_trial_model(result.network, result.normalization, config, ctx.dataset, result.test_accuracy)
-            tracking.set_tags({MODEL_URI_TAG: uri})
+    outbox = _start_trial_run(trial, ctx, run_name, tags)
+    patiently = outbox.patiently  # every write waits for a tracking server that went away (training goes on)
+    try:
+        with ExitStack() as run:
+            patiently(lambda: run.enter_context(tracking.start_run(
+                run_id=outbox.run_id, stopped=(optuna.TrialPruned,), patiently=patiently)))
+            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization))
+            patiently(tracking.log_params, _trial_params(trial, ctx))
+            try:
+                result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None,
+                             outbox=outbox)
+            except TrainingDiverged as exc:
+                trial.set_user_attr(OUTCOME_ATTR, "diverged")
+                trial.set_user_attr("failure", str(exc))
+                raise
+            trial.set_user_attr("test_accuracy", result.test_accuracy)
+            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
+            if config.log_models == "all":
+                uri = patiently(_log_trial_model, result.network, result.normalization, config, ctx.dataset,
+                                result.test_accuracy)
+                patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+    finally:
+        outbox.discard()  # sent, or the trial failed: a trial is retried, never resumed from it
     return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
+
+
+def _start_trial_run(trial: optuna.Trial, ctx: _Context, run_name: str, tags: dict[str, str]) -> Outbox:
+    """Create the trial's child run (waiting for a tracking server that went away) and name it in the trial;
+    returns the Outbox its epochs go through."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    patience = Patience(ctx.config.tracking_timeout, RESUME_STUDY)
+    # One request, so a retry never leaves a half-made run; with the tags mlflow.start_run would add (user, source).
+    run_id = patience.patiently(tracking.create_run, experiment=ctx.experiment, run_name=run_name,
+                                parent_run_id=ctx.parent_run_id, tags=resolve_tags(tags))
+    trial.set_user_attr(RUN_ATTR, run_id)
+    return Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
 
 
 def _describe_trial(trial: optuna.Trial, ctx: _Context, train_config: TrainConfig, normalization: Normalization,
@@ -555,16 +595,23 @@ def _batch_pruning_callback(trials: list[optuna.Trial]):
 def _end_orphaned_run(trial: FrozenTrial) -> None:
     """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED."""
     run_id = trial.user_attrs.get(RUN_ATTR)
-    if run_id and tracking.run_status(run_id) == "RUNNING":
-        tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
-                                                 "the trial was failed and retried")
+    try:
+        if run_id and tracking.run_status(run_id) == "RUNNING":
+            tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
+                                                     "the trial was failed and retried")
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        # The tracking server is away: the next claim, or the study's end, ends the run.
 
 
 def end_orphaned_runs(study: optuna.Study) -> None:
     """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    # Right after a database outage every trial's heartbeat is late: give them two heartbeats to catch up.
+    if not recently_back(2 * (study._storage.get_heartbeat_interval() or 0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if not is_finished(trial):  # a diverged trial ended its own run
             _end_orphaned_run(trial)
@@ -846,11 +893,13 @@ def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: _C
         return
     try:
         if run_id != best:
-            tracking.delete_checkpoints(run_id)
+            ctx.patience.patiently(tracking.delete_checkpoints, run_id)
             return
         if ctx.checkpointed_best not in (None, run_id):
-            tracking.delete_checkpoints(ctx.checkpointed_best)
+            ctx.patience.patiently(tracking.delete_checkpoints, ctx.checkpointed_best)
         ctx.checkpointed_best = run_id
+    except tracking.ServerGone:
+        raise
     except Exception as exc:  # a failed clean-up must not stop the study; the final sweep retries
         tqdm.write(f"study: could not delete a trial's checkpoints ({_cleanup_failure(exc)})", file=sys.stderr)
 
@@ -891,8 +940,11 @@ def _after_trial(ctx: _Context, bar: tqdm, study: optuna.Study, trial: FrozenTri
         if time.monotonic() - ctx.summary_logged < SUMMARY_EVERY_S:
             return  # refreshed a moment ago; the study's end always writes the final one
         try:
-            log_summary(study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val), ctx.config.collapse_margin)
+            ctx.patience.patiently(log_summary, study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val),
+                                   ctx.config.collapse_margin)
             ctx.summary_logged = time.monotonic()
+        except tracking.ServerGone:
+            raise
         except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
             tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
 
@@ -1022,8 +1074,9 @@ def run_study(config: StudyConfig) -> StudyResult:
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     tracking.check_tracking_server()
-    storage = make_storage(config.storage, config.heartbeat)
-    lock = StudyLock(config.storage, config.name)
+    wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
+    storage = make_storage(config.storage, config.heartbeat, wait_s)
+    lock = StudyLock(config.storage, config.name, wait_s)
     study, created = open_study(config, storage)
     # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
     # would make every trial log into the project's run instead of a child: take it out.
@@ -1032,7 +1085,8 @@ def run_study(config: StudyConfig) -> StudyResult:
     with lock():  # processes started together would each queue the same points
         for params in queued:
             study.enqueue_trial(params, skip_if_exists=True)
-    ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent), lock)
+    ctx = _Context(config, dataset, parent, tracking.run_experiment_name(parent), lock,
+                   patience=Patience(config.tracking_timeout, RESUME_STUDY))
     try:
         # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
         # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
@@ -1045,7 +1099,7 @@ def run_study(config: StudyConfig) -> StudyResult:
         except Exception:  # the store itself may be what failed; the error being raised says more
             pass
         finished, running = count_trials(study)
-        if running == 0:  # no other process is working on it
+        if running == 0 and not isinstance(exc, tracking.ServerGone):  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                    f"{type(exc).__name__}: {exc}; re-run the same command to resume")
         if isinstance(exc, KeyboardInterrupt):
@@ -1053,7 +1107,7 @@ def run_study(config: StudyConfig) -> StudyResult:
                                    "re-run the same command to resume it") from None
         raise
     with lock():  # the workers end together: one of them writes the final summary and publishes the model
-        return _finish_study(study, parent, config, dataset)
+        return ctx.patience.patiently(_finish_study, study, parent, config, dataset)  # each step can be redone
 
 
 def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset: Dataset) -> StudyResult:

@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import torch
@@ -114,6 +114,7 @@ def start_run(
     run_id: str | None = None,
     tags: dict[str, str] | None = None,
     stopped: tuple[type[BaseException], ...] = (),
+    patiently: Callable[..., Any] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """A run that ends FINISHED, FAILED (with the reason as a tag) or KILLED (Ctrl-C), never left RUNNING.
 
@@ -122,6 +123,8 @@ def start_run(
     A new top-level ``run_name`` gets a ``#2``, ``#3``... suffix when the experiment already has it.
     Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created: it is reused when it
     lies in the experiment our runs go to, else pointed at the new run (see :func:`is_project_run_here`).
+    ``patiently`` (``outage.Patience.patiently``): the run's end is written through it, waiting for
+    a server that went away (Ctrl-C's KILLED excepted: the user wants out).
     """
     startup.settled()  # the tracked work begins: the command's start-up is over
     project_run_id, new_top_level = None, run_id is None and parent_run_id is None
@@ -155,23 +158,35 @@ def start_run(
         _drop_active_run()
         raise
     except stopped as exc:
-        mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run("KILLED")
+        _end_active_run("KILLED", f"{type(exc).__name__}: {exc}", patiently)
         raise
     except BaseException as exc:
-        mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run("FAILED")
+        _end_active_run("FAILED", f"{type(exc).__name__}: {exc}", patiently)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end_active_run("FINISHED", None, patiently)
 
 
-def _drop_active_run() -> None:
-    """End the active run here while the server is away: it stays RUNNING there, for `zoo train --resume`."""
+def _end_active_run(status: str, reason: str | None, patiently: Callable[..., Any] | None) -> None:
+    """End the active run with ``status`` (and ``reason`` as a tag), through ``patiently`` when given."""
+    if patiently is None:
+        if reason:
+            mlflow.set_tag(FAILURE_TAG, reason[:5000])
+        mlflow.end_run(status)
+        return
+    # mlflow.end_run forgets the active run before it calls the server, so it cannot be retried:
+    # the server is told through the client, patiently, and only then is the run dropped here.
+    patiently(end_run_by_id, mlflow.active_run().info.run_id, status, reason)
+    _drop_active_run(status)
+
+
+def _drop_active_run(status: str = "KILLED") -> None:
+    """End the active run here while the server is away (it stays RUNNING there, for `zoo train --resume`),
+    or once the server already holds its ``status``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.end_run("KILLED")  # MLflow drops the active run before it calls the server
+        mlflow.end_run(status)  # MLflow drops the active run before it calls the server
     except MlflowException:
         pass
 

@@ -234,10 +234,10 @@ def fit(
     config = config.resolved()
     normalization = config.normalization(dataset)
     device = resolve_device(config.device)
-    tracking.log_params(run_params(config, normalization, dataset))
+    patiently(outbox, tracking.log_params, run_params(config, normalization, dataset))
     if resume is None:  # a resumed run logged its inputs when it started
-        tracking.log_dataset_inputs(dataset.name, dataset.source,
-                                    {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
+        patiently(outbox, tracking.log_dataset_inputs, dataset.name, dataset.source,
+                  {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -281,7 +281,7 @@ def fit(
         outbox.wait_and_send()  # the server holds every epoch before the run goes on (or ServerGone)
     if config.keep_best:
         best.restore(network)
-        tracking.log_figure(accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
+        patiently(outbox, tracking.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
     patiently(outbox, log_test_results, test_loss, test_accuracy, dataset, predicted, normalization, config)
     run_id = tracking.mlflow.active_run().info.run_id
