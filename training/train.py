@@ -414,7 +414,7 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
         f"{skipped}, {'x'.join(map(str, dataset.image_shape))}, classes {', '.join(dataset.classes[:12])}"
         f"{', ...' if len(dataset.classes) > 12 else ''}.",
         "",
-        *([fitted_note(config.spec(), dataset), ""] if fitted_note(config.spec(), dataset) else []),
+        *([note, ""] if (note := fitted_note(config.spec(), dataset)) else []),
         f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
         f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
         f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
