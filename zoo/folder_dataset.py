@@ -219,8 +219,8 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                                  "add images or remove the folder")
 
 
-def _assign_splits(pools: dict[str, tuple[list[Path], torch.Tensor]], val_fraction: float, test_fraction: float,
-                   seed: int) -> dict[str, tuple[list[Path], list[int]]]:
+def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_fraction: float,
+                   test_fraction: float, seed: int) -> dict[str, tuple[list[ListedFile], list[int]]]:
     """Each split's files and labels: the folders given, the missing splits carved (stratified) from train."""
     train_files, train_labels = pools["train"]
     carve = [s for s in ("val", "test") if s not in pools]
