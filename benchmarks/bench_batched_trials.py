@@ -21,7 +21,7 @@ from training.batched import StackedTrials
 from training.engine import make_optimizer, train_one_epoch
 from zoo.data import load_dataset
 from zoo.normalization import Normalization
-from zoo.registry import create_model
+from zoo.models.registry import create_model
 
 
 def normalizations(k: int) -> list[Normalization]:

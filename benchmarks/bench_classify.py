@@ -36,7 +36,7 @@ def make_model(path: Path) -> Path:
     from serving.export import export_onnx
     from serving.loading import LoadedModel
     from zoo.normalization import NormalizedModel
-    from zoo.registry import create_model, get_model_spec
+    from zoo.models.registry import create_model, get_model_spec
 
     torch.manual_seed(0)
     spec = get_model_spec("mnist_cnn")

@@ -18,7 +18,7 @@ from torchvision import transforms
 
 from training.engine import batches, make_optimizer
 from zoo.data import load_dataset
-from zoo.registry import create_model, get_model_spec
+from zoo.models.registry import create_model, get_model_spec
 
 
 class PilDataset(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ import torch
 from training.engine import evaluate_predictions
 from zoo.data import load_dataset
 from zoo.normalization import Normalization
-from zoo.registry import create_model
+from zoo.models.registry import create_model
 
 
 def measure(sizes: list[int], rounds: int) -> dict[int, list[float]]:

@@ -42,7 +42,7 @@ def plain_loop(split, normalization, seed: int = 1) -> float:
     import torch
     import torch.nn.functional as F
 
-    from zoo.registry import create_model
+    from zoo.models.registry import create_model
 
     torch.manual_seed(seed)
     order = torch.randperm(len(split))
@@ -68,7 +68,7 @@ def zoo_loop(split, normalization, seed: int = 1) -> float:
 
     from zoo.progress import tqdm
     from training.train import TrainConfig, trainer_for
-    from zoo.registry import create_model
+    from zoo.models.registry import create_model
 
     torch.manual_seed(seed)
     config = TrainConfig(model="mnist_cnn", dataset="fashion-mnist", epochs=1)
@@ -113,7 +113,7 @@ def _onnx_model(path: Path) -> Path:
     from serving.export import export_onnx
     from serving.loading import LoadedModel
     from zoo.normalization import NormalizedModel
-    from zoo.registry import create_model, get_model_spec
+    from zoo.models.registry import create_model, get_model_spec
 
     spec = get_model_spec("mnist_cnn")
     module = NormalizedModel(create_model("mnist_cnn").eval(), spec.normalization).eval()

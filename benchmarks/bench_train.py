@@ -41,7 +41,7 @@ def reference(images: int = TRAIN_IMAGES) -> dict[str, float]:
     from torchvision import datasets, transforms
 
     from zoo.data import _stage_system_fashion_mnist, default_data_dir
-    from zoo.registry import create_model
+    from zoo.models.registry import create_model
 
     torch.manual_seed(1)
     root = default_data_dir()

@@ -23,7 +23,7 @@ def main() -> None:
 
     from training import tracking
     from zoo.data import load_dataset
-    from zoo.registry import create_model, get_model_spec
+    from zoo.models.registry import create_model, get_model_spec
 
     spec = get_model_spec("mnist_cnn")
     torch.manual_seed(0)

@@ -188,7 +188,7 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
 
 def pretrained_weights_option(model: str, weights: str) -> dict[str, str]:
     """--weights as the timm builder's option: pretrained=true, or weights=FILE (absolute: --resume finds it)."""
-    from zoo.registry import TIMM_PREFIX
+    from zoo.models.registry import TIMM_PREFIX
 
     if not model.startswith(TIMM_PREFIX):
         raise click.UsageError(f"--weights starts timm: models (--model timm:NAME) from pretrained weights, not "
@@ -298,7 +298,7 @@ def models(registered, pattern, fmt) -> None:
     if registered:
         rows = _registered_models()
     else:
-        from zoo.registry import get_model_spec, list_models
+        from zoo.models.registry import get_model_spec, list_models
 
         rows = []
         for name in list_models(pattern):

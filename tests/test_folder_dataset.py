@@ -24,7 +24,7 @@ from serving.cli import cli
 from zoo.data import load_dataset
 from zoo.folder_dataset import load_image_folder
 from zoo.normalization import Normalization
-from zoo.registry import create_model, list_models
+from zoo.models.registry import create_model, list_models
 
 
 def write_folder(images: torch.Tensor, labels: torch.Tensor, classes: list[str], root: Path) -> list[Path]:

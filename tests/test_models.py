@@ -25,7 +25,7 @@ from training.train import TrainConfig, fit, load_training_data, train, trainer_
 from zoo.data import Split
 from zoo.model_options import coerce_model_config, parse_model_options
 from zoo.normalization import NormalizedModel
-from zoo.registry import create_model, get_model_spec, list_models
+from zoo.models.registry import create_model, get_model_spec, list_models
 
 
 def _is_heavy(name: str) -> bool:

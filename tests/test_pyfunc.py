@@ -270,7 +270,7 @@ def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
     from training.tracking import model_metadata
     from zoo.normalization import Normalization
-    from zoo.registry import create_model
+    from zoo.models.registry import create_model
 
     torch.manual_seed(0)
     network = create_model("mnist_cnn").eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD, logistic_cross_entropy
-from zoo.registry import create_model
+from zoo.models.registry import create_model
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

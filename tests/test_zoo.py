@@ -5,7 +5,7 @@ import torch
 
 from zoo.data import DatasetUnavailable, load_dataset, stratified_split
 from zoo.normalization import Normalization, NormalizedModel
-from zoo.registry import create_model, get_model_spec, list_models, register_model
+from zoo.models.registry import create_model, get_model_spec, list_models, register_model
 
 
 def test_registry_lists_and_describes_mnist_cnn():

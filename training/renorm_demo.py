@@ -20,7 +20,7 @@ from training import tracking
 from training.engine import evaluate, make_optimizer, train_one_epoch
 from zoo.data import Dataset, Split, load_dataset
 from zoo.normalization import Normalization, parse_spec
-from zoo.registry import create_model
+from zoo.models.registry import create_model
 
 
 def as_rgb(split: Split, size: int) -> Split:

@@ -53,7 +53,7 @@ from training.train_batch import MemberResult, fit_batch
 from zoo.access import masked_url, storage_refused_hint
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
-from zoo.registry import create_model
+from zoo.models.registry import create_model
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
 CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see stored_search)

@@ -22,7 +22,7 @@ from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
-from zoo.registry import ModelSpec, create_model, get_model_spec
+from zoo.models.registry import ModelSpec, create_model, get_model_spec
 
 
 AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics

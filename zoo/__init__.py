@@ -12,11 +12,11 @@ import importlib
 # needs a torch-free module (the CLI's start-up, classifying with an .onnx file).
 _EXPORTS = {
     "Normalization": "zoo.normalization",
-    "ModelSpec": "zoo.registry",
-    "create_model": "zoo.registry",
-    "get_model_spec": "zoo.registry",
-    "list_models": "zoo.registry",
-    "register_model": "zoo.registry",
+    "ModelSpec": "zoo.models.registry",
+    "create_model": "zoo.models.registry",
+    "get_model_spec": "zoo.models.registry",
+    "list_models": "zoo.models.registry",
+    "register_model": "zoo.models.registry",
 }
 
 __all__ = [

@@ -26,7 +26,7 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
 
 def builder_options(model: str) -> dict[str, Any]:
     """The keyword arguments a model's builder accepts, with their defaults (input shape and classes come from the data)."""
-    from zoo.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
+    from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
 
     signature = inspect.signature(get_model_spec(model).builder)
     return {

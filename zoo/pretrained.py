@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zoo.normalization import Normalization
-from zoo.registry import create_model, get_model_spec
+from zoo.models.registry import create_model, get_model_spec
 
 # torchvision's ImageNet evaluation preprocessing, used for a local state dict.
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224

@@ -1,4 +1,7 @@
-"""Model families, one module each; importing this package registers them all."""
+"""Model families, one module each, and their registry (zoo/models/registry.py).
+
+Importing this package (or anything in it, the registry included) registers every family.
+"""
 
 from zoo.models import mnist_cnn  # noqa: F401
 from zoo.models import resnet  # noqa: F401
@@ -6,3 +9,4 @@ from zoo.models import mlp  # noqa: F401
 from zoo.models import scratch_mlp  # noqa: F401
 from zoo.models import lenet  # noqa: F401
 from zoo.models import alexnet  # noqa: F401
+from zoo.models import timm_models  # noqa: F401  (timm:NAME; imports timm only when used)

@@ -14,7 +14,7 @@ from torch import nn
 
 from zoo.models.lenet import xavier_uniform_
 from zoo.normalization import Normalization
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 RESIZE = 224  # the side AlexNet's layer sizes were designed for (6400 = 256 x 5 x 5 features)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from zoo.normalization import Normalization
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 
 def xavier_uniform_(module: nn.Module) -> None:

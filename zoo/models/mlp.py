@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.normalization import Normalization
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 # The course feeds ToTensor() pixels in [0, 1] with no normalization.
 PIXELS = Normalization.identity(1)

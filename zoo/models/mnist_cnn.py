@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.normalization import Normalization
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 MNIST_NORMALIZATION = Normalization((0.1307,), (0.3081,))
 

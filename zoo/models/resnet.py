@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from zoo.normalization import IMAGENET
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 # torchvision references/classification recipe: SGD, lr 0.1, x0.1 every 30 epochs (here StepLR per epoch).
 _RECIPE = dict(optimizer="sgd", lr=0.1, lr_gamma=0.9)

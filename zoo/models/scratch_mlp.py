@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.normalization import Normalization
-from zoo.registry import register_model
+from zoo.models.registry import register_model
 
 INITS = ("xavier", "normal")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from zoo.normalization import IMAGENET, Normalization
-from zoo.registry import ModelSpec
+from zoo.models.registry import TIMM_PREFIX, ModelSpec, register_prefix
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
@@ -73,3 +73,6 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights).resolve())}
     return timm.create_model(architecture, pretrained=pretrained, **kwargs)
+
+
+register_prefix(TIMM_PREFIX, timm_spec)

@@ -1,4 +1,8 @@
-"""The model registry: a dict plus a decorator, in the style of torchvision's ``_api.py``.
+"""The model registry: a dict plus a decorator, in the style of torchvision's ``models/_api.py``.
+
+It lives inside ``zoo.models`` for the reason torchvision's does: importing it runs
+``zoo/models/__init__.py`` first, which imports every family, so every family is registered
+before any lookup, and the registry never imports a family back (no import cycle).
 
 Each entry knows what the data loader, the trainer, the exporter and the classifier
 need to know without special cases: input shape, number of classes, default
@@ -71,7 +75,6 @@ def register_model(
 
 def list_models(include: str | None = None, exclude: str | None = None) -> list[str]:
     """Sorted model names, optionally filtered by fnmatch patterns."""
-    _import_families()
     names = sorted(_MODELS)
     if include:
         names = [n for n in names if fnmatch.fnmatch(n, include)]
@@ -81,14 +84,20 @@ def list_models(include: str | None = None, exclude: str | None = None) -> list[
 
 
 TIMM_PREFIX = "timm:"
+# Families of architectures named by a prefix (``timm:NAME``): prefix -> NAME -> its spec.
+# zoo/models/timm_models.py registers itself here when zoo.models imports it.
+_PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}
+
+
+def register_prefix(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
+    """Name a family of architectures ``PREFIX + NAME`` whose specs ``resolve(NAME)`` builds on demand."""
+    _PREFIXED[prefix] = resolve
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    _import_families()
-    if name.startswith(TIMM_PREFIX):
-        from zoo.models.timm_models import timm_spec
-
-        return timm_spec(name[len(TIMM_PREFIX):])
+    for prefix, resolve in _PREFIXED.items():
+        if name.startswith(prefix):
+            return resolve(name[len(prefix):])
     try:
         return _MODELS[name]
     except KeyError:
@@ -106,7 +115,3 @@ def create_model(name: str, *, input_shape: tuple[int, int, int] | None = None, 
         kwargs["input_shape"] = tuple(int(v) for v in input_shape)
     return spec.builder(**kwargs)
 
-
-def _import_families() -> None:
-    # Importing the families runs their @register_model decorators.
-    import zoo.models  # noqa: F401
