@@ -1,6 +1,6 @@
 """`zoo classify` on a folder of real 28x28 digit PNGs: images/s and peak memory, as a user runs it.
 
-Makes a real ONNX model (a freshly initialised mnist_cnn exported through serving.export: the
+Makes a real ONNX model (a freshly initialised mnist_cnn exported through model_format.onnx_graph: the
 speed does not depend on the weights) and N PNGs of real mnist-5k digits in a temporary folder,
 then times the whole `zoo classify MODEL.onnx FOLDER --format jsonl` process (start-up included)
 and samples the resident memory of its process tree (the command plus its decode workers).
@@ -33,8 +33,8 @@ def make_model(path: Path) -> Path:
     """mnist_cnn, freshly initialised, exported with its normalization and metadata like `zoo export`."""
     import torch
 
-    from serving.export import export_onnx
-    from serving.loading import LoadedModel
+    from model_format.onnx_graph import export_onnx
+    from model_format.model import LoadedModel
     from zoo.normalization import NormalizedModel
     from zoo.models.registry import create_model, get_model_spec
 

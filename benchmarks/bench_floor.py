@@ -110,8 +110,8 @@ def _write_folder(folder: Path, images: int) -> list[Path]:
 
 def _onnx_model(path: Path) -> Path:
     """An (untrained) mnist_cnn exported as `zoo export` does: the speed does not depend on the weights."""
-    from serving.export import export_onnx
-    from serving.loading import LoadedModel
+    from model_format.onnx_graph import export_onnx
+    from model_format.model import LoadedModel
     from zoo.normalization import NormalizedModel
     from zoo.models.registry import create_model, get_model_spec
 

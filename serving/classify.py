@@ -265,7 +265,7 @@ def cached_export(uri: str) -> Path:
         partial.parent.mkdir(parents=True, exist_ok=True)
         try:
             if not _shipped_onnx(uri, partial):
-                from serving.export import export_onnx
+                from model_format.onnx_graph import export_onnx
                 from serving.loading import load_model
 
                 export_onnx(load_model(uri), partial)
@@ -273,9 +273,6 @@ def cached_export(uri: str) -> Path:
         finally:
             partial.unlink(missing_ok=True)
     return cached
-
-
-SHIPPED_ONNX = "artifacts/model.onnx"  # where a registered model keeps its ONNX graph (training.tracking.log_model)
 
 
 def _shipped_onnx(uri: str, target: Path) -> bool:
@@ -286,6 +283,8 @@ def _shipped_onnx(uri: str, target: Path) -> bool:
 
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from model_format.model import SHIPPED_ONNX
 
     quiet = os.environ.get(_PROGRESS_BAR)
     os.environ[_PROGRESS_BAR] = "false"  # one small file: MLflow's progress bar would only clutter stderr

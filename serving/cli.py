@@ -213,7 +213,7 @@ def export(model_uri, output, tolerance, fmt) -> None:
     MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model
     or a model folder.
     """
-    from serving.export import export_onnx
+    from model_format.onnx_graph import export_onnx
     from serving.loading import load_model
 
     if not output.endswith(".onnx"):

@@ -38,7 +38,7 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
     import mlflow
 
     from serving.classify import classify, open_classifier
-    from serving.export import export_onnx
+    from model_format.onnx_graph import export_onnx
     from serving.loading import load_model
     from training.train import TrainConfig, train
     from zoo.access import masked_url

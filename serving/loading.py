@@ -1,7 +1,7 @@
 """``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
 
-A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (serving/pyfunc_model.py)
-whose network has its normalization inside: it takes pixels in [0, 1]. Its normalization, input
+A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (model_format
+describes it) whose network has its normalization inside: it takes pixels in [0, 1]. Its normalization, input
 shape and class names come from the model's MLflow metadata, so nothing here hard-codes them.
 Models logged by earlier versions (the ``pytorch`` flavor, a network taking normalized input)
 still load: their normalization is put in front of them here.
@@ -10,9 +10,10 @@ still load: their normalization is put in front of them here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from model_format.model import REQUIRED_METADATA, LoadedModel
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
     from torch import nn
@@ -22,20 +23,6 @@ if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify 
 
 class ModelNotFound(RuntimeError):
     """The URI is well formed but names no model in the tracking store."""
-
-
-@dataclass
-class LoadedModel:
-    uri: str
-    module: nn.Module  # the network with its normalization inside: takes pixels in [0, 1]
-    normalization: Normalization
-    class_names: list[str]
-    input_shape: tuple[int, int, int]
-    model_name: str
-
-    def with_normalization(self) -> nn.Module:
-        """The network preceded by its normalization: takes pixels in [0, 1], returns scores."""
-        return self.module
 
 
 _URI_FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model, "
@@ -95,7 +82,7 @@ def _model_info(uri: str):
 
 def _metadata(info, uri: str) -> dict:
     metadata = info.metadata or {}
-    missing = [k for k in ("normalization", "input_shape", "class_names") if k not in metadata]
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ModelNotFound(
             f"model {uri!r} has no {', '.join(missing)} in its metadata; log it with `zoo train` "

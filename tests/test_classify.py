@@ -22,13 +22,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import use_tracking_store
+from training import registration
 from serving.cli import cli
 from serving.demo import write_digit_images
 
 
 @pytest.fixture(scope="module")
 def onnx_model(trained_store, tmp_path_factory) -> Path:
-    from serving.export import export_onnx
+    from model_format.onnx_graph import export_onnx
     from serving.loading import load_model
 
     path = tmp_path_factory.mktemp("model") / "digits.onnx"
@@ -328,7 +329,7 @@ def test_the_onnx_cache_follows_a_moved_alias_and_never_mixes_two_stores(registe
     assert probabilities(other) != pytest.approx(probabilities(shared), abs=1e-3)  # ...not the other store's graph
 
     # The alias moves to v2 (the shared store's network and normalization): classify follows it.
-    version = tracking.register(logged(result.normalization), "digits", "champion")
+    version = registration.register(logged(result.normalization), "digits", "champion")
     assert str(version) == str(client.get_model_version_by_alias("digits", "champion").version) == "2"
     moved, _ = classify_in_subprocess("models:/digits@champion", png)
     assert probabilities(moved) == pytest.approx(probabilities(shared), abs=1e-4)

@@ -18,8 +18,8 @@ from PIL import Image
 
 from serving.classify import load_pixels
 from serving.cli import cli
-from serving.export import export_onnx
-from serving.loading import LoadedModel
+from model_format.onnx_graph import export_onnx
+from model_format.model import LoadedModel
 from training import tracking
 from training.train import TrainConfig, fit, load_training_data, train, trainer_for
 from zoo.data import Split

@@ -268,7 +268,7 @@ def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digit
 @pytest.mark.slow
 def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
-    from training.tracking import model_metadata
+    from model_format.model import model_metadata
     from zoo.normalization import Normalization
     from zoo.models.registry import create_model
 

@@ -169,7 +169,7 @@ def test_log_models_all_registers_the_best_with_its_onnx_graph(tmp_path, mnist_5
     from test_classify import classify_in_subprocess
 
     from training.study import MODEL_URI_TAG
-    from training.tracking import ships_onnx
+    from model_format.mlflow_model import ships_onnx
 
     result = run_study(small_config(tmp_path, trials=2, log_models="all", register="every"))
     _, children = study_runs()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from training import tracking
+from training import registration, tracking
 from training.train import resolve_device
 from zoo.folder_dataset import warn_skipped
 from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
@@ -124,7 +124,7 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
         raise ValueError(f"--limit must be at least 1, got {config.limit}")
     if "bn-recalibrate" in config.adaptations and config.calibration < 2:
         raise ValueError(f"bn-recalibrate needs --calibration of at least 2 images, got {config.calibration}")
-    tracking.check_registry_names(config.register, config.alias)
+    registration.check_registry_names(config.register, config.alias)
     cands = candidates(config, channels)
     if not config.register:
         if config.alias or config.register_norm or config.register_adapt:

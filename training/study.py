@@ -40,6 +40,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
+from model_format import mlflow_model
+from training import registration
 from training import checkpoints, tracking
 from training.outage import Outbox, Patience, timeout_from_env, unreachable
 from training.storage_outage import PatientRDBStorage, recently_back, wait_for_database
@@ -128,7 +130,7 @@ class StudyConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         if self.log_models not in LOG_MODELS:
             raise ValueError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
-        tracking.check_registry_names(self.register, self.alias)
+        registration.check_registry_names(self.register, self.alias)
         if self.register and self.log_models == "none":
             raise ValueError("--register needs a logged model; use --log-models best or all")
 
@@ -829,11 +831,11 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
                                    onnx=config.register is not None)
             tracking.set_tags({MODEL_URI_TAG: uri})
     if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
-        if not tracking.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
+        if not mlflow_model.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
             network, normalization = _tested_network(run_id, config, dataset)
-            tracking.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model,
+            mlflow_model.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model,
                                source=f"models:/{config.register}")
-        version = tracking.register(uri, config.register, config.alias)
+        version = registration.register(uri, config.register, config.alias)
         tracking.set_tags({"zoo.registered_run_id": run_id, "zoo.registered_version": version}, run_id=parent_run_id)
     tracking.set_tags({"best_model_uri": uri}, run_id=parent_run_id)
     return uri

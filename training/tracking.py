@@ -1,4 +1,7 @@
-"""The one module that writes to MLflow: runs, params, metrics, checkpoints, models, registry.
+"""The one module that writes runs to MLflow: runs, params, metrics, checkpoints, dataset inputs, models.
+
+What a logged model is (its program, graph, signature) is model_format's; registering it is
+training/registration.py's.
 
 Everything here acts on MLflow's *active run*, which is thread-local: a study running
 trials in threads starts each child run in its own thread with an explicit
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -21,8 +23,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from model_format import mlflow_model
+from training import registration
 from zoo import access, startup
-from zoo.normalization import Normalization
 
 DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
@@ -524,278 +527,11 @@ def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
         MlflowClient().log_figure(run_id, figure, artifact_file)
 
 
-def model_metadata(
-    *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str], **extra: Any
-) -> dict[str, Any]:
-    """What downstream code needs to use a logged model without hard-coding anything."""
-    return {
-        "zoo_model": model_name,
-        "normalization": normalization.to_dict(),
-        "input_shape": list(input_shape),
-        "class_names": list(class_names),
-        **extra,
-    }
-
-
-def log_model(
-    network: torch.nn.Module,
-    *,
-    model_name: str,
-    normalization: Normalization,
-    input_shape: tuple[int, int, int],
-    class_names: list[str],
-    registered_name: str | None = None,
-    alias: str | None = None,
-    sample_images: torch.Tensor | None = None,
-    onnx: bool | None = None,
-    **extra_metadata: Any,
-) -> str:
-    """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images; returns its URI.
-
-    The logged model (serving/pyfunc_model.py, "models from code") holds the network *with*
-    its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
-    pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
-    of the dataset) give the input example; the normalization, input shape and class names
-    also go into the model's metadata for ``serving.loading``.
-
-    With ``onnx`` (the default when the model is registered), the model also ships its ONNX
-    graph (``artifacts/model.onnx``, checked against PyTorch with onnxruntime): `zoo classify
-    models:/NAME@ALIAS` then downloads it instead of exporting on each machine's first call.
-    """
-    config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape)}
-    with tempfile.TemporaryDirectory() as tmp:
-        program = Path(tmp) / "program.pt2"
-        torch.export.save(export_program(network, normalization, input_shape), program)
-        artifacts = {PROGRAM_ARTIFACT: str(program)}
-        if (registered_name is not None) if onnx is None else onnx:
-            graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp),
-                                     source=f"models:/{registered_name}" if registered_name else "the logged model")
-            if graph is not None:
-                artifacts[ONNX_ARTIFACT] = str(graph)
-        # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
-        # file name back (os.path.basename, mlflow/pyfunc/model.py) and loads the copy inside the model, so
-        # it is harmless; a relative path would need a chdir, process-wide and unsafe while study threads log.
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_CODE),
-            code_paths=[str(IMAGING_CODE)],
-            artifacts=artifacts,
-            model_config=config,
-            signature=model_signature(),
-            input_example=image_example(sample_images, input_shape),
-            pip_requirements=pip_requirements(),
-            metadata=model_metadata(
-                model_name=model_name, normalization=normalization, input_shape=input_shape,
-                class_names=class_names, **extra_metadata,
-            ),
-        )
+def log_model(network: torch.nn.Module, *, registered_name: str | None = None, alias: str | None = None,
+              **model: Any) -> str:
+    """Log ``network`` in the active run as a zoo model (model_format.mlflow_model.log_model, which
+    takes ``model``'s keywords), and register it as ``registered_name`` (``@alias``); its URI."""
+    uri = mlflow_model.log_model(network, registered_name=registered_name, **model)
     if registered_name:
-        register(info.model_uri, registered_name, alias)
-    return info.model_uri
-
-
-def ships_onnx(model_uri: str) -> bool:
-    """Whether the logged model ``models:/m-...`` holds its ONNX graph (``artifacts/model.onnx``)."""
-    listed = MlflowClient().list_logged_model_artifacts(_logged_model_id(model_uri), "artifacts")
-    return any(Path(a.path).name == ONNX_FILE for a in listed)
-
-
-def _logged_model_id(model_uri: str) -> str:
-    """``m-...`` of ``models:/m-...``."""
-    return model_uri.rstrip("/").rpartition("/")[2]
-
-
-def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-              class_names: list[str], model_name: str, source: str) -> None:
-    """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
-    ``onnx`` would have put it (a model logged without it and registered later as ``source``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp), source)
-        if graph is not None:
-            MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(graph), artifact_path="artifacts")
-
-
-def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, folder: Path, source: str) -> Path | None:
-    """The shipped ONNX graph written into ``folder``, or None with a warning: shipping it is a
-    convenience, so a model whose export fails is logged and registered without it (and exported where used)."""
-    try:
-        return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
-                                source=source)
-    except Exception as exc:
-        print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
-              "zoo classify and zoo export will export it when used", file=sys.stderr)
-        return None
-
-
-PYFUNC_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
-IMAGING_CODE = Path(__file__).resolve().parent.parent / "zoo" / "imaging.py"  # its image decoder, shipped beside it
-PROGRAM_ARTIFACT = "program"  # the name serving/pyfunc_model.py loads the network under
-ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # shipped as artifacts/model.onnx (serving.classify reads it)
-SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports
-
-
-def export_program(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int]):
-    """The network preceded by its normalization, exported with a dynamic batch dimension (pixels in [0, 1] in)."""
-    from zoo.normalization import NormalizedModel
-
-    module = NormalizedModel(network.eval().cpu(), normalization).eval()
-    example = torch.rand(2, *input_shape)  # batch 2, not 1: a batch of 1 would be specialized
-    return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
-def export_onnx_file(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, path: Path, source: str) -> Path:
-    """``path``: the network with its normalization as ONNX, exactly what `zoo export` writes for the model."""
-    from serving.export import export_onnx  # the one exporter (parity-checked), shared with `zoo export`
-    from serving.loading import LoadedModel
-    from zoo.normalization import NormalizedModel
-
-    module = NormalizedModel(network.eval().cpu(), normalization).eval()
-    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name),
-                path)
-    return path
-
-
-def model_signature():
-    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
-
-    inputs = Schema([
-        ColSpec("binary", "image", required=False),
-        ColSpec(Array(Array(Array("double"))), "pixels", required=False),
-    ])
-    outputs = Schema([
-        ColSpec("string", "label"),
-        ColSpec("double", "probability"),
-        ColSpec(Array(Object([Property("label", "string"), Property("probability", "double")])), "top"),
-    ])
-    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", "long", 3)]))
-
-
-def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]):
-    """A DataFrame with real images as PNG bytes (mid-grey when none are given)."""
-    import io
-
-    import pandas as pd
-    from PIL import Image
-
-    if images is None:
-        images = torch.full((1, *input_shape), 128, dtype=torch.uint8)
-    encoded = []
-    for image in images[:2]:
-        array = image.cpu().numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return pd.DataFrame({"image": encoded})
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, given explicitly: MLflow's inference takes seconds."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
-
-
-def check_registry_names(name: str | None, alias: str | None) -> None:
-    """Validate a registered-model name and alias before any training time is spent."""
-    import re
-
-    if alias and not name:
-        raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
-    if name is not None and not name.strip():
-        raise ValueError("the registered model name is empty")
-    if alias is None:
-        return
-    # MLflow reserves "latest" and version-like aliases ("v3") for version lookups.
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise ValueError(f"alias {alias!r} is reserved by MLflow (latest, vN); choose another, e.g. champion or staging")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
-        raise ValueError(f"alias {alias!r} may only contain letters, digits, '_' and '-'")
-
-
-def register(model_uri: str, name: str, alias: str | None = None) -> int:
-    """Register ``model_uri`` as a new version of ``name``, described and tagged; point ``alias`` at it.
-
-    Returns the version. The descriptions and tags come from the logged model's metadata, so
-    every caller (train, study, renorm) gets the same ones.
-    """
-    info = mlflow.models.get_model_info(model_uri)
-    metadata = info.metadata or {}
-    version = mlflow.register_model(model_uri, name, tags=version_tags(metadata, info.run_id))
-    client = MlflowClient()
-    client.update_model_version(name, version.version, description=version_description(metadata, info.run_id))
-    client.update_registered_model(name, description=registered_model_description(metadata, name, version.version, alias))
-    for key, value in registered_model_tags(metadata).items():
-        client.set_registered_model_tag(name, key, value)
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)
-
-
-def _accuracy(metadata: dict[str, Any]) -> tuple[str, float] | None:
-    """(metric name, value): a trained model's test accuracy, or a renormalized one's top-1 agreement."""
-    for key in ("test_accuracy", "top1"):
-        if metadata.get(key) is not None:
-            return key, float(metadata[key])
-    return None
-
-
-def _source(metadata: dict[str, Any]) -> str:
-    if metadata.get("dataset"):
-        return f"trained on {metadata['dataset']}"
-    if metadata.get("weights"):
-        evaluated = f", evaluated on {metadata['eval_data']}" if metadata.get("eval_data") else ""
-        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}{evaluated}"
-    return "source unknown"
-
-
-def _normalization_text(metadata: dict[str, Any]) -> str:
-    return str(Normalization.from_dict(metadata["normalization"])) if "normalization" in metadata else "unknown"
-
-
-def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
-    tags = {
-        "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
-        "normalization": _normalization_text(metadata),
-        "source_run_id": str(run_id),
-        **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
-    }
-    accuracy = _accuracy(metadata)
-    if accuracy:
-        tags[accuracy[0]] = f"{accuracy[1]:.4f}"
-    return tags
-
-
-def version_description(metadata: dict[str, Any], run_id: str | None) -> str:
-    accuracy = _accuracy(metadata)
-    scored = f"; {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
-    return (f"{metadata.get('zoo_model', 'model')} {_source(metadata)}, normalization {_normalization_text(metadata)} "
-            f"(inside the model){scored}. Logged by run {run_id}.")
-
-
-def registered_model_description(metadata: dict[str, Any], name: str, version: str, alias: str | None) -> str:
-    classes = [str(c) for c in metadata.get("class_names", [])]
-    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-    shape = "x".join(map(str, metadata.get("input_shape", [])))
-    accuracy = _accuracy(metadata)
-    scored = f", {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
-    pointer = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    return (
-        f"{metadata.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({shown}). "
-        f"Takes images (column 'image': PNG/JPEG bytes, base64 over REST) or pixels in [0, 1] "
-        f"(column 'pixels', {shape}); the normalization is inside the model. Answers label, probability and top-k.\n\n"
-        f"Latest version {version} ({pointer}): {_source(metadata)}, normalization {_normalization_text(metadata)}{scored}."
-    )
-
-
-def registered_model_tags(metadata: dict[str, Any]) -> dict[str, str]:
-    return {
-        "task": "image-classification",
-        "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "input": "image bytes or pixels in [0, 1], " + "x".join(map(str, metadata.get("input_shape", []))),
-        "classes": str(len(metadata.get("class_names", []))),
-    }
+        registration.register(uri, registered_name, alias)
+    return uri

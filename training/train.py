@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from training import checkpoints, tracking
+from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
 from training.checkpoints import DEFAULT_KEEP
 from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
@@ -471,7 +471,7 @@ def train(
     config.kept_checkpoints()  # bad --keep-checkpoints: same
     trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
-    tracking.check_registry_names(register, alias)
+    registration.check_registry_names(register, alias)
     tracking.check_tracking_server()
     if dataset is None:
         dataset = load_training_data(config)

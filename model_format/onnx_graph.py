@@ -1,4 +1,8 @@
-"""ONNX export with the normalization inside the graph, checked against PyTorch with onnxruntime."""
+"""The ONNX graph of a zoo model: normalization inside, checked against PyTorch with onnxruntime.
+
+The one exporter: `zoo export` writes it for a loaded model, and a registered model ships the
+same graph (artifacts/model.onnx, written by model_format.mlflow_model when it is logged).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.loading import LoadedModel
+from model_format.model import LoadedModel
+from zoo.normalization import Normalization, NormalizedModel
 
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "pixels"  # float32 [batch, C, H, W] in [0, 1]
@@ -95,3 +100,13 @@ def _input_shape(path: Path) -> tuple[int, ...]:
 
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     return tuple(json.loads(meta["input_shape"]))
+
+
+def export_onnx_file(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
+                     class_names: list[str], model_name: str, path: Path, source: str) -> Path:
+    """``path``: ``network`` (taking normalized input) with its normalization as ONNX, exactly what
+    `zoo export` writes for the logged model; ``source`` names it in the graph's metadata."""
+    module = NormalizedModel(network.eval().cpu(), normalization).eval()
+    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name),
+                path)
+    return path

@@ -1,0 +1,46 @@
+"""A zoo model in memory (:class:`LoadedModel`) and the metadata it is logged with.
+
+Light on purpose (no torch, no MLflow at import): `zoo classify x.onnx` imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from zoo.normalization import Normalization
+
+# What every logged zoo model's MLflow metadata holds (serving.loading refuses a model without them).
+REQUIRED_METADATA = ("normalization", "input_shape", "class_names")
+ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # a registered model's ONNX graph, beside its program
+SHIPPED_ONNX = f"artifacts/{ONNX_FILE}"  # where it lies inside the logged model (serving.classify downloads it)
+
+
+@dataclass
+class LoadedModel:
+    uri: str
+    module: nn.Module  # the network with its normalization inside: takes pixels in [0, 1]
+    normalization: Normalization
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    model_name: str
+
+    def with_normalization(self) -> nn.Module:
+        """The network preceded by its normalization: takes pixels in [0, 1], returns scores."""
+        return self.module
+
+
+def model_metadata(
+    *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str], **extra: Any
+) -> dict[str, Any]:
+    """What downstream code needs to use a logged model without hard-coding anything."""
+    return {
+        "zoo_model": model_name,
+        "normalization": normalization.to_dict(),
+        "input_shape": list(input_shape),
+        "class_names": list(class_names),
+        **extra,
+    }
