@@ -80,7 +80,7 @@ def run_classify(src: Path, model: Path, folder: Path, extra: list[str]) -> dict
     """One `zoo classify` process from the code in ``src``: wall seconds, rows, peak memory."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     fmt = ["--format", "jsonl"] if "--format" not in extra else []
-    cmd = [sys.executable, "-m", "serving.cli", "classify", str(model), str(folder), *fmt, *extra]
+    cmd = [sys.executable, "-m", "cli", "classify", str(model), str(folder), *fmt, *extra]
     peak = 0
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()

@@ -150,7 +150,7 @@ def zoo_classify_command(model: Path, folder: Path, count: int) -> float:
     """The whole `zoo classify MODEL.onnx FOLDER --format jsonl` process, start-up included."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "serving.cli", "classify", str(model), str(folder), "--format", "jsonl"],
+    done = subprocess.run([sys.executable, "-m", "cli", "classify", str(model), str(folder), "--format", "jsonl"],
                           capture_output=True, text=True, env=env, check=True)
     seconds = time.perf_counter() - started
     assert len(done.stdout.splitlines()) == count

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from serving.cli import cli
-from serving.cli_study import study as study_command
+from cli.main import cli
+from cli.study import study as study_command
 from tests.test_study import SMALL, assert_all_children_of, small_config, study_runs
 from training import tracking
 from training.study import run_study

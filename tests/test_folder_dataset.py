@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from serving.cli import cli
+from cli.main import cli
 from zoo.data import load_dataset
 from zoo.folder_dataset import load_image_folder
 from zoo.normalization import Normalization

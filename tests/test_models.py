@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from serving.classify import load_pixels
-from serving.cli import cli
+from cli.main import cli
 from model_format.onnx_graph import export_onnx
 from model_format.model import LoadedModel
 from training import tracking

@@ -38,7 +38,7 @@ def serve(address: dict):
 
 
 def start_training(log: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "serving.cli", *TRAIN, *extra], stdout=open(out, "w"),
+    return subprocess.Popen([sys.executable, "-m", "cli", *TRAIN, *extra], stdout=open(out, "w"),
                             stderr=open(log, "w"))
 
 

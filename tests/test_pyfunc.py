@@ -28,8 +28,8 @@ from PIL import Image
 
 from servers import free_port
 from serving.classify import collect_images, load_pixels
-from serving.cli import cli
-from serving.demo import write_digit_images
+from cli.main import cli
+from cli.demo import write_digit_images
 from serving.loading import load_model, load_module
 
 URI = "models:/digits@champion"

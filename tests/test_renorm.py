@@ -13,9 +13,9 @@ import torchvision
 from click.testing import CliRunner
 from torch import nn
 
-from serving.cli import ZooGroup
-from serving.cli import cli as zoo_cli
-from serving.cli_renorm import renorm as renorm_command
+from cli.main import ZooGroup
+from cli.main import cli as zoo_cli
+from cli.renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
 from zoo.data import load_dataset
 from zoo.image_folder import decode_crops, list_labelled_files, map_folders

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from serving.classify import load_pixels
-from serving.cli import cli
-from serving.demo import write_digit_images
+from cli.main import cli
+from cli.demo import write_digit_images
 from serving.loading import load_model
 
 COMMANDS = ["train", "study", "renorm", "export", "classify", "models", "datasets", "demo", "ui"]

@@ -27,8 +27,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from serving.cli import cli
-from serving.cli_study import study as study_command
+from cli.main import cli
+from cli.study import study as study_command
 from serving.loading import read_metadata
 from training.study import (PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig, load_study_dataset, make_storage, open_study,
                             run_study)
@@ -83,7 +83,7 @@ def assert_all_children_of(parent_id: str, children: list) -> None:
 
 
 def cli_process(storage: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "serving.cli_study", "study", "--dataset", "mnist-5k", "--storage", storage,
+    return [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--storage", storage,
             "--study-name", "shared", "--log-models", "none", "--no-progress", "--heartbeat", "2",
             "--format", "json", *SMALL_ARGS, *args]
 

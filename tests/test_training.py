@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from serving.cli import cli
+from cli.main import cli
 
 
 def all_runs():

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from servers import free_port
-from serving.cli import cli
+from cli.main import cli
 from training import tracking
 from training.study import StudyConfig, run_study
 
@@ -187,7 +187,7 @@ def zoo_ui(registered_model):
     """`zoo ui` over the store with the trained run, as a user starts it; yields the URL it prints."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         url = next(line.split()[1] for line in proc.stdout if line.startswith("open "))

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from serving.options import (
+from cli.options import (
     ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MODEL, TEST_FRACTION, TRACKING_TIMEOUT,
     unset_sentinels,
 )
@@ -112,12 +112,3 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
         click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
                    + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
 
-
-if __name__ == "__main__":
-    # `python -m serving.cli_study study ...`: the zoo group with this command attached (its error contract included).
-    from serving.cli import main
-    from serving.cli import cli as _group
-
-    if "study" not in _group.commands:
-        _group.add_command(study)
-    main()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from serving.options import DATA_DIR, EXPERIMENT
+from cli.options import DATA_DIR, EXPERIMENT
 
 
 def write_digit_images(images, labels, class_names: list[str], folder: Path) -> list[tuple[Path, str]]:

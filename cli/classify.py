@@ -1,0 +1,72 @@
+"""`zoo classify`: images, files or folders, through a registered model or an .onnx file (serving.classify)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.options import MODEL_URI
+
+
+@click.command()
+@MODEL_URI
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--runtime", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
+@click.option("--invert", is_flag=True, help="Invert grayscale (dark digits on light paper -> MNIST's light on dark).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images decoded and classified together: memory grows with this, not with the number of files.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes decoding images (0: in this process). Default: none on 2 CPU cores or fewer, "
+                   "else one per core but one, from 4,096 images on.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
+                   "Default: Pillow's limit, 89,478,485.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True,
+              help="json: one array; jsonl: one object per line, written as each batch finishes (for large folders).")
+def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_pixels, fmt) -> None:
+    """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
+
+    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model,
+    a model folder or a .onnx file.
+
+    An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
+    stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
+    """
+    from serving.classify import classify_batches, open_classifier
+    from zoo import startup
+
+    classifier = open_classifier(model_uri, runtime)
+    startup.settled()  # the model is loaded: what follows is the images
+    batches = classify_batches(classifier, paths, k=top_k, invert=invert, batch_size=batch_size, workers=workers,
+                               max_pixels=max_pixels)
+    _print_classified(batches, fmt)
+
+
+def _print_classified(batches, fmt: str) -> None:
+    total = failed = 0
+    separator = "[\n  "  # json: the array is streamed, rows appear as batches finish
+    for batch in batches:
+        total += len(batch)
+        for p in batch:
+            if p.error:
+                failed += 1
+                click.echo(f"cannot classify {p.path}: {p.error}", err=True)
+        lines = _classify_lines(batch, fmt)
+        if fmt == "json" and lines:
+            click.echo(separator + ",\n  ".join(lines), nl=False)
+            separator = ",\n  "
+        elif lines:
+            click.echo("\n".join(lines))
+    if fmt == "json":
+        click.echo("\n]" if separator != "[\n  " else "[]")
+    if failed:
+        raise click.ClickException(f"{failed} of {total} inputs could not be classified (listed above)")
+
+
+def _classify_lines(batch, fmt: str) -> list[str]:
+    """One output line per row; text shows only the classified ones (the others are on stderr)."""
+    if fmt in ("json", "jsonl"):
+        return [json.dumps(p.to_dict()) for p in batch]
+    return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

@@ -1,0 +1,117 @@
+"""The `zoo` command: one Click group, its error contract, and every command attached (one module each).
+
+Exit codes: 0 success, 1 runtime failure (click.ClickException), 2 bad usage
+(click.UsageError). Set ZOO_DEBUG=1 to see the traceback behind an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not sys.stderr.isatty():
+    # Progress bars redraw 10 times a second; in a log file (CI, `mlflow run`) every 10 s is
+    # plenty. tqdm reads TQDM_* defaults when it is imported, so this comes before any import.
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+# MLflow retries a failed HTTP request 7 times with a doubling backoff: minutes before an
+# unreachable tracking server is reported. It reads these at every request, so a user's own
+# values win. Short retries detect a server that went away mid-run quickly too: zoo train then
+# keeps what it logs and waits for the server itself, without blocking training (training/outage.py).
+for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_name, _value)
+
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from cli.classify import classify
+from cli.datasets import datasets
+from cli.demo import demo
+from cli.export import export
+from cli.models import models
+from cli.renorm import renorm
+from cli.study import study
+from cli.train import train
+from cli.ui import ui
+
+
+def _version() -> str:
+    try:
+        return version("mlflow-zoo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+USAGE_ERRORS = (ValueError, FileNotFoundError)  # bad input from the user: exit 2
+
+
+class InputError(click.UsageError):
+    """Bad input found past Click's own parsing: one line, exit 2 (no usage block, the message says what is valid)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True, file=file)
+
+
+class ZooGroup(click.Group):
+    """Turns known exceptions into one friendly line and the right exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:
+            # The reader left (`zoo classify ... | head`): stop quietly, as other command-line tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
+        except Exception as exc:
+            if os.environ.get("ZOO_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if refused := tracking_refusal(exc):  # a locked server said no: which credentials to set, exit 1
+                raise click.ClickException(refused) from exc
+            if isinstance(exc, USAGE_ERRORS):
+                raise InputError(message, ctx) from exc
+            raise click.ClickException(f"{message} (set ZOO_DEBUG=1 for the traceback)") from exc
+
+
+def tracking_refusal(exc: BaseException | None) -> str | None:
+    """The one line for a 401 or 403 from the MLflow tracking server behind ``exc`` (or what it was
+    raised from, e.g. "no model at models:/..."), naming the credentials to set; else None."""
+    if "mlflow" not in sys.modules:  # no MLflow call was made
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    from zoo.access import masked_url, tracking_refused
+
+    while exc is not None:
+        if isinstance(exc, MlflowException) and (status := exc.get_http_status_code()) in (401, 403):
+            return tracking_refused(masked_url(mlflow.get_tracking_uri()), status, read_mlflow_creds().username)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", prog_name="zoo")
+def cli() -> None:
+    """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
+
+    Runs go to MLflow's default store (sqlite:///mlflow.db in the current folder)
+    unless MLFLOW_TRACKING_URI says otherwise.
+    """
+
+
+for _command in (train, study, renorm, export, classify, models, datasets, ui, demo):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    from zoo import startup
+
+    startup.begin()  # the collector held back while the libraries load (zoo/startup.py)
+    cli(prog_name="zoo")
+

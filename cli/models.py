@@ -1,0 +1,56 @@
+"""`zoo models`: the architectures the zoo trains, or the registered models it serves."""
+
+from __future__ import annotations
+
+import click
+
+from cli.options import FORMAT, echo_json
+
+
+@click.command()
+@click.option("--registered", is_flag=True, help="List the MLflow registered models (with aliases) instead of architectures.")
+@click.option("--filter", "pattern", default=None, help="fnmatch pattern on the architecture name, e.g. 'mnist*'.")
+@FORMAT
+def models(registered, pattern, fmt) -> None:
+    """List the architectures the zoo can train, or the registered models it can serve."""
+    if registered:
+        rows = _registered_models()
+    else:
+        from zoo.models.registry import get_model_spec, list_models
+
+        rows = []
+        for name in list_models(pattern):
+            spec = get_model_spec(name)
+            rows.append({
+                "name": name, "input_shape": list(spec.input_shape), "classes": spec.num_classes,
+                "normalization": spec.normalization.to_dict(), "description": spec.description,
+            })
+    if fmt == "json":
+        echo_json(rows)
+        return
+    for row in rows:
+        if registered:
+            aliases = ", ".join(f"@{a}->v{v}" for a, v in row["aliases"].items()) or "no alias"
+            click.echo(f"{row['name']}\tlatest v{row['latest_version']}\t{aliases}")
+        else:
+            shape = "x".join(map(str, row["input_shape"]))
+            click.echo(f"{row['name']:<14}{shape:<10}{row['classes']:>3} classes  {row['description']}")
+    if not registered:
+        click.echo("Each builds for the data's channels, size and classes. timm:NAME builds any timm architecture "
+                   "(pip install 'mlflow-zoo[timm]'); list them with: "
+                   "python -c \"import timm; print(timm.list_models('*resnet*'))\"", err=True)
+
+
+def _registered_models() -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    rows = []
+    for rm in client.search_registered_models():
+        versions = [int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")]
+        rows.append({
+            "name": rm.name,
+            "latest_version": max(versions, default=None),
+            "aliases": {alias: int(v) for alias, v in (rm.aliases or {}).items()},
+        })
+    return rows
