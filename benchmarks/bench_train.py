@@ -1,7 +1,7 @@
 """`zoo train --model mnist_cnn --dataset fashion-mnist --epochs 1` against the published notebook's protocol.
 
 The reference is a faithful re-implementation of the notebook's loop: torchvision's FashionMNIST
-read from the same files the project reads (zoo/data.py unpacks them under --data-dir), a
+read from the same files the project reads (zoo/data/mnist.py unpacks them under --data-dir), a
 per-sample ``Compose([ToTensor(), Normalize((0.2860,), (0.3530,))])``, a shuffled DataLoader of
 batch 64, the project's mnist_cnn network, Adadelta lr 1.0, one epoch on 54,000 training images
 (the project keeps the other 6,000 for validation), then the 10,000 test images in batches of 1000.
@@ -40,7 +40,8 @@ def reference(images: int = TRAIN_IMAGES) -> dict[str, float]:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from zoo.data import _stage_system_fashion_mnist, default_data_dir
+    from zoo.data import default_data_dir
+    from zoo.data.mnist import _stage_system_fashion_mnist
     from zoo.models.registry import create_model
 
     torch.manual_seed(1)

@@ -1,4 +1,4 @@
-"""The torchvision catalog (zoo/torchvision_datasets.py), offline: each test writes a small copy of a
+"""The torchvision catalog (zoo/data/torchvision_datasets.py), offline: each test writes a small copy of a
 dataset in that dataset's own on-disk format and loads it through zoo.data.load_dataset, so
 torchvision's own class parses the files, exactly as it parses a downloaded copy.
 

@@ -1,6 +1,6 @@
 """The one training loop shared by every model that trains with autograd.
 
-Data stay uint8 on the device and are normalized per batch (see zoo/data.py for why and
+Data stay uint8 on the device and are normalized per batch (see zoo/data/__init__.py for why and
 benchmarks/RESULTS.md for the measurement); the same decoded tensors serve every
 normalization a study tries.
 """

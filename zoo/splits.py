@@ -1,6 +1,6 @@
 """What a loaded dataset is: uint8 image splits in memory (or memory-mapped), with class names.
 
-Shared by the catalog (zoo/data.py) and image folders (zoo/folder_dataset.py).
+Shared by the catalog (zoo/data/) and image folders (zoo/folder_dataset.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ classes differ in how they hold images, which is all this module deals with:
 ``--data-dir`` (``ZOO_DATA_DIR``) is the ``root`` torchvision is given, so a folder that
 torchvision already downloaded into serves as it is.
 
-Registered by import from the bottom of zoo/data.py.
+Registered when zoo.data is imported (zoo/data/__init__.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,35 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from zoo.data import Dataset, DatasetInfo, Split, _split_train, _torchvision_dataset, register_dataset
+from zoo.data.catalog import DatasetInfo, DatasetUnavailable, _split_train, register_dataset
+from zoo.splits import Dataset, Split
 
 # STL-10's class_names.txt is in its archive, but torchvision sets .classes only when the file is there.
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 # SVHN's .mat files label the digit 0 as 10; torchvision maps it to 0, so labels are the digits.
 SVHN_CLASSES = [str(d) for d in range(10)]
 EMNIST_LETTERS = list(string.ascii_lowercase)
+
+
+def _torchvision_dataset(cls, name: str, root: Path, download: bool, hint: str):
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as exc:  # torchvision raises RuntimeError when not found, URLError when offline
+        raise DatasetUnavailable(
+            f"dataset {name!r} is not under {root} and could not be downloaded ({_first_line(exc)}). "
+            f"{hint} Offline alternatives: mnist-5k, fashion-mnist."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, seed: int) -> Dataset:
+    train_ds, test_ds = pair
+    as_split = lambda ds: Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())  # noqa: E731
+    return _split_train(name, classes, as_split(train_ds), as_split(test_ds), val_fraction, seed,
+                        str(Path(train_ds.raw_folder).resolve()))
 
 
 def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
