@@ -1,7 +1,12 @@
-"""What a model is: the registry, the model families, the dataset catalog and normalization.
+"""What a model and its data are: the lowest layer (docs/architecture.md).
 
-Nothing in this package imports MLflow: it is usable on its own, and the tracking
-layer (``training.tracking``) is the only place that writes runs.
+``models/`` (the families and their registry), ``data/`` (the dataset catalog), ``folder_dataset``
+and ``splits`` (image folders and uint8 splits), ``imaging`` (the one image decoder),
+``normalization`` (and its exact fold), ``pretrained`` (torchvision's weights); ``access``,
+``progress`` and ``startup`` serve the command line without torch.
+
+Nothing in this package imports MLflow or another package of the project: it is usable on its
+own, and the tracking layer (``training.tracking``) is the only place that writes runs.
 """
 
 from __future__ import annotations
