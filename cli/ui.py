@@ -55,9 +55,11 @@ def ui(port: int) -> None:
     url = experiment_url(port)
     # One web worker is plenty for one person (the default starts four), and no job runner: its
     # queue consumers (five processes) serve GenAI evaluation jobs, which these runs do not use.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
-               "--workers", "1"]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port), "--workers", "1"]
+    # The store goes by environment (mlflow server's --backend-store-uri reads MLFLOW_BACKEND_STORE_URI),
+    # not on the command line: any user of the machine can read a command line (ps), and a
+    # postgresql:// store's URL may carry its password. MLflow hands it on to its web worker the same way.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     # Its own process group: `mlflow ui` runs the web server as a child, and both must stop with us.
     server = subprocess.Popen(command, start_new_session=True, env=env)
     click.echo(f"MLflow UI over {masked_url(uri)}\nopen {url}\n(Ctrl-C stops it)")

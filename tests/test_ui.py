@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from servers import free_port
+from servers import free_port, postgres_bin, postgres_server
 from cli.main import cli
 from training import tracking
 from training.study import StudyConfig, run_study
@@ -185,8 +185,11 @@ def test_zoo_ui_refuses_a_busy_port_and_a_tracking_server(tracking_store):
 @pytest.fixture
 def zoo_ui(registered_model):
     """`zoo ui` over the store with the trained run, as a user starts it; yields the URL it prints."""
+    yield from _serve_ui({**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _serve_ui(env: dict[str, str]):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
@@ -200,6 +203,44 @@ def zoo_ui(registered_model):
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0
         assert not _answers(port)  # the server stopped with it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries not found (apt-get install postgresql)")
+def test_zoo_ui_over_a_password_protected_store_keeps_the_password_off_every_command_line(tmp_path):
+    """A postgresql:// store's URL carries its password: `zoo ui` serves the store without putting the
+    URL on a command line, which every user of the machine can read with ps."""
+    password = "pw-" + os.urandom(6).hex()
+    with postgres_server("mlflow", password=password) as database:
+        store = database.replace("postgresql://zoo@", f"postgresql://zoo:{password}@") + "/mlflow"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store}
+        subprocess.run([sys.executable, "-c", "import mlflow; mlflow.create_experiment('zoo')"], env=env, check=True,
+                       cwd=tmp_path, timeout=300)
+        served = _serve_ui(env)
+        url = next(served)
+        try:
+            port = int(url.split(":")[2].split("/")[0])
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name"
+                                        "?experiment_name=zoo", timeout=30) as answer:
+                assert b'"name": "zoo"' in answer.read().replace(b'":"', b'": "')  # the UI reads the store
+            readable = _command_lines()
+            assert any(b"mlflow" in line and b"ui" in line for line in readable)  # the server is among them
+            assert not [line for line in readable if password.encode() in line]
+        finally:
+            next(served, None)
+
+
+def _command_lines() -> list[bytes]:
+    """Every process's command line, as `ps` shows them to any user."""
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:  # it ended meanwhile
+            pass
+    return lines
 
 
 def _ctrl_c_as_in_a_terminal() -> None:
