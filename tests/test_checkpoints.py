@@ -238,7 +238,8 @@ def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow
 
 @pytest.mark.slow
 def test_a_study_keeps_checkpoints_of_its_best_trial_only(tmp_path: Path):
-    from training.study import RUN_ATTR, StudyConfig, run_study
+    from training.study.config import RUN_ATTR, StudyConfig
+    from training.study.workers import run_study
 
     config = StudyConfig(trials=3, epochs=1, max_batches=3, train_size=256, val_size=200, test_size=200, sampler="random",
                          storage=f"sqlite:///{tmp_path / 'optuna.db'}", progress=False)

@@ -22,7 +22,8 @@ from PIL import Image
 from servers import free_port
 from serving.cli import cli
 from training import tracking
-from training.study import StudyConfig, run_study
+from training.study.config import StudyConfig
+from training.study.workers import run_study
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
