@@ -19,7 +19,8 @@ from servers import free_port
 from servers import mlflow_server as served_mlflow
 from serving.cli import cli
 from training import tracking
-from training.train import TrainConfig, train
+from training.train import train
+from training.train_config import TrainConfig
 
 TINY = ["--epochs", "3", "--max-batches", "15", "--seed", "7"]  # ~1,000 images per epoch
 HANG_GUARD_S = 300  # a subprocess that runs longer is hung (not a timing assertion)

@@ -19,10 +19,8 @@ from torch import nn
 from training import checkpoints, tracking
 from training.batched import StackedTrials, check_batchable
 from training.engine import EpochResult, TrainingDiverged, check_finite
-from training.train import (
-    BestEpoch, TrainConfig, build_network, checkpoint_state, log_test_figures, resolve_device, resume_state,
-    run_params,
-)
+from training.train import BestEpoch, build_network, checkpoint_state, log_test_figures, resolve_device, resume_state
+from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 
 

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from training import tracking
-from training.train import TrainConfig, dataset_label
+from training.train_config import TrainConfig, dataset_label
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 

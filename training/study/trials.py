@@ -21,7 +21,8 @@ from training.study.config import (
     MODEL_URI_TAG, OUTCOME_ATTR, RESUME_STUDY, RUN_ATTR, StudyConfig, one_class_accuracy, suggest_normalization,
 )
 from training.study.storage import StudyLock
-from training.train import TrainConfig, describe_training, fit, short_normalization, training_tags
+from training.train import fit
+from training.train_config import TrainConfig, describe_training, short_normalization, training_tags
 from training.train_batch import MemberResult, fit_batch
 from zoo.data import Dataset
 from zoo.normalization import Normalization
