@@ -1,10 +1,11 @@
-"""Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model."""
+"""Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model; stop it
+cleanly and resume it. Its settings are training.train_config's; each epoch's bookkeeping is training.epochs'."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -12,7 +13,8 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.outage import Outbox, local_checkpoint
-from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
+from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions
+from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
     training_tags,
@@ -59,29 +61,6 @@ def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
     config = config.resolved()
     return create_model(config.model, input_shape=dataset.image_shape, num_classes=len(dataset.classes),
                         **config.model_config)
-
-
-class BestEpoch:
-    """The epoch with the best validation accuracy (never chosen on the test set), with a copy
-    of its weights when ``keep_weights`` (the recipe's keep_best restores them at the end)."""
-
-    def __init__(self, keep_weights: bool = True) -> None:
-        self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
-        self.keep_weights = keep_weights
-
-    def update(self, result: EpochResult, network: torch.nn.Module) -> bool:
-        """Record ``result`` if it is the best so far; returns whether it is."""
-        if not result.val_accuracy > self.val_accuracy:
-            return False
-        self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
-        if self.keep_weights:
-            self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        return True
-
-    def restore(self, network: torch.nn.Module) -> None:
-        if self.state is not None:
-            network.load_state_dict(self.state)
-            tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy})
 
 
 def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
@@ -131,7 +110,9 @@ def fit(
     best = BestEpoch(keep_weights=config.keep_best)
     if resume is not None:
         restore_training(resume, network, trainer, generator, history, best)
-    keep = config.kept_checkpoints()
+    # What an epoch leaves behind is shared with fit_batch; training/epochs.py says why the loops differ.
+    book = EpochBookkeeping(network, config, normalization, generator, trainer.state_dict, history, best,
+                            config.kept_checkpoints(), outbox)
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
     with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {dataset_label(config.dataset)}", disable=not config.progress, leave=False) as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
@@ -142,16 +123,7 @@ def fit(
             val_loss, val_accuracy = evaluate(network, val_split, normalization, precision=config.precision)
             trainer.end_epoch()
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
-            history.append(result)
-            improved = best.update(result, network)
-            states = lambda: checkpoints.states_to_keep(  # noqa: E731
-                keep, epoch, improved,
-                full=lambda: {**weights_state(network, config, normalization, epoch), **trainer.state_dict(),
-                              **resume_state(generator, history, best)},
-                weights=lambda: {**weights_state(network, config, normalization, epoch), "val_accuracy": val_accuracy},
-            )
-            with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
-                log_epoch(result, time.perf_counter() - started, states, outbox)
+            book.record(result, time.perf_counter() - started)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
@@ -167,24 +139,6 @@ def fit(
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
 
-def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
-              outbox: Outbox | None) -> None:
-    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises):
-    straight to MLflow, or through ``outbox``, which keeps them while the server is away."""
-    metrics = {**result.metrics(), "epoch_seconds": seconds}
-    if outbox is None:
-        tracking.log_metrics(metrics, step=result.epoch)
-        check_finite(result)
-        tracking.log_checkpoints(states())
-        return
-    outbox.add_metrics(metrics, step=result.epoch)
-    try:
-        check_finite(result)
-        outbox.add_checkpoints(states())
-    finally:
-        outbox.send()
-
-
 def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call``, through ``outbox.patiently`` (waiting for a server that went away) when there is one."""
     return call(*args, **kwargs) if outbox is None else outbox.patiently(call, *args, **kwargs)
@@ -194,26 +148,6 @@ def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, p
                      normalization: Normalization, config: TrainConfig) -> None:
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
     log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
-
-
-def weights_state(network: torch.nn.Module, config: TrainConfig, normalization: Normalization, epoch: int) -> dict[str, Any]:
-    """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
-    return checkpoint_state(network.state_dict(), config, normalization, epoch)
-
-
-def checkpoint_state(model_state: dict[str, Any], config: TrainConfig, normalization: Normalization,
-                     epoch: int) -> dict[str, Any]:
-    """:func:`weights_state` from a ``state_dict`` (a batched trial's weights are not a module of their own)."""
-    return {"model": model_state, "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
-
-
-def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    """What the ``last`` checkpoint adds for a resume, besides the trainer's optimizer and lr scheduler."""
-    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
-             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
-    if best.state is not None:
-        state["best_model"] = best.state  # keep_best restores it at the end
-    return state
 
 
 def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
