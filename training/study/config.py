@@ -18,7 +18,7 @@ from zoo.normalization import Normalization
 
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
-CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see stored_search)
+CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see storage.stored_search)
 OBJECTIVE_NAME = "val_accuracy"  # what Optuna's dashboard and tables call the objective
 RUN_ATTR = "mlflow_run_id"  # trial user attribute naming its child run
 OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, not an accident
