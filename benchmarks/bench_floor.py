@@ -67,7 +67,8 @@ def zoo_loop(split, normalization, seed: int = 1) -> float:
     import torch
 
     from zoo.progress import tqdm
-    from training.train import TrainConfig, trainer_for
+    from training.train import trainer_for
+    from training.train_config import TrainConfig
     from zoo.models.registry import create_model
 
     torch.manual_seed(seed)

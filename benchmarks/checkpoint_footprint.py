@@ -20,7 +20,8 @@ def measure(trials: int, epochs: int, project_to: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # mlflow.db and ./mlruns (the artifacts) land here
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        from training.study import StudyConfig, run_study
+        from training.study.config import StudyConfig
+        from training.study.workers import run_study
 
         run_study(StudyConfig(trials=trials, epochs=epochs, max_batches=2, train_size=256, val_size=200, test_size=200,
                               sampler="random", storage=f"sqlite:///{tmp}/optuna.db", progress=False))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from training.train import TrainConfig, load_training_data, train
+from training.train import load_training_data, train
+from training.train_config import TrainConfig
 from zoo.data import Dataset
 
 MLP_VARIANTS = {

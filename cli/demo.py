@@ -40,7 +40,8 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
     from serving.classify import classify, open_classifier
     from model_format.onnx_graph import export_onnx
     from serving.loading import load_model
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
     from zoo.access import masked_url
     from zoo.data import load_dataset
 

@@ -79,7 +79,8 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
     Run the same command in several processes or machines (sharing --storage) to parallelize;
     run it again to resume an interrupted study.
     """
-    from training.study import StudyConfig, default_jobs, run_study
+    from training.study.config import StudyConfig
+    from training.study.workers import default_jobs, run_study
 
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),

@@ -58,9 +58,9 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
 
     Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it.
     """
-    from training.train import TrainConfig
     from training.train import resume as resume_training
     from training.train import train as run_train
+    from training.train_config import TrainConfig
 
     if weights:
         model_opts = {**model_opts, **pretrained_weights_option(model, weights)}

@@ -46,7 +46,8 @@ def mnist_5k():
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory: pytest.TempPathFactory, mnist_5k):
     """One mnist_cnn trained for 2 epochs on mnist-5k, registered as models:/digits@champion, in its own store."""
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
 
     folder = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:

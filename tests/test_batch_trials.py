@@ -17,8 +17,9 @@ from cli.main import cli
 from cli.study import study as study_command
 from tests.test_study import SMALL, assert_all_children_of, small_config, study_runs
 from training import tracking
-from training.study import run_study
-from training.train import TrainConfig, fit
+from training.study.workers import run_study
+from training.train import fit
+from training.train_config import TrainConfig
 from training.train_batch import fit_batch
 from zoo.data import Dataset
 

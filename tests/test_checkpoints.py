@@ -19,7 +19,8 @@ from servers import free_port
 from servers import mlflow_server as served_mlflow
 from cli.main import cli
 from training import tracking
-from training.train import TrainConfig, train
+from training.train import train
+from training.train_config import TrainConfig
 
 TINY = ["--epochs", "3", "--max-batches", "15", "--seed", "7"]  # ~1,000 images per epoch
 HANG_GUARD_S = 300  # a subprocess that runs longer is hung (not a timing assertion)
@@ -238,7 +239,8 @@ def test_served_artifacts_overwrite_last_and_delete_checkpoints(mnist_5k, mlflow
 
 @pytest.mark.slow
 def test_a_study_keeps_checkpoints_of_its_best_trial_only(tmp_path: Path):
-    from training.study import RUN_ATTR, StudyConfig, run_study
+    from training.study.config import RUN_ATTR, StudyConfig
+    from training.study.workers import run_study
 
     config = StudyConfig(trials=3, epochs=1, max_batches=3, train_size=256, val_size=200, test_size=200, sampler="random",
                          storage=f"sqlite:///{tmp_path / 'optuna.db'}", progress=False)

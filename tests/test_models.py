@@ -21,7 +21,8 @@ from cli.main import cli
 from model_format.onnx_graph import export_onnx
 from model_format.model import LoadedModel
 from training import tracking
-from training.train import TrainConfig, fit, load_training_data, train, trainer_for
+from training.train import fit, load_training_data, train, trainer_for
+from training.train_config import TrainConfig
 from zoo.data import Split
 from zoo.model_options import coerce_model_config, parse_model_options
 from zoo.normalization import NormalizedModel

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from test_study import assert_all_children_of, cli, started, study_runs, subprocess_env, wait_until
-from training.study import PARENT_ATTR, RUN_ATTR, WORKER_TAG
+from training.study.config import PARENT_ATTR, RUN_ATTR, WORKER_TAG
 
 TRIALS = 6
 WORKERS = 3

@@ -74,7 +74,8 @@ def test_xavier_initialization_scales_weights_by_layer_size() -> None:
 
 
 def test_scratch_mlp_refuses_settings_its_own_sgd_does_not_have() -> None:
-    from training.train import TrainConfig, trainer_for
+    from training.train import trainer_for
+    from training.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="own SGD"):
         trainer_for(TrainConfig(model="scratch_mlp", optimizer="adam"), create_model("scratch_mlp"))

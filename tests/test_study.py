@@ -30,8 +30,9 @@ from optuna.trial import TrialState
 from cli.main import cli
 from cli.study import study as study_command
 from serving.loading import read_metadata
-from training.study import (PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig, load_study_dataset, make_storage, open_study,
-                            run_study)
+from training.study.config import PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig
+from training.study.storage import make_storage, open_study
+from training.study.workers import load_study_dataset, run_study
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds per trial on a shared 2-core machine, large enough to learn something.
@@ -168,7 +169,7 @@ def test_log_models_all_registers_the_best_with_its_onnx_graph(tmp_path, mnist_5
     from PIL import Image
     from test_classify import classify_in_subprocess
 
-    from training.study import MODEL_URI_TAG
+    from training.study.config import MODEL_URI_TAG
     from model_format.mlflow_model import ships_onnx
 
     result = run_study(small_config(tmp_path, trials=2, log_models="all", register="every"))
@@ -347,7 +348,7 @@ def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres):
 
 
 def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5k):
-    from training.study import one_class_accuracy
+    from training.study.config import one_class_accuracy
 
     assert one_class_accuracy(mnist_5k.val) == pytest.approx(0.1)  # 50 of each digit
     assert one_class_accuracy(mnist_5k.val.subset(7)) >= 2 / 7  # 7 images of 10 classes: some class repeats

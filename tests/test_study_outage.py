@@ -26,7 +26,7 @@ from test_outage import AWAY, BACK, serve
 from test_scaleout import training_run_of
 from test_study import assert_all_children_of, study_runs, subprocess_env, wait_until
 from servers import restart_postgres
-from training.study import PARENT_ATTR, RUN_ATTR
+from training.study.config import PARENT_ATTR, RUN_ATTR
 
 TRIALS, EPOCHS = 4, 3
 OUTAGE_S = 25  # a server restart, as a container restart or an upgrade takes

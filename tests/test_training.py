@@ -99,7 +99,8 @@ def test_unavailable_dataset_exits_1_naming_alternatives(tmp_path):
 @pytest.mark.slow
 def test_bf16_mixed_trains_as_well_as_fp32_and_the_run_says_which(mnist_5k):
     from training.engine import PRECISIONS
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
 
     results = {precision: train(TrainConfig(epochs=1, precision=precision, progress=False, checkpoints=False),
                                 dataset=mnist_5k, log_model=False) for precision in PRECISIONS}

@@ -22,7 +22,8 @@ from PIL import Image
 from servers import free_port, postgres_bin, postgres_server
 from cli.main import cli
 from training import tracking
-from training.study import StudyConfig, run_study
+from training.study.config import StudyConfig
+from training.study.workers import run_study
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -87,7 +88,8 @@ def cell_shades(image: Image.Image, n: int) -> np.ndarray:
 
 
 def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(mnist_5k):
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
 
     config = TrainConfig(epochs=1, max_batches=2, checkpoints=False, progress=False)
     runs = [MlflowClient().get_run(train(config, dataset=mnist_5k, log_model=False).run_id) for _ in range(2)]

@@ -62,16 +62,10 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(keep: frozenset[str], epoch: int, improved: bool,
-         full: Callable[[], dict[str, Any]], weights: Callable[[], dict[str, Any]], run_id: str | None = None) -> None:
-    """Log the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the best so far)
-    to run ``run_id`` (default: the active run)."""
-    tracking.log_checkpoints(states_to_keep(keep, epoch, improved, full, weights), run_id=run_id)
-
-
 def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Callable[[], dict[str, Any]],
                    weights: Callable[[], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (see :func:`save`)."""
+    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the
+    best so far), to log with ``tracking.log_checkpoints``."""
     states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()

@@ -1,12 +1,11 @@
-"""Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model."""
+"""Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model; stop it
+cleanly and resume it. Its settings are training.train_config's; each epoch's bookkeeping is training.epochs'."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -14,90 +13,18 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
-from training.checkpoints import DEFAULT_KEEP
-from training.engine import EpochResult, check_finite, check_precision, evaluate, evaluate_predictions
+from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions
+from training.epochs import BestEpoch, EpochBookkeeping
+from training.train_config import (
+    AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
+    training_tags,
+)
 from training.trainers import EpochTrainer, make_trainer
 from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
-from zoo.model_options import coerce_model_config
-from zoo.normalization import Normalization, parse_floats
-from zoo.models.registry import ModelSpec, create_model, get_model_spec
-
-
-AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
-
-# Training settings a model's registry recipe may override (ModelSpec.recipe).
-RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False}
-
-
-@dataclass
-class TrainConfig:
-    model: str = "mnist_cnn"
-    dataset: str = "mnist-5k"
-    mean: str | None = None  # None: the model's default normalization
-    std: str | None = None
-    epochs: int = 14  # the pytorch/examples default
-    batch_size: int | None = None  # None here and below: the model's recipe (see resolved)
-    optimizer: str | None = None
-    lr: float | None = None
-    gamma: float | None = None
-    weight_decay: float = 0.0
-    momentum: float | None = None  # SGD momentum (ignored by the other optimizers)
-    seed: int = 1
-    device: str = "auto"
-    precision: str = "fp32"  # or "bf16-mixed" (training.engine.PRECISIONS)
-    data_dir: str | None = None
-    val_fraction: float | None = None
-    test_fraction: float | None = None  # image folders without test/ (zoo.folder_dataset; None: 0.2)
-    image_size: str | None = None  # image folders: "32" or "48x64"; None: the images' own size, or the model's
-    keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
-    max_batches: int | None = None  # per epoch; for --dry-run and quick tests
-    checkpoints: bool = True  # False: none, whatever keep_checkpoints says
-    keep_checkpoints: str = DEFAULT_KEEP  # see training/checkpoints.py
-    progress: bool = True
-    model_config: dict = field(default_factory=dict)  # keyword arguments for the builder
-
-    def spec(self) -> ModelSpec:
-        return get_model_spec(self.model)
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with every None setting taken from the model's recipe, and model_config typed and checked."""
-        spec = self.spec()
-        recipe = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
-        unset = {k: v for k, v in recipe.items() if getattr(self, k) is None}
-        return replace(self, **unset, model_config=coerce_model_config(self.model, self.model_config))
-
-    def kept_checkpoints(self) -> frozenset[str]:
-        return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
-
-    def normalization(self, dataset: Dataset | None = None) -> Normalization:
-        """The input normalization for ``dataset``'s channels: the model's default, the given values, or
-        with ``auto`` the training split's own statistics (which need ``dataset``). Without ``dataset``,
-        for as many channels as the model's default or the values given."""
-        given = [len(parse_floats(v, what)) for v, what in ((self.mean, "mean"), (self.std, "std")) if v not in (None, AUTO)]
-        channels = dataset.image_shape[0] if dataset is not None else max([self.spec().channels, *given])
-        default = self.spec().normalization.for_data(channels)
-        if self.mean is None and self.std is None:
-            return default
-        mean = self.mean if self.mean is not None else ",".join(map(str, default.mean))
-        std = self.std if self.std is not None else ",".join(map(str, default.std))
-        if AUTO in (mean, std):
-            if dataset is None:
-                raise ValueError("--mean/--std auto is computed from the training data, which is not loaded yet")
-            measured = dataset.pixel_statistics()
-            mean = measured.mean if mean == AUTO else mean
-            std = measured.std if std == AUTO else std
-        return Normalization.parse(mean, std, channels=channels)
-
-    def check_normalization(self) -> None:
-        """Fail on a bad --mean/--std before any data is loaded (``auto`` is checked once the data is)."""
-        if AUTO not in (self.mean, self.std):
-            self.normalization()
-        elif self.std not in (None, AUTO):
-            Normalization.parse(0.0, self.std, channels=len(parse_floats(self.std, "std")))
-        elif self.mean not in (None, AUTO):
-            Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
+from zoo.normalization import Normalization
+from zoo.models.registry import create_model
 
 
 @dataclass
@@ -134,75 +61,6 @@ def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
     config = config.resolved()
     return create_model(config.model, input_shape=dataset.image_shape, num_classes=len(dataset.classes),
                         **config.model_config)
-
-
-def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
-    """What changed in the architecture to fit the data, said on stderr and in the run's description."""
-    shape = dataset.image_shape
-    if shape == spec.input_shape and len(dataset.classes) == spec.num_classes:
-        return None
-    return (f"{spec.name} built for {'x'.join(map(str, shape))} images and {len(dataset.classes)} classes (it was "
-            f"designed for {'x'.join(map(str, spec.input_shape))} and {spec.num_classes}): the first layer takes "
-            f"{shape[0]} channel(s), the layers sized by the image follow its size, the last layer has "
-            f"{len(dataset.classes)} outputs")
-
-
-def dataset_label(dataset: str) -> str:
-    """A dataset as names show it: a catalog name, or an image folder's own name."""
-    return Path(dataset).name if os.sep in dataset else dataset
-
-
-def run_params(config: TrainConfig, normalization: Normalization, dataset: Dataset | None = None) -> dict[str, object]:
-    config = config.resolved()
-    data = {}
-    if dataset is not None:
-        data["image_shape"] = "x".join(map(str, dataset.image_shape))
-        data["classes"] = len(dataset.classes)
-        if dataset.skipped:
-            data["skipped_files"] = dataset.skipped
-    if config.mean == AUTO or config.std == AUTO:
-        data["normalization_from"] = "data"  # mean/std hold the statistics computed from the training split
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        **normalization.as_params(),
-        **data,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "optimizer": config.optimizer,
-        "lr": config.lr,
-        "lr_gamma": config.gamma,
-        "weight_decay": config.weight_decay,
-        "momentum": config.momentum,
-        "seed": config.seed,
-        "precision": config.precision,
-        "val_fraction": config.val_fraction,
-        "keep_best": config.keep_best,
-        **{f"model_{k}": v for k, v in config.model_config.items()},
-    }
-
-
-class BestEpoch:
-    """The epoch with the best validation accuracy (never chosen on the test set), with a copy
-    of its weights when ``keep_weights`` (the recipe's keep_best restores them at the end)."""
-
-    def __init__(self, keep_weights: bool = True) -> None:
-        self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
-        self.keep_weights = keep_weights
-
-    def update(self, result: EpochResult, network: torch.nn.Module) -> bool:
-        """Record ``result`` if it is the best so far; returns whether it is."""
-        if not result.val_accuracy > self.val_accuracy:
-            return False
-        self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
-        if self.keep_weights:
-            self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        return True
-
-    def restore(self, network: torch.nn.Module) -> None:
-        if self.state is not None:
-            network.load_state_dict(self.state)
-            tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy})
 
 
 def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
@@ -252,7 +110,9 @@ def fit(
     best = BestEpoch(keep_weights=config.keep_best)
     if resume is not None:
         restore_training(resume, network, trainer, generator, history, best)
-    keep = config.kept_checkpoints()
+    # What an epoch leaves behind is shared with fit_batch; training/epochs.py says why the loops differ.
+    book = EpochBookkeeping(network, config, normalization, generator, trainer.state_dict, history, best,
+                            config.kept_checkpoints(), outbox)
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
     with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {dataset_label(config.dataset)}", disable=not config.progress, leave=False) as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
@@ -263,16 +123,7 @@ def fit(
             val_loss, val_accuracy = evaluate(network, val_split, normalization, precision=config.precision)
             trainer.end_epoch()
             result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
-            history.append(result)
-            improved = best.update(result, network)
-            states = lambda: checkpoints.states_to_keep(  # noqa: E731
-                keep, epoch, improved,
-                full=lambda: {**weights_state(network, config, normalization, epoch), **trainer.state_dict(),
-                              **resume_state(generator, history, best)},
-                weights=lambda: {**weights_state(network, config, normalization, epoch), "val_accuracy": val_accuracy},
-            )
-            with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
-                log_epoch(result, time.perf_counter() - started, states, outbox)
+            book.record(result, time.perf_counter() - started)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
                 on_epoch(result)
@@ -288,24 +139,6 @@ def fit(
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
 
-def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
-              outbox: Outbox | None) -> None:
-    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises):
-    straight to MLflow, or through ``outbox``, which keeps them while the server is away."""
-    metrics = {**result.metrics(), "epoch_seconds": seconds}
-    if outbox is None:
-        tracking.log_metrics(metrics, step=result.epoch)
-        check_finite(result)
-        tracking.log_checkpoints(states())
-        return
-    outbox.add_metrics(metrics, step=result.epoch)
-    try:
-        check_finite(result)
-        outbox.add_checkpoints(states())
-    finally:
-        outbox.send()
-
-
 def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call``, through ``outbox.patiently`` (waiting for a server that went away) when there is one."""
     return call(*args, **kwargs) if outbox is None else outbox.patiently(call, *args, **kwargs)
@@ -315,26 +148,6 @@ def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, p
                      normalization: Normalization, config: TrainConfig) -> None:
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
     log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
-
-
-def weights_state(network: torch.nn.Module, config: TrainConfig, normalization: Normalization, epoch: int) -> dict[str, Any]:
-    """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
-    return checkpoint_state(network.state_dict(), config, normalization, epoch)
-
-
-def checkpoint_state(model_state: dict[str, Any], config: TrainConfig, normalization: Normalization,
-                     epoch: int) -> dict[str, Any]:
-    """:func:`weights_state` from a ``state_dict`` (a batched trial's weights are not a module of their own)."""
-    return {"model": model_state, "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
-
-
-def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    """What the ``last`` checkpoint adds for a resume, besides the trainer's optimizer and lr scheduler."""
-    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
-             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
-    if best.state is not None:
-        state["best_model"] = best.state  # keep_best restores it at the end
-    return state
 
 
 def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
@@ -361,9 +174,6 @@ def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
     return figure
 
 
-FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
-
-
 def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
                      title: str, run_id: str | None = None) -> None:
     """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
@@ -373,64 +183,6 @@ def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normal
     title = f"{title} ({normalization})"
     tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0], run_id)
     tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1], run_id)
-
-
-def short_normalization(normalization: Normalization) -> str:
-    """Mean/std as in "0.1307/0.3081" (per-channel values comma-separated), for names and tags."""
-    return "/".join(",".join(f"{v:.4g}" for v in values) for values in (normalization.mean, normalization.std))
-
-
-def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
-    """What tells training runs apart first, e.g. "0.1307/0.3081 14ep s1 · mnist_cnn mnist-5k": the MLflow
-    UI's runs table shows about 24 characters of a name (146 px), and the model and data have their
-    own columns (tags zoo.model, Dataset). An image folder shows as its own name."""
-    name = (f"{short_normalization(normalization)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
-            f"{dataset_label(config.dataset)}")
-    return name + (" dry-run" if config.max_batches else "")
-
-
-def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
-    """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
-    return {
-        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
-        "zoo.normalization": short_normalization(normalization),
-        "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
-        **({"zoo.dry_run": "true"} if config.max_batches else {}),
-        tracking.WORKER_TAG: tracking.this_worker(),
-    }
-
-
-def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
-                      result: TrainResult | None = None) -> str:
-    """The run's description (markdown): what was trained, on what data, and the result once known."""
-    config = config.resolved()
-    default = (" (the model's default)" if normalization == config.spec().normalization.for_data(normalization.channels)
-               else " (the training split's own statistics)" if AUTO in (config.mean, config.std) else "")
-    batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
-    skipped = f" ({dataset.skipped:,} unreadable files skipped)" if dataset.skipped else ""
-    lines = [
-        f"Trained **{config.model}** on **{dataset_label(config.dataset)}** for {config.epochs} epoch(s){batches}: "
-        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images"
-        f"{skipped}, {'x'.join(map(str, dataset.image_shape))}, classes {', '.join(dataset.classes[:12])}"
-        f"{', ...' if len(dataset.classes) > 12 else ''}.",
-        "",
-        *([note, ""] if (note := fitted_note(config.spec(), dataset)) else []),
-        f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
-        f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
-        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
-        + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
-        "",
-    ]
-    if result is None:
-        lines.append("**Result:** none yet (training, or stopped before the test evaluation).")
-    else:
-        lines += [
-            f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** "
-            f"(validation {100 * result.val_accuracy:.2f} % after the last epoch).",
-            "",
-            f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split).",
-        ]
-    return "\n".join(lines)
 
 
 def load_training_data(config: TrainConfig) -> Dataset:

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from training import checkpoints, tracking
+from training import tracking
 from training.batched import StackedTrials, check_batchable
-from training.engine import EpochResult, TrainingDiverged, check_finite
-from training.train import (
-    BestEpoch, TrainConfig, build_network, checkpoint_state, log_test_figures, resolve_device, resume_state,
-    run_params,
-)
+from training.engine import EpochResult, TrainingDiverged
+from training.epochs import BestEpoch, EpochBookkeeping
+from training.train import build_network, log_test_figures, resolve_device
+from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 
 
@@ -41,13 +40,16 @@ class MemberResult:
 
 
 class _Member:
-    """One member seen as a lone network, for BestEpoch (which copies ``state_dict()``)."""
+    """One member seen as a lone network, for BestEpoch and its checkpoints (training.epochs.Weights)."""
 
     def __init__(self, stack: StackedTrials, member: int) -> None:
         self.stack, self.member = stack, member
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.stack.state_dict_of(self.member)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.stack.load_state_of(self.member, state)
 
 
 def check_same_but_normalization(configs: list[TrainConfig]) -> None:
@@ -88,8 +90,8 @@ def fit_batch(
         for s in (dataset.train, dataset.val, dataset.test)
     )
     results = [MemberResult(run_id) for run_id in run_ids]
-    best = [BestEpoch(keep_weights=config.keep_best) for _ in configs]
-    keep = config.kept_checkpoints()
+    # What an epoch leaves behind is fit's; training/epochs.py says why the loops differ.
+    books = [_bookkeeping(stack, member, c, generator, results[member]) for member, c in enumerate(configs)]
     for epoch in range(1, config.epochs + 1):
         if not stack.members:
             break
@@ -102,46 +104,29 @@ def fit_batch(
         for position, member in enumerate(list(stack.members)):
             result = EpochResult(epoch, train_losses[position], val_losses[position], val_accuracies[position])
             try:
-                _end_member_epoch(stack, member, result, results[member], best[member], configs[member],
-                                  generator, keep, seconds, on_epoch)
+                books[member].record(result, seconds)
+                if on_epoch:
+                    on_epoch(member, result)
             except (TrainingDiverged, *stops) as exc:
                 results[member].stopped = exc
                 stopped.append(member)
         stack.drop(stopped)
 
     for member in stack.members:
-        if config.keep_best and best[member].state is not None:
-            stack.load_state_of(member, best[member].state)
-            tracking.log_metrics({"best_epoch": best[member].epoch, "best_val_accuracy": best[member].val_accuracy},
-                                 run_id=run_ids[member])
+        if config.keep_best:
+            books[member].best.restore(books[member].network, run_id=run_ids[member])
     if stack.members:
         _test(stack, test_split, dataset, results, normalizations, config)
     return results
 
 
-def _end_member_epoch(stack: StackedTrials, member: int, result: EpochResult, out: MemberResult, best: BestEpoch,
-                      config: TrainConfig, generator: torch.Generator, keep: frozenset[str], seconds: float,
-                      on_epoch: Callable[[int, EpochResult], None] | None) -> None:
-    """One member's epoch as fit logs it: metrics, then its checkpoints (both or neither), then on_epoch."""
-    out.history.append(result)
-    view = _Member(stack, member)
-    improved = best.update(result, view)
-    normalization = config.normalization()
-    with checkpoints.interrupts_held():
-        tracking.log_metrics({**result.metrics(), "epoch_seconds": seconds}, step=result.epoch, run_id=out.run_id)
-        check_finite(result)
-
-        def weights() -> dict[str, Any]:
-            return checkpoint_state(view.state_dict(), config, normalization, result.epoch)
-
-        checkpoints.save(
-            keep, result.epoch, improved,
-            full=lambda: {**weights(), **stack.trainer_state_of(member), **resume_state(generator, out.history, best)},
-            weights=lambda: {**weights(), "val_accuracy": result.val_accuracy},
-            run_id=out.run_id,
-        )
-    if on_epoch:
-        on_epoch(member, result)
+def _bookkeeping(stack: StackedTrials, member: int, config: TrainConfig, generator: torch.Generator,
+                 out: MemberResult) -> EpochBookkeeping:
+    """The record of one member's epochs, kept in ``out.history`` and logged to ``out.run_id``."""
+    return EpochBookkeeping(
+        _Member(stack, member), config, config.normalization(), generator, lambda: stack.trainer_state_of(member),
+        out.history, BestEpoch(keep_weights=config.keep_best), config.kept_checkpoints(), run_id=out.run_id,
+    )
 
 
 def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: list[MemberResult],

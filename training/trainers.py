@@ -1,7 +1,7 @@
 """How a model takes its training steps, chosen by its registry entry's ``trainer`` name.
 
-``fit`` owns everything around the steps (params, metrics, checkpoints, best epoch, test
-metrics); a trainer only runs an epoch, closes it (learning-rate schedule) and reports its
+``fit`` owns everything around the steps (params, test metrics; each epoch's metrics,
+checkpoints and best epoch through training.epochs); a trainer only runs an epoch, closes it (learning-rate schedule) and reports its
 state for checkpoints. "autograd" is the shared engine; "scratch" is the hand-written
 backpropagation of ``zoo.models.scratch_mlp``.
 """

@@ -1,6 +1,6 @@
 """Riding out a restart of a study's database server (PostgreSQL, MySQL) in the middle of a study.
 
-SQLAlchemy's ``pool_pre_ping`` (on in :func:`training.study.make_storage`) replaces a pooled
+SQLAlchemy's ``pool_pre_ping`` (on in :func:`training.study.storage.make_storage`) replaces a pooled
 connection the restart closed, but only if a new one can be made: while the server is down,
 every storage call (a trial's heartbeat, ``ask``, ``tell``, the lock) would fail at once. Here
 a new connection waits for the server instead, up to a bound (``--tracking-timeout``, the

@@ -2,7 +2,7 @@
 
 Reads the Optuna storage only (no MLflow), so it works on a study that is still running:
 
-    python -m training.study_report fmnist-full-sane --storage sqlite:///optuna.db --out docs/study/fmnist-full-sane
+    python -m training.study.report_files fmnist-full-sane --storage sqlite:///optuna.db --out docs/study/fmnist-full-sane
 
 writes ``summary.md`` (median, sd, min, max of validation and test accuracy, collapsed trials,
 and where the enqueued normalizations rank), ``trials.md``, ``contour.png`` (Optuna's contour of
@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from training.study import study_figures, summarize
+from training.study.report import study_figures, summarize
 
 
 def rank_of(trial: FrozenTrial, complete: list[FrozenTrial]) -> int:
@@ -57,7 +57,7 @@ def trials_markdown(study: optuna.Study) -> str:
 
 
 def write_figures(study: optuna.Study, threshold: float, out: Path) -> None:
-    """The contour and accuracy-vs-normalization figures the parent run logs (training.study.study_figures)."""
+    """The contour and accuracy-vs-normalization figures the parent run logs (training.study.report.study_figures)."""
     figures = study_figures(study, threshold)
     for name in FIGURES:
         if name in figures:

@@ -1,0 +1,130 @@
+"""What every finished epoch of a run leaves behind, the same for a lone run (training.train.fit) and
+for each member of a batched one (training.train_batch.fit_batch): its place in the history, the best
+epoch so far, its metrics and the checkpoints the run keeps.
+
+Why the two epoch loops stay two: :func:`training.train.fit` steps one network with its
+registry trainer (any trainer, bf16 autocast), shows a progress bar, resumes from a ``last``
+checkpoint, and sends each epoch through an Outbox, so training goes on while the tracking
+server is away; one failure ends the run. :func:`training.train_batch.fit_batch` trains K
+networks as one stacked computation (one pass per epoch for all of them), drops a member that
+diverges or is pruned while the others go on, logs to runs by id (MLflow's active run is one per
+thread), and neither resumes nor waits for a server: a study retries a failed trial from scratch.
+What follows the forward and backward passes is the same, and lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from training import checkpoints, tracking
+from training.engine import EpochResult, check_finite
+from training.outage import Outbox
+from training.train_config import TrainConfig
+from zoo.normalization import Normalization
+
+
+class Weights(Protocol):
+    """A network, or one member of a batch seen as one (training.train_batch)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
+
+
+class BestEpoch:
+    """The epoch with the best validation accuracy (never chosen on the test set), with a copy
+    of its weights when ``keep_weights`` (the recipe's keep_best restores them at the end)."""
+
+    def __init__(self, keep_weights: bool = True) -> None:
+        self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
+        self.keep_weights = keep_weights
+
+    def update(self, result: EpochResult, network: Weights) -> bool:
+        """Record ``result`` if it is the best so far; returns whether it is."""
+        if not result.val_accuracy > self.val_accuracy:
+            return False
+        self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
+        if self.keep_weights:
+            self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        return True
+
+    def restore(self, network: Weights, run_id: str | None = None) -> None:
+        """Put the best epoch's weights back, and log which epoch that was to run ``run_id`` (default: the active run)."""
+        if self.state is not None:
+            network.load_state_dict(self.state)
+            tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
+
+
+@dataclass
+class EpochBookkeeping:
+    """One run's record of its finished epochs; :meth:`record` after each."""
+
+    network: Weights
+    config: TrainConfig
+    normalization: Normalization
+    generator: torch.Generator  # the shuffling generator, saved in the ``last`` checkpoint
+    trainer_state: Callable[[], dict[str, Any]]  # optimizer and lr scheduler, for the ``last`` checkpoint
+    history: list[EpochResult]
+    best: BestEpoch
+    keep: frozenset[str]  # the checkpoints to keep (training.checkpoints.parse_keep)
+    outbox: Outbox | None = None  # see log_epoch
+    run_id: str | None = None  # None: the active run
+
+    def record(self, result: EpochResult, seconds: float) -> None:
+        """Add ``result`` to the history and the best epoch, then log its metrics and checkpoints, both or
+        neither (a TrainingDiverged after the metrics when its loss is not finite)."""
+        self.history.append(result)
+        improved = self.best.update(result, self.network)
+
+        def states() -> dict[str, dict[str, Any]]:
+            return checkpoints.states_to_keep(
+                self.keep, result.epoch, improved,
+                full=lambda: {**self.weights(result.epoch), **self.trainer_state(),
+                              **resume_state(self.generator, self.history, self.best)},
+                weights=lambda: {**self.weights(result.epoch), "val_accuracy": result.val_accuracy},
+            )
+
+        with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
+            log_epoch(result, seconds, states, self.outbox, self.run_id)
+
+    def weights(self, epoch: int) -> dict[str, Any]:
+        """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
+        return checkpoint_state(self.network.state_dict(), self.config, self.normalization, epoch)
+
+
+def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
+              outbox: Outbox | None, run_id: str | None = None) -> None:
+    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises):
+    straight to MLflow (run ``run_id``, default the active run), or through ``outbox``, which keeps
+    them while the server is away."""
+    metrics = {**result.metrics(), "epoch_seconds": seconds}
+    if outbox is None:
+        tracking.log_metrics(metrics, step=result.epoch, run_id=run_id)
+        check_finite(result)
+        tracking.log_checkpoints(states(), run_id=run_id)
+        return
+    outbox.add_metrics(metrics, step=result.epoch)
+    try:
+        check_finite(result)
+        outbox.add_checkpoints(states())
+    finally:
+        outbox.send()
+
+
+def checkpoint_state(model_state: dict[str, Any], config: TrainConfig, normalization: Normalization,
+                     epoch: int) -> dict[str, Any]:
+    """What every checkpoint holds, from a ``state_dict`` (a batched trial's weights are not a module of their own)."""
+    return {"model": model_state, "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
+
+
+def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
+    """What the ``last`` checkpoint adds for a resume, besides the trainer's optimizer and lr scheduler."""
+    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
+             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
+    if best.state is not None:
+        state["best_model"] = best.state  # keep_best restores it at the end
+    return state
+

@@ -1,0 +1,173 @@
+"""What a study is: its settings (StudyConfig) and result, the names it stores in Optuna and MLflow,
+its samplers, the normalizations it suggests and enqueues, and what counts as a finished or collapsed trial."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from training import registration, tracking
+from training.train_config import TrainConfig, dataset_label
+from zoo.data import Dataset, Split
+from zoo.normalization import Normalization
+
+
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
+CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see storage.stored_search)
+OBJECTIVE_NAME = "val_accuracy"  # what Optuna's dashboard and tables call the objective
+RUN_ATTR = "mlflow_run_id"  # trial user attribute naming its child run
+OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, not an accident
+SAMPLERS = ("tpe", "random", "qmc")
+LOG_MODELS = ("best", "all", "none")
+MODEL_URI_TAG = "zoo.model_uri"
+WORKER_TAG = tracking.WORKER_TAG  # HOST:PID of the process that ran a trial
+RESUME_STUDY = "re-run the same command to resume the study (the trials it stopped are run again)"  # past --tracking-timeout
+
+# The fields a re-run of an existing study must keep: they define what its trials measure.
+_IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
+             "train_size", "val_size", "test_size", "max_batches", "image_size", "test_fraction")
+
+
+@dataclass
+class StudyConfig:
+    model: str = "mnist_cnn"
+    dataset: str = "mnist-5k"
+    trials: int = 20  # finished trials the study must hold (complete, pruned or diverged)
+    epochs: int = 1
+    mean_range: tuple[float, float] = (-1.0, 2.0)  # linear; the published study's range
+    std_range: tuple[float, float] = (0.05, 1.0)  # log
+    per_channel: bool = False  # one mean/std per channel for RGB models
+    sampler: str = "tpe"
+    seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
+    jobs: int = 1  # trials in parallel threads of this process
+    batch_trials: int = 1  # trials trained together in one batched computation (training/batched.py)
+    storage: str = "sqlite:///optuna.db"
+    study_name: str | None = None  # default: MODEL-DATASET-normalization
+    experiment: str | None = None
+    prune: bool = False  # median pruning on per-epoch validation accuracy
+    batch_size: int | None = None  # None: the model's recipe
+    train_size: int | None = None  # use the first N images of each split (None: all)
+    val_size: int | None = None
+    test_size: int | None = None
+    max_batches: int | None = None
+    log_models: str = "best"
+    register: str | None = None
+    alias: str | None = None
+    heartbeat: int = 60  # seconds; a RUNNING trial silent for 2 heartbeats belongs to a dead process
+    enqueue: list[tuple[str, str]] = field(default_factory=list)  # (mean, std) to try first
+    collapse_margin: float = 0.02  # val accuracy <= majority-class share + margin counts as collapsed
+    device: str = "auto"
+    data_dir: str | None = None
+    image_size: str | None = None  # image folders: see TrainConfig.image_size
+    test_fraction: float | None = None  # image folders without test/
+    progress: bool = True
+    tracking_timeout: float | None = None  # seconds to wait for an MLflow server that goes away (None: ZOO_TRACKING_TIMEOUT, else 600)
+
+    @property
+    def name(self) -> str:
+        return self.study_name or f"{self.model}-{dataset_label(self.dataset)}-normalization"
+
+    def validate(self) -> None:
+        lo, hi = self.mean_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"--mean-range needs two finite numbers LOW < HIGH, got {lo} {hi}")
+        lo, hi = self.std_range
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"--std-range needs 0 < LOW < HIGH (it is searched on a log scale), got {lo} {hi}")
+        if self.trials < 1 or self.jobs < 1 or self.epochs < 1 or self.batch_trials < 1:
+            raise ValueError("--trials, --jobs, --batch-trials and --epochs must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if self.log_models not in LOG_MODELS:
+            raise ValueError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
+        registration.check_registry_names(self.register, self.alias)
+        if self.register and self.log_models == "none":
+            raise ValueError("--register needs a logged model; use --log-models best or all")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in _IDENTITY}
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
+            device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
+            image_size=self.image_size, test_fraction=self.test_fraction,
+        )
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    parent_run_id: str
+    summary: dict[str, Any]
+    best_model_uri: str | None
+
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # constant_liar: a trial still running (in another thread, process, or the same batch)
+            # counts as a poor result, so trials sampled while it runs go elsewhere.
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+
+
+
+def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: int) -> Normalization:
+    """Mean on a linear scale, std on a log scale; one pair for all channels unless per_channel."""
+    if config.per_channel and channels > 1:
+        means = [trial.suggest_float(f"mean_{c}", *config.mean_range) for c in range(channels)]
+        stds = [trial.suggest_float(f"std_{c}", *config.std_range, log=True) for c in range(channels)]
+        return Normalization(means, stds)
+    mean = trial.suggest_float("mean", *config.mean_range)
+    std = trial.suggest_float("std", *config.std_range, log=True)
+    return Normalization((mean,), (std,)).for_channels(channels)
+
+
+def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, float]]:
+    """``--enqueue MEAN STD`` pairs as Optuna params (values outside the ranges are allowed); ``auto``
+    stands for the training split's own statistics, per channel."""
+    out = []
+    channels = dataset.image_shape[0]
+    for mean, std in config.enqueue:
+        norm = replace(config.train_config(), mean=mean, std=std).normalization(dataset)
+        if config.per_channel and channels > 1:
+            out.append({**{f"mean_{c}": m for c, m in enumerate(norm.mean)},
+                        **{f"std_{c}": s for c, s in enumerate(norm.std)}})
+        else:
+            if len(set(norm.mean)) > 1 or len(set(norm.std)) > 1:
+                if "auto" in (mean, std):  # the data's statistics, shared: their average over the channels
+                    norm = Normalization((sum(norm.mean) / channels,), (sum(norm.std) / channels,))
+                else:
+                    raise ValueError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
+            out.append({"mean": norm.mean[0], "std": norm.std[0]})
+    return out
+
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """A trial whose result is known: complete, pruned, or diverged (a failure that is itself a result)."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and trial.user_attrs.get(OUTCOME_ATTR) == "diverged")
+
+
+def count_trials(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials over every process working on the study."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(map(is_finished, trials)), sum(t.state == TrialState.RUNNING for t in trials)
+
+
+
+def one_class_accuracy(split: Split) -> float:
+    """The accuracy of always predicting the most frequent class: 1/classes on a balanced split,
+    more on a small subset (e.g. 0.122 on the first 500 Fashion-MNIST validation images)."""
+    return float(split.labels.bincount().max()) / max(len(split), 1)

@@ -1,0 +1,88 @@
+"""The study's one MLflow parent run: created by the process that created the study, named in the
+study's storage (a user attribute), adopted by every other process, reopened when the study resumes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import optuna
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
+
+from training import tracking
+from training.study.config import PARENT_ATTR, StudyConfig
+from training.study.storage import StudyLock, check_same_search
+from zoo.access import masked_url
+
+
+PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
+# (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
+
+
+
+def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
+                      project_run_id: str | None = None, lock: StudyLock | None = None) -> str:
+    """The study's one parent run: created by the process that created the study, adopted by the others.
+
+    Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
+    or points at the parent of an existing one.
+
+    The others touch MLflow only once the parent exists, so they never race the creator
+    while it initializes a fresh MLflow store.
+    """
+    if created:
+        return _create_parent_run(study, config, storage_url, project_run_id)
+    parent = _wait_for_parent(study, PARENT_WAIT_S)
+    if parent is None:
+        # The creator died before naming a parent: the first process to take the lock names one.
+        with (lock or StudyLock(storage_url, config.name))():
+            parent = study.user_attrs.get(PARENT_ATTR) or _create_parent_run(study, config, storage_url)
+    check_same_search(study, config)
+    if project_run_id and project_run_id != parent:
+        tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=project_run_id)
+    if tracking.run_status(parent) != "RUNNING":
+        tracking.reopen_run(parent)  # resuming
+    return parent
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
+    deadline, told = time.monotonic() + timeout, False
+    while (parent := study.user_attrs.get(PARENT_ATTR)) is None and time.monotonic() < deadline:
+        if not told:
+            tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
+                       file=sys.stderr)
+            told = True
+        time.sleep(0.5)
+    return parent
+
+
+def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,
+                       project_run_id: str | None = None) -> str:
+    tags = {"optuna.study_name": config.name, "optuna.storage": masked_url(storage_url), tracking.KIND_TAG: "study",
+            "zoo.model": config.model, "zoo.dataset": config.dataset}
+    if tracking.is_project_run_here(project_run_id, config.experiment):
+        run_id = project_run_id
+        tracking.set_tags({**tags, "mlflow.runName": f"study {config.name}"}, run_id=run_id)
+    else:
+        run_id = tracking.create_run(experiment=config.experiment or tracking.default_experiment(),
+                                     run_name=f"study {config.name}", tags=tags)
+        if project_run_id:
+            tracking.link_project_run(project_run_id, run_id)
+    tracking.log_params(_parent_params(config, storage_url), run_id=run_id)
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def _parent_params(config: StudyConfig, storage_url: str) -> dict[str, Any]:
+    return {
+        "optuna_study": config.name, "optuna_storage": masked_url(storage_url), "trials": config.trials,
+        "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
+        "mean_range": "{:g},{:g}".format(*config.mean_range), "std_range": "{:g},{:g}".format(*config.std_range),
+        "mean_scale": "linear", "std_scale": "log", "per_channel": config.per_channel,
+        "sampler": config.sampler, "seed": config.seed, "pruner": "median" if config.prune else "none",
+        "batch_size": config.batch_size, "train_size": config.train_size, "val_size": config.val_size,
+        "test_size": config.test_size, "max_batches": config.max_batches, "collapse_margin": config.collapse_margin,
+        **({"image_size": config.image_size} if config.image_size else {}),
+        **({"test_fraction": config.test_fraction} if config.test_fraction is not None else {}),
+    }

@@ -1,0 +1,181 @@
+"""How a study is summarized and drawn on its parent run: the summary (median, spread, collapsed
+trials, best trial), the trials table, the run's description, Optuna's figures and an interactive page."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
+
+from training import tracking
+from training.study.config import RUN_ATTR, is_finished
+from training.study.storage import stored_search
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "sd": None, "min": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"median": float(np.median(a)), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+
+def summarize(study: optuna.Study, one_class: float, collapse_margin: float = 0.02) -> dict[str, Any]:
+    """The answer to the study's question: how much accuracy moves over normalizations, and how often
+    training collapses to predicting one class (val accuracy at or below ``one_class`` + margin)."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    threshold = one_class + collapse_margin
+    val = [t.value for t in complete]
+    test = [t.user_attrs["test_accuracy"] for t in complete if "test_accuracy" in t.user_attrs]
+    summary: dict[str, Any] = {
+        "study_name": study.study_name,
+        "trials_complete": len(complete),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "trials_diverged": sum(is_finished(t) and t.state == TrialState.FAIL for t in trials),
+        "trials_failed_other": sum(t.state == TrialState.FAIL and not is_finished(t) for t in trials),
+        "trials_running": sum(t.state == TrialState.RUNNING for t in trials),
+        "collapse_threshold": threshold,
+        "trials_collapsed": sum(v <= threshold for v in val),
+        "val_accuracy": _stats(val),
+        "test_accuracy": _stats(test),
+        "best": None,
+    }
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary["best"] = {"trial": best.number, "params": best.params, "val_accuracy": best.value,
+                           "test_accuracy": best.user_attrs.get("test_accuracy"), "run_id": best.user_attrs.get(RUN_ATTR)}
+    return summary
+
+
+def trials_table(study: optuna.Study) -> str:
+    """All trials as CSV: number, state, value (val_accuracy), params, test accuracy, run id, failure."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    frame = frame.rename(columns={"value": "val_accuracy", "user_attrs_test_accuracy": "test_accuracy"})
+    if "duration" in frame:
+        frame["duration"] = frame["duration"].dt.total_seconds()
+    return frame.to_csv(index=False)
+
+
+def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, collapse_margin: float,
+                plots: bool = False) -> dict[str, Any]:
+    """Write the summary, the trials table (and, with ``plots``, the contour and importances) to the parent."""
+    summary = summarize(study, one_class, collapse_margin)
+    tracking.log_dict(summary, "study/summary.json", run_id=parent_run_id)
+    tracking.log_text(trials_table(study), "study/trials.csv", run_id=parent_run_id)
+    metrics = {"trials_complete": summary["trials_complete"], "trials_collapsed": summary["trials_collapsed"],
+               "trials_diverged": summary["trials_diverged"], "trials_pruned": summary["trials_pruned"]}
+    for split in ("val", "test"):
+        metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
+    tags = {tracking.NOTE_TAG: describe_study(study, summary)}  # the parent's description
+    if summary["best"]:
+        best = summary["best"]
+        tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
+        tags.update({"best_trial": best["trial"], "best_run_id": best["run_id"],
+                     **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}})
+    tracking.log_batch(parent_run_id, metrics=metrics, tags=tags)
+    if plots:
+        log_plots(study, parent_run_id, summary["collapse_threshold"])
+    return summary
+
+
+PLOTS = ("contour.png", "param_importances.png", "accuracy_vs_normalization.png", "interactive.html")  # under study/
+
+
+def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
+    """The parent run's description (markdown): what the study searches and, so far, what it found."""
+    searched = stored_search(study) or {}
+    lines = [f"Optuna study **{study.study_name}**"]
+    if searched:
+        lines[0] += (f": trains **{searched['model']}** on **{searched['dataset']}** for {searched['epochs']} epoch(s) "
+                     f"per trial, with the input mean searched in [{searched['mean_range'][0]:g}, "
+                     f"{searched['mean_range'][1]:g}] and the std in [{searched['std_range'][0]:g}, "
+                     f"{searched['std_range'][1]:g}] (log scale)")
+    lines[0] += ". Every trial is a child run of this one."
+    lines.append("")
+    val = summary["val_accuracy"]
+    if not summary["trials_complete"]:
+        lines.append("**Result:** no trial has completed yet.")
+    else:
+        best = summary["best"]
+        lines.append(
+            f"**Result:** {summary['trials_complete']} trials complete ({summary['trials_collapsed']} collapsed to "
+            f"predicting one class, {summary['trials_diverged']} diverged, {summary['trials_pruned']} pruned). "
+            f"Validation accuracy: median **{100 * val['median']:.2f} %**, sd {100 * val['sd']:.2f} pt, "
+            f"range {100 * val['min']:.2f}-{100 * val['max']:.2f} %. Best: trial {best['trial']} "
+            f"({', '.join(f'{k} {v:.4g}' for k, v in best['params'].items())}).")
+    lines += ["", "Figures under `study/`: " + ", ".join(f"`{p}`" for p in PLOTS) + "; every trial in `study/trials.csv`."]
+    return "\n".join(lines)
+
+
+def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:
+    """The study's figures (:func:`study_figures`) and Optuna's interactive plotly versions in one
+    HTML file, under ``study/`` of the parent run."""
+    figures = study_figures(study, collapse_threshold)  # sets the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
+        plt.close(figure)
+    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+
+
+def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, Any]:
+    """Matplotlib figures by name: Optuna's contour of accuracy over (mean, std) and parameter
+    importances, and accuracy against each searched value with the collapsed trials in red. A
+    figure that needs more complete trials than the study has is left out, with a line on stderr."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figures = {}
+    for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
+        # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study, target_name="val_accuracy")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
+                tqdm.write(f"study: no {name} plot yet ({exc})", file=sys.stderr)
+                continue
+        figures[name] = np.asarray(axes).flat[0].figure
+        figures[name].set_size_inches(8, 6)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        from training.figures import accuracy_against_figure
+
+        names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), k))  # mean(s), then std(s)
+        figures["accuracy_vs_normalization"] = accuracy_against_figure(
+            {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
+            [t.value <= collapse_threshold for t in complete], collapse_threshold,
+            f"study {study.study_name}: {len(complete)} complete trials",
+        )
+    return figures
+
+
+def interactive_html(study: optuna.Study) -> str:
+    """Optuna's plotly contour, slice, importances and history on one page, plotly.js embedded once
+    (about 4.7 MB) so the page works offline in the MLflow UI's artifact viewer."""
+    from optuna import visualization
+
+    parts, embedded = [], False
+    for plot in (visualization.plot_contour, visualization.plot_slice, visualization.plot_param_importances,
+                 visualization.plot_optimization_history):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                figure = plot(study, target_name="val_accuracy")
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
+                parts.append(f"<p>{plot.__name__}: not available yet ({exc})</p>")
+                continue
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
+        embedded = True
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head>"
+            f"<body><h2>Optuna study {study.study_name}</h2>{''.join(parts)}</body></html>")

@@ -1,0 +1,274 @@
+"""How threads, processes and machines share one study: each claims trials under the study's lock
+until the study holds ``config.trials`` finished ones, trains them, and records them; :func:`run_study`
+opens (or joins) the study and its parent run, and the last worker to end finishes it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import optuna
+import torch
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
+from zoo.progress import tqdm  # plain lines when stderr is no terminal
+
+from training import checkpoints, tracking
+from training.batched import check_batchable
+from training.engine import TrainingDiverged
+from training.outage import Patience, timeout_from_env
+from training.study.best_trial import keep_best_trial_checkpoints, publish_best_model, sweep_checkpoints
+from training.study.config import (
+    RESUME_STUDY, StudyConfig, StudyResult, count_trials, enqueue_params, one_class_accuracy, suggest_normalization,
+)
+from training.study.parent_run import ensure_parent_run
+from training.study.report import log_summary, summarize
+from training.study.storage import StudyLock, end_orphaned_runs, make_storage, open_study
+from training.study.trials import TrialContext, objective, objective_batch
+from training.train import build_network, load_training_data, resolve_device
+from zoo.data import Dataset
+from zoo.models.registry import create_model
+
+
+SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (about 0.1-0.3 s each)
+
+
+
+def load_study_dataset(config: StudyConfig) -> Dataset:
+    """The dataset once per process (every trial reuses the decoded tensors), split as the model's
+    recipe asks (as ``zoo train`` does), cut to the requested sizes."""
+    full = load_training_data(config.train_config())
+    return Dataset(full.name, full.classes, full.train.subset(config.train_size),
+                   full.val.subset(config.val_size), full.test.subset(config.test_size), full.source, full.skipped)
+
+
+MAX_AUTO_JOBS = 8  # trials in flight hold a network and its optimizer each: bound the memory of the default
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Trials at once when ``--jobs`` is not given: one per CPU core this process may use (up to
+    MAX_AUTO_JOBS) on the CPU, where each then trains with one torch thread; one on a GPU.
+
+    On the 2-core development machine two 1-thread trials finished 1.3x more trials per minute
+    than one trial on 2 threads (the MNIST CNN's small layers split poorly across threads);
+    two 1-thread processes were as fast as one process with two trial threads
+    (benchmarks/RESULTS.md)."""
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      MAX_AUTO_JOBS))
+
+
+@contextmanager
+def _torch_threads(jobs: int) -> Iterator[None]:
+    """Share the cores between trial threads instead of oversubscribing them."""
+    before = torch.get_num_threads()
+    if jobs > 1:
+        torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+
+def _after_trial(ctx: TrialContext, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
+    with ctx.lock:  # trial threads share the bar and the best trial's checkpoints
+        keep_best_trial_checkpoints(study, trial, ctx)
+        _show_progress(bar, count_trials(study)[0])
+        if trial.state == TrialState.COMPLETE:
+            bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
+        if not ctx.config.progress:
+            tqdm.write(f"study {study.study_name}: trial {trial.number} {trial.state.name.lower()}"
+                       + (f", val_accuracy {trial.value:.4f}" if trial.value is not None else ""), file=sys.stderr)
+        if time.monotonic() - ctx.summary_logged < SUMMARY_EVERY_S:
+            return  # refreshed a moment ago; the study's end always writes the final one
+        try:
+            ctx.patience.patiently(log_summary, study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val),
+                                   ctx.config.collapse_margin)
+            ctx.summary_logged = time.monotonic()
+        except tracking.ServerGone:
+            raise
+        except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
+            tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
+
+
+def _show_progress(bar: tqdm, finished: int) -> None:
+    bar.n = min(finished, bar.total)
+    bar.refresh()
+
+
+def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int = 1) -> list[optuna.Trial]:
+    """The next trials (at most ``most``) this thread should run, or none once the study holds
+    ``config.trials`` finished trials.
+
+    The race this closes: with ``study.optimize`` each process counts the trials, sees one
+    slot left, and starts a trial; N processes doing so at once overshoot by up to N - 1. Here
+    counting and starting (``study.ask``, which takes a queued retry first) happen under one
+    lock held in the storage, so a trial starts only while finished + running < target, and no
+    surplus trial (nor its child run) is ever created. Stale trials are failed under the same
+    lock, so a dead trial's slot and its queued retry are accounted together.
+
+    When every slot is taken by a trial in flight, the thread waits instead of leaving: if that
+    trial's process dies, this one fails it (after two missed heartbeats) and runs its retry.
+
+    Each trial's normalization is sampled as soon as it is asked for, so that the sampler sees
+    it running (TPE's constant liar) when it samples the next one: trials claimed together differ.
+    """
+    poll_s = min(5.0, max(0.5, ctx.config.heartbeat / 2))
+    channels = ctx.dataset.image_shape[0]
+    while not ctx.stop.is_set():
+        with ctx.claim():
+            end_orphaned_runs(study)
+            finished, running = count_trials(study)
+            if finished >= ctx.config.trials:
+                return []
+            free = ctx.config.trials - finished - running
+            if free > 0:
+                trials = []
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _run_trial records it
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    for _ in range(min(most, free)):
+                        trials.append(study.ask())
+                        suggest_normalization(trials[-1], ctx.config, channels)
+                return trials
+        _show_progress(bar, finished)
+        time.sleep(poll_s)
+    return []
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> FrozenTrial:
+    """Train one claimed trial and tell Optuna its outcome; a diverged trial is a result, any other error is raised."""
+    value, state, error = None, TrialState.FAIL, None
+    # Optuna's own heartbeat thread, the one study.optimize runs: a trial whose heartbeat stops
+    # belongs to a dead process (optuna.storages._heartbeat is not re-exported publicly).
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value, state = objective(trial, ctx), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except TrainingDiverged:
+            pass
+        except BaseException as exc:  # Ctrl-C included: the trial is failed, not left RUNNING
+            error = exc
+    frozen = study.tell(trial, value, state=state)
+    if error is not None:
+        raise error
+    return frozen
+
+
+def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: TrialContext) -> list[FrozenTrial]:
+    """:func:`_run_trial` for trials trained together: each has its heartbeat, its outcome and its tell."""
+    outcomes, error = [(None, TrialState.FAIL)] * len(trials), None
+    with ExitStack() as heartbeats:
+        for trial in trials:
+            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        try:
+            outcomes = objective_batch(trials, ctx)
+        except BaseException as exc:  # Ctrl-C included: the trials are failed, not left RUNNING
+            error = exc
+    frozen = [study.tell(trial, value, state=state) for trial, (value, state) in zip(trials, outcomes)]
+    if error is not None:
+        raise error
+    return frozen
+
+
+def _work(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
+    together = ctx.config.batch_trials
+    while trials := _claim_trials(study, ctx, bar, together):
+        try:
+            frozen = (_run_trial_batch(study, trials, ctx) if together > 1 else
+                      [_run_trial(study, trial, ctx) for trial in trials])
+        except BaseException:
+            ctx.stop.set()  # the other threads finish their trials and start no more
+            raise
+        for one in frozen:
+            _after_trial(ctx, bar, study, one)
+
+
+def _work_until_done(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
+    """Run trials in ``config.jobs`` threads until the study holds ``config.trials`` finished trials."""
+    if ctx.config.jobs == 1:
+        _work(study, ctx, bar)
+        return
+    with ThreadPoolExecutor(ctx.config.jobs, thread_name_prefix="trial") as pool:
+        futures = [pool.submit(_work, study, ctx, bar) for _ in range(ctx.config.jobs)]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            ctx.stop.set()
+            raise
+
+
+class StudyInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the study; the message says how far it got and how to resume."""
+
+
+def run_study(config: StudyConfig) -> StudyResult:
+    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials."""
+    config.validate()
+    train_config = config.train_config()
+    spec = train_config.spec()  # unknown model: fail before anything is created
+    if config.batch_trials > 1:
+        check_batchable(create_model(config.model), spec.trainer, config.model)
+    dataset = load_study_dataset(config)
+    build_network(train_config, dataset)  # images too small for the architecture: fail before anything is created
+    queued = enqueue_params(config, dataset)
+    if config.progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
+    tracking.check_tracking_server()
+    wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
+    storage = make_storage(config.storage, config.heartbeat, wait_s)
+    lock = StudyLock(config.storage, config.name, wait_s)
+    study, created = open_study(config, storage)
+    # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
+    # would make every trial log into the project's run instead of a child: take it out.
+    project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = ensure_parent_run(study, created, config, config.storage, project_run_id, lock)
+    with lock():  # processes started together would each queue the same points
+        for params in queued:
+            study.enqueue_trial(params, skip_if_exists=True)
+    ctx = TrialContext(config, dataset, parent, tracking.run_experiment_name(parent), lock,
+                   patience=Patience(config.tracking_timeout, RESUME_STUDY))
+    try:
+        # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
+        # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
+        with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
+                total=config.trials, unit="trial", desc=f"study {config.name}", disable=not config.progress) as bar:
+            _work_until_done(study, ctx, bar)
+    except BaseException as exc:
+        try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
+            log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin)
+        except Exception:  # the store itself may be what failed; the error being raised says more
+            pass
+        finished, running = count_trials(study)
+        if running == 0 and not isinstance(exc, tracking.ServerGone):  # no other process is working on it
+            tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                                   f"{type(exc).__name__}: {exc}; re-run the same command to resume")
+        if isinstance(exc, KeyboardInterrupt):
+            raise StudyInterrupted(f"study {config.name} stopped with {finished} of {config.trials} trials finished; "
+                                   "re-run the same command to resume it") from None
+        raise
+    with lock():  # the workers end together: one of them writes the final summary and publishes the model
+        return ctx.patience.patiently(_finish_study, study, parent, config, dataset)  # each step can be redone
+
+
+def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset: Dataset) -> StudyResult:
+    one_class = one_class_accuracy(dataset.val)
+    if tracking.run_status(parent) == "FINISHED":  # another worker finished it
+        summary = summarize(study, one_class, config.collapse_margin)
+        return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"))
+    end_orphaned_runs(study)
+    sweep_checkpoints(study)
+    summary = log_summary(study, parent, one_class, config.collapse_margin, plots=True)
+    model_uri = publish_best_model(study, parent, config, dataset)
+    finished, running = count_trials(study)
+    if finished >= config.trials and running == 0:
+        tracking.end_run_by_id(parent, "FINISHED")
+    return StudyResult(config.name, parent, summary, model_uri)

@@ -1,0 +1,207 @@
+"""What one training run is set to do, and how its MLflow run shows it: the settings (TrainConfig,
+resolved against the model's recipe, and the input normalization they ask for), the run's params,
+name, tags and description."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from training import checkpoints, tracking
+from training.checkpoints import DEFAULT_KEEP
+from zoo.data import Dataset
+from zoo.model_options import coerce_model_config
+from zoo.normalization import Normalization, parse_floats
+from zoo.models.registry import ModelSpec, get_model_spec
+
+
+AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
+
+# Training settings a model's registry recipe may override (ModelSpec.recipe).
+RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mnist_cnn"
+    dataset: str = "mnist-5k"
+    mean: str | None = None  # None: the model's default normalization
+    std: str | None = None
+    epochs: int = 14  # the pytorch/examples default
+    batch_size: int | None = None  # None here and below: the model's recipe (see resolved)
+    optimizer: str | None = None
+    lr: float | None = None
+    gamma: float | None = None
+    weight_decay: float = 0.0
+    momentum: float | None = None  # SGD momentum (ignored by the other optimizers)
+    seed: int = 1
+    device: str = "auto"
+    precision: str = "fp32"  # or "bf16-mixed" (training.engine.PRECISIONS)
+    data_dir: str | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None  # image folders without test/ (zoo.folder_dataset; None: 0.2)
+    image_size: str | None = None  # image folders: "32" or "48x64"; None: the images' own size, or the model's
+    keep_best: bool | None = None  # restore the epoch with the best val_accuracy at the end
+    max_batches: int | None = None  # per epoch; for --dry-run and quick tests
+    checkpoints: bool = True  # False: none, whatever keep_checkpoints says
+    keep_checkpoints: str = DEFAULT_KEEP  # see training/checkpoints.py
+    progress: bool = True
+    model_config: dict = field(default_factory=dict)  # keyword arguments for the builder
+
+    def spec(self) -> ModelSpec:
+        return get_model_spec(self.model)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None setting taken from the model's recipe, and model_config typed and checked."""
+        spec = self.spec()
+        recipe = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
+        unset = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return replace(self, **unset, model_config=coerce_model_config(self.model, self.model_config))
+
+    def kept_checkpoints(self) -> frozenset[str]:
+        return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
+
+    def normalization(self, dataset: Dataset | None = None) -> Normalization:
+        """The input normalization for ``dataset``'s channels: the model's default, the given values, or
+        with ``auto`` the training split's own statistics (which need ``dataset``). Without ``dataset``,
+        for as many channels as the model's default or the values given."""
+        given = [len(parse_floats(v, what)) for v, what in ((self.mean, "mean"), (self.std, "std")) if v not in (None, AUTO)]
+        channels = dataset.image_shape[0] if dataset is not None else max([self.spec().channels, *given])
+        default = self.spec().normalization.for_data(channels)
+        if self.mean is None and self.std is None:
+            return default
+        mean = self.mean if self.mean is not None else ",".join(map(str, default.mean))
+        std = self.std if self.std is not None else ",".join(map(str, default.std))
+        if AUTO in (mean, std):
+            if dataset is None:
+                raise ValueError("--mean/--std auto is computed from the training data, which is not loaded yet")
+            measured = dataset.pixel_statistics()
+            mean = measured.mean if mean == AUTO else mean
+            std = measured.std if std == AUTO else std
+        return Normalization.parse(mean, std, channels=channels)
+
+    def check_normalization(self) -> None:
+        """Fail on a bad --mean/--std before any data is loaded (``auto`` is checked once the data is)."""
+        if AUTO not in (self.mean, self.std):
+            self.normalization()
+        elif self.std not in (None, AUTO):
+            Normalization.parse(0.0, self.std, channels=len(parse_floats(self.std, "std")))
+        elif self.mean not in (None, AUTO):
+            Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
+
+
+class Tested(Protocol):
+    """A trained run's result as its description shows it (training.train.TrainResult, or a batched
+    trial's training.train_batch.MemberResult)."""
+
+    val_accuracy: float
+    test_accuracy: float
+
+
+def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
+    """What changed in the architecture to fit the data, said on stderr and in the run's description."""
+    shape = dataset.image_shape
+    if shape == spec.input_shape and len(dataset.classes) == spec.num_classes:
+        return None
+    return (f"{spec.name} built for {'x'.join(map(str, shape))} images and {len(dataset.classes)} classes (it was "
+            f"designed for {'x'.join(map(str, spec.input_shape))} and {spec.num_classes}): the first layer takes "
+            f"{shape[0]} channel(s), the layers sized by the image follow its size, the last layer has "
+            f"{len(dataset.classes)} outputs")
+
+
+def dataset_label(dataset: str) -> str:
+    """A dataset as names show it: a catalog name, or an image folder's own name."""
+    return Path(dataset).name if os.sep in dataset else dataset
+
+
+def run_params(config: TrainConfig, normalization: Normalization, dataset: Dataset | None = None) -> dict[str, object]:
+    config = config.resolved()
+    data = {}
+    if dataset is not None:
+        data["image_shape"] = "x".join(map(str, dataset.image_shape))
+        data["classes"] = len(dataset.classes)
+        if dataset.skipped:
+            data["skipped_files"] = dataset.skipped
+    if config.mean == AUTO or config.std == AUTO:
+        data["normalization_from"] = "data"  # mean/std hold the statistics computed from the training split
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        **normalization.as_params(),
+        **data,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "lr_gamma": config.gamma,
+        "weight_decay": config.weight_decay,
+        "momentum": config.momentum,
+        "seed": config.seed,
+        "precision": config.precision,
+        "val_fraction": config.val_fraction,
+        "keep_best": config.keep_best,
+        **{f"model_{k}": v for k, v in config.model_config.items()},
+    }
+
+
+FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
+
+
+def short_normalization(normalization: Normalization) -> str:
+    """Mean/std as in "0.1307/0.3081" (per-channel values comma-separated), for names and tags."""
+    return "/".join(",".join(f"{v:.4g}" for v in values) for values in (normalization.mean, normalization.std))
+
+
+def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
+    """What tells training runs apart first, e.g. "0.1307/0.3081 14ep s1 · mnist_cnn mnist-5k": the MLflow
+    UI's runs table shows about 24 characters of a name (146 px), and the model and data have their
+    own columns (tags zoo.model, Dataset). An image folder shows as its own name."""
+    name = (f"{short_normalization(normalization)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
+            f"{dataset_label(config.dataset)}")
+    return name + (" dry-run" if config.max_batches else "")
+
+
+def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
+    """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
+    return {
+        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
+        "zoo.normalization": short_normalization(normalization),
+        "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
+        **({"zoo.dry_run": "true"} if config.max_batches else {}),
+        tracking.WORKER_TAG: tracking.this_worker(),
+    }
+
+
+def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
+                      result: Tested | None = None) -> str:
+    """The run's description (markdown): what was trained, on what data, and the result once known."""
+    config = config.resolved()
+    default = (" (the model's default)" if normalization == config.spec().normalization.for_data(normalization.channels)
+               else " (the training split's own statistics)" if AUTO in (config.mean, config.std) else "")
+    batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
+    skipped = f" ({dataset.skipped:,} unreadable files skipped)" if dataset.skipped else ""
+    lines = [
+        f"Trained **{config.model}** on **{dataset_label(config.dataset)}** for {config.epochs} epoch(s){batches}: "
+        f"{len(dataset.train):,} training, {len(dataset.val):,} validation and {len(dataset.test):,} test images"
+        f"{skipped}, {'x'.join(map(str, dataset.image_shape))}, classes {', '.join(dataset.classes[:12])}"
+        f"{', ...' if len(dataset.classes) > 12 else ''}.",
+        "",
+        *([note, ""] if (note := fitted_note(config.spec(), dataset)) else []),
+        f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
+        f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
+        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
+        + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
+        "",
+    ]
+    if result is None:
+        lines.append("**Result:** none yet (training, or stopped before the test evaluation).")
+    else:
+        lines += [
+            f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** "
+            f"(validation {100 * result.val_accuracy:.2f} % after the last epoch).",
+            "",
+            f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split).",
+        ]
+    return "\n".join(lines)
