@@ -74,7 +74,10 @@ class ZooGroup(click.Group):
                 raise click.ClickException(refused) from exc
             if isinstance(exc, USAGE_ERRORS):
                 raise InputError(message, ctx) from exc
-            raise click.ClickException(f"{message} (set ZOO_DEBUG=1 for the traceback)") from exc
+            # A job that stopped as designed (Ctrl-C, a server gone past --tracking-timeout) says what
+            # happened and what to run next: a traceback would show nothing more.
+            hint = "" if getattr(exc, "complete_message", False) else " (set ZOO_DEBUG=1 for the traceback)"
+            raise click.ClickException(f"{message}{hint}") from exc
 
 
 def tracking_refusal(exc: BaseException | None) -> str | None:

@@ -73,6 +73,8 @@ class ServerGone(RuntimeError):
     """The tracking server went away in the middle of a run and stayed away past the bound
     (training.outage): what the run still had to send is kept on local disk."""
 
+    complete_message = True  # it names the kept checkpoint and the command that finishes the run (cli/main.py)
+
 
 def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer or

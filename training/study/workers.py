@@ -209,6 +209,8 @@ def _work_until_done(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
 class StudyInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the study; the message says how far it got and how to resume."""
 
+    complete_message = True  # no traceback hint (cli/main.py)
+
 
 def run_study(config: StudyConfig) -> StudyResult:
     """Run (or resume, or join) the study until it holds ``config.trials`` finished trials."""
