@@ -202,7 +202,9 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 def top_k(probabilities: np.ndarray, class_names: list[str], files: Sequence[str | Path], k: int) -> list[Prediction]:
     k = min(k, probabilities.shape[1])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [Prediction(str(f), [(class_names[j], float(p[j])) for j in o]) for f, p, o in zip(files, probabilities, order)]
+    # Read back as Python numbers in two calls, not one float() per label: a third of this function's time.
+    best = np.take_along_axis(probabilities, order, axis=1).tolist()
+    return [Prediction(str(f), [(class_names[j], p) for j, p in zip(o, ps)]) for f, o, ps in zip(files, order.tolist(), best)]
 
 
 class OnnxClassifier:
