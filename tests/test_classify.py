@@ -192,6 +192,24 @@ def test_jsonl_streams_every_row_in_order_over_many_batches_and_workers(onnx_mod
     assert json.loads(single.stdout) == rows
 
 
+def test_rows_name_files_as_the_folder_was_given(onnx_model, digits, tmp_path, monkeypatch):
+    """Paths in rows are the folder argument joined with the names below it, as a Path prints them:
+    "." and "./scans" give "scans/NAME.png", never "./scans/NAME.png"."""
+    folder, _ = digits
+    (scans := tmp_path / "scans" / "sub").mkdir(parents=True)
+    names = sorted(p.name for p in folder.glob("*.png"))[:2]
+    for name in names:
+        (scans / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    expected = [f"scans/sub/{name}" for name in names]
+    for argument in (".", "./scans", "scans/"):
+        res = invoke(onnx_model, argument, "--format", "jsonl")
+        assert res.exit_code == 0, res.output
+        assert [json.loads(line)["path"] for line in res.stdout.splitlines()] == expected, argument
+    absolute = invoke(onnx_model, str(tmp_path / "scans"), "--format", "jsonl")
+    assert [json.loads(line)["path"] for line in absolute.stdout.splitlines()] == [str(tmp_path / p) for p in expected]
+
+
 def test_text_output_lists_the_classified_files(onnx_model, digits):
     folder, truth = digits
     files = sorted(folder.glob("*.png"))[:3]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -43,28 +44,42 @@ def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Head
     """The model's input for one file (a path) or encoded image (bytes): grayscale or RGB, resized, uint8 [C, H, W].
 
     ``header``, if given, receives the file's own (width, height, mode), read from the same open."""
-    from PIL import Image, UnidentifiedImageError
+    with _quiet_pillow(spec):
+        return _decode(source, spec, header)
 
-    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check below
+
+@contextmanager
+def _quiet_pillow(spec: DecodeSpec) -> Iterator[None]:
+    """Pillow's bomb guard set to ``spec``'s limit and its warnings silenced, once for any number of files
+    (per file, the guard cost about 3 us of a 28x28 PNG's 45)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check in _pixels
+    with warnings.catch_warnings():
+        # Palette-transparency and bomb warnings: the size is checked in _pixels, the rest is harmless.
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] | None) -> np.ndarray:
+    """:func:`decode_image` inside :func:`_quiet_pillow`."""
     try:
         if isinstance(source, (bytes, bytearray)):
             if not source:
                 raise ImageError("empty image (0 bytes)")
             source = io.BytesIO(source)
-        elif os.path.getsize(source) == 0:
-            raise ImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Palette-transparency and bomb warnings: the size is checked below, the rest is harmless.
-            warnings.simplefilter("ignore")
-            with Image.open(source) as img:
-                if header is not None:
-                    header.append((img.size[0], img.size[1], img.mode))
-                return _pixels(img, spec)
+        with _PIL.Image.open(source) as img:
+            if header is not None:
+                header.append((img.size[0], img.size[1], img.mode))
+            return _pixels(img, spec)
     except ImageError:
         raise
-    except UnidentifiedImageError:
+    except _PIL.UnidentifiedImageError:
+        # Asked only now: a stat per file up front cost more than the message is worth on the good ones.
+        if not isinstance(source, io.BytesIO) and _is_empty(source):
+            raise ImageError("empty file (0 bytes)") from None
         raise ImageError(f"not an image Pillow can read (unknown format); supported: {SUPPORTED}") from None
-    except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
+    except _PIL.Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
         raise ImageError(f"refused before decoding, a possible decompression bomb ({exc}); "
                          f"the limit is {spec.max_pixels:,} pixels") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
@@ -74,9 +89,29 @@ def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Head
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def _pixels(img, spec: DecodeSpec) -> np.ndarray:
-    from PIL import Image
+def _is_empty(path: str | Path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
+
+class _LazyPillow:
+    """Pillow, imported on first use and then one attribute away: ``from PIL import ...`` inside each call
+    cost about 1 us per file, and importing it with this module would slow every command that only lists
+    images (serving/classify.py imports this file at start-up)."""
+
+    def __getattr__(self, name: str):
+        import PIL.Image
+
+        self.Image, self.UnidentifiedImageError = PIL.Image, PIL.UnidentifiedImageError
+        return getattr(self, name)
+
+
+_PIL = _LazyPillow()
+
+
+def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     channels, height, width = spec.input_shape
     w, h = img.size
     if w * h > spec.max_pixels:  # Image.open read only the header: refuse before decoding anything
@@ -90,7 +125,7 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
     if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
+        img = img.resize((width, height), _PIL.Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return 255 - arr if spec.invert else arr
@@ -146,17 +181,18 @@ def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec
     out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
     errors: list[str | None] = []
     headers: list[Header | None] = []
-    for i, path in enumerate(paths):
-        header: list[Header] = []
-        if path is None:
-            errors.append("skipped")
-        else:
-            try:
-                out[i] = decode_image(path, spec, header)
-                errors.append(None)
-            except ImageError as exc:
-                errors.append(str(exc))
-        headers.append(header[0] if header and errors[-1] is None else None)
+    with _quiet_pillow(spec):
+        for i, path in enumerate(paths):
+            header: list[Header] = []
+            if path is None:
+                errors.append("skipped")
+            else:
+                try:
+                    out[i] = _decode(path, spec, header)
+                    errors.append(None)
+                except ImageError as exc:
+                    errors.append(str(exc))
+            headers.append(header[0] if header and errors[-1] is None else None)
     return out, errors, headers
 
 
