@@ -161,8 +161,25 @@ def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | N
     if processes and pool_pays():
         yield from _decode_in_pool(chain(ahead, batches), spec, processes)
         return
-    for batch in chain(ahead, batches):
-        yield (batch, *decode_batch(_to_decode(batch), spec))
+    yield from _decode_ahead(chain(ahead, batches), spec)
+
+
+def _decode_ahead(batches: Iterator[Batch], spec: DecodeSpec) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
+    """Decode in this process, the next batch in a thread while the caller classifies this one: Pillow's
+    decoders and onnxruntime both release the GIL, so on two cores the one overlaps the other (a loop
+    that decodes then classifies leaves a core idle in each half). One batch ahead: memory stays bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = next(batches, None)
+    if batch is None:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="zoo-decode") as pool:
+        pending = pool.submit(decode_batch, _to_decode(batch), spec)
+        for upcoming in batches:
+            done, pending = pending, pool.submit(decode_batch, _to_decode(upcoming), spec)
+            yield (batch, *done.result())
+            batch = upcoming
+        yield (batch, *pending.result())
 
 
 def _decode_in_pool(batches: Iterator[Batch], spec: DecodeSpec, workers: int):
