@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import deque
@@ -26,6 +27,8 @@ from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpe
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
 
+_json_text = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
+
 
 @dataclass
 class Prediction:
@@ -40,6 +43,14 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "top": [{"label": l, "probability": p} for l, p in self.top],
                 "error": self.error}
+
+    def to_json(self) -> str:
+        """``json.dumps(self.to_dict())``, character for character, in half its time (json.dumps took 4 us a
+        row, 3 % of classifying a small image); paths and labels still go through json's own encoder."""
+        if self.error is not None or not self.top or not all(math.isfinite(p) for _, p in self.top):
+            return json.dumps(self.to_dict())
+        top = ", ".join(f'{{"label": {_json_text(label)}, "probability": {prob!r}}}' for label, prob in self.top)
+        return f'{{"path": {_json_text(self.path)}, "label": {_json_text(self.top[0][0])}, "top": [{top}], "error": null}}'
 
 
 # ---- inputs: files named, folders walked lazily ---------------------------------------------------
