@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
@@ -68,5 +67,5 @@ def _print_classified(batches, fmt: str) -> None:
 def _classify_lines(batch, fmt: str) -> list[str]:
     """One output line per row; text shows only the classified ones (the others are on stderr)."""
     if fmt in ("json", "jsonl"):
-        return [json.dumps(p.to_dict()) for p in batch]
+        return [p.to_json() for p in batch]
     return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

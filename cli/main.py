@@ -22,8 +22,6 @@ for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_name, _value)
 
-from importlib.metadata import PackageNotFoundError, version
-
 import click
 
 from cli.classify import classify
@@ -38,10 +36,20 @@ from cli.ui import ui
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # 20 ms: only for --version
+
     try:
         return version("mlflow-zoo")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """click.version_option's output ("zoo, version X"), the version looked up only when asked for:
+    reading it at import cost every command about 20 ms of start-up."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"zoo, version {_version()}")
+        ctx.exit()
 
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)  # bad input from the user: exit 2
@@ -99,7 +107,8 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(_version(), "--version", prog_name="zoo")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version and exit.")
 def cli() -> None:
     """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import deque
@@ -26,6 +27,8 @@ from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpe
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
 
+_json_text = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
+
 
 @dataclass
 class Prediction:
@@ -40,6 +43,14 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "top": [{"label": l, "probability": p} for l, p in self.top],
                 "error": self.error}
+
+    def to_json(self) -> str:
+        """``json.dumps(self.to_dict())``, character for character, in half its time (json.dumps took 4 us a
+        row, 3 % of classifying a small image); paths and labels still go through json's own encoder."""
+        if self.error is not None or not self.top or not all(math.isfinite(p) for _, p in self.top):
+            return json.dumps(self.to_dict())
+        top = ", ".join(f'{{"label": {_json_text(label)}, "probability": {prob!r}}}' for label, prob in self.top)
+        return f'{{"path": {_json_text(self.path)}, "label": {_json_text(self.top[0][0])}, "top": [{top}], "error": null}}'
 
 
 # ---- inputs: files named, folders walked lazily ---------------------------------------------------
@@ -161,8 +172,25 @@ def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | N
     if processes and pool_pays():
         yield from _decode_in_pool(chain(ahead, batches), spec, processes)
         return
-    for batch in chain(ahead, batches):
-        yield (batch, *decode_batch(_to_decode(batch), spec))
+    yield from _decode_ahead(chain(ahead, batches), spec)
+
+
+def _decode_ahead(batches: Iterator[Batch], spec: DecodeSpec) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
+    """Decode in this process, the next batch in a thread while the caller classifies this one: Pillow's
+    decoders and onnxruntime both release the GIL, so on two cores the one overlaps the other (a loop
+    that decodes then classifies leaves a core idle in each half). One batch ahead: memory stays bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = next(batches, None)
+    if batch is None:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="zoo-decode") as pool:
+        pending = pool.submit(decode_batch, _to_decode(batch), spec)
+        for upcoming in batches:
+            done, pending = pending, pool.submit(decode_batch, _to_decode(upcoming), spec)
+            yield (batch, *done.result())
+            batch = upcoming
+        yield (batch, *pending.result())
 
 
 def _decode_in_pool(batches: Iterator[Batch], spec: DecodeSpec, workers: int):
