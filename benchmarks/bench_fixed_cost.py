@@ -38,7 +38,8 @@ WRAPPED = [
     ("training.train", "evaluate", "validation (6,000 images)"),
     ("training.train", "evaluate_predictions", "test (10,000 images)"),
     ("training.train", "log_test_figures", "figures"),
-    ("training.checkpoints", "save", "checkpoint"),
+    ("training.tracking", "write_checkpoints", "checkpoint"),  # zoo train keeps them locally (training/outage.py)
+    ("training.tracking", "upload_checkpoints", "checkpoint"),  # then sends them
     ("training.tracking", "log_model", "log_model"),
 ]
 # Phases that grow with the data (the rest is the run's fixed cost).
