@@ -18,11 +18,14 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
@@ -170,41 +173,31 @@ def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | N
     while processes and not pool_pays() and (batch := next(batches, None)):
         ahead.append(batch)
     if processes and pool_pays():
-        yield from _decode_in_pool(chain(ahead, batches), spec, processes)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the workers need only numpy and PIL, and forking a process running onnxruntime's or
+        # torch's thread pools is unsafe. Twice as many batches in flight as workers keeps each one busy.
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        yield from _decoded_by(pool, chain(ahead, batches), spec, depth=2 * processes)
         return
-    yield from _decode_ahead(chain(ahead, batches), spec)
-
-
-def _decode_ahead(batches: Iterator[Batch], spec: DecodeSpec) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
-    """Decode in this process, the next batch in a thread while the caller classifies this one: Pillow's
-    decoders and onnxruntime both release the GIL, so on two cores the one overlaps the other (a loop
-    that decodes then classifies leaves a core idle in each half). One batch ahead: memory stays bounded."""
+    # Here, the next batch in a thread while the caller classifies this one: Pillow's decoders and
+    # onnxruntime both release the GIL, so on two cores the one overlaps the other (a loop that decodes
+    # then classifies leaves a core idle in each half).
     from concurrent.futures import ThreadPoolExecutor
 
-    batch = next(batches, None)
-    if batch is None:
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="zoo-decode") as pool:
-        pending = pool.submit(decode_batch, _to_decode(batch), spec)
-        for upcoming in batches:
-            done, pending = pending, pool.submit(decode_batch, _to_decode(upcoming), spec)
-            yield (batch, *done.result())
-            batch = upcoming
-        yield (batch, *pending.result())
+    yield from _decoded_by(ThreadPoolExecutor(1, thread_name_prefix="zoo-decode"), chain(ahead, batches), spec, depth=1)
 
 
-def _decode_in_pool(batches: Iterator[Batch], spec: DecodeSpec, workers: int):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn: the workers need only numpy and PIL, and forking a process running onnxruntime's or
-    # torch's thread pools is unsafe.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+def _decoded_by(pool: Executor, batches: Iterator[Batch], spec: DecodeSpec, depth: int
+                ) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
+    """Each batch decoded by ``pool``, in order, at most ``depth`` batches ahead of the consumer (memory
+    stays bounded); the pool is shut down at the end, or as soon as the consumer stops early."""
     pending: deque = deque()
     try:
         for batch in batches:
             pending.append((batch, pool.submit(decode_batch, _to_decode(batch), spec)))
-            if len(pending) > 2 * workers:  # enough to keep every worker busy; memory stays bounded
+            if len(pending) > depth:
                 batch, future = pending.popleft()
                 yield (batch, *future.result())
         while pending:
