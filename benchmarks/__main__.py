@@ -118,7 +118,7 @@ def floor(quick: bool, pairs: int = 3, train_images: int = bench_floor.TRAIN_IMA
             "`zoo classify MODEL.onnx FOLDER --format jsonl` (list, decode, classify, softmax and top 3, one JSON line per "
             "file) against a plain script (list the folder, PIL open + convert(\"L\"), scale to [0, 1], onnxruntime's "
             "default session on batches of 128, no output): each as a whole process, start-up included, and as its path "
-            "alone in this process; rounds of the four, the order reversed every other round. Target: at least 1.0x.\n\n"
+            "alone (\"in process\": timed inside a fresh process after its imports); rounds of the four, the order reversed every other round. Target: at least 1.0x.\n\n"
             + table(["", "images/s", "ratio to its floor", "ratio per round"],
                     [[name, rate, f"{c['ratios'][name]:.2f}x" if name in c["ratios"] else "",
                       ", ".join(f"{x:.2f}" for x in c["pair_ratios"].get(name, []))]

@@ -17,8 +17,9 @@ from cli.options import MODEL_URI
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images decoded and classified together: memory grows with this, not with the number of files.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Processes decoding images (0: in this process). Default: none on 2 CPU cores or fewer, "
-                   "else one per core but one, from 4,096 images on.")
+              help="Processes that decode images and, on onnx, classify them too (0: all in this process). "
+                   "Default on onnx: one per CPU core (at most 8) for images of up to 16,384 values (128x128 grey), "
+                   "from two batches on; otherwise none on 2 cores or fewer, else one decoding per core but one.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
                    "Default: Pillow's limit, 89,478,485.")
@@ -33,13 +34,12 @@ def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_
     An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
     stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
     """
-    from serving.classify import classify_batches, open_classifier
+    from serving.classify import classify_paths
     from zoo import startup
 
-    classifier = open_classifier(model_uri, runtime)
+    batches = classify_paths(model_uri, paths, runtime=runtime, k=top_k, invert=invert, batch_size=batch_size,
+                             workers=workers, max_pixels=max_pixels)
     startup.settled()  # the model is loaded: what follows is the images
-    batches = classify_batches(classifier, paths, k=top_k, invert=invert, batch_size=batch_size, workers=workers,
-                               max_pixels=max_pixels)
     _print_classified(batches, fmt)
 
 

@@ -1,7 +1,7 @@
 """Images and folders -> top-k labels, on onnxruntime (default) or PyTorch.
 
-Files are walked lazily, decoded in batches (in worker processes when there is more than one
-batch) and classified batch by batch, so memory stays flat however many files there are.
+Files are walked lazily, then decoded and classified batch by batch (in worker processes, or here:
+serving/workers.py), so memory stays flat however many files there are.
 A file that cannot be read becomes a row with an ``error``; it never stops the others.
 Only numpy is imported here at start-up: PIL, onnxruntime, MLflow and torch are imported by
 the path that needs them (an .onnx file needs neither MLflow nor torch).
@@ -14,14 +14,16 @@ import json
 import math
 import os
 import re
-from collections import deque
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from serving.scores import softmax, to_float, top_indices
+from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_batches, default_classifying_workers,
+                             pool_for)
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
 
 if TYPE_CHECKING:
@@ -117,11 +119,6 @@ def _suffix(name: str) -> str:
 
 # ---- decoding: zoo/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
 
-def to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1], the exported graph's input."""
-    return pixels.astype(np.float32) / np.float32(255.0)
-
-
 def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool = False) -> np.ndarray:
     """float32 [N, C, H, W] in [0, 1] for a few files; ValueError naming the first unreadable one."""
     spec = DecodeSpec(tuple(input_shape), invert)
@@ -132,100 +129,19 @@ def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool 
     return to_float(pixels)
 
 
-# ---- batches, decoded in worker processes -----------------------------------------------------------
-
-Batch = list[tuple[str, "str | None"]]  # (path, why it is skipped)
-
-
 def _batches(items: Iterator[tuple[str, str | None]], size: int) -> Iterator[Batch]:
     while batch := list(islice(items, size)):
         yield batch
 
 
-def default_workers() -> int:
-    """No decode processes on 2 cores or fewer, one per core but one beyond that.
-
-    onnxruntime already runs a batch on every core and a 28x28 PNG decodes in a third of the
-    time its inference takes, so on 2 cores decoding in this process was faster (4,400 against
-    3,900 images/s) and cheaper than a pool. With more cores, workers decode beside inference
-    (not measured here).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 2 else cores - 1
-
-
-# Starting a worker costs about 0.3 s (an interpreter, numpy, Pillow); a 28x28 PNG decodes in
-# about 80 us, so the pool pays for itself only from a few thousand images on.
-POOL_MIN_IMAGES = 4096
-
-
-def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | None = None
-                    ) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
-    """Each batch with its pixels and errors, in order, decoded a few batches ahead of the consumer by
-    ``workers`` processes (never the whole list), or here: with ``workers=0``, for a single batch, and
-    by default (see default_workers) for fewer than POOL_MIN_IMAGES inputs."""
-    processes = default_workers() if workers is None else workers
-    ahead: list[Batch] = []  # paths only: cheap to look ahead
-
-    def pool_pays() -> bool:
-        return len(ahead) >= 2 and (workers is not None or sum(map(len, ahead)) >= POOL_MIN_IMAGES)
-
-    while processes and not pool_pays() and (batch := next(batches, None)):
-        ahead.append(batch)
-    if processes and pool_pays():
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: the workers need only numpy and PIL, and forking a process running onnxruntime's or
-        # torch's thread pools is unsafe. Twice as many batches in flight as workers keeps each one busy.
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-        yield from _decoded_by(pool, chain(ahead, batches), spec, depth=2 * processes)
-        return
-    # Here, the next batch in a thread while the caller classifies this one: Pillow's decoders and
-    # onnxruntime both release the GIL, so on two cores the one overlaps the other (a loop that decodes
-    # then classifies leaves a core idle in each half).
-    from concurrent.futures import ThreadPoolExecutor
-
-    yield from _decoded_by(ThreadPoolExecutor(1, thread_name_prefix="zoo-decode"), chain(ahead, batches), spec, depth=1)
-
-
-def _decoded_by(pool: Executor, batches: Iterator[Batch], spec: DecodeSpec, depth: int
-                ) -> Iterator[tuple[Batch, np.ndarray, list[str | None]]]:
-    """Each batch decoded by ``pool``, in order, at most ``depth`` batches ahead of the consumer (memory
-    stays bounded); the pool is shut down at the end, or as soon as the consumer stops early."""
-    pending: deque = deque()
-    try:
-        for batch in batches:
-            pending.append((batch, pool.submit(decode_batch, _to_decode(batch), spec)))
-            if len(pending) > depth:
-                batch, future = pending.popleft()
-                yield (batch, *future.result())
-        while pending:
-            batch, future = pending.popleft()
-            yield (batch, *future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _to_decode(batch: Batch) -> list[str | None]:
-    return [path if error is None else None for path, error in batch]
-
-
 # ---- classifiers -------------------------------------------------------------------------------------
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    # Networks end in logits or log-probabilities: softmax gives probabilities for both.
-    z = scores - scores.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def top_k(probabilities: np.ndarray, class_names: list[str], files: Sequence[str | Path], k: int) -> list[Prediction]:
-    k = min(k, probabilities.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    # Read back as Python numbers in two calls, not one float() per label: a third of this function's time.
-    best = np.take_along_axis(probabilities, order, axis=1).tolist()
-    return [Prediction(str(f), [(class_names[j], p) for j, p in zip(o, ps)]) for f, o, ps in zip(files, order.tolist(), best)]
+    return _rows(class_names, [str(f) for f in files], *top_indices(probabilities, k))
+
+
+def _rows(class_names: list[str], paths: list[str], order: list[list[int]], best: list[list[float]]) -> list[Prediction]:
+    return [Prediction(path, [(class_names[j], p) for j, p in zip(o, ps)]) for path, o, ps in zip(paths, order, best)]
 
 
 class OnnxClassifier:
@@ -375,23 +291,69 @@ def _model_identity(uri: str) -> str:
 
 # ---- the whole path ----------------------------------------------------------------------------------
 
+def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onnx", k: int = 3, invert: bool = False,
+                   batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                   max_pixels: int | None = None) -> Iterator[list[Prediction]]:
+    """`zoo classify`: the model at ``uri`` opened (a bad one fails here), then one Prediction per input, in
+    input order, a batch at a time as the iterator is read; unreadable inputs have ``error`` set.
+
+    On onnxruntime, worker processes decode and classify whole batches (serving/workers.py): ``workers``
+    of them, or by default one per core for small images from two batches on. They are started before
+    the model is opened, while they can still be forked, and stopped if the model turns out not to
+    want them (large images, workers not asked for)."""
+    _check(k, batch_size)
+    batches = _batches(_inputs(paths), batch_size)
+    pool, processes = None, 0
+    if runtime == "onnx" and workers != 0:
+        processes = default_classifying_workers() if workers is None else workers
+        batches, pool = pool_for(batches, processes, asked=workers is not None)
+    try:
+        classifier = open_classifier(uri, runtime)
+    except BaseException:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+        raise
+    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
+    if pool and (workers is not None or math.prod(classifier.input_shape) <= SMALL_INPUT):
+        return _classified_by(pool, processes, classifier, batches, spec, k)
+    if pool:
+        pool.shutdown()
+    return _classified_here(classifier, batches, spec, k, workers)
+
+
 def classify_batches(classifier, paths: Iterable[str | Path], *, k: int = 3, invert: bool = False,
                      batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                      max_pixels: int | None = None) -> Iterator[list[Prediction]]:
-    """One Prediction per input, in input order, a batch at a time; unreadable inputs have ``error`` set."""
+    """:func:`classify_paths` with a classifier already open: classified in this process (``workers`` decode)."""
+    _check(k, batch_size)
+    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
+    return _classified_here(classifier, _batches(_inputs(paths), batch_size), spec, k, workers)
+
+
+def _check(k: int, batch_size: int) -> None:
     if k < 1:
         raise ValueError(f"top-k must be at least 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
-    for batch, pixels, errors in decoded_batches(_batches(_inputs(paths), batch_size), spec, workers):
+
+
+def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int, workers: int | None
+                     ) -> Iterator[list[Prediction]]:
+    for batch, pixels, errors in decoded_batches(batches, spec, workers):
         good = [i for i, e in enumerate(errors) if e is None]
         rows: dict[int, Prediction] = {}
         if good:
             probabilities = softmax(classifier.scores(to_float(pixels[good])))
-            predictions = top_k(probabilities, classifier.class_names, [batch[i][0] for i in good], k)
-            rows = dict(zip(good, predictions))
+            rows = dict(zip(good, top_k(probabilities, classifier.class_names, [batch[i][0] for i in good], k)))
         yield [rows.get(i) or Prediction(path, [], error or errors[i]) for i, (path, error) in enumerate(batch)]
+
+
+def _classified_by(pool: Executor, processes: int, classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int
+                   ) -> Iterator[list[Prediction]]:
+    for batch, order, best, errors in classified_batches(pool, processes, batches, str(classifier.path), spec, k):
+        rows = iter(_rows(classifier.class_names, [batch[i][0] for i, e in enumerate(errors) if e is None], order, best))
+        yield [next(rows) if errors[i] is None else Prediction(path, [], error or errors[i])
+               for i, (path, error) in enumerate(batch)]
 
 
 def classify(classifier, paths: Sequence[str | Path], *, k: int = 3, invert: bool = False) -> list[Prediction]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -190,6 +191,66 @@ def test_jsonl_streams_every_row_in_order_over_many_batches_and_workers(onnx_mod
 
     single = invoke(onnx_model, folder_with_bad, "--format", "json", "--batch-size", "1000", "--workers", "0")
     assert json.loads(single.stdout) == rows
+
+
+def zoo_classify(*args) -> list[str]:
+    """`zoo classify ARGS` as a fresh process: its workers are forked as a user's command forks them."""
+    return [sys.executable, "-m", "cli", "classify", *map(str, args)]
+
+
+def command_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def test_worker_processes_give_the_rows_of_one_process_byte_for_byte(onnx_model, digits, tmp_path):
+    """By default (one worker per core from two batches on), with --workers 3 and with --workers 0 (all in the
+    command's process): the same rows, in input order, the unreadable file included, as the command runs them."""
+    folder, _ = digits
+    (mixed := tmp_path / "mixed").mkdir()
+    for png in sorted(folder.glob("*.png")):
+        (mixed / png.name).write_bytes(png.read_bytes())
+    (mixed / "0015_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    outputs = []
+    for workers in ([], ["--workers", "3"], ["--workers", "0"]):
+        done = subprocess.run(zoo_classify(onnx_model, mixed, "--format", "jsonl", "--batch-size", "4", *workers),
+                              capture_output=True, text=True, timeout=120, env=command_env())
+        assert done.returncode == 1, done.stderr  # the broken file
+        assert done.stderr.count("cannot classify") == 1 and "0015_broken.png" in done.stderr
+        outputs.append(done.stdout)
+    rows = [json.loads(line) for line in outputs[0].splitlines()]
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in mixed.iterdir())
+    assert sum(r["error"] is None for r in rows) == 30
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+def test_a_worker_killed_mid_folder_ends_classify_with_one_line_and_keeps_the_rows_before(onnx_model, digits, tmp_path):
+    """A worker process that dies (the kernel's out-of-memory killer, a kill -9) stops the command with exit 1
+    and one line saying what to change; the rows already written are whole and in order."""
+    folder, _ = digits
+    (big := tmp_path / "big").mkdir()
+    for i in range(100):  # 3,000 files, one per batch: seconds of work
+        for png in sorted(folder.glob("*.png")):
+            os.link(png, big / f"{i:03d}_{png.name}")
+    proc = subprocess.Popen(zoo_classify(onnx_model, big, "--format", "jsonl", "--batch-size", "1", "--workers", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env())
+    first = proc.stdout.readline()  # the workers are classifying
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    rest, stderr = proc.stdout.read(), proc.stderr.read()  # not communicate(): it would skip what readline buffered
+    assert proc.wait(timeout=120) == 1, stderr
+    assert "a worker process died" in stderr and "--workers 0" in stderr and "Traceback" not in stderr, stderr
+    rows = [json.loads(line) for line in [first, *rest.splitlines()]]
+    assert 0 < len(rows) < 3000 and all(r["error"] is None for r in rows)
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in big.iterdir())[:len(rows)]
+    assert not running(int(workers[1]))  # the other worker stopped with the command, not left behind
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 def test_rows_name_files_as_the_folder_was_given(onnx_model, digits, tmp_path, monkeypatch):
