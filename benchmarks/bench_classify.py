@@ -108,12 +108,13 @@ def run_classify(src: Path, model: Path, folder: Path, extra: list[str]) -> dict
 
 
 def predict_vs_classify(pairs: int = 3) -> dict[str, dict[str, float]]:
-    """`mlflow models predict` against `zoo classify` on one 28x28 PNG, from one registry alias.
+    """`mlflow models predict` against `zoo classify` on one 28x28 PNG, from one registry alias, and the
+    floor of any command that reads that alias: `import mlflow` and one `get_model_version_by_alias`.
 
     A freshly trained (2 batches) mnist_cnn is registered as models:/bench@champion in a temporary
     SQLite store; one `zoo classify` call first fills its export cache (as a user's first call
-    does), then the two commands run in A B pairs, whole processes. Returns median wall seconds
-    per command, and checks that both answer the same label.
+    does), then the three commands run in rounds, whole processes. Returns median wall seconds
+    per command, and checks that both classifiers answer the same label.
     """
     import json
     import statistics
@@ -135,10 +136,12 @@ def predict_vs_classify(pairs: int = 3) -> dict[str, dict[str, float]]:
         subprocess.run([str(bin_dir / "zoo"), "train", "--dataset", "mnist-5k", "--epochs", "1", "--dry-run",
                         "--register", "bench", "--alias", "champion"], env=env, cwd=work, check=True, capture_output=True)
         first = subprocess.run(zoo, env=env, cwd=work, check=True, capture_output=True, text=True)
-        walls: dict[str, list[float]] = {"zoo classify": [], "mlflow models predict": []}
+        lookup = [sys.executable, "-c", "import mlflow; mlflow.MlflowClient().get_model_version_by_alias('bench', 'champion')"]
+        commands = {"zoo classify": zoo, "mlflow models predict": mlflow, "import mlflow + one alias lookup": lookup}
+        walls: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(pairs):
-            walls["zoo classify"].append(timed(zoo, env, cwd=work))
-            walls["mlflow models predict"].append(timed(mlflow, env, cwd=work))
+            for name, command in commands.items():
+                walls[name].append(timed(command, env, cwd=work))
         predicted = json.loads((work / "predicted.json").read_text())["predictions"][0]["label"]
         if predicted != json.loads(first.stdout)[0]["label"]:
             raise RuntimeError(f"mlflow models predict answered {predicted!r}, zoo classify {first.stdout!r}")

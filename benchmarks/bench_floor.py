@@ -11,6 +11,8 @@ set against the plainest code that does the same work, side by side:
   (list the folder, decode each PNG with PIL, onnxruntime on batches of 128), each as a whole
   process (start-up included) and as its path alone (timed in a fresh process after its imports).
   Target: at least 1.0x.
+- CLI start-up: `zoo classify MODEL.onnx ONE.png` against the same script on one file, and against the
+  bare imports of numpy, Pillow and onnxruntime, as whole processes.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_floor.py [--quick]
 """
@@ -250,13 +252,39 @@ def classification(images: int, pairs: int) -> dict:
             "pair_ratios": pair_ratios, "ratios": {name: statistics.median(r) for name, r in pair_ratios.items()}}
 
 
+def startup(rounds: int) -> dict:
+    """One PNG through `zoo classify MODEL.onnx PNG` against the floor script on a folder of that one file
+    (import numpy, Pillow and onnxruntime, a session, one decode, one run) and against the imports alone;
+    whole processes, in rounds of the three, the order reversed every other round. Medians in seconds."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "one"
+        folder.mkdir()
+        png = _write_folder(folder, 1)[0]
+        model = _onnx_model(Path(tmp) / "model.onnx")
+        commands = {"zoo classify MODEL.onnx ONE.png": [sys.executable, "-m", "cli", "classify", str(model), str(png)],
+                    "floor script, one file": [sys.executable, "-c", PLAIN_CLASSIFY, str(model), str(folder), "1"],
+                    "import numpy, PIL.Image, onnxruntime": [sys.executable, "-c", "import numpy, PIL.Image, onnxruntime"]}
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        for round_ in range(rounds):
+            for name in commands if round_ % 2 == 0 else reversed(commands):
+                started = time.perf_counter()
+                subprocess.run(commands[name], env=env, check=True, capture_output=True)
+                seconds[name].append(time.perf_counter() - started)
+    zoo, floor = seconds["zoo classify MODEL.onnx ONE.png"], seconds["floor script, one file"]
+    ratios = [f / z for f, z in zip(floor, zoo)]
+    return {"seconds": {name: statistics.median(s) for name, s in seconds.items()}, "rounds": rounds,
+            "ratio": statistics.median(ratios), "ratio_quartiles": statistics.quantiles(ratios, n=4)[::2]}
+
+
 TRAIN_IMAGES, CLASSIFY_IMAGES = 12_000, 10_000
 
 
 def measure(quick: bool = False, pairs: int = 3, train_images: int = TRAIN_IMAGES,
             classify_images: int = CLASSIFY_IMAGES) -> dict:
     return {"training": training(1024 if quick else train_images, 1 if quick else pairs),
-            "classification": classification(512 if quick else classify_images, 1 if quick else pairs)}
+            "classification": classification(512 if quick else classify_images, 1 if quick else pairs),
+            "startup": startup(4 if quick else 15)}
 
 
 def main() -> None:

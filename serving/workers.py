@@ -25,15 +25,17 @@ import os
 import signal
 import sys
 from collections import deque
-from concurrent.futures import Executor
 from functools import partial
 from itertools import chain
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from serving.scores import softmax, to_float, top_indices
 from zoo.imaging import DecodeSpec, decode_batch
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor  # concurrent.futures costs start-up; a single batch never needs it
 
 Batch = list[tuple[str, "str | None"]]  # (path, why it is skipped)
 
@@ -171,7 +173,7 @@ def decoded_batches(batches: Iterator[Batch], spec: DecodeSpec, workers: int | N
 def _in_order(pool: Executor, batches: Iterator[Batch], job: Callable, depth: int) -> Iterator[tuple[Batch, tuple]]:
     """Each batch with ``job(its paths)`` run by ``pool``, in order, at most ``depth`` batches ahead of the
     consumer (memory stays bounded); the pool is shut down at the end, or as soon as the consumer stops."""
-    from concurrent.futures.process import BrokenProcessPool
+    from concurrent.futures import BrokenExecutor  # a process pool's BrokenProcessPool, without importing it
 
     pending: deque = deque()
     try:
@@ -183,7 +185,7 @@ def _in_order(pool: Executor, batches: Iterator[Batch], job: Callable, depth: in
         while pending:
             batch, future = pending.popleft()
             yield batch, future.result()
-    except BrokenProcessPool:
+    except BrokenExecutor:
         raise WorkerDied() from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
