@@ -96,8 +96,8 @@ def classify(quick: bool) -> str:
             "three; medians. Both classifiers answer the same label (checked). The third is the floor of any command "
             "that reads the alias: a Python process that imports MLflow and looks the alias up once.\n\n"
             + table(["command", "wall (s)"], [[name, r["wall_s"]] for name, r in rows.items()])
-            + f"\n\n`zoo classify` is {m / z:.1f}x faster than `mlflow models predict`, and takes {z - floor:+.2f} s "
-            "beyond the floor.")
+            + f"\n\n`zoo classify` is {m / z:.1f}x faster than `mlflow models predict`, and takes {abs(z - floor):.2f} s "
+            f"{'less' if z < floor else 'more'} than the floor.")
 
 
 def floor(quick: bool, pairs: int = 3, train_images: int = bench_floor.TRAIN_IMAGES,
