@@ -14,7 +14,7 @@ bench_fixed_cost.py. Prints wall seconds, training-loop images/s, seconds outsid
 epoch, test accuracy and the ratios.
 
 Run:      PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py [--pairs 2]   (rounds)
-One side: PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py --reference   (what farm-bench --vs times)
+One side: PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py --reference   (one side alone, for an external A/B timer such as /usr/bin/time)
 """
 
 from __future__ import annotations
