@@ -125,5 +125,16 @@ def main() -> None:
     from zoo import startup
 
     startup.begin()  # the collector held back while the libraries load (zoo/startup.py)
+    _run_links_in_the_training_view()
     cli(prog_name="zoo")
+
+
+def _run_links_in_the_training_view() -> None:
+    """MLflow prints "View run NAME at: URL" when a run on a tracking server ends, and MLflow 3.17's UI
+    opens that URL in its GenAI view: zoo prints the same lines with the model-training view instead
+    (training/tracking.print_run_link, on stderr), unless MLflow's own were turned off."""
+    if "ZOO_RUN_LINKS" not in os.environ:  # a zoo started by zoo keeps the first one's decision
+        off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
+        os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from servers import free_port, postgres_bin, postgres_server
+from servers import free_port, mlflow_server, postgres_bin, postgres_server
 from cli.main import cli
 from training import tracking
 from training.study.config import StudyConfig
@@ -133,6 +133,30 @@ def test_a_run_created_by_mlflow_run_in_default_points_at_ours_in_zoo(monkeypatc
     # The link opens the run in the model-training view, not MLflow 3.17's default GenAI one.
     link = f"(#/experiments/{ours.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
     assert link in pointer["mlflow.note.content"]
+
+
+@pytest.mark.slow
+def test_against_a_tracking_server_zoo_prints_run_links_that_open_the_runs_view_not_mlflows(tmp_path):
+    """MLflow prints "View run NAME at: URL" on stdout when a run on a tracking server ends, an address MLflow
+    3.17's UI opens in its GenAI view: zoo prints the same lines on stderr with ?workflowType=machine_learning,
+    and MLflow's none; a user who turned MLflow's off (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT) gets none."""
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as url:
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "ZOO_RUN_LINKS")}
+        env.update(MLFLOW_TRACKING_URI=url, PYTHONPATH=os.pathsep.join(sys.path))
+        train = [sys.executable, "-m", "cli", "train", "--dataset", "mnist-5k", "--epochs", "1", "--dry-run"]
+        done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        [run] = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("zoo").experiment_id])
+        experiment = f"{url}/#/experiments/{run.info.experiment_id}"
+        assert (f"View run {run.info.run_name} at: {experiment}/runs/{run.info.run_id}?workflowType=machine_learning\n"
+                f"View experiment at: {experiment}?workflowType=machine_learning\n") in done.stderr
+        assert "View run" not in done.stdout, done.stdout
+
+        env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        quiet = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert quiet.returncode == 0, quiet.stderr
+        assert "View run" not in quiet.stdout + quiet.stderr
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -170,6 +171,23 @@ def start_run(
         raise
     else:
         _end_active_run("FINISHED", None, patiently)
+    finally:
+        print_run_link(run)
+
+
+RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, cli/main.py)
+
+
+def print_run_link(run: mlflow.ActiveRun) -> None:
+    """The lines MLflow prints when a run on a tracking server ends ("View run NAME at: URL"), on stderr,
+    with addresses that open the model-training view: MLflow's own open 3.17's GenAI view, so the `zoo`
+    entry point turns those off and these on (unless the user had turned MLflow's off)."""
+    uri = tracking_uri()
+    if os.environ.get(RUN_LINKS_ENV) != "1" or not uri.startswith(("http://", "https://")):
+        return
+    experiment = f"{access.masked_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
+    print(f"View run {run.info.run_name} at: {experiment}/runs/{run.info.run_id}{UI_VIEW}\n"
+          f"View experiment at: {experiment}{UI_VIEW}", file=sys.stderr)
 
 
 def _end_active_run(status: str, reason: str | None, patiently: Callable[..., Any] | None) -> None:
