@@ -101,6 +101,22 @@ def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(m
     assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # one digest per split
 
 
+def test_rgb_run_and_trial_names_keep_what_differs_within_the_tables_24_characters():
+    """Three equal channels read as the one value given (names and the tag); per-channel values are shortened in
+    the name only (2 significant digits), so the std still shows in the runs table's default width."""
+    from training.train_config import TrainConfig, readable_run_name, training_tags
+    from zoo.normalization import Normalization
+
+    config = TrainConfig(model="resnet18", dataset="photos", epochs=14)
+    shared = Normalization((0.5,) * 3, (0.25,) * 3)
+    imagenet = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert readable_run_name(config, shared) == "0.5/0.25 14ep s1 · resnet18 photos"
+    assert training_tags(config, shared, "train")["zoo.normalization"] == "0.5/0.25"
+    name = readable_run_name(config, imagenet)
+    assert name[:24] == ".48,.46,.41/.23,.22,.23 " and name.endswith(" 14ep s1 · resnet18 photos")
+    assert training_tags(config, imagenet, "train")["zoo.normalization"] == "0.485,0.456,0.406/0.229,0.224,0.225"
+
+
 def test_a_name_taken_in_the_experiment_gets_a_suffix():
     names = []
     for _ in range(3):

@@ -149,16 +149,29 @@ def run_params(config: TrainConfig, normalization: Normalization, dataset: Datas
 FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
 
 
-def short_normalization(normalization: Normalization) -> str:
-    """Mean/std as in "0.1307/0.3081" (per-channel values comma-separated), for names and tags."""
-    return "/".join(",".join(f"{v:.4g}" for v in values) for values in (normalization.mean, normalization.std))
+def short_normalization(normalization: Normalization, compact: bool = False) -> str:
+    """Mean/std as in "0.1307/0.3081": one value when every channel has it (as --mean/--std take it), else
+    comma-separated per channel; for tags and run names.
+
+    ``compact`` (run names: the UI's runs table shows about 24 characters of one): per-channel values at
+    2 significant digits without their leading zero, ".48,.46,.41/.23,.22,.23" for ImageNet's (23 characters,
+    where the full values take 41); the params, the tag and the description keep every digit."""
+
+    def values(numbers: tuple[float, ...]) -> str:
+        if len(set(numbers)) == 1:
+            return f"{numbers[0]:.4g}"
+        if not compact:
+            return ",".join(f"{v:.4g}" for v in numbers)
+        return ",".join(f"{v:.2g}".replace("0.", ".", 1) if abs(v) < 1 else f"{v:.2g}" for v in numbers)
+
+    return f"{values(normalization.mean)}/{values(normalization.std)}"
 
 
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
     """What tells training runs apart first, e.g. "0.1307/0.3081 14ep s1 · mnist_cnn mnist-5k": the MLflow
     UI's runs table shows about 24 characters of a name (146 px), and the model and data have their
     own columns (tags zoo.model, Dataset). An image folder shows as its own name."""
-    name = (f"{short_normalization(normalization)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
+    name = (f"{short_normalization(normalization, compact=True)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
             f"{dataset_label(config.dataset)}")
     return name + (" dry-run" if config.max_batches else "")
 

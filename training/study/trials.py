@@ -53,7 +53,7 @@ def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> tuple[TrainConfig, N
             "optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}  # training_tags has WORKER_TAG
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
         tags["zoo.retry_of_run_id"] = trial.user_attrs[RUN_ATTR]
-    return train_config, normalization, f"trial {trial.number:03d} {short_normalization(normalization)}", tags
+    return train_config, normalization, f"trial {trial.number:03d} {short_normalization(normalization, compact=True)}", tags
 
 
 def _trial_params(trial: optuna.Trial, ctx: TrialContext) -> dict[str, int]:
