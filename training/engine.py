@@ -35,6 +35,19 @@ EVAL_BATCH_SIZE = 128
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse an unknown precision; warn where bfloat16 is emulated (slower than fp32, not faster)."""
     autocast(precision, device)  # refuses an unknown one

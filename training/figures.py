@@ -103,3 +103,14 @@ def accuracy_against_figure(values: dict[str, list[float]], accuracies: list[flo
         ax.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     return figure
+
+
+def accuracy_figure(history: list, best_epoch: int, title: str) -> Figure:
+    """Validation accuracy per epoch with the kept epoch marked (a matplotlib Figure, no pyplot state)."""
+    figure = Figure(figsize=(6, 4))
+    ax = figure.add_subplot()
+    ax.plot([r.epoch for r in history], [r.val_accuracy for r in history], marker="o", label="val_accuracy")
+    ax.axvline(best_epoch, color="tab:red", linestyle="--", label=f"kept: epoch {best_epoch}")
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
+    ax.legend()
+    return figure

@@ -31,7 +31,7 @@ from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import registration, tracking
-from training.train import resolve_device
+from training.engine import resolve_device
 from zoo.folder_dataset import warn_skipped
 from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
 from zoo.normalization import Normalization, fold_normalization, parse_spec, recalibrate_batchnorm

@@ -13,7 +13,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
-from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions
+from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions, resolve_device
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
@@ -41,18 +41,6 @@ class TrainResult:
     @property
     def val_accuracy(self) -> float:
         return self.history[-1].val_accuracy if self.history else float("nan")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    return device
 
 
 def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
@@ -131,6 +119,8 @@ def fit(
     if outbox is not None:
         outbox.wait_and_send()  # the server holds every epoch before the run goes on (or ServerGone)
     if config.keep_best:
+        from training.figures import accuracy_figure  # matplotlib: only when the figure is drawn
+
         best.restore(network)
         patiently(outbox, tracking.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
@@ -159,19 +149,6 @@ def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: E
     history.extend(EpochResult(**r) for r in state["history"])
     best.epoch, best.val_accuracy = state["best"]["epoch"], state["best"]["val_accuracy"]
     best.state = state.get("best_model")
-
-
-def accuracy_figure(history: list[EpochResult], best_epoch: int, title: str):
-    """Validation accuracy per epoch with the kept epoch marked (a matplotlib Figure, no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4))
-    ax = figure.add_subplot()
-    ax.plot([r.epoch for r in history], [r.val_accuracy for r in history], marker="o", label="val_accuracy")
-    ax.axvline(best_epoch, color="tab:red", linestyle="--", label=f"kept: epoch {best_epoch}")
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
-    ax.legend()
-    return figure
 
 
 def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],

@@ -18,9 +18,9 @@ from torch import nn
 
 from training import tracking
 from training.batched import StackedTrials, check_batchable
-from training.engine import EpochResult, TrainingDiverged
+from training.engine import EpochResult, TrainingDiverged, resolve_device
 from training.epochs import BestEpoch, EpochBookkeeping
-from training.train import build_network, log_test_figures, resolve_device
+from training.train import build_network, log_test_figures
 from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 

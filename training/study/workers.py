@@ -20,7 +20,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
 from training.batched import check_batchable
-from training.engine import TrainingDiverged
+from training.engine import TrainingDiverged, resolve_device
 from training.outage import Patience, timeout_from_env
 from training.study.best_trial import keep_best_trial_checkpoints, publish_best_model, sweep_checkpoints
 from training.study.config import (
@@ -30,7 +30,7 @@ from training.study.parent_run import ensure_parent_run
 from training.study.report import log_summary, summarize
 from training.study.storage import StudyLock, end_orphaned_runs, make_storage, open_study
 from training.study.trials import TrialContext, objective, objective_batch
-from training.train import build_network, load_training_data, resolve_device
+from training.train import build_network, load_training_data
 from zoo.data import Dataset
 from zoo.models.registry import create_model
 
