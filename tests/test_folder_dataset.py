@@ -116,6 +116,34 @@ def test_a_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(tmp_p
     assert fresh.skipped == 1 and len(fresh.train) + len(fresh.val) + len(fresh.test) == 59
 
 
+def test_a_changed_folder_replaces_its_cache_and_other_options_keep_theirs(tmp_path, mnist_5k):
+    """The cache of a folder whose files changed is deleted when the new one is written (it would never be read
+    again, and holds a decoded copy of the whole folder); the caches of the same files at another size or split,
+    and of another folder of the same name, stay."""
+    cache = tmp_path / "cache"
+    root, namesake = tmp_path / "digits", tmp_path / "elsewhere" / "digits"
+    files = write_folder(mnist_5k.train.images[:60], mnist_5k.train.labels[:60], mnist_5k.classes, root)
+    write_folder(mnist_5k.train.images[60:120], mnist_5k.train.labels[60:120], mnist_5k.classes, namesake)
+
+    def entries() -> set[str]:
+        return {p.name for p in cache.iterdir()}
+
+    load_image_folder(root, cache_dir=cache, progress=False)
+    first = entries()
+    load_image_folder(root, cache_dir=cache, image_size=(20, 20), progress=False)
+    small = entries() - first
+    load_image_folder(root, cache_dir=cache, seed=5, progress=False)
+    load_image_folder(namesake, cache_dir=cache, progress=False)
+    kept = entries() - first
+    assert len(kept) == 3
+    files[0].unlink()  # the folder changes: one image fewer
+    changed = load_image_folder(root, cache_dir=cache, progress=False)
+    assert len(changed.train) + len(changed.val) + len(changed.test) == 59
+    assert len(entries()) == 4 and kept < entries() and not first & entries()  # only the superseded one went
+    assert load_image_folder(root, cache_dir=cache, image_size=(20, 20), progress=False).image_shape == (1, 20, 20)
+    assert len(entries()) == 4 and not small & entries()  # decoded again at 20x20, replacing its own old cache
+
+
 def test_a_folder_above_the_memory_budget_is_memory_mapped_and_trains(tmp_path, mnist_5k):
     root = tmp_path / "digits"
     write_folder(mnist_5k.train.images[:200], mnist_5k.train.labels[:200], mnist_5k.classes, root)

@@ -24,6 +24,7 @@ folders, one class, an empty class, splits with other classes) is a ValueError t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -119,7 +120,12 @@ def load_image_folder(
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
     folder = cache_folder(cache_dir, listing, image_size, default_size)
     if not (folder / "meta.json").is_file():
-        _decode_into(folder, listing, image_size, default_size, workers, progress)
+        # What the folder's earlier caches share with this one: the same folder, split and decoded the same way.
+        source = {"root": str(listing.root), "image_size": list(image_size) if image_size else None,
+                  "default_size": list(default_size),
+                  "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+        _decode_into(folder, listing, image_size, default_size, workers, progress, source)
+        _drop_superseded(folder, source)
     return _from_cache(folder, listing.root, memory_limit_bytes)
 
 
@@ -259,7 +265,7 @@ def cache_folder(cache_dir: str | Path | None, listing: _Listing, image_size: tu
 
 
 def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
-                 workers: int | None, progress: bool) -> None:
+                 workers: int | None, progress: bool, source: dict) -> None:
     """Decode every file into ``folder`` (written beside it, then renamed: a crash leaves no half cache)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
@@ -281,7 +287,7 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
             bounds[split] = (start, start + n)
             start += n
         meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
-                "skipped": skipped, "files": len(listing.files) + len(listing.not_images)}
+                "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": source}
         (work / "meta.json").write_text(json.dumps(meta))
         try:
             work.rename(folder)
@@ -290,6 +296,22 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _drop_superseded(folder: Path, source: dict) -> None:
+    """Delete the caches that ``folder`` replaces: the same folder, split and decoded the same way, from before
+    its files changed. Nothing would read them again, and each holds a decoded copy of the whole folder.
+    Caches of other options (--image-size, the fractions, the seed) stay. A process still training from a
+    deleted memory-mapped cache keeps its pages (the files go when it closes them)."""
+    for other in folder.parent.glob(f"{glob.escape(folder.name.rsplit('-', 1)[0])}-*"):
+        if other == folder or ".partial-" in other.name:
+            continue
+        try:
+            superseded = json.loads((other / "meta.json").read_text()).get("source") == source
+        except (OSError, ValueError):  # another kind of entry, or one being written
+            continue
+        if superseded:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 class _InProcess:
