@@ -169,6 +169,18 @@ def test_against_a_tracking_server_zoo_prints_run_links_that_open_the_runs_view_
                 f"View experiment at: {experiment}?workflowType=machine_learning\n") in done.stderr
         assert "View run" not in done.stdout, done.stdout
 
+        # A study's parent and trials are ended by id (MLflow's client), in other code: their links too.
+        study = subprocess.run([sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--train-size", "64",
+                                "--val-size", "64", "--test-size", "64", "--epochs", "1", "--trials", "1",
+                                "--log-models", "none", "--study-name", "links"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert study.returncode == 0, study.stderr
+        runs = {r.info.run_name: r for r in MlflowClient(url).search_runs([run.info.experiment_id])}
+        for name in ("study links", next(n for n in runs if n.startswith("trial 000"))):
+            link = f"{experiment}/runs/{runs[name].info.run_id}?workflowType=machine_learning"
+            assert study.stderr.count(f"View run {name} at: {link}\n") == 1, study.stderr
+        assert "View run" not in study.stdout
+
         env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         quiet = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert quiet.returncode == 0, quiet.stderr

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import mlflow
 import torch
+from mlflow.entities import RunInfo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -159,6 +160,7 @@ def start_run(
     except KeyboardInterrupt:
         mlflow.set_tag(FAILURE_TAG, "interrupted")
         mlflow.end_run("KILLED")
+        print_run_link(run.info)
         raise
     except ServerGone:
         _drop_active_run()
@@ -171,22 +173,28 @@ def start_run(
         raise
     else:
         _end_active_run("FINISHED", None, patiently)
-    finally:
-        print_run_link(run)
 
 
 RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, cli/main.py)
 
 
-def print_run_link(run: mlflow.ActiveRun) -> None:
+def print_run_link(run: RunInfo | str) -> None:
     """The lines MLflow prints when a run on a tracking server ends ("View run NAME at: URL"), on stderr,
     with addresses that open the model-training view: MLflow's own open 3.17's GenAI view, so the `zoo`
-    entry point turns those off and these on (unless the user had turned MLflow's off)."""
+    entry point turns those off and these on (unless the user had turned MLflow's off). Every way a
+    run ends here calls it once: mlflow.end_run in :func:`start_run`, and :func:`end_run_by_id`."""
     uri = tracking_uri()
     if os.environ.get(RUN_LINKS_ENV) != "1" or not uri.startswith(("http://", "https://")):
         return
-    experiment = f"{access.masked_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
-    print(f"View run {run.info.run_name} at: {experiment}/runs/{run.info.run_id}{UI_VIEW}\n"
+    if isinstance(run, str):  # as MLflow does, one lookup for the name (a run ended by id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = MlflowClient().get_run(run).info
+        except MlflowException:  # the server went away again: no link rather than an error
+            return
+    experiment = f"{access.masked_url(uri).rstrip('/')}/#/experiments/{run.experiment_id}"
+    print(f"View run {run.run_name} at: {experiment}/runs/{run.run_id}{UI_VIEW}\n"
           f"View experiment at: {experiment}{UI_VIEW}", file=sys.stderr)
 
 
@@ -195,7 +203,9 @@ def _end_active_run(status: str, reason: str | None, patiently: Callable[..., An
     if patiently is None:
         if reason:
             mlflow.set_tag(FAILURE_TAG, reason[:5000])
+        info = mlflow.active_run().info
         mlflow.end_run(status)
+        print_run_link(info)
         return
     # mlflow.end_run forgets the active run before it calls the server, so it cannot be retried:
     # the server is told through the client, patiently, and only then is the run dropped here.
@@ -316,6 +326,7 @@ def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
     if reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
     client.set_terminated(run_id, status)
+    print_run_link(run_id)
 
 
 def reopen_run(run_id: str) -> None:
