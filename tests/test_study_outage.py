@@ -40,14 +40,14 @@ WORKER = [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--stud
 
 
 @contextmanager
-def workers(folder: Path, storage: str, count: int = 2) -> Iterator[list[tuple[subprocess.Popen, Path]]]:
+def workers(folder: Path, storage: str, count: int = 2, *extra: str) -> Iterator[list[tuple[subprocess.Popen, Path]]]:
     """``count`` study workers writing stderr to files (read while they run); killed if the test ends first."""
     env = {**subprocess_env(), "ZOO_OPTUNA_STORAGE": storage}
     procs = []
     for i in range(count):
         log = folder / f"worker{i}.err"
-        procs.append((subprocess.Popen(WORKER, stdout=open(folder / f"worker{i}.json", "w"), stderr=open(log, "w"),
-                                       env=env, cwd=folder), log))
+        procs.append((subprocess.Popen([*WORKER, *extra], stdout=open(folder / f"worker{i}.json", "w"),
+                                       stderr=open(log, "w"), env=env, cwd=folder), log))
     try:
         yield procs
     finally:
@@ -105,6 +105,30 @@ def test_two_workers_ride_out_a_tracking_server_restart(server_address: dict, po
             assert AWAY in stderr and BACK in stderr, stderr[-3000:]
 
             children = assert_the_study_whole(storage)
+            ended = [t for r in children for t in epoch_times(r.info.run_id)]
+            assert any(stopped < t < restarted for t in ended), (stopped, sorted(ended), restarted)
+    assert_nothing_kept_locally()
+
+
+@pytest.mark.slow
+def test_trials_trained_together_ride_out_a_tracking_server_restart(server_address: dict, tmp_path: Path):
+    """`--batch-trials 2`: the two trials of a batch train on as one computation while the server is away, each
+    keeping its own epochs for its own child run, sent once it is back; then the next batch."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with ExitStack() as guard:
+        with serve(server_address):
+            procs = guard.enter_context(workers(tmp_path, storage, 1, "--batch-trials", "2"))
+            wait_until(lambda: training_run_of(procs[0][0].pid), GUARD_S, "the worker training a batch")
+        stopped = time.time()
+        wait_until(lambda: AWAY in procs[0][1].read_text(), GUARD_S, "the worker noticing the outage")
+        time.sleep(max(0.0, stopped + OUTAGE_S - time.time()))
+        assert procs[0][0].poll() is None, procs[0][1].read_text()[-2000:]
+        restarted = time.time()
+        with serve(server_address):
+            assert procs[0][0].wait(timeout=GUARD_S) == 0, procs[0][1].read_text()[-3000:]
+            assert BACK in procs[0][1].read_text()
+            children = assert_the_study_whole(storage)
+            assert {r.data.tags["zoo.trained_with_trials"] for r in children} == {"0,1", "2,3"}
             ended = [t for r in children for t in epoch_times(r.info.run_id)]
             assert any(stopped < t < restarted for t in ended), (stopped, sorted(ended), restarted)
     assert_nothing_kept_locally()

@@ -20,7 +20,8 @@ from training import tracking
 from training.batched import StackedTrials, check_batchable
 from training.engine import EpochResult, TrainingDiverged, resolve_device
 from training.epochs import BestEpoch, EpochBookkeeping
-from training.train import build_network, log_test_figures
+from training.outage import Outbox
+from training.train import build_network, log_test_figures, patiently
 from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 
@@ -66,18 +67,22 @@ def fit_batch(
     *,
     on_epoch: Callable[[int, EpochResult], None] | None = None,
     stops: tuple[type[BaseException], ...] = (),
+    outboxes: list[Outbox] | None = None,
 ) -> list[MemberResult]:
-    """Train ``configs[i]`` into run ``run_ids[i]``, all K at once; ``on_epoch(i, result)`` after each member's epoch."""
+    """Train ``configs[i]`` into run ``run_ids[i]``, all K at once; ``on_epoch(i, result)`` after each member's epoch.
+
+    With ``outboxes`` (one per run, as :func:`training.train.fit` takes one), every write to run i goes
+    through ``outboxes[i]``: training goes on while the tracking server is away."""
     configs = [c.resolved() for c in configs]
     check_same_but_normalization(configs)
     config, spec = configs[0], configs[0].spec()
     normalizations = [c.normalization(dataset) for c in configs]
     device = resolve_device(config.device)
-    for c, normalization, run_id in zip(configs, normalizations, run_ids):
-        tracking.log_params(run_params(c, normalization, dataset), run_id=run_id)
-        tracking.log_dataset_inputs(dataset.name, dataset.source,
-                                    {"train": dataset.train, "validation": dataset.val, "test": dataset.test},
-                                    run_id=run_id)
+    boxes: list[Outbox | None] = list(outboxes) if outboxes else [None] * len(run_ids)
+    for c, normalization, run_id, box in zip(configs, normalizations, run_ids, boxes):
+        patiently(box, tracking.log_params, run_params(c, normalization, dataset), run_id=run_id)
+        patiently(box, tracking.log_dataset_inputs, dataset.name, dataset.source,
+                  {"train": dataset.train, "validation": dataset.val, "test": dataset.test}, run_id=run_id)
 
     torch.manual_seed(config.seed)  # the initial weights and dropout masks of a lone run
     generator = torch.Generator().manual_seed(config.seed)
@@ -91,7 +96,7 @@ def fit_batch(
     )
     results = [MemberResult(run_id) for run_id in run_ids]
     # What an epoch leaves behind is fit's; training/epochs.py says why the loops differ.
-    books = [_bookkeeping(stack, member, c, generator, results[member]) for member, c in enumerate(configs)]
+    books = [_bookkeeping(stack, member, c, generator, results[member], boxes[member]) for member, c in enumerate(configs)]
     for epoch in range(1, config.epochs + 1):
         if not stack.members:
             break
@@ -112,31 +117,35 @@ def fit_batch(
                 stopped.append(member)
         stack.drop(stopped)
 
+    for box in boxes:
+        if box is not None:
+            box.wait_and_send()  # the server holds every member's epochs before the runs go on (or ServerGone)
     for member in stack.members:
         if config.keep_best:
-            books[member].best.restore(books[member].network, run_id=run_ids[member])
+            patiently(boxes[member], books[member].best.restore, books[member].network, run_id=run_ids[member])
     if stack.members:
-        _test(stack, test_split, dataset, results, normalizations, config)
+        _test(stack, test_split, dataset, results, normalizations, config, boxes)
     return results
 
 
 def _bookkeeping(stack: StackedTrials, member: int, config: TrainConfig, generator: torch.Generator,
-                 out: MemberResult) -> EpochBookkeeping:
-    """The record of one member's epochs, kept in ``out.history`` and logged to ``out.run_id``."""
+                 out: MemberResult, outbox: Outbox | None) -> EpochBookkeeping:
+    """The record of one member's epochs, kept in ``out.history`` and logged to ``out.run_id`` (through ``outbox``)."""
     return EpochBookkeeping(
         _Member(stack, member), config, config.normalization(), generator, lambda: stack.trainer_state_of(member),
-        out.history, BestEpoch(keep_weights=config.keep_best), config.kept_checkpoints(), run_id=out.run_id,
+        out.history, BestEpoch(keep_weights=config.keep_best), config.kept_checkpoints(), outbox, run_id=out.run_id,
     )
 
 
 def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: list[MemberResult],
-          normalizations: list, config: TrainConfig) -> None:
+          normalizations: list, config: TrainConfig, boxes: list[Outbox | None]) -> None:
     """Test metrics and figures of every member still trained, from one batched pass over the test split."""
     losses, accuracies, predicted = stack.evaluate(test_split)
     for position, member in enumerate(stack.members):
         out = results[member]
         out.test_loss, out.test_accuracy = losses[position], accuracies[position]
         out.network = stack.network_of(member)
-        tracking.log_metrics({"test_loss": out.test_loss, "test_accuracy": out.test_accuracy}, run_id=out.run_id)
-        log_test_figures(dataset.test, predicted[position], normalizations[member], dataset.classes,
-                         f"{config.model} on {config.dataset}", run_id=out.run_id)
+        patiently(boxes[member], tracking.log_metrics, {"test_loss": out.test_loss, "test_accuracy": out.test_accuracy},
+                  run_id=out.run_id)
+        patiently(boxes[member], log_test_figures, dataset.test, predicted[position], normalizations[member],
+                  dataset.classes, f"{config.model} on {config.dataset}", run_id=out.run_id)

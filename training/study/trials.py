@@ -139,48 +139,57 @@ def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple
 
     A trial that diverges or is pruned ends there, its run FAILED or KILLED with the reason; the
     others go on. Any other error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised.
+    As for a lone trial, every write waits for a tracking server that went away (training goes on),
+    up to --tracking-timeout: each run has its own Outbox.
     """
     config = ctx.config
     setups = [_trial_setup(trial, ctx) for trial in trials]
     together = ",".join(str(t.number) for t in trials)
-    run_ids = []
-    for trial, (train_config, normalization, run_name, tags) in zip(trials, setups):
-        run_id = tracking.create_run(experiment=ctx.experiment, run_name=run_name, parent_run_id=ctx.parent_run_id,
-                                     tags={**tags, "zoo.trained_with_trials": together})
-        run_ids.append(run_id)
-        trial.set_user_attr(RUN_ATTR, run_id)
-        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization), run_id=run_id)
-        tracking.log_params(_trial_params(trial, ctx), run_id=run_id)
+    outboxes: list[Outbox] = []
     try:
-        results = fit_batch([setup[0] for setup in setups], ctx.dataset, run_ids,
-                            on_epoch=_batch_pruning_callback(trials) if config.prune else None,
-                            stops=(optuna.TrialPruned,))
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        for run_id in run_ids:
-            tracking.end_run_by_id(run_id, status, f"{type(exc).__name__}: {exc}")
-        raise
-    return [_end_batch_trial(trial, result, setup, ctx) for trial, result, setup in zip(trials, results, setups)]
+        for trial, (train_config, normalization, run_name, tags) in zip(trials, setups):
+            outbox = _start_trial_run(trial, ctx, run_name, {**tags, "zoo.trained_with_trials": together})
+            outboxes.append(outbox)
+            outbox.patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization),
+                             run_id=outbox.run_id)
+            outbox.patiently(tracking.log_params, _trial_params(trial, ctx), run_id=outbox.run_id)
+        try:
+            results = fit_batch([setup[0] for setup in setups], ctx.dataset, [o.run_id for o in outboxes],
+                                on_epoch=_batch_pruning_callback(trials) if config.prune else None,
+                                stops=(optuna.TrialPruned,), outboxes=outboxes)
+        except BaseException as exc:
+            if not isinstance(exc, tracking.ServerGone):  # then the runs stay RUNNING: the re-run ends them
+                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+                for outbox in outboxes:
+                    tracking.end_run_by_id(outbox.run_id, status, f"{type(exc).__name__}: {exc}")
+            raise
+        return [_end_batch_trial(trial, result, setup, ctx, outbox)
+                for trial, result, setup, outbox in zip(trials, results, setups, outboxes)]
+    finally:
+        for outbox in outboxes:
+            outbox.discard()  # sent, or the trials failed: a trial is retried, never resumed from it
 
 
 def _end_batch_trial(trial: optuna.Trial, result: MemberResult, setup: tuple[TrainConfig, Normalization, str, Any],
-                     ctx: TrialContext) -> tuple[float | None, TrialState]:
+                     ctx: TrialContext, outbox: Outbox) -> tuple[float | None, TrialState]:
     """Record one trial of a batch as :func:`objective` records a lone one, and end its run."""
     train_config, normalization = setup[0], setup[1]
+    patiently = outbox.patiently
     if isinstance(result.stopped, TrainingDiverged):
         trial.set_user_attr(OUTCOME_ATTR, "diverged")
         trial.set_user_attr("failure", str(result.stopped))
-        tracking.end_run_by_id(result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
+        patiently(tracking.end_run_by_id, result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
         return None, TrialState.FAIL
     if isinstance(result.stopped, optuna.TrialPruned):
-        tracking.end_run_by_id(result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
+        patiently(tracking.end_run_by_id, result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
         return None, TrialState.PRUNED
     trial.set_user_attr("test_accuracy", result.test_accuracy)
-    with tracking.start_run(run_id=result.run_id):  # ends it FINISHED
-        tracking.set_description(_describe_trial(trial, ctx, train_config, normalization, result))
+    with ExitStack() as run:  # ends it FINISHED
+        patiently(lambda: run.enter_context(tracking.start_run(run_id=result.run_id, patiently=patiently)))
+        patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
         if ctx.config.log_models == "all":
-            uri = log_trial_model(result.network, normalization, ctx.config, ctx.dataset, result.test_accuracy)
-            tracking.set_tags({MODEL_URI_TAG: uri})
+            uri = patiently(log_trial_model, result.network, normalization, ctx.config, ctx.dataset, result.test_accuracy)
+            patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
     return result.val_accuracy, TrialState.COMPLETE
 
 
