@@ -7,8 +7,9 @@ serving/classify.py picks one of three for a run:
   session on one thread, returning each row's top-k. A batch of 28x28 images is too little work to
   split across onnxruntime's threads, and in one process the decoding (Pillow holds the GIL for most
   of a small PNG) and the inference slowed each other down: on 2 cores, whole batches per process
-  classified a folder at 1.09x the plain PIL + onnxruntime loop, where this process with a decoding
-  thread reached 0.95x (benchmarks/RESULTS.md, "The floor of each job").
+  classified a folder of 10,000 PNGs at 1.06x to 1.12x the plain PIL + onnxruntime loop as a command,
+  where this process with a decoding thread reached 0.95x to 0.97x (benchmarks/RESULTS.md, "Speed
+  against the floor of each job").
 - **Decoding workers** (the torch runtime, and large images on more than 2 cores): processes that
   only decode; this process classifies.
 - **A thread** of this process decodes the next batch while this one is classified.
