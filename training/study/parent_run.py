@@ -11,7 +11,8 @@ import optuna
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.study.config import PARENT_ATTR, StudyConfig
+from training.outage import Patience
+from training.study.config import PARENT_ATTR, RESUME_STUDY, StudyConfig
 from training.study.storage import StudyLock, check_same_search
 from zoo.access import masked_url
 
@@ -39,10 +40,13 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
         with (lock or StudyLock(storage_url, config.name))():
             parent = study.user_attrs.get(PARENT_ATTR) or _create_parent_run(study, config, storage_url)
     check_same_search(study, config)
+    # A worker joining while the tracking server restarts waits for it, as its trials would (each call can be
+    # made twice).
+    patiently = Patience(config.tracking_timeout, RESUME_STUDY).patiently
     if project_run_id and project_run_id != parent:
-        tracking.set_tags({"zoo.study_parent_run_id": parent}, run_id=project_run_id)
-    if tracking.run_status(parent) != "RUNNING":
-        tracking.reopen_run(parent)  # resuming
+        patiently(tracking.set_tags, {"zoo.study_parent_run_id": parent}, run_id=project_run_id)
+    if patiently(tracking.run_status, parent) != "RUNNING":
+        patiently(tracking.reopen_run, parent)  # resuming
     return parent
 
 

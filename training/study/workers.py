@@ -236,8 +236,9 @@ def run_study(config: StudyConfig) -> StudyResult:
     with lock():  # processes started together would each queue the same points
         for params in queued:
             study.enqueue_trial(params, skip_if_exists=True)
-    ctx = TrialContext(config, dataset, parent, tracking.run_experiment_name(parent), lock,
-                   patience=Patience(config.tracking_timeout, RESUME_STUDY))
+    patience = Patience(config.tracking_timeout, RESUME_STUDY)
+    ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
+                       patience=patience)
     try:
         # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
         # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
