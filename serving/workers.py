@@ -22,7 +22,6 @@ process that has loaded either spawns its workers instead (about 0.3 s each).
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections import deque
@@ -34,6 +33,7 @@ import numpy as np
 
 from serving.scores import softmax, to_float, top_indices
 from zoo.imaging import DecodeSpec, decode_batch
+from zoo.machine import usable_cores
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor  # concurrent.futures costs start-up; a single batch never needs it
@@ -52,10 +52,6 @@ MAX_CLASSIFYING_WORKERS = 8  # a model and a batch each; more cores than this ar
 POOL_MIN_IMAGES = 4096
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def default_workers() -> int:
     """Decoding workers: none on 2 cores or fewer, one per core but one beyond that.
 
@@ -64,13 +60,13 @@ def default_workers() -> int:
     3,900 images/s) and cheaper than a pool. With more cores, workers decode beside inference
     (not measured here).
     """
-    n = cores()
+    n = usable_cores()
     return 0 if n <= 2 else n - 1
 
 
 def default_classifying_workers() -> int:
     """Classifying workers: one per core (at most MAX_CLASSIFYING_WORKERS), none on a single core."""
-    n = cores()
+    n = usable_cores()
     return 0 if n < 2 else min(n, MAX_CLASSIFYING_WORKERS)
 
 

@@ -32,6 +32,7 @@ from training.study.storage import StudyLock, end_orphaned_runs, make_storage, o
 from training.study.trials import TrialContext, objective, objective_batch
 from training.train import build_network, load_training_data
 from zoo.data import Dataset
+from zoo.machine import usable_cores
 from zoo.models.registry import create_model
 
 
@@ -60,8 +61,7 @@ def default_jobs(device: str = "auto") -> int:
     (benchmarks/RESULTS.md)."""
     if resolve_device(device).type != "cpu":
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                      MAX_AUTO_JOBS))
+    return max(1, min(usable_cores(), MAX_AUTO_JOBS))
 
 
 @contextmanager
