@@ -188,13 +188,17 @@ if __name__ == "__main__":
 """
 
 
+def _project_env() -> dict[str, str]:
+    """This environment, with the project importable (`python -m cli`, `from serving...`) in a child process."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
 def _timed_in_a_fresh_process(setup: str, call: str, count: int) -> float:
     """images/s of ``call`` (which returns how many it classified), timed inside a fresh interpreter after
     ``setup`` (its imports): each side's path without start-up, in a process like the command's (zoo forks
     its workers before onnxruntime loads; this one has torch loaded, where it would have to spawn them)."""
     code = f"import time\n{setup}\nstarted = time.perf_counter()\nn = {call}\nprint(n, time.perf_counter() - started)"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    n, seconds = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    n, seconds = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_project_env(),
                                 check=True).stdout.split()
     assert int(n) == count
     return count / float(seconds)
@@ -222,10 +226,9 @@ def zoo_classify_inside(model: Path, folder: Path, count: int) -> float:
 
 def zoo_classify_command(model: Path, folder: Path, count: int) -> float:
     """The whole `zoo classify MODEL.onnx FOLDER --format jsonl` process, start-up included."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "cli", "classify", str(model), str(folder), "--format", "jsonl"],
-                          capture_output=True, text=True, env=env, check=True)
+                          capture_output=True, text=True, env=_project_env(), check=True)
     seconds = time.perf_counter() - started
     assert len(done.stdout.splitlines()) == count
     return count / seconds
@@ -256,7 +259,6 @@ def startup(rounds: int) -> dict:
     """One PNG through `zoo classify MODEL.onnx PNG` against the floor script on a folder of that one file
     (import numpy, Pillow and onnxruntime, a session, one decode, one run) and against the imports alone;
     whole processes, in rounds of the three, the order reversed every other round. Medians in seconds."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "one"
         folder.mkdir()
@@ -269,7 +271,7 @@ def startup(rounds: int) -> dict:
         for round_ in range(rounds):
             for name in commands if round_ % 2 == 0 else reversed(commands):
                 started = time.perf_counter()
-                subprocess.run(commands[name], env=env, check=True, capture_output=True)
+                subprocess.run(commands[name], env=_project_env(), check=True, capture_output=True)
                 seconds[name].append(time.perf_counter() - started)
     zoo, floor = seconds["zoo classify MODEL.onnx ONE.png"], seconds["floor script, one file"]
     ratios = [f / z for f, z in zip(floor, zoo)]
