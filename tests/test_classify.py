@@ -292,7 +292,7 @@ def test_classifying_with_an_onnx_file_imports_neither_torch_nor_mlflow(onnx_mod
         "print('LOADED', sorted(loaded), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=command_env())
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 30
     assert "LOADED []" in proc.stderr
@@ -307,7 +307,7 @@ def classify_in_subprocess(uri: str, png: Path) -> tuple[list, list[str]]:
         "print('LOADED', ','.join(sorted(m for m in ('torch', 'mlflow') if m in sys.modules)), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=command_env())
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr.split("LOADED ")[-1].strip().split(",")
 
@@ -365,7 +365,7 @@ def test_a_reader_that_stops_early_ends_classify_quietly(onnx_model, digits):
     many = [str(folder)] * 100  # 3,000 rows: more than a pipe holds, so the writer meets the closed end
     proc = subprocess.Popen([sys.executable, "-m", "cli", "classify", str(onnx_model), *many, "--format", "jsonl"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env=command_env())
     assert json.loads(proc.stdout.readline())["error"] is None
     proc.stdout.close()
     stderr = proc.stderr.read()
