@@ -18,8 +18,11 @@ if not sys.stderr.isatty():
 # unreachable tracking server is reported. It reads these at every request, so a user's own
 # values win. Short retries detect a server that went away mid-run quickly too: zoo train then
 # keeps what it logs and waits for the server itself, without blocking training (training/outage.py).
+# MLflow's own INFO lines ("Creating initial MLflow database tables...") and its artifact progress
+# bars (carriage returns even in a log file) are MLflow's bookkeeping, not zoo's output: off too.
 for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
     os.environ.setdefault(_name, _value)
 
 import click

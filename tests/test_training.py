@@ -1,6 +1,7 @@
 """zoo train / training.train against a real MLflow store."""
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -144,3 +145,24 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
     assert lines and all(line.startswith(("renorm resnet18:", "scoring:")) for line in lines), lines
     assert lines[-1].startswith("renorm resnet18: 100%|##########| 2/2")
     assert sum(line.startswith("scoring: 100%") for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_zoo_train_prints_zoo_lines_only_unless_the_user_asks_mlflow_for_its_own(tmp_path):
+    """MLflow's INFO lines (database creation, signature validation) and its artifact progress bars stay off
+    in a log file; a user's own MLFLOW_LOGGING_LEVEL still wins."""
+    import subprocess
+    import sys
+
+    def stderr_of(folder: str, **env: str) -> str:
+        (tmp_path / folder).mkdir()
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / folder}/mlflow.db", **env}
+        res = subprocess.run([sys.executable, "-m", "cli", "train", "--epochs", "1", "--dry-run"],
+                             env=env, cwd=tmp_path / folder, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    quiet = stderr_of("quiet")
+    assert "INFO mlflow" not in quiet and "Downloading artifacts" not in quiet and "\r" not in quiet, quiet
+    assert "INFO mlflow.store.db.utils: Creating initial MLflow database tables" in stderr_of(
+        "asked", MLFLOW_LOGGING_LEVEL="INFO")
