@@ -20,7 +20,8 @@ from cli.options import (
 @TEST_FRACTION
 @MEAN
 @STD
-@click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True,
+              help="Passes over the training split; val metrics and checkpoints after each.")
 @click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
               help="Default: the model's recipe (64 for mnist_cnn).")
 @click.option("--optimizer", default=None, callback=unset_sentinels, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
@@ -32,14 +33,16 @@ from cli.options import (
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
               help="timm: models: start from timm's pretrained weights (pretrained, online) or a local checkpoint "
                    "FILE; timm adapts the stem to the data's channels and starts a classifier of another size afresh.")
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seeds the initial weights, dropout and the order of the batches.")
 @DEVICE
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
               help="bf16-mixed: forward passes in bfloat16 (weights stay float32); faster where the CPU or GPU "
                    "has bfloat16 arithmetic, but it rounds normalized inputs to 8 significant bits.")
 @DATA_DIR
 @EXPERIMENT
-@click.option("--run-name", default=None)
+@click.option("--run-name", default=None,
+              help="The MLflow run's name. Default: the normalization, epochs and seed, then the model and dataset.")
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
 @ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
