@@ -271,6 +271,14 @@ def test_rgb_folder_trains_lenet5_with_auto_normalization_and_exports(rgb_folder
     assert run.data.params["normalization_from"] == "data"
     assert run.data.params["mean"] == ",".join(f"{v:g}" for v in summary["normalization"]["mean"])
     assert mlflow.models.get_model_info("models:/rgb@a").metadata["input_shape"] == [3, 32, 32]
+    # The confusion matrix's title (model, folder, per-channel normalization) stays inside the picture:
+    # the title's rows have white margins left and right.
+    png = Image.open(mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path="confusion_matrix.png",
+                                                         dst_path=str(tmp_path)))
+    grey = np.asarray(png.convert("L"))
+    title_rows = grey[: grey.shape[0] // 8]
+    ink_columns = np.flatnonzero((title_rows < 128).any(axis=0))
+    assert len(ink_columns) and ink_columns[0] > 2 and ink_columns[-1] < grey.shape[1] - 3, (ink_columns[:3], grey.shape)
     result = zoo("export", "models:/rgb@a", "-o", str(tmp_path / "rgb.onnx"), "--format", "json")
     assert result.exit_code == 0, result.output
     import onnxruntime

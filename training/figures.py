@@ -38,7 +38,7 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, class_names: lis
                   ha="right" if max(map(len, class_names)) > 2 else "center", rotation_mode="anchor")
     ax.set_yticks(range(n), class_names)
     ax.set(xlabel="Predicted label", ylabel="True label")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, wrap=True)  # the figure is as narrow as 2 classes make it
     return figure
 
 

@@ -17,7 +17,7 @@ from training.engine import EpochResult, check_precision, evaluate, evaluate_pre
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
-    training_tags,
+    short_normalization, training_tags,
 )
 from training.trainers import EpochTrainer, make_trainer
 from zoo.access import masked_url
@@ -137,7 +137,7 @@ def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwa
 def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
                      normalization: Normalization, config: TrainConfig) -> None:
     tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-    log_test_figures(dataset.test, predicted, normalization, dataset.classes, f"{config.model} on {config.dataset}")
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset)
 
 
 def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
@@ -152,12 +152,13 @@ def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: E
 
 
 def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
-                     title: str, run_id: str | None = None) -> None:
-    """The confusion matrix and a grid of misclassified images on the test split, as run artifacts."""
+                     model: str, dataset: str, run_id: str | None = None) -> None:
+    """The confusion matrix and a grid of misclassified images on the test split, as run artifacts; titled
+    short enough to fit (a folder by its name, the normalization rounded: every digit is in the params)."""
     from training.figures import confusion_figure, misclassified_figure
 
     labels = test.labels.cpu()
-    title = f"{title} ({normalization})"
+    title = f"{model} on {dataset_label(dataset)} ({short_normalization(normalization, compact=True)})"
     tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0], run_id)
     tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1], run_id)
 

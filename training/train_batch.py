@@ -148,4 +148,4 @@ def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: li
         patiently(boxes[member], tracking.log_metrics, {"test_loss": out.test_loss, "test_accuracy": out.test_accuracy},
                   run_id=out.run_id)
         patiently(boxes[member], log_test_figures, dataset.test, predicted[position], normalizations[member],
-                  dataset.classes, f"{config.model} on {config.dataset}", run_id=out.run_id)
+                  dataset.classes, config.model, config.dataset, run_id=out.run_id)
