@@ -144,3 +144,23 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
     assert lines and all(line.startswith(("renorm resnet18:", "scoring:")) for line in lines), lines
     assert lines[-1].startswith("renorm resnet18: 100%|##########| 2/2")
     assert sum(line.startswith("scoring: 100%") for line in lines) == 2
+
+
+def test_bf16_mixed_evaluation_loss_is_taken_in_float32(mnist_5k):
+    """Under bf16-mixed only the forward pass runs in bfloat16: val_loss and test_loss are the float32
+    cross-entropy of its logits, not a bfloat16 sum (8 significant bits: 312.0 for 312.086)."""
+    import torch.nn.functional as F
+
+    from training.engine import autocast, evaluate
+    from zoo.models.registry import create_model
+    from zoo.normalization import Normalization
+
+    torch.manual_seed(0)
+    network, split = create_model("mnist_cnn").eval(), mnist_5k.test.subset(256)
+    normalization = Normalization((0.1307,), (0.3081,))
+    with torch.inference_mode(), autocast("bf16-mixed", torch.device("cpu")):
+        logits = network(normalization.apply(split.images))
+    assert logits.dtype == torch.bfloat16  # the forward pass did run in bfloat16
+    expected = F.cross_entropy(logits.double(), split.labels).item()
+    loss, _ = evaluate(network, split, normalization, batch_size=256, precision="bf16-mixed")
+    assert loss == pytest.approx(expected, rel=1e-6)
