@@ -65,6 +65,10 @@ def test_train_cli_logs_a_custom_normalization_and_prints_json():
         (["--register", "m", "--alias", "latest"], "alias 'latest' is reserved by MLflow"),
         (["--precision", "fp16"], "'fp16' is not one of 'fp32', 'bf16-mixed'"),
         (["--model", "scratch_mlp", "--precision", "bf16-mixed"], "the scratch trainer computes in float32 only"),
+        # mnist-5k holds 0.2 of its digits out for testing: validation may take less than the other 0.8.
+        (["--val-fraction", "0.85"], "the val fraction (0.85) and test fraction (0.2) leave no images to train on"),
+        (["--val-fraction", "0.8"], "the val fraction (0.8) and test fraction (0.2) leave no images to train on"),
+        (["--val-fraction", "0.0005"], "the val split would hold no images"),
     ],
 )
 def test_bad_train_input_exits_2_with_one_line_and_leaves_no_run(args, expected):
