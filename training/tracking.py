@@ -423,15 +423,33 @@ def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dic
     )
 
 
-def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
-    """Log params (to the active run, or ``run_id``), skipping those the run already holds with the same value.
+RESOLVED_SUFFIX = "_resolved"  # a param that already held what was asked: what it resolved to (log_params)
 
-    `mlflow run` logs an entry point's -P values before our code runs ("1" for epochs);
-    logging 1 again is fine, but MLflow refuses a changed string such as "1.0".
+
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Log params (to the active run, or ``run_id``), never changing one the run already holds.
+
+    `mlflow run` logs an entry point's -P values before our code runs, as the user typed them:
+    "1" for epochs (logging 1 again is skipped as the same value), but also mean=auto, or a folder
+    with a trailing slash, which zoo resolves to other values. MLflow refuses to change a param, so
+    the one already logged stays (what was asked) and ours goes beside it as KEY_resolved (what
+    was used): mean=auto, mean_resolved=0.1394.
     """
     run_id = run_id or mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
-    fresh = {k: v for k, v in params.items() if v is not None and not _same_value(existing.get(k), v)}
+    fresh = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        for name in (key, key + RESOLVED_SUFFIX):
+            if name not in existing:
+                fresh[name] = value
+                break
+            if _same_value(existing[name], value):
+                break
+        else:  # both taken with other values (a run resumed on other data): neither may change
+            print(f"note: run {run_id} keeps its params {key}={existing[key]} and {name}={existing[name]}; "
+                  f"this part of it used {value}", file=sys.stderr)
     if fresh:
         mlflow.log_params(fresh, run_id=run_id)
 
