@@ -33,17 +33,39 @@ DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that trains the run (zoo train, a study trial)
+# When that process started, as the kernel counts (clock ticks after boot): the system gives a
+# dead process's PID to a later one, and only the start time tells the two apart.
+WORKER_START_TAG = "zoo.worker_start"
 
 
 def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def worker_alive_here(worker: str | None) -> bool:
-    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one.
+def worker_tags() -> dict[str, str]:
+    """WORKER_TAG and, where the system says when this process started, WORKER_START_TAG."""
+    started = process_start(os.getpid())
+    return {WORKER_TAG: this_worker(), **({WORKER_START_TAG: started} if started else {})}
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (its starttime in /proc/PID/stat); None where it is gone or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the fields after the command name, which may hold spaces and ")", start at field 3.
+    return stat.rpartition(")")[2].split()[22 - 3]
+
+
+def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
+    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one and,
+    given ``started`` (its WORKER_START_TAG), the same process: not a later one that was given its PID.
     A process on another machine cannot be checked from here: False."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    if started and process_start(int(pid)) not in (None, started):
         return False
     try:
         os.kill(int(pid), 0)  # signal 0: no signal, only the check that the process exists
