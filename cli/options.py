@@ -63,7 +63,8 @@ TEST_FRACTION = click.option(
 VAL_FRACTION = click.option(
     "--val-fraction", "--val_fraction", "val_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
     help="The share of the training data (of every image, for a folder with neither val/ nor test/) held out for "
-         "validation. Default: the model's recipe (0.1; 0.2 for mlp).",
+         "validation. Default: the model's recipe (0.1; 0.2 for mlp). Refused where it would leave a split "
+         "without images (mnist-5k: below 0.8, its test share being 0.2).",
 )
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")

@@ -177,6 +177,32 @@ def test_resume_refuses_options_that_contradict_the_run(stopped_run, args, expec
     assert MlflowClient().get_run(stopped_run).info.status == "KILLED"
 
 
+def test_resume_tells_the_process_that_trained_a_run_from_a_later_one_given_its_pid(stopped_run):
+    """PIDs are reused: a run left RUNNING by a process that died names a PID that may now belong to any
+    other process. Resume refuses only while the process that trained the run lives."""
+    import socket
+
+    client = MlflowClient()
+    client.update_run(stopped_run, status="RUNNING")  # its process died without ending it (SIGKILL)
+    other = subprocess.Popen(["sleep", str(HANG_GUARD_S)])  # an unrelated process, started after the training
+    try:
+        client.set_tag(stopped_run, tracking.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")  # the PID, reused
+        res = CliRunner().invoke(cli, ["train", "--resume", stopped_run, "--format", "json"])
+        assert res.exit_code == 0, res.output  # not "kill <pid>": that would kill the unrelated process
+        assert f"run {stopped_run} is still marked RUNNING by " in res.stderr
+        assert client.get_run(stopped_run).info.status == "FINISHED" and other.poll() is None
+
+        # The process the tags name, started when they say: still training, refused.
+        client.update_run(stopped_run, status="RUNNING")
+        client.set_tag(stopped_run, tracking.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")
+        client.set_tag(stopped_run, tracking.WORKER_START_TAG, tracking.process_start(other.pid))
+        res = CliRunner().invoke(cli, ["train", "--resume", stopped_run])
+        assert res.exit_code == 2 and f"is still training in process {other.pid}" in res.stderr, res.output
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_resume_refuses_unknown_finished_and_checkpointless_runs(mnist_5k):
     finished = train(TrainConfig(epochs=1, max_batches=2, progress=False), dataset=mnist_5k, log_model=False).run_id
     no_last = train(TrainConfig(epochs=1, max_batches=2, keep_checkpoints="best", progress=False), dataset=mnist_5k,

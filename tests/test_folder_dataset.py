@@ -22,6 +22,7 @@ from PIL import Image
 
 from cli.main import cli
 from zoo.data import load_dataset
+from zoo.errors import UsageError
 from zoo.folder_dataset import load_image_folder
 from zoo.normalization import Normalization
 from zoo.models.registry import create_model, list_models
@@ -186,6 +187,46 @@ def test_images_of_different_sizes_are_resized_to_the_model_or_the_given_size(tm
     Image.open(big).resize((56, 56)).save(big)
     assert load_image_folder(root, val_fraction=0.2, default_size=(20, 20), progress=False).image_shape == (1, 20, 20)
     assert load_image_folder(root, val_fraction=0.2, image_size=(16, 24), progress=False).image_shape == (1, 16, 24)
+
+
+# ---- split fractions --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory, mnist_5k) -> Path:
+    """20 real digits a class as a flat folder of PNGs."""
+    picked = torch.cat([(mnist_5k.train.labels == c).nonzero().flatten()[:20] for c in range(10)])
+    root = tmp_path_factory.mktemp("small") / "digits"
+    write_folder(mnist_5k.train.images[picked], mnist_5k.train.labels[picked], mnist_5k.classes, root)
+    return root
+
+
+@pytest.mark.parametrize("fractions, message", [
+    (["--val-fraction", "0.5", "--test-fraction", "0.5"],
+     "the val fraction (0.5) and test fraction (0.5) leave no images to train on"),
+    (["--val-fraction", "0.01"], "the val split would hold no images"),  # 0.2 of a class of 20 rounds to none
+])
+def test_fractions_that_empty_a_split_of_a_folder_are_one_line_exit_2(small_folder, fractions, message):
+    result = zoo("train", "--dataset", str(small_folder), "--epochs", "1", "--dry-run", *fractions)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    with pytest.raises(UsageError):  # refused before any image is decoded
+        load_image_folder(small_folder, val_fraction=float(fractions[1]), test_fraction=0.5 if len(fractions) > 2
+                          else None, cache_dir=small_folder.parent / "cache", progress=False)
+    assert not (small_folder.parent / "cache").exists()
+
+
+def test_valid_fractions_give_disjoint_splits_that_are_not_empty(small_folder, tmp_path):
+    flat = load_image_folder(small_folder, val_fraction=0.3, test_fraction=0.6, progress=False)
+    assert (len(flat.train), len(flat.val), len(flat.test)) == (20, 60, 120)
+    # A given test/ folder: the validation fraction is of train/ alone, and may exceed 1 - 0.2.
+    shutil.copytree(small_folder, tmp_path / "split" / "train")
+    shutil.copytree(small_folder, tmp_path / "split" / "test")
+    given = load_image_folder(tmp_path / "split", val_fraction=0.85, progress=False)
+    assert (len(given.train), len(given.val), len(given.test)) == (30, 170, 200)
+    for data in (flat, given):
+        train, val, test = ({bytes(img.numpy()) for img in split.images} for split in (data.train, data.val, data.test))
+        assert train.isdisjoint(val) and (data is given or test.isdisjoint(train | val))
 
 
 # ---- bad folders ------------------------------------------------------------------------------------

@@ -51,6 +51,30 @@ def test_mlflow_run_with_an_experiment_logs_into_its_own_run():
     assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow
+def test_mlflow_run_with_auto_normalization_and_a_folder_typed_with_a_slash_keeps_what_was_asked(tmp_path, mnist_5k):
+    """`mlflow run` logs every -P into the run before zoo starts: zoo keeps those params as typed (MLflow
+    refuses a changed value) and records what they resolved to beside them."""
+    from training.renorm_demo import write_image_folder
+    from zoo.data import load_dataset
+
+    folder = write_image_folder(mnist_5k.test.subset(200), mnist_5k.classes, tmp_path / "digits")
+    typed = f"{folder}{os.sep}"
+    proc = mlflow_run("-e", "train", "--experiment-name", "mine", "-P", f"dataset={typed}", "-P", "mean=auto",
+                      "-P", "std=auto", "-P", "epochs=1", "-P", "max_batches=2", "-P", "batch_size=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["mean"], params["std"], params["dataset"]) == ("auto", "auto", typed)  # as asked
+    statistics = load_dataset(str(folder)).pixel_statistics()
+    assert params["normalization_from"] == "data"
+    assert (params["mean_resolved"], params["std_resolved"]) == tuple(statistics.as_params().values())
+    assert params["dataset_resolved"] == str(folder)
+    assert run.data.tags["zoo.normalization"] == f"{statistics.mean[0]:.4g}/{statistics.std[0]:.4g}"
+
+
 def project_copy(tmp_path: Path) -> Path:
     """The MLproject file alone in a folder of its own: `mlflow run` runs the entry point's command in
     the project folder, so what an entry point writes to relative paths (demo-out/, optuna.db) lands

@@ -66,6 +66,10 @@ def test_train_cli_logs_a_custom_normalization_and_prints_json():
         (["--register", "m", "--alias", "latest"], "alias 'latest' is reserved by MLflow"),
         (["--precision", "fp16"], "'fp16' is not one of 'fp32', 'bf16-mixed'"),
         (["--model", "scratch_mlp", "--precision", "bf16-mixed"], "the scratch trainer computes in float32 only"),
+        # mnist-5k holds 0.2 of its digits out for testing: validation may take less than the other 0.8.
+        (["--val-fraction", "0.85"], "the val fraction (0.85) and test fraction (0.2) leave no images to train on"),
+        (["--val-fraction", "0.8"], "the val fraction (0.8) and test fraction (0.2) leave no images to train on"),
+        (["--val-fraction", "0.0005"], "the val split would hold no images"),
     ],
 )
 def test_bad_train_input_exits_2_with_one_line_and_leaves_no_run(args, expected):
@@ -166,3 +170,23 @@ def test_zoo_train_prints_zoo_lines_only_unless_the_user_asks_mlflow_for_its_own
     assert "INFO mlflow" not in quiet and "Downloading artifacts" not in quiet and "\r" not in quiet, quiet
     assert "INFO mlflow.store.db.utils: Creating initial MLflow database tables" in stderr_of(
         "asked", MLFLOW_LOGGING_LEVEL="INFO")
+
+
+def test_bf16_mixed_evaluation_loss_is_taken_in_float32(mnist_5k):
+    """Under bf16-mixed only the forward pass runs in bfloat16: val_loss and test_loss are the float32
+    cross-entropy of its logits, not a bfloat16 sum (8 significant bits: 312.0 for 312.086)."""
+    import torch.nn.functional as F
+
+    from training.engine import autocast, evaluate
+    from zoo.models.registry import create_model
+    from zoo.normalization import Normalization
+
+    torch.manual_seed(0)
+    network, split = create_model("mnist_cnn").eval(), mnist_5k.test.subset(256)
+    normalization = Normalization((0.1307,), (0.3081,))
+    with torch.inference_mode(), autocast("bf16-mixed", torch.device("cpu")):
+        logits = network(normalization.apply(split.images))
+    assert logits.dtype == torch.bfloat16  # the forward pass did run in bfloat16
+    expected = F.cross_entropy(logits.double(), split.labels).item()
+    loss, _ = evaluate(network, split, normalization, batch_size=256, precision="bf16-mixed")
+    assert loss == pytest.approx(expected, rel=1e-6)

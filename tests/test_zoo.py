@@ -77,6 +77,16 @@ def test_mnist_5k_is_real_digits_in_a_deterministic_stratified_split(mnist_5k):
     assert not any(bytes(img.numpy()) in seen for img in d.test.images)
 
 
+@pytest.mark.parametrize("val_fraction, sizes", [(0.05, (3750, 250, 1000)), (0.75, (250, 3750, 1000))])
+def test_any_valid_val_fraction_of_mnist_5k_gives_disjoint_splits_and_the_same_test_split(mnist_5k, val_fraction,
+                                                                                          sizes):
+    d = load_dataset("mnist-5k", val_fraction=val_fraction)
+    assert (len(d.train), len(d.val), len(d.test)) == sizes
+    seen = [{bytes(img.numpy()) for img in split.images} for split in (d.train, d.val, d.test)]
+    assert seen[2] == {bytes(img.numpy()) for img in mnist_5k.test.images}  # test scores stay comparable
+    assert sum(map(len, seen)) == len(set().union(*seen)) == 5000
+
+
 def test_stratified_split_keeps_class_proportions():
     labels = torch.arange(10).repeat_interleave(100)
     a, b = stratified_split(labels, [0.8, 0.2], seed=3)

@@ -110,7 +110,9 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Ge
 def _loss(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     # Networks may end in log_softmax (pytorch/examples Net) or in raw logits;
     # cross_entropy applies log_softmax, which leaves log-probabilities unchanged.
-    return F.cross_entropy(output, target, reduction=reduction)
+    # Always in float32: under bf16-mixed the logits are bfloat16, and a loss taken outside
+    # autocast (evaluation) would be computed and summed with 8 significant bits.
+    return F.cross_entropy(output.float(), target, reduction=reduction)
 
 
 score_loss = _loss  # the public name, for trainers outside this module
@@ -164,7 +166,7 @@ def train_one_epoch(
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):  # the loss itself autocasts to float32
+        with autocast(precision, device):
             loss = _loss(model(images), labels)
         loss.backward()
         optimizer.step()

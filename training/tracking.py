@@ -33,17 +33,39 @@ DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
 WORKER_TAG = "zoo.worker"  # HOST:PID of the process that trains the run (zoo train, a study trial)
+# When that process started, as the kernel counts (clock ticks after boot): the system gives a
+# dead process's PID to a later one, and only the start time tells the two apart.
+WORKER_START_TAG = "zoo.worker_start"
 
 
 def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def worker_alive_here(worker: str | None) -> bool:
-    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one.
+def worker_tags() -> dict[str, str]:
+    """WORKER_TAG and, where the system says when this process started, WORKER_START_TAG."""
+    started = process_start(os.getpid())
+    return {WORKER_TAG: this_worker(), **({WORKER_START_TAG: started} if started else {})}
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (its starttime in /proc/PID/stat); None where it is gone or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the fields after the command name, which may hold spaces and ")", start at field 3.
+    return stat.rpartition(")")[2].split()[22 - 3]
+
+
+def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
+    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one and,
+    given ``started`` (its WORKER_START_TAG), the same process: not a later one that was given its PID.
     A process on another machine cannot be checked from here: False."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    if started and process_start(int(pid)) not in (None, started):
         return False
     try:
         os.kill(int(pid), 0)  # signal 0: no signal, only the check that the process exists
@@ -423,15 +445,33 @@ def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dic
     )
 
 
-def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
-    """Log params (to the active run, or ``run_id``), skipping those the run already holds with the same value.
+RESOLVED_SUFFIX = "_resolved"  # a param that already held what was asked: what it resolved to (log_params)
 
-    `mlflow run` logs an entry point's -P values before our code runs ("1" for epochs);
-    logging 1 again is fine, but MLflow refuses a changed string such as "1.0".
+
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Log params (to the active run, or ``run_id``), never changing one the run already holds.
+
+    `mlflow run` logs an entry point's -P values before our code runs, as the user typed them:
+    "1" for epochs (logging 1 again is skipped as the same value), but also mean=auto, or a folder
+    with a trailing slash, which zoo resolves to other values. MLflow refuses to change a param, so
+    the one already logged stays (what was asked) and ours goes beside it as KEY_resolved (what
+    was used): mean=auto, mean_resolved=0.1394.
     """
     run_id = run_id or mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
-    fresh = {k: v for k, v in params.items() if v is not None and not _same_value(existing.get(k), v)}
+    fresh = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        for name in (key, key + RESOLVED_SUFFIX):
+            if name not in existing:
+                fresh[name] = value
+                break
+            if _same_value(existing[name], value):
+                break
+        else:  # both taken with other values (a run resumed on other data): neither may change
+            print(f"note: run {run_id} keeps its params {key}={existing[key]} and {name}={existing[name]}; "
+                  f"this part of it used {value}", file=sys.stderr)
     if fresh:
         mlflow.log_params(fresh, run_id=run_id)
 

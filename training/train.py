@@ -296,7 +296,7 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     if run.info.status == "FINISHED":
         raise ValueError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
     worker = run.data.tags.get(tracking.WORKER_TAG)
-    if run.info.status == "RUNNING" and tracking.worker_alive_here(worker):
+    if run.info.status == "RUNNING" and tracking.worker_alive_here(worker, run.data.tags.get(tracking.WORKER_START_TAG)):
         pid = worker.rpartition(":")[2]
         raise ValueError(f"run {run_id} is still training in process {pid} on this machine; stop it first (Ctrl-C "
                          f"there, or kill {pid}: the run ends KILLED with its last checkpoint), then resume it")

@@ -183,7 +183,7 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
         "zoo.normalization": short_normalization(normalization),
         "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
         **({"zoo.dry_run": "true"} if config.max_batches else {}),
-        tracking.WORKER_TAG: tracking.this_worker(),
+        **tracking.worker_tags(),
     }
 
 

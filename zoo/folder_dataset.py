@@ -115,8 +115,6 @@ def load_image_folder(
 ) -> Dataset:
     """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-    if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"need 0 < test fraction < 1 and val + test fractions < 1, got val {val_fraction}, test {test_fraction}")
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
     folder = cache_folder(cache_dir, listing, image_size, default_size)
     if not (folder / "meta.json").is_file():
@@ -233,7 +231,9 @@ def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_
     fractions = {"val": val_fraction, "test": test_fraction}
     if "val" in carve and "test" not in carve:  # train/ and test/ given: val is a fraction of train/
         fractions = {"val": val_fraction}
-    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed)
+    # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
+    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
+                             names=["train", *carve])
     out = {}
     for split, index in zip(["train", *carve], parts):
         out[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())

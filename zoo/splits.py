@@ -6,10 +6,12 @@ Shared by the catalog (zoo/data/) and image folders (zoo/folder_dataset.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from zoo.errors import UsageError
 from zoo.normalization import Normalization
 
 
@@ -48,20 +50,40 @@ class Dataset:
         return self._statistics
 
 
-def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int) -> list[torch.Tensor]:
-    """Indices for each fraction, with every class divided in the same proportions."""
+def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
+                     names: Sequence[str] = ("train", "val", "test")) -> list[torch.Tensor]:
+    """Indices for each fraction, with every class divided in the same proportions.
+
+    The fractions add up to 1; the first is the training split's, ``names`` name the splits.
+    Every split of every dataset is made here, so the one check is here too: fractions that
+    leave a split no image, or (a negative share) would hand it another split's images, are the
+    user's options and a :class:`zoo.errors.UsageError` that says which.
+    """
+    names = list(names)[: len(fractions)]
+    if fractions[0] <= 0:
+        held = " and ".join(f"{name} fraction ({f:g})" for name, f in zip(names[1:], fractions[1:]))
+        raise UsageError(f"the {held} leave no images to train on: together they must be below 1")
+    for name, f in zip(names[1:], fractions[1:]):
+        if f <= 0:
+            raise UsageError(f"the {name} fraction must be above 0, got {f:g}")
     generator = torch.Generator().manual_seed(seed)
     parts: list[list[torch.Tensor]] = [[] for _ in fractions]
+    largest = 0
     for cls in labels.unique(sorted=True):
         idx = (labels == cls).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
+        largest = max(largest, len(idx))
         bounds = np.cumsum([0] + [round(f * len(idx)) for f in fractions[:-1]] + [len(idx)])
         bounds[-1] = len(idx)
         for i in range(len(fractions)):
             parts[i].append(idx[bounds[i] : bounds[i + 1]])
     # Shuffle within each part so classes are interleaved.
     out = []
-    for p in parts:
+    for name, f, p in zip(names, fractions, parts):
         cat = torch.cat(p)
+        if len(cat) == 0 and len(labels):
+            option = "lower the other fractions" if name == "train" else f"give --{name}-fraction a larger one"
+            raise UsageError(f"the {name} split would hold no images: a fraction of {f:g} of at most {largest:,} "
+                             f"images a class rounds to none; {option}")
         out.append(cat[torch.randperm(len(cat), generator=generator)])
     return out

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 
 class DatasetUnavailable(RuntimeError):
@@ -79,7 +80,7 @@ def load_dataset(
     """
     download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UsageError(f"the val fraction must be between 0 and 1 (exclusive), got {val_fraction:g}")
     if name not in _DATASETS:
         from zoo.folder_dataset import load_image_folder, looks_like_folder
 
