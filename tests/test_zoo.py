@@ -99,3 +99,20 @@ def test_missing_dataset_error_names_where_it_looked_and_the_offline_alternative
     with pytest.raises(ValueError, match=r"unknown dataset 'cifar'; valid datasets: cifar10, cifar100, "
                        r"emnist-letters, fashion-mnist, kmnist, mnist, mnist-5k, stl10, svhn"):
         load_dataset("cifar")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://zoo:s3cret@db:5432/optuna", "postgresql://zoo:***@db:5432/optuna"),
+    ("postgresql://zoo@db/optuna?password=s3cret", "postgresql://zoo@db/optuna?password=***"),
+    ("postgresql://zoo@db/optuna?sslmode=require&PassWord=s3cret&connect_timeout=5",
+     "postgresql://zoo@db/optuna?sslmode=require&PassWord=***&connect_timeout=5"),
+    ("https://mlflow.example.org/?access_token=s3cret&api_key=s3cret&client_secret=s3cret&x=1",
+     "https://mlflow.example.org/?access_token=***&api_key=***&client_secret=***&x=1"),
+    ("mysql://zoo:s3cret@db/optuna?sslkey=/home/zoo/s3cret.pem", "mysql://zoo:***@db/optuna?sslkey=***"),
+    ("sqlite:///optuna.db", "sqlite:///optuna.db"),
+    ("sqlite:///file:optuna.db?mode=ro&uri=true", "sqlite:///file:optuna.db?mode=ro&uri=true"),
+])
+def test_masked_url_hides_passwords_in_the_user_info_and_the_query(url, shown):
+    from zoo.access import masked_url
+
+    assert masked_url(url) == shown
