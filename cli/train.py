@@ -31,7 +31,7 @@ from cli.options import (
 @MODEL_OPT
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
               help="timm: models: start from timm's pretrained weights (pretrained, online) or a local checkpoint "
-                   "FILE; timm adapts the stem to the data's channels and starts a classifier of another size afresh.")
+                   "FILE (tensors and state dicts only); timm adapts the stem to the data's channels and starts a classifier of another size afresh.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @DEVICE
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,

@@ -116,3 +116,35 @@ def test_masked_url_hides_passwords_in_the_user_info_and_the_query(url, shown):
     from zoo.access import masked_url
 
     assert masked_url(url) == shown
+
+
+class _RunsACommand:
+    """What a weights file from a stranger can hold: an object whose unpickling runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_that_holds_more_than_tensors_is_refused_before_it_runs_anything(tmp_path):
+    """`zoo train --weights FILE` (timm:) and `zoo renorm --weights FILE` read tensors and state dicts only."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from zoo.pretrained import load_pretrained
+
+    pytest.importorskip("timm")
+    marker, path = tmp_path / "ran", tmp_path / "weights.pth"
+    torch.save({"state_dict": _RunsACommand(marker)}, path)
+    result = CliRunner().invoke(cli, ["train", "--model", "timm:test_resnet", "--weights", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert str(path) in line and "only tensors and state dicts" in line and "posix.system" in line
+    with pytest.raises(ValueError, match="only tensors and state dicts") as refused:
+        load_pretrained("resnet18", str(path))
+    assert str(path) in str(refused.value)
+    assert not marker.exists()
