@@ -1,7 +1,8 @@
-"""The one module that writes runs to MLflow: runs, params, metrics, checkpoints, dataset inputs, models.
+"""Writing runs to MLflow: runs, params, metrics, tags, checkpoints, dataset inputs, and where jobs log models.
 
-What a logged model is (its program, graph, signature) is model_format's; registering it is
-training/registration.py's.
+What a logged model is (its program, graph, signature) is model_format's, and model_format.mlflow_model
+writes it into the run (so that the format's writer and reader stay in one package); registering it
+is training/registration.py's.
 
 Everything here acts on MLflow's *active run*, which is thread-local: a study running
 trials in threads starts each child run in its own thread with an explicit
