@@ -32,7 +32,8 @@ from cli.options import (
 @MODEL_OPT
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
               help="timm: models: start from timm's pretrained weights (pretrained, online) or a local checkpoint "
-                   "FILE; timm adapts the stem to the data's channels and starts a classifier of another size afresh.")
+                   "FILE (tensors and state dicts only); timm adapts the stem to the data's channels and starts a "
+                   "classifier of another size afresh.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seeds the initial weights, dropout and the order of the batches.")
 @DEVICE

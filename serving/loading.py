@@ -52,11 +52,13 @@ def resolve_latest(uri: str) -> tuple[str, str | None]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from zoo.access import masked_url
+
     name = m.group(1)
     escaped = name.replace("'", "\\'")
     versions = [int(v.version) for v in MlflowClient().search_model_versions(f"name = '{escaped}'")]
     if not versions:
-        raise ModelNotFound(f"no registered model {name!r} in tracking store {mlflow.get_tracking_uri()}; "
+        raise ModelNotFound(f"no registered model {name!r} in tracking store {masked_url(mlflow.get_tracking_uri())}; "
                             f"`zoo models --registered` lists them; use {_URI_FORMS}")
     latest = f"models:/{name}/{max(versions)}"
     return latest, f"{uri} names no version or alias: using its latest version, {latest}"

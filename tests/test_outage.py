@@ -132,3 +132,36 @@ def test_a_bad_tracking_timeout_exits_2_before_any_run(env: dict, args: list[str
     assert res.returncode == 2, res.stderr[-2000:]
     assert "--tracking-timeout" in last_error_line(res.stderr)
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
+@pytest.mark.parametrize("lost", ["logged", "registered"])
+def test_logging_and_registering_again_after_a_lost_answer_leave_one_model_and_one_described_version(lost, mnist_5k):
+    """The logged model and the registered version are retried as one unit once the tracking server
+    is back: a connection that dropped after the model was logged (``logged``), or after its version
+    was created (``registered``), must not leave a second logged model or a version without its
+    description and alias."""
+    import torch
+
+    from model_format import mlflow_model
+    from training import tracking
+    from zoo.models.registry import create_model, get_model_spec
+
+    torch.manual_seed(0)
+    model = dict(model_name="mnist_cnn", normalization=get_model_spec("mnist_cnn").normalization,
+                 input_shape=mnist_5k.image_shape, class_names=mnist_5k.classes,
+                 sample_images=mnist_5k.test.images[:2], dataset="mnist-5k", test_accuracy=0.5)
+    network = create_model("mnist_cnn")
+    with tracking.start_run(run_name="retried") as run:
+        first = mlflow_model.log_model(network, onnx=False, **model)  # what the attempt whose answer was lost did
+        if lost == "registered":
+            mlflow.register_model(first, "digits")
+        retried = tracking.log_model(network, registered_name="digits", alias="champion", **model)
+
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.model_id for m in logged] == [first.rpartition("/")[2]] and retried == first
+    versions = MlflowClient().search_model_versions("name = 'digits'")
+    assert [int(v.version) for v in versions] == [1]
+    assert versions[0].description.startswith("mnist_cnn trained on mnist-5k")
+    assert versions[0].run_id == run.info.run_id
+    assert MlflowClient().get_model_version_by_alias("digits", "champion").version == versions[0].version

@@ -21,8 +21,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from test_study import assert_all_children_of, cli, started, study_runs, subprocess_env, wait_until
+from test_study import assert_all_children_of, cli, small_config, started, study_runs, subprocess_env, wait_until
 from training.study.config import PARENT_ATTR, RUN_ATTR, WORKER_TAG
+from training.study.workers import run_study
 
 TRIALS = 6
 WORKERS = 3
@@ -105,3 +106,15 @@ def test_a_storage_url_with_a_password_is_shown_without_it():
     assert result.exit_code == 1
     assert f"cannot reach the Optuna storage postgresql://zoo:***@127.0.0.1:{port}/x (" in result.output
     assert "s3cret-pw" not in result.output
+
+
+@pytest.mark.slow
+def test_a_password_in_the_storage_urls_query_stays_out_of_the_parent_run(tmp_path, postgres):
+    """libpq takes the password as a query parameter too (``?password=``): the study's parent run
+    records the storage it used (param ``optuna_storage``, tag ``optuna.storage``) without it."""
+    storage = f"{postgres}/optuna?password=s3cret-pw"
+    result = run_study(small_config(tmp_path, trials=1, epochs=1, max_batches=2, storage=storage))
+
+    parent = MlflowClient().get_run(result.parent_run_id).data
+    assert parent.params["optuna_storage"] == f"{postgres}/optuna?password=***"
+    assert parent.tags["optuna.storage"] == f"{postgres}/optuna?password=***"

@@ -109,3 +109,52 @@ def test_missing_dataset_error_names_where_it_looked_and_the_offline_alternative
     with pytest.raises(ValueError, match=r"unknown dataset 'cifar'; valid datasets: cifar10, cifar100, "
                        r"emnist-letters, fashion-mnist, kmnist, mnist, mnist-5k, stl10, svhn"):
         load_dataset("cifar")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://zoo:s3cret@db:5432/optuna", "postgresql://zoo:***@db:5432/optuna"),
+    ("postgresql://zoo@db/optuna?password=s3cret", "postgresql://zoo@db/optuna?password=***"),
+    ("postgresql://zoo@db/optuna?sslmode=require&PassWord=s3cret&connect_timeout=5",
+     "postgresql://zoo@db/optuna?sslmode=require&PassWord=***&connect_timeout=5"),
+    ("https://mlflow.example.org/?access_token=s3cret&api_key=s3cret&client_secret=s3cret&x=1",
+     "https://mlflow.example.org/?access_token=***&api_key=***&client_secret=***&x=1"),
+    ("mysql://zoo:s3cret@db/optuna?sslkey=/home/zoo/s3cret.pem", "mysql://zoo:***@db/optuna?sslkey=***"),
+    ("sqlite:///optuna.db", "sqlite:///optuna.db"),
+    ("sqlite:///file:optuna.db?mode=ro&uri=true", "sqlite:///file:optuna.db?mode=ro&uri=true"),
+])
+def test_masked_url_hides_passwords_in_the_user_info_and_the_query(url, shown):
+    from zoo.access import masked_url
+
+    assert masked_url(url) == shown
+
+
+class _RunsACommand:
+    """What a weights file from a stranger can hold: an object whose unpickling runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_that_holds_more_than_tensors_is_refused_before_it_runs_anything(tmp_path):
+    """`zoo train --weights FILE` (timm:) and `zoo renorm --weights FILE` read tensors and state dicts only."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from zoo.pretrained import load_pretrained
+
+    pytest.importorskip("timm")
+    marker, path = tmp_path / "ran", tmp_path / "weights.pth"
+    torch.save({"state_dict": _RunsACommand(marker)}, path)
+    result = CliRunner().invoke(cli, ["train", "--model", "timm:test_resnet", "--weights", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert str(path) in line and "only tensors and state dicts" in line and "posix.system" in line
+    with pytest.raises(ValueError, match="only tensors and state dicts") as refused:
+        load_pretrained("resnet18", str(path))
+    assert str(path) in str(refused.value)
+    assert not marker.exists()

@@ -10,7 +10,8 @@ one when it is back:
   metrics recorded there (``pending.json``) before they are sent; while the server is away they
   stay there and training goes on; once it answers they are sent in order, the metrics with
   MLflow's ``log_batch``, each with the timestamp it was first given;
-- what follows training (test metrics, figures, the model) waits for the server;
+- what follows training (test metrics, figures, the model) waits for the server; the model is
+  logged and registered once however often that is retried (``tracking.log_model``);
 - past the bound, :class:`tracking.ServerGone`: the local folder is kept and
   ``zoo train --resume RUN_ID`` reads its checkpoint and sends its metrics.
 

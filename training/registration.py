@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from zoo.normalization import Normalization
@@ -34,11 +35,14 @@ def register(model_uri: str, name: str, alias: str | None = None) -> int:
     """Register ``model_uri`` as a new version of ``name``, described and tagged; point ``alias`` at it.
 
     Returns the version. The descriptions and tags come from the logged model's metadata, so
-    every caller (train, study, renorm) gets the same ones.
+    every caller (train, study, renorm) gets the same ones. Safe to call again (a retry after the
+    tracking server dropped the connection): the version already created for ``model_uri`` is
+    reused, and every later step only sets a value again.
     """
     info = mlflow.models.get_model_info(model_uri)
     metadata = info.metadata or {}
-    version = mlflow.register_model(model_uri, name, tags=version_tags(metadata, info.run_id))
+    version = (existing_version(name, model_uri, info.run_id)
+               or mlflow.register_model(model_uri, name, tags=version_tags(metadata, info.run_id)))
     client = MlflowClient()
     client.update_model_version(name, version.version, description=version_description(metadata, info.run_id))
     client.update_registered_model(name, description=registered_model_description(metadata, name, version.version, alias))
@@ -47,6 +51,17 @@ def register(model_uri: str, name: str, alias: str | None = None) -> int:
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def existing_version(name: str, model_uri: str, run_id: str | None) -> ModelVersion | None:
+    """The version of registered model ``name`` made from ``model_uri`` (``models:/m-...``), or None."""
+    if run_id is None:
+        return None
+    escaped = name.replace("'", "\\'")
+    model_id = model_uri.rstrip("/").rpartition("/")[2]
+    versions = MlflowClient().search_model_versions(f"name = '{escaped}' and run_id = '{run_id}'")
+    return next((v for v in versions if model_id in (v.model_id, v.source.rpartition("/")[2])
+                 and v.status == "READY"), None)
 
 
 def _accuracy(metadata: dict[str, Any]) -> tuple[str, float] | None:

@@ -18,6 +18,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
 from training.engine import evaluate, make_optimizer, train_one_epoch
+from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.normalization import Normalization, parse_spec
 from zoo.models.registry import create_model
@@ -124,7 +125,7 @@ def main(out_dir, train_images, test_images, epochs, patience, val_images, size,
         resize=size, crop=size, workers=0, register=register, register_norm="0:1" if register else None, device=device,
     )
     result = renorm(config, run_name="renorm resnet18 fashion-mnist demo")
-    click.echo(f"parent run {result.parent_run_id} in {tracking.tracking_uri()}")
+    click.echo(f"parent run {result.parent_run_id} in {masked_url(tracking.tracking_uri())}")
     click.echo("| normalization | none | bn-recalibrate | fold | fold agreement | fold max logit diff |")
     click.echo("|---|---|---|---|---|---|")
     for label in config.norms:

@@ -1,7 +1,8 @@
-"""The one module that writes runs to MLflow: runs, params, metrics, checkpoints, dataset inputs, models.
+"""Writing runs to MLflow: runs, params, metrics, tags, checkpoints, dataset inputs, and where jobs log models.
 
-What a logged model is (its program, graph, signature) is model_format's; registering it is
-training/registration.py's.
+What a logged model is (its program, graph, signature) is model_format's, and model_format.mlflow_model
+writes it into the run (so that the format's writer and reader stay in one package); registering it
+is training/registration.py's.
 
 Everything here acts on MLflow's *active run*, which is thread-local: a study running
 trials in threads starts each child run in its own thread with an explicit
@@ -601,8 +602,25 @@ def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
 def log_model(network: torch.nn.Module, *, registered_name: str | None = None, alias: str | None = None,
               **model: Any) -> str:
     """Log ``network`` in the active run as a zoo model (model_format.mlflow_model.log_model, which
-    takes ``model``'s keywords), and register it as ``registered_name`` (``@alias``); its URI."""
-    uri = mlflow_model.log_model(network, registered_name=registered_name, **model)
+    takes ``model``'s keywords), and register it as ``registered_name`` (``@alias``); its URI.
+
+    A run holds one zoo model, so calling this again in the same run (a retry once a tracking server
+    that dropped the connection is back, training.outage) reuses the model the run already logged
+    instead of logging a second one, and registration.register reuses the version it created."""
+    run = mlflow.active_run()
+    uri = logged_model(run.info.run_id, run.info.experiment_id) or mlflow_model.log_model(
+        network, registered_name=registered_name, **model)
     if registered_name:
         registration.register(uri, registered_name, alias)
     return uri
+
+
+def logged_model(run_id: str, experiment_id: str) -> str | None:
+    """``models:/m-...`` of the model run ``run_id`` has logged completely (READY), or None. One whose
+    upload was cut off stays PENDING and is not reused."""
+    from mlflow.entities import LoggedModelStatus
+
+    models = mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None

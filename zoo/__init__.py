@@ -6,7 +6,8 @@ and ``splits`` (image folders and uint8 splits), ``imaging`` (the one image deco
 ``progress`` and ``startup`` serve the command line without torch.
 
 Nothing in this package imports MLflow or another package of the project: it is usable on its
-own, and the tracking layer (``training.tracking``) is the only place that writes runs.
+own; runs are written by ``training`` (``training.tracking``, with ``training.registration`` for the
+registry) and logged models by ``model_format.mlflow_model`` (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -6,25 +6,42 @@ Imports neither MLflow nor PyTorch: `zoo classify` and the CLI's error handler u
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import unquote_plus, urlsplit
 
 TRACKING_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the [mlflow] section of "
                         "~/.mlflow/credentials)")
+# Query parameters that carry a credential: libpq and MySQL take ``?password=``, HTTP services a token or
+# an API key. A name that only holds one of these words (``sslkey``, a key file's path) is masked too:
+# a path shown as *** costs less than a secret shown in clear.
+SECRET_PARAMETER = re.compile(r"password|secret|token|key", re.IGNORECASE)
 
 
 def masked_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (``postgresql://zoo:***@db/optuna``): for every
-    message, param, tag and log line that names a server."""
+    """``url`` with any password replaced by ``***``: in the user info (``postgresql://zoo:***@db/optuna``)
+    and in the query string, every parameter whose name holds password, secret, token or key
+    (``?password=***``, ``?api_key=***``): for every message, param, tag and log line that names a server."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:  # not a URL (a bad port, ...): show none of it past the scheme
         return url.split("://", 1)[0] + "://***" if "://" in url else url
-    if not password:
-        return url
-    user_info, _, host = parts.netloc.rpartition("@")
-    user = user_info.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # The rest of the URL is kept as written (urlunsplit would turn sqlite:///x into sqlite:/x).
+    if password:
+        user_info, _, host = parts.netloc.rpartition("@")
+        user = user_info.split(":", 1)[0]
+        url = url.replace(parts.netloc, f"{user}:***@{host}", 1)
+    if parts.query:
+        url = url.replace(f"?{parts.query}", f"?{_masked_query(parts.query)}", 1)
+    return url
+
+
+def _masked_query(query: str) -> str:
+    fields = []
+    for field in query.split("&"):
+        name, equals, value = field.partition("=")
+        fields.append(f"{name}=***" if equals and value and SECRET_PARAMETER.search(unquote_plus(name)) else field)
+    return "&".join(fields)
 
 
 def tracking_refused(server: str, status: int, username: str | None) -> str:

@@ -7,12 +7,15 @@ project's own checkpoints do (``{"model": state_dict, "normalization": ..., "cla
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from zoo.errors import UsageError
 from zoo.normalization import Normalization
 from zoo.models.registry import create_model, get_model_spec
 
@@ -89,10 +92,31 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
     return int(matrices[-1].shape[0])
 
 
+def load_weights_file(path: str | Path) -> Any:
+    """What the weights file ``path`` holds, read with ``torch.load(weights_only=True)``: tensors, state
+    dicts and plain containers. A file that needs more (any other object) is refused: unpickling it
+    could run code, and a weights file may come from anyone."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        holds = f" (it holds {', '.join(unsafe)})" if (unsafe := _unsafe_globals(path)) else ""
+        raise UsageError(f"the weights file {path} holds more than tensors{holds}: only tensors and state dicts are "
+                         "loaded (torch.load weights_only=True); save the network's state_dict() with torch.save") from None
+
+
+def _unsafe_globals(path: str | Path) -> list[str]:
+    """The objects other than tensors a checkpoint holds (torch >= 2.5 names them; none before)."""
+    names = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        return list(names(str(path))) if names else []
+    except Exception:  # naming them is a courtesy: the file is refused either way
+        return []
+
+
 def _from_state_dict_file(model: str, path: str) -> Pretrained:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_weights_file(path)
     # A project checkpoint wraps the state dict with its normalization and class names.
     checkpoint = saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else {"model": saved}
     state_dict = checkpoint["model"]

@@ -7,7 +7,8 @@ and the ImageNet mean/std); the data decides the real input shape and number of 
 
 Pretrained weights: ``zoo train --weights pretrained`` (the builder option ``pretrained=true``)
 downloads them through timm (online), and ``--weights FILE`` (``weights=FILE``) reads a local
-checkpoint (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+checkpoint, tensors and state dicts only (``torch.load(weights_only=True)``), handed to timm as
+``pretrained_cfg_overlay=dict(state_dict=...)``.
 Either way timm adapts them as it does for its own fine-tuning: the stem is summed or repeated
 for another number of channels, and a classifier of another size starts fresh.
 """
@@ -71,8 +72,22 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
         if not Path(weights).is_file():
             raise FileNotFoundError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights).resolve())}
+        # Read here rather than by timm (its `file` overlay), so that the file is loaded with weights_only
+        # whatever timm's and torch's defaults, and refused in one line naming it.
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": _state_dict(weights)}
     return timm.create_model(architecture, pretrained=pretrained, **kwargs)
+
+
+def _state_dict(path: str) -> dict:
+    """The state dict of a local checkpoint: a bare state dict, or one under ``state_dict`` or ``model``
+    (timm's train.py and the zoo's own checkpoints), as timm's ``load_state_dict`` finds it."""
+    from zoo.pretrained import load_weights_file
+
+    saved = load_weights_file(path)
+    for key in ("state_dict", "model"):
+        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+            return saved[key]
+    return saved
 
 
 register_prefix(TIMM_PREFIX, timm_spec)
