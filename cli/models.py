@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import click
 
 from cli.options import FORMAT, echo_json
@@ -13,18 +15,7 @@ from cli.options import FORMAT, echo_json
 @FORMAT
 def models(registered, pattern, fmt) -> None:
     """List the architectures the zoo can train, or the registered models it can serve."""
-    if registered:
-        rows = _registered_models()
-    else:
-        from zoo.models.registry import get_model_spec, list_models
-
-        rows = []
-        for name in list_models(pattern):
-            spec = get_model_spec(name)
-            rows.append({
-                "name": name, "input_shape": list(spec.input_shape), "classes": spec.num_classes,
-                "normalization": spec.normalization.to_dict(), "description": spec.description,
-            })
+    rows = _registered_models() if registered else _architectures(pattern)
     if fmt == "json":
         echo_json(rows)
         return
@@ -33,12 +24,32 @@ def models(registered, pattern, fmt) -> None:
             aliases = ", ".join(f"@{a}->v{v}" for a, v in row["aliases"].items()) or "no alias"
             click.echo(f"{row['name']}\tlatest v{row['latest_version']}\t{aliases}")
         else:
-            shape = "x".join(map(str, row["input_shape"]))
-            click.echo(f"{row['name']:<14}{shape:<10}{row['classes']:>3} classes  {row['description']}")
+            shape = "x".join(map(str, row["input_shape"])) if row["input_shape"] else "its own"
+            click.echo(f"{row['name']:<14}{shape:<10}{row['classes'] or 'any':>3} classes  {row['description']}")
     if not registered:
-        click.echo("Each builds for the data's channels, size and classes. timm:NAME builds any timm architecture "
-                   "(pip install 'mlflow-zoo[timm]'); list them with: "
+        click.echo("Each builds for the data's channels, size and classes. List timm's architectures with: "
                    "python -c \"import timm; print(timm.list_models('*resnet*'))\"", err=True)
+
+
+def _architectures(pattern: str | None) -> list[dict]:
+    """The registered architectures, then timm:NAME (timm's are too many to list, and need the extra)."""
+    from zoo.models.registry import TIMM_PREFIX, get_model_spec, list_models
+
+    rows = []
+    for name in list_models(pattern):
+        spec = get_model_spec(name)
+        rows.append({
+            "name": name, "input_shape": list(spec.input_shape), "classes": spec.num_classes,
+            "normalization": spec.normalization.to_dict(), "description": spec.description,
+        })
+    timm = f"{TIMM_PREFIX}NAME"
+    if pattern is None or fnmatch.fnmatch(timm, pattern):
+        rows.append({
+            "name": timm, "input_shape": None, "classes": None, "normalization": None,
+            "description": "Builds any timm architecture, timm.create_model(NAME, in_chans=C, num_classes=K): input shape and "
+                           "normalization from its pretrained config; needs the timm extra: pip install 'mlflow-zoo[timm]'.",
+        })
+    return rows
 
 
 def _registered_models() -> list[dict]:

@@ -43,7 +43,8 @@ from cli.options import (
 @DATA_DIR
 @EXPERIMENT
 @click.option("--run-name", default=None,
-              help="The MLflow run's name. Default: the normalization, epochs and seed, then the model and dataset.")
+              help="The MLflow run's name. Default: the model and normalization (default, auto, none or the values), "
+                   "then the dataset, epochs and seed.")
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
 @ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")

@@ -311,7 +311,10 @@ def test_rgb_folder_trains_lenet5_with_auto_normalization_and_exports(rgb_folder
     run = MlflowClient().get_run(summary["run_id"])
     assert run.data.params["normalization_from"] == "data"
     assert run.data.params["mean"] == ",".join(f"{v:g}" for v in summary["normalization"]["mean"])
-    assert mlflow.models.get_model_info("models:/rgb@a").metadata["input_shape"] == [3, 32, 32]
+    metadata = mlflow.models.get_model_info("models:/rgb@a").metadata
+    assert metadata["input_shape"] == [3, 32, 32]
+    # As docs/datasets.md says: the class names travel with the model, the run's `classes` param counts them.
+    assert metadata["class_names"] == data.classes and run.data.params["classes"] == str(len(data.classes))
     # The confusion matrix's title (model, folder, per-channel normalization) stays inside the picture:
     # the title's rows have white margins left and right.
     png = Image.open(mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path="confusion_matrix.png",

@@ -258,3 +258,20 @@ def test_zoo_train_options_reach_the_network_the_optimizer_and_the_run() -> None
 
     bad = CliRunner().invoke(cli, ["train", "--model", "mlp", "--model-opt", "dropout"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def test_zoo_models_lists_timm_beside_the_registered_architectures() -> None:
+    """timm:NAME trains like the others: `zoo models` says so in its table and its JSON, and a filter that
+    names other models leaves it out."""
+    table = CliRunner().invoke(cli, ["models"])
+    assert table.exit_code == 0
+    row = next(line for line in table.stdout.splitlines() if line.startswith("timm:NAME"))
+    assert "builds any timm architecture" in row.lower() and "pip install 'mlflow-zoo[timm]'" in row
+    listed = json.loads(CliRunner().invoke(cli, ["models", "--format", "json"]).stdout)
+    timm = next(m for m in listed if m["name"] == "timm:NAME")
+    assert "builds any timm architecture" in timm["description"].lower() and [m["name"] for m in listed][-1] == "timm:NAME"
+    assert {m["name"] for m in listed} - {"timm:NAME"} == set(list_models())
+    filtered = json.loads(CliRunner().invoke(cli, ["models", "--filter", "mnist*", "--format", "json"]).stdout)
+    assert [m["name"] for m in filtered] == ["mnist_cnn"]
+    timm_only = json.loads(CliRunner().invoke(cli, ["models", "--filter", "timm*", "--format", "json"]).stdout)
+    assert [m["name"] for m in timm_only] == ["timm:NAME"]

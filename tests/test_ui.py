@@ -10,10 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -45,7 +48,7 @@ def test_a_trained_run_has_a_readable_name_tags_description_datasets_and_figures
     run = client.get_run(registered_model["result"].run_id)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "zoo" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert run.info.run_name == "0.1307/0.3081 2ep s1 · mnist_cnn mnist-5k"
+    assert run.info.run_name == "mnist_cnn default · mnist-5k 2ep s1"
     tags = run.data.tags
     assert (tags["zoo.kind"], tags["zoo.model"], tags["zoo.dataset"]) == ("train", "mnist_cnn", "mnist-5k")
     assert (tags["zoo.normalization"], tags["zoo.normalization_is_default"]) == ("0.1307/0.3081", "true")
@@ -93,28 +96,38 @@ def test_two_runs_on_the_same_data_share_its_digest_and_get_told_apart_by_name(m
 
     config = TrainConfig(epochs=1, max_batches=2, checkpoints=False, progress=False)
     runs = [MlflowClient().get_run(train(config, dataset=mnist_5k, log_model=False).run_id) for _ in range(2)]
-    # What differs (normalization, epochs, seed, the number) first: the UI's runs table cuts names at ~24 characters.
-    assert [r.info.run_name for r in runs] == ["0.1307/0.3081 1ep s1 · mnist_cnn mnist-5k dry-run",
-                                               "0.1307/0.3081 1ep s1 #2 · mnist_cnn mnist-5k dry-run"]
-    assert runs[0].data.tags["zoo.dry_run"] == "true"
+    # The model, normalization and the number first: the UI's runs table cuts names at about 22 characters.
+    # A run cut to --max-batches says so by what it is (--dry-run is --max-batches 2).
+    assert [r.info.run_name for r in runs] == ["mnist_cnn default · mnist-5k 1ep s1 2 batches/epoch",
+                                               "mnist_cnn default #2 · mnist-5k 1ep s1 2 batches/epoch"]
+    assert runs[0].data.tags["zoo.max_batches"] == "2" and "zoo.dry_run" not in runs[0].data.tags
     digests = [{i.dataset.name: i.dataset.digest for i in r.inputs.dataset_inputs} for r in runs]
     assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # one digest per split
 
 
-def test_rgb_run_and_trial_names_keep_what_differs_within_the_tables_24_characters():
-    """Three equal channels read as the one value given (names and the tag); per-channel values are shortened in
-    the name only (2 significant digits), so the std still shows in the runs table's default width."""
+def test_a_training_run_is_named_by_its_model_and_a_normalization_word_and_tagged_with_every_digit():
+    """The model and a word for the normalization lead the name (the dataset has its own column in the runs table);
+    given values show as given, per-channel ones at 2 significant digits; the tag keeps every digit."""
     from training.train_config import TrainConfig, readable_run_name, training_tags
     from zoo.normalization import Normalization
 
     config = TrainConfig(model="resnet18", dataset="photos", epochs=14)
-    shared = Normalization((0.5,) * 3, (0.25,) * 3)
     imagenet = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert readable_run_name(config, shared) == "0.5/0.25 14ep s1 · resnet18 photos"
-    assert training_tags(config, shared, "train")["zoo.normalization"] == "0.5/0.25"
-    name = readable_run_name(config, imagenet)
-    assert name[:24] == ".48,.46,.41/.23,.22,.23 " and name.endswith(" 14ep s1 · resnet18 photos")
+    assert readable_run_name(config, imagenet) == "resnet18 default · photos 14ep s1"
+    assert readable_run_name(config, Normalization.identity(3)) == "resnet18 none · photos 14ep s1"
+    assert readable_run_name(config, Normalization((0.5,) * 3, (0.25,) * 3)) == "resnet18 0.5/0.25 · photos 14ep s1"
+    assert readable_run_name(config, Normalization((0.52, 0.5, 0.48), (0.25,) * 3)).startswith("resnet18 .52,.5,.48/0.25 ·")
     assert training_tags(config, imagenet, "train")["zoo.normalization"] == "0.485,0.456,0.406/0.229,0.224,0.225"
+
+    measured = Normalization((0.13942411541938782,), (0.3122393488883972,))  # as --mean auto --std auto gives
+    auto = replace(config, model="mnist_cnn", dataset="/data/digits", mean="auto", std="auto", max_batches=5)
+    assert readable_run_name(auto, measured) == "mnist_cnn auto · digits 14ep s1 5 batches/epoch"
+    tags = training_tags(auto, measured, "train")
+    assert tags["zoo.normalization"] == "0.13942411541938782/0.3122393488883972"  # float() of it gives the value used
+    assert (tags["zoo.normalization_is_default"], tags["zoo.max_batches"]) == ("false", "5")
+    given = replace(auto, mean="0.1394", std="0.3122")
+    assert readable_run_name(given, Normalization((0.1394,), (0.3122,))) == (
+        "mnist_cnn 0.1394/0.3122 · digits 14ep s1 5 batches/epoch")  # given values read as given, not as auto
 
 
 def test_a_name_taken_in_the_experiment_gets_a_suffix():
@@ -208,10 +221,14 @@ def test_a_study_parent_shows_its_search_and_its_trials_say_what_they_trained(tm
 
     trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(trials) == 3
+    study = optuna.load_study(study_name="look", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    suggested = {t.number: t.params for t in study.trials}
     for trial in trials:
         tags = trial.data.tags
+        mean, std = (float(value) for value in tags["zoo.normalization"].split("/"))
+        assert {"mean": mean, "std": std} == suggested[int(tags["optuna.trial_number"])]  # every digit Optuna chose
         assert tags["zoo.kind"] == "trial" and trial.info.run_name == (
-            f"trial {int(tags['optuna.trial_number']):03d} {tags['zoo.normalization']}")
+            f"trial {int(tags['optuna.trial_number']):03d} {mean:.4g}/{std:.4g}")
         assert tags["mlflow.note.content"].startswith(f"Trial {tags['optuna.trial_number']} of the Optuna study **look**")
         assert {i.dataset.name for i in trial.inputs.dataset_inputs} == {"mnist-5k-train", "mnist-5k-validation", "mnist-5k-test"}
         png_artifact(trial.info.run_id, "confusion_matrix.png")
@@ -333,7 +350,7 @@ def test_the_mlflow_ui_shows_the_run_its_dataset_description_and_confusion_matri
         page.goto(zoo_ui, wait_until="load")  # the UI polls: never wait for networkidle
         link = page.get_by_role("link", name=run.info.run_name)
         expect(link).to_be_visible()
-        # At the column's default width the part that tells runs apart shows whole ("0.1307/0.3081 2ep s1").
+        # At the column's default width the part that tells runs apart shows whole ("mnist_cnn default").
         distinctive = run.info.run_name.partition(tracking.NAME_DETAIL)[0]
         shown, needed = link.evaluate(
             "(e, n) => { const text = e.querySelector('span').firstChild, r = document.createRange();"
@@ -361,3 +378,64 @@ def test_the_mlflow_ui_shows_the_run_its_dataset_description_and_confusion_matri
         expect(page.locator("img[src*='confusion_matrix.png'], img[alt*='confusion_matrix']").first).to_be_visible()
         page.screenshot(path=shots / "artifacts.png")
         browser.close()
+
+
+# What shows of a name in the runs table: the text up to where it is cut, before the ellipsis the UI draws.
+VISIBLE_NAME = """(link) => {
+    const span = link.querySelector('span'), text = span.firstChild, range = document.createRange();
+    const width = (n) => { range.setStart(text, 0); range.setEnd(text, n); return range.getBoundingClientRect().width; };
+    const shown = span.getBoundingClientRect().width;
+    if (width(text.length) <= shown) return text.textContent;
+    const context = document.createElement('canvas').getContext('2d');
+    context.font = getComputedStyle(span).font;
+    const room = shown - context.measureText('\u2026').width;
+    let n = 0;
+    while (n < text.length && width(n + 1) <= room) n++;
+    return text.textContent.slice(0, n);
+}"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_at_1440_px_the_runs_table_tells_apart_training_runs_that_differ_in_one_thing(tmp_path):
+    """Pairs of `zoo train` runs (named and tagged as training names and tags them) that differ only in model (two
+    ResNets under ImageNet's default), only in dataset, only in normalization, or not at all (the " #2"): in the
+    runs table of a 1440 px wide window, what shows of the two names differs."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from training.train_config import TrainConfig, readable_run_name, training_tags
+    from zoo.normalization import Normalization
+
+    fashion, again = TrainConfig(dataset="fashion-mnist", epochs=5), TrainConfig(epochs=1)
+    measured = Normalization((0.2860,), (0.3530,))  # --mean auto --std auto on Fashion-MNIST
+    pairs = {
+        "model": [(TrainConfig(model=model, dataset="photos"), None) for model in ("resnet18", "resnet50")],
+        "dataset": [(TrainConfig(dataset=dataset), None) for dataset in ("mnist-5k", "fashion-mnist")],
+        "normalization": [(fashion, None), (replace(fashion, mean="auto", std="auto"), measured)],
+        "nothing": [(again, None), (again, None)],
+    }
+    names = {}
+    for differing, runs in pairs.items():
+        names[differing] = []
+        for config, normalization in runs:
+            normalization = normalization or config.normalization()
+            with tracking.start_run(run_name=readable_run_name(config, normalization),
+                                    tags=training_tags(config, normalization, "train")) as run:
+                names[differing].append(run.info.run_name)
+    assert len({name for pair in names.values() for name in pair}) == 8  # names taken get a number
+
+    shots = Path(os.environ.get("ZOO_SCREENSHOTS", tmp_path))
+    with contextmanager(_serve_ui)({**os.environ, "PYTHONPATH": str(REPO)}) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})  # a laptop's screen
+        page.set_default_timeout(60_000)  # a shared 2-core machine
+        page.goto(url, wait_until="load")  # the UI polls: never wait for networkidle
+        visible = {}
+        for name in {name for pair in names.values() for name in pair}:
+            link = page.get_by_role("link", name=name, exact=True)
+            expect(link).to_be_visible()
+            visible[name] = link.evaluate(VISIBLE_NAME)
+        page.screenshot(path=shots / "runs-1440.png")
+        browser.close()
+    for differing, (first, second) in names.items():
+        assert visible[first] != visible[second], f"runs differing in {differing} read alike: {visible[first]!r}"

@@ -306,14 +306,14 @@ def link_project_run(project_run_id: str, run_id: str) -> None:
     )
 
 
-NAME_DETAIL = " · "  # in a run name: what tells runs apart comes before it, the rest (model, data) after
+NAME_DETAIL = " · "  # in a run name: what tells runs apart (model, normalization) before it, the rest after
 
 
 def unique_run_name(experiment_id: str, name: str) -> str:
     """``name``, or the same with ``#2``, ``#3``... when runs of the experiment already have it.
 
     The number goes before the name's NAME_DETAIL part, so that the UI's runs table, which shows
-    about 24 characters of a name, shows it: "0.1307/0.3081 14ep s1 #2 · mnist_cnn mnist-5k".
+    about 22 characters of a name, shows it: "mnist_cnn default #2 · mnist-5k 14ep s1".
     """
     head, sep, detail = name.partition(NAME_DETAIL)
     escaped = head.replace("'", "\\'")

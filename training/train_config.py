@@ -151,29 +151,47 @@ FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained mo
 
 def short_normalization(normalization: Normalization, compact: bool = False) -> str:
     """Mean/std as in "0.1307/0.3081": one value when every channel has it (as --mean/--std take it), else
-    comma-separated per channel; for tags and run names.
+    comma-separated per channel.
 
-    ``compact`` (run names: the UI's runs table shows about 24 characters of one): per-channel values at
-    2 significant digits without their leading zero, ".48,.46,.41/.23,.22,.23" for ImageNet's (23 characters,
-    where the full values take 41); the params, the tag and the description keep every digit."""
+    By default every digit (the tag ``zoo.normalization``): each value as Python writes it back, so that
+    ``float()`` of it is the value used, e.g. a mean measured by ``auto``. ``compact`` (names and titles,
+    which have little room): 4 significant digits, and per-channel values at 2 without their leading zero,
+    ".48,.46,.41/.23,.22,.23" for ImageNet's, where the full values take 41 characters."""
+
+    def exact(value: float) -> str:
+        return repr(value).removesuffix(".0")  # 0.5 and 1, as typed, not 1.0
 
     def values(numbers: tuple[float, ...]) -> str:
         if len(set(numbers)) == 1:
-            return f"{numbers[0]:.4g}"
+            return f"{numbers[0]:.4g}" if compact else exact(numbers[0])
         if not compact:
-            return ",".join(f"{v:.4g}" for v in numbers)
+            return ",".join(map(exact, numbers))
         return ",".join(f"{v:.2g}".replace("0.", ".", 1) if abs(v) < 1 else f"{v:.2g}" for v in numbers)
 
     return f"{values(normalization.mean)}/{values(normalization.std)}"
 
 
+def normalization_word(config: TrainConfig, normalization: Normalization) -> str:
+    """The normalization as a run's name says it: ``auto`` (the training split's statistics), ``none``
+    (mean 0, std 1), ``default`` (the model's own), else the values given (compact)."""
+    if AUTO in (config.mean, config.std):
+        return AUTO
+    if normalization == Normalization.identity(normalization.channels):
+        return "none"
+    if normalization == config.spec().normalization.for_data(normalization.channels):
+        return "default"
+    return short_normalization(normalization, compact=True)
+
+
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
-    """What tells training runs apart first, e.g. "0.1307/0.3081 14ep s1 · mnist_cnn mnist-5k": the MLflow
-    UI's runs table shows about 24 characters of a name (146 px), and the model and data have their
-    own columns (tags zoo.model, Dataset). An image folder shows as its own name."""
-    name = (f"{short_normalization(normalization, compact=True)} {config.epochs}ep s{config.seed}{tracking.NAME_DETAIL}{config.model} "
-            f"{dataset_label(config.dataset)}")
-    return name + (" dry-run" if config.max_batches else "")
+    """What tells training runs apart, in the about 22 characters the MLflow UI's runs table shows of a name:
+    the model and the normalization ("mnist_cnn default", "timm:resnet18 auto", "mlp 0.5/0.25"), then, after
+    tracking.NAME_DETAIL, the dataset (which has its own column in the table, Dataset), the epochs and seed:
+    "mnist_cnn default · mnist-5k 14ep s1". An image folder shows as its own name. A run cut short by
+    --max-batches (--dry-run: 2) says so: "... 2 batches/epoch"."""
+    batches = f" {config.max_batches} batches/epoch" if config.max_batches else ""
+    return (f"{config.model} {normalization_word(config, normalization)}{tracking.NAME_DETAIL}"
+            f"{dataset_label(config.dataset)} {config.epochs}ep s{config.seed}{batches}")
 
 
 def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
@@ -182,7 +200,7 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
         tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
         "zoo.normalization": short_normalization(normalization),
         "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
-        **({"zoo.dry_run": "true"} if config.max_batches else {}),
+        **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}),
         **tracking.worker_tags(),
     }
 
