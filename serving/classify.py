@@ -207,7 +207,8 @@ def cached_export(uri: str) -> Path:
     """The ONNX file for ``uri``: one registry lookup when it is cached, else loaded and exported once."""
     import mlflow
 
-    # Model ids are unique; the tracking URI guards the runs:/ and local-folder forms.
+    # Keyed on what the model is (serving.loading.resolve_model_id), never on the URI typed alone; the
+    # tracking URI keeps two stores' models apart.
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
     cached = onnx_cache_dir() / f"{key}.onnx"
     if not cached.is_file():
