@@ -69,7 +69,7 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         verbose=False,
     )
-    proto = program.model_proto
+    proto = without_hard_sigmoid(program.model_proto)
     for key, value in onnx_metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -82,6 +82,36 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(f"ONNX export of {model.uri} differs from PyTorch by {diff:.3g} (tolerance {tolerance:g}); {path} kept for inspection")
     return report
+
+
+def without_hard_sigmoid(proto):
+    """``proto`` with each ``HardSigmoid(x; alpha, beta)`` written as ``Clip(Add(Mul(x, alpha), beta), 0, 1)``.
+
+    The same function, in operators every ONNX reader implements alike: OpenCV's DNN module (5.1)
+    computes ``Mul(x, HardSigmoid(s))`` wrongly when the Mul broadcasts, which is how timm's
+    MobileNetV3 family gates its squeeze-excite blocks, and onnxruntime, the parity check, does not.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        name = node.name or node.output[0]
+        constants = {"alpha": attrs.get("alpha", 0.2), "beta": attrs.get("beta", 0.5), "zero": 0.0, "one": 1.0}
+        for key, value in constants.items():  # initializers: the readers fold them like the attributes they replace
+            proto.graph.initializer.append(helper.make_tensor(f"{name}_{key}", TensorProto.FLOAT, [], [value]))
+        nodes += [
+            helper.make_node("Mul", [node.input[0], f"{name}_alpha"], [f"{name}_scaled"], name=f"{name}_mul"),
+            helper.make_node("Add", [f"{name}_scaled", f"{name}_beta"], [f"{name}_shifted"], name=f"{name}_add"),
+            helper.make_node("Clip", [f"{name}_shifted", f"{name}_zero", f"{name}_one"], list(node.output),
+                             name=f"{name}_clip"),
+        ]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
 
 
 def parity(wrapped: torch.nn.Module, path: Path, batch: int) -> float:
