@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_format.model import LoadedModel
+from model_format.model import RESIZE_METADATA, LoadedModel
 from zoo.normalization import Normalization, NormalizedModel
 
 DEFAULT_TOLERANCE = 1e-4
@@ -49,6 +49,7 @@ def onnx_metadata(model: LoadedModel) -> dict[str, str]:
         "normalization": json.dumps(model.normalization.to_dict()),
         "input_shape": json.dumps(list(model.input_shape)),
         "input_range": "pixels in [0, 1]; the normalization is inside the graph",
+        **({RESIZE_METADATA: json.dumps(model.resize)} if model.resize is not None else {}),
     }
 
 
@@ -133,10 +134,10 @@ def _input_shape(path: Path) -> tuple[int, ...]:
 
 
 def export_onnx_file(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, path: Path, source: str) -> Path:
+                     class_names: list[str], model_name: str, path: Path, source: str, resize: int | None = None) -> Path:
     """``path``: ``network`` (taking normalized input) with its normalization as ONNX, exactly what
     `zoo export` writes for the logged model; ``source`` names it in the graph's metadata."""
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
-    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name),
-                path)
+    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name,
+                            resize), path)
     return path

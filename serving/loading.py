@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_format.model import REQUIRED_METADATA, LoadedModel
+from model_format.model import REQUIRED_METADATA, RESIZE_METADATA, LoadedModel
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
     from torch import nn
@@ -106,6 +106,7 @@ def load_model(uri: str) -> LoadedModel:
         class_names=list(metadata["class_names"]),
         input_shape=tuple(metadata["input_shape"]),
         model_name=str(metadata.get("zoo_model", "unknown")),
+        resize=metadata.get(RESIZE_METADATA),
     )
 
 

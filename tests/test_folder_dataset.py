@@ -401,10 +401,10 @@ def test_a_class_whose_every_file_is_unreadable_is_refused_by_name(tmp_path, mni
 def test_decoding_workers_started_after_torch_loaded_are_spawned_not_forked(rgb_folder, tmp_path):
     """torch is loaded in this process (zoo.folder_dataset imports it): a worker forked now would inherit
     half of its thread pools (serving/workers.py's rule), so the folder's decoding workers start fresh."""
-    from zoo.folder_dataset import PARALLEL_FROM, _pool
+    from zoo.folder_dataset import PARALLEL_FROM, decode_pool
 
     assert "torch" in __import__("sys").modules
-    with _pool(PARALLEL_FROM, 2) as pool:
+    with decode_pool(PARALLEL_FROM, 2) as pool:
         # eval is a builtin, so it pickles by name: it reports the worker's own modules.
         assert pool.submit(eval, "'torch' in __import__('sys').modules").result() is False
     # The spawned workers decode the folder exactly as this process does.

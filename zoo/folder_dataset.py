@@ -271,7 +271,7 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     try:
-        with _pool(len(listing.files), workers) as pool:
+        with decode_pool(len(listing.files), workers) as pool:
             # One pass over the files in the usual case: decode at the shape the first files have, read
             # every file's own size and mode as it is decoded, and decode again only if they disagree.
             guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
@@ -328,7 +328,9 @@ class _InProcess:
         return map(fn, *iterables)
 
 
-def _pool(files: int, workers: int | None):
+def decode_pool(files: int, workers: int | None):
+    """Where ``files`` images are decoded: ``workers`` processes (default: one per core, at most 8, from
+    PARALLEL_FROM files on), or this process for ``workers`` 0 or 1; a context manager with ``map``."""
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if files >= PARALLEL_FROM else 0
     if workers <= 1:
