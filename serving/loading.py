@@ -162,7 +162,7 @@ def resolve_model_id(uri: str) -> str:
     version = registry_version(uri)
     if version is not None and version.model_id:
         return version.model_id
-    if _LOGGED_MODEL_ID.match(uri.removeprefix("models:/")):
+    if uri.startswith("models:/") and _LOGGED_MODEL_ID.match(uri.removeprefix("models:/")):
         return uri
     import mlflow
 
