@@ -448,3 +448,18 @@ def test_a_class_whose_every_file_is_unreadable_is_refused_by_name(tmp_path, mni
     result = zoo("train", "--dataset", str(root), "--epochs", "1", "--dry-run")
     assert result.exit_code == 2, result.output
     assert "class 7 of" in result.output and "no readable training image" in result.output
+
+
+def test_decoding_workers_started_after_torch_loaded_are_spawned_not_forked(rgb_folder, tmp_path):
+    """torch is loaded in this process (zoo.folder_dataset imports it): a worker forked now would inherit
+    half of its thread pools (serving/workers.py's rule), so the folder's decoding workers start fresh."""
+    from zoo.folder_dataset import PARALLEL_FROM, decode_pool
+
+    assert "torch" in __import__("sys").modules
+    with decode_pool(PARALLEL_FROM, 2) as pool:
+        # eval is a builtin, so it pickles by name: it reports the worker's own modules.
+        assert pool.submit(eval, "'torch' in __import__('sys').modules").result() is False
+    # The spawned workers decode the folder exactly as this process does.
+    here = load_image_folder(rgb_folder, workers=0, cache_dir=tmp_path / "here")
+    spawned = load_image_folder(rgb_folder, workers=2, cache_dir=tmp_path / "spawned")
+    assert torch.equal(here.train.images, spawned.train.images) and torch.equal(here.test.labels, spawned.test.labels)

@@ -315,7 +315,8 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
         if register:
             model_uri = tracking.log_model(
                 copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
-                input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
+                input_shape=(3, job.crop, job.crop), resize=job.resize, class_names=job.class_names,
+                registered_name=config.register,
                 sample_images=job.evaluation.images[:2],
                 alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
                 eval_data=Path(job.data_root).name,  # the registry's `dataset` tag; the weights get their own

@@ -43,6 +43,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
+from zoo.machine import worker_start_method
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -270,7 +271,7 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     try:
-        with _pool(len(listing.files), workers) as pool:
+        with decode_pool(len(listing.files), workers) as pool:
             # One pass over the files in the usual case: decode at the shape the first files have, read
             # every file's own size and mode as it is decoded, and decode again only if they disagree.
             guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
@@ -327,15 +328,17 @@ class _InProcess:
         return map(fn, *iterables)
 
 
-def _pool(files: int, workers: int | None):
+def decode_pool(files: int, workers: int | None):
+    """Where ``files`` images are decoded: ``workers`` processes (default: one per core, at most 8, from
+    PARALLEL_FROM files on), or this process for ``workers`` 0 or 1; a context manager with ``map``."""
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if files >= PARALLEL_FROM else 0
     if workers <= 1:
         return _InProcess()
-    # fork where there is one, as torch's DataLoader does on Linux: no import in the workers, and no
-    # `if __name__ == "__main__"` needed in a user's script. The workers run Pillow and numpy only.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    # The workers run Pillow and numpy only, but this process has loaded torch (imported above), whose
+    # thread pools a forked child would inherit half of: the rule of serving/workers.py, in one place.
+    # Spawned workers import the caller's main module, so a script needs `if __name__ == "__main__":`.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()))
 
 
 def _chunks(files: list[ListedFile]) -> list[list[str]]:
