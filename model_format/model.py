@@ -32,10 +32,6 @@ class LoadedModel:
     model_name: str
     resize: int | None = None  # shorter side before the center crop; None: stretched (see RESIZE_METADATA)
 
-    def with_normalization(self) -> nn.Module:
-        """The network preceded by its normalization: takes pixels in [0, 1], returns scores."""
-        return self.module
-
 
 def model_metadata(
     *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str],

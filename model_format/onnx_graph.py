@@ -59,7 +59,7 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = model.with_normalization()
+    wrapped = model.module
     example = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
     program = torch.onnx.export(
         wrapped,

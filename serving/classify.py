@@ -172,7 +172,7 @@ class OnnxClassifier:
 
 class TorchClassifier:
     def __init__(self, loaded):
-        self.model = loaded.with_normalization()
+        self.model = loaded.module
         self.class_names = loaded.class_names
         self.input_shape = loaded.input_shape
         self.resize = loaded.resize

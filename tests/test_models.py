@@ -173,7 +173,7 @@ def test_classify_real_digits_through_the_cli(name: str, mnist_5k, tmp_path: Pat
     assert [Path(p["path"]).name for p in predictions] == ["digit_00.png", "digit_01.png", "digit_02.png"]
     with torch.inference_mode():
         pixels = torch.from_numpy(load_pixels(files, spec.input_shape))
-        expected = torch.softmax(model.with_normalization()(pixels), dim=1)
+        expected = torch.softmax(model.module(pixels), dim=1)
     for p, probs in zip(predictions, expected):
         top = [t["probability"] for t in p["top"]]
         assert top == sorted(top, reverse=True) and all(0 <= q <= 1 for q in top)
