@@ -416,6 +416,26 @@ def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres):
     assert sum(t.state == TrialState.COMPLETE for t in stored.get_trials()) == 2
 
 
+@pytest.mark.parametrize("unreachable", ["tracking server", "storage"])
+def test_an_unreachable_tracking_server_or_storage_fails_before_the_data_are_decoded(unreachable, tmp_path, monkeypatch,
+                                                                                     mnist_5k):
+    from servers import free_port
+    from test_folder_dataset import write_folder
+
+    folder = tmp_path / "digits"
+    write_folder(mnist_5k.train.images[:100], mnist_5k.train.labels[:100], mnist_5k.classes, folder)
+    closed = f"127.0.0.1:{free_port()}"
+    if unreachable == "tracking server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{closed}")
+        mlflow.set_tracking_uri(f"http://{closed}")  # the next test's autouse fixture sets its own
+        config = small_config(tmp_path, dataset=str(folder))
+    else:
+        config = small_config(tmp_path, dataset=str(folder), storage=f"postgresql://zoo@{closed}/optuna")
+    with pytest.raises(ConnectionError, match=f"cannot reach the (MLflow|Optuna) {unreachable}"):
+        run_study(config)
+    assert not (tmp_path / "cache").exists(), "the folder was decoded (and cached) before the check"
+
+
 def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5k):
     from training.study.config import one_class_accuracy
 
