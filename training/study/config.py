@@ -44,7 +44,7 @@ class StudyConfig:
     per_channel: bool = False  # one mean/std per channel for RGB models
     sampler: str = "tpe"
     seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
-    jobs: int = 1  # trials in parallel threads of this process
+    jobs: int = 1  # trials at once, one per process: this one and jobs - 1 it starts (workers.py says why not threads)
     batch_trials: int = 1  # trials trained together in one batched computation (training/batched.py)
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # default: MODEL-DATASET-normalization
@@ -113,7 +113,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            # constant_liar: a trial still running (in another thread, process, or the same batch)
+            # constant_liar: a trial still running (in another process, or the same batch)
             # counts as a poor result, so trials sampled while it runs go elsewhere.
             return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         if name == "random":
