@@ -26,6 +26,7 @@ from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_bat
                              pool_for)
 from model_format.model import RESIZE_METADATA
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
+from zoo.errors import UsageError
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -91,7 +92,7 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     files = []
     for path, error in iter_inputs(paths):
         if error:
-            raise ValueError(f"{path}: {error}")
+            raise UsageError(f"{path}: {error}")
         files.append(path)
     return files
 
@@ -127,7 +128,7 @@ def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool 
     pixels, errors = decode_batch([str(f) for f in files], spec)
     for f, error in zip(files, errors):
         if error:
-            raise ValueError(f"cannot read image {f}: {error}")
+            raise UsageError(f"cannot read image {f}: {error}")
     return to_float(pixels)
 
 
@@ -160,7 +161,7 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if "class_names" not in meta or "input_shape" not in meta:
-            raise ValueError(f"{self.path} has no class_names/input_shape metadata; export it with `zoo export`")
+            raise UsageError(f"{self.path} has no class_names/input_shape metadata; export it with `zoo export`")
         self.class_names = json.loads(meta["class_names"])
         self.input_shape = tuple(json.loads(meta["input_shape"]))
         self.resize = json.loads(meta[RESIZE_METADATA]) if RESIZE_METADATA in meta else None  # None: stretched
@@ -191,12 +192,12 @@ def onnx_cache_dir() -> Path:
 def open_classifier(uri: str, runtime: str = "onnx"):
     """A classifier for a local .onnx file or an MLflow model URI (exported once, then cached)."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
+        raise UsageError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
     if uri.endswith(".onnx"):
         if runtime != "onnx":
-            raise ValueError("a .onnx file runs on onnxruntime only; use --runtime onnx or pass an MLflow model URI")
+            raise UsageError("a .onnx file runs on onnxruntime only; use --runtime onnx or pass an MLflow model URI")
         if not Path(uri).is_file():
-            raise FileNotFoundError(f"no such ONNX file: {uri}")
+            raise UsageError(f"no such ONNX file: {uri}")
         return OnnxClassifier(uri)
 
     from serving.loading import check_uri, load_model
@@ -342,9 +343,9 @@ def decode_spec(classifier, invert: bool, max_pixels: int | None) -> DecodeSpec:
 
 def _check(k: int, batch_size: int) -> None:
     if k < 1:
-        raise ValueError(f"top-k must be at least 1, got {k}")
+        raise UsageError(f"top-k must be at least 1, got {k}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
 
 
 def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int, workers: int | None

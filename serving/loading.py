@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model_format.model import REQUIRED_METADATA, RESIZE_METADATA, LoadedModel
+from zoo.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
     from torch import nn
@@ -36,8 +37,8 @@ def check_uri(uri: str) -> None:
     if re.match(r"^(models|runs):/.+", uri) or Path(uri).exists():
         return
     if "://" in uri or uri.startswith(("models:", "runs:")):
-        raise ValueError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
-    raise ValueError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
+        raise UsageError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
+    raise UsageError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
 
 
 def resolve_latest(uri: str) -> tuple[str, str | None]:

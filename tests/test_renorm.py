@@ -19,6 +19,7 @@ from cli.main import cli as zoo_cli
 from cli.renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
 from zoo.data import load_dataset
+from zoo.errors import UsageError
 from zoo.image_folder import decode_crops, list_labelled_files, map_folders
 from zoo.normalization import (
     IMAGENET, BorderPaddedConv2d, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm,
@@ -186,7 +187,7 @@ def test_torchvision_imagenet_root_reads_its_val_folder(tmp_path):
     assert image_folder_root(tmp_path) == tmp_path  # a plain folder is taken as it is
     (tmp_path / "meta.bin").write_bytes(b"")  # torchvision's ImageNet layout: meta.bin beside train/ and val/
     assert image_folder_root(tmp_path) == tmp_path / "val"
-    with pytest.raises(FileNotFoundError, match="no such image folder"):
+    with pytest.raises(UsageError, match="no such image folder"):
         image_folder_root(tmp_path / "missing")
 
 

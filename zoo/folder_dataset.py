@@ -44,6 +44,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
 from zoo.machine import worker_start_method
+from zoo.errors import UsageError
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -77,7 +78,7 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
-        raise ValueError(f"image size {value!r} is not SIDE or HEIGHTxWIDTH in pixels (e.g. 32 or 48x64)")
+        raise UsageError(f"image size {value!r} is not SIDE or HEIGHTxWIDTH in pixels (e.g. 32 or 48x64)")
     return parts[0], parts[1]
 
 
@@ -134,7 +135,7 @@ def load_image_folder(
 def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> _Listing:
     """Class folders and their files, assigned to splits; a ValueError for a folder that is no dataset."""
     if not root.is_dir():
-        raise FileNotFoundError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
+        raise UsageError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
                                 "name: see zoo datasets)")
     root = root.resolve()
     layout = _split_folders(root)
@@ -164,7 +165,7 @@ def _split_folders(root: Path) -> dict[str, Path]:
                 break
     if "train" not in found:
         if found:
-            raise ValueError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
+            raise UsageError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
                              "give train/ (with optional val/ and test/), each holding one folder per class")
         return {"train": root}
     return found
@@ -206,21 +207,21 @@ def _walk(folder: str) -> Iterator[os.DirEntry]:
 def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes: list[str]) -> None:
     train = layout["train"]
     if not classes:
-        raise ValueError(f"{train} holds no class folders: expected {train}/CLASS/IMAGE files, one folder per class "
+        raise UsageError(f"{train} holds no class folders: expected {train}/CLASS/IMAGE files, one folder per class "
                          "(or train/, val/ and test/ folders holding them)")
     if len(classes) < 2:
-        raise ValueError(f"{train} holds one class folder ({classes[0]}); a classifier needs at least two")
+        raise UsageError(f"{train} holds one class folder ({classes[0]}); a classifier needs at least two")
     for split, (names, files, labels, _) in per_split.items():
         if names != classes:
             missing, extra = sorted(set(classes) - set(names)), sorted(set(names) - set(classes))
-            raise ValueError(f"{layout[split]} has other classes than {train}: "
+            raise UsageError(f"{layout[split]} has other classes than {train}: "
                              + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
                                                        extra and f"extra {', '.join(extra[:5])}"]))
                              + ". Every split needs the same class folders")
         counts = np.bincount(labels, minlength=len(names))
         for name, count in zip(names, counts):
             if count == 0:
-                raise ValueError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
+                raise UsageError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
                                  "add images or remove the folder")
 
 
@@ -416,10 +417,10 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
     unreadable = [c for c, n in zip(meta["classes"], np.bincount(splits["train"].labels.numpy(),
                                                                    minlength=len(meta["classes"]))) if n == 0]
     if unreadable:
-        raise ValueError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
+        raise UsageError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
                          "see above); add images or remove the folder")
     for name, split in splits.items():
         if len(split) == 0:
-            raise ValueError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
+            raise UsageError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
     return Dataset(root.name, meta["classes"], splits["train"], splits["val"], splits["test"], str(root),
                    skipped=len(skipped))

@@ -28,6 +28,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from zoo.folder_dataset import CHUNK, SPLIT_FOLDERS, class_files, decode_pool, warn_skipped
 from zoo.imaging import SUPPORTED, DecodeSpec, decode_batch
+from zoo.errors import UsageError
 
 SYNSET = re.compile(r"^n\d{8}$")
 
@@ -52,7 +53,7 @@ def image_folder_root(path: str | Path) -> Path:
     (``train/`` beside ``val/`` or ``test/``: validation first)."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root} (expected one sub-folder of images per class)")
+        raise UsageError(f"no such image folder: {root} (expected one sub-folder of images per class)")
     if (root / "meta.bin").is_file() and (root / "val").is_dir():
         return root / "val"
     if any((root / name).is_dir() for name in SPLIT_FOLDERS["train"]):
@@ -71,7 +72,7 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
     folders = sorted(folders)
     if folders and all(SYNSET.match(f) for f in folders):
         if len(folders) != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"found {len(folders)} ImageNet synset folders but the model has {len(class_names)} classes; synset "
                 "folders map to classes by sorted index, so all of them must be present (use --limit for a subset)"
             )
@@ -82,7 +83,7 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
     if len(folders) == len(class_names):
         return {f: i for i, f in enumerate(folders)}, "sorted-index"
     unknown = [f for f in folders if _key(f) not in by_key]
-    raise ValueError(
+    raise UsageError(
         f"cannot map the {len(folders)} folders of the data to the model's {len(class_names)} classes: folders such as "
         f"{', '.join(unknown[:5])} name no class (classes: {', '.join(class_names[:10])}"
         f"{', ...' if len(class_names) > 10 else ''}); name the folders after the classes, or give one folder per class"
@@ -97,11 +98,11 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
     root = image_folder_root(path)
     folders, files, indices, others = class_files(root)
     if not folders:
-        raise ValueError(f"{root} holds no class folders; expected one sub-folder of images per class")
+        raise UsageError(f"{root} holds no class folders; expected one sub-folder of images per class")
     names = class_names if class_names is not None else folders
     mapping, rule = map_folders(folders, names)
     if not files:
-        raise ValueError(f"no images ({SUPPORTED}) in the class folders of {root}")
+        raise UsageError(f"no images ({SUPPORTED}) in the class folders of {root}")
     warn_skipped(root, [(f, f"not an image file (image suffixes: {SUPPORTED})") for f in others],
                  len(files) + len(others))
     labels = torch.tensor([mapping[folders[i]] for i in indices], dtype=torch.int64)

@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.normalization import IMAGENET, Normalization
 from zoo.models.registry import TIMM_PREFIX, ModelSpec, register_prefix
+from zoo.errors import UsageError
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
@@ -31,7 +32,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise ValueError("timm: models need the timm package: pip install 'mlflow-zoo[timm]' (or pip install timm)") from None
+        raise UsageError("timm: models need the timm package: pip install 'mlflow-zoo[timm]' (or pip install timm)") from None
     return timm
 
 
@@ -41,7 +42,7 @@ def timm_spec(architecture: str) -> ModelSpec:
     timm = _timm()
     if not timm.is_model(architecture):
         close = timm.list_models(f"*{architecture[:6]}*")[:8]
-        raise ValueError(f"unknown timm architecture {architecture!r}"
+        raise UsageError(f"unknown timm architecture {architecture!r}"
                          + (f" (similar: {', '.join(close)})" if close else "")
                          + "; list them with: python -c \"import timm; print(timm.list_models('*resnet*'))\"")
     cfg = timm.get_pretrained_cfg(architecture)
@@ -70,7 +71,7 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
             kwargs["img_size"] = tuple(input_shape[1:])  # ViTs and the like build their position table for one size
     if weights:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
+            raise UsageError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
         pretrained = True
         # Read here rather than by timm (its `file` overlay), so that the file is loaded with weights_only
         # whatever timm's and torch's defaults, and refused in one line naming it.
