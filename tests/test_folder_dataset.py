@@ -126,8 +126,8 @@ def test_a_changed_folder_replaces_its_cache_and_other_options_keep_theirs(tmp_p
     files = write_folder(mnist_5k.train.images[:60], mnist_5k.train.labels[:60], mnist_5k.classes, root)
     write_folder(mnist_5k.train.images[60:120], mnist_5k.train.labels[60:120], mnist_5k.classes, namesake)
 
-    def entries() -> set[str]:
-        return {p.name for p in cache.iterdir()}
+    def entries() -> set[str]:  # the decoded copies (beside them, each folder's record of its images' size)
+        return {p.parent.name for p in cache.glob("*/images.npy")}
 
     load_image_folder(root, cache_dir=cache, progress=False)
     first = entries()
@@ -143,6 +143,25 @@ def test_a_changed_folder_replaces_its_cache_and_other_options_keep_theirs(tmp_p
     assert len(entries()) == 4 and kept < entries() and not first & entries()  # only the superseded one went
     assert load_image_folder(root, cache_dir=cache, image_size=(20, 20), progress=False).image_shape == (1, 20, 20)
     assert len(entries()) == 4 and not small & entries()  # decoded again at 20x20, replacing its own old cache
+
+
+def test_models_of_other_input_sizes_share_the_cache_of_a_folder_of_one_image_size(tmp_path, mnist_5k):
+    """lenet5 (32x32) and timm:resnet18 (224x224) train a folder of 28x28 images at 28x28 both: one decode, one
+    cache, whatever the model's default size; --image-size 28 is the same size, the same cache."""
+    cache = tmp_path / "cache"
+    root = tmp_path / "digits"
+    write_folder(mnist_5k.train.images[:60], mnist_5k.train.labels[:60], mnist_5k.classes, root)
+
+    def caches() -> set[str]:
+        return {p.name for p in cache.iterdir()}
+
+    first = load_image_folder(root, cache_dir=cache, default_size=(32, 32), progress=False)
+    written = caches()
+    second = load_image_folder(root, cache_dir=cache, default_size=(224, 224), progress=False)
+    given = load_image_folder(root, cache_dir=cache, image_size=(28, 28), progress=False)
+    assert first.image_shape == second.image_shape == given.image_shape == (1, 28, 28)
+    assert caches() == written  # nothing decoded again
+    assert torch.equal(second.train.images, first.train.images) and torch.equal(given.test.images, first.test.images)
 
 
 def test_a_folder_above_the_memory_budget_is_memory_mapped_and_trains(tmp_path, mnist_5k):
@@ -186,6 +205,8 @@ def test_images_of_different_sizes_are_resized_to_the_model_or_the_given_size(tm
     big = next(root.glob("*/*.png"))
     Image.open(big).resize((56, 56)).save(big)
     assert load_image_folder(root, val_fraction=0.2, default_size=(20, 20), progress=False).image_shape == (1, 20, 20)
+    # Their size depends on the model's: another model's default size is another decode.
+    assert load_image_folder(root, val_fraction=0.2, default_size=(24, 24), progress=False).image_shape == (1, 24, 24)
     assert load_image_folder(root, val_fraction=0.2, image_size=(16, 24), progress=False).image_shape == (1, 16, 24)
 
 
