@@ -259,6 +259,9 @@ def test_valid_fractions_give_disjoint_splits_that_are_not_empty(small_folder, t
     ({"train/a/x.png": 1, "train/b/y.png": 1, "test/a/z.png": 1, "test/c/w.png": 1}, "missing b; extra c"),
     ({"x.png": 1}, "holds no class folders"),
     ({"test/a/x.png": 1, "test/b/y.png": 1}, "no train/ folder"),
+    # A folder of datasets, one of them with split folders: its "classes" would be the dataset names.
+    ({"fashion-rgb/train/a/x.png": 1, "fashion-rgb/train/b/y.png": 1, "heldout-rgb/a/z.png": 1},
+     "looks like a folder of datasets"),
 ])
 def test_a_folder_that_is_no_dataset_is_one_line_exit_2_and_no_run(tmp_path, layout, message):
     root = tmp_path / "bad"
@@ -274,6 +277,24 @@ def test_a_folder_that_is_no_dataset_is_one_line_exit_2_and_no_run(tmp_path, lay
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
+def test_class_folders_that_hold_only_folders_are_trained_with_a_warning_naming_a_dataset_to_train(tmp_path, capsys):
+    """data/fashion/CLASS/*.png and data/digits/CLASS/*.png as the classes of data: the layout of a folder of
+    datasets, and of classes whose images are sorted in sub-folders (cat/2019/*.jpg, which torchvision's
+    ImageFolder takes too): trained, with a warning that says how to train one of the datasets."""
+    root = tmp_path / "data"
+    for i, name in enumerate(f"{dataset}/{label}/{n}.png" for dataset in ("fashion", "digits") for label in "ab"
+                             for n in range(2)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(root / name)
+    data = load_image_folder(root, val_fraction=0.25, test_fraction=0.25, progress=False)
+    assert data.classes == ["digits", "fashion"]
+    warning = capsys.readouterr().err
+    assert "hold no images directly, only folders" in warning and f"--dataset {root / 'digits'}" in warning
+    (root / "digits" / "loose.png").write_bytes((root / "digits" / "a" / "0.png").read_bytes())
+    load_image_folder(root, val_fraction=0.25, test_fraction=0.25, progress=False)
+    assert "only folders" not in capsys.readouterr().err  # one image of its own makes it a class folder
 
 
 def test_unreadable_files_are_skipped_named_and_counted_on_the_run(tmp_path, mnist_5k):

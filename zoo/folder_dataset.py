@@ -20,7 +20,8 @@ than ``memory_limit_bytes`` is memory-mapped rather than read.
 
 Files that are not readable images are skipped, each named in one warning (the first few) and
 counted (``Dataset.skipped``, logged on the run); a folder that cannot be a dataset (no class
-folders, one class, an empty class, splits with other classes) is a ValueError that says why.
+folders, one class, an empty class, splits with other classes, a folder of datasets) is a ValueError
+that says why.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
+from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
 
@@ -135,10 +137,11 @@ def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
                                 "name: see zoo datasets)")
-    root = root.resolve()
+    given, root = root, root.resolve()
     layout = _split_folders(root)
     per_split = {split: class_files(folder) for split, folder in layout.items()}
     classes = per_split["train"][0]
+    _check_folder_of_datasets(given / layout["train"].relative_to(root), classes)
     _check_classes(root, layout, per_split, classes)
     not_images = [f for _, _, _, others in per_split.values() for f in others]
     pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
@@ -200,6 +203,28 @@ def _walk(folder: str) -> Iterator[os.DirEntry]:
             yield from _walk(entry.path)
         elif entry.is_file():
             yield entry
+
+
+def _check_folder_of_datasets(train: Path, classes: list[str]) -> None:
+    """Refuse, or warn about, class folders that hold no image of their own, only folders: a folder of datasets
+    (data/fashion-rgb/, data/heldout-rgb/) would train a model whose classes are the dataset names. Only a
+    warning when no class folder is a split layout (train/, test/): images sorted in sub-folders of their
+    class (cat/2019/*.jpg) are a layout torchvision's ImageFolder takes too."""
+    if not classes:
+        return  # _check_classes says what a dataset folder holds
+    for name in classes:
+        with os.scandir(train / name) as it:
+            if any(not entry.is_dir() for entry in _visible(it)):
+                return
+    shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+    for name in classes:
+        if split := next((s for s in SPLIT_FOLDERS["train"] if (train / name / s).is_dir()), None):
+            raise UsageError(f"{train} looks like a folder of datasets, not of class folders: {name}/ holds a {split}/ "
+                             f"folder and no class folder ({shown}) holds an image of its own; train on one dataset, "
+                             f"e.g. --dataset {train / name}")
+    print(f"warning: the class folders of {train} ({shown}) hold no images directly, only folders: each class "
+          f"takes every image below it. If {train} is a folder of datasets, train on one, e.g. --dataset "
+          f"{train / classes[0]}", file=sys.stderr)
 
 
 def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes: list[str]) -> None:
