@@ -23,6 +23,12 @@ from zoo.models.registry import create_model, get_model_spec
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that must be downloaded, without a network and not in the local cache."""
+
+    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (cli/main.py)
+
+
 @dataclass
 class Pretrained:
     model: str
@@ -65,9 +71,10 @@ def _from_torchvision(model: str, name: str) -> Pretrained:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError) as exc:  # offline and not in the cache
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise RuntimeError(
-            f"cannot download {weights.url} ({exc}) and it is not in torchvision's cache at {cached}; "
-            "go online once, copy the file there, or pass a local state dict as --weights"
+        raise WeightsUnavailable(
+            f"{model}'s {name} weights need a network: cannot download {weights.url} ({exc}), and they are not in "
+            f"torchvision's cache at {cached} (TORCH_HOME); go online once, copy the file there, or pass a local "
+            "state dict as --weights FILE"
         ) from exc
     categories = list(weights.meta["categories"])
     network = create_model(model, num_classes=len(categories))

@@ -11,11 +11,15 @@ checkpoint, tensors and state dicts only (``torch.load(weights_only=True)``), ha
 ``pretrained_cfg_overlay=dict(state_dict=...)``.
 Either way timm adapts them as it does for its own fine-tuning: the stem is summed or repeated
 for another number of channels, and a classifier of another size starts fresh.
+Without a network (the hub does not answer, or ``ZOO_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) the
+pretrained weights are read from the hub's local cache (``HF_HOME``), or refused in one line
+(:class:`zoo.pretrained.WeightsUnavailable`) when they are not there.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from torch import nn
@@ -26,6 +30,9 @@ from zoo.errors import UsageError
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
+# Seconds the hub has to answer one request before the weights are looked for offline: an unknown host
+# or a refused connection fails at once, a network that drops packets waits this long.
+HUB_PROBE_TIMEOUT = 5
 
 
 def _timm():
@@ -76,7 +83,43 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
         # Read here rather than by timm (its `file` overlay), so that the file is loaded with weights_only
         # whatever timm's and torch's defaults, and refused in one line naming it.
         kwargs["pretrained_cfg_overlay"] = {"state_dict": _state_dict(weights)}
+    elif pretrained:
+        return _from_the_hub(timm, architecture, kwargs)
     return timm.create_model(architecture, pretrained=pretrained, **kwargs)
+
+
+def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model`` with the hub's weights. Without a network, from the hub's local cache at once: the
+    hub would retry each file for about a minute before looking there, then end with a message about neither
+    the network nor what to do instead."""
+    from urllib.error import URLError
+
+    from huggingface_hub import constants, get_session
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
+        reason = "offline mode is on (ZOO_OFFLINE or HF_HUB_OFFLINE)"
+    else:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+        except Exception as exc:  # no answer at all (DNS, refused, timeout, proxy): any HTTP status is one
+            reason = f"{constants.ENDPOINT} does not answer ({exc})"
+        else:
+            return timm.create_model(architecture, pretrained=True, **kwargs)
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # the hub's documented switch: its cache only, no request
+    try:
+        return timm.create_model(architecture, pretrained=True, **kwargs)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, URLError) as exc:
+        from zoo.pretrained import WeightsUnavailable
+
+        cache = f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME)" if not isinstance(exc, URLError) \
+            else "torch's hub cache (TORCH_HOME)"
+        raise WeightsUnavailable(f"timm:{architecture}'s pretrained weights need a network: {reason}, and they are not "
+                                 f"in {cache}; go online once to download them, or pass a local checkpoint with "
+                                 "--weights FILE") from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 def _state_dict(path: str) -> dict:
