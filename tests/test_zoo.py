@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,7 +170,8 @@ def test_pretrained_timm_weights_without_a_network_fail_at_once_in_one_line(tmp_
     """No network (the hub's address refuses connections, or ZOO_OFFLINE=1) and an empty Hugging Face cache: one
     line that says what the weights need, without the hub's retries of every file."""
     pytest.importorskip("timm")
-    result = subprocess.run(["zoo", "train", "--model", "timm:resnet18", "--weights", "pretrained", "--dry-run"],
+    result = subprocess.run([sys.executable, "-m", "cli", "train", "--model", "timm:resnet18", "--weights", "pretrained",
+                             "--dry-run"],
                             capture_output=True, text=True, env={**os.environ, "HF_HOME": str(tmp_path / "hf"), **env})
     assert result.returncode == 1, result.stderr
     error = result.stderr.strip().splitlines()[-1]

@@ -92,10 +92,7 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
     """``timm.create_model`` with the hub's weights. Without a network, from the hub's local cache at once: the
     hub would retry each file for about a minute before looking there, then end with a message about neither
     the network nor what to do instead."""
-    from urllib.error import URLError
-
-    from huggingface_hub import constants, get_session
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
 
     if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
         reason = "offline mode is on (ZOO_OFFLINE or HF_HUB_OFFLINE)"
@@ -106,20 +103,16 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
             reason = f"{constants.ENDPOINT} does not answer ({exc})"
         else:
             return timm.create_model(architecture, pretrained=True, **kwargs)
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True  # the hub's documented switch: its cache only, no request
-    try:
-        return timm.create_model(architecture, pretrained=True, **kwargs)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, URLError) as exc:
+    repo, _, revision = (timm.get_pretrained_cfg(architecture).hf_hub_id or "").partition("@")
+    cached = [path for name in ("model.safetensors", "pytorch_model.bin") if repo
+              for path in [try_to_load_from_cache(repo, name, revision=revision or None)] if isinstance(path, str)]
+    if not cached:
         from zoo.pretrained import WeightsUnavailable
 
-        cache = f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME)" if not isinstance(exc, URLError) \
-            else "torch's hub cache (TORCH_HOME)"
         raise WeightsUnavailable(f"timm:{architecture}'s pretrained weights need a network: {reason}, and they are not "
-                                 f"in {cache}; go online once to download them, or pass a local checkpoint with "
-                                 "--weights FILE") from None
-    finally:
-        constants.HF_HUB_OFFLINE = offline
+                                 f"in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME); go online once to "
+                                 "download them, or pass a local checkpoint with --weights FILE")
+    return timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": cached[0]}, **kwargs)
 
 
 def _state_dict(path: str) -> dict:
