@@ -92,7 +92,7 @@ def measure_overhead(trials: int = 8) -> dict[str, float]:
 LAYOUTS = {
     "1 process, 1 trial at a time, 2 torch threads": (1, 2, 1),
     "2 processes, 1 torch thread each": (2, 1, 1),
-    "1 process, --jobs 2 (2 trial threads, 1 torch thread each)": (1, 2, 2),
+    "1 command, --jobs 2 (2 trial processes, 1 torch thread each)": (1, 2, 2),
 }
 
 

@@ -1,7 +1,8 @@
 """The `zoo` command: one Click group, its error contract, and every command attached (one module each).
 
-Exit codes: 0 success, 1 runtime failure (click.ClickException), 2 bad usage
-(click.UsageError). Set ZOO_DEBUG=1 to see the traceback behind an error.
+Exit codes: 0 success, 1 runtime failure (click.ClickException, and any exception not raised as bad
+input), 2 bad usage (click.UsageError, zoo.errors.UsageError). Set ZOO_DEBUG=1 to see the traceback
+behind an error.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from cli.renorm import renorm
 from cli.study import study
 from cli.train import train
 from cli.ui import ui
+from zoo.errors import UsageError
 
 
 def _version() -> str:
@@ -55,7 +57,6 @@ def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> No
         ctx.exit()
 
 
-USAGE_ERRORS = (ValueError, FileNotFoundError)  # bad input from the user: exit 2
 
 
 class InputError(click.UsageError):
@@ -83,7 +84,7 @@ class ZooGroup(click.Group):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if refused := tracking_refusal(exc):  # a locked server said no: which credentials to set, exit 1
                 raise click.ClickException(refused) from exc
-            if isinstance(exc, USAGE_ERRORS):
+            if isinstance(exc, UsageError):  # raised where input is checked; a library's ValueError is no verdict on it
                 raise InputError(message, ctx) from exc
             # A job that stopped as designed (Ctrl-C, a server gone past --tracking-timeout) says what
             # happened and what to run next: a traceback would show nothing more.

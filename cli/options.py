@@ -20,6 +20,7 @@ import click
 from click.core import ParameterSource
 
 from zoo.model_options import parse_model_options
+from zoo.errors import UsageError
 
 
 def echo_json(data) -> None:
@@ -170,7 +171,7 @@ def resume_options(ctx: click.Context, config: Any) -> dict[str, Any]:
     """The TrainConfig settings the user gave (command line or environment), to check against the resumed run's."""
     for name in ("experiment", "run_name"):
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
-            raise ValueError(f"--resume continues the run in its own experiment under its own name: "
+            raise UsageError(f"--resume continues the run in its own experiment under its own name: "
                              f"leave out --{name.replace('_', '-')}")
     config_fields = {f.name for f in fields(config)}
     given = [p for p in ctx.params if ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]

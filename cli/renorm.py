@@ -52,7 +52,7 @@ def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | 
               callback=unset_sentinels, help="Class-folder images to calibrate on (e.g. ImageNet train).")
 @click.option("--source-norm", default=None, callback=unset_sentinels, metavar="SPEC",
               help="The normalization the weights were trained with. Default: the weights' own (the model's for a bare state dict).")
-@click.option("--resize", type=click.IntRange(min=1), default=None, help="Shorter side before the crop. Default: the weights' (256).")
+@click.option("--resize", type=click.IntRange(min=1), default=None, help="Shorter side before the crop (a registered model is served with both). Default: the weights' (256).")
 @click.option("--crop", type=click.IntRange(min=1), default=None, help="Center crop. Default: the weights' (224).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image decoding processes.")

@@ -31,7 +31,8 @@ from cli.options import (
 @MOMENTUM
 @MODEL_OPT
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
-              help="timm: models: start from timm's pretrained weights (pretrained, online) or a local checkpoint "
+              help="timm: models: start from timm's pretrained weights (pretrained: online, or offline from the Hugging "
+                   "Face cache, HF_HOME) or a local checkpoint "
                    "FILE (tensors and state dicts only); timm adapts the stem to the data's channels and starts a "
                    "classifier of another size afresh.")
 @click.option("--seed", type=int, default=1, show_default=True,

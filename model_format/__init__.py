@@ -10,8 +10,8 @@ A zoo model is an MLflow pyfunc model "from code":
   checked against PyTorch (``onnx_graph.py``, also what `zoo export` writes);
 - its signature (an ``image`` bytes or a ``pixels`` column, a ``top_k`` param), an input example
   of real images, pinned requirements, and metadata (``zoo_model``, ``normalization``,
-  ``input_shape``, ``class_names``, and how it was trained) that readers use instead of
-  hard-coding anything.
+  ``input_shape``, ``class_names``, ``resize`` for a model scored on center crops, and how it
+  was trained) that readers use instead of hard-coding anything.
 
 Modules: ``model`` (the in-memory model and its metadata; no torch or MLflow at import),
 ``onnx_graph`` (the ONNX export and its parity check), ``mlflow_model`` (logging it:

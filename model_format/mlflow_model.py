@@ -41,6 +41,7 @@ def log_model(
     registered_name: str | None = None,
     sample_images: torch.Tensor | None = None,
     onnx: bool | None = None,
+    resize: int | None = None,
     **extra_metadata: Any,
 ) -> str:
     """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images, in the active
@@ -50,20 +51,24 @@ def log_model(
     its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
     pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
     of the dataset) give the input example; the normalization, input shape and class names
-    also go into the model's metadata for ``serving.loading``.
+    also go into the model's metadata for ``serving.loading``. ``resize`` (`zoo renorm`'s preprocessing:
+    the shorter side resized to it, then the input's height x width center-cropped; None: images are
+    stretched to the input's size) goes into the metadata, the model's config and the ONNX graph, so
+    every user of the model decodes images as it was scored.
 
     With ``onnx`` (the default when ``registered_name`` says it will be registered), the model also ships its ONNX
     graph (``artifacts/model.onnx``, checked against PyTorch with onnxruntime): `zoo classify
     models:/NAME@ALIAS` then downloads it instead of exporting on each machine's first call.
     """
-    config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape)}
+    config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape), "resize": resize}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "program.pt2"
         torch.export.save(export_program(network, normalization, input_shape), program)
         artifacts = {PROGRAM_ARTIFACT: str(program)}
         if (registered_name is not None) if onnx is None else onnx:
             graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp),
-                                     source=f"models:/{registered_name}" if registered_name else "the logged model")
+                                     source=f"models:/{registered_name}" if registered_name else "the logged model",
+                                     resize=resize)
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
         # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
@@ -80,7 +85,7 @@ def log_model(
             pip_requirements=pip_requirements(),
             metadata=model_metadata(
                 model_name=model_name, normalization=normalization, input_shape=input_shape,
-                class_names=class_names, **extra_metadata,
+                class_names=class_names, resize=resize, **extra_metadata,
             ),
         )
     return info.model_uri
@@ -108,12 +113,13 @@ def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normaliza
 
 
 def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, folder: Path, source: str) -> Path | None:
+                     class_names: list[str], model_name: str, folder: Path, source: str,
+                     resize: int | None = None) -> Path | None:
     """The shipped ONNX graph written into ``folder``, or None with a warning: shipping it is a
     convenience, so a model whose export fails is logged and registered without it (and exported where used)."""
     try:
         return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
-                                source=source)
+                                source=source, resize=resize)
     except Exception as exc:
         print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
               "zoo classify and zoo export will export it when used", file=sys.stderr)

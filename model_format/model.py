@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 # What every logged zoo model's MLflow metadata holds (serving.loading refuses a model without them).
 REQUIRED_METADATA = ("normalization", "input_shape", "class_names")
+# Optional: the shorter side images are resized to before the input's height x width is center-cropped
+# (`zoo renorm`'s preprocessing); absent, images are stretched to the input's size (zoo/imaging.DecodeSpec).
+RESIZE_METADATA = "resize"
 ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # a registered model's ONNX graph, beside its program
 SHIPPED_ONNX = f"artifacts/{ONNX_FILE}"  # where it lies inside the logged model (serving.classify downloads it)
 
@@ -27,14 +30,12 @@ class LoadedModel:
     class_names: list[str]
     input_shape: tuple[int, int, int]
     model_name: str
-
-    def with_normalization(self) -> nn.Module:
-        """The network preceded by its normalization: takes pixels in [0, 1], returns scores."""
-        return self.module
+    resize: int | None = None  # shorter side before the center crop; None: stretched (see RESIZE_METADATA)
 
 
 def model_metadata(
-    *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str], **extra: Any
+    *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str],
+    resize: int | None = None, **extra: Any
 ) -> dict[str, Any]:
     """What downstream code needs to use a logged model without hard-coding anything."""
     return {
@@ -42,5 +43,6 @@ def model_metadata(
         "normalization": normalization.to_dict(),
         "input_shape": list(input_shape),
         "class_names": list(class_names),
+        **({RESIZE_METADATA: int(resize)} if resize is not None else {}),
         **extra,
     }

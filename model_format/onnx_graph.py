@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_format.model import LoadedModel
+from model_format.model import RESIZE_METADATA, LoadedModel
 from zoo.normalization import Normalization, NormalizedModel
 
 DEFAULT_TOLERANCE = 1e-4
@@ -49,6 +49,7 @@ def onnx_metadata(model: LoadedModel) -> dict[str, str]:
         "normalization": json.dumps(model.normalization.to_dict()),
         "input_shape": json.dumps(list(model.input_shape)),
         "input_range": "pixels in [0, 1]; the normalization is inside the graph",
+        **({RESIZE_METADATA: json.dumps(model.resize)} if model.resize is not None else {}),
     }
 
 
@@ -58,7 +59,7 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = model.with_normalization()
+    wrapped = model.module
     example = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
     program = torch.onnx.export(
         wrapped,
@@ -69,7 +70,7 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         verbose=False,
     )
-    proto = program.model_proto
+    proto = without_hard_sigmoid(program.model_proto)
     for key, value in onnx_metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -82,6 +83,36 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(f"ONNX export of {model.uri} differs from PyTorch by {diff:.3g} (tolerance {tolerance:g}); {path} kept for inspection")
     return report
+
+
+def without_hard_sigmoid(proto):
+    """``proto`` with each ``HardSigmoid(x; alpha, beta)`` written as ``Clip(Add(Mul(x, alpha), beta), 0, 1)``.
+
+    The same function, in operators every ONNX reader implements alike: OpenCV's DNN module (5.1)
+    computes ``Mul(x, HardSigmoid(s))`` wrongly when the Mul broadcasts, which is how timm's
+    MobileNetV3 family gates its squeeze-excite blocks, and onnxruntime, the parity check, does not.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        name = node.name or node.output[0]
+        constants = {"alpha": attrs.get("alpha", 0.2), "beta": attrs.get("beta", 0.5), "zero": 0.0, "one": 1.0}
+        for key, value in constants.items():  # initializers: the readers fold them like the attributes they replace
+            proto.graph.initializer.append(helper.make_tensor(f"{name}_{key}", TensorProto.FLOAT, [], [value]))
+        nodes += [
+            helper.make_node("Mul", [node.input[0], f"{name}_alpha"], [f"{name}_scaled"], name=f"{name}_mul"),
+            helper.make_node("Add", [f"{name}_scaled", f"{name}_beta"], [f"{name}_shifted"], name=f"{name}_add"),
+            helper.make_node("Clip", [f"{name}_shifted", f"{name}_zero", f"{name}_one"], list(node.output),
+                             name=f"{name}_clip"),
+        ]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
 
 
 def parity(wrapped: torch.nn.Module, path: Path, batch: int) -> float:
@@ -103,10 +134,10 @@ def _input_shape(path: Path) -> tuple[int, ...]:
 
 
 def export_onnx_file(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, path: Path, source: str) -> Path:
+                     class_names: list[str], model_name: str, path: Path, source: str, resize: int | None = None) -> Path:
     """``path``: ``network`` (taking normalized input) with its normalization as ONNX, exactly what
     `zoo export` writes for the logged model; ``source`` names it in the graph's metadata."""
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
-    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name),
-                path)
+    export_onnx(LoadedModel(source, module, normalization, [str(c) for c in class_names], tuple(input_shape), model_name,
+                            resize), path)
     return path

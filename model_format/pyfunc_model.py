@@ -42,6 +42,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         config = context.model_config
         self.class_names: list[str] = [str(c) for c in config["class_names"]]
         self.input_shape: tuple[int, int, int] = tuple(config["input_shape"])
+        # The shorter side before a center crop (models registered by `zoo renorm`); None: stretched.
+        self.resize: int | None = config.get("resize")
         self.module: torch.nn.Module = torch.export.load(context.artifacts[PROGRAM_ARTIFACT]).module()
         # Exported in eval mode (dropout off, BatchNorm running statistics); such a module refuses
         # eval() but reports training=True, which would mislead torch.onnx.export and its users.
@@ -74,7 +76,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             images = list(_unnest(frame[IMAGE_COLUMN], lambda cell: isinstance(cell, (list, tuple, np.ndarray))))
             if not images:
                 raise invalid(f"column {IMAGE_COLUMN!r} is empty; send at least one image")
-            return np.stack([decode_image(data, self.input_shape, row) for row, data in enumerate(images)])
+            return np.stack([decode_image(data, self.input_shape, row, self.resize) for row, data in enumerate(images)])
         return stack_pixels(frame[PIXELS_COLUMN], self.input_shape)
 
     def top(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -104,7 +106,7 @@ def _unnest(cells, nested) -> Any:
             yield cell
 
 
-def decode_image(data: Any, input_shape: tuple[int, int, int], row: int) -> np.ndarray:
+def decode_image(data: Any, input_shape: tuple[int, int, int], row: int, resize: int | None = None) -> np.ndarray:
     """Encoded image bytes -> float32 [C, H, W] in [0, 1], decoded as `zoo classify` decodes a file."""
     if isinstance(data, str):
         data = data.encode("ascii", errors="replace")
@@ -112,7 +114,7 @@ def decode_image(data: Any, input_shape: tuple[int, int, int], row: int) -> np.n
         raise invalid(f"row {row} of column {IMAGE_COLUMN!r} is {type(data).__name__}; send PNG/JPEG bytes")
     try:
         pixels = imaging.decode_image(_base64_decoded(data), imaging.DecodeSpec(
-            tuple(input_shape), max_pixels_hint="send a smaller image"))
+            tuple(input_shape), max_pixels_hint="send a smaller image", resize=resize))
     except imaging.ImageError as exc:
         raise invalid(f"row {row} of column {IMAGE_COLUMN!r}: {exc}; send PNG/JPEG/... file bytes "
                       "(base64 strings over REST)") from None

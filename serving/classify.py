@@ -24,7 +24,9 @@ import numpy as np
 from serving.scores import softmax, to_float, top_indices
 from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_batches, default_classifying_workers,
                              pool_for)
+from model_format.model import RESIZE_METADATA
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
+from zoo.errors import UsageError
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -90,7 +92,7 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     files = []
     for path, error in iter_inputs(paths):
         if error:
-            raise ValueError(f"{path}: {error}")
+            raise UsageError(f"{path}: {error}")
         files.append(path)
     return files
 
@@ -119,13 +121,14 @@ def _suffix(name: str) -> str:
 
 # ---- decoding: zoo/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
 
-def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool = False) -> np.ndarray:
+def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool = False,
+                resize: int | None = None) -> np.ndarray:
     """float32 [N, C, H, W] in [0, 1] for a few files; ValueError naming the first unreadable one."""
-    spec = DecodeSpec(tuple(input_shape), invert)
+    spec = DecodeSpec(tuple(input_shape), invert, resize=resize)
     pixels, errors = decode_batch([str(f) for f in files], spec)
     for f, error in zip(files, errors):
         if error:
-            raise ValueError(f"cannot read image {f}: {error}")
+            raise UsageError(f"cannot read image {f}: {error}")
     return to_float(pixels)
 
 
@@ -158,9 +161,10 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if "class_names" not in meta or "input_shape" not in meta:
-            raise ValueError(f"{self.path} has no class_names/input_shape metadata; export it with `zoo export`")
+            raise UsageError(f"{self.path} has no class_names/input_shape metadata; export it with `zoo export`")
         self.class_names = json.loads(meta["class_names"])
         self.input_shape = tuple(json.loads(meta["input_shape"]))
+        self.resize = json.loads(meta[RESIZE_METADATA]) if RESIZE_METADATA in meta else None  # None: stretched
         self.input_name = self.session.get_inputs()[0].name
 
     def scores(self, pixels: np.ndarray) -> np.ndarray:
@@ -169,9 +173,10 @@ class OnnxClassifier:
 
 class TorchClassifier:
     def __init__(self, loaded):
-        self.model = loaded.with_normalization()
+        self.model = loaded.module
         self.class_names = loaded.class_names
         self.input_shape = loaded.input_shape
+        self.resize = loaded.resize
 
     def scores(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -187,12 +192,12 @@ def onnx_cache_dir() -> Path:
 def open_classifier(uri: str, runtime: str = "onnx"):
     """A classifier for a local .onnx file or an MLflow model URI (exported once, then cached)."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
+        raise UsageError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
     if uri.endswith(".onnx"):
         if runtime != "onnx":
-            raise ValueError("a .onnx file runs on onnxruntime only; use --runtime onnx or pass an MLflow model URI")
+            raise UsageError("a .onnx file runs on onnxruntime only; use --runtime onnx or pass an MLflow model URI")
         if not Path(uri).is_file():
-            raise FileNotFoundError(f"no such ONNX file: {uri}")
+            raise UsageError(f"no such ONNX file: {uri}")
         return OnnxClassifier(uri)
 
     from serving.loading import check_uri, load_model
@@ -207,7 +212,8 @@ def cached_export(uri: str) -> Path:
     """The ONNX file for ``uri``: one registry lookup when it is cached, else loaded and exported once."""
     import mlflow
 
-    # Model ids are unique; the tracking URI guards the runs:/ and local-folder forms.
+    # Keyed on what the model is (serving.loading.resolve_model_id), never on the URI typed alone; the
+    # tracking URI keeps two stores' models apart.
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
     cached = onnx_cache_dir() / f"{key}.onnx"
     if not cached.is_file():
@@ -313,7 +319,7 @@ def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onn
         if pool:
             pool.shutdown(cancel_futures=True)
         raise
-    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
+    spec = decode_spec(classifier, invert, max_pixels)
     if pool and (workers is not None or math.prod(classifier.input_shape) <= SMALL_INPUT):
         return _classified_by(pool, processes, classifier, batches, spec, k)
     if pool:
@@ -326,15 +332,20 @@ def classify_batches(classifier, paths: Iterable[str | Path], *, k: int = 3, inv
                      max_pixels: int | None = None) -> Iterator[list[Prediction]]:
     """:func:`classify_paths` with a classifier already open: classified in this process (``workers`` decode)."""
     _check(k, batch_size)
-    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS)
+    spec = decode_spec(classifier, invert, max_pixels)
     return _classified_here(classifier, _batches(_inputs(paths), batch_size), spec, k, workers)
+
+
+def decode_spec(classifier, invert: bool, max_pixels: int | None) -> DecodeSpec:
+    """How files are decoded for ``classifier``: to its input shape, stretched or (``resize``) cropped as it was scored."""
+    return DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS, resize=classifier.resize)
 
 
 def _check(k: int, batch_size: int) -> None:
     if k < 1:
-        raise ValueError(f"top-k must be at least 1, got {k}")
+        raise UsageError(f"top-k must be at least 1, got {k}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
 
 
 def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int, workers: int | None

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_format.model import REQUIRED_METADATA, LoadedModel
+from model_format.model import REQUIRED_METADATA, RESIZE_METADATA, LoadedModel
+from zoo.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
     from torch import nn
@@ -36,8 +37,8 @@ def check_uri(uri: str) -> None:
     if re.match(r"^(models|runs):/.+", uri) or Path(uri).exists():
         return
     if "://" in uri or uri.startswith(("models:", "runs:")):
-        raise ValueError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
-    raise ValueError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
+        raise UsageError(f"model URI {uri!r} is not of a supported form; use {_URI_FORMS}")
+    raise UsageError(f"{uri!r} is neither a model URI nor an existing path; use {_URI_FORMS}")
 
 
 def resolve_latest(uri: str) -> tuple[str, str | None]:
@@ -108,6 +109,7 @@ def load_model(uri: str) -> LoadedModel:
         class_names=list(metadata["class_names"]),
         input_shape=tuple(metadata["input_shape"]),
         model_name=str(metadata.get("zoo_model", "unknown")),
+        resize=metadata.get(RESIZE_METADATA),
     )
 
 
@@ -153,11 +155,33 @@ def registry_version(uri: str):
 
 
 def resolve_model_id(uri: str) -> str:
-    """A stable identity for the model behind a (possibly moving) alias, for caching exports."""
+    """What the model behind ``uri`` is, for caching its export; never only the string typed, which
+    names another model once an alias moves or another model is saved into the same folder or run.
+
+    A registered version's (or ``models:/m-ID``'s) logged-model id, which is unique; otherwise the
+    ``model_uuid`` of its MLmodel file (MLflow writes a new one each time a model is saved), with, for a
+    local folder, each file's path, size and modification time (files replaced under the same MLmodel).
+    """
     version = registry_version(uri)
-    if version is None:
+    if version is not None and version.model_id:
+        return version.model_id
+    if uri.startswith("models:/") and _LOGGED_MODEL_ID.match(uri.removeprefix("models:/")):
         return uri
-    return version.model_id or f"{version.name}-v{version.version}"
+    import mlflow
+
+    source = version.source if version is not None else uri
+    # The MLmodel file alone: get_model_info would also look the model's logged-model id up in this
+    # tracking store, where a folder copied from another store has none.
+    identity = mlflow.models.Model.load(source).model_uuid or source
+    if Path(source).is_dir():
+        identity += "|" + _files_identity(Path(source))
+    return identity
+
+
+def _files_identity(folder: Path) -> str:
+    """Every file under ``folder`` as (relative path, size, modification time), in name order."""
+    stats = ((f.relative_to(folder).as_posix(), f.stat()) for f in sorted(folder.rglob("*")) if f.is_file())
+    return ";".join(f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in stats)
 
 
 def _short(exc: BaseException) -> str:

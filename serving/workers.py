@@ -23,7 +23,6 @@ process that has loaded either spawns its workers instead (about 0.3 s each).
 from __future__ import annotations
 
 import signal
-import sys
 from collections import deque
 from functools import partial
 from itertools import chain
@@ -33,7 +32,7 @@ import numpy as np
 
 from serving.scores import softmax, to_float, top_indices
 from zoo.imaging import DecodeSpec, decode_batch
-from zoo.machine import usable_cores
+from zoo.machine import fork_is_safe, usable_cores, worker_start_method
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor  # concurrent.futures costs start-up; a single batch never needs it
@@ -70,19 +69,13 @@ def default_classifying_workers() -> int:
     return 0 if n < 2 else min(n, MAX_CLASSIFYING_WORKERS)
 
 
-def fork_is_safe() -> bool:
-    """Linux, and neither onnxruntime nor torch loaded: their thread pools are what a forked child would
-    inherit half of. (numpy's OpenBLAS and the jemalloc that MLflow's import loads have fork handlers.)"""
-    return sys.platform == "linux" and not {"onnxruntime", "torch"} & sys.modules.keys()
-
-
 def start_pool(processes: int) -> Executor:
     """``processes`` workers, forked now when :func:`fork_is_safe` (a process pool forks at its first task,
     which would be too late), else spawned."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    method = "fork" if fork_is_safe() else "spawn"
+    method = worker_start_method()
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method), initializer=_start_worker)
     if method == "fork":
         pool.submit(int).result()

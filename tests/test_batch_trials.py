@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from cli.main import cli
 from cli.study import study as study_command
+from tests.test_folder_dataset import rgb_folder, write_folder  # noqa: F401 (rgb_folder: a fixture, RGB digits)
 from tests.test_study import SMALL, assert_all_children_of, small_config, study_runs
 from training import tracking
 from training.study.workers import run_study
@@ -131,6 +132,34 @@ def test_batched_trials_match_the_same_study_run_one_trial_at_a_time(tmp_path):
     for a, b in pairs:
         assert a[0] == b[0]  # the same normalizations (seeded sampler)...
         assert a[1] == pytest.approx(b[1], abs=1 / SMALL["val_size"])  # ...give the same accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, images", [("mnist_cnn", "rgb"), ("timm:test_vit", "grey")])
+def test_batched_trials_checkpoint_one_mean_and_std_per_channel_of_the_images(model, images, tmp_path, mnist_5k,
+                                                                               rgb_folder):  # noqa: F811
+    # The models' registered defaults are grey (mnist_cnn) and RGB (timm's): the checkpoint must follow the images.
+    folder = rgb_folder
+    if images == "grey":
+        folder = tmp_path / "grey-digits"
+        write_folder(mnist_5k.train.images[:300], mnist_5k.train.labels[:300], mnist_5k.classes, folder)
+    result = run_study(small_config(tmp_path, model=model, dataset=str(folder), image_size="32", trials=2,
+                                    batch_trials=2, enqueue=[("0.5", "0.25"), ("auto", "auto")]))
+    kept = [(run_id, tracking.load_checkpoint(run_id, "checkpoints/last.pt")["normalization"])
+            for run_id in batched_run_ids(result) if MlflowClient().list_artifacts(run_id, "checkpoints")]
+    assert len(kept) == 1  # the best trial's
+    run_id, normalization = kept[0]
+    params = MlflowClient().get_run(run_id).data.params
+    channels = 3 if images == "rgb" else 1
+    assert len(normalization["mean"]) == len(normalization["std"]) == channels
+    assert ",".join(f"{v:g}" for v in normalization["mean"]) == params["mean"]
+    assert ",".join(f"{v:g}" for v in normalization["std"]) == params["std"]
+
+
+def batched_run_ids(result) -> list[str]:
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                      filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    return [r.info.run_id for r in runs]
 
 
 def batched_trials(result) -> list[tuple[tuple[float, float], float]]:

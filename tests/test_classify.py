@@ -469,3 +469,31 @@ def test_json_rows_are_exactly_what_json_dumps_writes():
     for row in rows:
         assert row.to_json() == json.dumps(row.to_dict())
         assert json.loads(row.to_json().replace("NaN", "null").replace("Infinity", "null"))["path"] == row.path
+
+
+def test_a_local_model_folder_saved_over_is_classified_by_the_new_model(registered_model, digits, tmp_path, monkeypatch):
+    """The ONNX cache is keyed on what the model is, not on the path typed: another model saved into
+    ./model answers with its own classes, not the old graph's."""
+    from training import tracking
+
+    folder, _ = digits
+    pngs = sorted(folder.glob("*.png"))[:5]
+    model = tmp_path / "model"
+    mlflow.artifacts.download_artifacts("models:/digits@champion", dst_path=str(model))
+    use_tracking_store(tmp_path / "store", monkeypatch)  # both calls below under this one store
+    first = invoke(model, *pngs, "--format", "json")
+    assert first.exit_code == 0, first.output
+    assert {r["label"] for r in json.loads(first.stdout)} <= set(registered_model["result"].class_names)
+
+    result = registered_model["result"]
+    renamed = [f"digit {c}" for c in result.class_names]
+    with mlflow.start_run():  # the same network under other class names: a model that answers differently
+        uri = tracking.log_model(result.network, model_name="mnist_cnn", normalization=result.normalization,
+                                 input_shape=(1, 28, 28), class_names=renamed, onnx=True)
+    import shutil
+
+    shutil.rmtree(model)
+    mlflow.artifacts.download_artifacts(uri, dst_path=str(model))
+    second = invoke(model, *pngs, "--format", "json")
+    assert second.exit_code == 0, second.output
+    assert [r["label"] for r in json.loads(second.stdout)] == [f"digit {r['label']}" for r in json.loads(first.stdout)]

@@ -126,8 +126,8 @@ def test_a_changed_folder_replaces_its_cache_and_other_options_keep_theirs(tmp_p
     files = write_folder(mnist_5k.train.images[:60], mnist_5k.train.labels[:60], mnist_5k.classes, root)
     write_folder(mnist_5k.train.images[60:120], mnist_5k.train.labels[60:120], mnist_5k.classes, namesake)
 
-    def entries() -> set[str]:
-        return {p.name for p in cache.iterdir()}
+    def entries() -> set[str]:  # the decoded copies (beside them, each folder's record of its images' size)
+        return {p.parent.name for p in cache.glob("*/images.npy")}
 
     load_image_folder(root, cache_dir=cache, progress=False)
     first = entries()
@@ -143,6 +143,25 @@ def test_a_changed_folder_replaces_its_cache_and_other_options_keep_theirs(tmp_p
     assert len(entries()) == 4 and kept < entries() and not first & entries()  # only the superseded one went
     assert load_image_folder(root, cache_dir=cache, image_size=(20, 20), progress=False).image_shape == (1, 20, 20)
     assert len(entries()) == 4 and not small & entries()  # decoded again at 20x20, replacing its own old cache
+
+
+def test_models_of_other_input_sizes_share_the_cache_of_a_folder_of_one_image_size(tmp_path, mnist_5k):
+    """lenet5 (32x32) and timm:resnet18 (224x224) train a folder of 28x28 images at 28x28 both: one decode, one
+    cache, whatever the model's default size; --image-size 28 is the same size, the same cache."""
+    cache = tmp_path / "cache"
+    root = tmp_path / "digits"
+    write_folder(mnist_5k.train.images[:60], mnist_5k.train.labels[:60], mnist_5k.classes, root)
+
+    def caches() -> set[str]:
+        return {p.name for p in cache.iterdir()}
+
+    first = load_image_folder(root, cache_dir=cache, default_size=(32, 32), progress=False)
+    written = caches()
+    second = load_image_folder(root, cache_dir=cache, default_size=(224, 224), progress=False)
+    given = load_image_folder(root, cache_dir=cache, image_size=(28, 28), progress=False)
+    assert first.image_shape == second.image_shape == given.image_shape == (1, 28, 28)
+    assert caches() == written  # nothing decoded again
+    assert torch.equal(second.train.images, first.train.images) and torch.equal(given.test.images, first.test.images)
 
 
 def test_a_folder_above_the_memory_budget_is_memory_mapped_and_trains(tmp_path, mnist_5k):
@@ -186,6 +205,8 @@ def test_images_of_different_sizes_are_resized_to_the_model_or_the_given_size(tm
     big = next(root.glob("*/*.png"))
     Image.open(big).resize((56, 56)).save(big)
     assert load_image_folder(root, val_fraction=0.2, default_size=(20, 20), progress=False).image_shape == (1, 20, 20)
+    # Their size depends on the model's: another model's default size is another decode.
+    assert load_image_folder(root, val_fraction=0.2, default_size=(24, 24), progress=False).image_shape == (1, 24, 24)
     assert load_image_folder(root, val_fraction=0.2, image_size=(16, 24), progress=False).image_shape == (1, 16, 24)
 
 
@@ -238,6 +259,9 @@ def test_valid_fractions_give_disjoint_splits_that_are_not_empty(small_folder, t
     ({"train/a/x.png": 1, "train/b/y.png": 1, "test/a/z.png": 1, "test/c/w.png": 1}, "missing b; extra c"),
     ({"x.png": 1}, "holds no class folders"),
     ({"test/a/x.png": 1, "test/b/y.png": 1}, "no train/ folder"),
+    # A folder of datasets, one of them with split folders: its "classes" would be the dataset names.
+    ({"fashion-rgb/train/a/x.png": 1, "fashion-rgb/train/b/y.png": 1, "heldout-rgb/a/z.png": 1},
+     "looks like a folder of datasets"),
 ])
 def test_a_folder_that_is_no_dataset_is_one_line_exit_2_and_no_run(tmp_path, layout, message):
     root = tmp_path / "bad"
@@ -253,6 +277,24 @@ def test_a_folder_that_is_no_dataset_is_one_line_exit_2_and_no_run(tmp_path, lay
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
+def test_class_folders_that_hold_only_folders_are_trained_with_a_warning_naming_a_dataset_to_train(tmp_path, capsys):
+    """data/fashion/CLASS/*.png and data/digits/CLASS/*.png as the classes of data: the layout of a folder of
+    datasets, and of classes whose images are sorted in sub-folders (cat/2019/*.jpg, which torchvision's
+    ImageFolder takes too): trained, with a warning that says how to train one of the datasets."""
+    root = tmp_path / "data"
+    for i, name in enumerate(f"{dataset}/{label}/{n}.png" for dataset in ("fashion", "digits") for label in "ab"
+                             for n in range(2)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(root / name)
+    data = load_image_folder(root, val_fraction=0.25, test_fraction=0.25, progress=False)
+    assert data.classes == ["digits", "fashion"]
+    warning = capsys.readouterr().err
+    assert "hold no images directly, only folders" in warning and f"--dataset {root / 'digits'}" in warning
+    (root / "digits" / "loose.png").write_bytes((root / "digits" / "a" / "0.png").read_bytes())
+    load_image_folder(root, val_fraction=0.25, test_fraction=0.25, progress=False)
+    assert "only folders" not in capsys.readouterr().err  # one image of its own makes it a class folder
 
 
 def test_unreadable_files_are_skipped_named_and_counted_on_the_run(tmp_path, mnist_5k):
@@ -448,3 +490,18 @@ def test_a_class_whose_every_file_is_unreadable_is_refused_by_name(tmp_path, mni
     result = zoo("train", "--dataset", str(root), "--epochs", "1", "--dry-run")
     assert result.exit_code == 2, result.output
     assert "class 7 of" in result.output and "no readable training image" in result.output
+
+
+def test_decoding_workers_started_after_torch_loaded_are_spawned_not_forked(rgb_folder, tmp_path):
+    """torch is loaded in this process (zoo.folder_dataset imports it): a worker forked now would inherit
+    half of its thread pools (serving/workers.py's rule), so the folder's decoding workers start fresh."""
+    from zoo.folder_dataset import PARALLEL_FROM, decode_pool
+
+    assert "torch" in __import__("sys").modules
+    with decode_pool(PARALLEL_FROM, 2) as pool:
+        # eval is a builtin, so it pickles by name: it reports the worker's own modules.
+        assert pool.submit(eval, "'torch' in __import__('sys').modules").result() is False
+    # The spawned workers decode the folder exactly as this process does.
+    here = load_image_folder(rgb_folder, workers=0, cache_dir=tmp_path / "here")
+    spawned = load_image_folder(rgb_folder, workers=2, cache_dir=tmp_path / "spawned")
+    assert torch.equal(here.train.images, spawned.train.images) and torch.equal(here.test.labels, spawned.test.labels)

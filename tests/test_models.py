@@ -25,7 +25,7 @@ from training.train import fit, load_training_data, train, trainer_for
 from training.train_config import TrainConfig
 from zoo.data import Split
 from zoo.model_options import coerce_model_config, parse_model_options
-from zoo.normalization import NormalizedModel
+from zoo.normalization import IMAGENET, NormalizedModel
 from zoo.models.registry import create_model, get_model_spec, list_models
 
 
@@ -121,6 +121,30 @@ def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
 
 
+def test_opencv_reads_an_exported_mobilenetv3_as_onnxruntime_does(mnist_5k, tmp_path: Path) -> None:
+    """timm's MobileNetV3 family gates its squeeze-excite blocks with Mul(x, HardSigmoid(s)), which OpenCV's
+    DNN module computed wrongly (labels of 1 image in 8 agreed): the exported graph must read alike in both."""
+    pytest.importorskip("timm")
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) reads the graph as OpenCV users do")
+    import onnxruntime
+
+    name, shape = "timm:mobilenetv3_small_050", (3, 32, 32)
+    torch.manual_seed(0)
+    module = NormalizedModel(create_model(name, input_shape=shape, num_classes=10), IMAGENET).eval()
+    loaded = LoadedModel("memory", module, IMAGENET, [str(i) for i in range(10)], shape, name)
+    path = export_onnx(loaded, tmp_path / "mobilenetv3.onnx").path  # parity with PyTorch checked on onnxruntime
+    write_digit_pngs(mnist_5k, tmp_path / "digits", 16)
+    pixels = load_pixels(sorted((tmp_path / "digits").glob("*.png")), shape)  # real digits, as RGB
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: pixels})
+    network = cv2.dnn.readNetFromONNX(str(path))
+    network.setInput(pixels)
+    got = network.forward()
+    # To 1e-4 of the largest logit: a random-init network's logits are themselves small (about 1e-2).
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
 def write_digit_pngs(mnist_5k, folder: Path, n: int) -> list[int]:
     """The first ``n`` test digits as 28x28 grayscale PNGs; returns their labels."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +173,7 @@ def test_classify_real_digits_through_the_cli(name: str, mnist_5k, tmp_path: Pat
     assert [Path(p["path"]).name for p in predictions] == ["digit_00.png", "digit_01.png", "digit_02.png"]
     with torch.inference_mode():
         pixels = torch.from_numpy(load_pixels(files, spec.input_shape))
-        expected = torch.softmax(model.with_normalization()(pixels), dim=1)
+        expected = torch.softmax(model.module(pixels), dim=1)
     for p, probs in zip(predictions, expected):
         top = [t["probability"] for t in p["top"]]
         assert top == sorted(top, reverse=True) and all(0 <= q <= 1 for q in top)

@@ -283,5 +283,5 @@ def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     pixels = mnist_5k.test.images[:4].float() / 255
     with torch.inference_mode():
         expected = network(normalization.apply(pixels))
-        assert torch.allclose(loaded.with_normalization()(pixels), expected, atol=1e-5)
+        assert torch.allclose(loaded.module(pixels), expected, atol=1e-5)
     assert loaded.normalization == normalization and loaded.class_names == list("0123456789")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -18,6 +19,7 @@ from cli.main import cli as zoo_cli
 from cli.renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
 from zoo.data import load_dataset
+from zoo.errors import UsageError
 from zoo.image_folder import decode_crops, list_labelled_files, map_folders
 from zoo.normalization import (
     IMAGENET, BorderPaddedConv2d, Normalization, fold_normalization, parse_spec, recalibrate_batchnorm,
@@ -185,7 +187,7 @@ def test_torchvision_imagenet_root_reads_its_val_folder(tmp_path):
     assert image_folder_root(tmp_path) == tmp_path  # a plain folder is taken as it is
     (tmp_path / "meta.bin").write_bytes(b"")  # torchvision's ImageNet layout: meta.bin beside train/ and val/
     assert image_folder_root(tmp_path) == tmp_path / "val"
-    with pytest.raises(FileNotFoundError, match="no such image folder"):
+    with pytest.raises(UsageError, match="no such image folder"):
         image_folder_root(tmp_path / "missing")
 
 
@@ -373,3 +375,60 @@ def test_renorm_reads_calibration_data_a_source_norm_and_spills_with_decoding_wo
     assert (params["source_mean"], params["eval_images"]) == ("0.485,0.456,0.406", "40")
     assert in_memory[("0.5:0.5", "none")]["top1"] == spilled[("0.5:0.5", "none")]["top1"]
     assert in_memory[("0.5:0.5", "none")]["agreement"] < 1.0
+
+
+def non_square_rgb_folder(fashion, root: Path, n: int = 40) -> Path:
+    """``n`` real Fashion-MNIST images as 48x40 (width x height) RGB PNGs in class folders: the garment
+    stretched across the width, on a paper colour of its own, with a coloured band at the left and right
+    edges that a center crop cuts off and a stretch keeps."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    split = fashion.test.subset(n)
+    for i, (image, label) in enumerate(zip(split.images, split.labels)):
+        grey = np.asarray(Image.fromarray(image[0].numpy()).resize((48, 40), Image.Resampling.BILINEAR), np.float32) / 255
+        paper, ink = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        rgb = paper * (1 - grey[..., None]) + ink * grey[..., None]
+        rgb[:, :4], rgb[:, -4:] = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        folder = root / fashion.classes[int(label)].replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_a_registered_renorm_model_is_served_with_the_preprocessing_it_was_scored_with(fashion, tmp_path):
+    """resize 36 / crop 32 on 48x40 images: zoo classify (in worker processes too) and the pyfunc model
+    decode as renorm scored (shorter side to 36, center crop 32), not by stretching the image to 32x32."""
+    import pandas as pd
+
+    from training.renorm import RenormConfig, renorm
+
+    folder = non_square_rgb_folder(fashion, tmp_path / "images")
+    torch.manual_seed(0)
+    weights = save_checkpoint(torchvision.models.resnet18(num_classes=10), IMAGENET, fashion.classes, tmp_path / "r18.pt")
+    result = renorm(RenormConfig(data=str(folder), weights=str(weights), norms=["0.5:0.5"], resize=36, crop=32,
+                                 workers=0, register="wide", alias="served"))
+    scored = mlflow.get_run(result.rows[0]["run_id"]).data.metrics["top1"]
+
+    # What renorm scored, image by image: its own decoder, the same network and normalization.
+    files, _ = list_labelled_files(folder, fashion.classes)
+    network = load_pretrained("resnet18", str(weights)).network
+    expected = torch.softmax(logits(network, decode_crops(files.files, resize=36, crop=32), parse_spec("0.5:0.5", 3)), 1)
+    labels = [fashion.classes[int(i)] for i in expected.argmax(dim=1)]
+    assert sum(label == fashion.classes[int(y)] for label, y in zip(labels, files.labels)) / len(files) == scored
+
+    for runtime, workers in (("onnx", "0"), ("onnx", "2"), ("torch", "0")):
+        classified = CliRunner().invoke(zoo_cli, ["classify", "models:/wide@served", str(folder), "--top-k", "1",
+                                                  "--runtime", runtime, "--workers", workers, "--batch-size", "8",
+                                                  "--format", "json"])
+        assert classified.exit_code == 0, classified.output
+        rows = {r["path"]: r for r in json.loads(classified.stdout)}
+        assert [rows[str(f)]["label"] for f in files.files] == labels, (runtime, workers)
+        assert [rows[str(f)]["top"][0]["probability"] for f in files.files] == pytest.approx(
+            expected.max(dim=1).values.tolist(), abs=1e-4), (runtime, workers)
+
+    served = mlflow.pyfunc.load_model("models:/wide@served").predict(
+        pd.DataFrame({"image": [f.read_bytes() for f in files.files]}))
+    assert list(served["label"]) == labels
+    assert list(served["probability"]) == pytest.approx(expected.max(dim=1).values.tolist(), abs=1e-4)

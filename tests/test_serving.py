@@ -40,7 +40,7 @@ def test_alias_and_version_uris_resolve_to_the_trained_model(registered_model):
     import torch
 
     with torch.inference_mode():
-        a = by_alias.with_normalization()(torch.from_numpy(pixels))
+        a = by_alias.module(torch.from_numpy(pixels))
         b = result.network(result.normalization.apply(torch.from_numpy(pixels)))
     assert torch.allclose(a, b, atol=1e-5)
 

@@ -1,5 +1,5 @@
 """`zoo study`: one Optuna study = one MLflow parent run with every trial nested under it,
-under threads, several processes, a killed-and-resumed study and a diverging trial.
+under --jobs 2, several processes, a killed-and-resumed study and a diverging trial.
 
 Real data (small mnist-5k subsets, 1 epoch), a real SQLite Optuna storage (and a private
 PostgreSQL server when its binaries are installed) and the real SQLite MLflow store of
@@ -23,6 +23,7 @@ from typing import Iterator
 import mlflow
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -96,7 +97,7 @@ def subprocess_env() -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Fixed parameter mean")  # -10 is outside the searched range on purpose
-def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tmp_path):
+def test_two_jobs_nest_every_trial_under_one_parent_and_publish_the_best_model(tmp_path):
     # Two trials first that surely differ (measured 0.345 and 0.105 against a collapse threshold of
     # 0.145), so that the collapsed count is neither 0 nor all; then 4 sampled in the published range.
     config = small_config(tmp_path, trials=6, jobs=2, log_models="best", register="best-norm",
@@ -128,6 +129,35 @@ def test_threads_nest_every_trial_under_one_parent_and_publish_the_best_model(tm
     # Only the best trial keeps its checkpoints.
     assert [r.info.run_id for r in children if MlflowClient().list_artifacts(r.info.run_id, "checkpoints")] == [best_run]
     assert_summary_matches_the_trials(parent, children, summary, config)
+
+
+def val_accuracy_by_normalization(parent_run_id: str) -> dict[tuple[str, str], float]:
+    """(mean, std) -> val_accuracy of each trial of one study, from its child runs."""
+    _, runs = study_runs()
+    return {(r.data.params["mean"], r.data.params["std"]): r.data.metrics["val_accuracy"]
+            for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id}
+
+
+@pytest.mark.slow
+def test_a_trials_result_does_not_depend_on_jobs(tmp_path):
+    """Every trial starts from seed 1 (the same initial weights, the same dropout draws) whatever trains beside it:
+    the same normalizations give the same val accuracies under --jobs 1 and --jobs 2, and on a re-run."""
+    pairs = [("0.1307", "0.3081"), ("0", "1"), ("0.5", "0.5"), ("1", "0.2")]
+    results = {}
+    # One torch thread per trial whatever --jobs is: otherwise --jobs 1 and --jobs 2 sum floats in another
+    # order (cores / jobs threads per trial), which moves the weights' last bits (docs/study.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, jobs in (("two", 2), ("two-again", 2), ("one", 1)):
+            result = run_study(small_config(tmp_path, study_name=name, trials=len(pairs), jobs=jobs, enqueue=pairs,
+                                            train_size=640))
+            results[name] = val_accuracy_by_normalization(result.parent_run_id)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(results["two"]) == len(pairs)
+    assert results["two-again"] == results["two"]
+    assert results["one"] == results["two"]
 
 
 def assert_summary_matches_the_trials(parent, children: list, summary: dict, config: StudyConfig) -> None:
@@ -216,6 +246,14 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def process_group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def mid_trial(storage: str) -> bool:
     """At least one trial finished and the last one is training in its child run (params logged)."""
     try:
@@ -296,6 +334,37 @@ def test_sigterm_stops_a_study_cleanly_and_the_same_command_resumes_it(tmp_path)
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_every_worker_process_of_jobs_2(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the processes --jobs 2 started end with the
+    first one, no trial is left RUNNING, and the same command resumes the study."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli_process(storage, "--trials", "3", "--train-size", "3000", "--epochs", "2", "--jobs", "2")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**subprocess_env(), "ZOO_DEBUG": ""}, start_new_session=True)
+    try:
+        wait_until(lambda: mid_trial(storage), 600, "a trial in progress")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-2000:]
+    # No worker process outlives it (multiprocessing's resource tracker leaves a moment after the first process).
+    wait_until(lambda: not process_group_alive(proc.pid), 60, "the study's processes to end")
+    states = [t.state for t in optuna.load_study(study_name="shared", storage=storage).get_trials()]
+    assert TrialState.RUNNING not in states and TrialState.FAIL in states, states
+    last_line = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last_line.startswith("Error: study shared stopped with"), last_line
+    (parent,), children = study_runs()
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in children}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Fixed parameter std")  # 1e-45 is outside the searched range on purpose
 def test_a_diverging_trial_fails_and_the_study_goes_on(tmp_path):
     # std = 1e-45 is a float32 denormal: inputs become infinite and the loss NaN.
@@ -345,6 +414,26 @@ def test_a_postgresql_storage_nests_trials_under_one_parent(tmp_path, postgres):
     stored = optuna.load_study(study_name="s", storage=postgres_url)
     assert stored.user_attrs[PARENT_ATTR] == result.parent_run_id
     assert sum(t.state == TrialState.COMPLETE for t in stored.get_trials()) == 2
+
+
+@pytest.mark.parametrize("unreachable", ["tracking server", "storage"])
+def test_an_unreachable_tracking_server_or_storage_fails_before_the_data_are_decoded(unreachable, tmp_path, monkeypatch,
+                                                                                     mnist_5k):
+    from servers import free_port
+    from test_folder_dataset import write_folder
+
+    folder = tmp_path / "digits"
+    write_folder(mnist_5k.train.images[:100], mnist_5k.train.labels[:100], mnist_5k.classes, folder)
+    closed = f"127.0.0.1:{free_port()}"
+    if unreachable == "tracking server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{closed}")
+        mlflow.set_tracking_uri(f"http://{closed}")  # the next test's autouse fixture sets its own
+        config = small_config(tmp_path, dataset=str(folder))
+    else:
+        config = small_config(tmp_path, dataset=str(folder), storage=f"postgresql://zoo@{closed}/optuna")
+    with pytest.raises(ConnectionError, match=f"cannot reach the (MLflow|Optuna) {unreachable}"):
+        run_study(config)
+    assert not (tmp_path / "cache").exists(), "the folder was decoded (and cached) before the check"
 
 
 def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5k):

@@ -80,6 +80,20 @@ def test_bad_train_input_exits_2_with_one_line_and_leaves_no_run(args, expected)
     assert [r.info.status for r in all_runs() if r.info.status == "RUNNING"] == []
 
 
+def test_a_libraries_value_error_is_a_runtime_failure_with_the_traceback_hint_not_bad_usage(tmp_path):
+    # MLflow raises ValueError for a setting it cannot parse: the command line was fine, so not exit 2.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "five", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("ZOO_DEBUG", None)
+    res = subprocess.run([sys.executable, "-m", "cli", "train", "--epochs", "1", "--dry-run"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE" in line and line.endswith("(set ZOO_DEBUG=1 for the traceback)")
+
+
 def test_diverging_training_exits_1_and_marks_the_run_failed_with_the_reason():
     res = CliRunner().invoke(cli, ["train", "--optimizer", "sgd", "--lr", "1e12", "--epochs", "2", "--dry-run",
                                    "--no-checkpoints"])

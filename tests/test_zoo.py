@@ -1,5 +1,9 @@
 """The zoo package on its own: registry, normalization, dataset catalog."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -158,3 +162,19 @@ def test_a_weights_file_that_holds_more_than_tensors_is_refused_before_it_runs_a
         load_pretrained("resnet18", str(path))
     assert str(path) in str(refused.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"ZOO_OFFLINE": "1"}],
+                         ids=["hub-unreachable", "zoo-offline"])
+def test_pretrained_timm_weights_without_a_network_fail_at_once_in_one_line(tmp_path, env):
+    """No network (the hub's address refuses connections, or ZOO_OFFLINE=1) and an empty Hugging Face cache: one
+    line that says what the weights need, without the hub's retries of every file."""
+    pytest.importorskip("timm")
+    result = subprocess.run([sys.executable, "-m", "cli", "train", "--model", "timm:resnet18", "--weights", "pretrained",
+                             "--dry-run"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HOME": str(tmp_path / "hf"), **env})
+    assert result.returncode == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and "timm:resnet18" in error and "need a network" in error, result.stderr
+    assert str(tmp_path / "hf") in error and "--weights FILE" in error
+    assert "Retry" not in result.stderr and "Traceback" not in result.stderr and "ZOO_DEBUG" not in error

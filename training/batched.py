@@ -29,15 +29,16 @@ from torch.func import functional_call, vmap
 from training.engine import EVAL_BATCH_SIZE, batches, make_optimizer
 from zoo.data import Split
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 
 def check_batchable(network: nn.Module, trainer: str, name: str) -> None:
     """Refuse networks the stacked computation cannot train like a lone one, saying why."""
     if trainer != "autograd":
-        raise ValueError(f"--batch-trials trains with autograd; {name} has its own {trainer!r} trainer: "
+        raise UsageError(f"--batch-trials trains with autograd; {name} has its own {trainer!r} trainer: "
                          "run it without --batch-trials")
     if any(True for _ in network.buffers()):
-        raise ValueError(f"--batch-trials needs a network without buffers (batch norm running statistics); "
+        raise UsageError(f"--batch-trials needs a network without buffers (batch norm running statistics); "
                          f"{name} has some: run it without --batch-trials")
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from training import tracking
+from zoo.errors import UsageError
 
 LAST, BEST, EPOCHS = "last", "best", "epochs"
 KEEP_CHOICES = ("last", "best", "all", "none")
@@ -35,7 +36,7 @@ def parse_keep(value: str) -> frozenset[str]:
     """``"last,best"`` -> {"last", "best"}; ``"all"`` adds every epoch; ``"none"`` keeps nothing."""
     parts = {p.strip().lower() for p in value.split(",") if p.strip()}
     if not parts or not parts <= set(KEEP_CHOICES) or ("none" in parts and len(parts) > 1):
-        raise ValueError(f"--keep-checkpoints {value!r} is not valid: give last, best, all or none, or a "
+        raise UsageError(f"--keep-checkpoints {value!r} is not valid: give last, best, all or none, or a "
                          f"comma-separated list such as {DEFAULT_KEEP} (the default); see zoo train --help")
     if "all" in parts:
         return frozenset({LAST, BEST, EPOCHS})

@@ -19,6 +19,7 @@ from torch import nn
 
 from zoo.data import Split
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 OPTIMIZERS = ("adadelta", "sgd", "adam", "adamw")
 
@@ -41,9 +42,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise UsageError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
     return device
 
 
@@ -65,7 +66,7 @@ def check_precision(precision: str, device: torch.device) -> None:
 def autocast(precision: str, device: torch.device):
     """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
@@ -83,7 +84,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, mome
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; only {', '.join(OPTIMIZERS)} are supported")
+    raise UsageError(f"unknown optimizer {name!r}; only {', '.join(OPTIMIZERS)} are supported")
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -39,6 +39,7 @@ from typing import Any, Callable, TypeVar
 
 from training import tracking
 from training.tracking import ServerGone
+from zoo.errors import UsageError
 
 TIMEOUT_ENV = "ZOO_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # a server restart or upgrade takes seconds to minutes
@@ -57,7 +58,7 @@ def timeout_from_env() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not valid: give the seconds to wait for a tracking server "
+        raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not valid: give the seconds to wait for a tracking server "
                          f"that goes away mid-run, a number >= 0 (default {DEFAULT_TIMEOUT_S:g})")
     return value
 

@@ -14,21 +14,22 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 
 def check_registry_names(name: str | None, alias: str | None) -> None:
     """Validate a registered-model name and alias before any training time is spent."""
     if alias and not name:
-        raise ValueError("--alias needs --register NAME (the registered model the alias belongs to)")
+        raise UsageError("--alias needs --register NAME (the registered model the alias belongs to)")
     if name is not None and not name.strip():
-        raise ValueError("the registered model name is empty")
+        raise UsageError("the registered model name is empty")
     if alias is None:
         return
     # MLflow reserves "latest" and version-like aliases ("v3") for version lookups.
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise ValueError(f"alias {alias!r} is reserved by MLflow (latest, vN); choose another, e.g. champion or staging")
+        raise UsageError(f"alias {alias!r} is reserved by MLflow (latest, vN); choose another, e.g. champion or staging")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
-        raise ValueError(f"alias {alias!r} may only contain letters, digits, '_' and '-'")
+        raise UsageError(f"alias {alias!r} may only contain letters, digits, '_' and '-'")
 
 
 def register(model_uri: str, name: str, alias: str | None = None) -> int:

@@ -36,6 +36,7 @@ from zoo.folder_dataset import warn_skipped
 from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
 from zoo.normalization import Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
 from zoo.pretrained import Pretrained, load_pretrained
+from zoo.errors import UsageError
 
 ADAPTATIONS = ("none", "bn-recalibrate", "fold")
 REGISTER_ADAPT_PREFERENCE = ("fold", "bn-recalibrate", "none")  # default --register-adapt: the first evaluated
@@ -94,9 +95,9 @@ def grid_axis(spec: tuple[float, float, int] | None, name: str) -> np.ndarray:
         return np.array([])
     low, high, steps = float(spec[0]), float(spec[1]), int(spec[2])
     if steps < 0 or low > high:
-        raise ValueError(f"{name} takes LOW HIGH STEPS with LOW <= HIGH and STEPS >= 1 (0: no grid), got {spec}")
+        raise UsageError(f"{name} takes LOW HIGH STEPS with LOW <= HIGH and STEPS >= 1 (0: no grid), got {spec}")
     if name == "--grid-std" and low <= 0:
-        raise ValueError(f"--grid-std must stay positive (division by std), got LOW={low}")
+        raise UsageError(f"--grid-std must stay positive (division by std), got LOW={low}")
     return np.linspace(low, high, steps)
 
 
@@ -105,13 +106,13 @@ def candidates(config: RenormConfig, channels: int) -> list[Candidate]:
     out = [Candidate(spec.strip().lower() if ":" not in spec else spec.strip(), parse_spec(spec, channels)) for spec in config.norms]
     means, stds = grid_axis(config.grid_mean, "--grid-mean"), grid_axis(config.grid_std, "--grid-std")
     if (len(means) == 0) != (len(stds) == 0):
-        raise ValueError("give both --grid-mean and --grid-std (LOW HIGH STEPS each), or neither")
+        raise UsageError("give both --grid-mean and --grid-std (LOW HIGH STEPS each), or neither")
     for m in means:
         for s in stds:
             cell = (round(float(m), 6), round(float(s), 6))
             out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
     if not out:
-        raise ValueError("nothing to evaluate: give --norm and/or --grid-mean/--grid-std")
+        raise UsageError("nothing to evaluate: give --norm and/or --grid-mean/--grid-std")
     return out
 
 
@@ -119,26 +120,26 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
     """Every usage error before any decoding or run; returns the candidates and what to register."""
     bad = [a for a in config.adaptations if a not in ADAPTATIONS]
     if bad or not config.adaptations:
-        raise ValueError(f"unknown adaptation {', '.join(bad) or '(none given)'}; valid: {', '.join(ADAPTATIONS)}")
+        raise UsageError(f"unknown adaptation {', '.join(bad) or '(none given)'}; valid: {', '.join(ADAPTATIONS)}")
     if config.limit is not None and config.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {config.limit}")
+        raise UsageError(f"--limit must be at least 1, got {config.limit}")
     if "bn-recalibrate" in config.adaptations and config.calibration < 2:
-        raise ValueError(f"bn-recalibrate needs --calibration of at least 2 images, got {config.calibration}")
+        raise UsageError(f"bn-recalibrate needs --calibration of at least 2 images, got {config.calibration}")
     registration.check_registry_names(config.register, config.alias)
     cands = candidates(config, channels)
     if not config.register:
         if config.alias or config.register_norm or config.register_adapt:
-            raise ValueError("--alias, --register-norm and --register-adapt need --register NAME")
+            raise UsageError("--alias, --register-norm and --register-adapt need --register NAME")
         return cands, None, None
     wanted = parse_spec(config.register_norm, channels) if config.register_norm else cands[0].normalization
     chosen = next((c for c in cands if c.normalization == wanted), None)
     if chosen is None:
-        raise ValueError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
+        raise UsageError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
     adapt = config.register_adapt or next(a for a in REGISTER_ADAPT_PREFERENCE if a in config.adaptations)
     if adapt not in ADAPTATIONS:
-        raise ValueError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
+        raise UsageError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
     if adapt not in config.adaptations:
-        raise ValueError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
+        raise UsageError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
     return cands, chosen, adapt
 
 
@@ -160,7 +161,7 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
             calibration = other.take(torch.randperm(len(other), generator=generator)[: config.calibration])
         else:
             if len(files) <= config.calibration:
-                raise ValueError(
+                raise UsageError(
                     f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration images "
                     "plus evaluation images; lower --calibration or give --calibration-data"
                 )
@@ -260,10 +261,10 @@ def prepare(config: RenormConfig) -> Prepared:
         pretrained.normalization = parse_spec(config.source_norm, 3)
     resize, crop = config.resize or pretrained.resize, config.crop or pretrained.crop
     if resize < crop:
-        raise ValueError(f"--resize ({resize}) must be at least --crop ({crop})")
+        raise UsageError(f"--resize ({resize}) must be at least --crop ({crop})")
     files, class_names = list_labelled_files(config.data, pretrained.class_names)
     if len(class_names) != pretrained.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
             "(a state dict without class names takes them from the sorted folder names)"
         )
@@ -315,7 +316,8 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
         if register:
             model_uri = tracking.log_model(
                 copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
-                input_shape=(3, job.crop, job.crop), class_names=job.class_names, registered_name=config.register,
+                input_shape=(3, job.crop, job.crop), resize=job.resize, class_names=job.class_names,
+                registered_name=config.register,
                 sample_images=job.evaluation.images[:2],
                 alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
                 eval_data=Path(job.data_root).name,  # the registry's `dataset` tag; the weights get their own

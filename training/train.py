@@ -25,6 +25,7 @@ from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
 from zoo.normalization import Normalization
 from zoo.models.registry import create_model
+from zoo.errors import UsageError
 
 
 @dataclass
@@ -291,14 +292,14 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     """The run's config and ``last`` checkpoint, or a ValueError that says why the run cannot be resumed."""
     run = tracking.find_run(run_id)
     if run is None:
-        raise ValueError(f"no MLflow run {run_id!r} in {masked_url(tracking.tracking_uri())}; check the id (MLflow UI, "
+        raise UsageError(f"no MLflow run {run_id!r} in {masked_url(tracking.tracking_uri())}; check the id (MLflow UI, "
                          "`mlflow runs list`) and MLFLOW_TRACKING_URI")
     if run.info.status == "FINISHED":
-        raise ValueError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
+        raise UsageError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
     worker = run.data.tags.get(tracking.WORKER_TAG)
     if run.info.status == "RUNNING" and tracking.worker_alive_here(worker, run.data.tags.get(tracking.WORKER_START_TAG)):
         pid = worker.rpartition(":")[2]
-        raise ValueError(f"run {run_id} is still training in process {pid} on this machine; stop it first (Ctrl-C "
+        raise UsageError(f"run {run_id} is still training in process {pid} on this machine; stop it first (Ctrl-C "
                          f"there, or kill {pid}: the run ends KILLED with its last checkpoint), then resume it")
     if run.info.status == "RUNNING":  # its process died (SIGKILL, out of memory, lost machine) or is elsewhere
         tqdm.write(f"run {run_id} is still marked RUNNING{f' by {worker}' if worker else ''}, a process that is gone or "
@@ -319,7 +320,7 @@ def last_checkpoint(run_id: str) -> dict[str, Any]:
         return torch.load(kept, map_location="cpu", weights_only=True)
     last = checkpoints.checkpoint_path(checkpoints.LAST)
     if not tracking.has_artifact(run_id, last):
-        raise ValueError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
+        raise UsageError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
                          "was trained with --keep-checkpoints best or none); start a new run with zoo train")
     return tracking.load_checkpoint(run_id, last)
 
@@ -336,5 +337,5 @@ def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any
             AUTO in (wanted.mean, wanted.std, stored.mean, stored.std) or wanted.normalization() != stored.normalization()):
         differing.append(f"--mean/--std {wanted.normalization()} (the run has {stored.normalization()})")
     if differing:
-        raise ValueError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
+        raise UsageError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
                          "Leave these options out to resume with the run's own, or start a new run")

@@ -24,6 +24,7 @@ from training.outage import Outbox
 from training.train import build_network, log_test_figures, patiently
 from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
+from zoo.normalization import Normalization
 
 
 @dataclass
@@ -96,7 +97,8 @@ def fit_batch(
     )
     results = [MemberResult(run_id) for run_id in run_ids]
     # What an epoch leaves behind is fit's; training/epochs.py says why the loops differ.
-    books = [_bookkeeping(stack, member, c, generator, results[member], boxes[member]) for member, c in enumerate(configs)]
+    books = [_bookkeeping(stack, member, c, normalizations[member], generator, results[member], boxes[member])
+             for member, c in enumerate(configs)]
     for epoch in range(1, config.epochs + 1):
         if not stack.members:
             break
@@ -128,11 +130,12 @@ def fit_batch(
     return results
 
 
-def _bookkeeping(stack: StackedTrials, member: int, config: TrainConfig, generator: torch.Generator,
-                 out: MemberResult, outbox: Outbox | None) -> EpochBookkeeping:
-    """The record of one member's epochs, kept in ``out.history`` and logged to ``out.run_id`` (through ``outbox``)."""
+def _bookkeeping(stack: StackedTrials, member: int, config: TrainConfig, normalization: Normalization,
+                 generator: torch.Generator, out: MemberResult, outbox: Outbox | None) -> EpochBookkeeping:
+    """The record of one member's epochs, kept in ``out.history`` and logged to ``out.run_id`` (through ``outbox``);
+    ``normalization`` is the member's for the dataset's channels (not the model's default channel count)."""
     return EpochBookkeeping(
-        _Member(stack, member), config, config.normalization(), generator, lambda: stack.trainer_state_of(member),
+        _Member(stack, member), config, normalization, generator, lambda: stack.trainer_state_of(member),
         out.history, BestEpoch(keep_weights=config.keep_best), config.kept_checkpoints(), outbox, run_id=out.run_id,
     )
 

@@ -15,6 +15,7 @@ from zoo.data import Dataset
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
 from zoo.models.registry import ModelSpec, get_model_spec
+from zoo.errors import UsageError
 
 
 AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
@@ -76,7 +77,7 @@ class TrainConfig:
         std = self.std if self.std is not None else ",".join(map(str, default.std))
         if AUTO in (mean, std):
             if dataset is None:
-                raise ValueError("--mean/--std auto is computed from the training data, which is not loaded yet")
+                raise UsageError("--mean/--std auto is computed from the training data, which is not loaded yet")
             measured = dataset.pixel_statistics()
             mean = measured.mean if mean == AUTO else mean
             std = measured.std if std == AUTO else std

@@ -18,6 +18,7 @@ from training.engine import make_optimizer, run_epoch, score_loss, train_one_epo
 from zoo.data import Split
 from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 
 class EpochTrainer(Protocol):
@@ -72,11 +73,11 @@ class ScratchTrainer:
     def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
                  precision: str = "fp32"):
         if precision != "fp32":
-            raise ValueError(f"the scratch trainer computes in float32 only; got precision {precision!r}: use --precision fp32")
+            raise UsageError(f"the scratch trainer computes in float32 only; got precision {precision!r}: use --precision fp32")
         if not isinstance(network, ScratchMLP):
-            raise ValueError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
+            raise UsageError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
         if optimizer != "sgd" or weight_decay:
-            raise ValueError(
+            raise UsageError(
                 f"scratch_mlp trains with its own SGD (lr, momentum); got optimizer={optimizer!r}, "
                 f"weight_decay={weight_decay}: use --optimizer sgd (the default) and no weight decay"
             )
@@ -112,5 +113,5 @@ TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrai
 def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
     """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum, precision."""
     if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
+        raise UsageError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
     return TRAINERS[name](network, **settings)

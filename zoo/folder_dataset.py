@@ -13,13 +13,15 @@ Every image is decoded as ``zoo classify`` decodes it (zoo/imaging.py: 16-bit, C
 transparent images included), to grey when every image is grey and RGB otherwise, resized to
 ``image_size`` (default: the images' own size when they all agree, else the model's). The result
 is written once, as uint8 in split order, to ``$ZOO_CACHE_DIR/datasets/KEY/`` where KEY digests
-the files' relative paths, sizes and modification times with the options: a second run of the
-same folder reads the cache instead of decoding, and each split is a slice of it. A cache larger
+the files' relative paths, sizes and modification times with the split options and the size used:
+a second run of the same folder, with any model when its images share one size, reads the cache
+instead of decoding, and each split is a slice of it. A cache larger
 than ``memory_limit_bytes`` is memory-mapped rather than read.
 
 Files that are not readable images are skipped, each named in one warning (the first few) and
 counted (``Dataset.skipped``, logged on the run); a folder that cannot be a dataset (no class
-folders, one class, an empty class, splits with other classes) is a ValueError that says why.
+folders, one class, an empty class, splits with other classes, a folder of datasets) is a ValueError
+that says why.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import numpy as np
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
+from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
+from zoo.machine import worker_start_method
+from zoo.errors import UsageError
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -76,7 +81,7 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
-        raise ValueError(f"image size {value!r} is not SIDE or HEIGHTxWIDTH in pixels (e.g. 32 or 48x64)")
+        raise UsageError(f"image size {value!r} is not SIDE or HEIGHTxWIDTH in pixels (e.g. 32 or 48x64)")
     return parts[0], parts[1]
 
 
@@ -116,14 +121,13 @@ def load_image_folder(
     """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
-    folder = cache_folder(cache_dir, listing, image_size, default_size)
-    if not (folder / "meta.json").is_file():
-        # What the folder's earlier caches share with this one: the same folder, split and decoded the same way.
-        source = {"root": str(listing.root), "image_size": list(image_size) if image_size else None,
-                  "default_size": list(default_size),
-                  "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
-        _decode_into(folder, listing, image_size, default_size, workers, progress, source)
-        _drop_superseded(folder, source)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    # What the folder's earlier caches share with this one: the same folder, split the same way.
+    source = {"root": str(listing.root), "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+    size = image_size or _size_found(cache, listing, default_size)
+    folder = cache_folder(cache, listing, size) if size else None
+    if folder is None or not (folder / "meta.json").is_file():
+        folder = _decode_into(cache, listing, size, default_size, workers, progress, source)
     return _from_cache(folder, listing.root, memory_limit_bytes)
 
 
@@ -133,12 +137,13 @@ def load_image_folder(
 def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> _Listing:
     """Class folders and their files, assigned to splits; a ValueError for a folder that is no dataset."""
     if not root.is_dir():
-        raise FileNotFoundError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
+        raise UsageError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
                                 "name: see zoo datasets)")
-    root = root.resolve()
+    given, root = root, root.resolve()
     layout = _split_folders(root)
     per_split = {split: class_files(folder) for split, folder in layout.items()}
     classes = per_split["train"][0]
+    _check_folder_of_datasets(given / layout["train"].relative_to(root), classes)
     _check_classes(root, layout, per_split, classes)
     not_images = [f for _, _, _, others in per_split.values() for f in others]
     pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
@@ -163,7 +168,7 @@ def _split_folders(root: Path) -> dict[str, Path]:
                 break
     if "train" not in found:
         if found:
-            raise ValueError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
+            raise UsageError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
                              "give train/ (with optional val/ and test/), each holding one folder per class")
         return {"train": root}
     return found
@@ -202,24 +207,46 @@ def _walk(folder: str) -> Iterator[os.DirEntry]:
             yield entry
 
 
+def _check_folder_of_datasets(train: Path, classes: list[str]) -> None:
+    """Refuse, or warn about, class folders that hold no image of their own, only folders: a folder of datasets
+    (data/fashion-rgb/, data/heldout-rgb/) would train a model whose classes are the dataset names. Only a
+    warning when no class folder is a split layout (train/, test/): images sorted in sub-folders of their
+    class (cat/2019/*.jpg) are a layout torchvision's ImageFolder takes too."""
+    if not classes:
+        return  # _check_classes says what a dataset folder holds
+    for name in classes:
+        with os.scandir(train / name) as it:
+            if any(not entry.is_dir() for entry in _visible(it)):
+                return
+    shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+    for name in classes:
+        if split := next((s for s in SPLIT_FOLDERS["train"] if (train / name / s).is_dir()), None):
+            raise UsageError(f"{train} looks like a folder of datasets, not of class folders: {name}/ holds a {split}/ "
+                             f"folder and no class folder ({shown}) holds an image of its own; train on one dataset, "
+                             f"e.g. --dataset {train / name}")
+    print(f"warning: the class folders of {train} ({shown}) hold no images directly, only folders: each class "
+          f"takes every image below it. If {train} is a folder of datasets, train on one, e.g. --dataset "
+          f"{train / classes[0]}", file=sys.stderr)
+
+
 def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes: list[str]) -> None:
     train = layout["train"]
     if not classes:
-        raise ValueError(f"{train} holds no class folders: expected {train}/CLASS/IMAGE files, one folder per class "
+        raise UsageError(f"{train} holds no class folders: expected {train}/CLASS/IMAGE files, one folder per class "
                          "(or train/, val/ and test/ folders holding them)")
     if len(classes) < 2:
-        raise ValueError(f"{train} holds one class folder ({classes[0]}); a classifier needs at least two")
+        raise UsageError(f"{train} holds one class folder ({classes[0]}); a classifier needs at least two")
     for split, (names, files, labels, _) in per_split.items():
         if names != classes:
             missing, extra = sorted(set(classes) - set(names)), sorted(set(names) - set(classes))
-            raise ValueError(f"{layout[split]} has other classes than {train}: "
+            raise UsageError(f"{layout[split]} has other classes than {train}: "
                              + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
                                                        extra and f"extra {', '.join(extra[:5])}"]))
                              + ". Every split needs the same class folders")
         counts = np.bincount(labels, minlength=len(names))
         for name, count in zip(names, counts):
             if count == 0:
-                raise ValueError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
+                raise UsageError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
                                  "add images or remove the folder")
 
 
@@ -251,26 +278,49 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo")) / "datasets"
 
 
-def cache_folder(cache_dir: str | Path | None, listing: _Listing, image_size: tuple[int, int] | None,
-                 default_size: tuple[int, int]) -> Path:
-    """Where this listing decoded with these options is cached: a digest of every file's path relative to
-    the folder, size and modification time, in split order, and of the options."""
+def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:
+    """Where this listing decoded at ``image_size`` is cached: a digest of every file's path relative to
+    the folder, size and modification time, in split order, and of the size. The size is the one the
+    images are decoded at, however it was chosen, so that models of other default sizes share the cache
+    of a folder whose images all have one size. ``None``: the record of the size its images have."""
     digest = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION, "image_size": image_size, "default_size": list(default_size),
+        "version": CACHE_VERSION, "image_size": list(image_size) if image_size else None,
         "bounds": listing.bounds, "classes": listing.classes,
     }).encode())
     prefix = len(str(listing.root)) + 1
     digest.update("".join(f"{f.path[prefix:]}\0{f.size}\0{f.mtime_ns}\n" for f in listing.files).encode())
-    return Path(cache_dir or default_cache_dir()) / f"{listing.root.name}-{digest.hexdigest()[:20]}"
+    return cache / f"{listing.root.name}-{digest.hexdigest()[:20]}"
 
 
-def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
-                 workers: int | None, progress: bool, source: dict) -> None:
-    """Decode every file into ``folder`` (written beside it, then renamed: a crash leaves no half cache)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The size this listing is decoded at without --image-size, as its first decode found it: the images'
+    own size when they all have one, else the model's ``default_size``; None before the first decode."""
     try:
-        with _pool(len(listing.files), workers) as pool:
+        own = json.loads((cache_folder(cache, listing, None) / "meta.json").read_text())["own_size"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return tuple(own) if own else tuple(default_size)
+
+
+def _record_size(cache: Path, listing: _Listing, own_size: tuple[int, int] | None, source: dict) -> None:
+    """Record the images' own size (None: they differ) under the listing's size-free key, for _size_found."""
+    record = cache_folder(cache, listing, None)
+    record.mkdir(exist_ok=True)
+    meta = {"own_size": list(own_size) if own_size else None, "source": {**source, "image_size": None}}
+    written = record / f"meta.json.{os.getpid()}"  # renamed whole: a reader never sees half a record
+    written.write_text(json.dumps(meta))
+    written.replace(record / "meta.json")
+    _drop_superseded(record, meta["source"])
+
+
+def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
+                 workers: int | None, progress: bool, source: dict) -> Path:
+    """Decode every file into the cache folder of the size used, which it returns (written beside it, then
+    renamed: a crash leaves no half cache); without ``image_size``, record the images' own size too."""
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=listing.root.name + ".partial-", dir=cache))
+    try:
+        with decode_pool(len(listing.files), workers) as pool:
             # One pass over the files in the usual case: decode at the shape the first files have, read
             # every file's own size and mode as it is decoded, and decode again only if they disagree.
             guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
@@ -286,9 +336,11 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
             n = sum(1 for i in kept if a <= i < b)
             bounds[split] = (start, start + n)
             start += n
+        source = {**source, "image_size": list(shape[1:])}
         meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
                 "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": source}
         (work / "meta.json").write_text(json.dumps(meta))
+        folder = cache_folder(cache, listing, shape[1:])
         try:
             work.rename(folder)
         except OSError:  # another process cached the same folder first: theirs is as good
@@ -296,6 +348,10 @@ def _decode_into(folder: Path, listing: _Listing, image_size: tuple[int, int] | 
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _drop_superseded(folder, source)
+    if image_size is None:
+        _record_size(cache, listing, _one_size(headers), source)
+    return folder
 
 
 def _drop_superseded(folder: Path, source: dict) -> None:
@@ -327,15 +383,17 @@ class _InProcess:
         return map(fn, *iterables)
 
 
-def _pool(files: int, workers: int | None):
+def decode_pool(files: int, workers: int | None):
+    """Where ``files`` images are decoded: ``workers`` processes (default: one per core, at most 8, from
+    PARALLEL_FROM files on), or this process for ``workers`` 0 or 1; a context manager with ``map``."""
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if files >= PARALLEL_FROM else 0
     if workers <= 1:
         return _InProcess()
-    # fork where there is one, as torch's DataLoader does on Linux: no import in the workers, and no
-    # `if __name__ == "__main__"` needed in a user's script. The workers run Pillow and numpy only.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    # The workers run Pillow and numpy only, but this process has loaded torch (imported above), whose
+    # thread pools a forked child would inherit half of: the rule of serving/workers.py, in one place.
+    # Spawned workers import the caller's main module, so a script needs `if __name__ == "__main__":`.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()))
 
 
 def _chunks(files: list[ListedFile]) -> list[list[str]]:
@@ -347,13 +405,18 @@ def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size
     """(C, H, W): grey when every readable image is grey, else RGB; the images' size when they all agree."""
     known = [h for h in headers if h is not None]
     channels = 1 if known and all(mode in GREY_MODES for _, _, mode in known) else 3
-    sizes = {(h, w) for w, h, _ in known}
     if image_size is None:
-        image_size = next(iter(sizes)) if len(sizes) == 1 else tuple(default_size)
-        if len(sizes) > 1 and not quiet:
+        image_size = _one_size(known) or tuple(default_size)
+        if len({(h, w) for w, h, _ in known}) > 1 and not quiet:
             print(f"note: the images of {listing.root} differ in size; resizing all to {image_size[0]}x{image_size[1]} "
                   "(the model's input size; --image-size sets another)", file=sys.stderr)
     return channels, image_size[0], image_size[1]
+
+
+def _one_size(headers: Sequence[Header | None]) -> tuple[int, int] | None:
+    """(H, W) of the readable images when they all have that size; None when they differ (or none is readable)."""
+    sizes = {(h, w) for w, h, _ in filter(None, headers)}
+    return next(iter(sizes)) if len(sizes) == 1 else None
 
 
 def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, pool,
@@ -413,10 +476,10 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
     unreadable = [c for c, n in zip(meta["classes"], np.bincount(splits["train"].labels.numpy(),
                                                                    minlength=len(meta["classes"]))) if n == 0]
     if unreadable:
-        raise ValueError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
+        raise UsageError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
                          "see above); add images or remove the folder")
     for name, split in splits.items():
         if len(split) == 0:
-            raise ValueError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
+            raise UsageError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
     return Dataset(root.name, meta["classes"], splits["train"], splits["val"], splits["test"], str(root),
                    skipped=len(skipped))

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from zoo.folder_dataset import SPLIT_FOLDERS, class_files, warn_skipped
-from zoo.imaging import SUPPORTED
+from zoo.folder_dataset import CHUNK, SPLIT_FOLDERS, class_files, decode_pool, warn_skipped
+from zoo.imaging import SUPPORTED, DecodeSpec, decode_batch
+from zoo.errors import UsageError
 
 SYNSET = re.compile(r"^n\d{8}$")
 
@@ -52,7 +53,7 @@ def image_folder_root(path: str | Path) -> Path:
     (``train/`` beside ``val/`` or ``test/``: validation first)."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root} (expected one sub-folder of images per class)")
+        raise UsageError(f"no such image folder: {root} (expected one sub-folder of images per class)")
     if (root / "meta.bin").is_file() and (root / "val").is_dir():
         return root / "val"
     if any((root / name).is_dir() for name in SPLIT_FOLDERS["train"]):
@@ -71,7 +72,7 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
     folders = sorted(folders)
     if folders and all(SYNSET.match(f) for f in folders):
         if len(folders) != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"found {len(folders)} ImageNet synset folders but the model has {len(class_names)} classes; synset "
                 "folders map to classes by sorted index, so all of them must be present (use --limit for a subset)"
             )
@@ -82,7 +83,7 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
     if len(folders) == len(class_names):
         return {f: i for i, f in enumerate(folders)}, "sorted-index"
     unknown = [f for f in folders if _key(f) not in by_key]
-    raise ValueError(
+    raise UsageError(
         f"cannot map the {len(folders)} folders of the data to the model's {len(class_names)} classes: folders such as "
         f"{', '.join(unknown[:5])} name no class (classes: {', '.join(class_names[:10])}"
         f"{', ...' if len(class_names) > 10 else ''}); name the folders after the classes, or give one folder per class"
@@ -97,38 +98,15 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
     root = image_folder_root(path)
     folders, files, indices, others = class_files(root)
     if not folders:
-        raise ValueError(f"{root} holds no class folders; expected one sub-folder of images per class")
+        raise UsageError(f"{root} holds no class folders; expected one sub-folder of images per class")
     names = class_names if class_names is not None else folders
     mapping, rule = map_folders(folders, names)
     if not files:
-        raise ValueError(f"no images ({SUPPORTED}) in the class folders of {root}")
+        raise UsageError(f"no images ({SUPPORTED}) in the class folders of {root}")
     warn_skipped(root, [(f, f"not an image file (image suffixes: {SUPPORTED})") for f in others],
                  len(files) + len(others))
     labels = torch.tensor([mapping[folders[i]] for i in indices], dtype=torch.int64)
     return LabelledFiles(root, [Path(f.path) for f in files], labels, rule), list(names)
-
-
-class _CenterCrops(torch.utils.data.Dataset):
-    """The weights' evaluation preprocessing minus its normalization: RGB, resize, center crop, uint8 CHW."""
-
-    def __init__(self, files: list[Path], resize: int, crop: int):
-        self.files, self.resize, self.crop = files, resize, crop
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        """The crop and "" , or zeros and why the file could not be decoded (the caller drops it)."""
-        from PIL import Image
-        from torchvision.transforms import functional as F
-
-        try:
-            with Image.open(self.files[i]) as img:
-                img = F.resize(img.convert("RGB"), [self.resize], interpolation=F.InterpolationMode.BILINEAR,
-                               antialias=True)
-            return F.pil_to_tensor(F.center_crop(img, [self.crop])), ""
-        except Exception as exc:  # any unreadable file (Pillow raises many kinds): skipped, named in a warning
-            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 def decode_crops(
@@ -157,17 +135,19 @@ def decode_crops(
         path = Path(name)
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
         path.unlink()  # the mapping keeps the data until the crops are freed; nothing is left behind
-    loader = torch.utils.data.DataLoader(_CenterCrops(files, resize, crop), batch_size=64, num_workers=workers)
-    start = kept = 0
-    with tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
-        for batch, errors in loader:
-            for i, error in enumerate(errors):
+    # The one decoder (zoo/imaging.py), as `zoo classify` and the logged model decode: a model registered by
+    # `zoo renorm` is served with exactly the preprocessing it was scored with.
+    spec = DecodeSpec((3, crop, crop), resize=resize, max_pixels_hint="remove the file or resize it")
+    chunks = [[str(f) for f in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
+    kept = 0
+    with decode_pool(len(files), workers) as pool, tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
+        for paths, (pixels, errors) in zip(chunks, pool.map(decode_batch, chunks, [spec] * len(chunks))):
+            for path, image, error in zip(paths, pixels, errors):
                 if error:
                     if skipped is not None:
-                        skipped.append((str(files[start + i]), error))
+                        skipped.append((path, error))
                 else:
-                    out[kept] = batch[i].numpy()  # compacted as it goes
+                    out[kept] = image  # compacted as it goes
                     kept += 1
-            start += len(batch)
-            bar.update(len(batch))
+            bar.update(len(paths))
     return torch.from_numpy(out[:kept])

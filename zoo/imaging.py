@@ -29,12 +29,17 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decoder needs (picklable: sent to the worker processes)."""
+    """What a decoder needs (picklable: sent to the worker processes).
+
+    ``resize`` None: the whole image is stretched to the input's height x width (what models trained
+    by the zoo saw). ``resize`` R: its shorter side is resized to R (aspect kept), then the center
+    height x width is cropped, the evaluation preprocessing of ImageNet weights (`zoo renorm`)."""
 
     input_shape: tuple[int, int, int]
     invert: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_pixels_hint: str = "raise --max-pixels if the image is genuine"  # how the caller lifts the limit
+    resize: int | None = None
 
 
 Header = tuple[int, int, str]  # (width, height, mode) of an image file, as Pillow reads it
@@ -118,17 +123,33 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
         raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
                          f"(a decompression bomb?); {spec.max_pixels_hint}")
     mode = "L" if channels == 1 else "RGB"
-    img.draft(mode, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
+    size = (width, height) if spec.resize is None else _shorter_side_to(spec.resize, w, h)
+    img.draft(mode, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
     img = _to_8bit(img)
     if _has_transparency(img):
         img = _flatten(img, channels, background=255 if spec.invert else 0)
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
-    if img.size != (width, height):
-        img = img.resize((width, height), _PIL.Image.Resampling.BILINEAR)
+    if img.size != size:
+        img = img.resize(size, _PIL.Image.Resampling.BILINEAR)
+    if size != (width, height):
+        img = img.crop(_center(size, width, height))
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return 255 - arr if spec.invert else arr
+
+
+def _shorter_side_to(side: int, w: int, h: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``side`` and the aspect kept, rounded down as torchvision's
+    Resize([side]) rounds: the size the ImageNet weights' published preprocessing gives."""
+    return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+
+
+def _center(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of the center ``width`` x ``height`` of ``size``, placed as
+    torchvision's CenterCrop places it."""
+    left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
+    return left, top, left + width, top + height
 
 
 def _has_transparency(img) -> bool:

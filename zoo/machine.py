@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def usable_cores() -> int:
     """The CPU cores this process may run on: its affinity where the platform has one (a container or
     `taskset` limits it), else every core."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fork_is_safe() -> bool:
+    """Linux, and neither onnxruntime nor torch loaded: their thread pools are what a forked child would
+    inherit half of, and can hang or crash it (onnxruntime's advice: create sessions after fork). (numpy's
+    OpenBLAS and the jemalloc that MLflow's import loads have fork handlers.)"""
+    return sys.platform == "linux" and not {"onnxruntime", "torch"} & sys.modules.keys()
+
+
+def worker_start_method() -> str:
+    """How to start worker processes from this process now: ``fork`` when :func:`fork_is_safe` (no import
+    in the workers), else ``spawn`` (a fresh interpreter each)."""
+    return "fork" if fork_is_safe() else "spawn"

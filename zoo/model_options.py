@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Iterable
 
+from zoo.errors import UsageError
+
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -19,7 +21,7 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"model option {pair!r} is not KEY=VALUE (e.g. dropout=0.2)")
+            raise UsageError(f"model option {pair!r} is not KEY=VALUE (e.g. dropout=0.2)")
         options[key.strip()] = value.strip()
     return options
 
@@ -43,7 +45,7 @@ def coerce_model_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         if key not in valid:
             choices = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
-            raise ValueError(f"model {model!r} has no option {key!r}; valid options: {choices}")
+            raise UsageError(f"model {model!r} has no option {key!r}; valid options: {choices}")
         out[key] = _convert(key, value, valid[key]) if isinstance(value, str) else value
     return out
 
@@ -52,10 +54,10 @@ def _convert(key: str, value: str, default: Any) -> Any:
     if isinstance(default, bool):
         if value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"model option {key} takes true or false, got {value!r}")
+        raise UsageError(f"model option {key} takes true or false, got {value!r}")
     if isinstance(default, (int, float)):
         try:
             return type(default)(value)
         except ValueError:
-            raise ValueError(f"model option {key} takes a {type(default).__name__}, got {value!r}") from None
+            raise UsageError(f"model option {key} takes a {type(default).__name__}, got {value!r}") from None
     return value

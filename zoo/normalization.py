@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from zoo.errors import UsageError
+
 
 def parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float, ...]:
     if isinstance(value, (int, float)):
@@ -23,11 +25,11 @@ def parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").split(",") if p != ""]
         if not parts:
-            raise ValueError(f"{what} is empty; give a number or a comma-separated list such as 0.5,0.5,0.5")
+            raise UsageError(f"{what} is empty; give a number or a comma-separated list such as 0.5,0.5,0.5")
         try:
             return tuple(float(p) for p in parts)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"{what} {value!r} is not a number or a comma-separated list of numbers (e.g. 0.1307 or 0.485,0.456,0.406)"
             ) from None
     return tuple(float(v) for v in value)
@@ -44,13 +46,13 @@ class Normalization:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != len(self.std):
-            raise ValueError(
+            raise UsageError(
                 f"mean has {len(self.mean)} values and std has {len(self.std)}; give one value, or one per channel for both"
             )
         if not all(math.isfinite(m) for m in self.mean):
-            raise ValueError(f"mean must be finite, got {self.mean}")
+            raise UsageError(f"mean must be finite, got {self.mean}")
         if not all(math.isfinite(s) and s > 0 for s in self.std):
-            raise ValueError(f"std must be positive and finite (division by std), got {self.std}")
+            raise UsageError(f"std must be positive and finite (division by std), got {self.std}")
 
     @classmethod
     def parse(
@@ -90,7 +92,7 @@ class Normalization:
 
         Accumulated in float64 over chunks, so a memory-mapped dataset is read once and never held whole."""
         if len(images) == 0:
-            raise ValueError("cannot compute the normalization of an empty training split")
+            raise UsageError("cannot compute the normalization of an empty training split")
         total = torch.zeros(images.shape[1], dtype=torch.float64)
         squares = torch.zeros_like(total)
         for start in range(0, len(images), chunk):
@@ -101,7 +103,7 @@ class Normalization:
         mean = total / count
         std = (squares / count - mean.square()).clamp_min(0).sqrt()
         if not bool((std > 0).all()):
-            raise ValueError("every training image has the same value in some channel (std 0): --mean/--std auto "
+            raise UsageError("every training image has the same value in some channel (std 0): --mean/--std auto "
                              "cannot normalize it; give explicit values")
         return cls(tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()))
 
@@ -135,7 +137,7 @@ def _broadcast(values: tuple[float, ...], channels: int, what: str) -> tuple[flo
         return values
     if len(values) == 1:
         return values * channels
-    raise ValueError(f"{what} has {len(values)} values but the model has {channels} channel(s); give 1 or {channels}")
+    raise UsageError(f"{what} has {len(values)} values but the model has {channels} channel(s); give 1 or {channels}")
 
 
 def _fmt(values: tuple[float, ...]) -> str:
@@ -178,7 +180,7 @@ def parse_spec(spec: str, channels: int) -> Normalization:
     if text.lower() in NAMED:
         return NAMED[text.lower()].for_channels(channels)
     if text.count(":") != 1:
-        raise ValueError(
+        raise UsageError(
             f"normalization {spec!r} is not {' or '.join(NAMED)} or MEAN:STD "
             "(e.g. 0.5:0.5, 0:1 or 0.485,0.456,0.406:0.229,0.224,0.225)"
         )
@@ -198,7 +200,7 @@ def first_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.BatchNorm2
             if isinstance(following, nn.BatchNorm2d) and following.num_features == module.out_channels:
                 return name, module, following
             return name, module, None
-    raise ValueError(f"{type(model).__name__} has no Conv2d layer to fold a normalization into")
+    raise UsageError(f"{type(model).__name__} has no Conv2d layer to fold a normalization into")
 
 
 class BorderPaddedConv2d(nn.Conv2d):
@@ -270,7 +272,7 @@ def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[fl
     if conv.padding_mode in _PIXEL_PADDING_MODES:
         return conv
     if conv.padding_mode != "zeros":
-        raise ValueError(f"cannot fold into a first convolution with padding_mode {conv.padding_mode!r}; "
+        raise UsageError(f"cannot fold into a first convolution with padding_mode {conv.padding_mode!r}; "
                          f"valid: zeros, {', '.join(_PIXEL_PADDING_MODES)}")
     old = conv.pad_value if isinstance(conv, BorderPaddedConv2d) else (0.0,) * conv.in_channels
     new = tuple((v - b) / a for v, a, b in zip(old, scale, shift))
@@ -305,7 +307,7 @@ def fold_normalization(model: nn.Module, source: Normalization, target: Normaliz
     """
     name, conv, bn = first_conv_and_norm(model)
     if conv.groups != 1:
-        raise ValueError("fold_normalization supports a first convolution with groups=1 only")
+        raise UsageError("fold_normalization supports a first convolution with groups=1 only")
     src, tgt = source.for_channels(conv.in_channels), target.for_channels(conv.in_channels)
     scale = [t / s for t, s in zip(tgt.std, src.std)]
     shift = [(mt - ms) / s for mt, ms, s in zip(tgt.mean, src.mean, src.std)]
@@ -332,7 +334,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> i
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics to recalibrate")
+        raise UsageError(f"{type(model).__name__} has no BatchNorm layer with running statistics to recalibrate")
     was_training, momenta = model.training, [m.momentum for m in norms]
     model.eval()
     for m in norms:
@@ -351,5 +353,5 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> i
             m.momentum = momentum
         model.train(was_training)
     if seen == 0:
-        raise ValueError("BatchNorm recalibration needs at least 2 calibration images")
+        raise UsageError("BatchNorm recalibration needs at least 2 calibration images")
     return seen

@@ -23,6 +23,12 @@ from zoo.models.registry import create_model, get_model_spec
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that must be downloaded, without a network and not in the local cache."""
+
+    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (cli/main.py)
+
+
 @dataclass
 class Pretrained:
     model: str
@@ -56,18 +62,19 @@ def _from_torchvision(model: str, name: str) -> Pretrained:
     try:
         enum = get_model_weights(model)
     except ValueError:
-        raise ValueError(f"model {model!r} has no torchvision weights; pass the path of a state dict as --weights") from None
+        raise UsageError(f"model {model!r} has no torchvision weights; pass the path of a state dict as --weights") from None
     try:
         weights = enum[name]
     except KeyError:
-        raise ValueError(f"unknown weights {name!r} for {model}; valid: {', '.join(['DEFAULT', *(w.name for w in enum)])}") from None
+        raise UsageError(f"unknown weights {name!r} for {model}; valid: {', '.join(['DEFAULT', *(w.name for w in enum)])}") from None
     try:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError) as exc:  # offline and not in the cache
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise RuntimeError(
-            f"cannot download {weights.url} ({exc}) and it is not in torchvision's cache at {cached}; "
-            "go online once, copy the file there, or pass a local state dict as --weights"
+        raise WeightsUnavailable(
+            f"{model}'s {name} weights need a network: cannot download {weights.url} ({exc}), and they are not in "
+            f"torchvision's cache at {cached} (TORCH_HOME); go online once, copy the file there, or pass a local "
+            "state dict as --weights FILE"
         ) from exc
     categories = list(weights.meta["categories"])
     network = create_model(model, num_classes=len(categories))
@@ -88,7 +95,7 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
     # The classifier is the last 2-D weight (ResNet's fc.weight: [classes, features]).
     matrices = [t for t in state_dict.values() if t.ndim == 2]
     if not matrices:
-        raise ValueError("the state dict has no linear classifier weight to count classes from")
+        raise UsageError("the state dict has no linear classifier weight to count classes from")
     return int(matrices[-1].shape[0])
 
 
@@ -115,7 +122,7 @@ def _unsafe_globals(path: str | Path) -> list[str]:
 
 def _from_state_dict_file(model: str, path: str) -> Pretrained:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
+        raise UsageError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
     saved = load_weights_file(path)
     # A project checkpoint wraps the state dict with its normalization and class names.
     checkpoint = saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else {"model": saved}
@@ -125,7 +132,7 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise ValueError(f"{path} is not a {model} state dict: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path} is not a {model} state dict: {str(exc).splitlines()[0]}") from None
     class_names = checkpoint.get("class_names")
     if class_names is None and num_classes == 1000:
         from torchvision.models import ResNet18_Weights

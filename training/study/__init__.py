@@ -1,12 +1,11 @@
 """One Optuna study over input normalizations = one MLflow parent run, one child run per trial.
 
 The study lives in Optuna storage (SQLite for one machine, PostgreSQL for several) and
-names its MLflow parent run in a study user attribute, so every thread, process or
+names its MLflow parent run in a study user attribute, so every process or
 machine running the same command nests its trials under the same parent, and a re-run
 resumes the study under that parent. Each trial is trained by :func:`training.train.fit`
 (the same code path as ``zoo train``) inside a child run started with an explicit
-``parent_run_id``: MLflow's active run is thread-local, so ``nested=True`` would orphan
-the trials of worker threads.
+``parent_run_id``, not ``nested=True``, which follows the calling thread's active run.
 
 Trials are started by this package's own ask/tell loop rather than ``study.optimize``: a trial
 starts only under a lock held in the storage (:class:`storage.StudyLock`) while fewer than ``trials``
@@ -27,6 +26,6 @@ Modules, each importing only those above it:
 - ``report_files``: the same results as Markdown and PNG files for the docs (``python -m training.study.report_files``).
 - ``best_trial``: what the best trial keeps: its checkpoints (every other trial loses them) and, at the
   end, its logged and registered model.
-- ``workers``: how threads, processes and machines share the study: claiming trials, the work loop,
-  :func:`run_study` and its default number of threads.
+- ``workers``: how processes and machines share the study: claiming trials, the work loop, the
+  processes ``--jobs`` starts, :func:`run_study` and its default number of jobs.
 """

@@ -15,6 +15,7 @@ from training import registration, tracking
 from training.train_config import TrainConfig, dataset_label
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
@@ -44,7 +45,7 @@ class StudyConfig:
     per_channel: bool = False  # one mean/std per channel for RGB models
     sampler: str = "tpe"
     seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
-    jobs: int = 1  # trials in parallel threads of this process
+    jobs: int = 1  # trials at once, one per process: this one and jobs - 1 it starts (workers.py says why not threads)
     batch_trials: int = 1  # trials trained together in one batched computation (training/batched.py)
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # default: MODEL-DATASET-normalization
@@ -75,19 +76,19 @@ class StudyConfig:
     def validate(self) -> None:
         lo, hi = self.mean_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"--mean-range needs two finite numbers LOW < HIGH, got {lo} {hi}")
+            raise UsageError(f"--mean-range needs two finite numbers LOW < HIGH, got {lo} {hi}")
         lo, hi = self.std_range
         if not (0 < lo < hi and math.isfinite(hi)):
-            raise ValueError(f"--std-range needs 0 < LOW < HIGH (it is searched on a log scale), got {lo} {hi}")
+            raise UsageError(f"--std-range needs 0 < LOW < HIGH (it is searched on a log scale), got {lo} {hi}")
         if self.trials < 1 or self.jobs < 1 or self.epochs < 1 or self.batch_trials < 1:
-            raise ValueError("--trials, --jobs, --batch-trials and --epochs must be at least 1")
+            raise UsageError("--trials, --jobs, --batch-trials and --epochs must be at least 1")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+            raise UsageError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         if self.log_models not in LOG_MODELS:
-            raise ValueError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
+            raise UsageError(f"--log-models must be one of {', '.join(LOG_MODELS)}, got {self.log_models!r}")
         registration.check_registry_names(self.register, self.alias)
         if self.register and self.log_models == "none":
-            raise ValueError("--register needs a logged model; use --log-models best or all")
+            raise UsageError("--register needs a logged model; use --log-models best or all")
 
     def identity(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in _IDENTITY}
@@ -113,7 +114,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            # constant_liar: a trial still running (in another thread, process, or the same batch)
+            # constant_liar: a trial still running (in another process, or the same batch)
             # counts as a poor result, so trials sampled while it runs go elsewhere.
             return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         if name == "random":
@@ -148,7 +149,7 @@ def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, floa
                 if "auto" in (mean, std):  # the data's statistics, shared: their average over the channels
                     norm = Normalization((sum(norm.mean) / channels,), (sum(norm.std) / channels,))
                 else:
-                    raise ValueError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
+                    raise UsageError(f"--enqueue {mean} {std} differs per channel; add --per-channel")
             out.append({"mean": norm.mean[0], "std": norm.std[0]})
     return out
 

@@ -26,6 +26,7 @@ from training.outage import timeout_from_env, unreachable
 from training.study.config import CONFIG_ATTR, OBJECTIVE_NAME, RUN_ATTR, StudyConfig, is_finished, make_sampler
 from training.study.storage_outage import PatientRDBStorage, recently_back, wait_for_database
 from zoo.access import masked_url, storage_refused_hint
+from zoo.errors import UsageError
 
 
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
@@ -38,7 +39,7 @@ def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBSt
     A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else
     600 s; see training/study/storage_outage.py)."""
     if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
-        raise ValueError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
+        raise UsageError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
     # A database server that does not answer fails in DB_CONNECT_TIMEOUT_S instead of the OS's minutes.
@@ -171,7 +172,7 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
         study = optuna.load_study(study_name=config.name, storage=storage,
                                   sampler=make_sampler(config.sampler, seed), pruner=pruner)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ValueError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
+        raise UsageError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
                          "Use another --study-name.")
     check_same_search(study, config)
     return study, False
@@ -190,7 +191,7 @@ def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
     differing = {k: (stored.get(k), v) for k, v in config.identity().items() if stored.get(k) != v}
     if differing:
         what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())
-        raise ValueError(f"study {config.name!r} was created with other settings ({what}). "
+        raise UsageError(f"study {config.name!r} was created with other settings ({what}). "
                          "Repeat its settings to resume it, or use another --study-name.")
 
 

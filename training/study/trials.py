@@ -37,8 +37,7 @@ class TrialContext:
     parent_run_id: str
     experiment: str
     claim: StudyLock  # across processes and machines: who may start the next trial
-    lock: threading.Lock = field(default_factory=threading.Lock)  # this process's progress bar and summary
-    stop: threading.Event = field(default_factory=threading.Event)  # a thread failed: start no more trials
+    stop: threading.Event = field(default_factory=threading.Event)  # a worker process failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
     summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
     patience: Patience = field(default_factory=Patience)  # the parent run's writes wait for a server that went away

@@ -1,15 +1,18 @@
-"""How threads, processes and machines share one study: each claims trials under the study's lock
+"""How processes and machines share one study: each claims trials under the study's lock
 until the study holds ``config.trials`` finished ones, trains them, and records them; :func:`run_study`
 opens (or joins) the study and its parent run, and the last worker to end finishes it."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import Iterator
 
 import optuna
@@ -66,7 +69,7 @@ def default_jobs(device: str = "auto") -> int:
 
 @contextmanager
 def _torch_threads(jobs: int) -> Iterator[None]:
-    """Share the cores between trial threads instead of oversubscribing them."""
+    """Share the cores between the study's ``jobs`` processes instead of oversubscribing them."""
     before = torch.get_num_threads()
     if jobs > 1:
         torch.set_num_threads(max(1, before // jobs))
@@ -78,24 +81,23 @@ def _torch_threads(jobs: int) -> Iterator[None]:
 
 
 def _after_trial(ctx: TrialContext, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
-    with ctx.lock:  # trial threads share the bar and the best trial's checkpoints
-        keep_best_trial_checkpoints(study, trial, ctx)
-        _show_progress(bar, count_trials(study)[0])
-        if trial.state == TrialState.COMPLETE:
-            bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
-        if not ctx.config.progress:
-            tqdm.write(f"study {study.study_name}: trial {trial.number} {trial.state.name.lower()}"
-                       + (f", val_accuracy {trial.value:.4f}" if trial.value is not None else ""), file=sys.stderr)
-        if time.monotonic() - ctx.summary_logged < SUMMARY_EVERY_S:
-            return  # refreshed a moment ago; the study's end always writes the final one
-        try:
-            ctx.patience.patiently(log_summary, study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val),
-                                   ctx.config.collapse_margin)
-            ctx.summary_logged = time.monotonic()
-        except tracking.ServerGone:
-            raise
-        except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
-            tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
+    keep_best_trial_checkpoints(study, trial, ctx)
+    _show_progress(bar, count_trials(study)[0])
+    if trial.state == TrialState.COMPLETE:
+        bar.set_postfix(last=f"{trial.value:.4f}", best=f"{study.best_value:.4f}")
+    if not ctx.config.progress:
+        tqdm.write(f"study {study.study_name}: trial {trial.number} {trial.state.name.lower()}"
+                   + (f", val_accuracy {trial.value:.4f}" if trial.value is not None else ""), file=sys.stderr)
+    if time.monotonic() - ctx.summary_logged < SUMMARY_EVERY_S:
+        return  # refreshed a moment ago; the study's end always writes the final one
+    try:
+        ctx.patience.patiently(log_summary, study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val),
+                               ctx.config.collapse_margin)
+        ctx.summary_logged = time.monotonic()
+    except tracking.ServerGone:
+        raise
+    except Exception as exc:  # a refresh that fails (a locked store) must not stop the study
+        tqdm.write(f"study: could not refresh the summary on the parent run ({exc})", file=sys.stderr)
 
 
 def _show_progress(bar: tqdm, finished: int) -> None:
@@ -104,7 +106,7 @@ def _show_progress(bar: tqdm, finished: int) -> None:
 
 
 def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int = 1) -> list[optuna.Trial]:
-    """The next trials (at most ``most``) this thread should run, or none once the study holds
+    """The next trials (at most ``most``) this process should run, or none once the study holds
     ``config.trials`` finished trials.
 
     The race this closes: with ``study.optimize`` each process counts the trials, sees one
@@ -114,7 +116,7 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
     surplus trial (nor its child run) is ever created. Stale trials are failed under the same
     lock, so a dead trial's slot and its queued retry are accounted together.
 
-    When every slot is taken by a trial in flight, the thread waits instead of leaving: if that
+    When every slot is taken by a trial in flight, the process waits instead of leaving: if that
     trial's process dies, this one fails it (after two missed heartbeats) and runs its retry.
 
     Each trial's normalization is sampled as soon as it is asked for, so that the sampler sees
@@ -181,29 +183,73 @@ def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: Trial
 def _work(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
     together = ctx.config.batch_trials
     while trials := _claim_trials(study, ctx, bar, together):
-        try:
-            frozen = (_run_trial_batch(study, trials, ctx) if together > 1 else
-                      [_run_trial(study, trial, ctx) for trial in trials])
-        except BaseException:
-            ctx.stop.set()  # the other threads finish their trials and start no more
-            raise
+        frozen = (_run_trial_batch(study, trials, ctx) if together > 1 else
+                  [_run_trial(study, trial, ctx) for trial in trials])
         for one in frozen:
             _after_trial(ctx, bar, study, one)
 
 
 def _work_until_done(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
-    """Run trials in ``config.jobs`` threads until the study holds ``config.trials`` finished trials."""
-    if ctx.config.jobs == 1:
+    """Run trials in this process and ``config.jobs - 1`` more until the study holds ``config.trials`` finished trials."""
+    with _extra_workers(ctx):
         _work(study, ctx, bar)
+
+
+@contextmanager
+def _extra_workers(ctx: TrialContext) -> Iterator[None]:
+    """``--jobs N``: N - 1 more processes join the study as ``zoo study`` run N times would, each training
+    one trial at a time on this process's share of the torch threads.
+
+    Processes, not threads: torch's random generator (initial weights, dropout) is one per process, so
+    trials in threads of one process draw from each other's stream and a trial's result would depend
+    on what trains beside it. Stopping this process (Ctrl-C, SIGTERM, an error) stops them (SIGTERM:
+    each fails its trial as on Ctrl-C) before the study's parent run is ended; one that fails stops
+    this one from starting more trials, and the study fails."""
+    count = min(ctx.config.jobs, ctx.config.trials) - 1
+    if count < 1:
+        yield
         return
-    with ThreadPoolExecutor(ctx.config.jobs, thread_name_prefix="trial") as pool:
-        futures = [pool.submit(_work, study, ctx, bar) for _ in range(ctx.config.jobs)]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            ctx.stop.set()
-            raise
+    # spawn: a fresh interpreter, not a fork of one whose torch, SQLAlchemy and MLflow state is mid-use.
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=_join_study, args=(ctx.config, torch.get_num_threads()),
+                             name=f"study worker {n + 1}") for n in range(count)]
+    for worker in workers:
+        worker.start()
+    watcher = threading.Thread(target=_stop_when_one_fails, args=(workers, ctx), daemon=True)
+    watcher.start()
+    try:
+        yield
+    except BaseException:
+        for worker in workers:
+            worker.terminate()
+        raise
+    finally:
+        for worker in workers:
+            worker.join()
+    failed = [worker.exitcode for worker in workers if worker.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the study's {count} worker processes failed (exit code "
+                           f"{', '.join(map(str, failed))}; their errors are above); {RESUME_STUDY}")
+
+
+def _stop_when_one_fails(workers: list[multiprocessing.process.BaseProcess], ctx: TrialContext) -> None:
+    for worker in workers:
+        worker.join()
+        if worker.exitcode:
+            ctx.stop.set()  # this process finishes its trial and starts no more
+            return
+
+
+def _join_study(config: StudyConfig, torch_threads: int) -> None:
+    """What a process that ``--jobs`` added runs: the study, one trial at a time, without a progress bar."""
+    # Ctrl-C reaches the whole process group; the first process stops this one (SIGTERM) instead,
+    # so that a trial is never interrupted twice.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(torch_threads)
+    try:
+        run_study(replace(config, jobs=1), bar=False)
+    except StudyInterrupted:
+        sys.exit(1)  # stopped by the first process, which reports it
 
 
 class StudyInterrupted(RuntimeError):
@@ -212,22 +258,25 @@ class StudyInterrupted(RuntimeError):
     complete_message = True  # no traceback hint (cli/main.py)
 
 
-def run_study(config: StudyConfig) -> StudyResult:
-    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials."""
+def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
+    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials.
+
+    ``bar``: draw the progress bar when ``config.progress`` (the processes ``--jobs`` adds leave it to the first)."""
     config.validate()
     train_config = config.train_config()
     spec = train_config.spec()  # unknown model: fail before anything is created
     if config.batch_trials > 1:
         check_batchable(create_model(config.model), spec.trainer, config.model)
+    # The tracking server, its login and the storage before the data: decoding a large folder takes minutes.
+    tracking.check_tracking_server()
+    wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
+    storage = make_storage(config.storage, config.heartbeat, wait_s)
+    lock = StudyLock(config.storage, config.name, wait_s)
     dataset = load_study_dataset(config)
     build_network(train_config, dataset)  # images too small for the architecture: fail before anything is created
     queued = enqueue_params(config, dataset)
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
-    tracking.check_tracking_server()
-    wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
-    storage = make_storage(config.storage, config.heartbeat, wait_s)
-    lock = StudyLock(config.storage, config.name, wait_s)
     study, created = open_study(config, storage)
     # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
     # would make every trial log into the project's run instead of a child: take it out.
@@ -243,8 +292,9 @@ def run_study(config: StudyConfig) -> StudyResult:
         # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
         # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
         with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
-                total=config.trials, unit="trial", desc=f"study {config.name}", disable=not config.progress) as bar:
-            _work_until_done(study, ctx, bar)
+                total=config.trials, unit="trial", desc=f"study {config.name}", disable=not (config.progress and bar)
+        ) as progress:
+            _work_until_done(study, ctx, progress)
     except BaseException as exc:
         try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
             log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin)

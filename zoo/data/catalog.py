@@ -87,7 +87,7 @@ def load_dataset(
         if looks_like_folder(name):
             return load_image_folder(name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                      image_size=image_size, default_size=default_size, progress=progress)
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}, "
+        raise UsageError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}, "
                          "or the path of a folder of class folders of images")
     loader, _, _ = _DATASETS[name]
     return loader(Path(data_dir) if data_dir else default_data_dir(), download, val_fraction, seed)

@@ -12,6 +12,7 @@ from torch import nn
 
 from zoo.normalization import Normalization
 from zoo.models.registry import register_model
+from zoo.errors import UsageError
 
 
 def xavier_uniform_(module: nn.Module) -> None:
@@ -29,7 +30,7 @@ class LeNet5(nn.Module):
         super().__init__()
         height, width = image_size
         if min(height, width) < 12:
-            raise ValueError(f"lenet5 needs images of at least 12x12 pixels, got {height}x{width}; pass a larger --image-size")
+            raise UsageError(f"lenet5 needs images of at least 12x12 pixels, got {height}x{width}; pass a larger --image-size")
         pad = max(0, (LENET_SIDE - min(height, width) + 1) // 2)  # 2 at 28x28: LeNet's 32x32 geometry
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5, padding=pad),  # 6@28x28 for 28x28 and for 32x32 input

@@ -15,6 +15,7 @@ from torch import nn
 
 from zoo.normalization import Normalization
 from zoo.models.registry import register_model
+from zoo.errors import UsageError
 
 # The course feeds ToTensor() pixels in [0, 1] with no normalization.
 PIXELS = Normalization.identity(1)
@@ -25,7 +26,7 @@ class MLP(nn.Module):
                  in_features: int = 28 * 28):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout is a probability in [0, 1), got {dropout}")
+            raise UsageError(f"dropout is a probability in [0, 1), got {dropout}")
         self.fc1 = nn.Linear(in_features, hidden)  # C x H x W pixels: 784 for MNIST
         # One BatchNorm per hidden layer: the course's mlp_bn applied bn1 twice, sharing
         # running statistics between two layers whose activations differ.

@@ -11,6 +11,7 @@ from torch import nn
 
 from zoo.normalization import Normalization
 from zoo.models.registry import register_model
+from zoo.errors import UsageError
 
 MNIST_NORMALIZATION = Normalization((0.1307,), (0.3081,))
 
@@ -18,7 +19,7 @@ MNIST_NORMALIZATION = Normalization((0.1307,), (0.3081,))
 def flattened_features(height: int, width: int) -> int:
     """fc1's input size: two unpadded 3x3 convolutions (-4 pixels), then a 2x2 max pool."""
     if min(height, width) < 6:
-        raise ValueError(f"mnist_cnn needs images of at least 6x6 pixels (two 3x3 convolutions and a 2x2 pool), "
+        raise UsageError(f"mnist_cnn needs images of at least 6x6 pixels (two 3x3 convolutions and a 2x2 pool), "
                          f"got {height}x{width}; pass a larger --image-size")
     return 64 * ((height - 4) // 2) * ((width - 4) // 2)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from torch import nn
 
 from zoo.normalization import Normalization
+from zoo.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def get_model_spec(name: str) -> ModelSpec:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}, "
+        raise UsageError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}, "
                          f"or {TIMM_PREFIX}NAME for any timm architecture") from None
 
 

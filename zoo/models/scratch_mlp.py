@@ -19,6 +19,7 @@ from torch import nn
 
 from zoo.normalization import Normalization
 from zoo.models.registry import register_model
+from zoo.errors import UsageError
 
 INITS = ("xavier", "normal")
 
@@ -27,7 +28,7 @@ class ScratchMLP(nn.Module):
     def __init__(self, sizes: tuple[int, ...] = (784, 30, 20, 10), init: str = "xavier"):
         super().__init__()
         if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)} (Xavier/Glorot normal, or N(0, 1))")
+            raise UsageError(f"unknown init {init!r}; valid: {', '.join(INITS)} (Xavier/Glorot normal, or N(0, 1))")
         self.sizes = tuple(sizes)
         weights, biases = [], []
         for n_in, n_out in zip(self.sizes, self.sizes[1:]):
@@ -85,7 +86,7 @@ class ScratchSGD:
 
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
         if lr <= 0 or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"need lr > 0 and momentum in [0, 1); got lr={lr}, momentum={momentum}")
+            raise UsageError(f"need lr > 0 and momentum in [0, 1); got lr={lr}, momentum={momentum}")
         self.params, self.lr, self.momentum = params, lr, momentum
         self.velocity = [torch.zeros_like(p) for p in params]
 
