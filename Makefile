@@ -14,13 +14,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,postgres,timm]'
+	$(PY) -m pip install --quiet -e '.[dev,postgres,timm,spark]'
 	touch $@
 
 demo: venv
 	$(VENV)/bin/zoo demo
 
-# Debian packages the suite uses for real (Fashion-MNIST, PostgreSQL, Chromium): installed when
+# Debian packages the suite uses for real (Fashion-MNIST, PostgreSQL, Chromium, Java for Spark): installed when
 # missing, or the exact command to run is printed when this user cannot install them.
 system-packages:
 	bash scripts/system-packages.sh

@@ -16,6 +16,8 @@ Benchmarks, in order (each reuses the functions of its own script, which also ru
 - ``projection``: N trials of the full Fashion-MNIST study (1 epoch, default settings), projected to 200;
 - ``folders``: image folders decoded into the cache against a plain PIL loop, the cached start, and
   `zoo train` on Fashion-MNIST as PNG files against the catalog's (bench_folders.py).
+- ``spark``: docs/spark.md's Spark job (``local[2]``, ``spark_udf``) against `zoo classify` on one folder of
+  digit PNGs, from one registry alias (bench_spark.py; needs pyspark and Java).
 
 Each benchmark's result replaces its own part of the generated section of RESULTS.md (between the
 markers below; ``--only`` refreshes some and keeps the others), with the exact command, the date,
@@ -36,7 +38,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import bench_classify, bench_fixed_cost, bench_floor, bench_folders, bench_study_trials, bench_train
+from benchmarks import (bench_classify, bench_fixed_cost, bench_floor, bench_folders, bench_spark, bench_study_trials,
+                        bench_train)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- python -m benchmarks: begin (generated; edits here are overwritten) -->", "<!-- python -m benchmarks: end -->"
@@ -198,16 +201,33 @@ def folders(quick: bool) -> str:
             f"epoch time folder / catalog per round: {', '.join(f'{r:.3f}' for r in ratios)}.")
 
 
+def spark(quick: bool, images: int = 2000, rounds: int = 3) -> str:
+    images, rounds = (100, 1) if quick else (images, rounds)
+    rows = bench_spark.compare(images=images, rounds=rounds)
+    z, s = rows["zoo classify"], rows["Spark (docs/spark.md, local[2])"]
+    return (f"{images:,} PNGs of real 28x28 mnist-5k digits in one folder, classified from `models:/bench@champion` (a "
+            "registered mnist_cnn, SQLite store): `zoo classify models:/bench@champion FOLDER --format jsonl` (its "
+            "ONNX cache filled by one earlier call) against docs/spark.md's job as the document gives it (`local[2]`, "
+            "`binaryFile`, `spark_udf(..., env_manager=\"local\")`, labels written as Parquet), whole processes "
+            f"(start-up, Spark's JVM and the model's load included), {rounds} rounds, the order alternating; medians. "
+            "Both answer the same label for every file (checked).\n\n"
+            + table(["", "wall (s)", "images/s", "wall per round (s)"],
+                    [[name, r["wall_s"], r["images_per_s"], ", ".join(f"{w:.2f}" for w in r["walls"])]
+                     for name, r in rows.items()])
+            + f"\n\nSpark job / `zoo classify`, median wall: **{s['wall_s'] / z['wall_s']:.1f}x** (above 1: `zoo classify` is faster).")
+
+
 BENCHMARKS: dict[str, Callable[..., str]] = {
     "train": train, "fixed": fixed, "classify": classify, "overhead": overhead, "threads": threads, "batched": batched,
-    "floor": floor, "projection": projection, "folders": folders,
+    "floor": floor, "projection": projection, "folders": folders, "spark": spark,
 }
 TITLES = {"train": "Reference protocol vs `zoo train`", "fixed": "`zoo train`'s fixed cost, phase by phase",
           "classify": "`mlflow models predict` vs `zoo classify`, from a registry alias",
           "overhead": "Fixed cost per study trial", "threads": "Two cores: threads vs processes",
           "batched": "Batched vs sequential trials",
           "floor": "Speed against the floor of each job", "projection": "A 200-trial Fashion-MNIST study, projected",
-          "folders": "Image folders: decoding, the cache, training"}
+          "folders": "Image folders: decoding, the cache, training",
+          "spark": "Spark vs `zoo classify`: a folder of digits from a registry alias"}
 
 
 def machine() -> str:

@@ -136,13 +136,18 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
 
 
 def model_signature():
-    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param."""
+    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param.
+
+    ``pixels`` is typed Any, not an array of doubles: ``mlflow.pyfunc.spark_udf`` applied to one
+    column (``udf("content")``) fills every other signature column with NaN, which an array type
+    refuses before the model runs; pyfunc_model.py checks the pixels' shape and range itself.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
     inputs = Schema([
         ColSpec("binary", "image", required=False),
-        ColSpec(Array(Array(Array("double"))), "pixels", required=False),
+        ColSpec(AnyType(), "pixels", required=False),
     ])
     outputs = Schema([
         ColSpec("string", "label"),

@@ -62,7 +62,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         """float32 [N, C, H, W] in [0, 1] from the ``image`` or the ``pixels`` column."""
         if not isinstance(frame, pd.DataFrame):
             frame = pd.DataFrame(frame)
-        has_image, has_pixels = IMAGE_COLUMN in frame.columns, PIXELS_COLUMN in frame.columns
+        sent = [name for name in (IMAGE_COLUMN, PIXELS_COLUMN) if name in frame.columns]
+        if len(sent) == 2:  # spark_udf given one column adds the other, all NaN: it was not sent
+            sent = [name for name in sent if frame[name].notna().any()] or sent
+        has_image, has_pixels = IMAGE_COLUMN in sent, PIXELS_COLUMN in sent
         if has_image == has_pixels:
             raise invalid(
                 f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "

@@ -3,6 +3,7 @@
 #   dataset-fashion-mnist  Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist
 #   postgresql             a private PostgreSQL server that the scale-out tests start on loopback
 #   chromium               the browser that drives the MLflow UI tests (through Playwright)
+#   default-jre-headless   Java, for the local Spark that runs docs/spark.md's job (tests/test_spark.py)
 # As root it installs them with apt-get; otherwise it uses `sudo -n` when that needs no
 # password, and else prints the exact command to run and exits 1.
 set -euo pipefail
@@ -11,6 +12,7 @@ missing=()
 [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v java >/dev/null || missing+=(default-jre-headless)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
