@@ -48,7 +48,9 @@ def _size(ctx: click.Context, param: click.Parameter, value):
               help="Train K trials at once in one batched computation (torch.func.vmap; each still its own trial and "
                    "child run). For GPUs: on a CPU it is slower than one at a time.")
 @click.option("--storage", envvar="ZOO_OPTUNA_STORAGE", default="sqlite:///optuna.db", show_default=True,
-              help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. [env: ZOO_OPTUNA_STORAGE]")
+              help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. A relative SQLite "
+                   "path is taken from the current folder and recorded (the parent run's optuna_storage) as an "
+                   "absolute one, which opens the study from any folder. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
 @click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
 @click.option("--batch-size", type=_POSITIVE, default=None, help="Default: the model's recipe (64 for mnist_cnn).")
@@ -83,6 +85,7 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     run it again to resume an interrupted study.
     """
     from training.study.config import StudyConfig
+    from training.study.report import dashboard_command
     from training.study.workers import default_jobs, run_study
 
     config = StudyConfig(
@@ -98,7 +101,7 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     )
     result = run_study(config)
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,
-              "best_model_uri": result.best_model_uri, **result.summary}
+              "best_model_uri": result.best_model_uri, "storage": result.storage, **result.summary}
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -115,4 +118,5 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
         params = "  ".join(f"{k}={v:.4g}" for k, v in s["best"]["params"].items())
         click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
                    + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
+    click.echo(f"open it in Optuna's dashboard: {dashboard_command(result.storage)}")
 

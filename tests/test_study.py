@@ -475,3 +475,24 @@ def test_a_bad_val_fraction_is_one_line_of_bad_usage_as_in_train(tmp_path):
         assert result.output.strip().splitlines() == [
             "Error: the val fraction (0.9) and test fraction (0.2) leave no images to train on: together they must "
             "be below 1"], result.output
+
+
+def test_a_sqlite_study_records_an_absolute_storage_that_opens_from_another_folder(tmp_path, monkeypatch):
+    """`optuna-dashboard sqlite:///optuna.db` started elsewhere would silently open a new, empty database:
+    the parent run, its description and the command's output name the study's database by its absolute path."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.delenv("ZOO_OPTUNA_STORAGE", raising=False)
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(cli, ["study", "--trials", "1", "--jobs", "1", "--study-name", "here", "--log-models",
+                                      "none", "--no-progress", "--max-batches", "2", *SMALL_ARGS])  # default storage
+    assert result.exit_code == 0, result.output
+    recorded = f"sqlite:///{here / 'optuna.db'}"
+    (parent,), _ = study_runs()
+    assert parent.data.params["optuna_storage"] == recorded and parent.data.tags["optuna.storage"] == recorded
+    assert f"optuna-dashboard {recorded}" in parent.data.tags["mlflow.note.content"]
+    assert f"optuna-dashboard {recorded}" in result.output
+    monkeypatch.chdir(elsewhere)
+    trials = optuna.load_study(study_name="here", storage=parent.data.params["optuna_storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE]
+    assert not (elsewhere / "optuna.db").exists()

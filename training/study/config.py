@@ -108,6 +108,7 @@ class StudyResult:
     parent_run_id: str
     summary: dict[str, Any]
     best_model_uri: str | None
+    storage: str  # the Optuna storage URL that opens the study from any folder, its password masked
 
 
 
