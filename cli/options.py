@@ -67,6 +67,8 @@ VAL_FRACTION = click.option(
          "validation. Default: the model's recipe (0.1; 0.2 for mlp). Refused where it would leave a split "
          "without images (mnist-5k: below 0.8, its test share being 0.2).",
 )
+MAX_BATCHES = click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
+                           help="Stop each epoch after N batches.")
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")
 

@@ -10,15 +10,16 @@ import json
 import click
 
 from cli.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MODEL, TEST_FRACTION, TRACKING_TIMEOUT,
-    unset_sentinels,
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, TEST_FRACTION,
+    TRACKING_TIMEOUT, VAL_FRACTION, unset_sentinels,
 )
 
 _POSITIVE = click.IntRange(min=1)
 
 
 def _size(ctx: click.Context, param: click.Parameter, value):
-    """MLproject passes 0 for the default ("all images", or the automatic --jobs)."""
+    """MLproject passes 0 for the default ("all images", or the automatic --jobs): it cannot leave a declared
+    parameter out. (--max-batches is not declared there, so it keeps zoo train's range, x>=1.)"""
     return None if value in (None, 0) else value
 
 
@@ -26,6 +27,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @MODEL
 @DATASET
 @IMAGE_SIZE
+@VAL_FRACTION
 @TEST_FRACTION
 @click.option("--trials", type=_POSITIVE, default=20, show_default=True,
               help="Finished trials the study must hold; a re-run tops it up to this number.")
@@ -46,14 +48,16 @@ def _size(ctx: click.Context, param: click.Parameter, value):
               help="Train K trials at once in one batched computation (torch.func.vmap; each still its own trial and "
                    "child run). For GPUs: on a CPU it is slower than one at a time.")
 @click.option("--storage", envvar="ZOO_OPTUNA_STORAGE", default="sqlite:///optuna.db", show_default=True,
-              help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. [env: ZOO_OPTUNA_STORAGE]")
+              help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. A relative SQLite "
+                   "path is taken from the current folder and recorded (the parent run's optuna_storage) as an "
+                   "absolute one, which opens the study from any folder. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
 @click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
 @click.option("--batch-size", type=_POSITIVE, default=None, help="Default: the model's recipe (64 for mnist_cnn).")
 @click.option("--train-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N training images (default all).")
 @click.option("--val-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N validation images.")
 @click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")
-@click.option("--max-batches", type=click.IntRange(min=0), default=None, callback=_size, help="Stop each epoch after N batches.")
+@MAX_BATCHES
 @click.option("--enqueue", nargs=2, multiple=True, metavar="MEAN STD",
               help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081, or auto auto: "
                    "the training split's own statistics (shared: their average over the channels; per channel with "
@@ -72,7 +76,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @TRACKING_TIMEOUT
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
-def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
+def study(model, dataset, image_size, val_fraction, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
           prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
           heartbeat, collapse_margin, device, data_dir, experiment, tracking_timeout, no_progress, fmt) -> None:
     """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
@@ -81,6 +85,7 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
     run it again to resume an interrupted study.
     """
     from training.study.config import StudyConfig
+    from training.study.report import dashboard_command
     from training.study.workers import default_jobs, run_study
 
     config = StudyConfig(
@@ -91,12 +96,12 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
         study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
         val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
-        data_dir=data_dir, image_size=image_size, test_fraction=test_fraction, progress=not no_progress,
-        tracking_timeout=tracking_timeout,
+        data_dir=data_dir, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
+        progress=not no_progress, tracking_timeout=tracking_timeout,
     )
     result = run_study(config)
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,
-              "best_model_uri": result.best_model_uri, **result.summary}
+              "best_model_uri": result.best_model_uri, "storage": result.storage, **result.summary}
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -113,4 +118,5 @@ def study(model, dataset, image_size, test_fraction, trials, epochs, mean_range,
         params = "  ".join(f"{k}={v:.4g}" for k, v in s["best"]["params"].items())
         click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
                    + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
+    click.echo(f"open it in Optuna's dashboard: {dashboard_command(result.storage)}")
 

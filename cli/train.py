@@ -7,8 +7,9 @@ import os
 import click
 
 from cli.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MEAN, MODEL, MODEL_OPT, MOMENTUM,
-    RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options, unset_sentinels,
+    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN, MODEL,
+    MODEL_OPT, MOMENTUM, RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options,
+    unset_sentinels,
 )
 
 
@@ -49,8 +50,7 @@ from cli.options import (
 @click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
 @ALIAS
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
-@click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
-              help="Stop each epoch after N batches.")
+@MAX_BATCHES
 @KEEP_CHECKPOINTS
 @click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
 @RESUME

@@ -131,8 +131,9 @@ def assert_demo_ran(stdout: str, folder: Path, epochs: int, images: int) -> None
 @pytest.mark.slow
 def test_study_entry_point_runs_a_study_with_its_default_storage_and_no_registration(tmp_path):
     project = project_copy(tmp_path)
+    # val_fraction and max_batches are not declared: MLflow appends them as --val_fraction, --max_batches.
     proc = mlflow_run("-e", "study", "-P", "trials=2", "-P", "jobs=1", "-P", "train_size=192",
-                      "-P", "val_size=200", "-P", "test_size=200", project=project)
+                      "-P", "test_size=200", "-P", "val_fraction=0.3", "-P", "max_batches=2", project=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     runs = zoo_runs(client)
@@ -141,7 +142,10 @@ def test_study_entry_point_runs_a_study_with_its_default_storage_and_no_registra
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert parent.info.run_name == "study mnist_cnn-mnist-5k-normalization"  # study_name=default: the default name
     assert parent.data.params["trials"] == "2"
+    assert (parent.data.params["val_fraction"], parent.data.params["max_batches"]) == ("0.3", "2")
+    assert {c.data.params["val_size"] for c in children} == {"1500"}  # 30 % of mnist-5k's 5,000 digits
     assert (project / "optuna.db").is_file()  # storage=sqlite:///optuna.db, relative to the project folder
+    assert parent.data.params["optuna_storage"] == f"sqlite:///{project / 'optuna.db'}"  # which opens it from anywhere
     assert client.search_registered_models() == []  # register=default: nothing registered
 
 

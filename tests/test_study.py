@@ -441,3 +441,58 @@ def test_collapse_is_measured_against_predicting_the_most_frequent_class(mnist_5
 
     assert one_class_accuracy(mnist_5k.val) == pytest.approx(0.1)  # 50 of each digit
     assert one_class_accuracy(mnist_5k.val.subset(7)) >= 2 / 7  # 7 images of 10 classes: some class repeats
+
+
+def test_study_and_train_show_the_same_range_for_max_batches():
+    def max_batches_help(command: str) -> str:
+        lines = CliRunner().invoke(cli, [command, "--help"], terminal_width=200).output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--max-batches"))
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-"))
+        return " ".join(" ".join(lines[start:end]).split())
+
+    assert max_batches_help("study") == max_batches_help("train")
+    assert "[x>=1]" in max_batches_help("study")
+
+
+def test_a_study_splits_off_its_val_fraction_and_a_rerun_must_repeat_it(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["study", "--trials", "1", "--jobs", "1", "--study-name", "vf", "--storage", storage, "--log-models", "none",
+              "--no-progress", "--max-batches", "2", "--train-size", "192"]
+    result = CliRunner().invoke(cli, [*common, "--val-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    (parent,), (trial,) = study_runs()
+    assert parent.data.params["val_fraction"] == "0.3"
+    assert trial.data.params["val_size"] == "1500"  # 30 % of mnist-5k's 5,000 digits (the recipe's 10 %: 500)
+    again = CliRunner().invoke(cli, [*common, "--val-fraction", "0.2"])
+    assert again.exit_code == 2 and "val_fraction: study has 0.3, command has 0.2" in again.output
+
+
+def test_a_bad_val_fraction_is_one_line_of_bad_usage_as_in_train(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for command in (["train", "--dry-run"], ["study", "--storage", storage, "--no-progress"]):
+        result = CliRunner().invoke(cli, [*command, "--val-fraction", "0.9"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            "Error: the val fraction (0.9) and test fraction (0.2) leave no images to train on: together they must "
+            "be below 1"], result.output
+
+
+def test_a_sqlite_study_records_an_absolute_storage_that_opens_from_another_folder(tmp_path, monkeypatch):
+    """`optuna-dashboard sqlite:///optuna.db` started elsewhere would silently open a new, empty database:
+    the parent run, its description and the command's output name the study's database by its absolute path."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.delenv("ZOO_OPTUNA_STORAGE", raising=False)
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(cli, ["study", "--trials", "1", "--jobs", "1", "--study-name", "here", "--log-models",
+                                      "none", "--no-progress", "--max-batches", "2", *SMALL_ARGS])  # default storage
+    assert result.exit_code == 0, result.output
+    recorded = f"sqlite:///{here / 'optuna.db'}"
+    (parent,), _ = study_runs()
+    assert parent.data.params["optuna_storage"] == recorded and parent.data.tags["optuna.storage"] == recorded
+    assert f"optuna-dashboard {recorded}" in parent.data.tags["mlflow.note.content"]
+    assert f"optuna-dashboard {recorded}" in result.output
+    monkeypatch.chdir(elsewhere)
+    trials = optuna.load_study(study_name="here", storage=parent.data.params["optuna_storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE]
+    assert not (elsewhere / "optuna.db").exists()

@@ -31,7 +31,7 @@ RESUME_STUDY = "re-run the same command to resume the study (the trials it stopp
 
 # The fields a re-run of an existing study must keep: they define what its trials measure.
 _IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
-             "train_size", "val_size", "test_size", "max_batches", "image_size", "test_fraction")
+             "train_size", "val_size", "test_size", "max_batches", "image_size", "val_fraction", "test_fraction")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class StudyConfig:
     device: str = "auto"
     data_dir: str | None = None
     image_size: str | None = None  # image folders: see TrainConfig.image_size
+    val_fraction: float | None = None  # None: the model's recipe (TrainConfig.val_fraction)
     test_fraction: float | None = None  # image folders without test/
     progress: bool = True
     tracking_timeout: float | None = None  # seconds to wait for an MLflow server that goes away (None: ZOO_TRACKING_TIMEOUT, else 600)
@@ -97,7 +98,7 @@ class StudyConfig:
         return TrainConfig(
             model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
             device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
-            image_size=self.image_size, test_fraction=self.test_fraction,
+            image_size=self.image_size, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
         )
 
 
@@ -107,6 +108,7 @@ class StudyResult:
     parent_run_id: str
     summary: dict[str, Any]
     best_model_uri: str | None
+    storage: str  # the Optuna storage URL that opens the study from any folder, its password masked
 
 
 

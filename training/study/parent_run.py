@@ -88,5 +88,6 @@ def _parent_params(config: StudyConfig, storage_url: str) -> dict[str, Any]:
         "batch_size": config.batch_size, "train_size": config.train_size, "val_size": config.val_size,
         "test_size": config.test_size, "max_batches": config.max_batches, "collapse_margin": config.collapse_margin,
         **({"image_size": config.image_size} if config.image_size else {}),
+        **({"val_fraction": config.val_fraction} if config.val_fraction is not None else {}),
         **({"test_fraction": config.test_fraction} if config.test_fraction is not None else {}),
     }

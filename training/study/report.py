@@ -15,6 +15,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 from training import tracking
 from training.study.config import RUN_ATTR, is_finished
 from training.study.storage import stored_search
+from zoo.access import masked_url
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -63,9 +64,10 @@ def trials_table(study: optuna.Study) -> str:
     return frame.to_csv(index=False)
 
 
-def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, collapse_margin: float,
+def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, collapse_margin: float, storage_url: str,
                 plots: bool = False) -> dict[str, Any]:
-    """Write the summary, the trials table (and, with ``plots``, the contour and importances) to the parent."""
+    """Write the summary, the trials table (and, with ``plots``, the contour and importances) to the parent;
+    its description names ``storage_url`` (password masked), where Optuna's own clients open the study."""
     summary = summarize(study, one_class, collapse_margin)
     tracking.log_dict(summary, "study/summary.json", run_id=parent_run_id)
     tracking.log_text(trials_table(study), "study/trials.csv", run_id=parent_run_id)
@@ -73,7 +75,7 @@ def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, colla
                "trials_diverged": summary["trials_diverged"], "trials_pruned": summary["trials_pruned"]}
     for split in ("val", "test"):
         metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
-    tags = {tracking.NOTE_TAG: describe_study(study, summary)}  # the parent's description
+    tags = {tracking.NOTE_TAG: describe_study(study, summary, storage_url)}  # the parent's description
     if summary["best"]:
         best = summary["best"]
         tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
@@ -88,8 +90,8 @@ def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, colla
 PLOTS = ("contour.png", "param_importances.png", "accuracy_vs_normalization.png", "interactive.html")  # under study/
 
 
-def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
-    """The parent run's description (markdown): what the study searches and, so far, what it found."""
+def describe_study(study: optuna.Study, summary: dict[str, Any], storage_url: str) -> str:
+    """The parent run's description (markdown): what the study searches, so far what it found, and how to open it."""
     searched = stored_search(study) or {}
     lines = [f"Optuna study **{study.study_name}**"]
     if searched:
@@ -110,8 +112,15 @@ def describe_study(study: optuna.Study, summary: dict[str, Any]) -> str:
             f"Validation accuracy: median **{100 * val['median']:.2f} %**, sd {100 * val['sd']:.2f} pt, "
             f"range {100 * val['min']:.2f}-{100 * val['max']:.2f} %. Best: trial {best['trial']} "
             f"({', '.join(f'{k} {v:.4g}' for k, v in best['params'].items())}).")
-    lines += ["", "Figures under `study/`: " + ", ".join(f"`{p}`" for p in PLOTS) + "; every trial in `study/trials.csv`."]
+    lines += ["", "Figures under `study/`: " + ", ".join(f"`{p}`" for p in PLOTS) + "; every trial in `study/trials.csv`.",
+              "", f"Open the study in Optuna's dashboard: `{dashboard_command(storage_url)}`."]
     return "\n".join(lines)
+
+
+def dashboard_command(storage_url: str) -> str:
+    """The command that opens the study in optuna-dashboard, from any folder (a SQLite path is absolute once
+    run_study has resolved it), its password masked."""
+    return f"optuna-dashboard {masked_url(storage_url)}"
 
 
 def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:

@@ -12,6 +12,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import optuna
 from alembic.util import CommandError as AlembicCommandError
@@ -19,7 +20,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from training import tracking
 from training.outage import timeout_from_env, unreachable
@@ -32,6 +33,24 @@ from zoo.errors import UsageError
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 
+
+
+def absolute_storage_url(url: str) -> str:
+    """``sqlite:///optuna.db`` as ``sqlite:////FOLDER/optuna.db``, FOLDER the current one: the study then records,
+    and its ``--jobs`` workers open, a URL that names the same file from any folder (``optuna-dashboard URL``
+    started elsewhere would otherwise create an empty database there). A re-run from another folder with the
+    same relative URL still means that folder's file, as SQLite has it. Other URLs are returned as written:
+    database servers, an absolute or in-memory SQLite database, SQLite's ``file:`` URIs (``?uri=true``)."""
+    try:
+        parsed = make_url(url) if "://" in url else None
+    except (ArgumentError, ValueError):
+        parsed = None  # not a URL: make_storage says what is wrong with it
+    if (parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:")
+            or os.path.isabs(parsed.database) or parsed.query.get("uri") == "true"):
+        return url
+    scheme, _, written = url.partition(":///")
+    query = written.partition("?")[2]
+    return f"{scheme}:///{quote(os.path.abspath(parsed.database))}" + (f"?{query}" if query else "")
 
 
 def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBStorage:

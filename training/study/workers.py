@@ -31,9 +31,10 @@ from training.study.config import (
 )
 from training.study.parent_run import ensure_parent_run
 from training.study.report import log_summary, summarize
-from training.study.storage import StudyLock, end_orphaned_runs, make_storage, open_study
+from training.study.storage import StudyLock, absolute_storage_url, end_orphaned_runs, make_storage, open_study
 from training.study.trials import TrialContext, objective, objective_batch
 from training.train import build_network, load_training_data
+from zoo.access import masked_url
 from zoo.data import Dataset
 from zoo.machine import usable_cores
 from zoo.models.registry import create_model
@@ -92,7 +93,7 @@ def _after_trial(ctx: TrialContext, bar: tqdm, study: optuna.Study, trial: Froze
         return  # refreshed a moment ago; the study's end always writes the final one
     try:
         ctx.patience.patiently(log_summary, study, ctx.parent_run_id, one_class_accuracy(ctx.dataset.val),
-                               ctx.config.collapse_margin)
+                               ctx.config.collapse_margin, ctx.config.storage)
         ctx.summary_logged = time.monotonic()
     except tracking.ServerGone:
         raise
@@ -263,6 +264,8 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
 
     ``bar``: draw the progress bar when ``config.progress`` (the processes ``--jobs`` adds leave it to the first)."""
     config.validate()
+    # Once, here: the parent run records the URL every worker opens, and it names the database from anywhere.
+    config = replace(config, storage=absolute_storage_url(config.storage))
     train_config = config.train_config()
     spec = train_config.spec()  # unknown model: fail before anything is created
     if config.batch_trials > 1:
@@ -297,7 +300,7 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
             _work_until_done(study, ctx, progress)
     except BaseException as exc:
         try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
-            log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin)
+            log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin, config.storage)
         except Exception:  # the store itself may be what failed; the error being raised says more
             pass
         finished, running = count_trials(study)
@@ -316,12 +319,13 @@ def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset
     one_class = one_class_accuracy(dataset.val)
     if tracking.run_status(parent) == "FINISHED":  # another worker finished it
         summary = summarize(study, one_class, config.collapse_margin)
-        return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"))
+        return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"),
+                           masked_url(config.storage))
     end_orphaned_runs(study)
     sweep_checkpoints(study)
-    summary = log_summary(study, parent, one_class, config.collapse_margin, plots=True)
+    summary = log_summary(study, parent, one_class, config.collapse_margin, config.storage, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
     finished, running = count_trials(study)
     if finished >= config.trials and running == 0:
         tracking.end_run_by_id(parent, "FINISHED")
-    return StudyResult(config.name, parent, summary, model_uri)
+    return StudyResult(config.name, parent, summary, model_uri, masked_url(config.storage))
