@@ -138,11 +138,14 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
 def model_signature():
     """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
+    # pixels are [C][H][W] floats in [0, 1], but typed Array(Any): with Array(Array(Array(double))) MLflow
+    # refused a flat list or a missing level with its own type error ("Expected data to be list or numpy
+    # array, got float") before the model could say which row has which shape and what it takes.
     inputs = Schema([
         ColSpec("binary", "image", required=False),
-        ColSpec(Array(Array(Array("double"))), "pixels", required=False),
+        ColSpec(Array(AnyType()), "pixels", required=False),
     ])
     outputs = Schema([
         ColSpec("string", "label"),
