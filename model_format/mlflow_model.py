@@ -138,9 +138,10 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
 def model_signature():
     """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param.
 
-    ``pixels`` is typed Any, not an array of doubles: ``mlflow.pyfunc.spark_udf`` applied to one
-    column (``udf("content")``) fills every other signature column with NaN, which an array type
-    refuses before the model runs; pyfunc_model.py checks the pixels' shape and range itself.
+    ``pixels`` is typed Any, not an array of doubles, and pyfunc_model.py checks its shape and values itself:
+    MLflow refused a flat list or a missing level with its own type error ("Expected data to be list or numpy
+    array, got float") before the model could say which row has which shape, and ``mlflow.pyfunc.spark_udf``
+    applied to one column (``udf("content")``) fills every other signature column with NaN.
     """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema

@@ -9,7 +9,9 @@ pixels in [0, 1], never normalized tensors.
 
 Input (a DataFrame, one image per row), one of two columns:
   image   PNG/JPEG/... bytes (REST clients send them base64-encoded; MLflow decodes them)
-  pixels  float [C][H][W] in [0, 1], the model's input shape
+  pixels  float [C][H][W] in [0, 1], the model's input shape (an "inputs" request: a list of them).
+          Typed Any in the signature so that a NaN, a flat list or a missing level reaches
+          this code, which names the row and what is wrong, instead of MLflow's type error.
 Output: one row per image: ``label``, ``probability`` and ``top`` (the ``top_k`` best, param).
 """
 
@@ -77,7 +79,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             if not images:
                 raise invalid(f"column {IMAGE_COLUMN!r} is empty; send at least one image")
             return np.stack([decode_image(data, self.input_shape, row, self.resize) for row, data in enumerate(images)])
-        return stack_pixels(frame[PIXELS_COLUMN], self.input_shape)
+        # An "inputs" request ({"pixels": [image, ...]}) reaches predict as one row holding all its images.
+        depth = len(self.input_shape) + 1
+        cells = _unnest(frame[PIXELS_COLUMN], lambda cell: isinstance(cell, np.ndarray) and cell.ndim == depth)
+        return stack_pixels(cells, self.input_shape)
 
     def top(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
         rows = []
@@ -137,19 +142,38 @@ def _base64_decoded(data: bytes) -> bytes:
         return bytes(data)
 
 
-def stack_pixels(cells: pd.Series, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """float32 [N, C, H, W] from cells that each hold one image [C][H][W]."""
-    try:
-        pixels = np.stack([np.asarray(cell, dtype=np.float32) for cell in cells])
-    except (TypeError, ValueError) as exc:
-        raise invalid(f"column {PIXELS_COLUMN!r} must hold float arrays [C][H][W] of one shape: {exc}") from None
-    if pixels.shape[1:] != tuple(input_shape):
-        raise invalid(f"column {PIXELS_COLUMN!r} holds arrays of shape {list(pixels.shape[1:])}; "
-                      f"this model takes {list(input_shape)} (C, H, W) in [0, 1]")
-    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
-    if not (0.0 <= low and high <= 1.0):  # also catches NaN; 0-255 values would get confident, meaningless labels
+def stack_pixels(cells, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 [N, C, H, W] from cells that each hold one image [C][H][W], each checked on its own so
+    that the error names the row and what is wrong with it."""
+    rows = [row_pixels(cell, row, input_shape) for row, cell in enumerate(cells)]
+    if not rows:
+        raise invalid(f"column {PIXELS_COLUMN!r} is empty; send at least one image")
+    pixels = np.stack(rows)
+    low, high = float(pixels.min()), float(pixels.max())
+    if not (0.0 <= low and high <= 1.0):  # 0-255 values would get confident, meaningless labels
         raise invalid(f"column {PIXELS_COLUMN!r} holds values in [{low:g}, {high:g}]; this model takes pixels in "
                       "[0, 1] (divide 0-255 values by 255)")
+    return pixels
+
+
+def row_pixels(cell: Any, row: int, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 [C, H, W] of one row of the ``pixels`` column, or the reason it is not one."""
+    expected = "expected [C][H][W] = " + "".join(f"[{n}]" for n in input_shape)
+    try:
+        pixels = np.asarray(cell, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise invalid(f"pixels of row {row} are not a [C][H][W] array of numbers (rows of different lengths?); "
+                      f"{expected}, floats in [0, 1]") from None
+    if pixels.shape != tuple(input_shape):
+        if pixels.ndim == 1 and pixels.size == int(np.prod(input_shape)):
+            raise invalid(f"pixels of row {row} are a flat list of {pixels.size} values; {expected}: "
+                          "one list per channel holding one list per image row")
+        raise invalid(f"pixels of row {row} have shape {pixels.shape}; {expected}")
+    not_finite = ~np.isfinite(pixels)
+    if not_finite.any():
+        first = tuple(int(i) for i in np.argwhere(not_finite)[0])
+        value = "NaN" if np.isnan(pixels[first]) else f"{pixels[first]:g}"
+        raise invalid(f"pixels of row {row} hold {value} (first at {list(first)}); send numbers in [0, 1]")
     return pixels
 
 

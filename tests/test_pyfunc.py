@@ -89,12 +89,23 @@ def test_pytorch_users_get_a_module_that_takes_pixels(registered_model, digits):
     assert [names[i] for i in scores.argmax(1)] == zoo_classify_labels(digits, runtime="torch")
 
 
+def with_nan(pixels: np.ndarray, value: float = np.nan) -> np.ndarray:
+    """``pixels`` [C][H][W] with one bad value at [0, 3, 4]."""
+    pixels = pixels.copy()
+    pixels[0, 3, 4] = value
+    return pixels
+
+
 @pytest.mark.parametrize("frame, message", [
     ({"image": [b"hello, not an image"]}, "row 0 of column 'image': not an image Pillow can read"),
     ({"img": [b"\x89PNG"]}, "expected one column, 'image' (PNG/JPEG bytes, base64 strings over REST) or 'pixels'"),
-    ({"pixels": [np.zeros((1, 10, 28))]}, "this model takes [1, 28, 28] (C, H, W) in [0, 1]"),
+    ({"pixels": [np.zeros((1, 10, 28))]}, "pixels of row 0 have shape (1, 10, 28); expected [C][H][W] = [1][28][28]"),
     ({"pixels": [np.full((1, 28, 28), 255.0)]}, "holds values in [255, 255]; this model takes pixels in [0, 1]"),
-    ({"pixels": [np.full((1, 28, 28), np.nan)]}, "this model takes pixels in [0, 1]"),
+    ({"pixels": [np.full((1, 28, 28), 0.5), with_nan(np.full((1, 28, 28), 0.5))]},
+     "pixels of row 1 hold NaN (first at [0, 3, 4]); send numbers in [0, 1]"),
+    ({"pixels": [with_nan(np.full((1, 28, 28), 0.5), np.inf)]}, "pixels of row 0 hold inf (first at [0, 3, 4])"),
+    ({"pixels": [np.zeros((28, 28))]}, "pixels of row 0 have shape (28, 28); expected [C][H][W] = [1][28][28]"),
+    ({"pixels": [np.zeros(784)]}, "pixels of row 0 are a flat list of 784 values; expected [C][H][W] = [1][28][28]"),
 ])
 def test_bad_pyfunc_input_is_one_clear_line(registered_model, frame, message):
     from mlflow.exceptions import MlflowException
@@ -167,15 +178,16 @@ def test_the_registered_model_and_version_are_described(registered_model):
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements and f"mlflow=={mlflow.__version__}" in requirements
 
 
-@pytest.fixture
-def served_model(registered_model):
-    """`mlflow models serve` of models:/digits@champion on a free port; killed at teardown."""
+@pytest.fixture(scope="module")
+def served_model(trained_store):
+    """`mlflow models serve` of models:/digits@champion on a free port, one for the module; killed at teardown."""
     port = free_port()
-    log = registered_model["folder"] / f"serve-{port}.log"
+    log = trained_store["folder"] / f"serve-{port}.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", URI, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-            stdout=out, stderr=subprocess.STDOUT, env=VENV_ENV, start_new_session=True,  # its workers die with it
+            stdout=out, stderr=subprocess.STDOUT, cwd=trained_store["folder"], start_new_session=True,  # workers die with it
+            env={**VENV_ENV, "MLFLOW_TRACKING_URI": trained_store["uri"]},
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -219,7 +231,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model, digits):
+def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model, registered_model, digits):
     expected = zoo_classify_labels(digits)
     status, answer = post(served_model, {"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in digits]}})
     assert status == 200, answer
@@ -252,6 +264,38 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
     line = answer["message"].splitlines()[-1]
     assert line.startswith("Error: column 'pixels' holds values in [0, 2") and "this model takes pixels in [0, 1]" in line
+
+
+GREY = np.full((1, 28, 28), 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, line", [
+    ({"dataframe_split": {"columns": ["pixels"], "data": [[GREY.tolist()], [with_nan(GREY).tolist()]]}},
+     "pixels of row 1 hold NaN (first at [0, 3, 4]); send numbers in [0, 1]"),
+    ({"inputs": {"pixels": [with_nan(GREY, np.inf).tolist()]}}, "pixels of row 0 hold inf (first at [0, 3, 4])"),
+    ({"dataframe_split": {"columns": ["pixels"], "data": [[GREY[0].tolist()]]}},
+     "pixels of row 0 have shape (28, 28); expected [C][H][W] = [1][28][28]"),
+    ({"dataframe_split": {"columns": ["pixels"], "data": [[GREY.ravel().tolist()]]}},
+     "pixels of row 0 are a flat list of 784 values; expected [C][H][W] = [1][28][28]"),
+    ({"inputs": {"pixels": [GREY.tolist(), with_nan(GREY).tolist()]}}, "pixels of row 1 hold NaN (first at [0, 3, 4])"),
+    ({"inputs": {"pixels": [GREY.ravel().tolist()]}},  # MLflow makes the inputs list one array: one "row"
+     "pixels of row 0 have shape (1, 784); expected [C][H][W] = [1][28][28]"),
+    ({"dataframe_records": [{"pixels": [[0.5] * 28] * 27 + [[0.5] * 27]}]},
+     "pixels of row 0 are not a [C][H][W] array of numbers (rows of different lengths?)"),
+])
+def test_served_model_names_what_is_wrong_with_bad_pixels(served_model, body, line):
+    status, answer = post(served_model, body)
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert line in answer["message"].splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_served_model_takes_pixels_in_the_inputs_form(served_model, registered_model, digits):
+    pixels = [(np.asarray(Image.open(f), dtype=np.float64)[None] / 255).tolist() for f in digits[:4]]  # [C][H][W] each
+    status, answer = post(served_model, {"inputs": {"pixels": pixels}})
+    assert status == 200, answer
+    assert [p["label"] for p in answer["predictions"]] == zoo_classify_labels(digits[:4])
 
 
 @pytest.mark.slow
