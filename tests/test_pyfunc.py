@@ -279,8 +279,8 @@ GREY = np.full((1, 28, 28), 0.5)
     ({"dataframe_split": {"columns": ["pixels"], "data": [[GREY.ravel().tolist()]]}},
      "pixels of row 0 are a flat list of 784 values; expected [C][H][W] = [1][28][28]"),
     ({"inputs": {"pixels": [GREY.tolist(), with_nan(GREY).tolist()]}}, "pixels of row 1 hold NaN (first at [0, 3, 4])"),
-    ({"inputs": {"pixels": [GREY.ravel().tolist()]}},  # MLflow makes the inputs list one array: one "row"
-     "pixels of row 0 have shape (1, 784); expected [C][H][W] = [1][28][28]"),
+    ({"inputs": {"pixels": [GREY.ravel().tolist()]}}, "pixels of row 0 are a flat list of 784 values"),
+    ({"inputs": {"pixels": [GREY.tolist(), GREY[:, :27].tolist()]}}, "pixels of row 1 have shape (1, 27, 28)"),
     ({"dataframe_records": [{"pixels": [[0.5] * 28] * 27 + [[0.5] * 27]}]},
      "pixels of row 0 are not a [C][H][W] array of numbers (rows of different lengths?)"),
 ])
