@@ -47,7 +47,6 @@ from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
 from zoo.machine import worker_start_method
-from zoo.errors import UsageError
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
