@@ -138,7 +138,7 @@ def test_ctrl_c_stops_zoo_train_and_resume_takes_the_options_that_may_differ(tmp
         assert proc.wait(timeout=HANG_GUARD_S) == 1
     stderr = log.read_text()
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
-    # the README's line, whole: what stopped and what to run next, no "set ZOO_DEBUG=1" hint after it
+    # docs/training.md's line, whole: what stopped and what to run next, no "set ZOO_DEBUG=1" hint after it
     assert last_error_line(stderr) == (f"Error: training stopped: run {run_id} ended KILLED after epoch "
                                        f"{len(steps(run_id, 'val_accuracy'))}, its last checkpoint kept; "
                                        f"continue it with: zoo train --resume {run_id}")
@@ -146,7 +146,7 @@ def test_ctrl_c_stops_zoo_train_and_resume_takes_the_options_that_may_differ(tmp
     assert run.info.status == "KILLED" and run.data.tags["zoo.failure"] == "interrupted"
     assert artifacts(run_id) == ["checkpoints/last.pt"]
 
-    # The README: --device, --precision, --data-dir and --keep-checkpoints may differ from the run's.
+    # docs/training.md: --device, --precision, --data-dir and --keep-checkpoints may differ from the run's.
     resumed = zoo("train", "--resume", run_id, "--device", "cpu", "--keep-checkpoints", "all",
                   "--data-dir", str(tmp_path / "data"), "--format", "json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

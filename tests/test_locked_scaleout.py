@@ -1,4 +1,4 @@
-"""The README's scale-out recipe, locked: an ``mlflow server --app-name basic-auth`` (its user database,
+"""docs/scaleout.md's recipe, locked: an ``mlflow server --app-name basic-auth`` (its user database,
 SQLite, in the test's folder) over a PostgreSQL that asks for a password (scram-sha-256), on loopback.
 
 What a user expects: workers given a user's credentials through MLflow's variables run a study to
@@ -149,7 +149,7 @@ def test_two_locked_workers_finish_exactly_the_trials_and_leak_no_password(admin
     url, database = admin["url"], admin["database"]
     host = database.removeprefix("postgresql://zoo@")
     # One worker takes its login from MLflow's variables and names the database password in the storage
-    # URL (masked wherever zoo shows it); the other takes both from files, as the README recommends.
+    # URL (masked wherever zoo shows it); the other takes both from files, as docs/scaleout.md recommends.
     envs = [env_of(url, tmp_path / "home1", "worker", WORKER_PASSWORD,
                    ZOO_OPTUNA_STORAGE=f"postgresql://zoo:{DB_PASSWORD}@{host}/optuna"),
             env_of(url, credential_files(tmp_path / "home2", host), ZOO_OPTUNA_STORAGE=f"{database}/optuna")]

@@ -237,7 +237,7 @@ def test_served_model_classifies_base64_pngs_and_refuses_bad_input(served_model,
     assert status == 200, answer
     assert [p["label"] for p in answer["predictions"]] == expected
     assert set(answer["predictions"][0]) == {"label", "probability", "top"}
-    # The README's other request forms: {"inputs": ...} with params.top_k, and a pixels column.
+    # docs/classify.md's other request forms: {"inputs": ...} with params.top_k, and a pixels column.
     status, answer = post(served_model, {"inputs": {"image": [b64(f) for f in digits]}, "params": {"top_k": 1}})
     assert status == 200, answer
     assert [p["label"] for p in answer["predictions"]] == expected
