@@ -81,12 +81,12 @@ def fixed(quick: bool) -> str:
     r = bench_fixed_cost.measure(runs=2 if quick else 5)
     first, median = r["first"], r["median"]
     rows = [[phase, first[phase], median[phase]] for phase in median]
-    rows.append(["for comparison, a plain script under Python's default collector: import torch + torch._dynamo "
-                 "+ mlflow, open the store, exit", "", r["floor"]])
+    rows.append(["for comparison, a plain script: import torch + torch._dynamo + mlflow, open the store, exit",
+                 "", r["floor"]])
     return (f"`{' '.join(['zoo', *bench_fixed_cost.COMMAND])}`, {r['runs']} whole processes into one SQLite store "
             "(the first creates it); phases timed inside each process by wrapping the project's functions. The batch, "
             "validation and test grow with the data; the **fixed cost** is the wall time without them. The last row "
-            "times the libraries alone, without the project's start-up settings (zoo/startup.py).\n\n"
+            "times the libraries alone.\n\n"
             + table(["seconds", "first run (new store)", f"median of the {r['runs'] - 1} later runs"], rows))
 
 

@@ -6,10 +6,9 @@ images and the test pass the 10,000 test images), all into one SQLite store in a
 the first run creates the store, the others find it, as a user's runs do. Inside each process the
 phases are timed by wrapping the project's functions (no change to the code measured): Python
 start-up and the imports, data, the MLflow run's start, the batch, validation, test, figures,
-checkpoint, ``log_model`` and the exit. For comparison, a plain script times the libraries alone
-under Python's default garbage-collector settings: ``import torch`` + ``torch._dynamo`` (torch.optim
-and torch.export import it) + ``mlflow``, opening the same store
-(``MlflowClient().get_experiment_by_name``) and exiting. ``--baseline-src`` runs another checkout's
+checkpoint, ``log_model`` and the exit. For comparison, a plain script times the libraries alone:
+``import torch`` + ``torch._dynamo`` (torch.optim and torch.export import it) + ``mlflow``, opening
+the same store (``MlflowClient().get_experiment_by_name``) and exiting. ``--baseline-src`` runs another checkout's
 `zoo train` in turn with this one's (each in a store of its own).
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.bench_fixed_cost [--runs 5] [--baseline-src OTHER_CHECKOUT]
@@ -56,14 +55,6 @@ def child(out: str, argv: list[str]) -> None:
         importlib.import_module(name)
         phases[phase] = phases.get(phase, 0.0) + time.time() - started
 
-    import zoo
-
-    # What the `zoo` entry point does first (main() calls it again: once per process). A checkout from
-    # before zoo/startup.py (a baseline) has none; an editable install's finder would find this one's.
-    if os.path.exists(os.path.join(os.path.dirname(zoo.__file__), "startup.py")):
-        from zoo import startup
-
-        startup.begin()
     timed_import("torch", "import torch")
     timed_import("torch._dynamo", "import torch._dynamo")
     timed_import("mlflow", "import mlflow")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import click
 
@@ -35,12 +36,9 @@ def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_
     stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
     """
     from serving.classify import classify_paths
-    from zoo import startup
 
-    batches = classify_paths(model_uri, paths, runtime=runtime, k=top_k, invert=invert, batch_size=batch_size,
-                             workers=workers, max_pixels=max_pixels)
-    startup.settled()  # the model is loaded: what follows is the images
-    _print_classified(batches, fmt)
+    _print_classified(classify_paths(model_uri, paths, runtime=runtime, k=top_k, invert=invert, batch_size=batch_size,
+                                     workers=workers, max_pixels=max_pixels), fmt)
 
 
 def _print_classified(batches, fmt: str) -> None:
@@ -67,5 +65,5 @@ def _print_classified(batches, fmt: str) -> None:
 def _classify_lines(batch, fmt: str) -> list[str]:
     """One output line per row; text shows only the classified ones (the others are on stderr)."""
     if fmt in ("json", "jsonl"):
-        return [p.to_json() for p in batch]
+        return [json.dumps(p.to_dict()) for p in batch]
     return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

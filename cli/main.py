@@ -40,25 +40,6 @@ from cli.ui import ui
 from zoo.errors import UsageError
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # 20 ms: only for --version
-
-    try:
-        return version("mlflow-zoo")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    """click.version_option's output ("zoo, version X"), the version looked up only when asked for:
-    reading it at import cost every command about 20 ms of start-up."""
-    if value and not ctx.resilient_parsing:
-        click.echo(f"zoo, version {_version()}")
-        ctx.exit()
-
-
-
-
 class InputError(click.UsageError):
     """Bad input found past Click's own parsing: one line, exit 2 (no usage block, the message says what is valid)."""
 
@@ -111,8 +92,7 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
-              help="Show the version and exit.")
+@click.version_option(package_name="mlflow-zoo", prog_name="zoo")
 def cli() -> None:
     """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
 
@@ -126,9 +106,6 @@ for _command in (train, study, renorm, export, classify, models, datasets, ui, d
 
 
 def main() -> None:
-    from zoo import startup
-
-    startup.begin()  # the collector held back while the libraries load (zoo/startup.py)
     _run_links_in_the_training_view()
     cli(prog_name="zoo")
 

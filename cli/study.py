@@ -42,8 +42,8 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--jobs", type=click.IntRange(min=0), default=None, callback=_size,
               help="Trials run at once, one per process (this one and N - 1 it starts, which join the study), the CPU's "
                    "torch threads shared out among them; a trial's result does not depend on it. "
-                   "Default: one per CPU core (at most 8) on the CPU, 1 on a GPU; one 1-thread trial per core was "
-                   "1.3x faster than one trial on all cores (docs/study.md).")
+                   "Default: one per CPU core (at most 8) on the CPU, 1 on a GPU; one 1-thread trial per core ran "
+                   "more trials per minute than one trial on all cores (docs/study.md).")
 @click.option("--batch-trials", type=_POSITIVE, default=1, show_default=True, metavar="K",
               help="Train K trials at once in one batched computation (torch.func.vmap; each still its own trial and "
                    "child run). For GPUs: on a CPU it is slower than one at a time.")

@@ -7,9 +7,8 @@ serving/classify.py picks one of three for a run:
   session on one thread, returning each row's top-k. A batch of 28x28 images is too little work to
   split across onnxruntime's threads, and in one process the decoding (Pillow holds the GIL for most
   of a small PNG) and the inference slowed each other down: on 2 cores, whole batches per process
-  classified a folder of 10,000 PNGs at 1.06x to 1.12x the plain PIL + onnxruntime loop as a command,
-  where this process with a decoding thread reached 0.95x to 0.97x (benchmarks/RESULTS.md, "Speed
-  against the floor of each job").
+  classified a folder of PNGs faster than the plain PIL + onnxruntime loop, and this process with a
+  decoding thread did not (benchmarks/RESULTS.md, "Speed against the floor of each job").
 - **Decoding workers** (the torch runtime, and large images on more than 2 cores): processes that
   only decode; this process classifies.
 - **A thread** of this process decodes the next batch while this one is classified.
@@ -17,7 +16,7 @@ serving/classify.py picks one of three for a run:
 Worker processes are forked while this process has loaded neither onnxruntime nor torch: a child
 forked from a process whose onnxruntime or torch thread pools run can hang or crash (onnxruntime's
 advice: create sessions after fork), so `zoo classify` starts them before it opens the model. A
-process that has loaded either spawns its workers instead (about 0.3 s each).
+process that has loaded either spawns its workers instead (slower to start: a fresh interpreter each).
 """
 
 from __future__ import annotations
@@ -42,12 +41,12 @@ Batch = list[tuple[str, "str | None"]]  # (path, why it is skipped)
 # Images of at most this many values (128x128 grey, 73x73 RGB) are classified by worker processes by
 # default: whole small batches per process beat threads inside onnxruntime. Larger ones stay in this
 # process, where onnxruntime's threads share each image's work well and one copy of the model and
-# its activations is held, not one per core (ResNet-18 at 224x224, batch 32: 0.56 GB a process).
+# its activations is held, not one per core (ResNet-18 at 224x224 holds a large batch of activations).
 SMALL_INPUT = 16_384
 MAX_CLASSIFYING_WORKERS = 8  # a model and a batch each; more cores than this are not measured
 
-# Starting a spawned worker costs about 0.3 s (an interpreter, numpy, Pillow); a 28x28 PNG decodes in
-# about 40 us, so a spawned pool pays for itself only from a few thousand images on.
+# Starting a spawned worker (an interpreter, numpy, Pillow) costs far more than decoding a small PNG:
+# a spawned pool pays for itself only from a few thousand images on.
 POOL_MIN_IMAGES = 4096
 
 
@@ -55,8 +54,8 @@ def default_workers() -> int:
     """Decoding workers: none on 2 cores or fewer, one per core but one beyond that.
 
     onnxruntime already runs a batch on every core and a 28x28 PNG decodes in a third of the
-    time its inference takes, so on 2 cores decoding in this process was faster (4,400 against
-    3,900 images/s) and cheaper than a pool. With more cores, workers decode beside inference
+    time its inference takes, so on 2 cores decoding in this process was faster and cheaper than a
+    pool (benchmarks/RESULTS.md, "`zoo classify`: bad input, bounded memory, start-up and throughput"). With more cores, workers decode beside inference
     (not measured here).
     """
     n = usable_cores()

@@ -454,23 +454,6 @@ def test_export_fails_with_exit_1_beyond_its_tolerance_and_zoo_debug_shows_why(r
     assert "ParityError: ONNX export of models:/digits@champion differs" in debug.stderr
 
 
-def test_json_rows_are_exactly_what_json_dumps_writes():
-    """--format json/jsonl rows are formatted by hand for speed: they must stay json.dumps's text, for any
-    path and label (quotes, backslashes, non-ASCII), probability, and for error rows."""
-    from serving.classify import Prediction
-
-    rows = [
-        Prediction("scans/a.png", [("3", 0.9876543210123), ("8", 1e-17), ("5", 0.0)]),
-        Prediction('we"ird\\dir/Ünïcode – 数字.png', [("Ankle boot", 0.5), ("T-shirt/top", 1 / 3)]),
-        Prediction("x.png", [("naïve \"label\"", 1.0)]),
-        Prediction("nan.png", [("3", float("nan")), ("4", float("inf"))]),
-        Prediction("broken.png", [], "cannot identify image file"),
-    ]
-    for row in rows:
-        assert row.to_json() == json.dumps(row.to_dict())
-        assert json.loads(row.to_json().replace("NaN", "null").replace("Infinity", "null"))["path"] == row.path
-
-
 def test_a_local_model_folder_saved_over_is_classified_by_the_new_model(registered_model, digits, tmp_path, monkeypatch):
     """The ONNX cache is keyed on what the model is, not on the path typed: another model saved into
     ./model answers with its own classes, not the old graph's."""

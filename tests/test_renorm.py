@@ -296,7 +296,12 @@ def test_renorm_job_tracks_every_pair_and_registers_a_model_that_classifies(trai
     assert mlflow.get_experiment(parent.info.experiment_id).name == "renorm-test"
     assert set(children["experiment_id"]) == {parent.info.experiment_id}
     assert set(children["params.adaptation"]) == {"none", "bn-recalibrate", "fold"}
-    assert children["metrics.top1"].between(0, 1).all() and (children["metrics.top5"] >= children["metrics.top1"]).all()
+    assert (children["metrics.top5"] >= children["metrics.top1"]).all()
+    # The weights under their own normalization classify well above chance (0.1), and folding 0:1 into
+    # the first layer gives that accuracy back, where 0:1 without adaptation may not.
+    own, folded = rows[("imagenet", "none")]["top1"], rows[("0:1", "fold")]["top1"]
+    assert own >= 0.25 and folded == pytest.approx(own, abs=0.02), (own, folded)  # measured: 0.4 after one epoch
+    assert sorted(children["metrics.top1"]) == pytest.approx(sorted(r["top1"] for r in rows.values()))
     # What a person browsing the runs reads: a description and tags on the parent and every child.
     note = parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["zoo.kind"] == "renorm" and "Re-evaluated the pretrained **resnet18**" in note

@@ -24,13 +24,14 @@ from zoo.errors import UsageError
 OPTIMIZERS = ("adadelta", "sgd", "adam", "adamw")
 
 # Evaluation batches small enough that a convolution's output stays in the CPU's caches: the MNIST
-# CNN evaluated about 2x faster on the 2-core CPU in batches of 128 than of 1000 (channels-last;
+# CNN evaluated faster on the 2-core CPU in batches of 128 than of 1000 (channels-last;
 # benchmarks/bench_evaluation.py). Results do not depend on it beyond float summation order.
 EVAL_BATCH_SIZE = 128
 
 # "fp32": float32 throughout (the default). "bf16-mixed": the forward pass under bfloat16 autocast,
 # weights, gradients and optimizer state in float32 (as Lightning's precision="bf16-mixed"). It trained
-# the MNIST CNN about 1.6x faster on a CPU with native bfloat16 (AVX512-BF16 or AMX; benchmarks/RESULTS.md),
+# the MNIST CNN faster on a CPU with native bfloat16 (AVX512-BF16 or AMX; benchmarks/RESULTS.md, "`zoo train`
+# against the published notebook's protocol"),
 # but bfloat16 keeps 8 significant bits: a normalized input near 40 is rounded to a multiple of 0.25,
 # coarser than one grey level under std 0.05, so studies of the normalization itself train in fp32.
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -186,8 +187,8 @@ def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch
 
 @contextmanager
 def channels_last(model: nn.Module) -> Iterator[None]:
-    """Convolution weights in channels-last while inside: the MNIST CNN's inference ran about 1.5x
-    faster so on the 2-core CPU (oneDNN). The same parameter objects are converted back after, so
+    """Convolution weights in channels-last while inside: the MNIST CNN's inference ran faster
+    so on the 2-core CPU (oneDNN; benchmarks/RESULTS.md, "`zoo train` against the published notebook's protocol"). The same parameter objects are converted back after, so
     the optimizer and training are untouched (convert outside inference mode, or they become
     inference tensors that autograd refuses)."""
     model.to(memory_format=torch.channels_last)

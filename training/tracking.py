@@ -28,7 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from model_format import mlflow_model
 from training import registration
-from zoo import access, startup
+from zoo import access
 
 DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
@@ -156,7 +156,6 @@ def start_run(
     ``patiently`` (``outage.Patience.patiently``): the run's end is written through it, waiting for
     a server that went away (Ctrl-C's KILLED excepted: the user wants out).
     """
-    startup.settled()  # the tracked work begins: the command's start-up is over
     project_run_id, new_top_level = None, run_id is None and parent_run_id is None
     if new_top_level:
         project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -334,7 +333,6 @@ def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = 
     """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
     and processes; trials trained together); returns its id. End it with :func:`end_run_by_id`.
     A top-level run's name is made unique in its experiment; a child keeps its name."""
-    startup.settled()  # the tracked work begins: the command's start-up is over
     experiment_id = experiment_id_for(experiment)
     if parent_run_id is None:
         run_name = unique_run_name(experiment_id, run_name)
@@ -558,7 +556,7 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: s
     Each split (anything with uint8 ``images`` and int ``labels`` tensors) is named NAME-CONTEXT,
     with the file or folder the images came from as its source; the UI lists them on the run
     page and groups runs on the same data. MLflow's digest hashes the shape and the first
-    10,000 values only, so this stays cheap for any size (about 0.04 s for Fashion-MNIST).
+    10,000 values only, so this stays cheap for any size.
     """
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.exceptions import MlflowException

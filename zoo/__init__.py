@@ -2,8 +2,8 @@
 
 ``models/`` (the families and their registry), ``data/`` (the dataset catalog), ``folder_dataset``
 and ``splits`` (image folders and uint8 splits), ``imaging`` (the one image decoder),
-``normalization`` (and its exact fold), ``pretrained`` (torchvision's weights); ``access``,
-``progress`` and ``startup`` serve the command line without torch.
+``normalization`` (and its exact fold), ``pretrained`` (torchvision's weights); ``access`` and
+``progress`` serve the command line without torch.
 
 Nothing in this package imports MLflow or another package of the project: it is usable on its
 own; runs are written by ``training`` (``training.tracking``, with ``training.registration`` for the

@@ -185,7 +185,7 @@ def class_files(folder: Path) -> tuple[list[str], list[ListedFile], list[int], l
     files, labels, others = [], [], []
     for index, name in enumerate(classes):
         # Plain strings and the scan's own stat: a Path per file and a second stat cost more than
-        # the rest of a cached start (about 30 us a file, 2 s for 60,000 files).
+        # the rest of a cached start (benchmarks/RESULTS.md, "Image folders: decoding, the cache, training").
         for entry in _walk(os.path.join(folder, name)):
             if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                 stat = entry.stat()

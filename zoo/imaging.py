@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SUPPORTED = ", ".join(sorted(IMAGE_SUFFIXES))
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own Image.MAX_IMAGE_PIXELS: about 0.25 GB for a 1024x1024x3 bomb check
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own Image.MAX_IMAGE_PIXELS
 
 
 class ImageError(Exception):
@@ -55,10 +56,7 @@ def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Head
 
 @contextmanager
 def _quiet_pillow(spec: DecodeSpec) -> Iterator[None]:
-    """Pillow's bomb guard set to ``spec``'s limit and its warnings silenced, once for any number of files
-    (per file, the guard cost about 3 us of a 28x28 PNG's 45)."""
-    from PIL import Image
-
+    """Pillow's bomb guard set to ``spec``'s limit and its warnings silenced, once for any number of files."""
     Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check in _pixels
     with warnings.catch_warnings():
         # Palette-transparency and bomb warnings: the size is checked in _pixels, the rest is harmless.
@@ -73,18 +71,18 @@ def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] |
             if not source:
                 raise ImageError("empty image (0 bytes)")
             source = io.BytesIO(source)
-        with _PIL.Image.open(source) as img:
+        with Image.open(source) as img:
             if header is not None:
                 header.append((img.size[0], img.size[1], img.mode))
             return _pixels(img, spec)
     except ImageError:
         raise
-    except _PIL.UnidentifiedImageError:
+    except UnidentifiedImageError:
         # Asked only now: a stat per file up front cost more than the message is worth on the good ones.
         if not isinstance(source, io.BytesIO) and _is_empty(source):
             raise ImageError("empty file (0 bytes)") from None
         raise ImageError(f"not an image Pillow can read (unknown format); supported: {SUPPORTED}") from None
-    except _PIL.Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
+    except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
         raise ImageError(f"refused before decoding, a possible decompression bomb ({exc}); "
                          f"the limit is {spec.max_pixels:,} pixels") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
@@ -99,21 +97,6 @@ def _is_empty(path: str | Path) -> bool:
         return os.path.getsize(path) == 0
     except OSError:
         return False
-
-
-class _LazyPillow:
-    """Pillow, imported on first use and then one attribute away: ``from PIL import ...`` inside each call
-    cost about 1 us per file, and importing it with this module would slow every command that only lists
-    images (serving/classify.py imports this file at start-up)."""
-
-    def __getattr__(self, name: str):
-        import PIL.Image
-
-        self.Image, self.UnidentifiedImageError = PIL.Image, PIL.UnidentifiedImageError
-        return getattr(self, name)
-
-
-_PIL = _LazyPillow()
 
 
 def _pixels(img, spec: DecodeSpec) -> np.ndarray:
@@ -131,7 +114,7 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
     if img.size != size:
-        img = img.resize(size, _PIL.Image.Resampling.BILINEAR)
+        img = img.resize(size, Image.Resampling.BILINEAR)
     if size != (width, height):
         img = img.crop(_center(size, width, height))
     arr = np.asarray(img, dtype=np.uint8)
@@ -166,8 +149,6 @@ def _flatten(img, channels: int, background: int):
     Drawing programs and web canvases export strokes as alpha over one colour (often black,
     which on black would vanish): for a grayscale model such ink is the alpha itself, light on dark.
     """
-    from PIL import Image
-
     rgba = np.asarray(img.convert("RGBA"))
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # an alpha channel with nothing transparent in it
@@ -182,8 +163,6 @@ def _flatten(img, channels: int, background: int):
 
 def _to_8bit(img):
     """16- and 32-bit integer images (16-bit PNG, TIFF): scale to 8 bits; Pillow's convert("L") would clip at 255."""
-    from PIL import Image
-
     if not img.mode.startswith("I"):
         return img
     arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
@@ -219,8 +198,6 @@ def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec
 
 def probe_batch(paths: Sequence[str]) -> list[tuple[int, int, str] | None]:
     """(width, height, mode) from each file's header, None for a file Pillow cannot open."""
-    from PIL import Image
-
     out = []
     for path in paths:
         try:

@@ -61,7 +61,7 @@ def _best_run_id(study: optuna.Study) -> str | None:
 
 
 def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: TrialContext) -> None:
-    """Only the best trial keeps its checkpoints (full last + weights-only best, ~19 MB for mnist_cnn):
+    """Only the best trial keeps its checkpoints (full last + weights-only best):
     a finished trial that is not the best loses them, and so does the best it supersedes. Other
     processes' leftovers go in :func:`sweep_checkpoints` when the study ends."""
     run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)

@@ -18,7 +18,7 @@ from zoo.access import masked_url
 
 
 PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
-# (a fresh MLflow SQLite store alone takes ~15 s to create on a busy machine)
+# (creating a fresh MLflow SQLite store alone is slow on a busy machine)
 
 
 

@@ -171,7 +171,7 @@ def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, A
 
 def interactive_html(study: optuna.Study) -> str:
     """Optuna's plotly contour, slice, importances and history on one page, plotly.js embedded once
-    (about 4.7 MB) so the page works offline in the MLflow UI's artifact viewer."""
+    so the page works offline in the MLflow UI's artifact viewer."""
     from optuna import visualization
 
     parts, embedded = [], False

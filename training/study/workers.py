@@ -40,7 +40,7 @@ from zoo.machine import usable_cores
 from zoo.models.registry import create_model
 
 
-SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (about 0.1-0.3 s each)
+SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (each is a round of MLflow calls)
 
 
 
@@ -59,7 +59,7 @@ def default_jobs(device: str = "auto") -> int:
     """Trials at once when ``--jobs`` is not given: one per CPU core this process may use (up to
     MAX_AUTO_JOBS) on the CPU, where each then trains with one torch thread; one on a GPU.
 
-    On the 2-core development machine two 1-thread trials finished 1.3x more trials per minute
+    On the 2-core development machine two 1-thread trials finished more trials per minute
     than one trial on 2 threads (the MNIST CNN's small layers split poorly across threads);
     two 1-thread processes were as fast as one process with two trial threads
     (benchmarks/RESULTS.md)."""

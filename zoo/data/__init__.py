@@ -1,8 +1,8 @@
 """The dataset catalog (this package's API): every dataset becomes uint8 tensors in memory, split into train/val/test.
 
 Keeping uint8 images in memory (and on the device) and normalizing per batch feeds a
-batch about 65x faster than a per-sample PIL transform in a DataLoader (benchmarks/RESULTS.md;
-on a 2-core CPU the MNIST CNN's own compute still dominates an epoch), uses a quarter of the
+batch far faster than a per-sample PIL transform in a DataLoader (benchmarks/RESULTS.md, "Input
+pipeline"; on a 2-core CPU the MNIST CNN's own compute still dominates an epoch), uses a quarter of the
 memory of float32, and lets one decoded dataset serve any number of normalizations.
 """
 
