@@ -395,8 +395,9 @@ def decode_pool(files: int, workers: int | None):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()))
 
 
-def _chunks(files: list[ListedFile]) -> list[list[str]]:
-    return [[f.path for f in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
+def in_chunks(paths: Sequence[str]) -> list[list[str]]:
+    """``paths`` in lists of CHUNK, the unit one decoding worker takes at a time."""
+    return [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
 
 
 def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
@@ -427,7 +428,7 @@ def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, po
     kept: list[int] = []
     errors: list[tuple[str, str]] = []
     headers: list[Header | None] = []
-    chunks = _chunks(listing.files)
+    chunks = in_chunks([f.path for f in listing.files])
     index = 0
     with tqdm(total=len(listing.files), desc=f"decoding {listing.root.name}", unit="img", leave=False,
               disable=not progress) as bar:

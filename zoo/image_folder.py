@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from zoo.folder_dataset import CHUNK, SPLIT_FOLDERS, class_files, decode_pool, warn_skipped
+from zoo.folder_dataset import SPLIT_FOLDERS, class_files, decode_pool, in_chunks, warn_skipped
 from zoo.imaging import SUPPORTED, DecodeSpec, decode_batch
 from zoo.errors import UsageError
 
@@ -138,7 +138,7 @@ def decode_crops(
     # The one decoder (zoo/imaging.py), as `zoo classify` and the logged model decode: a model registered by
     # `zoo renorm` is served with exactly the preprocessing it was scored with.
     spec = DecodeSpec((3, crop, crop), resize=resize, max_pixels_hint="remove the file or resize it")
-    chunks = [[str(f) for f in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
+    chunks = in_chunks([str(f) for f in files])
     kept = 0
     with decode_pool(len(files), workers) as pool, tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
         for paths, (pixels, errors) in zip(chunks, pool.map(decode_batch, chunks, [spec] * len(chunks))):
