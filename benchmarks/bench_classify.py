@@ -1,6 +1,6 @@
 """`zoo classify` on a folder of real 28x28 digit PNGs: images/s and peak memory, as a user runs it.
 
-Makes a real ONNX model (a freshly initialised mnist_cnn exported through model_format.onnx_graph: the
+Makes a real ONNX model (a freshly initialised mnist_cnn exported through zoo.model_format.onnx_graph: the
 speed does not depend on the weights) and N PNGs of real mnist-5k digits in a temporary folder,
 then times the whole `zoo classify MODEL.onnx FOLDER --format jsonl` process (start-up included)
 and samples the resident memory of its process tree (the command plus its decode workers).
@@ -33,8 +33,8 @@ def make_model(path: Path) -> Path:
     """mnist_cnn, freshly initialised, exported with its normalization and metadata like `zoo export`."""
     import torch
 
-    from model_format.onnx_graph import export_onnx
-    from model_format.model import LoadedModel
+    from zoo.model_format.onnx_graph import export_onnx
+    from zoo.model_format.model import LoadedModel
     from zoo.normalization import NormalizedModel
     from zoo.models.registry import create_model, get_model_spec
 
@@ -80,7 +80,7 @@ def run_classify(src: Path, model: Path, folder: Path, extra: list[str]) -> dict
     """One `zoo classify` process from the code in ``src``: wall seconds, rows, peak memory."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     fmt = ["--format", "jsonl"] if "--format" not in extra else []
-    cmd = [sys.executable, "-m", "cli", "classify", str(model), str(folder), *fmt, *extra]
+    cmd = [sys.executable, "-m", "zoo.cli", "classify", str(model), str(folder), *fmt, *extra]
     peak = 0
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()

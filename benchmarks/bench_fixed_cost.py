@@ -59,7 +59,7 @@ def child(out: str, argv: list[str]) -> None:
     timed_import("torch._dynamo", "import torch._dynamo")
     timed_import("mlflow", "import mlflow")
     timed_import("training.train", "import the project")
-    timed_import("cli.main", "import the project")
+    timed_import("zoo.cli.main", "import the project")
     for module_name, function_name, phase in WRAPPED:
         module = importlib.import_module(module_name)
         phases.setdefault(phase, 0.0)
@@ -86,7 +86,7 @@ def child(out: str, argv: list[str]) -> None:
 
     atexit.register(write)  # after the command's own exit handlers, which registered later and run first
     sys.argv = ["zoo", *argv]
-    importlib.import_module("cli.main").main()  # what the `zoo` console script runs
+    importlib.import_module("zoo.cli.main").main()  # what the `zoo` console script runs
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -155,8 +155,8 @@ def _write_folder(folder: Path, images: int) -> list[Path]:
 
 def _onnx_model(path: Path) -> Path:
     """An (untrained) mnist_cnn exported as `zoo export` does: the speed does not depend on the weights."""
-    from model_format.onnx_graph import export_onnx
-    from model_format.model import LoadedModel
+    from zoo.model_format.onnx_graph import export_onnx
+    from zoo.model_format.model import LoadedModel
     from zoo.normalization import NormalizedModel
     from zoo.models.registry import create_model, get_model_spec
 
@@ -189,7 +189,7 @@ if __name__ == "__main__":
 
 
 def _project_env() -> dict[str, str]:
-    """This environment, with the project importable (`python -m cli`, `from serving...`) in a child process."""
+    """This environment, with the project importable (`python -m zoo.cli`, `from serving...`) in a child process."""
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
@@ -227,7 +227,7 @@ def zoo_classify_inside(model: Path, folder: Path, count: int) -> float:
 def zoo_classify_command(model: Path, folder: Path, count: int) -> float:
     """The whole `zoo classify MODEL.onnx FOLDER --format jsonl` process, start-up included."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli", "classify", str(model), str(folder), "--format", "jsonl"],
+    done = subprocess.run([sys.executable, "-m", "zoo.cli", "classify", str(model), str(folder), "--format", "jsonl"],
                           capture_output=True, text=True, env=_project_env(), check=True)
     seconds = time.perf_counter() - started
     assert len(done.stdout.splitlines()) == count
@@ -264,7 +264,7 @@ def startup(rounds: int) -> dict:
         folder.mkdir()
         png = _write_folder(folder, 1)[0]
         model = _onnx_model(Path(tmp) / "model.onnx")
-        commands = {"zoo classify MODEL.onnx ONE.png": [sys.executable, "-m", "cli", "classify", str(model), str(png)],
+        commands = {"zoo classify MODEL.onnx ONE.png": [sys.executable, "-m", "zoo.cli", "classify", str(model), str(png)],
                     "floor script, one file": [sys.executable, "-c", PLAIN_CLASSIFY, str(model), str(folder), "1"],
                     "import numpy, PIL.Image, onnxruntime": [sys.executable, "-c", "import numpy, PIL.Image, onnxruntime"]}
         seconds: dict[str, list[float]] = {name: [] for name in commands}

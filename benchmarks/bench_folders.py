@@ -110,7 +110,7 @@ def decoding(quick: bool) -> list[dict]:
 
 def zoo_train(dataset: str, store: Path, batches: int | None) -> dict:
     """One `zoo train` process; its test accuracy and its epoch's seconds from the run."""
-    command = [sys.executable, "-m", "cli", "train", "--dataset", dataset, "--epochs", "1", "--seed", "1",
+    command = [sys.executable, "-m", "zoo.cli", "train", "--dataset", dataset, "--epochs", "1", "--seed", "1",
                "--no-checkpoints", "--format", "json"] + (["--max-batches", str(batches)] if batches else [])
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
     started = time.perf_counter()

@@ -47,7 +47,7 @@ def server_stores(folder: Path) -> Iterator[tuple[str, str]]:
 
 def run_workers(workers: int, trials: int, storage: str, tracking_uri: str, study: str, folder: Path) -> dict:
     """``workers`` processes of the same `zoo study` command; returns the measured figures."""
-    command = [sys.executable, "-m", "cli", "study", *TINY, "--trials", str(trials),
+    command = [sys.executable, "-m", "zoo.cli", "study", *TINY, "--trials", str(trials),
                "--storage", storage, "--study-name", study]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri}
     started = time.monotonic()

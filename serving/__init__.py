@@ -2,6 +2,6 @@
 (``classify``: streaming, ONNX Runtime or PyTorch, bad files become error rows; ``workers``: the processes
 that decode and classify batches beside it; ``scores``: one batch's arithmetic, shared by both).
 
-What a logged model is belongs to ``model_format``; the `zoo` commands that call this are in ``cli``.
+What a logged model is belongs to ``zoo.model_format``; the `zoo` commands that call this are in ``cli``.
 Nothing here imports ``training``.
 """

@@ -24,7 +24,7 @@ import numpy as np
 from serving.scores import softmax, to_float, top_indices
 from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_batches, default_classifying_workers,
                              pool_for)
-from model_format.model import RESIZE_METADATA
+from zoo.model_format.model import RESIZE_METADATA
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
 from zoo.errors import UsageError
 
@@ -213,7 +213,7 @@ def cached_export(uri: str) -> Path:
         partial.parent.mkdir(parents=True, exist_ok=True)
         try:
             if not _shipped_onnx(uri, partial):
-                from model_format.onnx_graph import export_onnx
+                from zoo.model_format.onnx_graph import export_onnx
                 from serving.loading import load_model
 
                 export_onnx(load_model(uri), partial)
@@ -232,7 +232,7 @@ def _shipped_onnx(uri: str, target: Path) -> bool:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from model_format.model import SHIPPED_ONNX
+    from zoo.model_format.model import SHIPPED_ONNX
 
     quiet = os.environ.get(_PROGRESS_BAR)
     os.environ[_PROGRESS_BAR] = "false"  # one small file: MLflow's progress bar would only clutter stderr

@@ -1,6 +1,6 @@
 """``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
 
-A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (model_format
+A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (zoo.model_format
 describes it) whose network has its normalization inside: it takes pixels in [0, 1]. Its normalization, input
 shape and class names come from the model's MLflow metadata, so nothing here hard-codes them.
 Models logged by earlier versions (the ``pytorch`` flavor, a network taking normalized input)
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_format.model import REQUIRED_METADATA, RESIZE_METADATA, LoadedModel
+from zoo.model_format.model import REQUIRED_METADATA, RESIZE_METADATA, LoadedModel
 from zoo.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it

@@ -181,7 +181,7 @@ def _in_order(pool: Executor, batches: Iterator[Batch], job: Callable, depth: in
 
 
 class WorkerDied(RuntimeError):
-    complete_message = True  # cli/main.py: this line says all, no traceback hint
+    complete_message = True  # zoo/cli/main.py: this line says all, no traceback hint
 
     def __init__(self) -> None:
         super().__init__("a worker process died (out of memory? killed?); the rows above were classified: "

@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("zoo", "model_format", "training", "serving", "cli")
+PACKAGES = ("zoo", "training", "serving")  # what `pip install .` installs
+# The layers: the command line and the model format live inside zoo but stand above and beside its core.
+LAYERS = ("zoo.cli", "zoo.model_format", "training", "serving", "zoo")
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
@@ -79,13 +81,17 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_of(module: str) -> str:
+    return next(layer for layer in LAYERS if module == layer or module.startswith(layer + "."))
+
+
 def documented_layers() -> dict[str, set[str]]:
     """``PACKAGE may import A B ...`` lines of docs/architecture.md: package -> what it may import."""
     allowed = {}
     for line in ARCHITECTURE.read_text().splitlines():
-        m = re.match(r"^\s*(\w+)\s+may import\s*(.*)$", line)
+        m = re.match(r"^\s*([\w.]+)\s+may import\s*(.*)$", line)
         if m:
-            allowed[m.group(1)] = set(re.findall(r"\b(?:%s)\b" % "|".join(PACKAGES), m.group(2)))
+            allowed[m.group(1)] = set(m.group(2).split()) & set(LAYERS)
     return allowed
 
 
@@ -97,21 +103,21 @@ def test_no_module_imports_back_into_itself():
 
 def test_every_import_follows_the_documented_layers():
     allowed = documented_layers()
-    assert set(allowed) == set(PACKAGES), f"docs/architecture.md gives the layers of {sorted(allowed)}, not of every package"
+    assert set(allowed) == set(LAYERS), f"docs/architecture.md gives the layers of {sorted(allowed)}, not of every layer"
     wrong = sorted(
         f"{module} imports {target}"
         for module, targets in import_graph().items()
         for target in targets
-        if (src := module.split(".")[0]) != (dst := target.split(".")[0]) and dst not in allowed[src]
+        if (src := layer_of(module)) != (dst := layer_of(target)) and dst not in allowed[src]
     )
     assert not wrong, "imports against docs/architecture.md's layers: " + "; ".join(wrong)
 
 
 def test_the_code_a_logged_model_ships_imports_nothing_else_of_the_project():
-    """MLflow copies model_format/pyfunc_model.py and zoo/imaging.py into every logged model and runs them where
+    """MLflow copies zoo/model_format/pyfunc_model.py and zoo/imaging.py into every logged model and runs them where
     the project is not installed: the first may import the second (its fallback in a checkout), nothing else."""
     graph = import_graph()
-    assert graph["model_format.pyfunc_model"] <= {"zoo.imaging"}
+    assert graph["zoo.model_format.pyfunc_model"] <= {"zoo.imaging"}
     assert graph["zoo.imaging"] == set()
 
 
@@ -119,7 +125,22 @@ def test_the_checker_sees_a_cycle_and_a_layer_broken(tmp_path):
     """The two checks above would pass on an empty graph: this one proves they see what they look for."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
-    assert "training.tracking" in graph and "model_format.mlflow_model" in graph["training.tracking"]
+    assert "training.tracking" in graph and "zoo.model_format.mlflow_model" in graph["training.tracking"]
     allowed = documented_layers()
     assert "serving" not in allowed["training"] and "training" not in allowed["serving"]
-    assert "cli" not in allowed["training"] | allowed["serving"] | allowed["model_format"] | allowed["zoo"]
+    assert "zoo.cli" not in allowed["training"] | allowed["serving"] | allowed["zoo.model_format"] | allowed["zoo"]
+
+
+def test_pip_installs_exactly_the_three_packages():
+    """A generic top-level name (``cli``) would overwrite another distribution's package of that name."""
+    import configparser
+
+    from setuptools import find_packages
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    include = config["options.packages.find"]["include"].split()
+    installed = find_packages(str(ROOT), include=include)
+    assert {p.split(".")[0] for p in installed} == set(PACKAGES)
+    assert {"zoo.cli", "zoo.model_format"} <= set(installed)
+    assert config["options.entry_points"]["console_scripts"].split() == ["zoo", "=", "zoo.cli.main:main"]

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cli.main import cli
-from cli.study import study as study_command
+from zoo.cli.main import cli
+from zoo.cli.study import study as study_command
 from tests.test_folder_dataset import rgb_folder, write_folder  # noqa: F401 (rgb_folder: a fixture, RGB digits)
 from tests.test_study import SMALL, assert_all_children_of, small_config, study_runs
 from training import tracking

@@ -24,7 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from zoo.cli.main import cli
 from zoo.data import DatasetUnavailable, load_dataset
 from zoo.data import dataset_info
 
@@ -232,7 +232,7 @@ NEW = {
 
 
 def zoo_json(*args: str):
-    proc = subprocess.run([sys.executable, "-m", "cli", "datasets", "--format", "json", *args],
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "datasets", "--format", "json", *args],
                           capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from servers import free_port
 from servers import mlflow_server as served_mlflow
-from cli.main import cli
+from zoo.cli.main import cli
 from training import tracking
 from training.train import train
 from training.train_config import TrainConfig
@@ -27,7 +27,7 @@ HANG_GUARD_S = 300  # a subprocess that runs longer is hung (not a timing assert
 
 
 def zoo(*args: str, timeout: float = HANG_GUARD_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -59,7 +59,7 @@ def wait_for_first_checkpoint(proc: subprocess.Popen) -> str:
 @pytest.mark.slow
 def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_process_died(tmp_path: Path):
     with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
         try:
             run_id = wait_for_first_checkpoint(proc)
             proc.send_signal(signal.SIGSTOP)  # alive but held mid-training, however long the check below takes
@@ -88,7 +88,7 @@ def test_resume_refuses_a_run_still_training_here_and_takes_over_one_whose_proce
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
     log = tmp_path / "stopped.err"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "train", *TINY], stderr=err, stdout=subprocess.DEVNULL)
         run_id = wait_for_first_checkpoint(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=HANG_GUARD_S) == 1
@@ -131,7 +131,7 @@ def default_sigint() -> None:
 def test_ctrl_c_stops_zoo_train_and_resume_takes_the_options_that_may_differ(tmp_path: Path):
     log = tmp_path / "stopped.err"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *TINY, "--keep-checkpoints", "last"],
+        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "train", *TINY, "--keep-checkpoints", "last"],
                                 stderr=err, stdout=subprocess.DEVNULL, preexec_fn=default_sigint)
         run_id = wait_for_first_checkpoint(proc)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process

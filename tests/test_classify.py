@@ -24,13 +24,13 @@ from PIL import Image
 
 from conftest import use_tracking_store
 from training import registration
-from cli.main import cli
-from cli.demo import write_digit_images
+from zoo.cli.main import cli
+from zoo.cli.demo import write_digit_images
 
 
 @pytest.fixture(scope="module")
 def onnx_model(trained_store, tmp_path_factory) -> Path:
-    from model_format.onnx_graph import export_onnx
+    from zoo.model_format.onnx_graph import export_onnx
     from serving.loading import load_model
 
     path = tmp_path_factory.mktemp("model") / "digits.onnx"
@@ -195,7 +195,7 @@ def test_jsonl_streams_every_row_in_order_over_many_batches_and_workers(onnx_mod
 
 def zoo_classify(*args) -> list[str]:
     """`zoo classify ARGS` as a fresh process: its workers are forked as a user's command forks them."""
-    return [sys.executable, "-m", "cli", "classify", *map(str, args)]
+    return [sys.executable, "-m", "zoo.cli", "classify", *map(str, args)]
 
 
 def command_env() -> dict[str, str]:
@@ -284,9 +284,9 @@ def test_classifying_with_an_onnx_file_imports_neither_torch_nor_mlflow(onnx_mod
     folder, _ = digits
     script = (
         "import sys\n"
-        "import cli.main\n"
+        "import zoo.cli.main\n"
         "loaded = {m for m in ('torch', 'mlflow') if m in sys.modules}\n"
-        f"cli.main.cli.main(['classify', {str(onnx_model)!r}, {str(folder)!r}, '--format', 'json',"
+        f"zoo.cli.main.cli.main(['classify', {str(onnx_model)!r}, {str(folder)!r}, '--format', 'json',"
         " '--batch-size', '8'], standalone_mode=False)\n"
         "loaded |= {m for m in ('torch', 'mlflow') if m in sys.modules}\n"
         "print('LOADED', sorted(loaded), file=sys.stderr)\n"
@@ -302,8 +302,8 @@ def classify_in_subprocess(uri: str, png: Path) -> tuple[list, list[str]]:
     """`zoo classify URI PNG --format json` in a fresh interpreter: its rows and which of torch/mlflow it imported."""
     script = (
         "import sys\n"
-        "import cli.main\n"
-        f"cli.main.cli.main(['classify', {uri!r}, {str(png)!r}, '--format', 'json'], standalone_mode=False)\n"
+        "import zoo.cli.main\n"
+        f"zoo.cli.main.cli.main(['classify', {uri!r}, {str(png)!r}, '--format', 'json'], standalone_mode=False)\n"
         "print('LOADED', ','.join(sorted(m for m in ('torch', 'mlflow') if m in sys.modules)), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -363,7 +363,7 @@ def test_a_reader_that_stops_early_ends_classify_quietly(onnx_model, digits):
     """`zoo classify ... | head -1`: no traceback, no broken-pipe error, exit 1."""
     folder, _ = digits
     many = [str(folder)] * 100  # 3,000 rows: more than a pipe holds, so the writer meets the closed end
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "classify", str(onnx_model), *many, "--format", "jsonl"],
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "classify", str(onnx_model), *many, "--format", "jsonl"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=command_env())
     assert json.loads(proc.stdout.readline())["error"] is None
@@ -447,7 +447,7 @@ def test_export_fails_with_exit_1_beyond_its_tolerance_and_zoo_debug_shows_why(r
     loose = CliRunner().invoke(cli, ["export", "models:/digits@champion", "-o", str(out), "--tolerance", "1e-3"])
     assert loose.exit_code == 0 and out.is_file(), loose.output
     # ZOO_DEBUG=1: the exception itself (a traceback in a terminal), not the one line.
-    debug = subprocess.run([sys.executable, "-m", "cli", "export", "models:/digits@champion", "-o", str(out),
+    debug = subprocess.run([sys.executable, "-m", "zoo.cli", "export", "models:/digits@champion", "-o", str(out),
                             "--tolerance", "1e-12"], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "ZOO_DEBUG": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

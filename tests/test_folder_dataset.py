@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cli.main import cli
+from zoo.cli.main import cli
 from zoo.data import load_dataset
 from zoo.errors import UsageError
 from zoo.folder_dataset import load_image_folder

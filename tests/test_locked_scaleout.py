@@ -34,7 +34,7 @@ WORKER_PASSWORD = "worker-pw-M4n8Rt3z"
 DB_PASSWORD = "db-pw-H6c1Wp5y"
 SECRETS = (ADMIN_PASSWORD, WORKER_PASSWORD, DB_PASSWORD)
 TRIALS = 4
-WORKER = [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--study-name", "locked",
+WORKER = [sys.executable, "-m", "zoo.cli", "study", "--dataset", "mnist-5k", "--study-name", "locked",
           "--trials", str(TRIALS), "--train-size", "500", "--val-size", "200", "--test-size", "200",
           "--log-models", "none", "--heartbeat", "5", "--no-progress", "--format", "json", "--jobs", "1"]
 REFUSED_IN_S = 60  # whole command, interpreter start included, on a busy 2-core machine; MLflow's retries take minutes
@@ -111,7 +111,7 @@ def everything_on_the_server() -> tuple[list[str], list[str]]:
 
 def zoo(*args: str, env: dict[str, str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
                             env=env, cwd=cwd, timeout=300)
     return result, time.monotonic() - start
 

@@ -177,7 +177,7 @@ def test_renorm_entry_point_evaluates_every_image_by_default(tmp_path, mnist_5k)
 
 @pytest.mark.slow
 def test_export_and_classify_entry_points_use_a_registered_model(registered_model, tmp_path, mnist_5k):
-    from cli.demo import write_digit_images
+    from zoo.cli.demo import write_digit_images
 
     project = project_copy(tmp_path)
     onnx_path = tmp_path / "digits.onnx"

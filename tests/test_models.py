@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from serving.classify import load_pixels
-from cli.main import cli
-from model_format.onnx_graph import export_onnx
-from model_format.model import LoadedModel
+from zoo.cli.main import cli
+from zoo.model_format.onnx_graph import export_onnx
+from zoo.model_format.model import LoadedModel
 from training import tracking
 from training.train import fit, load_training_data, train, trainer_for
 from training.train_config import TrainConfig

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
+from zoo.cli.main import cli
 from test_classify import digits, onnx_model  # noqa: F401 (fixtures: the trained digits model as .onnx, real PNGs)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "onnx.md"
@@ -55,7 +55,7 @@ def test_the_documented_examples_give_zoo_classify_labels_on_digit_pngs(onnx_mod
 def test_the_documented_examples_resize_rgb_non_square_images_as_zoo_does(tmp_path):
     """An RGB graph with `resize` in its metadata (zoo renorm's shorter side + center crop) and
     photos of several sizes and aspects, PNG and JPEG (JPEG: decoded at reduced scale)."""
-    from model_format.onnx_graph import export_onnx_file
+    from zoo.model_format.onnx_graph import export_onnx_file
     from zoo.models.registry import create_model
     from zoo.normalization import Normalization
 

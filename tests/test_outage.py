@@ -38,7 +38,7 @@ def serve(address: dict):
 
 
 def start_training(log: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *TRAIN, *extra], stdout=open(out, "w"),
+    return subprocess.Popen([sys.executable, "-m", "zoo.cli", *TRAIN, *extra], stdout=open(out, "w"),
                             stderr=open(log, "w"))
 
 
@@ -142,7 +142,7 @@ def test_logging_and_registering_again_after_a_lost_answer_leave_one_model_and_o
     description and alias."""
     import torch
 
-    from model_format import mlflow_model
+    from zoo.model_format import mlflow_model
     from training import tracking
     from zoo.models.registry import create_model, get_model_spec
 

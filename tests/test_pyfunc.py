@@ -28,8 +28,8 @@ from PIL import Image
 
 from servers import free_port
 from serving.classify import collect_images, load_pixels
-from cli.main import cli
-from cli.demo import write_digit_images
+from zoo.cli.main import cli
+from zoo.cli.demo import write_digit_images
 from serving.loading import load_model, load_module
 
 URI = "models:/digits@champion"
@@ -312,7 +312,7 @@ def test_mlflow_models_predict_gives_zoo_classify_labels(registered_model, digit
 @pytest.mark.slow
 def test_models_logged_by_the_pytorch_flavor_still_load(mnist_5k):
     """Registered by the previous version: an mlflow.pytorch model whose network takes normalized input."""
-    from model_format.model import model_metadata
+    from zoo.model_format.model import model_metadata
     from zoo.normalization import Normalization
     from zoo.models.registry import create_model
 

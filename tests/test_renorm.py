@@ -14,9 +14,9 @@ import torchvision
 from click.testing import CliRunner
 from torch import nn
 
-from cli.main import ZooGroup
-from cli.main import cli as zoo_cli
-from cli.renorm import renorm as renorm_command
+from zoo.cli.main import ZooGroup
+from zoo.cli.main import cli as zoo_cli
+from zoo.cli.renorm import renorm as renorm_command
 from training.renorm_demo import as_rgb, save_checkpoint, train_small_resnet, write_image_folder
 from zoo.data import load_dataset
 from zoo.errors import UsageError

@@ -29,7 +29,7 @@ TRIALS = 6
 WORKERS = 3
 # 1,000 training images = 16 batches: a few seconds per trial on a busy 2-core machine, long
 # enough for the kill to land while the trial trains.
-WORKER = [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--study-name", "scale",
+WORKER = [sys.executable, "-m", "zoo.cli", "study", "--dataset", "mnist-5k", "--study-name", "scale",
           "--trials", str(TRIALS), "--train-size", "1000", "--val-size", "200", "--test-size", "200",
           "--log-models", "none", "--heartbeat", "2", "--no-progress", "--format", "json",
           "--jobs", "1"]  # one trial per worker, so that the kill fails exactly one

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from serving.classify import load_pixels
-from cli.main import cli
-from cli.demo import write_digit_images
+from zoo.cli.main import cli
+from zoo.cli.demo import write_digit_images
 from serving.loading import load_model
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.bench_spark import spark_env, spark_job, spark_labels
-from cli.demo import write_digit_images
-from cli.main import cli
+from zoo.cli.demo import write_digit_images
+from zoo.cli.main import cli
 
 pytestmark = pytest.mark.slow
 

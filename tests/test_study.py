@@ -28,8 +28,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cli.main import cli
-from cli.study import study as study_command
+from zoo.cli.main import cli
+from zoo.cli.study import study as study_command
 from serving.loading import read_metadata
 from training.study.config import PARENT_ATTR, RUN_ATTR, WORKER_TAG, StudyConfig
 from training.study.storage import make_storage, open_study
@@ -85,7 +85,7 @@ def assert_all_children_of(parent_id: str, children: list) -> None:
 
 
 def cli_process(storage: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--storage", storage,
+    return [sys.executable, "-m", "zoo.cli", "study", "--dataset", "mnist-5k", "--storage", storage,
             "--study-name", "shared", "--log-models", "none", "--no-progress", "--heartbeat", "2",
             "--format", "json", *SMALL_ARGS, *args]
 
@@ -206,7 +206,7 @@ def test_log_models_all_registers_the_best_with_its_onnx_graph(tmp_path, mnist_5
     from test_classify import classify_in_subprocess
 
     from training.study.config import MODEL_URI_TAG
-    from model_format.mlflow_model import ships_onnx
+    from zoo.model_format.mlflow_model import ships_onnx
 
     result = run_study(small_config(tmp_path, trials=2, log_models="all", register="every"))
     _, children = study_runs()

@@ -33,7 +33,7 @@ OUTAGE_S = 25  # a server restart, as a container restart or an upgrade takes
 DB_DOWN_S = 6  # PostgreSQL stopped this long, then started again (pg_ctl restart, with a pause)
 server_address = test_outage.server_address  # the fixture: one store, one port, servers started there in turn
 GUARD_S = 600  # a worker that runs longer is hung (not a timing assertion)
-WORKER = [sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--study-name", "outage",
+WORKER = [sys.executable, "-m", "zoo.cli", "study", "--dataset", "mnist-5k", "--study-name", "outage",
           "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--train-size", "1000", "--val-size", "200",
           "--test-size", "200", "--log-models", "best", "--heartbeat", "2", "--no-progress", "--format", "json",
           "--jobs", "1"]

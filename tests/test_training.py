@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cli.main import cli
+from zoo.cli.main import cli
 
 
 def all_runs():
@@ -87,7 +87,7 @@ def test_a_libraries_value_error_is_a_runtime_failure_with_the_traceback_hint_no
 
     env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "five", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     env.pop("ZOO_DEBUG", None)
-    res = subprocess.run([sys.executable, "-m", "cli", "train", "--epochs", "1", "--dry-run"], env=env, cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "zoo.cli", "train", "--epochs", "1", "--dry-run"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     (line,) = res.stderr.strip().splitlines()
@@ -175,7 +175,7 @@ def test_zoo_train_prints_zoo_lines_only_unless_the_user_asks_mlflow_for_its_own
     def stderr_of(folder: str, **env: str) -> str:
         (tmp_path / folder).mkdir()
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / folder}/mlflow.db", **env}
-        res = subprocess.run([sys.executable, "-m", "cli", "train", "--epochs", "1", "--dry-run"],
+        res = subprocess.run([sys.executable, "-m", "zoo.cli", "train", "--epochs", "1", "--dry-run"],
                              env=env, cwd=tmp_path / folder, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
         return res.stderr

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from servers import free_port, mlflow_server, postgres_bin, postgres_server
-from cli.main import cli
+from zoo.cli.main import cli
 from training import tracking
 from training.study.config import StudyConfig
 from training.study.workers import run_study
@@ -173,7 +173,7 @@ def test_against_a_tracking_server_zoo_prints_run_links_that_open_the_runs_view_
         env = {key: value for key, value in os.environ.items()
                if key not in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "ZOO_RUN_LINKS")}
         env.update(MLFLOW_TRACKING_URI=url, PYTHONPATH=os.pathsep.join(sys.path))
-        train = [sys.executable, "-m", "cli", "train", "--dataset", "mnist-5k", "--epochs", "1", "--dry-run"]
+        train = [sys.executable, "-m", "zoo.cli", "train", "--dataset", "mnist-5k", "--epochs", "1", "--dry-run"]
         done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         [run] = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("zoo").experiment_id])
@@ -183,7 +183,7 @@ def test_against_a_tracking_server_zoo_prints_run_links_that_open_the_runs_view_
         assert "View run" not in done.stdout, done.stdout
 
         # A study's parent and trials are ended by id (MLflow's client), in other code: their links too.
-        study = subprocess.run([sys.executable, "-m", "cli", "study", "--dataset", "mnist-5k", "--train-size", "64",
+        study = subprocess.run([sys.executable, "-m", "zoo.cli", "study", "--dataset", "mnist-5k", "--train-size", "64",
                                 "--val-size", "64", "--test-size", "64", "--epochs", "1", "--trials", "1",
                                 "--log-models", "none", "--study-name", "links"],
                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -261,7 +261,7 @@ def zoo_ui(registered_model):
 
 def _serve_ui(env: dict[str, str]):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         url = next(line.split()[1] for line in proc.stdout if line.startswith("open "))

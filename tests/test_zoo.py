@@ -148,7 +148,7 @@ def test_a_weights_file_that_holds_more_than_tensors_is_refused_before_it_runs_a
     """`zoo train --weights FILE` (timm:) and `zoo renorm --weights FILE` read tensors and state dicts only."""
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from zoo.cli.main import cli
     from zoo.pretrained import load_pretrained
 
     pytest.importorskip("timm")
@@ -170,7 +170,7 @@ def test_pretrained_timm_weights_without_a_network_fail_at_once_in_one_line(tmp_
     """No network (the hub's address refuses connections, or ZOO_OFFLINE=1) and an empty Hugging Face cache: one
     line that says what the weights need, without the hub's retries of every file."""
     pytest.importorskip("timm")
-    result = subprocess.run([sys.executable, "-m", "cli", "train", "--model", "timm:resnet18", "--weights", "pretrained",
+    result = subprocess.run([sys.executable, "-m", "zoo.cli", "train", "--model", "timm:resnet18", "--weights", "pretrained",
                              "--dry-run"],
                             capture_output=True, text=True, env={**os.environ, "HF_HOME": str(tmp_path / "hf"), **env})
     assert result.returncode == 1, result.stderr

@@ -13,7 +13,7 @@ Modules by concern:
 - ``checkpoints``: what a checkpoint holds, which ones are kept, stopping a run cleanly.
 - ``outage``: riding out a tracking server that goes away mid-run.
 - ``tracking``: writes runs to MLflow (params, metrics, tags, checkpoints, dataset inputs) and logs
-  models through model_format, whose ``mlflow_model`` writes the logged model itself;
+  models through zoo.model_format, whose ``mlflow_model`` writes the logged model itself;
   ``registration``: the registry's writes: registered models, versions, aliases, descriptions and tags.
 - ``figures``: the pictures runs log (confusion matrix, misclassified images, accuracy plots).
 - ``study/``: one Optuna study over normalizations, one parent run, one child run per trial

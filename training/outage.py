@@ -1,6 +1,6 @@
 """Riding out a tracking server that goes away in the middle of a run (a restart, an upgrade).
 
-zoo keeps MLflow's HTTP retries short (cli/main.py), and ``tracking.check_tracking_server``
+zoo keeps MLflow's HTTP retries short (zoo/cli/main.py), and ``tracking.check_tracking_server``
 fails in seconds when the server is down before anything is logged. Once a run has started,
 a server that stops answering is waited for instead, up to a bound (``--tracking-timeout``,
 ``ZOO_TRACKING_TIMEOUT``, default 10 minutes), with one line on stderr when it goes away and

@@ -1,6 +1,6 @@
 """Registering logged models in MLflow's model registry: names, aliases, version descriptions and tags.
 
-The descriptions and tags come from the logged model's metadata (model_format.model.model_metadata),
+The descriptions and tags come from the logged model's metadata (zoo.model_format.model.model_metadata),
 so every caller (train, study, renorm) registers alike.
 """
 

@@ -1,6 +1,6 @@
 """Writing runs to MLflow: runs, params, metrics, tags, checkpoints, dataset inputs, and where jobs log models.
 
-What a logged model is (its program, graph, signature) is model_format's, and model_format.mlflow_model
+What a logged model is (its program, graph, signature) is zoo.model_format's, and zoo.model_format.mlflow_model
 writes it into the run (so that the format's writer and reader stay in one package); registering it
 is training/registration.py's.
 
@@ -26,7 +26,7 @@ from mlflow.entities import RunInfo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from model_format import mlflow_model
+from zoo.model_format import mlflow_model
 from training import registration
 from zoo import access
 
@@ -98,7 +98,7 @@ class ServerGone(RuntimeError):
     """The tracking server went away in the middle of a run and stayed away past the bound
     (training.outage): what the run still had to send is kept on local disk."""
 
-    complete_message = True  # it names the kept checkpoint and the command that finishes the run (cli/main.py)
+    complete_message = True  # it names the kept checkpoint and the command that finishes the run (zoo/cli/main.py)
 
 
 def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
@@ -197,7 +197,7 @@ def start_run(
         _end_active_run("FINISHED", None, patiently)
 
 
-RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, cli/main.py)
+RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, zoo/cli/main.py)
 
 
 def print_run_link(run: RunInfo | str) -> None:
@@ -599,7 +599,7 @@ def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
 
 def log_model(network: torch.nn.Module, *, registered_name: str | None = None, alias: str | None = None,
               **model: Any) -> str:
-    """Log ``network`` in the active run as a zoo model (model_format.mlflow_model.log_model, which
+    """Log ``network`` in the active run as a zoo model (zoo.model_format.mlflow_model.log_model, which
     takes ``model``'s keywords), and register it as ``registered_name`` (``@alias``); its URI.
 
     A run holds one zoo model, so calling this again in the same run (a retry once a tracking server

@@ -175,7 +175,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped training; the run ended KILLED, its checkpoints kept."""
 
-    complete_message = True  # it names the run and the command that continues it: no traceback hint (cli/main.py)
+    complete_message = True  # it names the run and the command that continues it: no traceback hint (zoo/cli/main.py)
 
 
 def train(

@@ -7,7 +7,7 @@ and ``splits`` (image folders and uint8 splits), ``imaging`` (the one image deco
 
 Nothing in this package imports MLflow or another package of the project: it is usable on its
 own; runs are written by ``training`` (``training.tracking``, with ``training.registration`` for the
-registry) and logged models by ``model_format.mlflow_model`` (docs/architecture.md).
+registry) and logged models by ``zoo.model_format.mlflow_model`` (docs/architecture.md).
 """
 
 from __future__ import annotations

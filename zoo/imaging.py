@@ -1,6 +1,6 @@
 """One image (a file or its bytes) -> the model's input, uint8 [C, H, W], or an ImageError saying why not.
 
-Shared by ``zoo classify`` and by the logged MLflow model (model_format/pyfunc_model.py), which ships
+Shared by ``zoo classify`` and by the logged MLflow model (zoo/model_format/pyfunc_model.py), which ships
 this file beside its own code (``code_paths``): a served model decodes exactly as the command
 line does, 16-bit, CMYK and transparent images included, and refuses a decompression bomb from its header.
 So it imports only numpy and Pillow, never the zoo package.

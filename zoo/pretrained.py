@@ -26,7 +26,7 @@ DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that must be downloaded, without a network and not in the local cache."""
 
-    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (cli/main.py)
+    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (zoo/cli/main.py)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 tqdm redraws with a carriage return and moves the cursor with escape codes (``\\x1b[A``) to stack
 nested bars; written to a file these are noise. Where the bar's stream is no terminal, each
-refresh (every TQDM_MININTERVAL seconds, 10 under `zoo`, see cli/main.py) is one line instead.
+refresh (every TQDM_MININTERVAL seconds, 10 under `zoo`, see zoo/cli/main.py) is one line instead.
 """
 
 from __future__ import annotations

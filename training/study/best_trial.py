@@ -10,7 +10,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from model_format import mlflow_model
+from zoo.model_format import mlflow_model
 from training import checkpoints, registration, tracking
 from training.study.config import MODEL_URI_TAG, RUN_ATTR, StudyConfig
 from training.study.trials import TrialContext, log_trial_model

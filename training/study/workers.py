@@ -256,7 +256,7 @@ def _join_study(config: StudyConfig, torch_threads: int) -> None:
 class StudyInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the study; the message says how far it got and how to resume."""
 
-    complete_message = True  # no traceback hint (cli/main.py)
+    complete_message = True  # no traceback hint (zoo/cli/main.py)
 
 
 def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:

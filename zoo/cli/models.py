@@ -6,7 +6,7 @@ import fnmatch
 
 import click
 
-from cli.options import FORMAT, echo_json
+from zoo.cli.options import FORMAT, echo_json
 
 
 @click.command()

@@ -28,15 +28,15 @@ for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
 
 import click
 
-from cli.classify import classify
-from cli.datasets import datasets
-from cli.demo import demo
-from cli.export import export
-from cli.models import models
-from cli.renorm import renorm
-from cli.study import study
-from cli.train import train
-from cli.ui import ui
+from zoo.cli.classify import classify
+from zoo.cli.datasets import datasets
+from zoo.cli.demo import demo
+from zoo.cli.export import export
+from zoo.cli.models import models
+from zoo.cli.renorm import renorm
+from zoo.cli.study import study
+from zoo.cli.train import train
+from zoo.cli.ui import ui
 from zoo.errors import UsageError
 
 

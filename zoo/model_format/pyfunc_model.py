@@ -1,6 +1,6 @@
 """The MLflow model of a zoo classifier: images in, labels out ("models from code").
 
-``model_format.mlflow_model.log_model`` logs this file as the model's code, with zoo/imaging.py (the
+``zoo.model_format.mlflow_model.log_model`` logs this file as the model's code, with zoo/imaging.py (the
 image decoder `zoo classify` uses) beside it. MLflow copies both into the logged model and runs
 them wherever the model is loaded or served, so they import only torch, numpy, pandas, Pillow and
 mlflow, never the zoo package. The network it loads (a

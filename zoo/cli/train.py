@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.options import (
+from zoo.cli.options import (
     ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN, MODEL,
     MODEL_OPT, MOMENTUM, RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options,
     unset_sentinels,

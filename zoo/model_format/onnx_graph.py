@@ -1,7 +1,7 @@
 """The ONNX graph of a zoo model: normalization inside, checked against PyTorch with onnxruntime.
 
 The one exporter: `zoo export` writes it for a loaded model, and a registered model ships the
-same graph (artifacts/model.onnx, written by model_format.mlflow_model when it is logged).
+same graph (artifacts/model.onnx, written by zoo.model_format.mlflow_model when it is logged).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_format.model import RESIZE_METADATA, LoadedModel
+from zoo.model_format.model import RESIZE_METADATA, LoadedModel
 from zoo.normalization import Normalization, NormalizedModel
 
 DEFAULT_TOLERANCE = 1e-4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.options import FORMAT, MODEL_URI, echo_json
+from zoo.cli.options import FORMAT, MODEL_URI, echo_json
 
 
 @click.command()
@@ -19,7 +19,7 @@ def export(model_uri, output, tolerance, fmt) -> None:
     MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model
     or a model folder.
     """
-    from model_format.onnx_graph import export_onnx
+    from zoo.model_format.onnx_graph import export_onnx
     from serving.loading import load_model
 
     if not output.endswith(".onnx"):

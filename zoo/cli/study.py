@@ -9,7 +9,7 @@ import json
 
 import click
 
-from cli.options import (
+from zoo.cli.options import (
     ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, TEST_FRACTION,
     TRACKING_TIMEOUT, VAL_FRACTION, unset_sentinels,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.options import FORMAT, echo_json
+from zoo.cli.options import FORMAT, echo_json
 
 
 @click.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import DATA_DIR, EXPERIMENT
+from zoo.cli.options import DATA_DIR, EXPERIMENT
 
 
 def write_digit_images(images, labels, class_names: list[str], folder: Path) -> list[tuple[Path, str]]:
@@ -38,7 +38,7 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
     import mlflow
 
     from serving.classify import classify, open_classifier
-    from model_format.onnx_graph import export_onnx
+    from zoo.model_format.onnx_graph import export_onnx
     from serving.loading import load_model
     from training.train import train
     from training.train_config import TrainConfig

@@ -4,7 +4,7 @@ What decides what a zoo model is on disk, in one place, for the side that writes
 (training, through :func:`log_model`) and the side that reads it (serving.loading, the served
 model): the code (pyfunc_model.py and the image decoder zoo/imaging.py beside it), the
 ``torch.export`` program of the network with its normalization, the ONNX graph shipped beside it
-(model_format/onnx_graph.py), the signature, the input example and the pinned requirements.
+(zoo/model_format/onnx_graph.py), the signature, the input example and the pinned requirements.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from model_format.model import ONNX_ARTIFACT, ONNX_FILE, model_metadata
-from model_format.onnx_graph import export_onnx_file
+from zoo.model_format.model import ONNX_ARTIFACT, ONNX_FILE, model_metadata
+from zoo.model_format.onnx_graph import export_onnx_file
 from zoo import imaging
 from zoo.normalization import Normalization
 
@@ -47,7 +47,7 @@ def log_model(
     """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images, in the active
     run; returns its URI (``models:/m-...``). Registering it is the caller's (training.registration).
 
-    The logged model (model_format/pyfunc_model.py, "models from code") holds the network *with*
+    The logged model (zoo/model_format/pyfunc_model.py, "models from code") holds the network *with*
     its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
     pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
     of the dataset) give the input example; the normalization, input shape and class names

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.options import MODEL_URI
+from zoo.cli.options import MODEL_URI
 
 
 @click.command()

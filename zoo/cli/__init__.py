@@ -1,6 +1,6 @@
 """The `zoo` command line: one module per command, the group in ``main``, shared options in ``options``.
 
-    main      the `zoo` group (entry point ``zoo = cli.main:main``; also ``python -m cli``): exit codes,
+    main      the `zoo` group (entry point ``zoo = zoo.cli.main:main``; also ``python -m zoo.cli``): exit codes,
               one-line errors, every command attached
     options   options several commands share (--model, --dataset, --mean/--std, MODEL_URI, --format, ...)
     train     zoo train        study   zoo study       renorm   zoo renorm

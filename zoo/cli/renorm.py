@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
+from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
 
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
