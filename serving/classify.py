@@ -27,6 +27,7 @@ from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_bat
 from zoo.model_format.model import RESIZE_METADATA
 from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
 from zoo.errors import UsageError
+from zoo.machine import cache_dir
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -175,10 +176,6 @@ class TorchClassifier:
             return self.model(torch.from_numpy(pixels)).numpy()
 
 
-def onnx_cache_dir() -> Path:
-    return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo")) / "onnx"
-
-
 def open_classifier(uri: str, runtime: str = "onnx"):
     """A classifier for a local .onnx file or an MLflow model URI (exported once, then cached)."""
     if runtime not in RUNTIMES:
@@ -205,7 +202,7 @@ def cached_export(uri: str) -> Path:
     # Keyed on what the model is (serving.loading.resolve_model_id), never on the URI typed alone; the
     # tracking URI keeps two stores' models apart.
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
-    cached = onnx_cache_dir() / f"{key}.onnx"
+    cached = cache_dir("onnx") / f"{key}.onnx"
     if not cached.is_file():
         # Written beside, renamed when complete: an interrupted or failed export never leaves a
         # file the next call would trust.

@@ -40,6 +40,7 @@ from typing import Any, Callable, TypeVar
 from training import tracking
 from training.tracking import ServerGone
 from zoo.errors import UsageError
+from zoo.machine import cache_dir
 
 TIMEOUT_ENV = "ZOO_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # a server restart or upgrade takes seconds to minutes
@@ -65,8 +66,7 @@ def timeout_from_env() -> float:
 
 def local_run_dir(run_id: str) -> Path:
     """Where a run's checkpoints and unsent metrics live on this machine until the server holds them."""
-    root = Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo"))
-    return root / "runs" / run_id
+    return cache_dir("runs", run_id)
 
 
 def local_checkpoint(run_id: str, name: str = "last") -> Path | None:

@@ -46,7 +46,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
-from zoo.machine import worker_start_method
+from zoo.machine import cache_dir as zoo_cache_dir, worker_start_method
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -120,7 +120,7 @@ def load_image_folder(
     """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else zoo_cache_dir("datasets")
     # What the folder's earlier caches share with this one: the same folder, split the same way.
     source = {"root": str(listing.root), "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
     size = image_size or _size_found(cache, listing, default_size)
@@ -271,10 +271,6 @@ def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_
 
 
 # ---- the cache ------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo")) / "datasets"
 
 
 def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:

@@ -1,9 +1,16 @@
-"""The machine a command runs on, as far as sizing its workers goes. Imports nothing but the standard library."""
+"""The machine a command runs on: its cache folder and how to size its workers. Imports nothing but the standard library."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where zoo keeps what it can make again or send later (decoded folders, ONNX graphs, runs' local
+    files): ``$ZOO_CACHE_DIR``, else ``~/.cache/zoo``."""
+    return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo"), *parts)
 
 
 def usable_cores() -> int:
