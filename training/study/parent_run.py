@@ -4,14 +4,13 @@ study's storage (a user attribute), adopted by every other process, reopened whe
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import optuna
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.outage import Patience
+from training.outage import Patience, retrying
 from training.study.config import PARENT_ATTR, RESUME_STUDY, StudyConfig
 from training.study.storage import StudyLock, check_same_search
 from zoo.access import masked_url
@@ -51,14 +50,19 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
 
 
 def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
-    deadline, told = time.monotonic() + timeout, False
-    while (parent := study.user_attrs.get(PARENT_ATTR)) is None and time.monotonic() < deadline:
-        if not told:
-            tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
-                       file=sys.stderr)
-            told = True
-        time.sleep(0.5)
-    return parent
+    def named() -> str:
+        if (parent := study.user_attrs.get(PARENT_ATTR)) is None:
+            raise LookupError("no parent run yet")
+        return parent
+
+    def told(_: BaseException) -> None:
+        tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
+                   file=sys.stderr)
+
+    try:
+        return retrying(timeout, lambda exc: isinstance(exc, LookupError), told, wait_s=0.5)(named)
+    except LookupError:
+        return None
 
 
 def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,

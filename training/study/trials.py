@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from training import tracking
@@ -20,7 +21,7 @@ from training.outage import Outbox, Patience
 from training.study.config import (
     MODEL_URI_TAG, OUTCOME_ATTR, RESUME_STUDY, RUN_ATTR, StudyConfig, one_class_accuracy, suggest_normalization,
 )
-from training.study.storage import StudyLock
+from training.study.storage import StudyLock, repeatable
 from training.train import fit
 from training.train_config import TrainConfig, describe_training, short_normalization, training_tags
 from training.train_batch import MemberResult, fit_batch
@@ -37,6 +38,7 @@ class TrialContext:
     parent_run_id: str
     experiment: str
     claim: StudyLock  # across processes and machines: who may start the next trial
+    storage: RDBStorage  # the one make_storage opened (heartbeats)
     stop: threading.Event = field(default_factory=threading.Event)  # a worker process failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
     summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
@@ -75,10 +77,9 @@ def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
                 result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None,
                              outbox=outbox)
             except TrainingDiverged as exc:
-                trial.set_user_attr(OUTCOME_ATTR, "diverged")
-                trial.set_user_attr("failure", str(exc))
+                _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(exc)})
                 raise
-            trial.set_user_attr("test_accuracy", result.test_accuracy)
+            _note(trial, {"test_accuracy": result.test_accuracy})
             patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
             if config.log_models == "all":
                 uri = patiently(log_trial_model, result.network, result.normalization, config, ctx.dataset,
@@ -98,7 +99,7 @@ def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, run_name: str, tags
     # One request, so a retry never leaves a half-made run; with the tags mlflow.start_run would add (user, source).
     run_id = patience.patiently(tracking.create_run, experiment=ctx.experiment, run_name=run_name,
                                 parent_run_id=ctx.parent_run_id, tags=resolve_tags(tags))
-    trial.set_user_attr(RUN_ATTR, run_id)
+    _note(trial, {RUN_ATTR: run_id})
     return Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
 
 
@@ -114,10 +115,15 @@ def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainC
     return text
 
 
+def _note(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():  # an attribute set twice is set once
+        repeatable(trial.set_user_attr, key, value)
+
+
 def _pruning_callback(trial: optuna.Trial):
     def on_epoch(result: EpochResult) -> None:
-        trial.report(result.val_accuracy, result.epoch)
-        if trial.should_prune():
+        repeatable(trial.report, result.val_accuracy, result.epoch)
+        if repeatable(trial.should_prune):
             raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val_accuracy {result.val_accuracy:.4f})")
 
     return on_epoch
@@ -175,14 +181,13 @@ def _end_batch_trial(trial: optuna.Trial, result: MemberResult, setup: tuple[Tra
     train_config, normalization = setup[0], setup[1]
     patiently = outbox.patiently
     if isinstance(result.stopped, TrainingDiverged):
-        trial.set_user_attr(OUTCOME_ATTR, "diverged")
-        trial.set_user_attr("failure", str(result.stopped))
+        _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(result.stopped)})
         patiently(tracking.end_run_by_id, result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
         return None, TrialState.FAIL
     if isinstance(result.stopped, optuna.TrialPruned):
         patiently(tracking.end_run_by_id, result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
         return None, TrialState.PRUNED
-    trial.set_user_attr("test_accuracy", result.test_accuracy)
+    _note(trial, {"test_accuracy": result.test_accuracy})
     with ExitStack() as run:  # ends it FINISHED
         patiently(lambda: run.enter_context(tracking.start_run(run_id=result.run_id, patiently=patiently)))
         patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))

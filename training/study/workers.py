@@ -11,13 +11,12 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
 import optuna
 import torch
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
@@ -31,7 +30,9 @@ from training.study.config import (
 )
 from training.study.parent_run import ensure_parent_run
 from training.study.report import log_summary, summarize
-from training.study.storage import StudyLock, absolute_storage_url, end_orphaned_runs, make_storage, open_study
+from training.study.storage import (
+    StudyLock, absolute_storage_url, end_orphaned_runs, heartbeats, make_storage, open_study, repeatable,
+)
 from training.study.trials import TrialContext, objective, objective_batch
 from training.train import build_network, load_training_data
 from zoo.access import masked_url
@@ -127,8 +128,8 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
     channels = ctx.dataset.image_shape[0]
     while not ctx.stop.is_set():
         with ctx.claim():
-            end_orphaned_runs(study)
-            finished, running = count_trials(study)
+            end_orphaned_runs(study, ctx.config.heartbeat)
+            finished, running = repeatable(count_trials, study)
             if finished >= ctx.config.trials:
                 return []
             free = ctx.config.trials - finished - running
@@ -148,9 +149,7 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
 def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> FrozenTrial:
     """Train one claimed trial and tell Optuna its outcome; a diverged trial is a result, any other error is raised."""
     value, state, error = None, TrialState.FAIL, None
-    # Optuna's own heartbeat thread, the one study.optimize runs: a trial whose heartbeat stops
-    # belongs to a dead process (optuna.storages._heartbeat is not re-exported publicly).
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeats(ctx.storage, study, [trial]):
         try:
             value, state = objective(trial, ctx), TrialState.COMPLETE
         except optuna.TrialPruned:
@@ -168,9 +167,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> F
 def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: TrialContext) -> list[FrozenTrial]:
     """:func:`_run_trial` for trials trained together: each has its heartbeat, its outcome and its tell."""
     outcomes, error = [(None, TrialState.FAIL)] * len(trials), None
-    with ExitStack() as heartbeats:
-        for trial in trials:
-            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+    with heartbeats(ctx.storage, study, trials):
         try:
             outcomes = objective_batch(trials, ctx)
         except BaseException as exc:  # Ctrl-C included: the trials are failed, not left RUNNING
@@ -290,7 +287,7 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
             study.enqueue_trial(params, skip_if_exists=True)
     patience = Patience(config.tracking_timeout, RESUME_STUDY)
     ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
-                       patience=patience)
+                       storage, patience=patience)
     try:
         # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
         # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
@@ -321,7 +318,7 @@ def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset
         summary = summarize(study, one_class, config.collapse_margin)
         return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"),
                            masked_url(config.storage))
-    end_orphaned_runs(study)
+    end_orphaned_runs(study, config.heartbeat)
     sweep_checkpoints(study)
     summary = log_summary(study, parent, one_class, config.collapse_margin, config.storage, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
