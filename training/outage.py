@@ -1,13 +1,9 @@
 """Riding out a tracking server or study database that goes away mid-run (a restart, an upgrade).
 
-Once a run has started, a server that stops answering is waited for up to a bound (``--tracking-timeout``,
-``ZOO_TRACKING_TIMEOUT``, default 10 minutes) with one line on stderr when it goes away and one when it is
-back; past the bound, :class:`tracking.ServerGone` says what to do next. :func:`retrying` is that one policy;
-:class:`Patience` applies it to calls to the tracking server, and :class:`Outbox` adds a run's epoch results
-kept on local disk (``pending.json``, checkpoints) while the server is away, sent in order once it answers
-(``zoo train --resume RUN_ID`` sends them if the bound passes). MLflow's asynchronous logging drops a batch
-whose request fails and its HTTP retries block, hence this module; resending a metric MLflow already holds
-is harmless (its SQL store drops an exact duplicate).
+It is waited for up to ``--tracking-timeout`` (``ZOO_TRACKING_TIMEOUT``, default 10 minutes) by one policy,
+:func:`retrying`, with one line on stderr when it goes away and one when it is back; past the bound,
+:class:`tracking.ServerGone` says what to do next. :class:`Outbox` keeps a run's epochs on local disk
+meanwhile (MLflow's asynchronous logging would drop a batch whose request fails) and sends them in order.
 """
 
 from __future__ import annotations
@@ -50,9 +46,7 @@ def retrying(bound_s: float, retry_on: Callable[[BaseException], bool],
 
 def timeout_from_env() -> float:
     """The bound on waiting for the tracking server, from ZOO_TRACKING_TIMEOUT (seconds), else 10 minutes."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
+    raw = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_S)
     try:
         value = float(raw)
     except ValueError:
@@ -63,24 +57,18 @@ def timeout_from_env() -> float:
     return value
 
 
-def local_run_dir(run_id: str) -> Path:
-    """Where a run's checkpoints and unsent metrics live on this machine until the server holds them."""
-    return cache_dir("runs", run_id)
-
-
 def local_checkpoint(run_id: str, name: str = "last") -> Path | None:
-    path = local_run_dir(run_id) / tracking.CHECKPOINTS / f"{name}.pt"
+    """The run's checkpoint kept on this machine until the server holds it, or None."""
+    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / f"{name}.pt"
     return path if path.is_file() else None
 
 
 def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` (or what MLflow wrapped in it) says the tracking server did not answer (refused, reset,
     timed out, 5xx while it restarts), rather than that it answered with an error."""
-    import requests
+    from requests.exceptions import ConnectionError as Refused, RetryError, Timeout
 
-    kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
-             ConnectionError)
-    seen: BaseException | None = exc
+    kinds, seen = (Refused, Timeout, RetryError, ConnectionError), exc
     while seen is not None and not isinstance(seen, ServerGone):
         if isinstance(seen, kinds):
             return True
@@ -132,20 +120,15 @@ class Patience(Outage):
     """Calls to the tracking server that wait for it (:func:`retrying`) when it stops answering. Past the
     bound, :class:`ServerGone`, whose line ends with ``then`` (what to do once the server is back)."""
 
-    def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
-        super().__init__("", timeout_s)
-        self.then = then
+    back_note = ""
 
-    @property
-    def server(self) -> str:
+    def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
         from urllib.parse import urlsplit
 
         parts = urlsplit(tracking.tracking_uri())
-        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-
-    def went_away(self, exc: BaseException) -> None:
-        self.what = f"the MLflow tracking server at {self.server}"
-        super().went_away(exc)
+        super().__init__(f"the MLflow tracking server at {parts.scheme}://{parts.hostname}"
+                         + (f":{parts.port}" if parts.port else ""), timeout_s)
+        self.then = then
 
     def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``call(*args, **kwargs)``, made again while the server does not answer, up to the bound."""
@@ -159,27 +142,23 @@ class Patience(Outage):
                 raise
             self.went_away(exc)
             raise ServerGone(self.gone_message()) from None
-        self.came_back(self.back_note())
+        self.came_back(self.back_note)
         return result
 
-    def back_note(self) -> str:
-        return ""
-
     def gone_message(self) -> str:
-        return (f"the MLflow tracking server at {self.server} did not answer for {self.timeout_s:g} s "
-                f"(--tracking-timeout); once it is back, {self.then}")
+        return f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout); once it is back, {self.then}"
 
 
 class Outbox(Patience):
     """One run's epoch results on their way to the tracking server, kept on local disk until it holds them.
+    ``then``: what to do past the bound (default: ``zoo train --resume RUN_ID``; a study trial gives its own)."""
 
-    ``then``: what the line past the bound says to do (default: ``zoo train --resume RUN_ID``, which
-    reads the kept checkpoint); a study trial, which is retried rather than resumed, gives its own."""
+    back_note = "; what was kept has been sent"
 
     def __init__(self, run_id: str, timeout_s: float | None = None, then: str | None = None) -> None:
         super().__init__(timeout_s, then or "")
         self.run_id = run_id
-        self.folder = local_run_dir(run_id)
+        self.folder = cache_dir("runs", run_id)
         self.epoch = 0
         path = self.folder / PENDING
         pending = json.loads(path.read_text()) if path.is_file() else {}
@@ -239,17 +218,14 @@ class Outbox(Patience):
         return (f"training goes on and keeps what it logs in {self.folder} until the server is back, waiting up to "
                 f"{self.timeout_s:g} s (--tracking-timeout)")
 
-    def back_note(self) -> str:
-        return "; what was kept has been sent"
-
     def gone_message(self) -> str:
         if self.then:
             return super().gone_message()
         checkpoint = local_checkpoint(self.run_id)
         kept = f"its checkpoint kept at {checkpoint}" if checkpoint else f"what it logged kept in {self.folder}"
-        return (f"the MLflow tracking server at {self.server} did not answer for {self.timeout_s:g} s "
-                f"(--tracking-timeout): run {self.run_id} stopped after epoch {self._last_epoch(checkpoint)}, {kept}; "
-                f"once the server is back, finish the run with: zoo train --resume {self.run_id}")
+        return (f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout): run {self.run_id} stopped "
+                f"after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, finish the run with: "
+                f"zoo train --resume {self.run_id}")
 
     def _last_epoch(self, checkpoint: Path | None) -> int:
         if checkpoint is None:

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import quote
 
@@ -45,13 +45,9 @@ STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 
 
-
 def absolute_storage_url(url: str) -> str:
-    """``sqlite:///optuna.db`` as ``sqlite:////FOLDER/optuna.db``, FOLDER the current one: the study then records,
-    and its ``--jobs`` workers open, a URL that names the same file from any folder (``optuna-dashboard URL``
-    started elsewhere would otherwise create an empty database there). A re-run from another folder with the
-    same relative URL still means that folder's file, as SQLite has it. Other URLs are returned as written:
-    database servers, an absolute or in-memory SQLite database, SQLite's ``file:`` URIs (``?uri=true``)."""
+    """``sqlite:///optuna.db`` as ``sqlite:////CWD/optuna.db``, so the recorded URL names the same file from any
+    folder (``optuna-dashboard URL`` elsewhere would create an empty one); other URLs as written."""
     try:
         parsed = make_url(url) if "://" in url else None
     except (ArgumentError, ValueError):
@@ -111,15 +107,13 @@ def wait_for_database(engine: Engine, wait_s: float) -> None:
         return connection
 
 
-def _dropped(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError) or (isinstance(exc, StorageInternalError)
-                                                 and isinstance(exc.__cause__, OperationalError))
-
-
 def repeatable(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``call``, made again when a database restart dropped the connection under it (the next attempt
     reconnects, waiting for the server). Only for calls that may be made twice with the same effect."""
-    return retrying(DATABASE.timeout_s, _dropped, wait_s=RETRY_S)(call, *args, **kwargs)
+    def dropped(exc: BaseException) -> bool:
+        return isinstance(exc if not isinstance(exc, StorageInternalError) else exc.__cause__, OperationalError)
+
+    return retrying(DATABASE.timeout_s, dropped, wait_s=RETRY_S)(call, *args, **kwargs)
 
 
 @contextmanager
@@ -162,16 +156,12 @@ def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
 
 
 class StudyLock:
-    """A lock over every thread, process and machine working on one study, held in its storage.
-
-    PostgreSQL: a session advisory lock (released by the server if the holder dies); MySQL:
-    ``GET_LOCK``; SQLite (one machine): ``flock`` on a file beside the database. Taken only for
-    short bookkeeping (claiming a trial slot, naming the parent run, the final summary), never
-    while a trial trains.
-    """
+    """A lock over every thread, process and machine working on one study, held in its storage: a PostgreSQL
+    session advisory lock (released if the holder dies), MySQL's ``GET_LOCK``, or ``flock`` beside a SQLite
+    file. Taken for short bookkeeping only, never while a trial trains; ``wait_s``: how long taking it waits
+    for a database server that restarts (None: not at all)."""
 
     def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
-        """``wait_s``: how long taking the lock waits for a database server that restarts (None: not at all)."""
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
@@ -198,14 +188,9 @@ class StudyLock:
                     try:
                         yield
                     finally:
-                        self._release(connection, give)
-
-    def _release(self, connection: Any, give: str) -> None:
-        try:
-            connection.execute(text(give), {"key": self.key, "name": self.name})
-            connection.commit()
-        except OperationalError:
-            pass  # the database restarted under us: the lock ended with the session that held it
+                        with suppress(OperationalError):  # a restart under us ended the lock with its session
+                            connection.execute(text(give), {"key": self.key, "name": self.name})
+                            connection.commit()
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -220,10 +205,8 @@ class StudyLock:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-
 def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
-    """Create the study or load it; returns (study, created). The database's unique study
-    name makes exactly one of several processes started at once the creator."""
+    """Create the study or load it; (study, created). The unique study name makes one process the creator."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if config.prune else optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(storage=storage, study_name=config.name, direction="maximize",
@@ -267,9 +250,9 @@ def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
                          "Repeat its settings to resume it, or use another --study-name.")
 
 
-
 def _end_orphaned_run(trial: FrozenTrial) -> None:
-    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED."""
+    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED (or, if
+    the tracking server is away, leave that to the next claim or the study's end)."""
     run_id = trial.user_attrs.get(RUN_ATTR)
     try:
         if run_id and tracking.run_status(run_id) == "RUNNING":
@@ -278,7 +261,6 @@ def _end_orphaned_run(trial: FrozenTrial) -> None:
     except Exception as exc:
         if not unreachable(exc):
             raise
-        # The tracking server is away: the next claim, or the study's end, ends the run.
 
 
 def end_orphaned_runs(study: optuna.Study, heartbeat_s: float) -> None:
