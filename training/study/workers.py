@@ -114,7 +114,7 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
             free = ctx.config.trials - finished - running
             if free > 0:
                 trials = []
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _run_trial records it
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": heartbeats() records it
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                     for _ in range(min(most, free)):
                         trials.append(study.ask())
@@ -197,8 +197,7 @@ def _stop_when_one_fails(workers: list[multiprocessing.process.BaseProcess], ctx
 
 
 def _join_study(config: StudyConfig, torch_threads: int) -> None:
-    # Ctrl-C reaches the whole process group; the first process stops this one (SIGTERM) instead,
-    # so that a trial is never interrupted twice.
+    # Ctrl-C reaches the whole process group; the first process stops this one (SIGTERM): one interruption.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(torch_threads)
     try:
@@ -233,8 +232,7 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     study, created = open_study(config, storage)
-    # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
-    # would make every trial log into the project's run instead of a child: take it out.
+    # mlflow.start_run would resume $MLFLOW_RUN_ID (set by `mlflow run`): trials would log into the project's run.
     project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     parent = ensure_parent_run(study, created, config, config.storage, project_run_id, lock)
     with lock():  # processes started together would each queue the same points
@@ -244,8 +242,7 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
     ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
                        storage, patience=patience)
     try:
-        # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
-        # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
+        # SIGTERM (kill, a scheduler's limit) stops a study as Ctrl-C does: no trial is left RUNNING.
         with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
                 total=config.trials, unit="trial", desc=f"study {config.name}", disable=not (config.progress and bar)
         ) as progress:
