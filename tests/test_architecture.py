@@ -144,3 +144,23 @@ def test_pip_installs_exactly_the_three_packages():
     assert {p.split(".")[0] for p in installed} == set(PACKAGES)
     assert {"zoo.cli", "zoo.model_format"} <= set(installed)
     assert config["options.entry_points"]["console_scripts"].split() == ["zoo", "=", "zoo.cli.main:main"]
+
+
+PRIVATE_USE = {
+    "a private Optuna name": re.compile(r"optuna\.[\w.]*\._\w+"),
+    "a study's or trial's private attribute": re.compile(r"\._(storage|study_id|trial_id)\b"),
+    "setattr onto a class": re.compile(r"\bsetattr\(\s*[A-Z]\w*\s*,"),
+}
+
+
+def test_no_private_name_of_a_library_and_no_class_patched():
+    """Optuna's private modules and attributes change without notice, and a third-party class patched
+    with setattr changes for every user in the process: only public APIs."""
+    found = sorted(
+        f"{path.relative_to(ROOT)}:{number}: {what}: {line.strip()}"
+        for path in module_files().values()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        for what, pattern in PRIVATE_USE.items()
+        if pattern.search(line)
+    )
+    assert not found, "private names or patched classes:\n" + "\n".join(found)

@@ -165,3 +165,25 @@ def test_logging_and_registering_again_after_a_lost_answer_leave_one_model_and_o
     assert versions[0].description.startswith("mnist_cnn trained on mnist-5k")
     assert versions[0].run_id == run.info.run_id
     assert MlflowClient().get_model_version_by_alias("digits", "champion").version == versions[0].version
+
+
+def test_a_call_to_a_server_that_never_answers_waits_up_to_the_bound_then_says_what_to_do(monkeypatch, capsys):
+    """The one waiting policy on a real MLflow client and a port nothing listens on: one line when the server
+    goes away, calls made again until the bound, then ServerGone naming the bound and the next step."""
+    from training.outage import Patience
+    from training.tracking import ServerGone
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    calls = []
+
+    def call() -> None:
+        calls.append(1)
+        MlflowClient().get_experiment("0")
+
+    with pytest.raises(ServerGone, match=rf"127\.0\.0\.1:{port} did not answer for 3 s \(--tracking-timeout\); "
+                                         "once it is back, re-run it"):
+        Patience(3, then="re-run it").patiently(call)
+    assert len(calls) >= 2  # made again while waiting, not given up at once
+    assert capsys.readouterr().err.count(AWAY) == 1

@@ -1,29 +1,9 @@
-"""Riding out a tracking server that goes away in the middle of a run (a restart, an upgrade).
+"""Riding out a tracking server or study database that goes away mid-run (a restart, an upgrade).
 
-zoo keeps MLflow's HTTP retries short (zoo/cli/main.py), and ``tracking.check_tracking_server``
-fails in seconds when the server is down before anything is logged. Once a run has started,
-a server that stops answering is waited for instead, up to a bound (``--tracking-timeout``,
-``ZOO_TRACKING_TIMEOUT``, default 10 minutes), with one line on stderr when it goes away and
-one when it is back:
-
-- each epoch's checkpoints are written to the run's local folder (:func:`local_run_dir`) and its
-  metrics recorded there (``pending.json``) before they are sent; while the server is away they
-  stay there and training goes on; once it answers they are sent in order, the metrics with
-  MLflow's ``log_batch``, each with the timestamp it was first given;
-- what follows training (test metrics, figures, the model) waits for the server; the model is
-  logged and registered once however often that is retried (``tracking.log_model``);
-- past the bound, :class:`tracking.ServerGone`: the local folder is kept and
-  ``zoo train --resume RUN_ID`` reads its checkpoint and sends its metrics.
-
-:class:`Patience` is the waiting alone, for calls that keep nothing locally (a study's parent
-run, a trial's start and end); :class:`Outbox` adds a run's epoch results kept on disk.
-
-What MLflow does not cover, and why this module exists: its asynchronous logging
-(``synchronous=False``) sends from a background thread, but a batch whose request fails is
-logged as an error and dropped (``AsyncLoggingQueue``), and artifacts have no asynchronous
-path at all; its HTTP retries (urllib3) block the caller and then give up. What it does cover
-is used: resending a metric it already holds is harmless (its SQL store drops an exact
-duplicate), so a batch whose answer was lost in the outage is still logged once.
+It is waited for up to ``--tracking-timeout`` (``ZOO_TRACKING_TIMEOUT``, default 10 minutes) by one policy,
+:func:`retrying`, with one line on stderr when it goes away and one when it is back; past the bound,
+:class:`tracking.ServerGone` says what to do next. :class:`Outbox` keeps a run's epochs on local disk
+meanwhile (MLflow's asynchronous logging would drop a batch whose request fails) and sends them in order.
 """
 
 from __future__ import annotations
@@ -33,9 +13,12 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import tenacity
 
 from training import tracking
 from training.tracking import ServerGone
@@ -44,16 +27,26 @@ from zoo.machine import cache_dir
 
 TIMEOUT_ENV = "ZOO_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # a server restart or upgrade takes seconds to minutes
-POLL_S = 2.0  # how often a waiting command asks whether the server is back
+POLL_S = 2.0  # how often a waiting call asks the server again
 PENDING = "pending.json"
 T = TypeVar("T")
 
 
+def retrying(bound_s: float, retry_on: Callable[[BaseException], bool],
+             went_away: Callable[[BaseException], Any] | None = None, wait_s: float = POLL_S) -> tenacity.Retrying:
+    """The one waiting policy: a call failing as ``retry_on`` says is made again every ``wait_s`` seconds for up
+    to ``bound_s``, ``went_away`` told of its first failure; past the bound the last error is raised."""
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if went_away is not None and state.attempt_number == 1:
+            went_away(state.outcome.exception())
+
+    return tenacity.Retrying(stop=tenacity.stop_after_delay(max(0.0, bound_s)), wait=tenacity.wait_fixed(wait_s),
+                             retry=tenacity.retry_if_exception(retry_on), before_sleep=before_sleep, reraise=True)
+
+
 def timeout_from_env() -> float:
     """The bound on waiting for the tracking server, from ZOO_TRACKING_TIMEOUT (seconds), else 10 minutes."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
+    raw = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_S)
     try:
         value = float(raw)
     except ValueError:
@@ -64,39 +57,23 @@ def timeout_from_env() -> float:
     return value
 
 
-def local_run_dir(run_id: str) -> Path:
-    """Where a run's checkpoints and unsent metrics live on this machine until the server holds them."""
-    return cache_dir("runs", run_id)
-
-
 def local_checkpoint(run_id: str, name: str = "last") -> Path | None:
-    """The run's checkpoint ``name`` kept on this machine, or None."""
-    path = local_run_dir(run_id) / tracking.CHECKPOINTS / f"{name}.pt"
+    """The run's checkpoint kept on this machine until the server holds it, or None."""
+    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / f"{name}.pt"
     return path if path.is_file() else None
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the tracking server did not answer (refused, reset, timed out, 5xx while
-    it restarts), rather than that it answered with an error. MLflow wraps these in an MlflowException
-    whose cause or context is the requests error."""
-    import requests
+    """Whether ``exc`` (or what MLflow wrapped in it) says the tracking server did not answer (refused, reset,
+    timed out, 5xx while it restarts), rather than that it answered with an error."""
+    from requests.exceptions import ConnectionError as Refused, RetryError, Timeout
 
-    kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
-             ConnectionError)
-    seen: BaseException | None = exc
+    kinds, seen = (Refused, Timeout, RetryError, ConnectionError), exc
     while seen is not None and not isinstance(seen, ServerGone):
         if isinstance(seen, kinds):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def server_answers() -> bool:
-    try:
-        tracking.check_tracking_server()
-    except ConnectionError:
-        return False
-    return True
 
 
 def say(line: str) -> None:
@@ -105,92 +82,89 @@ def say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
 
 
-class Patience:
-    """Calls to the tracking server that wait for it when it stops answering, up to the bound
-    (``timeout_s``), with one line on stderr when it goes away and one when it is back. Past the
-    bound, :class:`ServerGone`, whose line ends with ``then`` (what to do once the server is back).
+class Outage:
+    """A server that may stop answering (``what``): one line when it does, one when it answers again."""
 
-    A study uses one for its parent run's writes and each trial's start and end; :class:`Outbox`
-    adds a run's epoch results kept on local disk."""
+    def __init__(self, what: str, timeout_s: float | None = None) -> None:
+        self.what = what
+        self.timeout_s = timeout_from_env() if timeout_s is None else timeout_s
+        self.away_since: float | None = None
+        self.back_at = -float("inf")
+        self._state = threading.Lock()  # a study's threads share its database's outage
+
+    def went_away(self, exc: BaseException) -> None:
+        with self._state:
+            if self.away_since is not None:
+                return
+            self.away_since = time.monotonic()
+        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+        first = str(exc).strip().partition("\n")[0]
+        reason = errno.group(1) if errno else first if 0 < len(first) <= 160 else type(exc).__name__
+        say(f"zoo: {self.what} stopped answering ({reason}); {self.waiting()}")
+
+    def waiting(self) -> str:
+        return f"waiting for it up to {self.timeout_s:g} s (--tracking-timeout)"
+
+    def came_back(self, note: str = "") -> None:
+        with self._state:
+            if self.away_since is None:
+                return
+            away, self.away_since, self.back_at = time.monotonic() - self.away_since, None, time.monotonic()
+        say(f"zoo: {self.what} answers again after {away:.0f} s{note}")
+
+    def bound_left(self) -> float:
+        return self.timeout_s - (0.0 if self.away_since is None else time.monotonic() - self.away_since)
+
+
+class Patience(Outage):
+    """Calls to the tracking server that wait for it (:func:`retrying`) when it stops answering. Past the
+    bound, :class:`ServerGone`, whose line ends with ``then`` (what to do once the server is back)."""
+
+    back_note = ""
 
     def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
-        self.timeout_s = timeout_from_env() if timeout_s is None else timeout_s
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(tracking.tracking_uri())
+        super().__init__(f"the MLflow tracking server at {parts.scheme}://{parts.hostname}"
+                         + (f":{parts.port}" if parts.port else ""), timeout_s)
         self.then = then
-        self.away_since: float | None = None
 
     def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``call(*args, **kwargs)``, called again once the server is back if it did not answer."""
-        while True:
-            answered, result = self._attempt(call, *args, **kwargs)
-            if answered:
-                return result
-            self._wait_for_server()
+        """``call(*args, **kwargs)``, made again while the server does not answer, up to the bound."""
+        return self.within(self.bound_left(), call, *args, **kwargs)
 
-    def _attempt(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
-        """(True, what ``call`` returned), or (False, None) when the server did not answer (the outage noted);
-        any other error is raised."""
+    def within(self, bound_s: float, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
-            result = call(*args, **kwargs)
+            result = retrying(bound_s, unreachable, self.went_away)(call, *args, **kwargs)
         except Exception as exc:
             if not unreachable(exc):
                 raise
-            self._went_away(exc)
-            return False, None
-        self._came_back()
-        return True, result
+            self.went_away(exc)
+            raise ServerGone(self.gone_message()) from None
+        self.came_back(self.back_note)
+        return result
 
-    # --- the outage -----------------------------------------------------------------------------
-    def _went_away(self, exc: BaseException) -> None:
-        if self.away_since is not None:
-            return
-        self.away_since = time.monotonic()
-        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
-        say(self._away_line(errno.group(1) if errno else type(exc).__name__))
-
-    def _away_line(self, reason: str) -> str:
-        return (f"zoo: the MLflow tracking server at {_server()} stopped answering ({reason}); waiting for it "
-                f"up to {self.timeout_s:g} s (--tracking-timeout)")
-
-    def _came_back(self) -> None:
-        if self.away_since is None:
-            return
-        say(f"zoo: the MLflow tracking server at {_server()} answers again after "
-            f"{time.monotonic() - self.away_since:.0f} s{self._back_note()}")
-        self.away_since = None
-
-    def _back_note(self) -> str:
-        return ""
-
-    def _wait_for_server(self) -> None:
-        while not server_answers():
-            self._check_bound()
-            time.sleep(POLL_S)
-
-    def _check_bound(self) -> None:
-        if self.away_since is not None and time.monotonic() - self.away_since > self.timeout_s:
-            raise ServerGone(self._gone_message())
-
-    def _gone_message(self) -> str:
-        return (f"the MLflow tracking server at {_server()} did not answer for {self.timeout_s:g} s "
-                f"(--tracking-timeout); once it is back, {self.then}")
+    def gone_message(self) -> str:
+        return f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout); once it is back, {self.then}"
 
 
 class Outbox(Patience):
     """One run's epoch results on their way to the tracking server, kept on local disk until it holds them.
+    ``then``: what to do past the bound (default: ``zoo train --resume RUN_ID``; a study trial gives its own)."""
 
-    ``then``: what the line past the bound says to do (default: ``zoo train --resume RUN_ID``, which
-    reads the kept checkpoint); a study trial, which is retried rather than resumed, gives its own."""
+    back_note = "; what was kept has been sent"
 
     def __init__(self, run_id: str, timeout_s: float | None = None, then: str | None = None) -> None:
         super().__init__(timeout_s, then or "")
         self.run_id = run_id
-        self.folder = local_run_dir(run_id)
+        self.folder = cache_dir("runs", run_id)
         self.epoch = 0
-        pending = self._read_pending()
+        path = self.folder / PENDING
+        pending = json.loads(path.read_text()) if path.is_file() else {}
         self.metrics: list[dict[str, Any]] = pending.get("metrics", [])
         self.checkpoints: list[str] = pending.get("checkpoints", [])
 
-    # --- an epoch's results -------------------------------------------------------------------
     def add_metrics(self, metrics: dict[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)  # kept with the record: a resend is then an exact duplicate
         self.metrics += [{"key": k, "value": float(v), "timestamp": timestamp, "step": step} for k, v in metrics.items()]
@@ -203,14 +177,21 @@ class Outbox(Patience):
         self._write_pending()
 
     def send(self) -> None:
-        """Send what is pending if the server answers; keep it otherwise (ServerGone past the bound)."""
+        """Send what is pending if the server answers now; keep it otherwise (ServerGone past the bound)."""
         if not self.pending:
             return
-        if self.away_since is not None and not server_answers():
-            self._check_bound()
-            return
-        if not self._attempt(self._send_pending)[0]:
-            self._check_bound()
+        try:
+            if self.away_since is not None:
+                tracking.check_tracking_server()  # cheaper than a send that fails
+            self.within(0.0, self._send_pending)
+        except (ServerGone, ConnectionError):
+            if self.bound_left() < 0:
+                raise ServerGone(self.gone_message()) from None
+
+    def wait_and_send(self) -> None:
+        """Block until everything pending is sent, or raise ServerGone past the bound."""
+        if self.pending:
+            self.patiently(self._send_pending)
 
     def _send_pending(self) -> None:
         tracking.log_metric_records(self.run_id, self.metrics)  # metrics first: a checkpoint never runs ahead
@@ -219,13 +200,6 @@ class Outbox(Patience):
         tracking.upload_checkpoints(self.run_id, self.folder / tracking.CHECKPOINTS, self.checkpoints)
         self.checkpoints = []
         self._write_pending()
-
-    def wait_and_send(self) -> None:
-        """Block until everything pending is sent, or raise ServerGone past the bound."""
-        self.send()
-        while self.pending:
-            time.sleep(POLL_S)
-            self.send()
 
     def close(self) -> None:
         """The run is over and the server holds everything: the local folder goes."""
@@ -240,23 +214,18 @@ class Outbox(Patience):
     def pending(self) -> bool:
         return bool(self.metrics or self.checkpoints)
 
-    # --- the outage -----------------------------------------------------------------------------
-    def _away_line(self, reason: str) -> str:
-        return (f"zoo: the MLflow tracking server at {_server()} stopped answering ({reason}); training goes on and "
-                f"keeps what it logs in {self.folder} until the server is back, waiting up to {self.timeout_s:g} s "
-                f"(--tracking-timeout)")
+    def waiting(self) -> str:
+        return (f"training goes on and keeps what it logs in {self.folder} until the server is back, waiting up to "
+                f"{self.timeout_s:g} s (--tracking-timeout)")
 
-    def _back_note(self) -> str:
-        return "; what was kept has been sent"
-
-    def _gone_message(self) -> str:
+    def gone_message(self) -> str:
         if self.then:
-            return super()._gone_message()
+            return super().gone_message()
         checkpoint = local_checkpoint(self.run_id)
         kept = f"its checkpoint kept at {checkpoint}" if checkpoint else f"what it logged kept in {self.folder}"
-        return (f"the MLflow tracking server at {_server()} did not answer for {self.timeout_s:g} s (--tracking-timeout): "
-                f"run {self.run_id} stopped after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, "
-                f"finish the run with: zoo train --resume {self.run_id}")
+        return (f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout): run {self.run_id} stopped "
+                f"after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, finish the run with: "
+                f"zoo train --resume {self.run_id}")
 
     def _last_epoch(self, checkpoint: Path | None) -> int:
         if checkpoint is None:
@@ -265,21 +234,9 @@ class Outbox(Patience):
 
         return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
 
-    # --- on disk --------------------------------------------------------------------------------
-    def _read_pending(self) -> dict[str, Any]:
-        path = self.folder / PENDING
-        return json.loads(path.read_text()) if path.is_file() else {}
-
     def _write_pending(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / PENDING
         temporary = path.with_suffix(".tmp")  # replaced in one step: a kill never leaves half a file
         temporary.write_text(json.dumps({"metrics": self.metrics, "checkpoints": self.checkpoints}))
         temporary.replace(path)
-
-
-def _server() -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(tracking.tracking_uri())
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")

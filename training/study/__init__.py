@@ -15,9 +15,8 @@ Modules, each importing only those above it:
 
 - ``config``: what a study is: StudyConfig, StudyResult, the names it stores in Optuna and MLflow,
   its samplers, the normalizations it suggests and enqueues, what counts as a finished or collapsed trial.
-- ``storage_outage``: riding out a restart of the study's database server.
 - ``storage``: where a study is stored and locked: the Optuna storage, StudyLock, opening the study,
-  the search it stores, and ending the runs of trials whose process died.
+  the search it stores, heartbeats, ending the runs of trials whose process died, a database that restarts.
 - ``parent_run``: the study's one MLflow parent run, created once and adopted by every process.
 - ``trials``: how a trial runs: its child run, the objective (one trial, or several trained together
   by training.train_batch) and pruning.

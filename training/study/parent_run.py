@@ -4,34 +4,26 @@ study's storage (a user attribute), adopted by every other process, reopened whe
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import optuna
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.outage import Patience
+from training.outage import Patience, retrying
 from training.study.config import PARENT_ATTR, RESUME_STUDY, StudyConfig
 from training.study.storage import StudyLock, check_same_search
 from zoo.access import masked_url
 
 
-PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run
-# (creating a fresh MLflow SQLite store alone is slow on a busy machine)
-
+PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run (a fresh store is slow)
 
 
 def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
                       project_run_id: str | None = None, lock: StudyLock | None = None) -> str:
-    """The study's one parent run: created by the process that created the study, adopted by the others.
-
-    Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
-    or points at the parent of an existing one.
-
-    The others touch MLflow only once the parent exists, so they never race the creator
-    while it initializes a fresh MLflow store.
-    """
+    """The study's one parent run: created by the process that created the study, adopted by the others (who
+    touch MLflow only once it exists, never racing the creator's fresh store). Inside ``mlflow run``,
+    ``project_run_id`` becomes the parent of a new study, or points at the parent of an existing one."""
     if created:
         return _create_parent_run(study, config, storage_url, project_run_id)
     parent = _wait_for_parent(study, PARENT_WAIT_S)
@@ -40,8 +32,7 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
         with (lock or StudyLock(storage_url, config.name))():
             parent = study.user_attrs.get(PARENT_ATTR) or _create_parent_run(study, config, storage_url)
     check_same_search(study, config)
-    # A worker joining while the tracking server restarts waits for it, as its trials would (each call can be
-    # made twice).
+    # A worker joining while the tracking server restarts waits for it (each call can be made twice).
     patiently = Patience(config.tracking_timeout, RESUME_STUDY).patiently
     if project_run_id and project_run_id != parent:
         patiently(tracking.set_tags, {"zoo.study_parent_run_id": parent}, run_id=project_run_id)
@@ -51,14 +42,19 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
 
 
 def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
-    deadline, told = time.monotonic() + timeout, False
-    while (parent := study.user_attrs.get(PARENT_ATTR)) is None and time.monotonic() < deadline:
-        if not told:
-            tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
-                       file=sys.stderr)
-            told = True
-        time.sleep(0.5)
-    return parent
+    def named() -> str:
+        if (parent := study.user_attrs.get(PARENT_ATTR)) is None:
+            raise LookupError("no parent run yet")
+        return parent
+
+    def told(_: BaseException) -> None:
+        tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
+                   file=sys.stderr)
+
+    try:
+        return retrying(timeout, lambda exc: isinstance(exc, LookupError), told, wait_s=0.5)(named)
+    except LookupError:
+        return None
 
 
 def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,

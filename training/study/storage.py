@@ -1,6 +1,13 @@
 """Where a study is stored and locked: its Optuna storage (SQLite or a database server), the lock over
-every worker (StudyLock), opening the study and the search it stores, and ending the runs of trials
-whose process died (heartbeats)."""
+every worker (StudyLock), opening the study and the search it stores, ending the runs of trials whose
+process died (heartbeats), and riding out a restart of the database server.
+
+A restart is waited for through :func:`training.outage.retrying`, up to ``--tracking-timeout``: new
+connections wait for the server (SQLAlchemy's public ``do_connect`` event; ``pool_pre_ping`` replaces
+the connections the restart closed), and the calls the project makes that may be made twice (reads, trial
+attributes, the heartbeat) go through :func:`repeatable`. Not covered: any other statement in flight at
+the instant the server stops (``ask``, ``tell``: a commit whose answer was lost may have happened) fails.
+"""
 
 from __future__ import annotations
 
@@ -10,37 +17,37 @@ import os
 import threading
 import time
 import warnings
-from contextlib import contextmanager
-from typing import Any, Iterator
+import weakref
+from contextlib import contextmanager, suppress
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import quote
 
 import optuna
 from alembic.util import CommandError as AlembicCommandError
+from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from training import tracking
-from training.outage import timeout_from_env, unreachable
+from training.outage import Outage, retrying, timeout_from_env, unreachable
 from training.study.config import CONFIG_ATTR, OBJECTIVE_NAME, RUN_ATTR, StudyConfig, is_finished, make_sampler
-from training.study.storage_outage import PatientRDBStorage, recently_back, wait_for_database
 from zoo.access import masked_url, storage_refused_hint
 from zoo.errors import UsageError
 
-
+T = TypeVar("T")
+RETRY_S = 1.0  # how often a waiting connection tries the database again
+DATABASE = Outage("the study's database", timeout_s=0.0)  # this process's one; SQLite (a file) never waits
+_storage_of: weakref.WeakKeyDictionary[optuna.Study, RDBStorage] = weakref.WeakKeyDictionary()  # Optuna has no public getter
 STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
 DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
 
 
-
 def absolute_storage_url(url: str) -> str:
-    """``sqlite:///optuna.db`` as ``sqlite:////FOLDER/optuna.db``, FOLDER the current one: the study then records,
-    and its ``--jobs`` workers open, a URL that names the same file from any folder (``optuna-dashboard URL``
-    started elsewhere would otherwise create an empty database there). A re-run from another folder with the
-    same relative URL still means that folder's file, as SQLite has it. Other URLs are returned as written:
-    database servers, an absolute or in-memory SQLite database, SQLite's ``file:`` URIs (``?uri=true``)."""
+    """``sqlite:///optuna.db`` as ``sqlite:////CWD/optuna.db``, so the recorded URL names the same file from any
+    folder (``optuna-dashboard URL`` elsewhere would create an empty one); other URLs as written."""
     try:
         parsed = make_url(url) if "://" in url else None
     except (ArgumentError, ValueError):
@@ -55,8 +62,7 @@ def absolute_storage_url(url: str) -> str:
 
 def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBStorage:
     """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once.
-    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else
-    600 s; see training/study/storage_outage.py)."""
+    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else 600 s)."""
     if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
         raise UsageError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
@@ -77,28 +83,65 @@ def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBSt
     def connect() -> RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if url.startswith("sqlite"):  # a file: nothing restarts
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                  heartbeat_stale_trial_callback=on_stale_trial)
-            return PatientRDBStorage(url, wait_s=timeout_from_env() if wait_s is None else wait_s,
-                                     engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                     heartbeat_stale_trial_callback=on_stale_trial)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                 heartbeat_stale_trial_callback=on_stale_trial)
+        if not url.startswith("sqlite"):  # a file: nothing restarts
+            wait_for_database(storage.engine, timeout_from_env() if wait_s is None else wait_s)
+        return storage
 
-    for attempt in range(4):
-        try:
-            return connect()
-        except (SQLAlchemyError, AlembicCommandError):
-            # Processes started together on a fresh database race to create its schema:
-            # the losers retry once the winner's tables exist.
-            time.sleep(1.0 + attempt)
-    return connect()
+    # Processes started together on a fresh database race to create its schema: the losers retry.
+    return retrying(10.0, lambda exc: isinstance(exc, (SQLAlchemyError, AlembicCommandError)), wait_s=1.0)(connect)
+
+
+def wait_for_database(engine: Engine, wait_s: float) -> None:
+    """New connections of ``engine`` wait up to ``wait_s`` for a database server that does not answer."""
+    DATABASE.what = f"the study's database at {masked_url(engine.url.render_as_string(hide_password=False))}"
+    DATABASE.timeout_s = wait_s
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, record: Any, cargs: tuple, cparams: dict) -> Any:
+        refused = dialect.loaded_dbapi.OperationalError
+        connection = retrying(wait_s, lambda exc: isinstance(exc, refused), DATABASE.went_away, RETRY_S)(
+            dialect.connect, *cargs, **cparams)
+        DATABASE.came_back()
+        return connection
+
+
+def repeatable(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call``, made again when a database restart dropped the connection under it (the next attempt
+    reconnects, waiting for the server). Only for calls that may be made twice with the same effect."""
+    def dropped(exc: BaseException) -> bool:
+        return isinstance(exc if not isinstance(exc, StorageInternalError) else exc.__cause__, OperationalError)
+
+    return retrying(DATABASE.timeout_s, dropped, wait_s=RETRY_S)(call, *args, **kwargs)
+
+
+@contextmanager
+def heartbeats(storage: RDBStorage, study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
+    """Record the trials' heartbeats every ``storage.get_heartbeat_interval()`` s while they train, as
+    ``study.optimize`` does: a trial whose heartbeat stops belongs to a dead process."""
+    study_id = repeatable(storage.get_study_id_from_name, study.study_name)
+    ids = [repeatable(storage.get_trial_id_from_study_id_trial_number, study_id, t.number) for t in trials]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in ids:
+                repeatable(storage.record_heartbeat, trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
     """One connection attempt, so an unreachable server fails at once with one line (not after the schema retries)."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import OperationalError
-
     engine = create_engine(url, **engine_kwargs)
     try:
         engine.connect().close()
@@ -113,16 +156,12 @@ def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
 
 
 class StudyLock:
-    """A lock over every thread, process and machine working on one study, held in its storage.
-
-    PostgreSQL: a session advisory lock (released by the server if the holder dies); MySQL:
-    ``GET_LOCK``; SQLite (one machine): ``flock`` on a file beside the database. Taken only for
-    short bookkeeping (claiming a trial slot, naming the parent run, the final summary), never
-    while a trial trains.
-    """
+    """A lock over every thread, process and machine working on one study, held in its storage: a PostgreSQL
+    session advisory lock (released if the holder dies), MySQL's ``GET_LOCK``, or ``flock`` beside a SQLite
+    file. Taken for short bookkeeping only, never while a trial trains; ``wait_s``: how long taking it waits
+    for a database server that restarts (None: not at all)."""
 
     def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
-        """``wait_s``: how long taking the lock waits for a database server that restarts (None: not at all)."""
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
@@ -149,14 +188,9 @@ class StudyLock:
                     try:
                         yield
                     finally:
-                        self._release(connection, give)
-
-    def _release(self, connection: Any, give: str) -> None:
-        try:
-            connection.execute(text(give), {"key": self.key, "name": self.name})
-            connection.commit()
-        except OperationalError:
-            pass  # the database restarted under us: the lock ended with the session that held it
+                        with suppress(OperationalError):  # a restart under us ended the lock with its session
+                            connection.execute(text(give), {"key": self.key, "name": self.name})
+                            connection.commit()
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -171,16 +205,15 @@ class StudyLock:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-
 def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
-    """Create the study or load it; returns (study, created). The database's unique study
-    name makes exactly one of several processes started at once the creator."""
+    """Create the study or load it; (study, created). The unique study name makes one process the creator."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if config.prune else optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(storage=storage, study_name=config.name, direction="maximize",
                                     sampler=make_sampler(config.sampler, config.seed), pruner=pruner)
+        _storage_of[study] = storage
         # Kept out of the user attributes, which `optuna studies` prints whole in one table cell.
-        storage.set_study_system_attr(study._study_id, CONFIG_ATTR, config.identity())
+        storage.set_study_system_attr(storage.get_study_id_from_name(config.name), CONFIG_ATTR, config.identity())
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and the only way to name it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE_NAME])
@@ -190,6 +223,7 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
         seed = (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
         study = optuna.load_study(study_name=config.name, storage=storage,
                                   sampler=make_sampler(config.sampler, seed), pruner=pruner)
+        _storage_of[study] = storage
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UsageError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
                          "Use another --study-name.")
@@ -199,7 +233,9 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
 
 def stored_search(study: optuna.Study) -> dict[str, Any] | None:
     """What the study searches, as its creator stored it (a user attribute in studies made before 2026-11-30)."""
-    stored = study._storage.get_study_system_attrs(study._study_id).get(CONFIG_ATTR)
+    storage = _storage_of.get(study)
+    stored = (repeatable(storage.get_study_system_attrs, repeatable(storage.get_study_id_from_name, study.study_name))
+              .get(CONFIG_ATTR) if storage is not None else None)
     return stored if stored is not None else study.user_attrs.get(CONFIG_ATTR)
 
 
@@ -214,9 +250,9 @@ def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
                          "Repeat its settings to resume it, or use another --study-name.")
 
 
-
 def _end_orphaned_run(trial: FrozenTrial) -> None:
-    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED."""
+    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED (or, if
+    the tracking server is away, leave that to the next claim or the study's end)."""
     run_id = trial.user_attrs.get(RUN_ATTR)
     try:
         if run_id and tracking.run_status(run_id) == "RUNNING":
@@ -225,16 +261,15 @@ def _end_orphaned_run(trial: FrozenTrial) -> None:
     except Exception as exc:
         if not unreachable(exc):
             raise
-        # The tracking server is away: the next claim, or the study's end, ends the run.
 
 
-def end_orphaned_runs(study: optuna.Study) -> None:
+def end_orphaned_runs(study: optuna.Study, heartbeat_s: float) -> None:
     """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
     # Right after a database outage every trial's heartbeat is late: give them two heartbeats to catch up.
-    if not recently_back(2 * (study._storage.get_heartbeat_interval() or 0)):
+    if DATABASE.away_since is None and time.monotonic() - DATABASE.back_at >= 2 * heartbeat_s:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            repeatable(optuna.storages.fail_stale_trials, study)
+    for trial in repeatable(study.get_trials, deepcopy=False, states=(TrialState.FAIL,)):
         if not is_finished(trial):  # a diverged trial ended its own run
             _end_orphaned_run(trial)

@@ -1,6 +1,5 @@
-"""How a trial runs: its child run (tags, params, description), the objective that trains it with
-:func:`training.train.fit`, several trials trained together with :func:`training.train_batch.fit_batch`,
-pruning, and the trial's logged model."""
+"""How a trial runs: its child run, the objective that trains it (:func:`training.train.fit`, or several
+together with :func:`training.train_batch.fit_batch`), pruning, and the trial's logged model."""
 
 from __future__ import annotations
 
@@ -8,10 +7,11 @@ import math
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from training import tracking
@@ -20,12 +20,14 @@ from training.outage import Outbox, Patience
 from training.study.config import (
     MODEL_URI_TAG, OUTCOME_ATTR, RESUME_STUDY, RUN_ATTR, StudyConfig, one_class_accuracy, suggest_normalization,
 )
-from training.study.storage import StudyLock
+from training.study.storage import StudyLock, repeatable
 from training.train import fit
 from training.train_config import TrainConfig, describe_training, short_normalization, training_tags
-from training.train_batch import MemberResult, fit_batch
+from training.train_batch import fit_batch
 from zoo.data import Dataset
 from zoo.normalization import Normalization
+
+Setup = tuple[TrainConfig, Normalization, str, dict[str, str]]  # training config, normalization, run name, tags
 
 
 @dataclass
@@ -37,14 +39,14 @@ class TrialContext:
     parent_run_id: str
     experiment: str
     claim: StudyLock  # across processes and machines: who may start the next trial
+    storage: RDBStorage  # the one make_storage opened (heartbeats)
     stop: threading.Event = field(default_factory=threading.Event)  # a worker process failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
     summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
     patience: Patience = field(default_factory=Patience)  # the parent run's writes wait for a server that went away
 
 
-def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> tuple[TrainConfig, Normalization, str, dict[str, str]]:
-    """The trial's training config, normalization, child run name and tags."""
+def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> Setup:
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
     train_config = replace(config.train_config(), **normalization.as_params())
@@ -55,56 +57,58 @@ def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> tuple[TrainConfig, N
     return train_config, normalization, f"trial {trial.number:03d} {short_normalization(normalization, compact=True)}", tags
 
 
-def _trial_params(trial: optuna.Trial, ctx: TrialContext) -> dict[str, int]:
-    return {"trial_number": trial.number, "train_size": len(ctx.dataset.train),
-            "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)}
-
-
 def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
-    config = ctx.config
-    train_config, normalization, run_name, tags = _trial_setup(trial, ctx)
-    outbox = _start_trial_run(trial, ctx, run_name, tags)
+    """Train one trial in its child run; its validation accuracy (test accuracy is recorded, never optimized)."""
+    setup = _trial_setup(trial, ctx)
+    outbox = _start_trial_run(trial, ctx, setup)
     patiently = outbox.patiently  # every write waits for a tracking server that went away (training goes on)
     try:
         with ExitStack() as run:
             patiently(lambda: run.enter_context(tracking.start_run(
                 run_id=outbox.run_id, stopped=(optuna.TrialPruned,), patiently=patiently)))
-            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization))
-            patiently(tracking.log_params, _trial_params(trial, ctx))
             try:
-                result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None,
+                result = fit(setup[0], ctx.dataset, on_epoch=_pruning_callback(trial) if ctx.config.prune else None,
                              outbox=outbox)
             except TrainingDiverged as exc:
-                trial.set_user_attr(OUTCOME_ATTR, "diverged")
-                trial.set_user_attr("failure", str(exc))
+                _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(exc)})
                 raise
-            trial.set_user_attr("test_accuracy", result.test_accuracy)
-            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
-            if config.log_models == "all":
-                uri = patiently(log_trial_model, result.network, result.normalization, config, ctx.dataset,
-                                result.test_accuracy)
-                patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+            _record(trial, ctx, setup, result, result.normalization, patiently)
     finally:
         outbox.discard()  # sent, or the trial failed: a trial is retried, never resumed from it
-    return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
+    return result.val_accuracy
 
 
-def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, run_name: str, tags: dict[str, str]) -> Outbox:
-    """Create the trial's child run (waiting for a tracking server that went away) and name it in the trial;
-    returns the Outbox its epochs go through."""
+def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, setup: Setup, **tags: str) -> Outbox:
+    """Create the trial's described child run, name it in the trial; the Outbox its epochs go through."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    patience = Patience(ctx.config.tracking_timeout, RESUME_STUDY)
+    train_config, normalization, run_name, trial_tags = setup
     # One request, so a retry never leaves a half-made run; with the tags mlflow.start_run would add (user, source).
-    run_id = patience.patiently(tracking.create_run, experiment=ctx.experiment, run_name=run_name,
-                                parent_run_id=ctx.parent_run_id, tags=resolve_tags(tags))
-    trial.set_user_attr(RUN_ATTR, run_id)
-    return Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
+    run_id = Patience(ctx.config.tracking_timeout, RESUME_STUDY).patiently(
+        tracking.create_run, experiment=ctx.experiment, run_name=run_name, parent_run_id=ctx.parent_run_id,
+        tags=resolve_tags({**trial_tags, **tags}))
+    _note(trial, {RUN_ATTR: run_id})
+    outbox = Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
+    outbox.patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization), run_id=run_id)
+    outbox.patiently(tracking.log_params, {"trial_number": trial.number, "train_size": len(ctx.dataset.train),
+                                           "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)},
+                     run_id=run_id)
+    return outbox
+
+
+def _record(trial: optuna.Trial, ctx: TrialContext, setup: Setup, result: Any, model_normalization: Normalization,
+            patiently: Callable[..., Any]) -> None:
+    """A trial's result, in the trial and on its active child run (and its model with ``--log-models all``)."""
+    _note(trial, {"test_accuracy": result.test_accuracy})
+    patiently(tracking.set_description, _describe_trial(trial, ctx, setup[0], setup[1], result))
+    if ctx.config.log_models == "all":
+        uri = patiently(log_trial_model, result.network, model_normalization, ctx.config, ctx.dataset,
+                        result.test_accuracy)
+        patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
 
 
 def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainConfig, normalization: Normalization,
                     result=None) -> str:
-    """The trial's description: which study it belongs to, then what was trained and its result."""
     text = (f"Trial {trial.number} of the Optuna study **{ctx.config.name}** (the parent run), which searches "
             f"the input normalization.\n\n" + describe_training(train_config, normalization, ctx.dataset, result))
     threshold = one_class_accuracy(ctx.dataset.val) + ctx.config.collapse_margin
@@ -114,17 +118,22 @@ def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainC
     return text
 
 
-def _pruning_callback(trial: optuna.Trial):
+def _note(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():  # an attribute set twice is set once
+        repeatable(trial.set_user_attr, key, value)
+
+
+def _pruning_callback(trial: optuna.Trial) -> Callable[[EpochResult], None]:
     def on_epoch(result: EpochResult) -> None:
-        trial.report(result.val_accuracy, result.epoch)
-        if trial.should_prune():
+        repeatable(trial.report, result.val_accuracy, result.epoch)
+        if repeatable(trial.should_prune):
             raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val_accuracy {result.val_accuracy:.4f})")
 
     return on_epoch
 
 
 def log_trial_model(network: torch.nn.Module, normalization: Normalization, config: StudyConfig,
-                     dataset: Dataset, test_accuracy: float, onnx: bool = False) -> str:
+                    dataset: Dataset, test_accuracy: float, onnx: bool = False) -> str:
     """``onnx``: ship the ONNX graph too (the model is about to be registered)."""
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
@@ -134,27 +143,19 @@ def log_trial_model(network: torch.nn.Module, normalization: Normalization, conf
 
 
 def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple[float | None, TrialState]]:
-    """Train ``trials`` together (training.train_batch), each in its own child run; each one's (value, state).
-
-    A trial that diverges or is pruned ends there, its run FAILED or KILLED with the reason; the
-    others go on. Any other error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised.
-    As for a lone trial, every write waits for a tracking server that went away (training goes on),
-    up to --tracking-timeout: each run has its own Outbox.
-    """
-    config = ctx.config
+    """Train ``trials`` together, each in its own child run with its own Outbox; each one's (value, state).
+    A trial that diverges or is pruned ends there (run FAILED or KILLED), the others go on; any other
+    error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised."""
     setups = [_trial_setup(trial, ctx) for trial in trials]
     together = ",".join(str(t.number) for t in trials)
     outboxes: list[Outbox] = []
     try:
-        for trial, (train_config, normalization, run_name, tags) in zip(trials, setups):
-            outbox = _start_trial_run(trial, ctx, run_name, {**tags, "zoo.trained_with_trials": together})
-            outboxes.append(outbox)
-            outbox.patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization),
-                             run_id=outbox.run_id)
-            outbox.patiently(tracking.log_params, _trial_params(trial, ctx), run_id=outbox.run_id)
+        for trial, setup in zip(trials, setups):
+            outboxes.append(_start_trial_run(trial, ctx, setup, **{"zoo.trained_with_trials": together}))
+        pruning = [_pruning_callback(trial) for trial in trials] if ctx.config.prune else None
         try:
             results = fit_batch([setup[0] for setup in setups], ctx.dataset, [o.run_id for o in outboxes],
-                                on_epoch=_batch_pruning_callback(trials) if config.prune else None,
+                                on_epoch=pruning and (lambda member, result: pruning[member](result)),
                                 stops=(optuna.TrialPruned,), outboxes=outboxes)
         except BaseException as exc:
             if not isinstance(exc, tracking.ServerGone):  # then the runs stay RUNNING: the re-run ends them
@@ -162,40 +163,23 @@ def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple
                 for outbox in outboxes:
                     tracking.end_run_by_id(outbox.run_id, status, f"{type(exc).__name__}: {exc}")
             raise
-        return [_end_batch_trial(trial, result, setup, ctx, outbox)
-                for trial, result, setup, outbox in zip(trials, results, setups, outboxes)]
+        return [_end_batch_trial(*one, ctx) for one in zip(trials, results, setups, outboxes)]
     finally:
         for outbox in outboxes:
             outbox.discard()  # sent, or the trials failed: a trial is retried, never resumed from it
 
 
-def _end_batch_trial(trial: optuna.Trial, result: MemberResult, setup: tuple[TrainConfig, Normalization, str, Any],
-                     ctx: TrialContext, outbox: Outbox) -> tuple[float | None, TrialState]:
-    """Record one trial of a batch as :func:`objective` records a lone one, and end its run."""
-    train_config, normalization = setup[0], setup[1]
+def _end_batch_trial(trial: optuna.Trial, result: Any, setup: Setup, outbox: Outbox,
+                     ctx: TrialContext) -> tuple[float | None, TrialState]:
     patiently = outbox.patiently
     if isinstance(result.stopped, TrainingDiverged):
-        trial.set_user_attr(OUTCOME_ATTR, "diverged")
-        trial.set_user_attr("failure", str(result.stopped))
+        _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(result.stopped)})
         patiently(tracking.end_run_by_id, result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
         return None, TrialState.FAIL
     if isinstance(result.stopped, optuna.TrialPruned):
         patiently(tracking.end_run_by_id, result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
         return None, TrialState.PRUNED
-    trial.set_user_attr("test_accuracy", result.test_accuracy)
     with ExitStack() as run:  # ends it FINISHED
         patiently(lambda: run.enter_context(tracking.start_run(run_id=result.run_id, patiently=patiently)))
-        patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
-        if ctx.config.log_models == "all":
-            uri = patiently(log_trial_model, result.network, normalization, ctx.config, ctx.dataset, result.test_accuracy)
-            patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+        _record(trial, ctx, setup, result, setup[1], patiently)
     return result.val_accuracy, TrialState.COMPLETE
-
-
-def _batch_pruning_callback(trials: list[optuna.Trial]):
-    one = [_pruning_callback(trial) for trial in trials]
-
-    def on_epoch(member: int, result: EpochResult) -> None:
-        one[member](result)
-
-    return on_epoch

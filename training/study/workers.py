@@ -1,6 +1,5 @@
-"""How processes and machines share one study: each claims trials under the study's lock
-until the study holds ``config.trials`` finished ones, trains them, and records them; :func:`run_study`
-opens (or joins) the study and its parent run, and the last worker to end finishes it."""
+"""How processes and machines share one study: each claims trials under the study's lock until it holds
+``config.trials`` finished ones; :func:`run_study` opens (or joins) it, and the last worker finishes it."""
 
 from __future__ import annotations
 
@@ -11,13 +10,12 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from typing import Iterator
 
 import optuna
 import torch
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
@@ -31,7 +29,9 @@ from training.study.config import (
 )
 from training.study.parent_run import ensure_parent_run
 from training.study.report import log_summary, summarize
-from training.study.storage import StudyLock, absolute_storage_url, end_orphaned_runs, make_storage, open_study
+from training.study.storage import (
+    StudyLock, absolute_storage_url, end_orphaned_runs, heartbeats, make_storage, open_study, repeatable,
+)
 from training.study.trials import TrialContext, objective, objective_batch
 from training.train import build_network, load_training_data
 from zoo.access import masked_url
@@ -41,28 +41,19 @@ from zoo.models.registry import create_model
 
 
 SUMMARY_EVERY_S = 10.0  # at most one refresh of the parent's summary per process in this time (each is a round of MLflow calls)
-
+MAX_AUTO_JOBS = 8  # trials in flight hold a network and its optimizer each: bound the memory of the default
 
 
 def load_study_dataset(config: StudyConfig) -> Dataset:
-    """The dataset once per process (every trial reuses the decoded tensors), split as the model's
-    recipe asks (as ``zoo train`` does), cut to the requested sizes."""
+    """The dataset once per process, split as ``zoo train`` splits it, cut to the requested sizes."""
     full = load_training_data(config.train_config())
     return Dataset(full.name, full.classes, full.train.subset(config.train_size),
                    full.val.subset(config.val_size), full.test.subset(config.test_size), full.source, full.skipped)
 
 
-MAX_AUTO_JOBS = 8  # trials in flight hold a network and its optimizer each: bound the memory of the default
-
-
 def default_jobs(device: str = "auto") -> int:
-    """Trials at once when ``--jobs`` is not given: one per CPU core this process may use (up to
-    MAX_AUTO_JOBS) on the CPU, where each then trains with one torch thread; one on a GPU.
-
-    On the 2-core development machine two 1-thread trials finished more trials per minute
-    than one trial on 2 threads (the MNIST CNN's small layers split poorly across threads);
-    two 1-thread processes were as fast as one process with two trial threads
-    (benchmarks/RESULTS.md)."""
+    """Trials at once without ``--jobs``: one per usable CPU core (each on one torch thread, since small
+    layers split poorly across threads; benchmarks/RESULTS.md), up to MAX_AUTO_JOBS; one on a GPU."""
     if resolve_device(device).type != "cpu":
         return 1
     return max(1, min(usable_cores(), MAX_AUTO_JOBS))
@@ -78,7 +69,6 @@ def _torch_threads(jobs: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
 
 
 def _after_trial(ctx: TrialContext, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -107,34 +97,24 @@ def _show_progress(bar: tqdm, finished: int) -> None:
 
 
 def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int = 1) -> list[optuna.Trial]:
-    """The next trials (at most ``most``) this process should run, or none once the study holds
-    ``config.trials`` finished trials.
+    """The next trials (at most ``most``) to run, or none once the study holds ``config.trials`` finished.
 
-    The race this closes: with ``study.optimize`` each process counts the trials, sees one
-    slot left, and starts a trial; N processes doing so at once overshoot by up to N - 1. Here
-    counting and starting (``study.ask``, which takes a queued retry first) happen under one
-    lock held in the storage, so a trial starts only while finished + running < target, and no
-    surplus trial (nor its child run) is ever created. Stale trials are failed under the same
-    lock, so a dead trial's slot and its queued retry are accounted together.
-
-    When every slot is taken by a trial in flight, the process waits instead of leaving: if that
-    trial's process dies, this one fails it (after two missed heartbeats) and runs its retry.
-
-    Each trial's normalization is sampled as soon as it is asked for, so that the sampler sees
-    it running (TPE's constant liar) when it samples the next one: trials claimed together differ.
-    """
+    Counting, failing stale trials and ``study.ask`` happen under the study's lock, so N processes never
+    overshoot the target (as ``study.optimize`` would by up to N - 1). With every slot in flight this
+    waits: a dead worker's trial is failed after two missed heartbeats and its retry run here. Each
+    normalization is sampled when asked for, so the sampler sees it running (TPE's constant liar)."""
     poll_s = min(5.0, max(0.5, ctx.config.heartbeat / 2))
     channels = ctx.dataset.image_shape[0]
     while not ctx.stop.is_set():
         with ctx.claim():
-            end_orphaned_runs(study)
-            finished, running = count_trials(study)
+            end_orphaned_runs(study, ctx.config.heartbeat)
+            finished, running = repeatable(count_trials, study)
             if finished >= ctx.config.trials:
                 return []
             free = ctx.config.trials - finished - running
             if free > 0:
                 trials = []
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _run_trial records it
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": heartbeats() records it
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                     for _ in range(min(most, free)):
                         trials.append(study.ask())
@@ -145,35 +125,14 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
     return []
 
 
-def _run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> FrozenTrial:
-    """Train one claimed trial and tell Optuna its outcome; a diverged trial is a result, any other error is raised."""
-    value, state, error = None, TrialState.FAIL, None
-    # Optuna's own heartbeat thread, the one study.optimize runs: a trial whose heartbeat stops
-    # belongs to a dead process (optuna.storages._heartbeat is not re-exported publicly).
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        try:
-            value, state = objective(trial, ctx), TrialState.COMPLETE
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except TrainingDiverged:
-            pass
-        except BaseException as exc:  # Ctrl-C included: the trial is failed, not left RUNNING
-            error = exc
-    frozen = study.tell(trial, value, state=state)
-    if error is not None:
-        raise error
-    return frozen
-
-
-def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: TrialContext) -> list[FrozenTrial]:
-    """:func:`_run_trial` for trials trained together: each has its heartbeat, its outcome and its tell."""
+def _run_trials(study: optuna.Study, trials: list[optuna.Trial], ctx: TrialContext) -> list[FrozenTrial]:
+    """Train claimed trials (together with ``--batch-trials``), each with its heartbeat, and tell Optuna each
+    outcome; a diverged or pruned trial is a result, any other error (Ctrl-C included) fails them and is raised."""
     outcomes, error = [(None, TrialState.FAIL)] * len(trials), None
-    with ExitStack() as heartbeats:
-        for trial in trials:
-            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+    with heartbeats(ctx.storage, study, trials):
         try:
-            outcomes = objective_batch(trials, ctx)
-        except BaseException as exc:  # Ctrl-C included: the trials are failed, not left RUNNING
+            outcomes = objective_batch(trials, ctx) if ctx.config.batch_trials > 1 else [_lone(trials[0], ctx)]
+        except BaseException as exc:
             error = exc
     frozen = [study.tell(trial, value, state=state) for trial, (value, state) in zip(trials, outcomes)]
     if error is not None:
@@ -181,36 +140,32 @@ def _run_trial_batch(study: optuna.Study, trials: list[optuna.Trial], ctx: Trial
     return frozen
 
 
+def _lone(trial: optuna.Trial, ctx: TrialContext) -> tuple[float | None, TrialState]:
+    try:
+        return objective(trial, ctx), TrialState.COMPLETE
+    except optuna.TrialPruned:
+        return None, TrialState.PRUNED
+    except TrainingDiverged:
+        return None, TrialState.FAIL
+
+
 def _work(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
-    together = ctx.config.batch_trials
-    while trials := _claim_trials(study, ctx, bar, together):
-        frozen = (_run_trial_batch(study, trials, ctx) if together > 1 else
-                  [_run_trial(study, trial, ctx) for trial in trials])
-        for one in frozen:
-            _after_trial(ctx, bar, study, one)
-
-
-def _work_until_done(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
-    """Run trials in this process and ``config.jobs - 1`` more until the study holds ``config.trials`` finished trials."""
     with _extra_workers(ctx):
-        _work(study, ctx, bar)
+        while trials := _claim_trials(study, ctx, bar, ctx.config.batch_trials):
+            for one in _run_trials(study, trials, ctx):
+                _after_trial(ctx, bar, study, one)
 
 
 @contextmanager
 def _extra_workers(ctx: TrialContext) -> Iterator[None]:
-    """``--jobs N``: N - 1 more processes join the study as ``zoo study`` run N times would, each training
-    one trial at a time on this process's share of the torch threads.
-
-    Processes, not threads: torch's random generator (initial weights, dropout) is one per process, so
-    trials in threads of one process draw from each other's stream and a trial's result would depend
-    on what trains beside it. Stopping this process (Ctrl-C, SIGTERM, an error) stops them (SIGTERM:
-    each fails its trial as on Ctrl-C) before the study's parent run is ended; one that fails stops
-    this one from starting more trials, and the study fails."""
+    """``--jobs N``: N - 1 more processes join the study, as ``zoo study`` run N times would. Processes, not
+    threads: torch's random generator is one per process, so a trial's result would depend on its
+    neighbours. Stopping this process stops them (SIGTERM) first; one that fails fails the study."""
     count = min(ctx.config.jobs, ctx.config.trials) - 1
     if count < 1:
         yield
         return
-    # spawn: a fresh interpreter, not a fork of one whose torch, SQLAlchemy and MLflow state is mid-use.
+    # spawn: a fresh interpreter, not a fork of one whose torch, SQLAlchemy and MLflow state is mid-use
     spawn = multiprocessing.get_context("spawn")
     workers = [spawn.Process(target=_join_study, args=(ctx.config, torch.get_num_threads()),
                              name=f"study worker {n + 1}") for n in range(count)]
@@ -242,9 +197,7 @@ def _stop_when_one_fails(workers: list[multiprocessing.process.BaseProcess], ctx
 
 
 def _join_study(config: StudyConfig, torch_threads: int) -> None:
-    """What a process that ``--jobs`` added runs: the study, one trial at a time, without a progress bar."""
-    # Ctrl-C reaches the whole process group; the first process stops this one (SIGTERM) instead,
-    # so that a trial is never interrupted twice.
+    # Ctrl-C reaches the whole process group; the first process stops this one (SIGTERM): one interruption.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(torch_threads)
     try:
@@ -255,14 +208,12 @@ def _join_study(config: StudyConfig, torch_threads: int) -> None:
 
 class StudyInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the study; the message says how far it got and how to resume."""
-
     complete_message = True  # no traceback hint (zoo/cli/main.py)
 
 
 def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
-    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials.
-
-    ``bar``: draw the progress bar when ``config.progress`` (the processes ``--jobs`` adds leave it to the first)."""
+    """Run (or resume, or join) the study until it holds ``config.trials`` finished trials; ``bar``: draw
+    the progress bar when ``config.progress`` (the processes ``--jobs`` adds leave it to the first)."""
     config.validate()
     # Once, here: the parent run records the URL every worker opens, and it names the database from anywhere.
     config = replace(config, storage=absolute_storage_url(config.storage))
@@ -281,8 +232,7 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     study, created = open_study(config, storage)
-    # mlflow.start_run resumes $MLFLOW_RUN_ID (set by `mlflow run`) when given no run id, which
-    # would make every trial log into the project's run instead of a child: take it out.
+    # mlflow.start_run would resume $MLFLOW_RUN_ID (set by `mlflow run`): trials would log into the project's run.
     project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     parent = ensure_parent_run(study, created, config, config.storage, project_run_id, lock)
     with lock():  # processes started together would each queue the same points
@@ -290,19 +240,16 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
             study.enqueue_trial(params, skip_if_exists=True)
     patience = Patience(config.tracking_timeout, RESUME_STUDY)
     ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
-                       patience=patience)
+                       storage, patience=patience)
     try:
-        # SIGTERM (kill, a scheduler's time limit, docker stop) stops a study as Ctrl-C does: the trial
-        # in flight ends FAILED in Optuna and KILLED in MLflow instead of being left RUNNING.
+        # SIGTERM (kill, a scheduler's limit) stops a study as Ctrl-C does: no trial is left RUNNING.
         with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
                 total=config.trials, unit="trial", desc=f"study {config.name}", disable=not (config.progress and bar)
         ) as progress:
-            _work_until_done(study, ctx, progress)
+            _work(study, ctx, progress)
     except BaseException as exc:
-        try:  # refreshed at most every SUMMARY_EVERY_S while running: bring it up to date once more
+        with suppress(Exception):  # brought up to date once more; the error being raised says more than its own
             log_summary(study, parent, one_class_accuracy(dataset.val), config.collapse_margin, config.storage)
-        except Exception:  # the store itself may be what failed; the error being raised says more
-            pass
         finished, running = count_trials(study)
         if running == 0 and not isinstance(exc, tracking.ServerGone):  # no other process is working on it
             tracking.end_run_by_id(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
@@ -321,7 +268,7 @@ def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset
         summary = summarize(study, one_class, config.collapse_margin)
         return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"),
                            masked_url(config.storage))
-    end_orphaned_runs(study)
+    end_orphaned_runs(study, config.heartbeat)
     sweep_checkpoints(study)
     summary = log_summary(study, parent, one_class, config.collapse_margin, config.storage, plots=True)
     model_uri = publish_best_model(study, parent, config, dataset)
