@@ -1,20 +1,13 @@
-"""K copies of one network trained at once, each under its own input normalization.
+"""K copies of one network trained at once, each under its own input normalization (``--batch-trials``).
 
-A study's trials differ only in how the inputs are normalized: same network, same initial
-weights (every trial trains from seed 1), same optimizer and the same shuffled batches. So K
-trials can be one computation: the K weight sets are stacked along a new first dimension
-(``torch.func.stack_module_state`` style), the network runs on all K normalized copies of a
-batch through ``torch.func.vmap`` + ``functional_call``, and one optimizer steps the stacked
-weights. Every optimizer used here (Adadelta, SGD, Adam, AdamW) updates each weight from its own
-gradient and state only, so one optimizer over the stack is K independent optimizers; and the
-members' losses are summed only to call ``backward`` once, so each member's gradient is its own.
-Dropout draws one mask per batch (``randomness="same"``), the mask a lone trial would draw, so a
-member computes what the trial trained alone would, up to float rounding.
-
-On a GPU, K small networks fill the device where one leaves it idle; on a CPU the batched
-convolutions are grouped convolutions, which oneDNN runs slower than K separate ones (see
-benchmarks/RESULTS.md). A member that diverges or is pruned is dropped from the stack at the end
-of the epoch, so it costs the others nothing afterwards.
+A study's trials differ only in their normalization: same network, initial weights (seed), optimizer and
+shuffled batches. So the K weight sets are stacked along a new first dimension, the network runs on the K
+normalized copies of a batch through ``torch.func.vmap`` + ``functional_call``, and one optimizer steps the
+stack: every optimizer here updates each weight from its own gradient and state, so it is K independent
+ones, and summing the members' losses only joins their graphs for one ``backward``. Dropout draws one mask
+per batch (``randomness="same"``), the one a lone trial would draw. A member that diverges or is pruned
+leaves the stack at the end of the epoch. On a CPU the batched convolutions run slower than K separate
+ones (benchmarks/RESULTS.md); on a GPU K small networks fill the device.
 """
 
 from __future__ import annotations
@@ -22,11 +15,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from training.engine import EVAL_BATCH_SIZE, batches, make_optimizer
+from training.engine import EVAL_BATCH_SIZE, batches, evaluate_batches, make_optimizer, summed_loss
 from zoo.data import Split
 from zoo.normalization import Normalization
 from zoo.errors import UsageError
@@ -62,11 +54,7 @@ class StackedTrials:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=gamma)
         self._stats = self._normalization_stats()
 
-        def loss_and_output(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            output = functional_call(self.base, params, (x,))
-            return F.cross_entropy(output, y, reduction="sum"), output
-
-        self._forward = vmap(loss_and_output, in_dims=(0, 0, None), randomness="same")
+        self._logits = vmap(lambda params, x: functional_call(self.base, params, (x,)), randomness="same")
 
     def _normalization_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(iter(self.params.values())).device
@@ -90,7 +78,7 @@ class StackedTrials:
             if max_batches is not None and i >= max_batches:
                 break
             self.optimizer.zero_grad(set_to_none=True)
-            summed, _ = self._forward(self.params, self.normalized(images), labels)
+            summed = summed_loss(self._logits(self.params, self.normalized(images)), labels)
             # Each member's loss is the mean over its batch, as a lone trial's; summing the members
             # only joins their independent graphs for one backward call.
             (summed / len(labels)).sum().backward()
@@ -104,23 +92,12 @@ class StackedTrials:
     def end_epoch(self) -> None:
         self.scheduler.step()
 
-    @torch.no_grad()
     def evaluate(self, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> tuple[list[float], list[float], torch.Tensor]:
         """Each active member's mean loss and accuracy on ``split``, and its predictions ``[K, N]`` (CPU)."""
         self.base.eval()
-        loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=split.images.device)
-        predictions = []
-        for images, labels in batches(split, batch_size, shuffle=False):
-            summed, output = self._forward(self.params, self.normalized(images), labels)
-            loss_sum.add_(summed)
-            predictions.append(output.argmax(dim=2))
-        n = max(len(split), 1)
-        if not predictions:
-            empty = [0.0] * len(self.members)
-            return empty, empty, torch.empty(len(self.members), 0, dtype=torch.long)
-        predicted = torch.cat(predictions, dim=1)
-        correct = (predicted == split.labels.unsqueeze(0)).sum(dim=1)
-        return (loss_sum / n).tolist(), (correct.double() / n).tolist(), predicted.cpu()
+        k = len(self.members)
+        loss, accuracy, predicted = evaluate_batches(lambda x: self._logits(self.params, self.normalized(x)), split, batch_size)
+        return loss.expand(k).tolist(), accuracy.expand(k).tolist(), predicted.expand(k, -1)
 
     def position(self, member: int) -> int:
         return self.members.index(member)

@@ -18,10 +18,10 @@ from torch import nn
 
 from training import tracking
 from training.batched import StackedTrials, check_batchable
-from training.engine import EpochResult, TrainingDiverged, resolve_device
+from training.engine import EpochResult, TrainingDiverged, resolve_device, splits_on
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.outage import Outbox
-from training.train import build_network, log_test_figures, patiently
+from training.train import log_test_figures, patiently, seeded_network
 from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
@@ -85,16 +85,12 @@ def fit_batch(
         patiently(box, tracking.log_dataset_inputs, dataset.name, dataset.source,
                   {"train": dataset.train, "validation": dataset.val, "test": dataset.test}, run_id=run_id)
 
-    torch.manual_seed(config.seed)  # the initial weights and dropout masks of a lone run
+    network = seeded_network(config, dataset).to(device)  # the initial weights and dropout masks of a lone run
     generator = torch.Generator().manual_seed(config.seed)
-    network = build_network(config, dataset).to(device)
     check_batchable(network, spec.trainer, config.model)
     stack = StackedTrials(network, normalizations, optimizer=config.optimizer.lower(), lr=config.lr,
                           gamma=config.gamma, weight_decay=config.weight_decay, momentum=config.momentum)
-    train_split, val_split, test_split = (
-        Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
-        for s in (dataset.train, dataset.val, dataset.test)
-    )
+    train_split, val_split, test_split = splits_on(dataset, device)
     results = [MemberResult(run_id) for run_id in run_ids]
     # What an epoch leaves behind is fit's; training/epochs.py says why the loops differ.
     books = [_bookkeeping(stack, member, c, normalizations[member], generator, results[member], boxes[member])
