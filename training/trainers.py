@@ -1,10 +1,6 @@
-"""How a model takes its training steps, chosen by its registry entry's ``trainer`` name.
-
-``fit`` owns everything around the steps (params, test metrics; each epoch's metrics,
-checkpoints and best epoch through training.epochs); a trainer only runs an epoch, closes it (learning-rate schedule) and reports its
-state for checkpoints. "autograd" is the shared engine; "scratch" is the hand-written
-backpropagation of ``zoo.models.scratch_mlp``.
-"""
+"""How a model takes its training steps, by its registry entry's ``trainer`` name: "autograd" (training.engine)
+or "scratch" (the hand-written backpropagation of ``zoo.models.scratch_mlp``). A trainer runs and closes an
+epoch and reports its state for checkpoints; fit owns the rest."""
 
 from __future__ import annotations
 
@@ -22,25 +18,17 @@ from zoo.errors import UsageError
 
 
 class EpochTrainer(Protocol):
-    def train_epoch(
-        self,
-        split: Split,
-        normalization: Normalization,
-        batch_size: int,
-        generator: torch.Generator,
-        on_batch: Callable[[int], None] | None = None,
-        max_batches: int | None = None,
-    ) -> float:
+    def train_epoch(self, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
+                    on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
         """One pass over ``split``; returns the mean training loss."""
 
     def end_epoch(self) -> None:
-        """Called once per epoch after validation (the learning-rate schedule)."""
+        """After validation: the learning-rate schedule."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpoint entries besides the model's weights (optimizer, lr_scheduler)."""
+        """Checkpoint entries besides the weights (optimizer, lr_scheduler), for ``load_state_dict`` on resume."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (``zoo train --resume``)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class AutogradTrainer:
