@@ -1,4 +1,5 @@
-"""The one training loop and the one evaluation loop, shared by every model.
+"""The one training loop and the one evaluation loop, shared by every model, and the trainers a registry entry
+names (``trainer``): "autograd", or "scratch" (the hand-written backpropagation of ``zoo.models.scratch_mlp``).
 
 Data stay uint8 on the device and are normalized per batch (zoo/data/__init__.py says why), so the same
 decoded tensors serve every normalization a study tries.
@@ -8,17 +9,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import StepLR
 
 from zoo.data import Dataset, Split
-from zoo.normalization import Normalization
 from zoo.errors import UsageError
+from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD
+from zoo.normalization import Normalization
 
 OPTIMIZERS = ("adadelta", "sgd", "adam", "adamw")
 
@@ -111,7 +113,8 @@ def score_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the batch, per leading index of ``logits`` [..., N, classes], in float32."""
-    return F.cross_entropy(logits.float().movedim(-1, 1), labels.expand(logits.shape[:-1]), reduction="none").sum(-1)
+    flat = logits.float().reshape(-1, *logits.shape[-2:])
+    return torch.stack([F.cross_entropy(x, labels, reduction="sum") for x in flat]).view(logits.shape[:-2])
 
 
 # One optimization step on a batch of normalized images; returns the batch's mean loss.
@@ -180,17 +183,6 @@ def evaluate_batches(forward: Callable[[torch.Tensor], torch.Tensor], split: Spl
     return loss / n, correct.double() / n, torch.cat(predictions, dim=-1).cpu()
 
 
-@contextmanager
-def channels_last(model: nn.Module) -> Iterator[None]:
-    """Convolution weights in channels-last while inside (oneDNN runs the MNIST CNN's inference faster so);
-    converted back after, outside inference mode, so the same parameters train on."""
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
 def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
                          batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32") -> tuple[float, float, torch.Tensor]:
     """Mean loss, accuracy (a fraction in [0, 1]) and the predicted class of every image (CPU) of ``model``."""
@@ -200,9 +192,13 @@ def evaluate_predictions(model: nn.Module, split: Split, normalization: Normaliz
         with autocast(precision, device):
             return model(normalization.apply(images))
 
-    model.eval()
-    with channels_last(model):
+    # Channels-last weights while evaluating (oneDNN runs the MNIST CNN's inference faster so), converted
+    # back after and outside inference mode, so the same parameters train on.
+    model.eval().to(memory_format=torch.channels_last)
+    try:
         loss, accuracy, predicted = evaluate_batches(forward, split, batch_size)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     return loss.item(), accuracy.item(), predicted
 
 
@@ -228,3 +224,89 @@ def check_finite(result: EpochResult) -> None:
         raise TrainingDiverged(
             f"training diverged at epoch {result.epoch}: train_loss={result.train_loss}, val_loss={result.val_loss}"
         )
+
+
+class EpochTrainer(Protocol):
+    def train_epoch(self, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
+                    on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
+        """One pass over ``split``; returns the mean training loss."""
+
+    def end_epoch(self) -> None:
+        """After validation: the learning-rate schedule."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint entries besides the weights (optimizer, lr_scheduler), for ``load_state_dict`` on resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class AutogradTrainer:
+    """train_one_epoch with one of make_optimizer's optimizers and a StepLR(step_size=1) schedule."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        self.network, self.precision = network, precision
+        self.optimizer = make_optimizer(optimizer, network.parameters(), lr, weight_decay, momentum)
+        self.scheduler = StepLR(self.optimizer, step_size=1, gamma=gamma)
+
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches,
+                               self.precision)
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+
+
+class ScratchTrainer:
+    """Hand-written forward, backward and SGD step, no autograd (zoo.models.scratch_mlp)."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        if precision != "fp32":
+            raise UsageError(f"the scratch trainer computes in float32 only; got precision {precision!r}: use --precision fp32")
+        if not isinstance(network, ScratchMLP):
+            raise UsageError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
+        if optimizer != "sgd" or weight_decay:
+            raise UsageError(f"scratch_mlp trains with its own SGD (lr, momentum); got optimizer={optimizer!r}, "
+                             f"weight_decay={weight_decay}: use --optimizer sgd (the default) and no weight decay")
+        self.network, self.gamma = network, gamma
+        self.sgd = ScratchSGD(network.parameter_list(), lr, momentum)
+
+    @torch.no_grad()
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            zs, activations = self.network.layers(images)
+            self.sgd.step(self.network.gradients(activations, labels))
+            # Reported with the same cross-entropy of the scores as val_loss, so the curves compare.
+            return score_loss(zs[-1], labels)
+
+        return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
+
+    def end_epoch(self) -> None:
+        self.sgd.lr *= self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.sgd.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["optimizer"]
+        self.sgd.lr, self.sgd.momentum = saved["lr"], saved["momentum"]
+        for velocity, value in zip(self.sgd.velocity, saved["velocity"]):
+            velocity.copy_(value)
+
+
+TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}
+
+
+def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
+    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum, precision."""
+    if name not in TRAINERS:
+        raise UsageError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
+    return TRAINERS[name](network, **settings)

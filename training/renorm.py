@@ -152,10 +152,8 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
             calibration = other.take(torch.randperm(len(other), generator=generator)[: config.calibration])
         else:
             if len(files) <= config.calibration:
-                raise UsageError(
-                    f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration images "
-                    "plus evaluation images; lower --calibration or give --calibration-data"
-                )
+                raise UsageError(f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration "
+                                 "images plus evaluation images; lower --calibration or give --calibration-data")
             calibration, order = files.take(order[: config.calibration]), order[config.calibration :]
     evaluation = order[: config.limit] if config.limit else order
     return files.take(evaluation.sort().values), calibration
@@ -164,11 +162,8 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
 def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, desc: str) -> Crops:
     """The files' crops; unreadable files are left out with their labels, named in one warning and counted."""
     skipped: list[tuple[str, str]] = []
-    images = decode_crops(
-        files.files, resize=resize, crop=crop, workers=config.workers,
-        memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir, desc=desc,
-        skipped=skipped,
-    )
+    images = decode_crops(files.files, resize=resize, crop=crop, workers=config.workers, desc=desc, skipped=skipped,
+                          memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir)
     labels = files.labels
     if skipped:
         warn_skipped(files.root, skipped, len(files))
@@ -189,13 +184,6 @@ def run_network(network: nn.Module, crops: Crops, normalization: Normalization, 
 
         _, top1, predicted = evaluate_batches(lambda x: network(normalization.apply(x)), crops, batch_size, device=device, on_logits=seen)
     return top1.item(), predicted
-
-
-def reference_logits(network: nn.Module, crops: Crops, source: Normalization, device: torch.device, batch_size: int) -> torch.Tensor:
-    """The unmodified network under its own normalization: what every adaptation is compared with."""
-    out: list[torch.Tensor] = []
-    run_network(network, crops, source, device, batch_size, "reference", lambda rows, logits: out.append(logits))
-    return torch.cat(out)
 
 
 def score(network: nn.Module, crops: Crops, normalization: Normalization, reference: torch.Tensor,
@@ -222,9 +210,8 @@ def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Norma
     if adaptation == "fold":
         return fold_normalization(network, source, target)
     images = calibration.images
-    recalibrate_batchnorm(
-        network, (target.apply(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size))
-    )
+    recalibrate_batchnorm(network, (target.apply(images[i : i + batch_size].to(device))
+                                    for i in range(0, len(images), batch_size)))
     return network.eval()
 
 
@@ -258,19 +245,15 @@ def prepare(config: RenormConfig) -> Prepared:
         raise UsageError(f"--resize ({resize}) must be at least --crop ({crop})")
     files, class_names = list_labelled_files(config.data, pretrained.class_names)
     if len(class_names) != pretrained.num_classes:
-        raise UsageError(
-            f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
-            "(a state dict without class names takes them from the sorted folder names)"
-        )
+        raise UsageError(f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
+                         "(a state dict without class names takes them from the sorted folder names)")
     device = resolve_device(config.device)
     eval_files, calib_files = split_files(config, files, class_names)
     pretrained.network.to(device).eval()
-    return Prepared(
-        config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
-        evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
-        calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
-        crop=crop, resize=resize, device=device,
-    )
+    return Prepared(config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
+                    evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
+                    calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
+                    crop=crop, resize=resize, device=device)
 
 
 def parent_params(job: Prepared) -> dict[str, object]:
@@ -296,11 +279,9 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
     tags = {tracking.KIND_TAG: "renorm-eval", "zoo.model": config.model, "zoo.weights": job.pretrained.weights,
             "zoo.normalization": cand.label, "zoo.adaptation": adaptation}
     with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}", tags=tags) as child:
-        tracking.log_params({
-            "model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
-            "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
-            "eval_images": len(job.evaluation.labels),
-        })
+        tracking.log_params({"model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
+                             "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
+                             "eval_images": len(job.evaluation.labels)})
         metrics = score(network, job.evaluation, cand.normalization, reference, job.device, config.batch_size, adaptation)
         tracking.log_metrics(metrics)
         if adaptation == "fold":
@@ -311,29 +292,22 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
             model_uri = tracking.log_model(
                 copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
                 input_shape=(3, job.crop, job.crop), resize=job.resize, class_names=job.class_names,
-                registered_name=config.register,
-                sample_images=job.evaluation.images[:2],
-                alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
+                registered_name=config.register, sample_images=job.evaluation.images[:2], alias=config.alias,
+                weights=job.pretrained.weights, adaptation=adaptation, source_normalization=job.source.to_dict(),
                 eval_data=Path(job.data_root).name,  # the registry's `dataset` tag; the weights get their own
-                source_normalization=job.source.to_dict(), top1=metrics["top1"],
-            )
-    return {
-        "normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
-        "grid_mean": cand.grid_cell[0] if cand.grid_cell else None,
-        "grid_std": cand.grid_cell[1] if cand.grid_cell else None,
-        **metrics, "run_id": child.info.run_id, "model_uri": model_uri,
-    }
+                top1=metrics["top1"])
+    grid_mean, grid_std = cand.grid_cell or (None, None)
+    return {"normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
+            "grid_mean": grid_mean, "grid_std": grid_std, **metrics, "run_id": child.info.run_id, "model_uri": model_uri}
 
 
 def warn_if_fold_inexact(metrics: dict[str, float], reference: torch.Tensor, what: str) -> None:
     """fold must reproduce the reference; if not, the first Conv2d is probably not the network's first layer."""
     limit = FOLD_TOLERANCE * float(reference.abs().max())
     if metrics["agreement"] < 1.0 or metrics["max_abs_logit_diff"] > limit:
-        tqdm.write(
-            f"warning: fold of {what} is not exact (agreement {metrics['agreement']:.4f}, max |logit difference| "
-            f"{metrics['max_abs_logit_diff']:.3g} > {limit:.3g}); is the first Conv2d the first layer the input meets?",
-            file=sys.stderr,
-        )
+        tqdm.write(f"warning: fold of {what} is not exact (agreement {metrics['agreement']:.4f}, max |logit difference| "
+                   f"{metrics['max_abs_logit_diff']:.3g} > {limit:.3g}); is the first Conv2d the first layer the input "
+                   "meets?", file=sys.stderr)
 
 
 def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str | None = None) -> RenormResult:
@@ -346,7 +320,10 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
         tracking.log_params(parent_params(job))
         tracking.log_dataset_inputs(Path(job.data_root).name, job.data_root, {"evaluation": job.evaluation})
         tracking.set_description(describe_renorm(job))
-        reference = reference_logits(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size)
+        logits: list[torch.Tensor] = []  # the unmodified network under its own normalization: every pair's reference
+        run_network(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size, "reference",
+                    lambda rows, batch: logits.append(batch))
+        reference = torch.cat(logits)
         result = RenormResult(parent.info.run_id, [], source=job.source)
         pairs = [(c, a) for c in cands for a in config.adaptations]
         for cand, adaptation in tqdm(pairs, unit="eval", desc=f"renorm {config.model}"):

@@ -12,7 +12,8 @@ from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.engine import evaluate, make_optimizer, train_one_epoch
+from training.engine import EpochResult, evaluate, make_optimizer, train_one_epoch
+from training.epochs import BestEpoch
 from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.normalization import Normalization, parse_spec
@@ -40,7 +41,7 @@ def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_
                   for s in (as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(val_images), size)))
     generator = torch.Generator().manual_seed(seed)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
-    best, best_state, stale = -1.0, None, 0
+    best = BestEpoch()
     with tqdm(total=epochs * len(train), unit="img", desc="training resnet18", leave=False) as bar:
         for epoch in range(1, epochs + 1):
             train_one_epoch(network, optimizer, train, normalization, batch_size, generator, on_batch=bar.update)
@@ -49,15 +50,10 @@ def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_
             _, accuracy = evaluate(network, val, normalization, batch_size=250)
             tqdm.write(f"epoch {epoch}: val accuracy {accuracy:.4f}")
             plateau.step(accuracy)  # an epoch without improvement halves the learning rate
-            if accuracy > best:
-                best, stale = accuracy, 0
-                best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
-    if best_state is not None:
-        network.load_state_dict(best_state)
+            if not best.update(EpochResult(epoch, 0.0, 0.0, accuracy), network) and epoch - best.epoch >= patience:
+                break
+    if best.state is not None:
+        network.load_state_dict(best.state)
     _, val_accuracy = evaluate(network, val, normalization, batch_size=250)
     return network.cpu().eval(), val_accuracy
 

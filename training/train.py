@@ -13,13 +13,14 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
-from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions, resolve_device, splits_on
+from training.engine import (
+    EpochResult, EpochTrainer, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
+)
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
     short_normalization, training_tags,
 )
-from training.trainers import EpochTrainer, make_trainer
 from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
@@ -129,9 +130,9 @@ def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwa
 
 
 def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
-                     normalization: Normalization, config: TrainConfig) -> None:
-    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset)
+                     normalization: Normalization, config: TrainConfig, run_id: str | None = None) -> None:
+    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset, run_id)
 
 
 def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,

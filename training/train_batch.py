@@ -28,7 +28,7 @@ from training.engine import (
 )
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.outage import Outbox
-from training.train import log_test_figures, patiently, seeded_network
+from training.train import log_test_results, patiently, seeded_network
 from training.train_config import TrainConfig, run_params
 from zoo.data import Dataset, Split
 from zoo.errors import UsageError
@@ -108,26 +108,14 @@ class StackedTrials:
     def position(self, member: int) -> int:
         return self.members.index(member)
 
-    def state_dict_of(self, member: int) -> dict[str, torch.Tensor]:
-        """The member's weights as its lone network's ``state_dict`` (copies)."""
-        i = self.position(member)
-        return {name: p[i].detach().clone() for name, p in self.params.items()}
-
-    @torch.no_grad()
-    def load_state_of(self, member: int, state: dict[str, torch.Tensor]) -> None:
-        """Put a lone network's weights (e.g. its best epoch's) into the member's slice."""
-        i = self.position(member)
-        for name, p in self.params.items():
-            p[i].copy_(state[name])
-
     def network_of(self, member: int) -> nn.Module:
         """A lone network holding the member's weights (on the CPU, in eval mode)."""
         network = copy.deepcopy(self.base).cpu()
-        network.load_state_dict(self.state_dict_of(member))
+        network.load_state_dict(Member(self, member).state_dict())
         return network.eval()
 
     def trainer_state_of(self, member: int) -> dict[str, Any]:
-        """The member's optimizer and lr schedule as its lone trainer's ``state_dict`` (training.trainers)."""
+        """The member's optimizer and lr schedule as its lone trainer's ``state_dict`` (training.engine)."""
         i = self.position(member)
         state = self.optimizer.state_dict()
         state["state"] = {index: {key: (value[i].clone() if _stacked(value, len(self.members)) else value)
@@ -174,24 +162,21 @@ class MemberResult:
         return self.history[-1].val_accuracy if self.history else float("nan")
 
 
-class _Member:
-    """One member seen as a lone network, for BestEpoch and its checkpoints (training.epochs.Weights)."""
+class Member:
+    """One member seen as a lone network (training.epochs.Weights): its weights' slices, copied out or in."""
 
     def __init__(self, stack: StackedTrials, member: int) -> None:
         self.stack, self.member = stack, member
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.stack.state_dict_of(self.member)
+        i = self.stack.position(self.member)
+        return {name: p[i].detach().clone() for name, p in self.stack.params.items()}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.stack.load_state_of(self.member, state)
-
-
-def check_same_but_normalization(configs: list[TrainConfig]) -> None:
-    first = replace(configs[0], mean=None, std=None)
-    for config in configs[1:]:
-        if replace(config, mean=None, std=None) != first:
-            raise ValueError("runs trained together must differ only in their normalization (mean, std)")
+        i = self.stack.position(self.member)
+        for name, p in self.stack.params.items():
+            p[i].copy_(state[name])
 
 
 def fit_batch(configs: list[TrainConfig], dataset: Dataset, run_ids: list[str], *,
@@ -201,7 +186,8 @@ def fit_batch(configs: list[TrainConfig], dataset: Dataset, run_ids: list[str], 
     epoch, a member stopping at TrainingDiverged or one of ``stops`` (a pruned trial). Writes to run i go through
     ``outboxes[i]`` when given: training goes on while the tracking server is away."""
     configs = [c.resolved() for c in configs]
-    check_same_but_normalization(configs)
+    if any(replace(c, mean=None, std=None) != replace(configs[0], mean=None, std=None) for c in configs):
+        raise ValueError("runs trained together must differ only in their normalization (mean, std)")
     config, spec = configs[0], configs[0].spec()
     normalizations = [c.normalization(dataset) for c in configs]
     device = resolve_device(config.device)
@@ -219,7 +205,7 @@ def fit_batch(configs: list[TrainConfig], dataset: Dataset, run_ids: list[str], 
     train_split, val_split, test_split = splits_on(dataset, device)
     results = [MemberResult(run_id) for run_id in run_ids]
     books = [EpochBookkeeping(  # what an epoch leaves is fit's; training/epochs.py says why the loops differ
-        _Member(stack, m), c, normalizations[m], generator, lambda m=m: stack.trainer_state_of(m), results[m].history,
+        Member(stack, m), c, normalizations[m], generator, lambda m=m: stack.trainer_state_of(m), results[m].history,
         BestEpoch(keep_weights=c.keep_best), c.kept_checkpoints(), boxes[m], run_id=results[m].run_id)
         for m, c in enumerate(configs)]
     for epoch in range(1, config.epochs + 1):
@@ -261,7 +247,5 @@ def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: li
         out = results[member]
         out.test_loss, out.test_accuracy = losses[position], accuracies[position]
         out.network = stack.network_of(member)
-        patiently(boxes[member], tracking.log_metrics, {"test_loss": out.test_loss, "test_accuracy": out.test_accuracy},
-                  run_id=out.run_id)
-        patiently(boxes[member], log_test_figures, dataset.test, predicted[position], normalizations[member],
-                  dataset.classes, config.model, config.dataset, run_id=out.run_id)
+        patiently(boxes[member], log_test_results, out.test_loss, out.test_accuracy, dataset, predicted[position],
+                  normalizations[member], config, run_id=out.run_id)
