@@ -2,7 +2,7 @@
 
 Each side trains the same K normalizations for one epoch over the same images from the same
 initial weights: "one at a time" with the engine's loop (what a lone trial runs), "together" with
-training.batched.StackedTrials (what --batch-trials runs). Reported: trial-images per second
+training.train_batch.StackedTrials (what --batch-trials runs). Reported: trial-images per second
 (K x images / seconds) of each, and their ratio. MLflow logging is left out: it is the same per
 trial either way.
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from training.batched import StackedTrials
+from training.train_batch import StackedTrials
 from training.engine import make_optimizer, train_one_epoch
 from zoo.data import load_dataset
 from zoo.normalization import Normalization

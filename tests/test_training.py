@@ -204,3 +204,24 @@ def test_bf16_mixed_evaluation_loss_is_taken_in_float32(mnist_5k):
     expected = F.cross_entropy(logits.double(), split.labels).item()
     loss, _ = evaluate(network, split, normalization, batch_size=256, precision="bf16-mixed")
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_zoo_train_builds_the_network_once():
+    """Every check before the run (optimizer, image shape) runs on the network that trains: with
+    --weights pretrained each build would load the weights again."""
+    from zoo.models.mnist_cnn import mnist_cnn
+    from zoo.models.registry import register_model
+    from zoo.normalization import Normalization
+
+    built = []
+
+    @register_model("build_counter_cnn", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity())
+    def build_counter_cnn(**kwargs):
+        """mnist_cnn, counting its builds."""
+        built.append(kwargs)
+        return mnist_cnn(**kwargs)
+
+    res = CliRunner().invoke(cli, ["train", "--model", "build_counter_cnn", "--epochs", "1", "--dry-run",
+                                   "--no-checkpoints", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert len(built) == 1, built

@@ -8,8 +8,7 @@ Modules by concern:
 - ``train_batch``: train K runs that differ only in their normalization as one batched computation.
 - ``epochs``: what every finished epoch leaves behind (history, best epoch, metrics, checkpoints),
   shared by ``train`` and ``train_batch``.
-- ``engine``: the one training loop (batches, loss, optimizer steps, evaluation); ``trainers``: how
-  a model takes its steps; ``batched``: K copies of one network trained at once.
+- ``engine``: the one training loop and evaluation loop, and the trainers (how a model takes its steps).
 - ``checkpoints``: what a checkpoint holds, which ones are kept, stopping a run cleanly.
 - ``outage``: riding out a tracking server that goes away mid-run.
 - ``tracking``: writes runs to MLflow (params, metrics, tags, checkpoints, dataset inputs) and logs

@@ -1,39 +1,36 @@
-"""The one training loop shared by every model that trains with autograd.
+"""The one training loop and the one evaluation loop, shared by every model, and the trainers a registry entry
+names (``trainer``): "autograd", or "scratch" (the hand-written backpropagation of ``zoo.models.scratch_mlp``).
 
-Data stay uint8 on the device and are normalized per batch (see zoo/data/__init__.py for why and
-benchmarks/RESULTS.md for the measurement); the same decoded tensors serve every
-normalization a study tries.
+Data stay uint8 on the device and are normalized per batch (zoo/data/__init__.py says why), so the same
+decoded tensors serve every normalization a study tries.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import StepLR
 
-from zoo.data import Split
-from zoo.normalization import Normalization
+from zoo.data import Dataset, Split
 from zoo.errors import UsageError
+from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD
+from zoo.normalization import Normalization
 
 OPTIMIZERS = ("adadelta", "sgd", "adam", "adamw")
 
-# Evaluation batches small enough that a convolution's output stays in the CPU's caches: the MNIST
-# CNN evaluated faster on the 2-core CPU in batches of 128 than of 1000 (channels-last;
-# benchmarks/bench_evaluation.py). Results do not depend on it beyond float summation order.
+# Small enough that a convolution's output stays in the CPU's caches (benchmarks/bench_evaluation.py);
+# results depend on it only through float summation order.
 EVAL_BATCH_SIZE = 128
 
-# "fp32": float32 throughout (the default). "bf16-mixed": the forward pass under bfloat16 autocast,
-# weights, gradients and optimizer state in float32 (as Lightning's precision="bf16-mixed"). It trained
-# the MNIST CNN faster on a CPU with native bfloat16 (AVX512-BF16 or AMX; benchmarks/RESULTS.md, "`zoo train`
-# against the published notebook's protocol"),
-# but bfloat16 keeps 8 significant bits: a normalized input near 40 is rounded to a multiple of 0.25,
-# coarser than one grey level under std 0.05, so studies of the normalization itself train in fp32.
+# "bf16-mixed": the forward pass under bfloat16 autocast, weights and optimizer state in float32 (as
+# Lightning's). bfloat16 keeps 8 significant bits, coarser than one grey level under a small std, so
+# studies of the normalization itself train in fp32.
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
@@ -47,7 +44,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
     return device
-
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -77,24 +73,25 @@ class TrainingDiverged(RuntimeError):
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
     name = name.lower()
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}; only {', '.join(OPTIMIZERS)} are supported")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise UsageError(f"unknown optimizer {name!r}; only {', '.join(OPTIMIZERS)} are supported")
+    optimizer = {"adadelta": torch.optim.Adadelta, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return optimizer(params, lr=lr, weight_decay=weight_decay)
+
+
+def splits_on(dataset: Dataset, device: torch.device) -> tuple[Split, Split, Split]:
+    """The train, val and test splits moved to ``device`` once (a memory-mapped split stays mapped on the CPU)."""
+    return tuple(Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
+                 for s in (dataset.train, dataset.val, dataset.test))
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``split`` in order, or in a new random order drawn from ``generator``.
 
-    A shuffled epoch is gathered once into contiguous tensors and then sliced: one copy per
-    epoch rather than one small gather per batch, and the same batches as gathering per batch.
-    A memory-mapped split (an image folder above the memory budget) is gathered batch by batch
-    instead, so that only one batch of it is ever read into memory.
+    A shuffled epoch is gathered once into contiguous tensors, then sliced; a memory-mapped split is
+    gathered batch by batch, so that only one batch of it is ever read into memory.
     """
     images, labels = split.images, split.labels
     order = torch.randperm(len(split), generator=generator, device="cpu").to(images.device) if shuffle else None
@@ -109,37 +106,25 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Ge
         yield images[start : start + batch_size], labels[start : start + batch_size]
 
 
-def _loss(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # Networks may end in log_softmax (pytorch/examples Net) or in raw logits;
-    # cross_entropy applies log_softmax, which leaves log-probabilities unchanged.
-    # Always in float32: under bf16-mixed the logits are bfloat16, and a loss taken outside
-    # autocast (evaluation) would be computed and summed with 8 significant bits.
-    return F.cross_entropy(output.float(), target, reduction=reduction)
+def score_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, in float32 (bf16-mixed logits are bfloat16); log_softmax outputs pass unchanged."""
+    return F.cross_entropy(output.float(), target)
 
 
-score_loss = _loss  # the public name, for trainers outside this module
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the batch, per leading index of ``logits`` [..., N, classes], in float32."""
+    flat = logits.float().reshape(-1, *logits.shape[-2:])
+    return torch.stack([F.cross_entropy(x, labels, reduction="sum") for x in flat]).view(logits.shape[:-2])
 
 
 # One optimization step on a batch of normalized images; returns the batch's mean loss.
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def run_epoch(
-    step: Step,
-    split: Split,
-    normalization: Normalization,
-    batch_size: int,
-    generator: torch.Generator,
-    on_batch: Callable[[int], None] | None = None,
-    max_batches: int | None = None,
-) -> float:
-    """One shuffled pass of ``step`` over ``split``; returns the mean training loss.
-
-    Every trainer (autograd or hand-written) goes through here, so batching, the
-    ``max_batches`` cut and the loss bookkeeping are the same for all models.
-    """
-    # Summed on the device and read once per epoch: loss.item() every batch would wait for the
-    # device (a GPU) to finish each step before queueing the next.
+def run_epoch(step: Step, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
+              on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
+    """One shuffled pass of ``step`` over ``split`` (every trainer's); returns the mean training loss."""
+    # Summed on the device and read once per epoch: loss.item() every batch would wait for the device.
     total, count = torch.zeros((), dtype=torch.float64, device=split.images.device), 0
     for i, (images, labels) in enumerate(batches(split, batch_size, shuffle=True, generator=generator)):
         if max_batches is not None and i >= max_batches:
@@ -152,24 +137,16 @@ def run_epoch(
     return total.item() / max(count, 1)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    split: Split,
-    normalization: Normalization,
-    batch_size: int,
-    generator: torch.Generator,
-    on_batch: Callable[[int], None] | None = None,
-    max_batches: int | None = None,
-    precision: str = "fp32",
-) -> float:
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, normalization: Normalization,
+                    batch_size: int, generator: torch.Generator, on_batch: Callable[[int], None] | None = None,
+                    max_batches: int | None = None, precision: str = "fp32") -> float:
     """One autograd pass over ``split``; returns the mean training loss."""
     device = split.images.device
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
-            loss = _loss(model(images), labels)
+            loss = score_loss(model(images), labels)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -178,45 +155,57 @@ def train_one_epoch(
     return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
 
 
-def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch_size: int = EVAL_BATCH_SIZE,
-             precision: str = "fp32") -> tuple[float, float]:
-    """Mean loss and accuracy (a fraction in [0, 1]) of ``model`` on ``split``."""
-    loss, accuracy, _ = evaluate_predictions(model, split, normalization, batch_size, precision)
-    return loss, accuracy
+def evaluate_batches(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, batch_size: int = EVAL_BATCH_SIZE,
+                     *, device: torch.device | None = None,
+                     on_logits: Callable[[slice, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, ...]:
+    """The one evaluation loop: ``split`` in order, each uint8 batch moved to ``device`` (default: the split's)
+    and through ``forward`` to logits [..., N, classes], in inference mode; ``on_logits(rows, logits)`` sees them.
 
-
-@contextmanager
-def channels_last(model: nn.Module) -> Iterator[None]:
-    """Convolution weights in channels-last while inside: the MNIST CNN's inference ran faster
-    so on the 2-core CPU (oneDNN; benchmarks/RESULTS.md, "`zoo train` against the published notebook's protocol"). The same parameter objects are converted back after, so
-    the optimizer and training are untouched (convert outside inference mode, or they become
-    inference tensors that autograd refuses)."""
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        model.to(memory_format=torch.contiguous_format)
+    Returns the mean loss and the accuracy (float64, one per leading index: several stacked networks give
+    several) and the predicted classes [..., N] on the CPU, read back once rather than per batch.
+    """
+    device = device or split.images.device
+    loss, correct, predictions = torch.zeros((), dtype=torch.float64, device=device), 0, []
+    with torch.inference_mode():
+        for start in range(0, len(split), batch_size):
+            rows = slice(start, start + batch_size)
+            labels = split.labels[rows].to(device, non_blocking=True)
+            logits = forward(split.images[rows].to(device, non_blocking=True))
+            loss = loss + summed_loss(logits, labels)
+            predicted = logits.argmax(dim=-1)
+            correct = correct + (predicted == labels).sum(dim=-1)
+            predictions.append(predicted)
+            if on_logits:
+                on_logits(rows, logits)
+    if not predictions:
+        return loss, loss, torch.empty(0, dtype=torch.long)
+    n = len(split)
+    return loss / n, correct.double() / n, torch.cat(predictions, dim=-1).cpu()
 
 
 def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
                          batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32") -> tuple[float, float, torch.Tensor]:
-    """Mean loss, accuracy and the predicted class of every image (on the CPU), in one pass."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=split.images.device)
-    predictions = []
+    """Mean loss, accuracy (a fraction in [0, 1]) and the predicted class of every image (CPU) of ``model``."""
     device = split.images.device
-    with channels_last(model), torch.inference_mode():  # converted outside inference mode: the weights train on
-        for images, labels in batches(split, batch_size, shuffle=False):
-            with autocast(precision, device):
-                output = model(normalization.apply(images))
-            loss_sum.add_(_loss(output, labels, reduction="sum"))
-            predictions.append(output.argmax(dim=1))
-    n = max(len(split), 1)
-    if not predictions:
-        return 0.0, 0.0, torch.empty(0, dtype=torch.long)
-    predicted = torch.cat(predictions)  # read back once, not per batch
-    correct = int((predicted == split.labels).sum())
-    return loss_sum.item() / n, correct / n, predicted.cpu()
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            return model(normalization.apply(images))
+
+    # Channels-last weights while evaluating (oneDNN runs the MNIST CNN's inference faster so), converted
+    # back after and outside inference mode, so the same parameters train on.
+    model.eval().to(memory_format=torch.channels_last)
+    try:
+        loss, accuracy, predicted = evaluate_batches(forward, split, batch_size)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    return loss.item(), accuracy.item(), predicted
+
+
+def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch_size: int = EVAL_BATCH_SIZE,
+             precision: str = "fp32") -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``split``."""
+    return evaluate_predictions(model, split, normalization, batch_size, precision)[:2]
 
 
 @dataclass
@@ -235,3 +224,89 @@ def check_finite(result: EpochResult) -> None:
         raise TrainingDiverged(
             f"training diverged at epoch {result.epoch}: train_loss={result.train_loss}, val_loss={result.val_loss}"
         )
+
+
+class EpochTrainer(Protocol):
+    def train_epoch(self, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
+                    on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
+        """One pass over ``split``; returns the mean training loss."""
+
+    def end_epoch(self) -> None:
+        """After validation: the learning-rate schedule."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint entries besides the weights (optimizer, lr_scheduler), for ``load_state_dict`` on resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class AutogradTrainer:
+    """train_one_epoch with one of make_optimizer's optimizers and a StepLR(step_size=1) schedule."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        self.network, self.precision = network, precision
+        self.optimizer = make_optimizer(optimizer, network.parameters(), lr, weight_decay, momentum)
+        self.scheduler = StepLR(self.optimizer, step_size=1, gamma=gamma)
+
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches,
+                               self.precision)
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+
+
+class ScratchTrainer:
+    """Hand-written forward, backward and SGD step, no autograd (zoo.models.scratch_mlp)."""
+
+    def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
+                 precision: str = "fp32"):
+        if precision != "fp32":
+            raise UsageError(f"the scratch trainer computes in float32 only; got precision {precision!r}: use --precision fp32")
+        if not isinstance(network, ScratchMLP):
+            raise UsageError(f"the scratch trainer trains ScratchMLP networks, not {type(network).__name__}")
+        if optimizer != "sgd" or weight_decay:
+            raise UsageError(f"scratch_mlp trains with its own SGD (lr, momentum); got optimizer={optimizer!r}, "
+                             f"weight_decay={weight_decay}: use --optimizer sgd (the default) and no weight decay")
+        self.network, self.gamma = network, gamma
+        self.sgd = ScratchSGD(network.parameter_list(), lr, momentum)
+
+    @torch.no_grad()
+    def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            zs, activations = self.network.layers(images)
+            self.sgd.step(self.network.gradients(activations, labels))
+            # Reported with the same cross-entropy of the scores as val_loss, so the curves compare.
+            return score_loss(zs[-1], labels)
+
+        return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
+
+    def end_epoch(self) -> None:
+        self.sgd.lr *= self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.sgd.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["optimizer"]
+        self.sgd.lr, self.sgd.momentum = saved["lr"], saved["momentum"]
+        for velocity, value in zip(self.sgd.velocity, saved["velocity"]):
+            velocity.copy_(value)
+
+
+TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}
+
+
+def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
+    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum, precision."""
+    if name not in TRAINERS:
+        raise UsageError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
+    return TRAINERS[name](network, **settings)

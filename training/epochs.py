@@ -1,15 +1,10 @@
-"""What every finished epoch of a run leaves behind, the same for a lone run (training.train.fit) and
-for each member of a batched one (training.train_batch.fit_batch): its place in the history, the best
-epoch so far, its metrics and the checkpoints the run keeps.
+"""What every finished epoch leaves behind (history, best epoch, metrics, checkpoints), the same for a lone run
+(training.train.fit) and for each member of a batched one (training.train_batch.fit_batch).
 
-Why the two epoch loops stay two: :func:`training.train.fit` steps one network with its
-registry trainer (any trainer, bf16 autocast), shows a progress bar, resumes from a ``last``
-checkpoint, and sends each epoch through an Outbox, so training goes on while the tracking
-server is away; one failure ends the run. :func:`training.train_batch.fit_batch` trains K
-networks as one stacked computation (one pass per epoch for all of them), drops a member that
-diverges or is pruned while the others go on, logs to runs by id (MLflow's active run is one per
-thread), and neither resumes nor waits for a server: a study retries a failed trial from scratch.
-What follows the forward and backward passes is the same, and lives here.
+The two epoch loops stay two: fit steps one network with any registry trainer (bf16 autocast, progress bar,
+resume, waiting for a server through an Outbox; one failure ends the run); fit_batch trains K networks as
+one stacked computation, drops a member that diverges or is pruned, logs to runs by id, and neither resumes
+nor waits (a study retries a failed trial from scratch).
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ class Weights(Protocol):
 
 
 class BestEpoch:
-    """The epoch with the best validation accuracy (never chosen on the test set), with a copy
-    of its weights when ``keep_weights`` (the recipe's keep_best restores them at the end)."""
+    """The epoch with the best validation accuracy, with a copy of its weights when ``keep_weights``."""
 
     def __init__(self, keep_weights: bool = True) -> None:
         self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
@@ -52,7 +46,7 @@ class BestEpoch:
         return True
 
     def restore(self, network: Weights, run_id: str | None = None) -> None:
-        """Put the best epoch's weights back, and log which epoch that was to run ``run_id`` (default: the active run)."""
+        """Put the best epoch's weights back and log which it was (to run ``run_id``, default the active run)."""
         if self.state is not None:
             network.load_state_dict(self.state)
             tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
@@ -74,8 +68,7 @@ class EpochBookkeeping:
     run_id: str | None = None  # None: the active run
 
     def record(self, result: EpochResult, seconds: float) -> None:
-        """Add ``result`` to the history and the best epoch, then log its metrics and checkpoints, both or
-        neither (a TrainingDiverged after the metrics when its loss is not finite)."""
+        """Add ``result`` to the history and the best epoch, then log its metrics and checkpoints."""
         self.history.append(result)
         improved = self.best.update(result, self.network)
 
@@ -91,15 +84,15 @@ class EpochBookkeeping:
             log_epoch(result, seconds, states, self.outbox, self.run_id)
 
     def weights(self, epoch: int) -> dict[str, Any]:
-        """What every checkpoint holds: the weights and what they mean (the ``best`` checkpoint holds only this)."""
-        return checkpoint_state(self.network.state_dict(), self.config, self.normalization, epoch)
+        """What every checkpoint holds: the weights and what they mean (all the ``best`` checkpoint holds)."""
+        return {"model": self.network.state_dict(), "epoch": epoch, "args": asdict(self.config),
+                "normalization": self.normalization.to_dict()}
 
 
 def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
               outbox: Outbox | None, run_id: str | None = None) -> None:
-    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises):
-    straight to MLflow (run ``run_id``, default the active run), or through ``outbox``, which keeps
-    them while the server is away."""
+    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises), to MLflow
+    or through ``outbox``, which keeps them while the server is away."""
     metrics = {**result.metrics(), "epoch_seconds": seconds}
     if outbox is None:
         tracking.log_metrics(metrics, step=result.epoch, run_id=run_id)
@@ -114,14 +107,8 @@ def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str
         outbox.send()
 
 
-def checkpoint_state(model_state: dict[str, Any], config: TrainConfig, normalization: Normalization,
-                     epoch: int) -> dict[str, Any]:
-    """What every checkpoint holds, from a ``state_dict`` (a batched trial's weights are not a module of their own)."""
-    return {"model": model_state, "epoch": epoch, "args": asdict(config), "normalization": normalization.to_dict()}
-
-
 def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    """What the ``last`` checkpoint adds for a resume, besides the trainer's optimizer and lr scheduler."""
+    """What the ``last`` checkpoint adds for a resume, besides the trainer's state."""
     state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
              "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
     if best.state is not None:

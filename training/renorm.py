@@ -1,19 +1,10 @@
-"""Re-evaluate a trained network under other input normalizations, as is and adapted to them.
+"""Re-evaluate a trained network under other input normalizations, as is and adapted to them (docs/renorm.md).
 
-One parent MLflow run, one child run per (normalization, adaptation) with ``top1``/``top5``;
-the parent holds a CSV table and a top-1 heatmap over the mean x std grid per adaptation.
-
-Adaptations (none of them trains):
-  ``none``            the published protocol: only the input normalization changes;
-  ``bn-recalibrate``  BatchNorm running statistics re-estimated on calibration images
-                      (disjoint from the evaluation images) under the new normalization;
-  ``fold``            the first convolution rewritten so the network computes on the new
-                      normalization what it computed on the old one, borders included (exact
-                      up to float rounding).
-
-Every result also says how far the network moved from itself: ``agreement`` is the fraction
-of images whose top-1 class equals the unmodified network's under its own (source)
-normalization, ``max_abs_logit_diff`` the largest logit difference from that reference.
+One parent MLflow run (a CSV table, a top-1 heatmap per adaptation over the mean x std grid), one child run per
+(normalization, adaptation) with top1/top5, ``agreement`` (images keeping the unmodified network's top-1 class under
+its own normalization) and ``max_abs_logit_diff``. Adaptations, none retraining: ``none`` (the published protocol),
+``bn-recalibrate`` (BatchNorm statistics re-estimated on calibration images disjoint from the evaluation ones) and
+``fold`` (the first convolution rewritten to compute the same under the new normalization, borders included).
 """
 
 from __future__ import annotations
@@ -31,7 +22,8 @@ from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import registration, tracking
-from training.engine import resolve_device
+from training.engine import evaluate_batches, resolve_device
+from zoo.data import Split
 from zoo.folder_dataset import warn_skipped
 from zoo.image_folder import LabelledFiles, decode_crops, list_labelled_files
 from zoo.normalization import Normalization, fold_normalization, parse_spec, recalibrate_batchnorm
@@ -40,8 +32,7 @@ from zoo.errors import UsageError
 
 ADAPTATIONS = ("none", "bn-recalibrate", "fold")
 REGISTER_ADAPT_PREFERENCE = ("fold", "bn-recalibrate", "none")  # default --register-adapt: the first evaluated
-# fold is exact: its logits may differ from the reference by float32 rounding only, here relative to the
-# largest |reference logit| (measured: under 2e-5 over mean [-3, 3] x std [0.05, 1] on a ResNet-18).
+# fold is exact up to float32 rounding, relative to the largest |reference logit|.
 FOLD_TOLERANCE = 1e-4
 
 
@@ -144,9 +135,9 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
 
 
 @dataclass
-class Crops:
-    images: torch.Tensor  # uint8 [N, 3, crop, crop], in memory or memmap-backed
-    labels: torch.Tensor  # int64 [N]
+class Crops(Split):
+    """uint8 [N, 3, crop, crop] crops, in memory or memmap-backed, and their labels."""
+
     skipped: int = 0  # files that could not be decoded, left out
 
 
@@ -161,10 +152,8 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
             calibration = other.take(torch.randperm(len(other), generator=generator)[: config.calibration])
         else:
             if len(files) <= config.calibration:
-                raise UsageError(
-                    f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration images "
-                    "plus evaluation images; lower --calibration or give --calibration-data"
-                )
+                raise UsageError(f"{files.root} has {len(files)} images, not enough for {config.calibration} calibration "
+                                 "images plus evaluation images; lower --calibration or give --calibration-data")
             calibration, order = files.take(order[: config.calibration]), order[config.calibration :]
     evaluation = order[: config.limit] if config.limit else order
     return files.take(evaluation.sort().values), calibration
@@ -173,50 +162,43 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
 def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, desc: str) -> Crops:
     """The files' crops; unreadable files are left out with their labels, named in one warning and counted."""
     skipped: list[tuple[str, str]] = []
-    images = decode_crops(
-        files.files, resize=resize, crop=crop, workers=config.workers,
-        memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir, desc=desc,
-        skipped=skipped,
-    )
+    images = decode_crops(files.files, resize=resize, crop=crop, workers=config.workers, desc=desc, skipped=skipped,
+                          memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir)
     labels = files.labels
     if skipped:
         warn_skipped(files.root, skipped, len(files))
         unreadable = {path for path, _ in skipped}
         labels = labels[torch.tensor([str(f) not in unreadable for f in files.files])]
-    return Crops(images, labels, len(skipped))
+    return Crops(images, labels, skipped=len(skipped))
 
 
-def logits_batches(network: nn.Module, images: torch.Tensor, normalization: Normalization, device: torch.device,
-                   batch_size: int, desc: str):
-    """(start index, CPU float logits) per batch; uint8 crops are normalized on the device."""
+def run_network(network: nn.Module, crops: Crops, normalization: Normalization, device: torch.device, batch_size: int,
+                desc: str, on_logits) -> tuple[float, torch.Tensor]:
+    """Top-1 accuracy and predictions of ``network`` under ``normalization`` (the uint8 crops moved to ``device``
+    per batch, by training.engine's evaluation loop); ``on_logits(rows, CPU float logits)`` sees each batch."""
     network.eval()
-    with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=desc, leave=False) as bar:
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device, non_blocking=True)
-            yield start, network(normalization.apply(x)).float().cpu()
-            bar.update(len(x))
+    with tqdm(total=len(crops.labels), unit="img", desc=desc, leave=False) as bar:
+        def seen(rows: slice, logits: torch.Tensor) -> None:
+            on_logits(rows, logits.float().cpu())
+            bar.update(len(logits))
 
-
-def reference_logits(network: nn.Module, crops: Crops, source: Normalization, device: torch.device, batch_size: int) -> torch.Tensor:
-    """The unmodified network under its own normalization: what every adaptation is compared with."""
-    return torch.cat([logits for _, logits in logits_batches(network, crops.images, source, device, batch_size, "reference")])
+        _, top1, predicted = evaluate_batches(lambda x: network(normalization.apply(x)), crops, batch_size, device=device, on_logits=seen)
+    return top1.item(), predicted
 
 
 def score(network: nn.Module, crops: Crops, normalization: Normalization, reference: torch.Tensor,
           device: torch.device, batch_size: int, desc: str) -> dict[str, float]:
     """top1/top5 accuracy, agreement with the reference's top-1 class, largest logit difference from it."""
-    k = min(5, reference.shape[1])
-    top1 = top5 = agree = 0
-    max_diff = 0.0
-    for start, logits in logits_batches(network, crops.images, normalization, device, batch_size, desc):
-        labels, ref = crops.labels[start : start + len(logits)], reference[start : start + len(logits)]
-        best = logits.topk(k, dim=1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels[:, None]).any(dim=1).sum())
-        agree += int((best[:, 0] == ref.argmax(dim=1)).sum())
-        max_diff = max(max_diff, float((logits - ref).abs().max()))
+    k, seen = min(5, reference.shape[1]), {"top5": 0, "max_diff": 0.0}
+
+    def compare(rows: slice, logits: torch.Tensor) -> None:
+        seen["top5"] += int((logits.topk(k, dim=1).indices == crops.labels[rows, None]).any(dim=1).sum())
+        seen["max_diff"] = max(seen["max_diff"], float((logits - reference[rows]).abs().max()))
+
+    top1, predicted = run_network(network, crops, normalization, device, batch_size, desc, compare)
     n = max(len(crops.labels), 1)
-    return {"top1": top1 / n, "top5": top5 / n, "agreement": agree / n, "max_abs_logit_diff": max_diff}
+    return {"top1": top1, "top5": seen["top5"] / n, "agreement": int((predicted == reference.argmax(dim=1)).sum()) / n,
+            "max_abs_logit_diff": seen["max_diff"]}
 
 
 def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Normalization,
@@ -228,15 +210,14 @@ def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Norma
     if adaptation == "fold":
         return fold_normalization(network, source, target)
     images = calibration.images
-    recalibrate_batchnorm(
-        network, (target.apply(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size))
-    )
+    recalibrate_batchnorm(network, (target.apply(images[i : i + batch_size].to(device))
+                                    for i in range(0, len(images), batch_size)))
     return network.eval()
 
 
 @dataclass
 class Prepared:
-    """Everything the evaluations share: the network, its classes, the decoded crops, the device."""
+    """What the evaluations share: the network, its classes, the decoded crops, the device."""
 
     config: RenormConfig
     pretrained: Pretrained
@@ -264,19 +245,15 @@ def prepare(config: RenormConfig) -> Prepared:
         raise UsageError(f"--resize ({resize}) must be at least --crop ({crop})")
     files, class_names = list_labelled_files(config.data, pretrained.class_names)
     if len(class_names) != pretrained.num_classes:
-        raise UsageError(
-            f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
-            "(a state dict without class names takes them from the sorted folder names)"
-        )
+        raise UsageError(f"the weights have {pretrained.num_classes} classes but {config.data} names {len(class_names)} "
+                         "(a state dict without class names takes them from the sorted folder names)")
     device = resolve_device(config.device)
     eval_files, calib_files = split_files(config, files, class_names)
     pretrained.network.to(device).eval()
-    return Prepared(
-        config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
-        evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
-        calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
-        crop=crop, resize=resize, device=device,
-    )
+    return Prepared(config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
+                    evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
+                    calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
+                    crop=crop, resize=resize, device=device)
 
 
 def parent_params(job: Prepared) -> dict[str, object]:
@@ -302,11 +279,9 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
     tags = {tracking.KIND_TAG: "renorm-eval", "zoo.model": config.model, "zoo.weights": job.pretrained.weights,
             "zoo.normalization": cand.label, "zoo.adaptation": adaptation}
     with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}", tags=tags) as child:
-        tracking.log_params({
-            "model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
-            "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
-            "eval_images": len(job.evaluation.labels),
-        })
+        tracking.log_params({"model": config.model, "weights": job.pretrained.weights, **cand.normalization.as_params(),
+                             "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
+                             "eval_images": len(job.evaluation.labels)})
         metrics = score(network, job.evaluation, cand.normalization, reference, job.device, config.batch_size, adaptation)
         tracking.log_metrics(metrics)
         if adaptation == "fold":
@@ -317,29 +292,22 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
             model_uri = tracking.log_model(
                 copy.deepcopy(network), model_name=config.model, normalization=cand.normalization,
                 input_shape=(3, job.crop, job.crop), resize=job.resize, class_names=job.class_names,
-                registered_name=config.register,
-                sample_images=job.evaluation.images[:2],
-                alias=config.alias, weights=job.pretrained.weights, adaptation=adaptation,
+                registered_name=config.register, sample_images=job.evaluation.images[:2], alias=config.alias,
+                weights=job.pretrained.weights, adaptation=adaptation, source_normalization=job.source.to_dict(),
                 eval_data=Path(job.data_root).name,  # the registry's `dataset` tag; the weights get their own
-                source_normalization=job.source.to_dict(), top1=metrics["top1"],
-            )
-    return {
-        "normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
-        "grid_mean": cand.grid_cell[0] if cand.grid_cell else None,
-        "grid_std": cand.grid_cell[1] if cand.grid_cell else None,
-        **metrics, "run_id": child.info.run_id, "model_uri": model_uri,
-    }
+                top1=metrics["top1"])
+    grid_mean, grid_std = cand.grid_cell or (None, None)
+    return {"normalization": cand.label, **cand.normalization.as_params(), "adaptation": adaptation,
+            "grid_mean": grid_mean, "grid_std": grid_std, **metrics, "run_id": child.info.run_id, "model_uri": model_uri}
 
 
 def warn_if_fold_inexact(metrics: dict[str, float], reference: torch.Tensor, what: str) -> None:
     """fold must reproduce the reference; if not, the first Conv2d is probably not the network's first layer."""
     limit = FOLD_TOLERANCE * float(reference.abs().max())
     if metrics["agreement"] < 1.0 or metrics["max_abs_logit_diff"] > limit:
-        tqdm.write(
-            f"warning: fold of {what} is not exact (agreement {metrics['agreement']:.4f}, max |logit difference| "
-            f"{metrics['max_abs_logit_diff']:.3g} > {limit:.3g}); is the first Conv2d the first layer the input meets?",
-            file=sys.stderr,
-        )
+        tqdm.write(f"warning: fold of {what} is not exact (agreement {metrics['agreement']:.4f}, max |logit difference| "
+                   f"{metrics['max_abs_logit_diff']:.3g} > {limit:.3g}); is the first Conv2d the first layer the input "
+                   "meets?", file=sys.stderr)
 
 
 def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str | None = None) -> RenormResult:
@@ -352,7 +320,10 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
         tracking.log_params(parent_params(job))
         tracking.log_dataset_inputs(Path(job.data_root).name, job.data_root, {"evaluation": job.evaluation})
         tracking.set_description(describe_renorm(job))
-        reference = reference_logits(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size)
+        logits: list[torch.Tensor] = []  # the unmodified network under its own normalization: every pair's reference
+        run_network(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size, "reference",
+                    lambda rows, batch: logits.append(batch))
+        reference = torch.cat(logits)
         result = RenormResult(parent.info.run_id, [], source=job.source)
         pairs = [(c, a) for c in cands for a in config.adaptations]
         for cand, adaptation in tqdm(pairs, unit="eval", desc=f"renorm {config.model}"):

@@ -1,11 +1,6 @@
-"""The renorm experiment on real data, offline: a ResNet-18 trained here on Fashion-MNIST, then re-evaluated.
-
-    python -m training.renorm_demo --out renorm-demo
-
-trains torchvision's resnet18 (10 classes) on Fashion-MNIST upsampled to 32x32 and replicated to
-3 channels, under ImageNet's normalization (as a pretrained network would have been), saves it as a
-checkpoint, writes held-out test images as PNG class folders, and runs the renorm job on them.
-"""
+"""The renorm experiment offline (``python -m training.renorm_demo --out DIR``, docs/renorm.md): resnet18 trained
+here on Fashion-MNIST (upsampled, 3 channels) under ImageNet's normalization, saved as a checkpoint, then
+re-evaluated by the renorm job on held-out test images written as PNG class folders."""
 
 from __future__ import annotations
 
@@ -17,7 +12,8 @@ from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.engine import evaluate, make_optimizer, train_one_epoch
+from training.engine import EpochResult, evaluate, make_optimizer, train_one_epoch
+from training.epochs import BestEpoch
 from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.normalization import Normalization, parse_spec
@@ -35,21 +31,17 @@ def as_rgb(split: Split, size: int) -> Split:
 def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_images: int = 6000, epochs: int = 1,
                        size: int = 32, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, patience: int | None = None,
                        val_images: int = 1000, device: str = "cpu") -> tuple[nn.Module, float]:
-    """resnet18 with one output per class, trained with the project's loop; returns it and its val accuracy.
-
-    With ``patience``, training runs up to ``epochs`` and stops once validation accuracy has not
-    improved for ``patience`` epochs (converged), halving the learning rate at each epoch without
-    improvement; the best epoch's weights are kept. Each epoch's validation accuracy is printed.
-    """
+    """resnet18 trained with the project's loop, and its val accuracy. With ``patience``: up to ``epochs``, halving
+    the lr after each epoch without a better val accuracy, stopping after ``patience`` such, keeping the best."""
     torch.manual_seed(seed)
     target = torch.device(device)
     network = create_model("resnet18", num_classes=len(dataset.classes)).to(target)
     optimizer = make_optimizer("adam", network.parameters(), lr)
-    train, val = (Split(s.images.to(target), s.labels.to(target)) for s in
-                  (as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(val_images), size)))
+    train, val = (Split(s.images.to(target), s.labels.to(target))
+                  for s in (as_rgb(dataset.train.subset(train_images), size), as_rgb(dataset.val.subset(val_images), size)))
     generator = torch.Generator().manual_seed(seed)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
-    best, best_state, stale = -1.0, None, 0
+    best = BestEpoch()
     with tqdm(total=epochs * len(train), unit="img", desc="training resnet18", leave=False) as bar:
         for epoch in range(1, epochs + 1):
             train_one_epoch(network, optimizer, train, normalization, batch_size, generator, on_batch=bar.update)
@@ -58,15 +50,10 @@ def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_
             _, accuracy = evaluate(network, val, normalization, batch_size=250)
             tqdm.write(f"epoch {epoch}: val accuracy {accuracy:.4f}")
             plateau.step(accuracy)  # an epoch without improvement halves the learning rate
-            if accuracy > best:
-                best, stale = accuracy, 0
-                best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
-    if best_state is not None:
-        network.load_state_dict(best_state)
+            if not best.update(EpochResult(epoch, 0.0, 0.0, accuracy), network) and epoch - best.epoch >= patience:
+                break
+    if best.state is not None:
+        network.load_state_dict(best.state)
     _, val_accuracy = evaluate(network, val, normalization, batch_size=250)
     return network.cpu().eval(), val_accuracy
 
@@ -137,8 +124,8 @@ def main(out_dir, train_images, test_images, epochs, patience, val_images, size,
         cells = [r for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
         if cells:
             top1 = sorted(r["top1"] for r in cells)
-            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {top1[len(top1) // 2]:.4f}, "
-                       f"min {top1[0]:.4f}, max {top1[-1]:.4f}; agreement min {min(r['agreement'] for r in cells):.4f}, "
+            click.echo(f"grid ({len(cells)} cells), {adaptation}: median top-1 {top1[len(top1) // 2]:.4f}, min {top1[0]:.4f}, "
+                       f"max {top1[-1]:.4f}; agreement min {min(r['agreement'] for r in cells):.4f}, "
                        f"max logit diff {max(r['max_abs_logit_diff'] for r in cells):.2g}")
     if result.model_uri:
         click.echo(f"registered: models:/{register} ({result.model_uri})")

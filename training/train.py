@@ -1,5 +1,5 @@
 """Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model; stop it
-cleanly and resume it. Its settings are training.train_config's; each epoch's bookkeeping is training.epochs'."""
+cleanly and resume it."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
-from training.engine import EpochResult, check_precision, evaluate, evaluate_predictions, resolve_device
+from training.engine import (
+    EpochResult, EpochTrainer, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
+)
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
     short_normalization, training_tags,
 )
-from training.trainers import EpochTrainer, make_trainer
 from zoo.access import masked_url
 from zoo.data import Dataset, Split, load_dataset
 from zoo.folder_dataset import parse_image_size
@@ -45,15 +46,21 @@ class TrainResult:
 
 
 def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
-    """``config``'s model built for ``dataset``'s images (C, H, W) and classes, with its builder options
-    (a ValueError when the images are too small for the architecture)."""
+    """``config``'s model fitted to ``dataset``'s images and classes (a ValueError when the images are too small)."""
     config = config.resolved()
     return create_model(config.model, input_shape=dataset.image_shape, num_classes=len(dataset.classes),
                         **config.model_config)
 
 
+def seeded_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
+    """The network a run starts from: its initial weights, and the global RNG stream after them (dropout),
+    follow from ``config.seed`` alone."""
+    torch.manual_seed(config.seed)
+    return build_network(config, dataset)
+
+
 def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
-    """The trainer ``config``'s model names in the registry, set up with its (resolved) optimizer settings."""
+    """The trainer ``config``'s model names in the registry, with its optimizer settings."""
     config = config.resolved()
     return make_trainer(
         config.spec().trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
@@ -61,22 +68,13 @@ def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
     )
 
 
-def fit(
-    config: TrainConfig,
-    dataset: Dataset,
-    *,
-    on_epoch: Callable[[EpochResult], None] | None = None,
-    resume: dict[str, Any] | None = None,
-    outbox: Outbox | None = None,
-) -> TrainResult:
-    """Train inside the active MLflow run: log params, per-epoch metrics, checkpoints, test metrics.
+def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResult], None] | None = None,
+        resume: dict[str, Any] | None = None, outbox: Outbox | None = None,
+        network: torch.nn.Module | None = None) -> TrainResult:
+    """Train inside the active MLflow run: params, per-epoch metrics and checkpoints, test metrics (not the model).
 
-    ``on_epoch`` is called after each epoch's metrics are logged (a study prunes from it).
-    With ``keep_best``, the best epoch by validation accuracy is restored before the test
-    and the accuracy curve is logged as a figure. The model itself is not logged here:
-    see :func:`train` and ``tracking.log_model``. ``resume``, a ``last`` checkpoint of this
-    run, continues training after its epoch (see :func:`resume`). With an ``outbox``, each epoch's
-    metrics and checkpoints go through it: training goes on while the tracking server is away.
+    ``on_epoch`` follows each epoch's logging (a study prunes from it); ``resume`` (a ``last`` checkpoint)
+    continues after its epoch; through ``outbox``, training goes on while the tracking server is away.
     """
     config = config.resolved()
     normalization = config.normalization(dataset)
@@ -86,20 +84,16 @@ def fit(
         patiently(outbox, tracking.log_dataset_inputs, dataset.name, dataset.source,
                   {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
-    torch.manual_seed(config.seed)
+    # A network given (train's, checked before the run) comes from seeded_network, nothing drawn since.
+    network = (network if network is not None else seeded_network(config, dataset)).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    network = build_network(config, dataset).to(device)
     trainer = trainer_for(config, network)
-    train_split, val_split, test_split = (
-        Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
-        for s in (dataset.train, dataset.val, dataset.test)
-    )
+    train_split, val_split, test_split = splits_on(dataset, device)
 
     history: list[EpochResult] = []
     best = BestEpoch(keep_weights=config.keep_best)
     if resume is not None:
         restore_training(resume, network, trainer, generator, history, best)
-    # What an epoch leaves behind is shared with fit_batch; training/epochs.py says why the loops differ.
     book = EpochBookkeeping(network, config, normalization, generator, trainer.state_dict, history, best,
                             config.kept_checkpoints(), outbox)
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
@@ -136,9 +130,9 @@ def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwa
 
 
 def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
-                     normalization: Normalization, config: TrainConfig) -> None:
-    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset)
+                     normalization: Normalization, config: TrainConfig, run_id: str | None = None) -> None:
+    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
+    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset, run_id)
 
 
 def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
@@ -154,8 +148,7 @@ def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: E
 
 def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
                      model: str, dataset: str, run_id: str | None = None) -> None:
-    """The confusion matrix and a grid of misclassified images on the test split, as run artifacts; titled
-    short enough to fit (a folder by its name, the normalization rounded: every digit is in the params)."""
+    """The test split's confusion matrix and misclassified images, titled short (every digit is in the params)."""
     from training.figures import confusion_figure, misclassified_figure
 
     labels = test.labels.cpu()
@@ -178,37 +171,24 @@ class TrainingInterrupted(RuntimeError):
     complete_message = True  # it names the run and the command that continues it: no traceback hint (zoo/cli/main.py)
 
 
-def train(
-    config: TrainConfig,
-    *,
-    dataset: Dataset | None = None,
-    experiment: str | None = None,
-    run_name: str | None = None,
-    register: str | None = None,
-    alias: str | None = None,
-    log_model: bool = True,
-    run_id: str | None = None,
-    resume_from: dict[str, Any] | None = None,
-    tracking_timeout: float | None = None,
-) -> TrainResult:
-    """Train ``config.model`` in a new MLflow run (or the one ``mlflow run`` created) and log the model.
-
-    ``run_id`` and ``resume_from`` continue a stopped run from its last checkpoint: see :func:`resume`.
-    A tracking server that goes away once the run has started is waited for, up to ``tracking_timeout``
-    seconds (default: ZOO_TRACKING_TIMEOUT, else 10 minutes; see training/outage.py).
-    """
+def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: str | None = None,
+          run_name: str | None = None, register: str | None = None, alias: str | None = None, log_model: bool = True,
+          run_id: str | None = None, resume_from: dict[str, Any] | None = None,
+          tracking_timeout: float | None = None) -> TrainResult:
+    """Train ``config.model`` in a new MLflow run (or ``run_id``, resumed from ``resume_from``) and log the model;
+    a tracking server that goes away meanwhile is waited for up to ``tracking_timeout`` s (training/outage.py)."""
     config = config.resolved()  # unknown model or model option: fail before any run exists
     spec = config.spec()
     config.check_normalization()  # bad mean/std: same
     parse_image_size(config.image_size)  # bad --image-size: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
-    trainer_for(config, create_model(config.model, **config.model_config))  # bad optimizer for the model: same
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
     registration.check_registry_names(register, alias)
     tracking.check_tracking_server()
     if dataset is None:
         dataset = load_training_data(config)
-    build_network(config, dataset)  # images too small for the architecture: same
+    network = seeded_network(config, dataset)  # images too small for the architecture: same
+    trainer_for(config, network)  # bad optimizer for the model: same
     note = fitted_note(spec, dataset)
     if note and run_id is None:
         tqdm.write(f"note: {note}", file=sys.stderr)
@@ -226,39 +206,24 @@ def train(
             outbox.send()  # what a run stopped by an outage still held (see resume)
             if resume_from is None:
                 tracking.set_description(describe_training(config, normalization, dataset))
-            result = fit(config, dataset, resume=resume_from, outbox=outbox)
+            result = fit(config, dataset, resume=resume_from, outbox=outbox, network=network)
             outbox.patiently(tracking.set_description, describe_training(config, normalization, dataset, result))
             if log_model:
                 result.model_uri = outbox.patiently(
-                    tracking.log_model,
-                    result.network,
-                    model_name=config.model,
-                    normalization=result.normalization,
-                    input_shape=dataset.image_shape,
-                    class_names=dataset.classes,
-                    sample_images=dataset.test.images[:2],
-                    registered_name=register,
-                    alias=alias,
-                    dataset=config.dataset,
-                    test_accuracy=result.test_accuracy,
-                )
+                    tracking.log_model, result.network, model_name=config.model, normalization=result.normalization,
+                    input_shape=dataset.image_shape, class_names=dataset.classes,
+                    sample_images=dataset.test.images[:2], registered_name=register, alias=alias,
+                    dataset=config.dataset, test_accuracy=result.test_accuracy)
         outbox.close()
     except tracking.ServerGone:
         raise  # the run's local folder stays: `zoo train --resume` reads it
-    except KeyboardInterrupt:
-        close_outbox(outbox)
-        if started is None:
-            raise
-        raise TrainingInterrupted(interrupted_message(started)) from None
-    except Exception:
-        close_outbox(outbox)
+    except BaseException as exc:
+        if outbox is not None:
+            outbox.close()
+        if isinstance(exc, KeyboardInterrupt) and started is not None:
+            raise TrainingInterrupted(interrupted_message(started)) from None
         raise
     return result
-
-
-def close_outbox(outbox: Outbox | None) -> None:
-    if outbox is not None:
-        outbox.close()
 
 
 def interrupted_message(run_id: str) -> str:
@@ -276,12 +241,8 @@ _OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--max-batches/--
 
 
 def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: Any) -> TrainResult:
-    """Continue run ``run_id`` from its last checkpoint, in the same MLflow run, with its own config.
-
-    ``options`` are the settings the user gave explicitly (TrainConfig fields): those that change
-    what is trained must agree with the run's; device, data_dir, progress and the checkpoint
-    policy may differ. ``train_kwargs`` go to :func:`train` (register, alias, log_model).
-    """
+    """Continue run ``run_id`` from its last checkpoint with its own config; explicit ``options`` (TrainConfig
+    fields) must agree with it but for RESUME_MAY_CHANGE. ``train_kwargs`` go to :func:`train`."""
     config, state = config_to_resume(run_id, options or {})
     tqdm.write(f"resuming run {run_id} after epoch {state['epoch']} of {config.epochs}", file=sys.stderr)
     tracking.reopen_run(run_id)
@@ -312,8 +273,7 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
 
 
 def last_checkpoint(run_id: str) -> dict[str, Any]:
-    """The run's ``last`` checkpoint: the one kept on this machine when the server went away before it got
-    it (written before every upload, so never older than the server's), else the server's."""
+    """The run's ``last`` checkpoint: the one kept on this machine (never older than the server's), else the server's."""
     kept = local_checkpoint(run_id)
     if kept is not None:
         tqdm.write(f"resuming from the checkpoint kept on this machine, {kept}", file=sys.stderr)

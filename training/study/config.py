@@ -46,7 +46,7 @@ class StudyConfig:
     sampler: str = "tpe"
     seed: int = 0  # sampler seed; every trial trains from the same initial weights (TrainConfig.seed)
     jobs: int = 1  # trials at once, one per process: this one and jobs - 1 it starts (workers.py says why not threads)
-    batch_trials: int = 1  # trials trained together in one batched computation (training/batched.py)
+    batch_trials: int = 1  # trials trained together in one batched computation (training/train_batch.py)
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # default: MODEL-DATASET-normalization
     experiment: str | None = None

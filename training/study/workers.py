@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, tracking
-from training.batched import check_batchable
+from training.train_batch import check_batchable
 from training.engine import TrainingDiverged, resolve_device
 from training.outage import Patience, timeout_from_env
 from training.study.best_trial import keep_best_trial_checkpoints, publish_best_model, sweep_checkpoints
