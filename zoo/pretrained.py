@@ -1,9 +1,5 @@
-"""Pretrained weights for a registered model: a torchvision weights name, or a local state dict.
-
-torchvision's weights carry their preprocessing (resize, center crop, normalization) and
-class names (``meta["categories"]``); a local state dict may carry them too, as the
-project's own checkpoints do (``{"model": state_dict, "normalization": ..., "class_names": ...}``).
-"""
+"""Pretrained weights for a registered model: a torchvision weights name (with its preprocessing and class
+names), or a local state dict (a project checkpoint carries its normalization and class names too)."""
 
 from __future__ import annotations
 
@@ -26,7 +22,7 @@ DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that must be downloaded, without a network and not in the local cache."""
 
-    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (zoo/cli/main.py)
+    complete_message = True  # the message says what to do: no traceback hint (zoo/cli/main.py)
 
 
 @dataclass
@@ -100,9 +96,8 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def load_weights_file(path: str | Path) -> Any:
-    """What the weights file ``path`` holds, read with ``torch.load(weights_only=True)``: tensors, state
-    dicts and plain containers. A file that needs more (any other object) is refused: unpickling it
-    could run code, and a weights file may come from anyone."""
+    """``torch.load(path, weights_only=True)``: anything but tensors and containers is refused, since
+    unpickling it could run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -112,7 +107,6 @@ def load_weights_file(path: str | Path) -> Any:
 
 
 def _unsafe_globals(path: str | Path) -> list[str]:
-    """The objects other than tensors a checkpoint holds (torch >= 2.5 names them; none before)."""
     names = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     try:
         return list(names(str(path))) if names else []
@@ -124,7 +118,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
     if not Path(path).is_file():
         raise UsageError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
     saved = load_weights_file(path)
-    # A project checkpoint wraps the state dict with its normalization and class names.
     checkpoint = saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else {"model": saved}
     state_dict = checkpoint["model"]
     num_classes = _num_classes(state_dict)

@@ -1,11 +1,5 @@
-"""The logged model as MLflow stores it: a pyfunc model from code with its program, graph and signature.
-
-What decides what a zoo model is on disk, in one place, for the side that writes it
-(training, through :func:`log_model`) and the side that reads it (serving.loading, the served
-model): the code (pyfunc_model.py and the image decoder zoo/imaging.py beside it), the
-``torch.export`` program of the network with its normalization, the ONNX graph shipped beside it
-(zoo/model_format/onnx_graph.py), the signature, the input example and the pinned requirements.
-"""
+"""The logged model as MLflow stores it: code (pyfunc_model.py, zoo/imaging.py), the ``torch.export`` program of
+the network with its normalization, the shipped ONNX graph, the signature, input example and requirements."""
 
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ from zoo.normalization import Normalization
 PYFUNC_MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 IMAGING_CODE = Path(imaging.__file__).resolve()  # its image decoder, shipped beside it
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports
-# pyfunc_model.py ships alone and names these itself; importing it here would run its set_model().
+# As pyfunc_model.py names them (importing it would run its set_model()).
 PROGRAM_ARTIFACT = "program"  # the torch.export program it loads
 IMAGE_COLUMN = "image"  # the signature's column of encoded images
 
@@ -44,22 +38,10 @@ def log_model(
     resize: int | None = None,
     **extra_metadata: Any,
 ) -> str:
-    """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images, in the active
-    run; returns its URI (``models:/m-...``). Registering it is the caller's (training.registration).
-
-    The logged model (zoo/model_format/pyfunc_model.py, "models from code") holds the network *with*
-    its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
-    pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
-    of the dataset) give the input example; the normalization, input shape and class names
-    also go into the model's metadata for ``serving.loading``. ``resize`` (`zoo renorm`'s preprocessing:
-    the shorter side resized to it, then the input's height x width center-cropped; None: images are
-    stretched to the input's size) goes into the metadata, the model's config and the ONNX graph, so
-    every user of the model decodes images as it was scored.
-
-    With ``onnx`` (the default when ``registered_name`` says it will be registered), the model also ships its ONNX
-    graph (``artifacts/model.onnx``, checked against PyTorch with onnxruntime): `zoo classify
-    models:/NAME@ALIAS` then downloads it instead of exporting on each machine's first call.
-    """
+    """Log ``network`` (it takes *normalized* input) in the active run as a model that takes images; returns
+    its URI (``models:/m-...``). ``sample_images`` (uint8) give the input example; ``resize`` (shorter side before
+    a center crop) goes wherever images are decoded. ``onnx`` (default: when it will be registered) ships the
+    ONNX graph, so `zoo classify models:/NAME@ALIAS` downloads it instead of exporting it on each machine."""
     config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape), "resize": resize}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "program.pt2"
@@ -71,9 +53,7 @@ def log_model(
                                      resize=resize)
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
-        # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
-        # file name back (os.path.basename, mlflow/pyfunc/model.py) and loads the copy inside the model, so
-        # it is harmless; a relative path would need a chdir, process-wide and unsafe while study threads log.
+        # MLflow records this absolute path but reads back only its file name (a relative one would need a chdir).
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_CODE),
@@ -92,20 +72,17 @@ def log_model(
 
 
 def ships_onnx(model_uri: str) -> bool:
-    """Whether the logged model ``models:/m-...`` holds its ONNX graph (``artifacts/model.onnx``)."""
     listed = MlflowClient().list_logged_model_artifacts(_logged_model_id(model_uri), "artifacts")
     return any(Path(a.path).name == ONNX_FILE for a in listed)
 
 
 def _logged_model_id(model_uri: str) -> str:
-    """``m-...`` of ``models:/m-...``."""
     return model_uri.rstrip("/").rpartition("/")[2]
 
 
 def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
               class_names: list[str], model_name: str, source: str) -> None:
-    """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
-    ``onnx`` would have put it (a model logged without it and registered later as ``source``)."""
+    """Add the ONNX graph to a model logged without it and registered later as ``source``."""
     with tempfile.TemporaryDirectory() as tmp:
         graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp), source)
         if graph is not None:
@@ -115,8 +92,7 @@ def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normaliza
 def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
                      class_names: list[str], model_name: str, folder: Path, source: str,
                      resize: int | None = None) -> Path | None:
-    """The shipped ONNX graph written into ``folder``, or None with a warning: shipping it is a
-    convenience, so a model whose export fails is logged and registered without it (and exported where used)."""
+    """The ONNX graph written into ``folder``, or None with a warning: shipping it is a convenience."""
     try:
         return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
                                 source=source, resize=resize)
@@ -127,7 +103,7 @@ def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, inp
 
 
 def export_program(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int]):
-    """The network preceded by its normalization, exported with a dynamic batch dimension (pixels in [0, 1] in)."""
+    """The network with its normalization, exported with a dynamic batch dimension."""
     from zoo.normalization import NormalizedModel
 
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
@@ -136,13 +112,8 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
 
 
 def model_signature():
-    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param.
-
-    ``pixels`` is typed Any, not an array of doubles, and pyfunc_model.py checks its shape and values itself:
-    MLflow refused a flat list or a missing level with its own type error ("Expected data to be list or numpy
-    array, got float") before the model could say which row has which shape, and ``mlflow.pyfunc.spark_udf``
-    applied to one column (``udf("content")``) fills every other signature column with NaN.
-    """
+    """An ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column, a ``top_k`` param. ``pixels`` is
+    typed Any so that pyfunc_model.py, not MLflow's type error, says which row is wrong and how."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
@@ -159,7 +130,6 @@ def model_signature():
 
 
 def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]):
-    """A DataFrame with real images as PNG bytes (mid-grey when none are given)."""
     import io
 
     import pandas as pd
@@ -177,7 +147,7 @@ def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]
 
 
 def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, given explicitly: MLflow's inference takes seconds."""
+    """Pinned requirements, given explicitly: MLflow's inference of them is slow."""
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
