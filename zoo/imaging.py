@@ -41,17 +41,16 @@ class DecodeSpec:
 Header = tuple[int, int, str]  # (width, height, mode) of an image file, as Pillow reads it
 
 
-def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] | None = None) -> np.ndarray:
-    """uint8 [C, H, W] for one file or encoded image; ``header``, if given, receives its (width, height, mode)."""
+def decode_image(source: str | Path | bytes, spec: DecodeSpec) -> np.ndarray:
+    """uint8 [C, H, W] for one file or encoded image."""
     with _quiet_pillow(spec):
-        return _decode(source, spec, header)
+        return _decode(source, spec, None)
 
 
 @contextmanager
 def _quiet_pillow(spec: DecodeSpec) -> Iterator[None]:
     Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check in _pixels
-    with warnings.catch_warnings():
-        # Palette-transparency and bomb warnings: the size is checked in _pixels, the rest is harmless.
+    with warnings.catch_warnings():  # palette-transparency and bomb warnings: the size is checked in _pixels
         warnings.simplefilter("ignore")
         yield
 

@@ -26,11 +26,8 @@ def builder_options(model: str) -> dict[str, Any]:
     from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
 
     signature = inspect.signature(get_model_spec(model).builder)
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")
-    }
+    return {name: p.default for name, p in signature.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")}
 
 
 def coerce_model_config(model: str, config: dict[str, Any]) -> dict[str, Any]:

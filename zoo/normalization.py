@@ -287,7 +287,8 @@ def fold_normalization(model: nn.Module, source: Normalization, target: Normaliz
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics from ``inputs`` (normalized batches) as an equal-weight
     average (``momentum=None``), other layers in eval mode. Returns the number of images seen."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
     if not norms:
         raise UsageError(f"{type(model).__name__} has no BatchNorm layer with running statistics to recalibrate")
     was_training, momenta = model.training, [m.momentum for m in norms]

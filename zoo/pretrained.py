@@ -40,14 +40,11 @@ class Pretrained:
         return _num_classes(self.network.state_dict())
 
 
-def is_local_weights(weights: str) -> bool:
-    return Path(weights).exists() or weights.endswith((".pt", ".pth")) or "/" in weights
-
-
 def load_pretrained(model: str, weights: str) -> Pretrained:
     """``weights``: a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) or the path of a state dict."""
     get_model_spec(model)  # unknown model: ValueError naming the valid ones
-    return _from_state_dict_file(model, weights) if is_local_weights(weights) else _from_torchvision(model, weights)
+    local = Path(weights).exists() or weights.endswith((".pt", ".pth")) or "/" in weights
+    return _from_state_dict_file(model, weights) if local else _from_torchvision(model, weights)
 
 
 def _from_torchvision(model: str, name: str) -> Pretrained:
@@ -76,15 +73,8 @@ def _from_torchvision(model: str, name: str) -> Pretrained:
     network = create_model(model, num_classes=len(categories))
     network.load_state_dict(state_dict)
     preprocessing = weights.transforms()
-    return Pretrained(
-        model=model,
-        weights=name,
-        network=network.eval(),
-        normalization=Normalization(tuple(preprocessing.mean), tuple(preprocessing.std)),
-        class_names=categories,
-        resize=int(preprocessing.resize_size[0]),
-        crop=int(preprocessing.crop_size[0]),
-    )
+    return Pretrained(model, name, network.eval(), Normalization(tuple(preprocessing.mean), tuple(preprocessing.std)),
+                      categories, resize=int(preprocessing.resize_size[0]), crop=int(preprocessing.crop_size[0]))
 
 
 def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -132,12 +122,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
 
         class_names = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k, in synset order
     saved_norm = checkpoint.get("normalization")
-    return Pretrained(
-        model=model,
-        weights=str(path),
-        network=network.eval(),
-        normalization=Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization,
-        class_names=list(class_names) if class_names is not None else None,
-        resize=DEFAULT_RESIZE,
-        crop=DEFAULT_CROP,
-    )
+    normalization = Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization
+    return Pretrained(model, str(path), network.eval(), normalization,
+                      list(class_names) if class_names is not None else None, DEFAULT_RESIZE, DEFAULT_CROP)

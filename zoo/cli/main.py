@@ -107,4 +107,3 @@ def _run_links_in_the_training_view() -> None:
         off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
         os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-

@@ -85,8 +85,9 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
         std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs or default_jobs(device),
-        storage=storage, batch_trials=batch_trials, study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
-        val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
+        storage=storage, batch_trials=batch_trials, study_name=study_name, experiment=experiment, prune=prune,
+        batch_size=batch_size, train_size=train_size, val_size=val_size, test_size=test_size, max_batches=max_batches,
+        log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
         data_dir=data_dir, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
         progress=not no_progress, tracking_timeout=tracking_timeout,
@@ -111,4 +112,3 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
         click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
                    + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
     click.echo(f"open it in Optuna's dashboard: {dashboard_command(result.storage)}")
-

@@ -82,18 +82,15 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
     else:
         result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias,
                            tracking_timeout=tracking_timeout)
-    summary = {
-        "run_id": result.run_id,
-        "model_uri": result.model_uri,
-        "registered": f"models:/{register}@{alias}" if register and alias else register,
-        "normalization": result.normalization.to_dict(),
-        "val_accuracy": result.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-    }
+    summary = {"run_id": result.run_id, "model_uri": result.model_uri,
+               "registered": f"models:/{register}@{alias}" if register and alias else register,
+               "normalization": result.normalization.to_dict(), "val_accuracy": result.val_accuracy,
+               "test_accuracy": result.test_accuracy}
     if fmt == "json":
         echo_json(summary)
     else:
-        click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
+        click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} "
+                   f"val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
         click.echo(f"model: {result.model_uri}" + (f"  registered as {summary['registered']}" if register else ""))
 
 

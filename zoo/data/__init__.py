@@ -12,7 +12,5 @@ from zoo.splits import Dataset, Split, stratified_split
 # Importing the loaders registers them: whatever imports zoo.data finds the whole catalog.
 from zoo.data import mnist, torchvision_datasets  # noqa: E402,F401
 
-__all__ = [
-    "Dataset", "DatasetInfo", "DatasetUnavailable", "Split", "dataset_info", "default_data_dir", "list_datasets",
-    "load_dataset", "register_dataset", "stratified_split",
-]
+__all__ = ["Dataset", "DatasetInfo", "DatasetUnavailable", "Split", "dataset_info", "default_data_dir", "list_datasets",
+           "load_dataset", "register_dataset", "stratified_split"]

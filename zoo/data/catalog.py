@@ -33,10 +33,10 @@ class DatasetInfo:
 
 
 Loader = Callable[[Path, bool, float, int], Dataset]
-_DATASETS: dict[str, tuple[Loader, str, DatasetInfo | None]] = {}
+_DATASETS: dict[str, tuple[Loader, str, DatasetInfo]] = {}
 
 
-def register_dataset(name: str, description: str, info: DatasetInfo | None = None) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, description: str, info: DatasetInfo) -> Callable[[Loader], Loader]:
     def wrapper(loader: Loader) -> Loader:
         _DATASETS[name] = (loader, description, info)
         return loader
@@ -52,18 +52,9 @@ def dataset_info(name: str) -> DatasetInfo | None:
     return _DATASETS[name][2] if name in _DATASETS else None
 
 
-def load_dataset(
-    name: str,
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = True,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    test_fraction: float | None = None,
-    image_size: tuple[int, int] | None = None,
-    default_size: tuple[int, int] = (28, 28),
-    progress: bool = True,
-) -> Dataset:
+def load_dataset(name: str, *, data_dir: str | Path | None = None, download: bool = True, val_fraction: float = 0.1,
+                 seed: int = 0, test_fraction: float | None = None, image_size: tuple[int, int] | None = None,
+                 default_size: tuple[int, int] = (28, 28), progress: bool = True) -> Dataset:
     """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``.
     ``test_fraction``, ``image_size`` and ``default_size`` apply to folders; ``ZOO_OFFLINE=1`` turns downloads off."""
     download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")

@@ -16,10 +16,8 @@ from zoo.splits import Dataset, Split, stratified_split
 
 # Where the Debian package dataset-fashion-mnist installs the four IDX .gz files.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
@@ -63,11 +61,8 @@ def _stage_system_fashion_mnist(root: Path) -> None:
             tmp.replace(target)
 
 
-@register_dataset(
-    "fashion-mnist",
-    "Fashion-MNIST (60k/10k) through torchvision; offline from the Debian package dataset-fashion-mnist",
-    DatasetInfo(60_000, 10_000, (1, 28, 28), 10),
-)
+@register_dataset("fashion-mnist", "Fashion-MNIST (60k/10k) through torchvision; offline from the Debian package "
+                  "dataset-fashion-mnist", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import FashionMNIST
 

@@ -25,19 +25,10 @@ PROGRAM_ARTIFACT = "program"  # the torch.export program it loads
 IMAGE_COLUMN = "image"  # the signature's column of encoded images
 
 
-def log_model(
-    network: torch.nn.Module,
-    *,
-    model_name: str,
-    normalization: Normalization,
-    input_shape: tuple[int, int, int],
-    class_names: list[str],
-    registered_name: str | None = None,
-    sample_images: torch.Tensor | None = None,
-    onnx: bool | None = None,
-    resize: int | None = None,
-    **extra_metadata: Any,
-) -> str:
+def log_model(network: torch.nn.Module, *, model_name: str, normalization: Normalization,
+              input_shape: tuple[int, int, int], class_names: list[str], registered_name: str | None = None,
+              sample_images: torch.Tensor | None = None, onnx: bool | None = None, resize: int | None = None,
+              **extra_metadata: Any) -> str:
     """Log ``network`` (it takes *normalized* input) in the active run as a model that takes images; returns
     its URI (``models:/m-...``). ``sample_images`` (uint8) give the input example; ``resize`` (shorter side before
     a center crop) goes wherever images are decoded. ``onnx`` (default: when it will be registered) ships the
@@ -54,20 +45,12 @@ def log_model(
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
         # MLflow records this absolute path but reads back only its file name (a relative one would need a chdir).
+        metadata = model_metadata(model_name=model_name, normalization=normalization, input_shape=input_shape,
+                                  class_names=class_names, resize=resize, **extra_metadata)
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_CODE),
-            code_paths=[str(IMAGING_CODE)],
-            artifacts=artifacts,
-            model_config=config,
-            signature=model_signature(),
-            input_example=image_example(sample_images, input_shape),
-            pip_requirements=pip_requirements(),
-            metadata=model_metadata(
-                model_name=model_name, normalization=normalization, input_shape=input_shape,
-                class_names=class_names, resize=resize, **extra_metadata,
-            ),
-        )
+            name="model", python_model=str(PYFUNC_MODEL_CODE), code_paths=[str(IMAGING_CODE)], artifacts=artifacts,
+            model_config=config, signature=model_signature(), input_example=image_example(sample_images, input_shape),
+            pip_requirements=pip_requirements(), metadata=metadata)
     return info.model_uri
 
 
@@ -117,15 +100,9 @@ def model_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    inputs = Schema([
-        ColSpec("binary", "image", required=False),
-        ColSpec(AnyType(), "pixels", required=False),
-    ])
-    outputs = Schema([
-        ColSpec("string", "label"),
-        ColSpec("double", "probability"),
-        ColSpec(Array(Object([Property("label", "string"), Property("probability", "double")])), "top"),
-    ])
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec(AnyType(), "pixels", required=False)])
+    top = Array(Object([Property("label", "string"), Property("probability", "double")]))
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec(top, "top")])
     return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", "long", 3)]))
 
 

@@ -31,11 +31,5 @@ class LoadedModel:
 
 def model_metadata(*, model_name: str, normalization: Normalization, input_shape: tuple[int, ...],
                    class_names: list[str], resize: int | None = None, **extra: Any) -> dict[str, Any]:
-    return {
-        "zoo_model": model_name,
-        "normalization": normalization.to_dict(),
-        "input_shape": list(input_shape),
-        "class_names": list(class_names),
-        **({RESIZE_METADATA: int(resize)} if resize is not None else {}),
-        **extra,
-    }
+    return {"zoo_model": model_name, "normalization": normalization.to_dict(), "input_shape": list(input_shape),
+            "class_names": list(class_names), **({RESIZE_METADATA: int(resize)} if resize is not None else {}), **extra}

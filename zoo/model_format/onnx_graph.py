@@ -34,15 +34,10 @@ class ExportReport:
 
 
 def onnx_metadata(model: LoadedModel) -> dict[str, str]:
-    return {
-        "zoo_model": model.model_name,
-        "source_uri": model.uri,
-        "class_names": json.dumps(model.class_names),
-        "normalization": json.dumps(model.normalization.to_dict()),
-        "input_shape": json.dumps(list(model.input_shape)),
-        "input_range": "pixels in [0, 1]; the normalization is inside the graph",
-        **({RESIZE_METADATA: json.dumps(model.resize)} if model.resize is not None else {}),
-    }
+    return {"zoo_model": model.model_name, "source_uri": model.uri, "class_names": json.dumps(model.class_names),
+            "normalization": json.dumps(model.normalization.to_dict()), "input_shape": json.dumps(list(model.input_shape)),
+            "input_range": "pixels in [0, 1]; the normalization is inside the graph",
+            **({RESIZE_METADATA: json.dumps(model.resize)} if model.resize is not None else {})}
 
 
 def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> ExportReport:

@@ -55,11 +55,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             sent = [name for name in sent if frame[name].notna().any()] or sent
         has_image, has_pixels = IMAGE_COLUMN in sent, PIXELS_COLUMN in sent
         if has_image == has_pixels:
-            raise invalid(
-                f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "
-                f"{PIXELS_COLUMN!r} (floats [C][H][W] in [0, 1], C,H,W = {','.join(map(str, self.input_shape))}); "
-                f"got {'both' if has_image else 'neither'}"
-            )
+            raise invalid(f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "
+                          f"{PIXELS_COLUMN!r} (floats [C][H][W] in [0, 1], C,H,W = {','.join(map(str, self.input_shape))}); "
+                          f"got {'both' if has_image else 'neither'}")
         if has_image:
             images = list(_unnest(frame[IMAGE_COLUMN], lambda cell: isinstance(cell, (list, tuple, np.ndarray))))
             if not images:

@@ -49,16 +49,8 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model(
-    "alexnet",
-    input_shape=(1, 28, 28),  # resized to 224x224 inside the network
-    num_classes=10,
-    normalization=Normalization.identity(1),
-    optimizer="sgd",
-    lr=0.01,
-    lr_gamma=1.0,
-    recipe={"batch_size": 128},
-)
+@register_model("alexnet", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.01, lr_gamma=1.0, recipe={"batch_size": 128})
 def alexnet(*, num_classes: int = 10, dropout: float = 0.5, input_shape: tuple[int, int, int] = (1, 28, 28)) -> AlexNet:
     """AlexNet, input resized to 224x224 inside (28x28 grey by default), dropout 0.5 in the classifier (SGD)."""
     return AlexNet(num_classes=num_classes, dropout=dropout, in_channels=input_shape[0])

@@ -54,17 +54,9 @@ def _flattened(features: nn.Module, channels: int, height: int, width: int) -> i
         return features(torch.zeros(1, channels, height, width)).numel()
 
 
-@register_model(
-    "lenet5",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=Normalization.identity(1),  # the notebook feeds ToTensor() pixels in [0, 1]
-    optimizer="sgd",
-    lr=0.9,
-    lr_gamma=1.0,
-    # Keep the epoch with the best *validation* accuracy (the notebook picked it on the test set).
-    recipe={"batch_size": 256, "keep_best": True},
-)
+# The notebook feeds ToTensor() pixels in [0, 1], and picked its best epoch on the test set: here, on validation.
+@register_model("lenet5", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.9, lr_gamma=1.0, recipe={"batch_size": 256, "keep_best": True})
 def lenet5(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> LeNet5:
     """LeNet-5: two 5x5 sigmoid convolutions with max pooling, then 120-84-10 sigmoid layers (SGD)."""
     return LeNet5(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

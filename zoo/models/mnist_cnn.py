@@ -43,15 +43,8 @@ class Net(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
-@register_model(
-    "mnist_cnn",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=Normalization((0.1307,), (0.3081,)),
-    optimizer="adadelta",
-    lr=1.0,
-    lr_gamma=0.7,
-)
+@register_model("mnist_cnn", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization((0.1307,), (0.3081,)),
+                optimizer="adadelta", lr=1.0, lr_gamma=0.7)
 def mnist_cnn(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> Net:
     """The pytorch/examples MNIST CNN: two 3x3 convolutions, max pool, dropout, two linear layers."""
     return Net(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

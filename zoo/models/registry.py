@@ -29,7 +29,6 @@ class ModelSpec:
     lr_gamma: float = 0.7  # StepLR(step_size=1) decay per epoch; 1.0 keeps lr constant
     trainer: str = "autograd"  # or the name of a trainer of its own (training/trainers.py)
     description: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
     # Training defaults beyond the optimizer (batch_size, val_fraction, momentum, keep_best) for TrainConfig.
     recipe: dict[str, Any] = field(default_factory=dict)
 
@@ -41,23 +40,16 @@ class ModelSpec:
 _MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(
-    name: str,
-    *,
-    input_shape: tuple[int, int, int],
-    num_classes: int,
-    normalization: Normalization,
-    **spec: Any,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int, normalization: Normalization,
+                   **spec: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a builder under ``name``; a duplicate name is an error."""
 
     def wrapper(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"a model named {name!r} is already registered")
         description = spec.pop("description", None) or (builder.__doc__ or "").strip().splitlines()[0]
-        _MODELS[name] = ModelSpec(
-            name, builder, tuple(input_shape), num_classes, normalization, description=description, **spec
-        )
+        _MODELS[name] = ModelSpec(name, builder, tuple(input_shape), num_classes, normalization,
+                                  description=description, **spec)
         return builder
 
     return wrapper
@@ -96,9 +88,8 @@ def get_model_spec(name: str) -> ModelSpec:
 def create_model(name: str, *, input_shape: tuple[int, int, int] | None = None, **config: Any) -> nn.Module:
     """Build a model for ``input_shape`` (default: the registered one); ``None`` values keep the builder's defaults."""
     spec = get_model_spec(name)
-    kwargs = {**spec.defaults, **{k: v for k, v in config.items() if v is not None}}
+    kwargs = {k: v for k, v in config.items() if v is not None}
     kwargs.setdefault("num_classes", spec.num_classes)
     if input_shape is not None and tuple(input_shape) != spec.input_shape:
         kwargs["input_shape"] = tuple(int(v) for v in input_shape)
     return spec.builder(**kwargs)
-

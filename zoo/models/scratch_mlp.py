@@ -89,17 +89,8 @@ class ScratchSGD:
         return {"lr": self.lr, "momentum": self.momentum, "velocity": [u.clone() for u in self.velocity]}
 
 
-@register_model(
-    "scratch_mlp",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=Normalization.identity(1),  # the lab feeds pixels in [0, 1]
-    optimizer="sgd",
-    lr=0.5,
-    lr_gamma=1.0,
-    trainer="scratch",
-    recipe={"batch_size": 12, "momentum": 0.4},
-)
+@register_model("scratch_mlp", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.5, lr_gamma=1.0, trainer="scratch", recipe={"batch_size": 12, "momentum": 0.4})
 def scratch_mlp(*, num_classes: int = 10, init: str = "xavier", input_shape: tuple[int, int, int] = (1, 28, 28)) -> ScratchMLP:
     """784-30-20-10 logistic MLP with hand-written backprop and SGD (init=xavier or normal)."""
     return ScratchMLP((math.prod(input_shape), 30, 20, num_classes), init=init)

@@ -42,15 +42,9 @@ def timm_spec(architecture: str) -> ModelSpec:
     cfg = timm.get_pretrained_cfg(architecture)
     input_shape = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
     normalization = Normalization(cfg.mean, cfg.std) if cfg is not None else IMAGENET
-    return ModelSpec(
-        name=f"timm:{architecture}",
-        builder=functools.partial(build_timm, architecture),
-        input_shape=input_shape,
-        num_classes=cfg.num_classes if cfg is not None and cfg.num_classes else 1000,
-        normalization=normalization,
-        description=f"timm {architecture} (in_chans and num_classes from the data)",
-        **_RECIPE,
-    )
+    return ModelSpec(f"timm:{architecture}", functools.partial(build_timm, architecture), input_shape,
+                     cfg.num_classes if cfg is not None and cfg.num_classes else 1000, normalization,
+                     description=f"timm {architecture} (in_chans and num_classes from the data)", **_RECIPE)
 
 
 def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple[int, int, int] | None = None,
