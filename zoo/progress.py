@@ -9,14 +9,9 @@ import sys
 from tqdm.auto import tqdm as _tqdm
 
 
-def _is_terminal(stream) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
 class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm.auto.tqdm)
     def __init__(self, *args, **kwargs):
-        self._plain = not _is_terminal(kwargs.get("file") or sys.stderr)
+        self._plain = not getattr(kwargs.get("file") or sys.stderr, "isatty", lambda: False)()
         if self._plain:
             kwargs.setdefault("ascii", True)  # "#" rather than Unicode block characters: any log viewer shows it
         super().__init__(*args, **kwargs)

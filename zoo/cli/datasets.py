@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
 from zoo.cli.options import FORMAT, echo_json
@@ -24,7 +26,7 @@ def datasets(details, fmt) -> None:
     if fmt == "json" and not details:  # the original shape, name -> description, kept for scripts
         echo_json(descriptions)
         return
-    rows = {name: {"description": desc, **dataset_info(name).to_dict()} for name, desc in descriptions.items()}
+    rows = {name: {"description": desc, **asdict(dataset_info(name))} for name, desc in descriptions.items()}
     if fmt == "json":
         echo_json(rows)
         return

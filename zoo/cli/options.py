@@ -13,7 +13,7 @@ from zoo.errors import UsageError
 
 
 def echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2))
+    click.echo(json.dumps(data, indent=2, default=str))  # default: paths as strings
 
 
 def unset_sentinels(ctx: click.Context, param: click.Parameter, value):

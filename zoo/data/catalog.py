@@ -4,7 +4,7 @@ is a folder goes to zoo/folder_dataset.py."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +27,6 @@ class DatasetInfo:
     test_images: int
     image_shape: tuple[int, int, int]  # (channels, height, width), as Dataset.image_shape
     classes: int
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "image_shape": list(self.image_shape)}
 
 
 Loader = Callable[[Path, bool, float, int], Dataset]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from zoo.model_format.model import ONNX_ARTIFACT, ONNX_FILE, model_metadata
 from zoo.model_format.onnx_graph import export_onnx_file
 from zoo import imaging
-from zoo.normalization import Normalization
+from zoo.normalization import Normalization, NormalizedModel
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 IMAGING_CODE = Path(imaging.__file__).resolve()  # its image decoder, shipped beside it
@@ -39,7 +39,7 @@ def log_model(network: torch.nn.Module, *, model_name: str, normalization: Norma
         torch.export.save(export_program(network, normalization, input_shape), program)
         artifacts = {PROGRAM_ARTIFACT: str(program)}
         if (registered_name is not None) if onnx is None else onnx:
-            graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp),
+            graph = _onnx_or_warning(Path(tmp), network, normalization, input_shape, class_names, model_name,
                                      source=f"models:/{registered_name}" if registered_name else "the logged model",
                                      resize=resize)
             if graph is not None:
@@ -67,18 +67,15 @@ def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normaliza
               class_names: list[str], model_name: str, source: str) -> None:
     """Add the ONNX graph to a model logged without it and registered later as ``source``."""
     with tempfile.TemporaryDirectory() as tmp:
-        graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp), source)
+        graph = _onnx_or_warning(Path(tmp), network, normalization, input_shape, class_names, model_name, source=source)
         if graph is not None:
             MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(graph), artifact_path="artifacts")
 
 
-def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, folder: Path, source: str,
-                     resize: int | None = None) -> Path | None:
-    """The ONNX graph written into ``folder``, or None with a warning: shipping it is a convenience."""
+def _onnx_or_warning(folder: Path, *args: Any, **kwargs: Any) -> Path | None:
+    """:func:`export_onnx_file` into ``folder``, or None with a warning: shipping the graph is a convenience."""
     try:
-        return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
-                                source=source, resize=resize)
+        return export_onnx_file(*args, path=folder / ONNX_FILE, **kwargs)
     except Exception as exc:
         print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
               "zoo classify and zoo export will export it when used", file=sys.stderr)
@@ -87,8 +84,6 @@ def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, inp
 
 def export_program(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int]):
     """The network with its normalization, exported with a dynamic batch dimension."""
-    from zoo.normalization import NormalizedModel
-
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
     example = torch.rand(2, *input_shape)  # batch 2, not 1: a batch of 1 would be specialized
     return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))

@@ -4,7 +4,7 @@ against PyTorch with onnxruntime."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,6 @@ class ExportReport:
     max_abs_diff: float
     opset: int
     batch_sizes_checked: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "path": str(self.path), "batch_sizes_checked": list(self.batch_sizes_checked)}
 
 
 def onnx_metadata(model: LoadedModel) -> dict[str, str]:
