@@ -1,8 +1,5 @@
-"""Credentials for the servers a study shares: URLs shown without their passwords, and the one line
-that says which credentials to set when a server refuses them.
-
-Imports neither MLflow nor PyTorch: `zoo classify` and the CLI's error handler use it too.
-"""
+"""Server URLs shown without passwords, and the one line naming the credentials to set when a server refuses
+them. Imports neither MLflow nor PyTorch (the CLI's error handler uses it)."""
 
 from __future__ import annotations
 
@@ -11,16 +8,12 @@ from urllib.parse import unquote_plus, urlsplit
 
 TRACKING_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the [mlflow] section of "
                         "~/.mlflow/credentials)")
-# Query parameters that carry a credential: libpq and MySQL take ``?password=``, HTTP services a token or
-# an API key. A name that only holds one of these words (``sslkey``, a key file's path) is masked too:
-# a path shown as *** costs less than a secret shown in clear.
+# Query parameters that carry a credential; a mere key file's path (sslkey) masked too costs less than a leak.
 SECRET_PARAMETER = re.compile(r"password|secret|token|key", re.IGNORECASE)
 
 
 def masked_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: in the user info (``postgresql://zoo:***@db/optuna``)
-    and in the query string, every parameter whose name holds password, secret, token or key
-    (``?password=***``, ``?api_key=***``): for every message, param, tag and log line that names a server."""
+    """``url`` with the password in its user info and any password/secret/token/key query value as ``***``."""
     try:
         parts = urlsplit(url)
         password = parts.password

@@ -1,9 +1,7 @@
-"""One image (a file or its bytes) -> the model's input, uint8 [C, H, W], or an ImageError saying why not.
+"""The one image decoder: a file or its bytes -> the model's input, uint8 [C, H, W], or an ImageError saying why.
 
-Shared by ``zoo classify`` and by the logged MLflow model (zoo/model_format/pyfunc_model.py), which ships
-this file beside its own code (``code_paths``): a served model decodes exactly as the command
-line does, 16-bit, CMYK and transparent images included, and refuses a decompression bomb from its header.
-So it imports only numpy and Pillow, never the zoo package.
+Shipped inside every logged model (zoo/model_format/pyfunc_model.py) so a served model decodes exactly as
+`zoo classify` does: it imports only numpy and Pillow, never the zoo package.
 """
 
 from __future__ import annotations
@@ -30,11 +28,8 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decoder needs (picklable: sent to the worker processes).
-
-    ``resize`` None: the whole image is stretched to the input's height x width (what models trained
-    by the zoo saw). ``resize`` R: its shorter side is resized to R (aspect kept), then the center
-    height x width is cropped, the evaluation preprocessing of ImageNet weights (`zoo renorm`)."""
+    """What a decoder needs (picklable, for worker processes). ``resize`` None stretches the image to the
+    input's size; R resizes its shorter side to R then center-crops (ImageNet evaluation, `zoo renorm`)."""
 
     input_shape: tuple[int, int, int]
     invert: bool = False
@@ -46,26 +41,21 @@ class DecodeSpec:
 Header = tuple[int, int, str]  # (width, height, mode) of an image file, as Pillow reads it
 
 
-def decode_image(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] | None = None) -> np.ndarray:
-    """The model's input for one file (a path) or encoded image (bytes): grayscale or RGB, resized, uint8 [C, H, W].
-
-    ``header``, if given, receives the file's own (width, height, mode), read from the same open."""
+def decode_image(source: str | Path | bytes, spec: DecodeSpec) -> np.ndarray:
+    """uint8 [C, H, W] for one file or encoded image."""
     with _quiet_pillow(spec):
-        return _decode(source, spec, header)
+        return _decode(source, spec, None)
 
 
 @contextmanager
 def _quiet_pillow(spec: DecodeSpec) -> Iterator[None]:
-    """Pillow's bomb guard set to ``spec``'s limit and its warnings silenced, once for any number of files."""
     Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's own guard, behind the explicit check in _pixels
-    with warnings.catch_warnings():
-        # Palette-transparency and bomb warnings: the size is checked in _pixels, the rest is harmless.
+    with warnings.catch_warnings():  # palette-transparency and bomb warnings: the size is checked in _pixels
         warnings.simplefilter("ignore")
         yield
 
 
 def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] | None) -> np.ndarray:
-    """:func:`decode_image` inside :func:`_quiet_pillow`."""
     try:
         if isinstance(source, (bytes, bytearray)):
             if not source:
@@ -123,14 +113,12 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
 
 
 def _shorter_side_to(side: int, w: int, h: int) -> tuple[int, int]:
-    """(width, height) with the shorter side ``side`` and the aspect kept, rounded down as torchvision's
-    Resize([side]) rounds: the size the ImageNet weights' published preprocessing gives."""
+    """The shorter side to ``side``, rounded down as torchvision's Resize([side]) does."""
     return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
 
 
 def _center(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of the center ``width`` x ``height`` of ``size``, placed as
-    torchvision's CenterCrop places it."""
+    """The center crop box, placed as torchvision's CenterCrop places it."""
     left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
     return left, top, left + width, top + height
 
@@ -143,12 +131,8 @@ INK_SPREAD = 8  # grey levels: colour channels that vary less than this where al
 
 
 def _flatten(img, channels: int, background: int):
-    """Composite transparency onto ``background``: black, the background of the MNIST family (light
-    ink on dark), or white under --invert, which then turns it black.
-
-    Drawing programs and web canvases export strokes as alpha over one colour (often black,
-    which on black would vanish): for a grayscale model such ink is the alpha itself, light on dark.
-    """
+    """Composite transparency onto ``background`` (black as MNIST's, white under --invert). Strokes drawn as
+    alpha over one colour (canvases export black ink, invisible on black) become the alpha itself."""
     rgba = np.asarray(img.convert("RGBA"))
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # an alpha channel with nothing transparent in it
@@ -170,14 +154,14 @@ def _to_8bit(img):
 
 
 def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
-    """uint8 [N, C, H, W] and one error per file (None: decoded). A None path is skipped (already failed)."""
+    """uint8 [N, C, H, W] and one error per file (None: decoded); a None path is skipped."""
     out, errors, _ = decode_batch_with_headers(paths, spec)
     return out, errors
 
 
 def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec
                               ) -> tuple[np.ndarray, list[str | None], list[Header | None]]:
-    """:func:`decode_batch`, plus each decoded file's own (width, height, mode) (None for the others)."""
+    """:func:`decode_batch`, plus each decoded file's own (width, height, mode)."""
     out = np.zeros((len(paths), *spec.input_shape), dtype=np.uint8)
     errors: list[str | None] = []
     headers: list[Header | None] = []

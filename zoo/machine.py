@@ -8,25 +8,21 @@ from pathlib import Path
 
 
 def cache_dir(*parts: str) -> Path:
-    """Where zoo keeps what it can make again or send later (decoded folders, ONNX graphs, runs' local
-    files): ``$ZOO_CACHE_DIR``, else ``~/.cache/zoo``."""
+    """Where zoo keeps what it can make again or send later: ``$ZOO_CACHE_DIR``, else ``~/.cache/zoo``."""
     return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "zoo"), *parts)
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity where the platform has one (a container or
-    `taskset` limits it), else every core."""
+    """The CPU cores this process may run on (its affinity: a container or `taskset` limits it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def fork_is_safe() -> bool:
-    """Linux, and neither onnxruntime nor torch loaded: their thread pools are what a forked child would
-    inherit half of, and can hang or crash it (onnxruntime's advice: create sessions after fork). (numpy's
-    OpenBLAS and the jemalloc that MLflow's import loads have fork handlers.)"""
+    """Linux, and neither onnxruntime nor torch loaded: a forked child inherits half of their thread pools,
+    which can hang or crash it."""
     return sys.platform == "linux" and not {"onnxruntime", "torch"} & sys.modules.keys()
 
 
 def worker_start_method() -> str:
-    """How to start worker processes from this process now: ``fork`` when :func:`fork_is_safe` (no import
-    in the workers), else ``spawn`` (a fresh interpreter each)."""
+    """``fork`` when :func:`fork_is_safe` (no import in the workers), else ``spawn``."""
     return "fork" if fork_is_safe() else "spawn"

@@ -1,9 +1,5 @@
-"""Builder keyword arguments from the command line: ``--model-opt dropout=0.2 --model-opt batchnorm=true``.
-
-Values arrive as strings; they are checked against the builder's keyword arguments and
-converted to the type of each one's default, so a typo fails with the list of valid keys
-before any run starts.
-"""
+"""Builder keyword arguments from ``--model-opt KEY=VALUE``, checked against the builder and converted to each
+default's type, so a typo fails with the valid keys before any run starts."""
 
 from __future__ import annotations
 
@@ -16,7 +12,6 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
-    """``["dropout=0.2", "batchnorm=true"]`` -> ``{"dropout": "0.2", "batchnorm": "true"}``."""
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -27,19 +22,15 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def builder_options(model: str) -> dict[str, Any]:
-    """The keyword arguments a model's builder accepts, with their defaults (input shape and classes come from the data)."""
+    """The builder's keyword arguments and defaults (input shape and classes come from the data)."""
     from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
 
     signature = inspect.signature(get_model_spec(model).builder)
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")
-    }
+    return {name: p.default for name, p in signature.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")}
 
 
 def coerce_model_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Check ``config``'s keys against the builder and convert string values to each default's type."""
     valid = builder_options(model)
     out: dict[str, Any] = {}
     for key, value in config.items():

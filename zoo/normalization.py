@@ -1,10 +1,5 @@
-"""The input normalization of a vision model, as a value.
-
-A :class:`Normalization` is a mean and a standard deviation per channel. Images enter
-as pixels in [0, 1] (or uint8 in [0, 255]) and leave as ``(x - mean) / std``. It
-travels with a model (registry default, MLflow metadata, ONNX metadata) so nothing
-downstream hard-codes 0.1307.
-"""
+"""The input normalization of a vision model as a value (a mean and std per channel), its layer, and
+folding it into a trained network. It travels with a model so nothing downstream hard-codes 0.1307."""
 
 from __future__ import annotations
 
@@ -29,9 +24,8 @@ def parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float
         try:
             return tuple(float(p) for p in parts)
         except ValueError:
-            raise UsageError(
-                f"{what} {value!r} is not a number or a comma-separated list of numbers (e.g. 0.1307 or 0.485,0.456,0.406)"
-            ) from None
+            raise UsageError(f"{what} {value!r} is not a number or a comma-separated list of numbers "
+                             "(e.g. 0.1307 or 0.485,0.456,0.406)") from None
     return tuple(float(v) for v in value)
 
 
@@ -46,22 +40,17 @@ class Normalization:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != len(self.std):
-            raise UsageError(
-                f"mean has {len(self.mean)} values and std has {len(self.std)}; give one value, or one per channel for both"
-            )
+            raise UsageError(f"mean has {len(self.mean)} values and std has {len(self.std)}; "
+                             "give one value, or one per channel for both")
         if not all(math.isfinite(m) for m in self.mean):
             raise UsageError(f"mean must be finite, got {self.mean}")
         if not all(math.isfinite(s) and s > 0 for s in self.std):
             raise UsageError(f"std must be positive and finite (division by std), got {self.std}")
 
     @classmethod
-    def parse(
-        cls,
-        mean: str | float | Sequence[float],
-        std: str | float | Sequence[float],
-        channels: int | None = None,
-    ) -> "Normalization":
-        """Build from CLI-style values ("0.5" or "0.485,0.456,0.406"); one value broadcasts over ``channels``."""
+    def parse(cls, mean: str | float | Sequence[float], std: str | float | Sequence[float],
+              channels: int | None = None) -> "Normalization":
+        """From CLI values ("0.5" or "0.485,0.456,0.406"); one value broadcasts over ``channels``."""
         m, s = parse_floats(mean, "mean"), parse_floats(std, "std")
         if channels is not None:
             m, s = _broadcast(m, channels, "mean"), _broadcast(s, channels, "std")
@@ -69,7 +58,6 @@ class Normalization:
 
     @classmethod
     def identity(cls, channels: int = 1) -> "Normalization":
-        """No normalization: pixels in [0, 1] go in unchanged."""
         return cls((0.0,) * channels, (1.0,) * channels)
 
     @property
@@ -80,17 +68,15 @@ class Normalization:
         return Normalization(_broadcast(self.mean, channels, "mean"), _broadcast(self.std, channels, "std"))
 
     def for_data(self, channels: int) -> "Normalization":
-        """A model's default for data of ``channels`` planes: one value broadcast, or, for grey data and
-        an RGB default (ImageNet's), the average over the channels, what a grey pixel's R=G=B sees."""
+        """A model's default for data of ``channels`` planes; grey data under an RGB default takes the channel average."""
         if self.channels != channels and channels == 1:
             return Normalization((sum(self.mean) / self.channels,), (sum(self.std) / self.channels,))
         return self.for_channels(channels)
 
     @classmethod
     def from_images(cls, images: torch.Tensor, chunk: int = 4096) -> "Normalization":
-        """Per-channel mean and std of uint8 images ``[N, C, H, W]`` as pixels in [0, 1] (``--mean auto``).
-
-        Accumulated in float64 over chunks, so a memory-mapped dataset is read once and never held whole."""
+        """Per-channel mean and std of uint8 ``[N, C, H, W]`` as pixels in [0, 1] (``--mean auto``), in chunks
+        so a memory-mapped dataset is never held whole."""
         if len(images) == 0:
             raise UsageError("cannot compute the normalization of an empty training split")
         total = torch.zeros(images.shape[1], dtype=torch.float64)
@@ -127,9 +113,6 @@ class Normalization:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
-
-    def module(self) -> "Normalize":
-        return Normalize(self)
 
 
 def _broadcast(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
@@ -168,8 +151,6 @@ class NormalizedModel(nn.Module):
         return self.network(self.normalize(x))
 
 
-# --- Named normalizations and "MEAN:STD" specs (the renorm job's --norm values) ---
-
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NAMED = {"imagenet": IMAGENET, "identity": Normalization((0.0,), (1.0,))}
 
@@ -180,19 +161,14 @@ def parse_spec(spec: str, channels: int) -> Normalization:
     if text.lower() in NAMED:
         return NAMED[text.lower()].for_channels(channels)
     if text.count(":") != 1:
-        raise UsageError(
-            f"normalization {spec!r} is not {' or '.join(NAMED)} or MEAN:STD "
-            "(e.g. 0.5:0.5, 0:1 or 0.485,0.456,0.406:0.229,0.224,0.225)"
-        )
+        raise UsageError(f"normalization {spec!r} is not {' or '.join(NAMED)} or MEAN:STD "
+                         "(e.g. 0.5:0.5, 0:1 or 0.485,0.456,0.406:0.229,0.224,0.225)")
     mean, std = text.split(":")
     return Normalization.parse(mean, std, channels=channels)
 
 
-# --- Adapting a trained network to another normalization, without training ---
-
-
 def first_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.BatchNorm2d | None]:
-    """The first ``Conv2d`` (in registration order), its name in ``model``, and the BatchNorm registered right after it, if any."""
+    """The first ``Conv2d``, its name in ``model``, and the BatchNorm registered right after it, if any."""
     modules = list(model.named_modules())
     for i, (name, module) in enumerate(modules):
         if isinstance(module, nn.Conv2d):
@@ -204,12 +180,8 @@ def first_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.BatchNorm2
 
 
 class BorderPaddedConv2d(nn.Conv2d):
-    """A ``Conv2d`` that pads its input with a constant per channel, then convolves without padding.
-
-    ``fold_normalization`` turns a zero-padded first convolution into one: under the new
-    normalization the border must hold the value that the old normalization maps to zero.
-    ``border`` is ``F.pad``'s (left, right, top, bottom); ``pad_value`` has one value per input channel.
-    """
+    """A ``Conv2d`` padding with a constant per channel (``border``: F.pad's left, right, top, bottom): a folded
+    zero-padded convolution's border must hold what the old normalization maps to zero."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
                  border: Sequence[int], pad_value: Sequence[float], stride: int | tuple[int, int] = 1,
@@ -223,7 +195,6 @@ class BorderPaddedConv2d(nn.Conv2d):
 
     @classmethod
     def replacing(cls, conv: nn.Conv2d, border: Sequence[int], pad_value: Sequence[float]) -> "BorderPaddedConv2d":
-        """A copy of ``conv`` (weights, bias, mode) whose zero padding becomes ``pad_value`` padding."""
         weight = conv.weight
         padded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, border=border, pad_value=pad_value,
                      stride=conv.stride, dilation=conv.dilation, bias=conv.bias is not None,
@@ -239,7 +210,6 @@ class BorderPaddedConv2d(nn.Conv2d):
 
 
 def pad_per_channel(x: torch.Tensor, border: Sequence[int], values: Sequence[float]) -> torch.Tensor:
-    """Constant padding of ``[N, C, H, W]`` with ``values[c]`` around channel ``c``; exact (no arithmetic on pixels)."""
     if len(set(values)) == 1:  # one Pad node in an exported graph
         return F.pad(x, tuple(border), value=values[0])
     return torch.cat([F.pad(x[:, c : c + 1], tuple(border), value=v) for c, v in enumerate(values)], dim=1)
@@ -250,7 +220,7 @@ _PIXEL_PADDING_MODES = ("reflect", "replicate", "circular")
 
 
 def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The zeros ``conv`` pads its input with, as ``F.pad``'s (left, right, top, bottom); ``"same"`` may be uneven."""
+    """``conv``'s zero padding as F.pad's (left, right, top, bottom)."""
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":  # as torch does it: the odd pixel goes right/bottom
@@ -264,11 +234,8 @@ def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[float], shift: list[float]) -> nn.Conv2d:
-    """Give ``conv`` the border that keeps it exact; returns the conv now in ``model`` (maybe a replacement).
-
-    A border pixel ``v`` in the new units stands for ``scale * v + shift`` in the old ones, so the
-    old border ``v_old`` (0 for zero padding) becomes ``(v_old - shift) / scale``.
-    """
+    """Give ``conv`` the border that keeps it exact (the old border ``v`` becomes ``(v - shift) / scale``);
+    returns the conv now in ``model``."""
     if conv.padding_mode in _PIXEL_PADDING_MODES:
         return conv
     if conv.padding_mode != "zeros":
@@ -290,20 +257,11 @@ def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[fl
 
 @torch.no_grad()
 def fold_normalization(model: nn.Module, source: Normalization, target: Normalization) -> nn.Module:
-    """Rewrite ``model`` so that on ``target``-normalized input it computes what it computed on ``source``.
+    """Rewrite ``model`` in place so that on ``target``-normalized input it computes what it did on ``source``.
 
-    With ``a = s_target / s_source`` and ``b = (m_target - m_source) / s_source`` per input channel,
-    ``x_source = a * x_target + b``. The first convolution's weights are scaled by ``a`` and the
-    response of its kernel to the constant ``b`` is added to its bias, or, when it has none
-    (ResNet's conv1), subtracted from the running mean of the BatchNorm after it.
-
-    Exact up to float rounding, borders included: zero padding of ``x_source`` is padding of
-    ``x_target`` with ``v = -b / a = (m_source - m_target) / s_target`` (what ``source`` maps to
-    zero), so a zero-padded convolution becomes a :class:`BorderPaddedConv2d` padding with ``v``
-    (unchanged when the means are equal). Reflect, replicate and circular padding copy pixels and
-    need nothing. Folding a folded model again composes. The BatchNorm route holds in eval mode,
-    where running statistics are used. Changes ``model`` in place and returns it (the new
-    convolution itself when ``model`` is one).
+    ``x_source = a * x_target + b`` per channel: the first convolution's weights are scaled by ``a`` and its
+    response to the constant ``b`` goes into its bias (or, without one, the next BatchNorm's running mean:
+    exact in eval mode). Zero padding becomes a :class:`BorderPaddedConv2d` border, so borders stay exact.
     """
     name, conv, bn = first_conv_and_norm(model)
     if conv.groups != 1:
@@ -327,12 +285,10 @@ def fold_normalization(model: nn.Module, source: Normalization, target: Normaliz
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running mean and variance from ``inputs`` (already normalized batches).
-
-    The statistics are reset and accumulated as an equal-weight average over the batches
-    (``momentum=None``), with every other layer in eval mode. Returns the number of images seen.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    """Re-estimate every BatchNorm's running statistics from ``inputs`` (normalized batches) as an equal-weight
+    average (``momentum=None``), other layers in eval mode. Returns the number of images seen."""
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
     if not norms:
         raise UsageError(f"{type(model).__name__} has no BatchNorm layer with running statistics to recalibrate")
     was_training, momenta = model.training, [m.momentum for m in norms]

@@ -1,9 +1,5 @@
-"""Pretrained weights for a registered model: a torchvision weights name, or a local state dict.
-
-torchvision's weights carry their preprocessing (resize, center crop, normalization) and
-class names (``meta["categories"]``); a local state dict may carry them too, as the
-project's own checkpoints do (``{"model": state_dict, "normalization": ..., "class_names": ...}``).
-"""
+"""Pretrained weights for a registered model: a torchvision weights name (with its preprocessing and class
+names), or a local state dict (a project checkpoint carries its normalization and class names too)."""
 
 from __future__ import annotations
 
@@ -26,7 +22,7 @@ DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that must be downloaded, without a network and not in the local cache."""
 
-    complete_message = True  # it says what the weights need and what to do instead: no traceback hint (zoo/cli/main.py)
+    complete_message = True  # the message says what to do: no traceback hint (zoo/cli/main.py)
 
 
 @dataclass
@@ -44,14 +40,11 @@ class Pretrained:
         return _num_classes(self.network.state_dict())
 
 
-def is_local_weights(weights: str) -> bool:
-    return Path(weights).exists() or weights.endswith((".pt", ".pth")) or "/" in weights
-
-
 def load_pretrained(model: str, weights: str) -> Pretrained:
     """``weights``: a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) or the path of a state dict."""
     get_model_spec(model)  # unknown model: ValueError naming the valid ones
-    return _from_state_dict_file(model, weights) if is_local_weights(weights) else _from_torchvision(model, weights)
+    local = Path(weights).exists() or weights.endswith((".pt", ".pth")) or "/" in weights
+    return _from_state_dict_file(model, weights) if local else _from_torchvision(model, weights)
 
 
 def _from_torchvision(model: str, name: str) -> Pretrained:
@@ -80,15 +73,8 @@ def _from_torchvision(model: str, name: str) -> Pretrained:
     network = create_model(model, num_classes=len(categories))
     network.load_state_dict(state_dict)
     preprocessing = weights.transforms()
-    return Pretrained(
-        model=model,
-        weights=name,
-        network=network.eval(),
-        normalization=Normalization(tuple(preprocessing.mean), tuple(preprocessing.std)),
-        class_names=categories,
-        resize=int(preprocessing.resize_size[0]),
-        crop=int(preprocessing.crop_size[0]),
-    )
+    return Pretrained(model, name, network.eval(), Normalization(tuple(preprocessing.mean), tuple(preprocessing.std)),
+                      categories, resize=int(preprocessing.resize_size[0]), crop=int(preprocessing.crop_size[0]))
 
 
 def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -100,9 +86,8 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def load_weights_file(path: str | Path) -> Any:
-    """What the weights file ``path`` holds, read with ``torch.load(weights_only=True)``: tensors, state
-    dicts and plain containers. A file that needs more (any other object) is refused: unpickling it
-    could run code, and a weights file may come from anyone."""
+    """``torch.load(path, weights_only=True)``: anything but tensors and containers is refused, since
+    unpickling it could run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -112,7 +97,6 @@ def load_weights_file(path: str | Path) -> Any:
 
 
 def _unsafe_globals(path: str | Path) -> list[str]:
-    """The objects other than tensors a checkpoint holds (torch >= 2.5 names them; none before)."""
     names = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     try:
         return list(names(str(path))) if names else []
@@ -124,7 +108,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
     if not Path(path).is_file():
         raise UsageError(f"no state dict at {path}; --weights takes a file or a torchvision weights name")
     saved = load_weights_file(path)
-    # A project checkpoint wraps the state dict with its normalization and class names.
     checkpoint = saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else {"model": saved}
     state_dict = checkpoint["model"]
     num_classes = _num_classes(state_dict)
@@ -139,12 +122,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
 
         class_names = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k, in synset order
     saved_norm = checkpoint.get("normalization")
-    return Pretrained(
-        model=model,
-        weights=str(path),
-        network=network.eval(),
-        normalization=Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization,
-        class_names=list(class_names) if class_names is not None else None,
-        resize=DEFAULT_RESIZE,
-        crop=DEFAULT_CROP,
-    )
+    normalization = Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization
+    return Pretrained(model, str(path), network.eval(), normalization,
+                      list(class_names) if class_names is not None else None, DEFAULT_RESIZE, DEFAULT_CROP)

@@ -1,9 +1,5 @@
-"""Progress bars: tqdm's redrawn line on a terminal, plain lines in a log file (CI, `mlflow run`, `2> log`).
-
-tqdm redraws with a carriage return and moves the cursor with escape codes (``\\x1b[A``) to stack
-nested bars; written to a file these are noise. Where the bar's stream is no terminal, each
-refresh (every TQDM_MININTERVAL seconds, 10 under `zoo`, see zoo/cli/main.py) is one line instead.
-"""
+"""Progress bars: tqdm's redrawn line on a terminal, plain lines in a log file (CI, `mlflow run`, `2> log`),
+where tqdm's carriage returns and cursor escapes are noise: each refresh is one line instead."""
 
 from __future__ import annotations
 
@@ -13,14 +9,9 @@ import sys
 from tqdm.auto import tqdm as _tqdm
 
 
-def _is_terminal(stream) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
 class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm.auto.tqdm)
     def __init__(self, *args, **kwargs):
-        self._plain = not _is_terminal(kwargs.get("file") or sys.stderr)
+        self._plain = not getattr(kwargs.get("file") or sys.stderr, "isatty", lambda: False)()
         if self._plain:
             kwargs.setdefault("ascii", True)  # "#" rather than Unicode block characters: any log viewer shows it
         super().__init__(*args, **kwargs)
@@ -40,13 +31,12 @@ class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm.auto.tqdm)
             super().moveto(n)
 
     def clear(self, nolock: bool = False) -> None:
-        if not self._plain:  # (tqdm clears bars before tqdm.write: a carriage return; nothing to clear in a log)
+        if not self._plain:  # nothing to clear in a log
             super().clear(nolock)
 
     def close(self) -> None:
         if getattr(self, "_plain", False) and not getattr(self, "disable", True):
             if self.n != getattr(self, "last_print_n", self.n):
                 self.refresh()  # the final count, once
-            # tqdm's clean-up redraws the bar and ends its line: done above, and nothing to clean in a log.
             self.sp, self.fp = (lambda status: None), io.StringIO()
         super().close()

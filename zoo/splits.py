@@ -1,7 +1,5 @@
-"""What a loaded dataset is: uint8 image splits in memory (or memory-mapped), with class names.
-
-Shared by the catalog (zoo/data/) and image folders (zoo/folder_dataset.py).
-"""
+"""What a loaded dataset is, for the catalog and image folders: uint8 image splits (in memory or
+memory-mapped) with class names."""
 
 from __future__ import annotations
 
@@ -52,13 +50,8 @@ class Dataset:
 
 def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
                      names: Sequence[str] = ("train", "val", "test")) -> list[torch.Tensor]:
-    """Indices for each fraction, with every class divided in the same proportions.
-
-    The fractions add up to 1; the first is the training split's, ``names`` name the splits.
-    Every split of every dataset is made here, so the one check is here too: fractions that
-    leave a split no image, or (a negative share) would hand it another split's images, are the
-    user's options and a :class:`zoo.errors.UsageError` that says which.
-    """
+    """Indices for each fraction (adding up to 1, training first), every class divided alike. Every split is
+    made here, so fractions that leave a split no image are refused here, naming the option."""
     names = list(names)[: len(fractions)]
     if fractions[0] <= 0:
         held = " and ".join(f"{name} fraction ({f:g})" for name, f in zip(names[1:], fractions[1:]))
@@ -77,7 +70,6 @@ def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
         bounds[-1] = len(idx)
         for i in range(len(fractions)):
             parts[i].append(idx[bounds[i] : bounds[i + 1]])
-    # Shuffle within each part so classes are interleaved.
     out = []
     for name, f, p in zip(names, fractions, parts):
         cat = torch.cat(p)

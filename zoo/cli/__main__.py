@@ -1,4 +1,4 @@
-"""``python -m zoo.cli ...`` is ``zoo ...`` (what MLproject's entry points and the tests run)."""
+"""``python -m zoo.cli ...`` is ``zoo ...``."""
 
 from zoo.cli.main import main
 

@@ -63,7 +63,7 @@ def _print_classified(batches, fmt: str) -> None:
 
 
 def _classify_lines(batch, fmt: str) -> list[str]:
-    """One output line per row; text shows only the classified ones (the others are on stderr)."""
+    """One output line per row; text shows only the classified ones (errors went to stderr)."""
     if fmt in ("json", "jsonl"):
         return [json.dumps(p.to_dict()) for p in batch]
     return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

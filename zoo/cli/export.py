@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
 from zoo.cli.options import FORMAT, MODEL_URI, echo_json
@@ -26,7 +28,7 @@ def export(model_uri, output, tolerance, fmt) -> None:
         raise click.BadParameter(f"{output!r} should end in .onnx", param_hint="--output")
     report = export_onnx(load_model(model_uri), output, tolerance=tolerance)
     if fmt == "json":
-        echo_json(report.to_dict())
+        echo_json(asdict(report))
     else:
         click.echo(f"wrote {report.path} (opset {report.opset}); max |onnxruntime - torch| = {report.max_abs_diff:.2e} "
                    f"over batches {report.batch_sizes_checked}")

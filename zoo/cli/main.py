@@ -1,9 +1,5 @@
-"""The `zoo` command: one Click group, its error contract, and every command attached (one module each).
-
-Exit codes: 0 success, 1 runtime failure (click.ClickException, and any exception not raised as bad
-input), 2 bad usage (click.UsageError, zoo.errors.UsageError). Set ZOO_DEBUG=1 to see the traceback
-behind an error.
-"""
+"""The `zoo` command: one Click group, every command attached. Exit 0 success, 1 runtime failure, 2 bad usage
+(click.UsageError, zoo.errors.UsageError); ZOO_DEBUG=1 shows the traceback behind an error."""
 
 from __future__ import annotations
 
@@ -11,16 +7,12 @@ import os
 import sys
 
 if not sys.stderr.isatty():
-    # Progress bars redraw 10 times a second; in a log file (CI, `mlflow run`) every 10 s is
-    # plenty. tqdm reads TQDM_* defaults when it is imported, so this comes before any import.
+    # In a log file a progress line every 10 s is plenty; tqdm reads this when imported, so before any import.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-# MLflow retries a failed HTTP request 7 times with a doubling backoff: minutes before an
-# unreachable tracking server is reported. It reads these at every request, so a user's own
-# values win. Short retries detect a server that went away mid-run quickly too: zoo train then
-# keeps what it logs and waits for the server itself, without blocking training (training/outage.py).
-# MLflow's own INFO lines ("Creating initial MLflow database tables...") and its artifact progress
-# bars (carriage returns even in a log file) are MLflow's bookkeeping, not zoo's output: off too.
+# MLflow's default retries take minutes to report an unreachable server; zoo waits for a server that went away
+# itself (training/outage.py) without blocking training. MLflow's INFO lines and artifact bars are not zoo's
+# output. A user's own values win.
 for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
@@ -41,7 +33,7 @@ from zoo.errors import UsageError
 
 
 class InputError(click.UsageError):
-    """Bad input found past Click's own parsing: one line, exit 2 (no usage block, the message says what is valid)."""
+    """Bad input found past Click's parsing: one line, exit 2, no usage block."""
 
     def show(self, file=None) -> None:
         click.echo(f"Error: {self.format_message()}", err=True, file=file)
@@ -56,7 +48,7 @@ class ZooGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:
-            # The reader left (`zoo classify ... | head`): stop quietly, as other command-line tools do.
+            # The reader left (`zoo classify ... | head`): stop quietly.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise click.exceptions.Exit(1) from None
         except Exception as exc:
@@ -65,17 +57,15 @@ class ZooGroup(click.Group):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if refused := tracking_refusal(exc):  # a locked server said no: which credentials to set, exit 1
                 raise click.ClickException(refused) from exc
-            if isinstance(exc, UsageError):  # raised where input is checked; a library's ValueError is no verdict on it
+            if isinstance(exc, UsageError):  # a library's ValueError is no verdict on the input
                 raise InputError(message, ctx) from exc
-            # A job that stopped as designed (Ctrl-C, a server gone past --tracking-timeout) says what
-            # happened and what to run next: a traceback would show nothing more.
+            # A job that stopped as designed says what to run next: a traceback would show nothing more.
             hint = "" if getattr(exc, "complete_message", False) else " (set ZOO_DEBUG=1 for the traceback)"
             raise click.ClickException(f"{message}{hint}") from exc
 
 
 def tracking_refusal(exc: BaseException | None) -> str | None:
-    """The one line for a 401 or 403 from the MLflow tracking server behind ``exc`` (or what it was
-    raised from, e.g. "no model at models:/..."), naming the credentials to set; else None."""
+    """The one line for a 401 or 403 from the tracking server behind ``exc`` or its causes; else None."""
     if "mlflow" not in sys.modules:  # no MLflow call was made
         return None
     import mlflow
@@ -111,11 +101,9 @@ def main() -> None:
 
 
 def _run_links_in_the_training_view() -> None:
-    """MLflow prints "View run NAME at: URL" when a run on a tracking server ends, and MLflow 3.17's UI
-    opens that URL in its GenAI view: zoo prints the same lines with the model-training view instead
-    (training/tracking.print_run_link, on stderr), unless MLflow's own were turned off."""
+    """MLflow's "View run NAME at: URL" opens its GenAI view: zoo prints the model-training view's link instead
+    (training/tracking.print_run_link), unless MLflow's own were turned off."""
     if "ZOO_RUN_LINKS" not in os.environ:  # a zoo started by zoo keeps the first one's decision
         off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
         os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-

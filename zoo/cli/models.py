@@ -32,16 +32,12 @@ def models(registered, pattern, fmt) -> None:
 
 
 def _architectures(pattern: str | None) -> list[dict]:
-    """The registered architectures, then timm:NAME (timm's are too many to list, and need the extra)."""
+    """The registered architectures, then timm:NAME (timm's are too many to list)."""
     from zoo.models.registry import TIMM_PREFIX, get_model_spec, list_models
 
-    rows = []
-    for name in list_models(pattern):
-        spec = get_model_spec(name)
-        rows.append({
-            "name": name, "input_shape": list(spec.input_shape), "classes": spec.num_classes,
-            "normalization": spec.normalization.to_dict(), "description": spec.description,
-        })
+    specs = [get_model_spec(name) for name in list_models(pattern)]
+    rows = [{"name": s.name, "input_shape": list(s.input_shape), "classes": s.num_classes,
+             "normalization": s.normalization.to_dict(), "description": s.description} for s in specs]
     timm = f"{TIMM_PREFIX}NAME"
     if pattern is None or fnmatch.fnmatch(timm, pattern):
         rows.append({
@@ -56,12 +52,8 @@ def _registered_models() -> list[dict]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    rows = []
-    for rm in client.search_registered_models():
-        versions = [int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")]
-        rows.append({
-            "name": rm.name,
-            "latest_version": max(versions, default=None),
-            "aliases": {alias: int(v) for alias, v in (rm.aliases or {}).items()},
-        })
-    return rows
+    return [{"name": rm.name,
+             "latest_version": max((int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")),
+                                   default=None),
+             "aliases": {alias: int(v) for alias, v in (rm.aliases or {}).items()}}
+            for rm in client.search_registered_models()]

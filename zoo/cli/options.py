@@ -1,15 +1,4 @@
-"""Options shared by several commands, defined once (as in MLflow's utils/cli_args.py), and their output helper.
-
-`zoo train`'s per-model options (the second half) go into its TrainConfig:
-
-    @MODEL_OPT  ->  TrainConfig(model_config=model_opts, ...)
-    @MOMENTUM   ->  TrainConfig(momentum=momentum, ...)
-    @KEEP_CHECKPOINTS -> TrainConfig(keep_checkpoints=..., ...)
-    @RESUME     ->  training.train.resume(run_id, resume_options(ctx, config), ...)
-
-Their values are checked against the model's builder when the run starts
-(zoo.model_options.coerce_model_config), so a typo names the valid options.
-"""
+"""Options shared by several commands, defined once (as MLflow's utils/cli_args.py does), and the JSON printer."""
 
 import json
 import os
@@ -24,8 +13,7 @@ from zoo.errors import UsageError
 
 
 def echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2))
-
+    click.echo(json.dumps(data, indent=2, default=str))  # default: paths as strings
 
 
 def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
@@ -34,6 +22,8 @@ def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
 
 
 MODEL = click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
+
+
 def dataset_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A catalog name as given; an image folder as an absolute path, so the run (and --resume) finds it from anywhere."""
     from zoo.folder_dataset import looks_like_folder  # torch: the commands taking --dataset load it anyway
@@ -69,6 +59,8 @@ VAL_FRACTION = click.option(
 )
 MAX_BATCHES = click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
                            help="Stop each epoch after N batches.")
+BATCH_SIZE = click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
+                          help="Default: the model's recipe (64 for mnist_cnn).")
 ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
                      help="Point this alias of the registered model (--register) at the new version.")
 
@@ -89,8 +81,7 @@ MODEL_URI = click.argument("model_uri", metavar="MODEL_URI", callback=latest_ver
 
 
 def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """With --format json/jsonl stdout holds the data alone: MLflow would print "View run ... at"
-    there for a tracking server (a line per run), which breaks a JSON reader."""
+    """With --format json stdout holds the data alone (no MLflow "View run ... at" line to break a JSON reader)."""
     if value != "text":
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return value
@@ -165,7 +156,6 @@ RESUME = click.option(
          "own settings; options that contradict them are refused.",
 )
 
-# zoo train parameters whose TrainConfig field has another name
 _FIELD_OF = {"model_opts": "model_config", "dry_run": "max_batches", "no_checkpoints": "checkpoints"}
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, unset_sentinels
+from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, echo_json, unset_sentinels
 
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
-    """Repeated options and space- (or, for --adapt, comma-) separated lists both work (MLproject passes one string)."""
+    """Repeated options or space- (for --adapt, comma-) separated lists: MLproject passes one string."""
     words: list[str] = []
     for item in value or ():
         words.extend(item.replace(",", " ").split() if param.name == "adaptations" else item.split())
@@ -79,8 +79,6 @@ def renorm(model, weights, data, norms, grid_mean, grid_std, adaptations, limit,
     One parent MLflow run with a results table and top-1 heatmaps over the grid; one child run
     per (normalization, adaptation) with top1, top5, agreement and max_abs_logit_diff.
     """
-    import json
-
     from training.renorm import RenormConfig
     from training.renorm import renorm as run_renorm
 
@@ -93,7 +91,7 @@ def renorm(model, weights, data, norms, grid_mean, grid_std, adaptations, limit,
     )
     result = run_renorm(config, experiment=experiment, run_name=run_name)
     if fmt == "json":
-        click.echo(json.dumps({"parent_run_id": result.parent_run_id, "model_uri": result.model_uri, "results": result.rows}, indent=2))
+        echo_json({"parent_run_id": result.parent_run_id, "model_uri": result.model_uri, "results": result.rows})
         return
     click.echo(f"parent run {result.parent_run_id} (source normalization {result.source})")
     for row in result.rows:

@@ -1,25 +1,19 @@
-"""`zoo study`: search input normalizations with Optuna, one MLflow parent run per study.
-
-Attach with ``cli.add_command(study)``; the group turns ValueError into exit 2.
-"""
+"""`zoo study`: search input normalizations with Optuna, one MLflow parent run per study."""
 
 from __future__ import annotations
-
-import json
 
 import click
 
 from zoo.cli.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, TEST_FRACTION,
-    TRACKING_TIMEOUT, VAL_FRACTION, unset_sentinels,
+    ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, TEST_FRACTION,
+    TRACKING_TIMEOUT, VAL_FRACTION, echo_json, unset_sentinels,
 )
 
 _POSITIVE = click.IntRange(min=1)
 
 
 def _size(ctx: click.Context, param: click.Parameter, value):
-    """MLproject passes 0 for the default ("all images", or the automatic --jobs): it cannot leave a declared
-    parameter out. (--max-batches is not declared there, so it keeps zoo train's range, x>=1.)"""
+    """MLproject passes 0 for the default ("all images", or the automatic --jobs): it cannot leave a parameter out."""
     return None if value in (None, 0) else value
 
 
@@ -53,7 +47,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
                    "absolute one, which opens the study from any folder. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
 @click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
-@click.option("--batch-size", type=_POSITIVE, default=None, help="Default: the model's recipe (64 for mnist_cnn).")
+@BATCH_SIZE
 @click.option("--train-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N training images (default all).")
 @click.option("--val-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N validation images.")
 @click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")
@@ -91,10 +85,9 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
         std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs or default_jobs(device),
-        storage=storage,
-        batch_trials=batch_trials,
-        study_name=study_name, experiment=experiment, prune=prune, batch_size=batch_size, train_size=train_size,
-        val_size=val_size, test_size=test_size, max_batches=max_batches, log_models=log_models, register=register,
+        storage=storage, batch_trials=batch_trials, study_name=study_name, experiment=experiment, prune=prune,
+        batch_size=batch_size, train_size=train_size, val_size=val_size, test_size=test_size, max_batches=max_batches,
+        log_models=log_models, register=register,
         alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
         data_dir=data_dir, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
         progress=not no_progress, tracking_timeout=tracking_timeout,
@@ -103,7 +96,7 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,
               "best_model_uri": result.best_model_uri, "storage": result.storage, **result.summary}
     if fmt == "json":
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
         return
     s = result.summary
     click.echo(f"study {result.study_name} (parent run {result.parent_run_id}): {s['trials_complete']} complete, "
@@ -119,4 +112,3 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
         click.echo(f"best: trial {s['best']['trial']}  {params}  val_accuracy={s['best']['val_accuracy']:.4f}"
                    + (f"  model {result.best_model_uri}" if result.best_model_uri else ""))
     click.echo(f"open it in Optuna's dashboard: {dashboard_command(result.storage)}")
-

@@ -7,8 +7,8 @@ import os
 import click
 
 from zoo.cli.options import (
-    ALIAS, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN, MODEL,
-    MODEL_OPT, MOMENTUM, RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options,
+    ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN,
+    MODEL, MODEL_OPT, MOMENTUM, RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options,
     unset_sentinels,
 )
 
@@ -23,8 +23,7 @@ from zoo.cli.options import (
 @STD
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True,
               help="Passes over the training split; val metrics and checkpoints after each.")
-@click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
-              help="Default: the model's recipe (64 for mnist_cnn).")
+@BATCH_SIZE
 @click.option("--optimizer", default=None, callback=unset_sentinels, help="adadelta, sgd, adam or adamw. Default: the model's recipe.")
 @click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
 @click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
@@ -83,18 +82,15 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
     else:
         result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias,
                            tracking_timeout=tracking_timeout)
-    summary = {
-        "run_id": result.run_id,
-        "model_uri": result.model_uri,
-        "registered": f"models:/{register}@{alias}" if register and alias else register,
-        "normalization": result.normalization.to_dict(),
-        "val_accuracy": result.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-    }
+    summary = {"run_id": result.run_id, "model_uri": result.model_uri,
+               "registered": f"models:/{register}@{alias}" if register and alias else register,
+               "normalization": result.normalization.to_dict(), "val_accuracy": result.val_accuracy,
+               "test_accuracy": result.test_accuracy}
     if fmt == "json":
         echo_json(summary)
     else:
-        click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
+        click.echo(f"run {result.run_id}: test_accuracy={result.test_accuracy:.4f} "
+                   f"val_accuracy={result.val_accuracy:.4f} ({result.normalization})")
         click.echo(f"model: {result.model_uri}" + (f"  registered as {summary['registered']}" if register else ""))
 
 

@@ -23,14 +23,13 @@ def port_is_free(port: int) -> bool:
 
 
 def experiment_url(port: int) -> str:
-    """The UI's address, opening on the experiment our runs go to when the store has it."""
     from mlflow.tracking import MlflowClient
 
     from training import tracking
 
     url = f"http://{HOST}:{port}/#/experiments"
     if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
-        url += f"/{tracking.experiment_id_for()}"  # (which also marks an experiment made before the tag existed)
+        url += f"/{tracking.experiment_id_for()}"
     return url + tracking.UI_VIEW  # the runs table, not the GenAI overview
 
 
@@ -53,14 +52,11 @@ def ui(port: int) -> None:
     if not port_is_free(port):
         raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); choose another with --port")
     url = experiment_url(port)
-    # One web worker is plenty for one person (the default starts four), and no job runner: its
-    # queue consumers (five processes) serve GenAI evaluation jobs, which these runs do not use.
+    # One web worker is plenty for one person, and no job runner (it serves GenAI evaluation jobs only).
     command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port), "--workers", "1"]
-    # The store goes by environment (mlflow server's --backend-store-uri reads MLFLOW_BACKEND_STORE_URI),
-    # not on the command line: any user of the machine can read a command line (ps), and a
-    # postgresql:// store's URL may carry its password. MLflow hands it on to its web worker the same way.
+    # The store goes by environment, not on the command line anyone can read (ps): its URL may hold a password.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
-    # Its own process group: `mlflow ui` runs the web server as a child, and both must stop with us.
+    # Its own process group: `mlflow ui`'s web server child must stop with us too.
     server = subprocess.Popen(command, start_new_session=True, env=env)
     click.echo(f"MLflow UI over {masked_url(uri)}\nopen {url}\n(Ctrl-C stops it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, as Ctrl-C does
@@ -75,7 +71,6 @@ def ui(port: int) -> None:
 
 
 def _stop(server: subprocess.Popen) -> None:
-    """End the server's whole process group (its web server child may outlive it)."""
     try:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=15)

@@ -1,18 +1,16 @@
-"""The catalog's registry: names -> loaders with a description and static facts, and :func:`load_dataset`.
-
-Loaders register with :func:`register_dataset` (zoo/data/mnist.py, zoo/data/torchvision_datasets.py);
-a name that is no catalog entry but a folder goes to zoo/folder_dataset.py.
-"""
+"""The catalog's registry (names -> loaders, descriptions, static facts) and :func:`load_dataset`; a name that
+is a folder goes to zoo/folder_dataset.py."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from zoo.errors import UsageError
-from zoo.splits import Dataset, Split, stratified_split
+from zoo.splits import Dataset
+
 
 class DatasetUnavailable(RuntimeError):
     """The data is not on this machine and cannot be downloaded; the message says where we looked."""
@@ -22,10 +20,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ZOO_DATA_DIR", Path.home() / ".cache" / "zoo" / "data"))
 
 
-# What each catalog dataset holds, known without loading it: `zoo datasets` lists these facts
-# (loading CIFAR-10 to count its images would take seconds and a download). The figures are the
-# published sizes of each dataset's own train and test splits; --val-fraction then takes the
-# validation split out of the training images.
+# The published sizes of a dataset's own splits, for `zoo datasets` without loading (or downloading) it.
 @dataclass(frozen=True)
 class DatasetInfo:
     train_images: int  # the training split, before the validation split is taken from it
@@ -33,15 +28,12 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]  # (channels, height, width), as Dataset.image_shape
     classes: int
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "image_shape": list(self.image_shape)}
-
 
 Loader = Callable[[Path, bool, float, int], Dataset]
-_DATASETS: dict[str, tuple[Loader, str, DatasetInfo | None]] = {}
+_DATASETS: dict[str, tuple[Loader, str, DatasetInfo]] = {}
 
 
-def register_dataset(name: str, description: str, info: DatasetInfo | None = None) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, description: str, info: DatasetInfo) -> Callable[[Loader], Loader]:
     def wrapper(loader: Loader) -> Loader:
         _DATASETS[name] = (loader, description, info)
         return loader
@@ -50,34 +42,18 @@ def register_dataset(name: str, description: str, info: DatasetInfo | None = Non
 
 
 def list_datasets() -> dict[str, str]:
-    """Dataset names and one-line descriptions."""
     return {name: desc for name, (_, desc, _) in sorted(_DATASETS.items())}
 
 
 def dataset_info(name: str) -> DatasetInfo | None:
-    """The facts about catalog dataset ``name``; None for one that has none recorded."""
     return _DATASETS[name][2] if name in _DATASETS else None
 
 
-def load_dataset(
-    name: str,
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = True,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    test_fraction: float | None = None,
-    image_size: tuple[int, int] | None = None,
-    default_size: tuple[int, int] = (28, 28),
-    progress: bool = True,
-) -> Dataset:
-    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits. The split is
-    deterministic for a given ``seed``.
-
-    ``test_fraction``, ``image_size`` and ``default_size`` (the model's input size) apply to image
-    folders (zoo/folder_dataset.py); the catalog's datasets come with their own test split and size.
-    ``ZOO_OFFLINE=1`` in the environment turns downloads off (as HF_HUB_OFFLINE does for the hub).
-    """
+def load_dataset(name: str, *, data_dir: str | Path | None = None, download: bool = True, val_fraction: float = 0.1,
+                 seed: int = 0, test_fraction: float | None = None, image_size: tuple[int, int] | None = None,
+                 default_size: tuple[int, int] = (28, 28), progress: bool = True) -> Dataset:
+    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``.
+    ``test_fraction``, ``image_size`` and ``default_size`` apply to folders; ``ZOO_OFFLINE=1`` turns downloads off."""
     download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"the val fraction must be between 0 and 1 (exclusive), got {val_fraction:g}")
@@ -91,16 +67,3 @@ def load_dataset(
                          "or the path of a folder of class folders of images")
     loader, _, _ = _DATASETS[name]
     return loader(Path(data_dir) if data_dir else default_data_dir(), download, val_fraction, seed)
-
-
-def _split_train(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int,
-                 source: str) -> Dataset:
-    train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
-    return Dataset(
-        name,
-        classes,
-        Split(train.images[train_idx], train.labels[train_idx]),
-        Split(train.images[val_idx], train.labels[val_idx]),
-        test,
-        source,
-    )

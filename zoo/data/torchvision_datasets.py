@@ -1,18 +1,8 @@
-"""The torchvision catalog: CIFAR-10/100, SVHN, KMNIST, EMNIST letters and STL-10.
+"""The torchvision catalog: CIFAR-10/100, SVHN, KMNIST, EMNIST letters and STL-10 (the MNIST family: mnist.py).
 
-Each entry opens the data with torchvision's own dataset class (its download, checksums and file
-parsing), then turns what that class holds into the zoo's uint8 [N, C, H, W] splits. The
-classes differ in how they hold images, which is all this module deals with:
-
-- CIFAR keeps numpy HWC images and a list of labels;
-- SVHN and STL-10 keep numpy CHW images, and take ``split='train'/'test'`` instead of ``train=``;
-- KMNIST and EMNIST keep [N, H, W] tensors; EMNIST's images are stored transposed (NIST's
-  column-major order) and its letter labels run 1..26.
-
-``--data-dir`` (``ZOO_DATA_DIR``) is the ``root`` torchvision is given, so a folder that
-torchvision already downloaded into serves as it is.
-
-Registered when zoo.data is imported (zoo/data/__init__.py).
+torchvision's own dataset classes download, check and parse the files; each entry only turns what its class
+holds into uint8 [N, C, H, W] splits. ``--data-dir`` is torchvision's ``root``, so a folder torchvision
+already downloaded into serves as it is.
 """
 
 from __future__ import annotations
@@ -25,49 +15,43 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from zoo.data.catalog import DatasetInfo, DatasetUnavailable, _split_train, register_dataset
-from zoo.splits import Dataset, Split
+from zoo.data.catalog import DatasetInfo, DatasetUnavailable, register_dataset
+from zoo.splits import Dataset, Split, stratified_split
 
-# STL-10's class_names.txt is in its archive, but torchvision sets .classes only when the file is there.
+# torchvision sets STL10's .classes only when class_names.txt is there.
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-# SVHN's .mat files label the digit 0 as 10; torchvision maps it to 0, so labels are the digits.
-SVHN_CLASSES = [str(d) for d in range(10)]
+SVHN_CLASSES = [str(d) for d in range(10)]  # torchvision labels the digit 0 as 0 (the .mat files say 10)
 EMNIST_LETTERS = list(string.ascii_lowercase)
 
 
-def _torchvision_dataset(cls, name: str, root: Path, download: bool, hint: str):
+def open_splits(cls: Callable, name: str, root: Path, download: bool, hint: str):
+    """torchvision's train and test datasets, or DatasetUnavailable saying where the files go."""
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
-    except (RuntimeError, OSError) as exc:  # torchvision raises RuntimeError when not found, URLError when offline
-        raise DatasetUnavailable(
-            f"dataset {name!r} is not under {root} and could not be downloaded ({_first_line(exc)}). "
-            f"{hint} Offline alternatives: mnist-5k, fashion-mnist."
-        ) from exc
+    except (RuntimeError, OSError) as exc:  # RuntimeError when not found, URLError when offline
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatasetUnavailable(f"dataset {name!r} is not under {root} and could not be downloaded ({reason}). "
+                                 f"{hint} Offline alternatives: mnist-5k, fashion-mnist.") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def to_dataset(name: str, classes: list[str], pair, as_arrays: Callable[[Any], tuple], val_fraction: float,
+               seed: int, source: str | Path) -> Dataset:
+    """The zoo's splits of torchvision's (train, test) ``pair``; ``as_arrays(ds)`` gives [N, C, H, W] images and
+    labels. The validation split is a stratified share of the training one."""
+    train, test = (_split(*as_arrays(ds)) for ds in pair)
+    train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
+    return Dataset(name, list(classes), Split(train.images[train_idx], train.labels[train_idx]),
+                   Split(train.images[val_idx], train.labels[val_idx]), test, str(Path(source).resolve()))
 
 
-def _from_torchvision(name: str, classes: list[str], pair, val_fraction: float, seed: int) -> Dataset:
-    train_ds, test_ds = pair
-    as_split = lambda ds: Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())  # noqa: E731
-    return _split_train(name, classes, as_split(train_ds), as_split(test_ds), val_fraction, seed,
-                        str(Path(train_ds.raw_folder).resolve()))
+def idx_arrays(ds) -> tuple:
+    """MNIST-like classes hold [N, H, W] tensors."""
+    return ds.data.unsqueeze(1), ds.targets
 
 
-def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
-    """register_dataset with the static facts `zoo datasets` shows."""
-    return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir", info)
-
-
-def _by_split_name(cls: type) -> Callable[..., Any]:
-    """Open a class that takes ``split='train'/'test'`` (SVHN, STL10) as _torchvision_dataset opens ``train=``."""
-
-    def open_split(root: str, train: bool, download: bool):
-        return cls(root, split="train" if train else "test", download=download)
-
-    return open_split
+def _chw_arrays(ds) -> tuple:
+    """SVHN and STL-10 hold [N, C, H, W] numpy images and 0-based labels."""
+    return ds.data, ds.labels
 
 
 def _split(images: np.ndarray | torch.Tensor, labels: Any) -> Split:
@@ -75,9 +59,17 @@ def _split(images: np.ndarray | torch.Tensor, labels: Any) -> Split:
     return Split(images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def _finish(name: str, classes: list[str], train: Split, test: Split, val_fraction: float, seed: int,
-            source: Path) -> Dataset:
-    return _split_train(name, classes, train, test, val_fraction, seed, str(source.resolve()))
+def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
+    return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir", info)
+
+
+def _by_split_name(cls: type) -> Callable[..., Any]:
+    """Open a class that takes ``split='train'/'test'`` (SVHN, STL10) as open_splits opens ``train=``."""
+
+    def open_split(root: str, train: bool, download: bool):
+        return cls(root, split="train" if train else "test", download=download)
+
+    return open_split
 
 
 def _folder_hint(folder: str, files: list[str], origin: str) -> str:
@@ -87,11 +79,9 @@ def _folder_hint(folder: str, files: list[str], origin: str) -> str:
 def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     hint = _folder_hint(f"{cls.base_folder}/", files, f"as unpacked from {cls.url}")
-    train_ds, test_ds = _torchvision_dataset(cls, name, data_dir, download, hint)
-    # CIFAR holds images as numpy [N, H, W, C]; the zoo's splits are [N, C, H, W].
-    as_split = lambda ds: _split(ds.data.transpose(0, 3, 1, 2), ds.targets)  # noqa: E731
-    return _finish(name, list(train_ds.classes), as_split(train_ds), as_split(test_ds), val_fraction, seed,
-                   data_dir / cls.base_folder)
+    pair = open_splits(cls, name, data_dir, download, hint)
+    hwc = lambda ds: (ds.data.transpose(0, 3, 1, 2), ds.targets)  # noqa: E731  (CIFAR holds [N, H, W, C])
+    return to_dataset(name, pair[0].classes, pair, hwc, val_fraction, seed, data_dir / cls.base_folder)
 
 
 @_catalog_entry("cifar10", "CIFAR-10 objects and animals", DatasetInfo(50_000, 10_000, (3, 32, 32), 10))
@@ -115,9 +105,8 @@ def _load_svhn(data_dir: Path, download: bool, val_fraction: float, seed: int) -
     files = [SVHN.split_list[s][1] for s in ("train", "test")]
     hint = (f"Point --data-dir (or ZOO_DATA_DIR) at the folder holding {' and '.join(files)} "
             f"(from {SVHN.split_list['train'][0].rsplit('/', 1)[0]}/), or go online.")
-    train_ds, test_ds = _torchvision_dataset(_by_split_name(SVHN), "svhn", data_dir, download, hint)
-    as_split = lambda ds: _split(ds.data, ds.labels)  # noqa: E731  (already [N, C, H, W], digit 0 labelled 0)
-    return _finish("svhn", SVHN_CLASSES, as_split(train_ds), as_split(test_ds), val_fraction, seed, data_dir)
+    pair = open_splits(_by_split_name(SVHN), "svhn", data_dir, download, hint)
+    return to_dataset("svhn", SVHN_CLASSES, pair, _chw_arrays, val_fraction, seed, data_dir)
 
 
 @_catalog_entry("kmnist", "Kuzushiji-MNIST (10 hiragana)", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
@@ -126,10 +115,8 @@ def _load_kmnist(data_dir: Path, download: bool, val_fraction: float, seed: int)
 
     files = [f.removesuffix(".gz") for f, _ in KMNIST.resources]
     hint = _folder_hint("KMNIST/raw/", files, f"gunzipped from {KMNIST.mirrors[0]}")
-    train_ds, test_ds = _torchvision_dataset(KMNIST, "kmnist", data_dir, download, hint)
-    as_split = lambda ds: _split(ds.data.unsqueeze(1), ds.targets)  # noqa: E731
-    return _finish("kmnist", list(KMNIST.classes), as_split(train_ds), as_split(test_ds), val_fraction, seed,
-                   Path(train_ds.raw_folder))
+    pair = open_splits(KMNIST, "kmnist", data_dir, download, hint)
+    return to_dataset("kmnist", KMNIST.classes, pair, idx_arrays, val_fraction, seed, pair[0].raw_folder)
 
 
 @_catalog_entry("emnist-letters", "EMNIST letters a..z (upper and lower case merged)",
@@ -139,13 +126,10 @@ def _load_emnist_letters(data_dir: Path, download: bool, val_fraction: float, se
 
     files = [f"emnist-letters-{s}-{kind}-ubyte" for s in ("train", "test") for kind in ("images-idx3", "labels-idx1")]
     hint = _folder_hint("EMNIST/raw/", files, f"gunzipped from the gzip/ folder of {EMNIST.url}")
-    opener = functools.partial(EMNIST, split="letters")
-    train_ds, test_ds = _torchvision_dataset(opener, "emnist-letters", data_dir, download, hint)
-    # NIST stores each image transposed (torchvision leaves it so); its letter labels are 1..26
-    # (0 is an unused 'N/A' class), so 'a' becomes 0.
-    as_split = lambda ds: _split(ds.data.transpose(1, 2).unsqueeze(1), ds.targets - 1)  # noqa: E731
-    return _finish("emnist-letters", EMNIST_LETTERS, as_split(train_ds), as_split(test_ds), val_fraction, seed,
-                   Path(train_ds.raw_folder))
+    pair = open_splits(functools.partial(EMNIST, split="letters"), "emnist-letters", data_dir, download, hint)
+    # NIST stores each image transposed; its letter labels run 1..26 (0 is an unused 'N/A' class).
+    letters = lambda ds: (ds.data.transpose(1, 2).unsqueeze(1), ds.targets - 1)  # noqa: E731
+    return to_dataset("emnist-letters", EMNIST_LETTERS, pair, letters, val_fraction, seed, pair[0].raw_folder)
 
 
 @_catalog_entry("stl10", "STL-10 labelled images ('unlabeled' not used)", DatasetInfo(5_000, 8_000, (3, 96, 96), 10))
@@ -155,8 +139,6 @@ def _load_stl10(data_dir: Path, download: bool, val_fraction: float, seed: int) 
     # torchvision checks all five binaries, unlabeled_X.bin (2.8 GB, unused here) included.
     files = [f for f, _ in STL10.train_list + STL10.test_list]
     hint = _folder_hint(f"{STL10.base_folder}/", files, f"as unpacked from {STL10.url}")
-    train_ds, test_ds = _torchvision_dataset(_by_split_name(STL10), "stl10", data_dir, download, hint)
-    classes = list(getattr(train_ds, "classes", STL10_CLASSES))
-    as_split = lambda ds: _split(ds.data, ds.labels)  # noqa: E731  (already [N, C, H, W], labels 0-based)
-    return _finish("stl10", classes, as_split(train_ds), as_split(test_ds), val_fraction, seed,
-                   data_dir / STL10.base_folder)
+    pair = open_splits(_by_split_name(STL10), "stl10", data_dir, download, hint)
+    classes = getattr(pair[0], "classes", STL10_CLASSES)
+    return to_dataset("stl10", classes, pair, _chw_arrays, val_fraction, seed, data_dir / STL10.base_folder)

@@ -1,11 +1,5 @@
-"""The logged model as MLflow stores it: a pyfunc model from code with its program, graph and signature.
-
-What decides what a zoo model is on disk, in one place, for the side that writes it
-(training, through :func:`log_model`) and the side that reads it (serving.loading, the served
-model): the code (pyfunc_model.py and the image decoder zoo/imaging.py beside it), the
-``torch.export`` program of the network with its normalization, the ONNX graph shipped beside it
-(zoo/model_format/onnx_graph.py), the signature, the input example and the pinned requirements.
-"""
+"""The logged model as MLflow stores it: code (pyfunc_model.py, zoo/imaging.py), the ``torch.export`` program of
+the network with its normalization, the shipped ONNX graph, the signature, input example and requirements."""
 
 from __future__ import annotations
 
@@ -21,105 +15,67 @@ from mlflow.tracking import MlflowClient
 from zoo.model_format.model import ONNX_ARTIFACT, ONNX_FILE, model_metadata
 from zoo.model_format.onnx_graph import export_onnx_file
 from zoo import imaging
-from zoo.normalization import Normalization
+from zoo.normalization import Normalization, NormalizedModel
 
 PYFUNC_MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 IMAGING_CODE = Path(imaging.__file__).resolve()  # its image decoder, shipped beside it
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pillow", "mlflow")  # what pyfunc_model.py imports
-# pyfunc_model.py ships alone and names these itself; importing it here would run its set_model().
+# As pyfunc_model.py names them (importing it would run its set_model()).
 PROGRAM_ARTIFACT = "program"  # the torch.export program it loads
 IMAGE_COLUMN = "image"  # the signature's column of encoded images
 
 
-def log_model(
-    network: torch.nn.Module,
-    *,
-    model_name: str,
-    normalization: Normalization,
-    input_shape: tuple[int, int, int],
-    class_names: list[str],
-    registered_name: str | None = None,
-    sample_images: torch.Tensor | None = None,
-    onnx: bool | None = None,
-    resize: int | None = None,
-    **extra_metadata: Any,
-) -> str:
-    """Log ``network`` (it takes *normalized* input) as an MLflow model that takes images, in the active
-    run; returns its URI (``models:/m-...``). Registering it is the caller's (training.registration).
-
-    The logged model (zoo/model_format/pyfunc_model.py, "models from code") holds the network *with*
-    its normalization as a pickle-free ``torch.export`` program: it takes PNG/JPEG bytes or
-    pixels in [0, 1] and answers labels. ``sample_images`` (uint8 [N, C, H, W], real images
-    of the dataset) give the input example; the normalization, input shape and class names
-    also go into the model's metadata for ``serving.loading``. ``resize`` (`zoo renorm`'s preprocessing:
-    the shorter side resized to it, then the input's height x width center-cropped; None: images are
-    stretched to the input's size) goes into the metadata, the model's config and the ONNX graph, so
-    every user of the model decodes images as it was scored.
-
-    With ``onnx`` (the default when ``registered_name`` says it will be registered), the model also ships its ONNX
-    graph (``artifacts/model.onnx``, checked against PyTorch with onnxruntime): `zoo classify
-    models:/NAME@ALIAS` then downloads it instead of exporting on each machine's first call.
-    """
+def log_model(network: torch.nn.Module, *, model_name: str, normalization: Normalization,
+              input_shape: tuple[int, int, int], class_names: list[str], registered_name: str | None = None,
+              sample_images: torch.Tensor | None = None, onnx: bool | None = None, resize: int | None = None,
+              **extra_metadata: Any) -> str:
+    """Log ``network`` (it takes *normalized* input) in the active run as a model that takes images; returns
+    its URI (``models:/m-...``). ``sample_images`` (uint8) give the input example; ``resize`` (shorter side before
+    a center crop) goes wherever images are decoded. ``onnx`` (default: when it will be registered) ships the
+    ONNX graph, so `zoo classify models:/NAME@ALIAS` downloads it instead of exporting it on each machine."""
     config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape), "resize": resize}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "program.pt2"
         torch.export.save(export_program(network, normalization, input_shape), program)
         artifacts = {PROGRAM_ARTIFACT: str(program)}
         if (registered_name is not None) if onnx is None else onnx:
-            graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp),
+            graph = _onnx_or_warning(Path(tmp), network, normalization, input_shape, class_names, model_name,
                                      source=f"models:/{registered_name}" if registered_name else "the logged model",
                                      resize=resize)
             if graph is not None:
                 artifacts[ONNX_ARTIFACT] = str(graph)
-        # The MLmodel file records this absolute path as model_code_path. MLflow (3.17) reads only its
-        # file name back (os.path.basename, mlflow/pyfunc/model.py) and loads the copy inside the model, so
-        # it is harmless; a relative path would need a chdir, process-wide and unsafe while study threads log.
+        # MLflow records this absolute path but reads back only its file name (a relative one would need a chdir).
+        metadata = model_metadata(model_name=model_name, normalization=normalization, input_shape=input_shape,
+                                  class_names=class_names, resize=resize, **extra_metadata)
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_CODE),
-            code_paths=[str(IMAGING_CODE)],
-            artifacts=artifacts,
-            model_config=config,
-            signature=model_signature(),
-            input_example=image_example(sample_images, input_shape),
-            pip_requirements=pip_requirements(),
-            metadata=model_metadata(
-                model_name=model_name, normalization=normalization, input_shape=input_shape,
-                class_names=class_names, resize=resize, **extra_metadata,
-            ),
-        )
+            name="model", python_model=str(PYFUNC_MODEL_CODE), code_paths=[str(IMAGING_CODE)], artifacts=artifacts,
+            model_config=config, signature=model_signature(), input_example=image_example(sample_images, input_shape),
+            pip_requirements=pip_requirements(), metadata=metadata)
     return info.model_uri
 
 
 def ships_onnx(model_uri: str) -> bool:
-    """Whether the logged model ``models:/m-...`` holds its ONNX graph (``artifacts/model.onnx``)."""
     listed = MlflowClient().list_logged_model_artifacts(_logged_model_id(model_uri), "artifacts")
     return any(Path(a.path).name == ONNX_FILE for a in listed)
 
 
 def _logged_model_id(model_uri: str) -> str:
-    """``m-...`` of ``models:/m-...``."""
     return model_uri.rstrip("/").rpartition("/")[2]
 
 
 def ship_onnx(model_uri: str, network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
               class_names: list[str], model_name: str, source: str) -> None:
-    """Add the ONNX graph to an already logged model ``models:/m-...``, where :func:`log_model` with
-    ``onnx`` would have put it (a model logged without it and registered later as ``source``)."""
+    """Add the ONNX graph to a model logged without it and registered later as ``source``."""
     with tempfile.TemporaryDirectory() as tmp:
-        graph = _onnx_or_warning(network, normalization, input_shape, class_names, model_name, Path(tmp), source)
+        graph = _onnx_or_warning(Path(tmp), network, normalization, input_shape, class_names, model_name, source=source)
         if graph is not None:
             MlflowClient().log_model_artifact(_logged_model_id(model_uri), str(graph), artifact_path="artifacts")
 
 
-def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int],
-                     class_names: list[str], model_name: str, folder: Path, source: str,
-                     resize: int | None = None) -> Path | None:
-    """The shipped ONNX graph written into ``folder``, or None with a warning: shipping it is a
-    convenience, so a model whose export fails is logged and registered without it (and exported where used)."""
+def _onnx_or_warning(folder: Path, *args: Any, **kwargs: Any) -> Path | None:
+    """:func:`export_onnx_file` into ``folder``, or None with a warning: shipping the graph is a convenience."""
     try:
-        return export_onnx_file(network, normalization, input_shape, class_names, model_name, folder / ONNX_FILE,
-                                source=source, resize=resize)
+        return export_onnx_file(*args, path=folder / ONNX_FILE, **kwargs)
     except Exception as exc:
         print(f"warning: the model is logged without its ONNX graph ({type(exc).__name__}: {exc}); "
               "zoo classify and zoo export will export it when used", file=sys.stderr)
@@ -127,39 +83,25 @@ def _onnx_or_warning(network: torch.nn.Module, normalization: Normalization, inp
 
 
 def export_program(network: torch.nn.Module, normalization: Normalization, input_shape: tuple[int, int, int]):
-    """The network preceded by its normalization, exported with a dynamic batch dimension (pixels in [0, 1] in)."""
-    from zoo.normalization import NormalizedModel
-
+    """The network with its normalization, exported with a dynamic batch dimension."""
     module = NormalizedModel(network.eval().cpu(), normalization).eval()
     example = torch.rand(2, *input_shape)  # batch 2, not 1: a batch of 1 would be specialized
     return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def model_signature():
-    """Input: one of an ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column; ``top_k`` param.
-
-    ``pixels`` is typed Any, not an array of doubles, and pyfunc_model.py checks its shape and values itself:
-    MLflow refused a flat list or a missing level with its own type error ("Expected data to be list or numpy
-    array, got float") before the model could say which row has which shape, and ``mlflow.pyfunc.spark_udf``
-    applied to one column (``udf("content")``) fills every other signature column with NaN.
-    """
+    """An ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column, a ``top_k`` param. ``pixels`` is
+    typed Any so that pyfunc_model.py, not MLflow's type error, says which row is wrong and how."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    inputs = Schema([
-        ColSpec("binary", "image", required=False),
-        ColSpec(AnyType(), "pixels", required=False),
-    ])
-    outputs = Schema([
-        ColSpec("string", "label"),
-        ColSpec("double", "probability"),
-        ColSpec(Array(Object([Property("label", "string"), Property("probability", "double")])), "top"),
-    ])
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec(AnyType(), "pixels", required=False)])
+    top = Array(Object([Property("label", "string"), Property("probability", "double")]))
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec(top, "top")])
     return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", "long", 3)]))
 
 
 def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]):
-    """A DataFrame with real images as PNG bytes (mid-grey when none are given)."""
     import io
 
     import pandas as pd
@@ -177,7 +119,7 @@ def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]
 
 
 def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, given explicitly: MLflow's inference takes seconds."""
+    """Pinned requirements, given explicitly: MLflow's inference of them is slow."""
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]

@@ -1,7 +1,4 @@
-"""A zoo model in memory (:class:`LoadedModel`) and the metadata it is logged with.
-
-Light on purpose (no torch, no MLflow at import): `zoo classify x.onnx` imports it.
-"""
+"""A zoo model in memory and the metadata it is logged with; no torch or MLflow at import (`zoo classify x.onnx`)."""
 
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ if TYPE_CHECKING:
 
 # What every logged zoo model's MLflow metadata holds (serving.loading refuses a model without them).
 REQUIRED_METADATA = ("normalization", "input_shape", "class_names")
-# Optional: the shorter side images are resized to before the input's height x width is center-cropped
-# (`zoo renorm`'s preprocessing); absent, images are stretched to the input's size (zoo/imaging.DecodeSpec).
+# Optional: the shorter side before a center crop (`zoo renorm`); absent, images are stretched (imaging.DecodeSpec).
 RESIZE_METADATA = "resize"
 ONNX_ARTIFACT, ONNX_FILE = "onnx", "model.onnx"  # a registered model's ONNX graph, beside its program
 SHIPPED_ONNX = f"artifacts/{ONNX_FILE}"  # where it lies inside the logged model (serving.classify downloads it)
@@ -33,16 +29,7 @@ class LoadedModel:
     resize: int | None = None  # shorter side before the center crop; None: stretched (see RESIZE_METADATA)
 
 
-def model_metadata(
-    *, model_name: str, normalization: Normalization, input_shape: tuple[int, ...], class_names: list[str],
-    resize: int | None = None, **extra: Any
-) -> dict[str, Any]:
-    """What downstream code needs to use a logged model without hard-coding anything."""
-    return {
-        "zoo_model": model_name,
-        "normalization": normalization.to_dict(),
-        "input_shape": list(input_shape),
-        "class_names": list(class_names),
-        **({RESIZE_METADATA: int(resize)} if resize is not None else {}),
-        **extra,
-    }
+def model_metadata(*, model_name: str, normalization: Normalization, input_shape: tuple[int, ...],
+                   class_names: list[str], resize: int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"zoo_model": model_name, "normalization": normalization.to_dict(), "input_shape": list(input_shape),
+            "class_names": list(class_names), **({RESIZE_METADATA: int(resize)} if resize is not None else {}), **extra}

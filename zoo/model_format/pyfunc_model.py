@@ -1,18 +1,8 @@
-"""The MLflow model of a zoo classifier: images in, labels out ("models from code").
+"""The MLflow model of a zoo classifier ("models from code"): images in, labels out.
 
-``zoo.model_format.mlflow_model.log_model`` logs this file as the model's code, with zoo/imaging.py (the
-image decoder `zoo classify` uses) beside it. MLflow copies both into the logged model and runs
-them wherever the model is loaded or served, so they import only torch, numpy, pandas, Pillow and
-mlflow, never the zoo package. The network it loads (a
-``torch.export`` program, pickle-free) has its normalization inside: callers send images or
-pixels in [0, 1], never normalized tensors.
-
-Input (a DataFrame, one image per row), one of two columns:
-  image   PNG/JPEG/... bytes (REST clients send them base64-encoded; MLflow decodes them)
-  pixels  float [C][H][W] in [0, 1], the model's input shape (an "inputs" request: a list of them).
-          Typed Any in the signature so that a NaN, a flat list or a missing level reaches
-          this code, which names the row and what is wrong, instead of MLflow's type error.
-Output: one row per image: ``label``, ``probability`` and ``top`` (the ``top_k`` best, param).
+Shipped inside the logged model with zoo/imaging.py beside it, so it imports only torch, numpy, pandas,
+Pillow and mlflow, never the zoo package. Input: an ``image`` column (encoded bytes, base64 over REST) or a
+``pixels`` column (floats [C][H][W] in [0, 1]); output: ``label``, ``probability`` and the ``top_k`` best.
 """
 
 from __future__ import annotations
@@ -38,17 +28,13 @@ DEFAULT_TOP_K = 3
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Decodes images to the network's channels and size, runs it, and names the classes."""
-
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = context.model_config
         self.class_names: list[str] = [str(c) for c in config["class_names"]]
         self.input_shape: tuple[int, int, int] = tuple(config["input_shape"])
-        # The shorter side before a center crop (models registered by `zoo renorm`); None: stretched.
         self.resize: int | None = config.get("resize")
         self.module: torch.nn.Module = torch.export.load(context.artifacts[PROGRAM_ARTIFACT]).module()
-        # Exported in eval mode (dropout off, BatchNorm running statistics); such a module refuses
-        # eval() but reports training=True, which would mislead torch.onnx.export and its users.
+        # Exported in eval mode, but an exported module reports training=True (misleading torch.onnx.export).
         self.module.training = False
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -69,11 +55,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             sent = [name for name in sent if frame[name].notna().any()] or sent
         has_image, has_pixels = IMAGE_COLUMN in sent, PIXELS_COLUMN in sent
         if has_image == has_pixels:
-            raise invalid(
-                f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "
-                f"{PIXELS_COLUMN!r} (floats [C][H][W] in [0, 1], C,H,W = {','.join(map(str, self.input_shape))}); "
-                f"got {'both' if has_image else 'neither'}"
-            )
+            raise invalid(f"expected one column, {IMAGE_COLUMN!r} (PNG/JPEG bytes, base64 strings over REST) or "
+                          f"{PIXELS_COLUMN!r} (floats [C][H][W] in [0, 1], C,H,W = {','.join(map(str, self.input_shape))}); "
+                          f"got {'both' if has_image else 'neither'}")
         if has_image:
             images = list(_unnest(frame[IMAGE_COLUMN], lambda cell: isinstance(cell, (list, tuple, np.ndarray))))
             if not images:
@@ -99,11 +83,7 @@ def invalid(message: str) -> MlflowException:
 
 
 def _unnest(cells, nested) -> Any:
-    """The values of a column, with list cells spread out.
-
-    A dict input ({"image": [a, b]}, MLflow's REST "inputs" form) reaches predict as one row
-    holding the whole list, because the signature has an array column.
-    """
+    """The values of a column, list cells spread out (an "inputs" request arrives as one row holding a list)."""
     for cell in cells:
         if nested(cell):
             yield from cell
@@ -127,12 +107,8 @@ def decode_image(data: Any, input_shape: tuple[int, int, int], row: int, resize:
 
 
 def _base64_decoded(data: bytes) -> bytes:
-    """``data`` itself, or what it encodes when it is base64 text.
-
-    MLflow decodes base64 for the binary column of a "dataframe_split"/"dataframe_records"
-    request, not for an "inputs" request or a string passed in Python. Image files never
-    parse as base64 (PNG and JPEG open with non-ASCII bytes), so the two cannot be confused.
-    """
+    """``data``, or what it encodes when it is base64 text (MLflow decodes only dataframe requests; image files
+    open with non-ASCII bytes, so never parse as base64)."""
     import base64
     import binascii
 
@@ -143,8 +119,7 @@ def _base64_decoded(data: bytes) -> bytes:
 
 
 def stack_pixels(cells, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """float32 [N, C, H, W] from cells that each hold one image [C][H][W], each checked on its own so
-    that the error names the row and what is wrong with it."""
+    """float32 [N, C, H, W] from cells of one image [C][H][W] each, checked one by one to name a bad row."""
     rows = [row_pixels(cell, row, input_shape) for row, cell in enumerate(cells)]
     if not rows:
         raise invalid(f"column {PIXELS_COLUMN!r} is empty; send at least one image")

@@ -1,7 +1,4 @@
-"""Model families, one module each, and their registry (zoo/models/registry.py).
-
-Importing this package (or anything in it, the registry included) registers every family.
-"""
+"""Model families, one module each, and their registry; importing anything here registers every family."""
 
 from zoo.models import mnist_cnn  # noqa: F401
 from zoo.models import resnet  # noqa: F401

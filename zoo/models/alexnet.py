@@ -1,10 +1,5 @@
-"""AlexNet for single-channel Fashion-MNIST, as in the LeNet/AlexNet notebook (after d2l).
-
-The network takes the dataset's 28x28 images and resizes them to 224x224 itself
-(bilinear), instead of the notebook's resize in the data loader: 60,000 images at
-224x224 would take 3 GB as uint8, and with the resize inside, the registry's input
-shape is what the dataset provides and what `zoo classify` feeds (1x28x28).
-"""
+"""AlexNet for Fashion-MNIST, as in the LeNet/AlexNet notebook (after d2l). It resizes its 28x28 input to
+224x224 itself: 60,000 images at 224x224 would take 3 GB, and its input shape stays the data's."""
 
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ class AlexNet(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.5, in_channels: int = 1):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),  # a large window with a large stride on 224x224
+            nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(96, 256, kernel_size=5, padding=2),
@@ -54,16 +49,8 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model(
-    "alexnet",
-    input_shape=(1, 28, 28),  # resized to 224x224 inside the network
-    num_classes=10,
-    normalization=Normalization.identity(1),
-    optimizer="sgd",
-    lr=0.01,
-    lr_gamma=1.0,
-    recipe={"batch_size": 128},
-)
+@register_model("alexnet", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.01, lr_gamma=1.0, recipe={"batch_size": 128})
 def alexnet(*, num_classes: int = 10, dropout: float = 0.5, input_shape: tuple[int, int, int] = (1, 28, 28)) -> AlexNet:
-    """AlexNet, input of any size resized to 224x224 inside (28x28 grey by default), dropout 0.5 in the classifier (SGD)."""
+    """AlexNet, input resized to 224x224 inside (28x28 grey by default), dropout 0.5 in the classifier (SGD)."""
     return AlexNet(num_classes=num_classes, dropout=dropout, in_channels=input_shape[0])

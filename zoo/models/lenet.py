@@ -1,9 +1,5 @@
-"""LeNet-5 as in the LeNet/AlexNet notebook (after d2l): sigmoid activations, max pooling, no final Gaussian layer.
-
-LeNet-5 was designed for 32x32 images: smaller ones are zero-padded by the first convolution up to
-that geometry (28x28 MNIST: padding 2, as d2l does), 32x32 and larger ones go in unpadded, as in the
-original, and the first linear layer takes whatever the feature map flattens to (16 x 5 x 5 at 32x32).
-"""
+"""LeNet-5 as in the LeNet/AlexNet notebook (after d2l): sigmoid activations, max pooling. Images under
+32x32 are zero-padded up to that geometry by the first convolution (padding 2 at 28x28, as d2l does)."""
 
 from __future__ import annotations
 
@@ -16,7 +12,6 @@ from zoo.errors import UsageError
 
 
 def xavier_uniform_(module: nn.Module) -> None:
-    """Xavier-uniform weights for every convolution and linear layer (biases keep PyTorch's default)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
@@ -55,22 +50,13 @@ class LeNet5(nn.Module):
 
 
 def _flattened(features: nn.Module, channels: int, height: int, width: int) -> int:
-    """The number of features ``features`` leaves for one image of this size (one dry run)."""
     with torch.no_grad():
         return features(torch.zeros(1, channels, height, width)).numel()
 
 
-@register_model(
-    "lenet5",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=Normalization.identity(1),  # the notebook feeds ToTensor() pixels in [0, 1]
-    optimizer="sgd",
-    lr=0.9,
-    lr_gamma=1.0,
-    # Keep the epoch with the best *validation* accuracy (the notebook picked it on the test set).
-    recipe={"batch_size": 256, "keep_best": True},
-)
+# The notebook feeds ToTensor() pixels in [0, 1], and picked its best epoch on the test set: here, on validation.
+@register_model("lenet5", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.9, lr_gamma=1.0, recipe={"batch_size": 256, "keep_best": True})
 def lenet5(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> LeNet5:
     """LeNet-5: two 5x5 sigmoid convolutions with max pooling, then 120-84-10 sigmoid layers (SGD)."""
     return LeNet5(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

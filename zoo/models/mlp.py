@@ -1,9 +1,5 @@
-"""The course's fully connected network, 784-256-256-10 with ReLU, and its regularization switches.
-
-Dropout and BatchNorm are builder switches rather than separate registered models: the
-three regularizers (with L2 weight decay, which is an optimizer setting) combine freely,
-and runs that differ only by them stay comparable under one model name in MLflow.
-"""
+"""The course's 784-256-256-10 ReLU network. Dropout and BatchNorm are builder switches, not separate
+models, so regularized runs stay comparable under one model name."""
 
 from __future__ import annotations
 
@@ -17,9 +13,6 @@ from zoo.normalization import Normalization
 from zoo.models.registry import register_model
 from zoo.errors import UsageError
 
-# The course feeds ToTensor() pixels in [0, 1] with no normalization.
-PIXELS = Normalization.identity(1)
-
 
 class MLP(nn.Module):
     def __init__(self, num_classes: int = 10, hidden: int = 256, dropout: float = 0.0, batchnorm: bool = False,
@@ -28,8 +21,7 @@ class MLP(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise UsageError(f"dropout is a probability in [0, 1), got {dropout}")
         self.fc1 = nn.Linear(in_features, hidden)  # C x H x W pixels: 784 for MNIST
-        # One BatchNorm per hidden layer: the course's mlp_bn applied bn1 twice, sharing
-        # running statistics between two layers whose activations differ.
+        # One BatchNorm per hidden layer (the course's mlp_bn reused bn1 for both, sharing its statistics).
         self.bn1 = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
         self.dropout1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, hidden)
@@ -44,16 +36,9 @@ class MLP(nn.Module):
         return self.fc3(x)
 
 
-@register_model(
-    "mlp",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=PIXELS,
-    optimizer="adam",
-    lr=1e-3,
-    lr_gamma=1.0,
-    recipe={"batch_size": 64, "val_fraction": 0.2},  # the course's 80/20 train/validation split
-)
+# The course feeds ToTensor() pixels in [0, 1], with an 80/20 train/validation split.
+@register_model("mlp", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="adam", lr=1e-3, lr_gamma=1.0, recipe={"batch_size": 64, "val_fraction": 0.2})
 def mlp(*, num_classes: int = 10, dropout: float = 0.0, batchnorm: bool = False,
         input_shape: tuple[int, int, int] = (1, 28, 28)) -> MLP:
     """784-256-256-10 ReLU MLP (Adam 1e-3); switches: dropout=P after each hidden layer, batchnorm=true."""

@@ -1,9 +1,5 @@
-"""The pytorch/examples MNIST network (``mnist/main.py``), layer for layer.
-
-At 1x28x28 it is the upstream network exactly. For other data the first convolution takes the
-data's channels and ``fc1`` the flattened size of the feature map (9216 = 64 x 12 x 12 at 28x28):
-the layers, their order and their widths stay as upstream.
-"""
+"""The pytorch/examples MNIST network (``mnist/main.py``), layer for layer; other data changes only the first
+convolution's channels and ``fc1``'s input size."""
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +8,6 @@ from torch import nn
 from zoo.normalization import Normalization
 from zoo.models.registry import register_model
 from zoo.errors import UsageError
-
-MNIST_NORMALIZATION = Normalization((0.1307,), (0.3081,))
 
 
 def flattened_features(height: int, width: int) -> int:
@@ -49,15 +43,8 @@ class Net(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
-@register_model(
-    "mnist_cnn",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=MNIST_NORMALIZATION,
-    optimizer="adadelta",
-    lr=1.0,
-    lr_gamma=0.7,
-)
+@register_model("mnist_cnn", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization((0.1307,), (0.3081,)),
+                optimizer="adadelta", lr=1.0, lr_gamma=0.7)
 def mnist_cnn(*, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28)) -> Net:
     """The pytorch/examples MNIST CNN: two 3x3 convolutions, max pool, dropout, two linear layers."""
     return Net(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[1:])

@@ -1,17 +1,8 @@
-"""The model registry: a dict plus a decorator, in the style of torchvision's ``models/_api.py``.
+"""The model registry: a dict plus a decorator, as torchvision's ``models/_api.py``.
 
-It lives inside ``zoo.models`` for the reason torchvision's does: importing it runs
-``zoo/models/__init__.py`` first, which imports every family, so every family is registered
-before any lookup, and the registry never imports a family back (no import cycle).
-
-Each entry knows what the data loader, the trainer, the exporter and the classifier
-need to know without special cases: input shape, number of classes, default
-normalization and the default optimizer recipe.
-
-Every builder fits the data it is given (``create_model(name, input_shape=(C, H, W),
-num_classes=K)``, as timm's ``create_model(name, in_chans=C, num_classes=K)``): the
-registered input shape and classes are the defaults, those of the data the model was
-designed for. ``timm:NAME`` names any architecture of timm (zoo/models/timm_models.py).
+Inside ``zoo.models`` so that importing it registers every family first. Each entry carries the input
+shape, classes, default normalization and optimizer recipe; builders fit the data they are given
+(``create_model(name, input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture.
 """
 
 from __future__ import annotations
@@ -36,12 +27,9 @@ class ModelSpec:
     optimizer: str = "adadelta"
     lr: float = 1.0
     lr_gamma: float = 0.7  # StepLR(step_size=1) decay per epoch; 1.0 keeps lr constant
-    # "autograd" models share training.engine; another value names a trainer of its own.
-    trainer: str = "autograd"
+    trainer: str = "autograd"  # or the name of a trainer of its own (training/trainers.py)
     description: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
-    # Training defaults beyond the optimizer (batch_size, val_fraction, momentum, keep_best):
-    # TrainConfig fields left at None take them from here (see TrainConfig.resolved).
+    # Training defaults beyond the optimizer (batch_size, val_fraction, momentum, keep_best) for TrainConfig.
     recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -52,23 +40,16 @@ class ModelSpec:
 _MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(
-    name: str,
-    *,
-    input_shape: tuple[int, int, int],
-    num_classes: int,
-    normalization: Normalization,
-    **spec: Any,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int, normalization: Normalization,
+                   **spec: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a builder under ``name``; a duplicate name is an error."""
 
     def wrapper(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"a model named {name!r} is already registered")
         description = spec.pop("description", None) or (builder.__doc__ or "").strip().splitlines()[0]
-        _MODELS[name] = ModelSpec(
-            name, builder, tuple(input_shape), num_classes, normalization, description=description, **spec
-        )
+        _MODELS[name] = ModelSpec(name, builder, tuple(input_shape), num_classes, normalization,
+                                  description=description, **spec)
         return builder
 
     return wrapper
@@ -85,13 +66,11 @@ def list_models(include: str | None = None, exclude: str | None = None) -> list[
 
 
 TIMM_PREFIX = "timm:"
-# Families of architectures named by a prefix (``timm:NAME``): prefix -> NAME -> its spec.
-# zoo/models/timm_models.py registers itself here when zoo.models imports it.
+# Families named by a prefix (``timm:NAME``): prefix -> resolve(NAME) -> spec.
 _PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}
 
 
 def register_prefix(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
-    """Name a family of architectures ``PREFIX + NAME`` whose specs ``resolve(NAME)`` builds on demand."""
     _PREFIXED[prefix] = resolve
 
 
@@ -107,12 +86,10 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, *, input_shape: tuple[int, int, int] | None = None, **config: Any) -> nn.Module:
-    """Build a registered model for ``input_shape`` (C, H, W; default: the registered one) and
-    ``num_classes``; ``None`` values are dropped so the builder's defaults stay in force."""
+    """Build a model for ``input_shape`` (default: the registered one); ``None`` values keep the builder's defaults."""
     spec = get_model_spec(name)
-    kwargs = {**spec.defaults, **{k: v for k, v in config.items() if v is not None}}
+    kwargs = {k: v for k, v in config.items() if v is not None}
     kwargs.setdefault("num_classes", spec.num_classes)
     if input_shape is not None and tuple(input_shape) != spec.input_shape:
         kwargs["input_shape"] = tuple(int(v) for v in input_shape)
     return spec.builder(**kwargs)
-

@@ -1,8 +1,5 @@
-"""torchvision ResNet-18 and ResNet-50, registered with ImageNet's input shape, classes and normalization.
-
-Pretrained weights come through torchvision's weights API (see :mod:`zoo.pretrained`);
-the builders here make the architecture only.
-"""
+"""torchvision ResNet-18 and ResNet-50 with ImageNet's input shape, classes and normalization (architecture
+only: pretrained weights are zoo.pretrained's)."""
 
 from __future__ import annotations
 
@@ -13,23 +10,18 @@ from torch import nn
 from zoo.normalization import IMAGENET
 from zoo.models.registry import register_model
 
-# SGD at lr 0.1 as in torchvision's references/classification recipe. Its schedule (x0.1 every 30 epochs)
-# is not kept: the zoo's StepLR steps every epoch, and gamma 0.9 multiplies the lr by 0.9 each epoch
-# (x0.1 after about 22 epochs: 0.9**22 = 0.098).
+# SGD at lr 0.1 as torchvision's references recipe; its x0.1 every 30 epochs becomes 0.9 per epoch (StepLR).
 _RECIPE = dict(optimizer="sgd", lr=0.1, lr_gamma=0.9)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by the builders: a fixed cost for every command that never builds a ResNet
     from torchvision import models as tv
-# Otherwise torchvision is imported by the builders: importing it (its models and ops, and with
-# them torch._dynamo) is a fixed cost of every `zoo` command that never builds a ResNet.
 
 
 IMAGENET_SHAPE = (3, 224, 224)
 
 
 def _for_channels(network: tv.ResNet, channels: int) -> tv.ResNet:
-    """A ResNet whose stem takes ``channels`` planes (the same 7x7 stride-2 convolution, new input width).
-    Any image size works: the global average pool ends the network whatever the feature map's size."""
+    """A ResNet whose stem takes ``channels`` planes (any image size works: a global pool ends it)."""
     if channels != network.conv1.in_channels:
         old = network.conv1
         network.conv1 = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)

@@ -1,12 +1,6 @@
-"""A 784-30-20-10 logistic network trained without autograd: explicit forward, backward and SGD.
-
-Conventions follow the lab: ``w[l]`` has one row per neuron of layer l-1 and one column
-per neuron of layer l, so a batch of row vectors goes forward as ``z = a @ w + b``. The
-objective is the logistic cross-entropy summed over the 10 outputs, whose error at the
-output is simply ``a3 - y``. It is still an ``nn.Module`` whose forward returns scores
-(the output pre-activations: the logistic is monotonic, so the argmax is the lab's
-answer), so tracking, ONNX export and classification treat it like any other model.
-"""
+"""A 784-30-20-10 logistic network trained without autograd: explicit forward, backward and SGD (the lab's
+conventions: ``z = a @ w + b``, logistic cross-entropy summed over outputs). Its forward returns the output
+pre-activations, so tracking, export and classification treat it like any other model."""
 
 from __future__ import annotations
 
@@ -40,7 +34,6 @@ class ScratchMLP(nn.Module):
         self.biases = nn.ParameterList(biases)
 
     def parameter_list(self) -> list[torch.Tensor]:
-        """w1, b1, w2, b2, ...: the order of :meth:`gradients`."""
         return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
 
     def layers(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -72,17 +65,13 @@ class ScratchMLP(nn.Module):
 
 
 def logistic_cross_entropy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The objective: cross-entropy of each logistic output against its one-hot target, summed over outputs, mean over the batch."""
+    """Cross-entropy of each logistic output against its one-hot target, summed over outputs, mean over the batch."""
     target = F.one_hot(labels, scores.shape[1]).to(scores.dtype)
     return F.binary_cross_entropy_with_logits(scores, target, reduction="sum") / len(labels)
 
 
 class ScratchSGD:
-    """SGD with optional momentum: ``u = momentum * u + lr * g`` then ``p -= u``, where g is the batch-mean gradient.
-
-    This is the lab's ``u = gamma * u + (alpha / m) * g_sum``, and the same update as
-    ``torch.optim.SGD(lr=lr, momentum=momentum)``; momentum 0 is plain SGD.
-    """
+    """SGD with momentum, ``u = momentum * u + lr * g; p -= u``: the lab's update, and torch.optim.SGD's."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
         if lr <= 0 or not 0.0 <= momentum < 1.0:
@@ -100,17 +89,8 @@ class ScratchSGD:
         return {"lr": self.lr, "momentum": self.momentum, "velocity": [u.clone() for u in self.velocity]}
 
 
-@register_model(
-    "scratch_mlp",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    normalization=Normalization.identity(1),  # the lab feeds pixels in [0, 1]
-    optimizer="sgd",
-    lr=0.5,
-    lr_gamma=1.0,
-    trainer="scratch",
-    recipe={"batch_size": 12, "momentum": 0.4},
-)
+@register_model("scratch_mlp", input_shape=(1, 28, 28), num_classes=10, normalization=Normalization.identity(1),
+                optimizer="sgd", lr=0.5, lr_gamma=1.0, trainer="scratch", recipe={"batch_size": 12, "momentum": 0.4})
 def scratch_mlp(*, num_classes: int = 10, init: str = "xavier", input_shape: tuple[int, int, int] = (1, 28, 28)) -> ScratchMLP:
     """784-30-20-10 logistic MLP with hand-written backprop and SGD (init=xavier or normal)."""
     return ScratchMLP((math.prod(input_shape), 30, 20, num_classes), init=init)

@@ -1,19 +1,8 @@
-"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)``.
+"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)`` (the timm extra).
 
-timm is an optional extra (``pip install 'mlflow-zoo[timm]'``). Its names are listed by
-``python -c "import timm; print(timm.list_models('*resnet*'))"``. The default input shape and
-normalization come from the architecture's pretrained config (timm's ``_cfg``: usually 3x224x224
-and the ImageNet mean/std); the data decides the real input shape and number of classes.
-
-Pretrained weights: ``zoo train --weights pretrained`` (the builder option ``pretrained=true``)
-downloads them through timm (online), and ``--weights FILE`` (``weights=FILE``) reads a local
-checkpoint, tensors and state dicts only (``torch.load(weights_only=True)``), handed to timm as
-``pretrained_cfg_overlay=dict(state_dict=...)``.
-Either way timm adapts them as it does for its own fine-tuning: the stem is summed or repeated
-for another number of channels, and a classifier of another size starts fresh.
-Without a network (the hub does not answer, or ``ZOO_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) the
-pretrained weights are read from the hub's local cache (``HF_HOME``), or refused in one line
-(:class:`zoo.pretrained.WeightsUnavailable`) when they are not there.
+Defaults come from the architecture's pretrained config. Pretrained weights (builder option
+``pretrained=true``, or ``weights=FILE`` for a local checkpoint loaded weights-only) are adapted by timm
+to the data's channels and classes; offline they come from the Hugging Face cache, or are refused in one line.
 """
 
 from __future__ import annotations
@@ -30,8 +19,7 @@ from zoo.errors import UsageError
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
-# Seconds the hub has to answer one request before the weights are looked for offline: an unknown host
-# or a refused connection fails at once, a network that drops packets waits this long.
+# Seconds the hub has to answer before the weights are looked for offline (a dropped-packet network waits this long).
 HUB_PROBE_TIMEOUT = 5
 
 
@@ -45,7 +33,6 @@ def _timm():
 
 @functools.lru_cache(maxsize=None)
 def timm_spec(architecture: str) -> ModelSpec:
-    """The registry entry of timm architecture ``architecture``, or a ValueError saying how to list them."""
     timm = _timm()
     if not timm.is_model(architecture):
         close = timm.list_models(f"*{architecture[:6]}*")[:8]
@@ -55,20 +42,13 @@ def timm_spec(architecture: str) -> ModelSpec:
     cfg = timm.get_pretrained_cfg(architecture)
     input_shape = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
     normalization = Normalization(cfg.mean, cfg.std) if cfg is not None else IMAGENET
-    return ModelSpec(
-        name=f"timm:{architecture}",
-        builder=functools.partial(build_timm, architecture),
-        input_shape=input_shape,
-        num_classes=cfg.num_classes if cfg is not None and cfg.num_classes else 1000,
-        normalization=normalization,
-        description=f"timm {architecture} (in_chans and num_classes from the data)",
-        **_RECIPE,
-    )
+    return ModelSpec(f"timm:{architecture}", functools.partial(build_timm, architecture), input_shape,
+                     cfg.num_classes if cfg is not None and cfg.num_classes else 1000, normalization,
+                     description=f"timm {architecture} (in_chans and num_classes from the data)", **_RECIPE)
 
 
 def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple[int, int, int] | None = None,
                pretrained: bool = False, weights: str = "") -> nn.Module:
-    """``timm.create_model`` for ``input_shape``'s channels (and size, for architectures fixed to one)."""
     timm = _timm()
     cfg = timm.get_pretrained_cfg(architecture)
     kwargs: dict = {"num_classes": num_classes}
@@ -80,8 +60,7 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
         if not Path(weights).is_file():
             raise UsageError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
         pretrained = True
-        # Read here rather than by timm (its `file` overlay), so that the file is loaded with weights_only
-        # whatever timm's and torch's defaults, and refused in one line naming it.
+        # Read here, not by timm's `file` overlay: weights_only whatever timm's and torch's defaults.
         kwargs["pretrained_cfg_overlay"] = {"state_dict": _state_dict(weights)}
     elif pretrained:
         return _from_the_hub(timm, architecture, kwargs)
@@ -89,9 +68,8 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
 
 
 def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
-    """``timm.create_model`` with the hub's weights. Without a network, from the hub's local cache at once: the
-    hub would retry each file for about a minute before looking there, then end with a message about neither
-    the network nor what to do instead."""
+    """``timm.create_model`` with the hub's weights; without a network, from its local cache at once (the hub
+    would retry each file for a minute, then fail with no word on what to do)."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
 
     if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
@@ -116,8 +94,7 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
 
 
 def _state_dict(path: str) -> dict:
-    """The state dict of a local checkpoint: a bare state dict, or one under ``state_dict`` or ``model``
-    (timm's train.py and the zoo's own checkpoints), as timm's ``load_state_dict`` finds it."""
+    """A bare state dict, or one under ``state_dict`` or ``model`` (timm's and the zoo's checkpoints)."""
     from zoo.pretrained import load_weights_file
 
     saved = load_weights_file(path)
