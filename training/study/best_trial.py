@@ -100,5 +100,6 @@ def _cleanup_failure(exc: Exception) -> str:
     """Why deleting checkpoints failed, in one line; a locked server's 403 says which permission is missing."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "403" in reason:
-        reason += " (MLflow counts deleting artifacts as MANAGE: grant the workers' user MANAGE on the experiment)"
+        reason += (" (MLflow counts deleting artifacts as MANAGE: once the study is complete, the same command run "
+                   "with the admin's login deletes them, docs/scaleout.md)")
     return reason
