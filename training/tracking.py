@@ -24,6 +24,7 @@ import mlflow
 import torch
 from mlflow.entities import RunInfo
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from zoo.model_format import mlflow_model
@@ -125,14 +126,46 @@ def check_credentials(server: str) -> None:
     """One request with the credentials MLflow would send (MLFLOW_TRACKING_USERNAME/PASSWORD, token or
     ~/.mlflow/credentials), so a locked server (``mlflow server --app-name basic-auth``) that refuses
     them fails here in seconds, not after the data are loaded."""
-    from mlflow.utils.credentials import get_default_host_creds
+    from urllib.parse import urlsplit
+
     from mlflow.utils.rest_utils import http_request
 
     creds = get_default_host_creds(tracking_uri())
     response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
                             max_retries=0, raise_on_status=False)  # MLFLOW_HTTP_REQUEST_TIMEOUT: a busy server is slow
+    if response.status_code == 403 and "Invalid Host header" in response.text:
+        name = urlsplit(tracking_uri()).netloc.rpartition("@")[2]
+        raise PermissionError(f"the MLflow tracking server at {server} refused the name it was reached by (403: Invalid "
+                              f"Host header): add {name} to its `mlflow server --allowed-hosts`")
     if response.status_code in (401, 403):
         raise PermissionError(access.tracking_refused(server, response.status_code, creds.username))
+
+
+def check_can_write(experiment: str, registered_model: str | None = None) -> None:
+    """On a tracking server, one harmless write to ``experiment`` (its kind tag) and to ``registered_model``
+    (its description, set again), so that a login lacking EDIT on either fails in seconds, before any data
+    is loaded or any study is created, naming what to grant."""
+    from mlflow.exceptions import MlflowException
+
+    if not tracking_uri().startswith(("http:", "https:")):
+        return
+    client, what = MlflowClient(), f"experiment {experiment!r}"
+    try:
+        client.set_experiment_tag(experiment_id_for(experiment), EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+        if registered_model:
+            what = f"registered model {registered_model!r}"
+            current = client.get_registered_model(registered_model).description
+            client.update_registered_model(registered_model, description=current or "")
+        return
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return  # an unlocked server: registering creates the model
+        if exc.get_http_status_code() != 403:
+            raise
+    # Raised past the except block: zoo.cli's generic 403 line would replace this one.
+    user = get_default_host_creds(tracking_uri()).username
+    raise PermissionError(f"user {user!r} may not write {what} on the MLflow tracking server (403): ask its admin to "
+                          "grant this user EDIT on it (a registered model: created by the admin first, docs/scaleout.md)")
 
 
 @contextmanager

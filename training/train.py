@@ -185,6 +185,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
     registration.check_registry_names(register, alias)
     tracking.check_tracking_server()
+    if run_id is None:
+        tracking.check_can_write(experiment or tracking.default_experiment(), register)
     if dataset is None:
         dataset = load_training_data(config)
     network = seeded_network(config, dataset)  # images too small for the architecture: same

@@ -65,7 +65,7 @@ def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: Tr
     a finished trial that is not the best loses them, and so does the best it supersedes. Other
     processes' leftovers go in :func:`sweep_checkpoints` when the study ends."""
     run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)
-    if run_id is None:
+    if run_id is None or not ctx.may_delete:
         return
     try:
         if run_id != best:
@@ -77,6 +77,7 @@ def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: Tr
     except tracking.ServerGone:
         raise
     except Exception as exc:  # a failed clean-up must not stop the study; the final sweep retries
+        ctx.may_delete = "403" not in str(exc)
         tqdm.write(f"study: could not delete a trial's checkpoints ({_cleanup_failure(exc)})", file=sys.stderr)
 
 
@@ -100,5 +101,6 @@ def _cleanup_failure(exc: Exception) -> str:
     """Why deleting checkpoints failed, in one line; a locked server's 403 says which permission is missing."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "403" in reason:
-        reason += " (MLflow counts deleting artifacts as MANAGE: grant the workers' user MANAGE on the experiment)"
+        reason += (" (MLflow counts deleting artifacts as MANAGE: once the study is complete, the same command run "
+                   "with the admin's login deletes them, docs/scaleout.md)")
     return reason

@@ -29,8 +29,8 @@ MODEL_URI_TAG = "zoo.model_uri"
 WORKER_TAG = tracking.WORKER_TAG  # HOST:PID of the process that ran a trial
 RESUME_STUDY = "re-run the same command to resume the study (the trials it stopped are run again)"  # past --tracking-timeout
 
-# The fields a re-run of an existing study must keep: they define what its trials measure.
-_IDENTITY = ("model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
+# The fields a re-run of an existing study must keep: the experiment that owns it, and what its trials measure.
+_IDENTITY = ("experiment", "model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
              "train_size", "val_size", "test_size", "max_batches", "image_size", "val_fraction", "test_fraction")
 
 

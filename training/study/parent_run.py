@@ -10,51 +10,34 @@ import optuna
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.outage import Patience, retrying
+from training.outage import Patience
 from training.study.config import PARENT_ATTR, RESUME_STUDY, StudyConfig
-from training.study.storage import StudyLock, check_same_search
 from zoo.access import masked_url
 
 
-PARENT_WAIT_S = 600.0  # how long a process waits for the study's creator to name the parent run (a fresh store is slow)
-
-
 def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, storage_url: str,
-                      project_run_id: str | None = None, lock: StudyLock | None = None) -> str:
-    """The study's one parent run: created by the process that created the study, adopted by the others (who
-    touch MLflow only once it exists, never racing the creator's fresh store). Inside ``mlflow run``,
-    ``project_run_id`` becomes the parent of a new study, or points at the parent of an existing one."""
-    if created:
-        return _create_parent_run(study, config, storage_url, project_run_id)
-    parent = _wait_for_parent(study, PARENT_WAIT_S)
+                      project_run_id: str | None = None) -> str:
+    """The study's one parent run: created by the process that created the study, adopted by the others.
+
+    Called under the study's lock, taken before the study is created: a process that joins finds the
+    parent, or none when its creator stopped before making it, and then makes it at once (no waiting).
+    Inside ``mlflow run``, ``project_run_id`` (the project's run) becomes the parent of a new study,
+    or points at the parent of an existing one.
+    """
+    parent = study.user_attrs.get(PARENT_ATTR)
     if parent is None:
-        # The creator died before naming a parent: the first process to take the lock names one.
-        with (lock or StudyLock(storage_url, config.name))():
-            parent = study.user_attrs.get(PARENT_ATTR) or _create_parent_run(study, config, storage_url)
-    check_same_search(study, config)
-    # A worker joining while the tracking server restarts waits for it (each call can be made twice).
+        if not created:
+            tqdm.write(f"study {study.study_name}: the process that created it stopped before creating its MLflow "
+                       "parent run (its error said why): this one creates it", file=sys.stderr)
+        return _create_parent_run(study, config, storage_url, project_run_id)
+    # A worker joining while the tracking server restarts waits for it, as its trials would (each call can be
+    # made twice).
     patiently = Patience(config.tracking_timeout, RESUME_STUDY).patiently
     if project_run_id and project_run_id != parent:
         patiently(tracking.set_tags, {"zoo.study_parent_run_id": parent}, run_id=project_run_id)
     if patiently(tracking.run_status, parent) != "RUNNING":
         patiently(tracking.reopen_run, parent)  # resuming
     return parent
-
-
-def _wait_for_parent(study: optuna.Study, timeout: float) -> str | None:
-    def named() -> str:
-        if (parent := study.user_attrs.get(PARENT_ATTR)) is None:
-            raise LookupError("no parent run yet")
-        return parent
-
-    def told(_: BaseException) -> None:
-        tqdm.write(f"study {study.study_name}: waiting for the process that created it to create its MLflow parent run",
-                   file=sys.stderr)
-
-    try:
-        return retrying(timeout, lambda exc: isinstance(exc, LookupError), told, wait_s=0.5)(named)
-    except LookupError:
-        return None
 
 
 def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str,

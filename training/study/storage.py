@@ -243,7 +243,7 @@ def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
     stored = stored_search(study)
     if stored is None:
         return  # its creator has not written it yet, or it was not made by zoo
-    differing = {k: (stored.get(k), v) for k, v in config.identity().items() if stored.get(k) != v}
+    differing = {k: (stored[k], v) for k, v in config.identity().items() if k in stored and stored[k] != v}
     if differing:
         what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())
         raise UsageError(f"study {config.name!r} was created with other settings ({what}). "

@@ -42,6 +42,7 @@ class TrialContext:
     storage: RDBStorage  # the one make_storage opened (heartbeats)
     stop: threading.Event = field(default_factory=threading.Event)  # a worker process failed: start no more trials
     checkpointed_best: str | None = None  # the run of the best trial this process has seen, which keeps its checkpoints
+    may_delete: bool = True  # False after a 403: the login lacks MANAGE, and the admin's re-run cleans up
     summary_logged: float = -math.inf  # time.monotonic() of this process's last refresh of the parent's summary
     patience: Patience = field(default_factory=Patience)  # the parent run's writes wait for a server that went away
 

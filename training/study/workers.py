@@ -221,8 +221,11 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
     spec = train_config.spec()  # unknown model: fail before anything is created
     if config.batch_trials > 1:
         check_batchable(create_model(config.model), spec.trainer, config.model)
-    # The tracking server, its login and the storage before the data: decoding a large folder takes minutes.
+    # The tracking server, its login, its grants and the storage before the data: decoding a large folder takes
+    # minutes, and a worker refused here must leave no study behind that the others would join.
     tracking.check_tracking_server()
+    config = replace(config, experiment=config.experiment or tracking.default_experiment())
+    tracking.check_can_write(config.experiment, config.register)
     wait_s = timeout_from_env() if config.tracking_timeout is None else config.tracking_timeout
     storage = make_storage(config.storage, config.heartbeat, wait_s)
     lock = StudyLock(config.storage, config.name, wait_s)
@@ -231,12 +234,12 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
     queued = enqueue_params(config, dataset)
     if config.progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
-    study, created = open_study(config, storage)
     # mlflow.start_run would resume $MLFLOW_RUN_ID (set by `mlflow run`): trials would log into the project's run.
     project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    parent = ensure_parent_run(study, created, config, config.storage, project_run_id, lock)
-    with lock():  # processes started together would each queue the same points
-        for params in queued:
+    with lock():  # a process that joins finds the parent run, or none only if its creator failed before making it
+        study, created = open_study(config, storage)
+        parent = ensure_parent_run(study, created, config, config.storage, project_run_id)
+        for params in queued:  # processes started together would each queue the same points
             study.enqueue_trial(params, skip_if_exists=True)
     patience = Patience(config.tracking_timeout, RESUME_STUDY)
     ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
