@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import mlflow
 import torch
 from torch import nn
 
@@ -148,7 +149,7 @@ def _test(stack: StackedTrials, test_split: Split, dataset: Dataset, results: li
         out = results[member]
         out.test_loss, out.test_accuracy = losses[position], accuracies[position]
         out.network = stack.network_of(member)
-        patiently(boxes[member], tracking.log_metrics, {"test_loss": out.test_loss, "test_accuracy": out.test_accuracy},
+        patiently(boxes[member], mlflow.log_metrics, {"test_loss": out.test_loss, "test_accuracy": out.test_accuracy},
                   run_id=out.run_id)
         patiently(boxes[member], log_test_figures, dataset.test, predicted[position], normalizations[member],
                   dataset.classes, config.model, config.dataset, run_id=out.run_id)

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import optuna
 from alembic.util import CommandError as AlembicCommandError
+from mlflow import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
@@ -219,7 +220,7 @@ def _end_orphaned_run(trial: FrozenTrial) -> None:
     """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED."""
     run_id = trial.user_attrs.get(RUN_ATTR)
     try:
-        if run_id and tracking.run_status(run_id) == "RUNNING":
+        if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
             tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
                                                      "the trial was failed and retried")
     except Exception as exc:

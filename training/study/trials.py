@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import mlflow
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -69,7 +70,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
         with ExitStack() as run:
             patiently(lambda: run.enter_context(tracking.start_run(
                 run_id=outbox.run_id, stopped=(optuna.TrialPruned,), patiently=patiently)))
-            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization))
+            patiently(mlflow.set_tag, tracking.NOTE_TAG, _describe_trial(trial, ctx, train_config, normalization))
             patiently(tracking.log_params, _trial_params(trial, ctx))
             try:
                 result = fit(train_config, ctx.dataset, on_epoch=_pruning_callback(trial) if config.prune else None,
@@ -79,11 +80,11 @@ def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
                 trial.set_user_attr("failure", str(exc))
                 raise
             trial.set_user_attr("test_accuracy", result.test_accuracy)
-            patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
+            patiently(mlflow.set_tag, tracking.NOTE_TAG, _describe_trial(trial, ctx, train_config, normalization, result))
             if config.log_models == "all":
                 uri = patiently(log_trial_model, result.network, result.normalization, config, ctx.dataset,
                                 result.test_accuracy)
-                patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+                patiently(mlflow.set_tag, MODEL_URI_TAG, uri)
     finally:
         outbox.discard()  # sent, or the trial failed: a trial is retried, never resumed from it
     return result.val_accuracy  # the objective; test accuracy is recorded, never optimized
@@ -149,8 +150,8 @@ def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple
         for trial, (train_config, normalization, run_name, tags) in zip(trials, setups):
             outbox = _start_trial_run(trial, ctx, run_name, {**tags, "zoo.trained_with_trials": together})
             outboxes.append(outbox)
-            outbox.patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization),
-                             run_id=outbox.run_id)
+            outbox.patiently(tracking.log_batch, outbox.run_id,
+                             tags={tracking.NOTE_TAG: _describe_trial(trial, ctx, train_config, normalization)})
             outbox.patiently(tracking.log_params, _trial_params(trial, ctx), run_id=outbox.run_id)
         try:
             results = fit_batch([setup[0] for setup in setups], ctx.dataset, [o.run_id for o in outboxes],
@@ -185,10 +186,10 @@ def _end_batch_trial(trial: optuna.Trial, result: MemberResult, setup: tuple[Tra
     trial.set_user_attr("test_accuracy", result.test_accuracy)
     with ExitStack() as run:  # ends it FINISHED
         patiently(lambda: run.enter_context(tracking.start_run(run_id=result.run_id, patiently=patiently)))
-        patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization, result))
+        patiently(mlflow.set_tag, tracking.NOTE_TAG, _describe_trial(trial, ctx, train_config, normalization, result))
         if ctx.config.log_models == "all":
             uri = patiently(log_trial_model, result.network, normalization, ctx.config, ctx.dataset, result.test_accuracy)
-            patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+            patiently(mlflow.set_tag, MODEL_URI_TAG, uri)
     return result.val_accuracy, TrialState.COMPLETE
 
 
