@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -106,40 +106,34 @@ def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Calla
     return states
 
 
-def _in_main_thread() -> bool:  # only it may set signal handlers; study trials in threads go without
-    return threading.current_thread() is threading.main_thread()
-
-
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the run ends KILLED, checkpoints kept."""
-    if not _in_main_thread():
+def _handling(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block; only the main thread may set one (trial threads go without)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the run ends KILLED, checkpoints kept."""
+    return _handling((signal.SIGTERM,), _interrupt)
 
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM while an epoch's metrics and checkpoints are written, then raise KeyboardInterrupt."""
-    if not _in_main_thread():
-        yield
-        return
     received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
-    try:
+    with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: received.append(signum)):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if received:
         raise KeyboardInterrupt(signal.Signals(received[0]).name)
