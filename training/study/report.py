@@ -35,18 +35,13 @@ def summarize(study: optuna.Study, one_class: float, collapse_margin: float = 0.
     val = [t.value for t in complete]
     test = [t.user_attrs["test_accuracy"] for t in complete if "test_accuracy" in t.user_attrs]
     summary: dict[str, Any] = {
-        "study_name": study.study_name,
-        "trials_complete": len(complete),
+        "study_name": study.study_name, "trials_complete": len(complete),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "trials_diverged": sum(is_finished(t) and t.state == TrialState.FAIL for t in trials),
         "trials_failed_other": sum(t.state == TrialState.FAIL and not is_finished(t) for t in trials),
         "trials_running": sum(t.state == TrialState.RUNNING for t in trials),
-        "collapse_threshold": threshold,
-        "trials_collapsed": sum(v <= threshold for v in val),
-        "val_accuracy": _stats(val),
-        "test_accuracy": _stats(test),
-        "best": None,
-    }
+        "collapse_threshold": threshold, "trials_collapsed": sum(v <= threshold for v in val),
+        "val_accuracy": _stats(val), "test_accuracy": _stats(test), "best": None}
     if complete:
         best = max(complete, key=lambda t: t.value)
         summary["best"] = {"trial": best.number, "params": best.params, "val_accuracy": best.value,
