@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from servers import free_port
 from servers import mlflow_server as served_mlflow
 from zoo.cli.main import cli
-from training import tracking
+from training import checkpoints, tracking
 from training.train import train
 from training.train_config import TrainConfig
 
@@ -186,7 +186,7 @@ def test_resume_tells_the_process_that_trained_a_run_from_a_later_one_given_its_
     client.update_run(stopped_run, status="RUNNING")  # its process died without ending it (SIGKILL)
     other = subprocess.Popen(["sleep", str(HANG_GUARD_S)])  # an unrelated process, started after the training
     try:
-        client.set_tag(stopped_run, tracking.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")  # the PID, reused
+        client.set_tag(stopped_run, checkpoints.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")  # the PID, reused
         res = CliRunner().invoke(cli, ["train", "--resume", stopped_run, "--format", "json"])
         assert res.exit_code == 0, res.output  # not "kill <pid>": that would kill the unrelated process
         assert f"run {stopped_run} is still marked RUNNING by " in res.stderr
@@ -194,8 +194,8 @@ def test_resume_tells_the_process_that_trained_a_run_from_a_later_one_given_its_
 
         # The process the tags name, started when they say: still training, refused.
         client.update_run(stopped_run, status="RUNNING")
-        client.set_tag(stopped_run, tracking.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")
-        client.set_tag(stopped_run, tracking.WORKER_START_TAG, tracking.process_start(other.pid))
+        client.set_tag(stopped_run, checkpoints.WORKER_TAG, f"{socket.gethostname()}:{other.pid}")
+        client.set_tag(stopped_run, checkpoints.WORKER_START_TAG, checkpoints.process_start(other.pid))
         res = CliRunner().invoke(cli, ["train", "--resume", stopped_run])
         assert res.exit_code == 2 and f"is still training in process {other.pid}" in res.stderr, res.output
     finally:

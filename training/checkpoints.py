@@ -1,25 +1,19 @@
-"""What a training run's checkpoints hold, which ones are kept, and stopping a run cleanly.
+"""What a run's checkpoints hold, which are kept, who trains a run, and stopping a run cleanly.
 
-Keep policy (``zoo train --keep-checkpoints``, a comma-separated list):
-
-- ``last``: ``checkpoints/last.pt``, everything ``zoo train --resume`` needs (weights, optimizer,
-  lr scheduler, the RNG states behind shuffling and dropout, epoch, config, metric history),
-  overwritten every epoch;
-- ``best``: ``checkpoints/best.pt``, the weights alone of the epoch with the best validation
-  accuracy, overwritten when an epoch beats it;
-- ``all``: ``last`` and ``best`` plus every epoch's full checkpoint as ``checkpoints/epoch_NNN.pt``;
-- ``none``: nothing (the run cannot be resumed).
-
-Fixed names that are logged again rather than deleted work with every artifact store.
-Ctrl-C and SIGTERM take the same path (KeyboardInterrupt); they are held back while an
-epoch's metrics and checkpoints are written, so a stop never leaves a torn checkpoint.
+``--keep-checkpoints`` (comma-separated): ``last`` (everything ``--resume`` needs: weights, optimizer,
+scheduler, RNG states, epoch, config, history; overwritten every epoch), ``best`` (the weights of the
+best validation epoch), ``all`` (both plus ``epoch_NNN.pt`` per epoch), ``none``. Ctrl-C and SIGTERM
+both raise KeyboardInterrupt, held back while an epoch's metrics and checkpoints are written.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -28,6 +22,9 @@ from training import tracking
 from zoo.errors import UsageError
 
 LAST, BEST, EPOCHS = "last", "best", "epochs"
+WORKER_TAG = "zoo.worker"  # HOST:PID of the process that trains the run (zoo train, a study trial)
+# When that process started (clock ticks after boot): a dead process's PID goes to a later one.
+WORKER_START_TAG = "zoo.worker_start"
 KEEP_CHOICES = ("last", "best", "all", "none")
 DEFAULT_KEEP = "last,best"
 
@@ -48,6 +45,37 @@ def checkpoint_path(name: str) -> str:
     return f"{tracking.CHECKPOINTS}/{name}.pt"
 
 
+def worker_tags() -> dict[str, str]:
+    started = process_start(os.getpid())
+    return {WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}", **({WORKER_START_TAG: started} if started else {})}
+
+
+def process_start(pid: int) -> str | None:
+    """Process ``pid``'s starttime (/proc/PID/stat); None where it is gone or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[22 - 3]  # field 22; the command name, spaces and all, ends at ")"
+
+
+def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
+    """Whether ``worker`` (WORKER_TAG) is a live process on this machine other than this one, and the one that
+    ``started`` (WORKER_START_TAG) says, not a later one given its PID. Another machine's: False."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    if started and process_start(int(pid)) not in (None, started):
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     """The RNG states a resumed run needs to draw the same batches and dropout masks."""
     state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
@@ -65,8 +93,7 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Callable[[], dict[str, Any]],
                    weights: Callable[[], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (``improved``: its val accuracy is the
-    best so far), to log with ``tracking.log_checkpoints``."""
+    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (``improved``: the best val accuracy yet)."""
     states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()
@@ -79,43 +106,34 @@ def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Calla
     return states
 
 
-def _in_main_thread() -> bool:
-    # Signal handlers can only be set there; study trials in worker threads go without.
-    return threading.current_thread() is threading.main_thread()
-
-
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the run ends KILLED,
-    its checkpoints kept."""
-    if not _in_main_thread():
+def _handling(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block; only the main thread may set one (trial threads go without)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the run ends KILLED, checkpoints kept."""
+    return _handling((signal.SIGTERM,), _interrupt)
 
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while an epoch's metrics and checkpoints are written; raise
-    KeyboardInterrupt once they are, so the run never has metrics its checkpoint lacks."""
-    if not _in_main_thread():
-        yield
-        return
+    """Hold Ctrl-C and SIGTERM while an epoch's metrics and checkpoints are written, then raise KeyboardInterrupt."""
     received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
-    try:
+    with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: received.append(signum)):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if received:
         raise KeyboardInterrupt(signal.Signals(received[0]).name)

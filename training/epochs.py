@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
+import mlflow
 import torch
 
 from training import checkpoints, tracking
@@ -49,7 +50,7 @@ class BestEpoch:
         """Put the best epoch's weights back and log which it was (to run ``run_id``, default the active run)."""
         if self.state is not None:
             network.load_state_dict(self.state)
-            tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
+            mlflow.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
 
 
 @dataclass
@@ -95,7 +96,7 @@ def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str
     or through ``outbox``, which keeps them while the server is away."""
     metrics = {**result.metrics(), "epoch_seconds": seconds}
     if outbox is None:
-        tracking.log_metrics(metrics, step=result.epoch, run_id=run_id)
+        mlflow.log_metrics(metrics, step=result.epoch, run_id=run_id)
         check_finite(result)
         tracking.log_checkpoints(states(), run_id=run_id)
         return

@@ -1,8 +1,5 @@
-"""Registering logged models in MLflow's model registry: names, aliases, version descriptions and tags.
-
-The descriptions and tags come from the logged model's metadata (zoo.model_format.model.model_metadata),
-so every caller (train, study, renorm) registers alike.
-"""
+"""Registering logged models in MLflow's model registry: names, aliases, version descriptions and tags,
+all from the logged model's metadata, so train, study and renorm register alike."""
 
 from __future__ import annotations
 
@@ -33,13 +30,8 @@ def check_registry_names(name: str | None, alias: str | None) -> None:
 
 
 def register(model_uri: str, name: str, alias: str | None = None) -> int:
-    """Register ``model_uri`` as a new version of ``name``, described and tagged; point ``alias`` at it.
-
-    Returns the version. The descriptions and tags come from the logged model's metadata, so
-    every caller (train, study, renorm) gets the same ones. Safe to call again (a retry after the
-    tracking server dropped the connection): the version already created for ``model_uri`` is
-    reused, and every later step only sets a value again.
-    """
+    """Register ``model_uri`` as a version of ``name``, described and tagged, ``alias`` pointing at it; the version.
+    Safe to call again (a retry after an outage): the version made from ``model_uri`` is reused."""
     info = mlflow.models.get_model_info(model_uri)
     metadata = info.metadata or {}
     version = (existing_version(name, model_uri, info.run_id)
@@ -67,10 +59,7 @@ def existing_version(name: str, model_uri: str, run_id: str | None) -> ModelVers
 
 def _accuracy(metadata: dict[str, Any]) -> tuple[str, float] | None:
     """(metric name, value): a trained model's test accuracy, or a renormalized one's top-1 agreement."""
-    for key in ("test_accuracy", "top1"):
-        if metadata.get(key) is not None:
-            return key, float(metadata[key])
-    return None
+    return next(((k, float(metadata[k])) for k in ("test_accuracy", "top1") if metadata.get(k) is not None), None)
 
 
 def _source(metadata: dict[str, Any]) -> str:
@@ -87,17 +76,12 @@ def _normalization_text(metadata: dict[str, Any]) -> str:
 
 
 def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
-    tags = {
-        "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
-        "normalization": _normalization_text(metadata),
-        "source_run_id": str(run_id),
-        **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
-    }
     accuracy = _accuracy(metadata)
-    if accuracy:
-        tags[accuracy[0]] = f"{accuracy[1]:.4f}"
-    return tags
+    return {"zoo_model": str(metadata.get("zoo_model", "unknown")),
+            "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
+            "normalization": _normalization_text(metadata), "source_run_id": str(run_id),
+            **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
+            **({accuracy[0]: f"{accuracy[1]:.4f}"} if accuracy else {})}
 
 
 def version_description(metadata: dict[str, Any], run_id: str | None) -> str:
@@ -114,18 +98,13 @@ def registered_model_description(metadata: dict[str, Any], name: str, version: s
     accuracy = _accuracy(metadata)
     scored = f", {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
     pointer = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    return (
-        f"{metadata.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({shown}). "
-        f"Takes images (column 'image': PNG/JPEG bytes, base64 over REST) or pixels in [0, 1] "
-        f"(column 'pixels', {shape}); the normalization is inside the model. Answers label, probability and top-k.\n\n"
-        f"Latest version {version} ({pointer}): {_source(metadata)}, normalization {_normalization_text(metadata)}{scored}."
-    )
+    return (f"{metadata.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({shown}). "
+            f"Takes images (column 'image': PNG/JPEG bytes, base64 over REST) or pixels in [0, 1] "
+            f"(column 'pixels', {shape}); the normalization is inside the model. Answers label, probability and top-k.\n\n"
+            f"Latest version {version} ({pointer}): {_source(metadata)}, normalization {_normalization_text(metadata)}{scored}.")
 
 
 def registered_model_tags(metadata: dict[str, Any]) -> dict[str, str]:
-    return {
-        "task": "image-classification",
-        "zoo_model": str(metadata.get("zoo_model", "unknown")),
-        "input": "image bytes or pixels in [0, 1], " + "x".join(map(str, metadata.get("input_shape", []))),
-        "classes": str(len(metadata.get("class_names", []))),
-    }
+    return {"task": "image-classification", "zoo_model": str(metadata.get("zoo_model", "unknown")),
+            "input": "image bytes or pixels in [0, 1], " + "x".join(map(str, metadata.get("input_shape", []))),
+            "classes": str(len(metadata.get("class_names", [])))}

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 from torch import nn
@@ -275,7 +276,7 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
     """One child run (inside the active parent): adapt, score, log, and log/register the model if asked."""
     config, base = job.config, job.pretrained.network
     network = adapt(base, adaptation, job.source, cand.normalization, job.calibration, job.device, config.batch_size)
-    parent_id = tracking.mlflow.active_run().info.run_id
+    parent_id = mlflow.active_run().info.run_id
     tags = {tracking.KIND_TAG: "renorm-eval", "zoo.model": config.model, "zoo.weights": job.pretrained.weights,
             "zoo.normalization": cand.label, "zoo.adaptation": adaptation}
     with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}", tags=tags) as child:
@@ -283,10 +284,10 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
                              "normalization": cand.label, "adaptation": adaptation, "grid": cand.grid_cell is not None,
                              "eval_images": len(job.evaluation.labels)})
         metrics = score(network, job.evaluation, cand.normalization, reference, job.device, config.batch_size, adaptation)
-        tracking.log_metrics(metrics)
+        mlflow.log_metrics(metrics)
         if adaptation == "fold":
             warn_if_fold_inexact(metrics, reference, f"{config.model} under {cand.label}")
-        tracking.set_description(describe_evaluation(job, cand, adaptation, metrics))
+        mlflow.set_tag(tracking.NOTE_TAG, describe_evaluation(job, cand, adaptation, metrics))
         model_uri = None
         if register:
             model_uri = tracking.log_model(
@@ -319,7 +320,7 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
                             tags=tags) as parent:
         tracking.log_params(parent_params(job))
         tracking.log_dataset_inputs(Path(job.data_root).name, job.data_root, {"evaluation": job.evaluation})
-        tracking.set_description(describe_renorm(job))
+        mlflow.set_tag(tracking.NOTE_TAG, describe_renorm(job))
         logits: list[torch.Tensor] = []  # the unmodified network under its own normalization: every pair's reference
         run_network(job.pretrained.network, job.evaluation, job.source, job.device, config.batch_size, "reference",
                     lambda rows, batch: logits.append(batch))
@@ -331,7 +332,7 @@ def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str
             result.model_uri = row.pop("model_uri") or result.model_uri
             result.rows.append(row)
         log_summary(result.rows, config, len(job.class_names))
-        tracking.set_description(describe_renorm(job, result.rows))
+        mlflow.set_tag(tracking.NOTE_TAG, describe_renorm(job, result.rows))
     return result
 
 
@@ -390,14 +391,14 @@ def results_csv(rows: list[dict]) -> str:
 
 def log_summary(rows: list[dict], config: RenormConfig, num_classes: int) -> None:
     """On the parent run: the table, and per adaptation a grid heatmap and the grid's median top-1."""
-    tracking.log_text(results_csv(rows), "renorm_results.csv")
+    mlflow.log_text(results_csv(rows), "renorm_results.csv")
     for adaptation in config.adaptations:
         cells = [r for r in rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
         if not cells:
             continue
-        tracking.log_metrics({f"grid_median_top1_{adaptation}": float(np.median([r["top1"] for r in cells]))})
+        mlflow.log_metrics({f"grid_median_top1_{adaptation}": float(np.median([r["top1"] for r in cells]))})
         figure = heatmap(cells, f"{config.model} top-1, adaptation: {adaptation} (chance {1 / num_classes:.1%})")
-        tracking.log_figure(figure, f"heatmap_top1_{adaptation}.png")
+        mlflow.log_figure(figure, f"heatmap_top1_{adaptation}.png")
         import matplotlib.pyplot as plt
 
         plt.close(figure)

@@ -1,113 +1,65 @@
-"""Writing runs to MLflow: runs, params, metrics, tags, checkpoints, dataset inputs, and where jobs log models.
+"""Writing runs to MLflow where a call carries a decision: how a run starts and ends, its name and
+experiment, `mlflow run` linking, server and login probes, params that never change, checkpoints,
+dataset inputs and a model logged once per run. Plain writes call MLflow directly.
 
-What a logged model is (its program, graph, signature) is zoo.model_format's, and zoo.model_format.mlflow_model
-writes it into the run (so that the format's writer and reader stay in one package); registering it
-is training/registration.py's.
-
-Everything here acts on MLflow's *active run*, which is thread-local: a study running
-trials in threads starts each child run in its own thread with an explicit
+MLflow's active run is thread-local: a study's trial threads start child runs with an explicit
 ``parent_run_id`` (``nested=True`` alone would give orphans under threads).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import mlflow
 import torch
-from mlflow.entities import RunInfo
+from mlflow.entities import Metric, RunInfo, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from zoo.model_format import mlflow_model
 from training import registration
 from zoo import access
 
-DEFAULT_EXPERIMENT = "zoo"
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
-WORKER_TAG = "zoo.worker"  # HOST:PID of the process that trains the run (zoo train, a study trial)
-# When that process started, as the kernel counts (clock ticks after boot): the system gives a
-# dead process's PID to a later one, and only the start time tells the two apart.
-WORKER_START_TAG = "zoo.worker_start"
-
-
-def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def worker_tags() -> dict[str, str]:
-    """WORKER_TAG and, where the system says when this process started, WORKER_START_TAG."""
-    started = process_start(os.getpid())
-    return {WORKER_TAG: this_worker(), **({WORKER_START_TAG: started} if started else {})}
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (its starttime in /proc/PID/stat); None where it is gone or there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the fields after the command name, which may hold spaces and ")", start at field 3.
-    return stat.rpartition(")")[2].split()[22 - 3]
-
-
-def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
-    """Whether ``worker`` (a WORKER_TAG value) is a live process on this machine other than this one and,
-    given ``started`` (its WORKER_START_TAG), the same process: not a later one that was given its PID.
-    A process on another machine cannot be checked from here: False."""
-    host, _, pid = (worker or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    if started and process_start(int(pid)) not in (None, started):
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0: no signal, only the check that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
 # The MLflow 3.17 UI opens every experiment and run page in its GenAI view (a per-browser switch,
 # which ignores the experiment's mlflow.experimentKind tag) unless the address asks for this one.
 UI_VIEW = "?workflowType=machine_learning"
 KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
 PROJECT_RUN_TAG = "zoo.project_run_id"
-NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+NOTE_TAG = MLFLOW_RUN_NOTE  # the run's description in the MLflow UI (markdown)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"  # the UI opens such an experiment on its runs
+NAME_DETAIL = " · "  # in a run name: what tells runs apart (model, normalization) before it, the rest after
+RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, zoo/cli/main.py)
 
 
-def tracking_uri() -> str:
+def tracking_uri() -> str:  # outage.py's name for it
     return mlflow.get_tracking_uri()
 
 
-SERVER_CONNECT_TIMEOUT_S = 5.0
-
-
 class ServerGone(RuntimeError):
-    """The tracking server went away in the middle of a run and stayed away past the bound
-    (training.outage): what the run still had to send is kept on local disk."""
+    """The tracking server stayed away past the bound (training.outage); what the run still had to send is on local disk."""
 
     complete_message = True  # it names the kept checkpoint and the command that finishes the run (zoo/cli/main.py)
 
 
-def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
-    """Fail in seconds with one line naming the server when an http(s) tracking URI does not answer or
-    refuses our credentials, before any training time is spent (a server that answers but hangs is
-    MLFLOW_HTTP_REQUEST_TIMEOUT's)."""
-    import socket
-    from urllib.parse import urlsplit
+def check_tracking_server(timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the server, when an http(s) tracking URI does not answer or refuses the
+    credentials MLflow would send, before any training time is spent."""
+    from mlflow.utils.rest_utils import http_request
 
     parts = urlsplit(tracking_uri())
     if parts.scheme not in ("http", "https"):
@@ -119,17 +71,6 @@ def check_tracking_server(timeout: float = SERVER_CONNECT_TIMEOUT_S) -> None:
     except OSError as exc:
         raise ConnectionError(f"cannot reach the MLflow tracking server at {server} ({exc.strerror or exc}): check "
                               "that `mlflow server` runs there, or fix MLFLOW_TRACKING_URI") from None
-    check_credentials(server)
-
-
-def check_credentials(server: str) -> None:
-    """One request with the credentials MLflow would send (MLFLOW_TRACKING_USERNAME/PASSWORD, token or
-    ~/.mlflow/credentials), so a locked server (``mlflow server --app-name basic-auth``) that refuses
-    them fails here in seconds, not after the data are loaded."""
-    from urllib.parse import urlsplit
-
-    from mlflow.utils.rest_utils import http_request
-
     creds = get_default_host_creds(tracking_uri())
     response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
                             max_retries=0, raise_on_status=False)  # MLFLOW_HTTP_REQUEST_TIMEOUT: a busy server is slow
@@ -169,25 +110,16 @@ def check_can_write(experiment: str, registered_model: str | None = None) -> Non
 
 
 @contextmanager
-def start_run(
-    *,
-    experiment: str | None = None,
-    run_name: str | None = None,
-    parent_run_id: str | None = None,
-    run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    stopped: tuple[type[BaseException], ...] = (),
-    patiently: Callable[..., Any] | None = None,
-) -> Iterator[mlflow.ActiveRun]:
-    """A run that ends FINISHED, FAILED (with the reason as a tag) or KILLED (Ctrl-C), never left RUNNING.
+def start_run(*, experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
+              run_id: str | None = None, tags: dict[str, str] | None = None,
+              stopped: tuple[type[BaseException], ...] = (),
+              patiently: Callable[..., Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run that ends FINISHED, FAILED (the reason as a tag) or KILLED (Ctrl-C, or a ``stopped``
+    exception such as a pruned trial), never left RUNNING.
 
-    Exceptions of the ``stopped`` types (e.g. a pruned study trial) end the run KILLED
-    with the reason, not FAILED: the run was stopped on purpose, nothing broke.
-    A new top-level ``run_name`` gets a ``#2``, ``#3``... suffix when the experiment already has it.
-    Inside ``mlflow run``, MLFLOW_RUN_ID names the run the project created: it is reused when it
-    lies in the experiment our runs go to, else pointed at the new run (see :func:`is_project_run_here`).
-    ``patiently`` (``outage.Patience.patiently``): the run's end is written through it, waiting for
-    a server that went away (Ctrl-C's KILLED excepted: the user wants out).
+    A new top-level ``run_name`` is made unique (:func:`unique_run_name`). Inside ``mlflow run``, the
+    project's run (MLFLOW_RUN_ID) is reused when it lies in our experiment, else pointed at ours.
+    ``patiently`` (``outage.Patience.patiently``) writes the run's end, waiting for a server that went away.
     """
     project_run_id, new_top_level = None, run_id is None and parent_run_id is None
     if new_top_level:
@@ -202,10 +134,8 @@ def start_run(
         run_name = unique_run_name(experiment_id, run_name)
     # A child started while its parent is active in this thread must be "nested" for MLflow.
     nested = parent_run_id is not None and mlflow.active_run() is not None
-    run = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
-        nested=nested,
-    )
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name,
+                           parent_run_id=parent_run_id, tags=tags, nested=nested)
     if run_id and tags:  # mlflow.start_run ignores tags when it resumes a run
         mlflow.set_tags(tags)
     if project_run_id:
@@ -230,20 +160,13 @@ def start_run(
         _end_active_run("FINISHED", None, patiently)
 
 
-RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, zoo/cli/main.py)
-
-
 def print_run_link(run: RunInfo | str) -> None:
-    """The lines MLflow prints when a run on a tracking server ends ("View run NAME at: URL"), on stderr,
-    with addresses that open the model-training view: MLflow's own open 3.17's GenAI view, so the `zoo`
-    entry point turns those off and these on (unless the user had turned MLflow's off). Every way a
-    run ends here calls it once: mlflow.end_run in :func:`start_run`, and :func:`end_run_by_id`."""
+    """MLflow's "View run NAME at: URL" lines, on stderr, with addresses that open the model-training view
+    (MLflow's own open 3.17's GenAI view, so the `zoo` entry point swaps them for these). Every run end calls it."""
     uri = tracking_uri()
     if os.environ.get(RUN_LINKS_ENV) != "1" or not uri.startswith(("http://", "https://")):
         return
     if isinstance(run, str):  # as MLflow does, one lookup for the name (a run ended by id)
-        from mlflow.exceptions import MlflowException
-
         try:
             run = MlflowClient().get_run(run).info
         except MlflowException:  # the server went away again: no link rather than an error
@@ -254,7 +177,6 @@ def print_run_link(run: RunInfo | str) -> None:
 
 
 def _end_active_run(status: str, reason: str | None, patiently: Callable[..., Any] | None) -> None:
-    """End the active run with ``status`` (and ``reason`` as a tag), through ``patiently`` when given."""
     if patiently is None:
         if reason:
             mlflow.set_tag(FAILURE_TAG, reason[:5000])
@@ -269,10 +191,8 @@ def _end_active_run(status: str, reason: str | None, patiently: Callable[..., An
 
 
 def _drop_active_run(status: str = "KILLED") -> None:
-    """End the active run here while the server is away (it stays RUNNING there, for `zoo train --resume`),
+    """Forget the active run here while the server is away (it stays RUNNING there, for `zoo train --resume`),
     or once the server already holds its ``status``."""
-    from mlflow.exceptions import MlflowException
-
     try:
         mlflow.end_run(status)  # MLflow drops the active run before it calls the server
     except MlflowException:
@@ -280,15 +200,9 @@ def _drop_active_run(status: str = "KILLED") -> None:
 
 
 def experiment_id_for(name: str | None = None) -> str:
-    """The id of experiment ``name`` (default: :func:`default_experiment`), created if missing.
-
-    Every experiment the project uses is marked as a model-development experiment, so that
-    the MLflow UI opens it on its runs (not on the GenAI overview of traces and costs).
-    Resolved by name on every call rather than through mlflow.set_experiment, whose cached id
-    (also exported as MLFLOW_EXPERIMENT_ID) goes stale when the tracking URI changes.
-    """
-    from mlflow.exceptions import MlflowException
-
+    """The id of experiment ``name`` (default: :func:`default_experiment`), created if missing and tagged so
+    the UI opens it on its runs. Looked up by name each time: mlflow.set_experiment's cached id goes stale
+    when the tracking URI changes."""
     name = name or default_experiment()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
@@ -303,24 +217,13 @@ def experiment_id_for(name: str | None = None) -> str:
 
 
 def is_project_run_here(run_id: str | None, experiment: str | None = None) -> bool:
-    """Whether the run ``mlflow run`` created (``run_id``, from MLFLOW_RUN_ID) lies in ``experiment``.
-
-    ``mlflow run`` creates its run before our code runs, in the experiment it was given, or in
-    ``Default`` when it was given none. Our runs go to ``experiment`` (default: ``zoo``, or the
-    one the user named), so that ``mlflow run`` and the ``zoo`` commands file one user's results
-    together: a project run elsewhere is not logged into, only pointed at our run.
-    """
-    if not run_id:
-        return False
-    return MlflowClient().get_run(run_id).info.experiment_id == experiment_id_for(experiment)
+    """Whether the run ``mlflow run`` created (MLFLOW_RUN_ID) lies in ``experiment``, where our runs go
+    (``mlflow run`` files its run in ``Default`` unless told otherwise): only then is it logged into."""
+    return bool(run_id) and MlflowClient().get_run(run_id).info.experiment_id == experiment_id_for(experiment)
 
 
 def link_project_run(project_run_id: str, run_id: str) -> None:
-    """Point the run ``mlflow run`` created at the run our code logged into, and back.
-
-    Our run also takes the project run's source tags (entry point, git commit, user), so the
-    UI shows that it came from ``mlflow run``.
-    """
+    """Point the run ``mlflow run`` created at ours and back; ours takes its source tags (entry point, git, user)."""
     client = MlflowClient()
     project, ours = client.get_run(project_run_id), client.get_run(run_id)
     experiment = client.get_experiment(ours.info.experiment_id)
@@ -328,25 +231,16 @@ def link_project_run(project_run_id: str, run_id: str) -> None:
         if key.startswith(("mlflow.source.", "mlflow.project.", "mlflow.git")) or key == "mlflow.user":
             client.set_tag(run_id, key, value)
     client.set_tag(run_id, PROJECT_RUN_TAG, project_run_id)
-    set_tags({"zoo.run_id": run_id, KIND_TAG: "pointer"}, run_id=project_run_id)
-    set_description(
+    log_batch(project_run_id, tags={"zoo.run_id": run_id, KIND_TAG: "pointer", NOTE_TAG: (
         f"This `mlflow run` logged its results in experiment **{experiment.name}**: run "
         f"[{ours.info.run_name}](#/experiments/{experiment.experiment_id}/runs/{run_id}{UI_VIEW}).\n\n"
         "(`mlflow run` files its own run in `Default` when given no experiment; "
-        "pass `--experiment-name NAME` to keep both in one experiment.)",
-        run_id=project_run_id,
-    )
-
-
-NAME_DETAIL = " · "  # in a run name: what tells runs apart (model, normalization) before it, the rest after
+        "pass `--experiment-name NAME` to keep both in one experiment.)")})
 
 
 def unique_run_name(experiment_id: str, name: str) -> str:
-    """``name``, or the same with ``#2``, ``#3``... when runs of the experiment already have it.
-
-    The number goes before the name's NAME_DETAIL part, so that the UI's runs table, which shows
-    about 22 characters of a name, shows it: "mnist_cnn default #2 · mnist-5k 14ep s1".
-    """
+    """``name``, or with ``#2``, ``#3``... when the experiment has it, put before NAME_DETAIL so the UI's
+    runs table (about 22 characters of a name) shows it: "mnist_cnn default #2 · mnist-5k 14ep s1"."""
     head, sep, detail = name.partition(NAME_DETAIL)
     escaped = head.replace("'", "\\'")
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{escaped}%'",
@@ -356,16 +250,10 @@ def unique_run_name(experiment_id: str, name: str) -> str:
                 if candidate not in taken)
 
 
-def set_description(markdown: str, run_id: str | None = None) -> None:
-    """The run's description, shown on its page in the MLflow UI."""
-    set_tags({NOTE_TAG: markdown}, run_id=run_id)
-
-
 def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> str:
-    """Create a RUNNING run that is *not* the active run (a study's parent, shared by threads
-    and processes; trials trained together); returns its id. End it with :func:`end_run_by_id`.
-    A top-level run's name is made unique in its experiment; a child keeps its name."""
+    """A RUNNING run that is *not* the active run (a study's parent; trials trained together): its id.
+    End it with :func:`end_run_by_id`. A top-level run's name is made unique."""
     experiment_id = experiment_id_for(experiment)
     if parent_run_id is None:
         run_name = unique_run_name(experiment_id, run_name)
@@ -384,7 +272,7 @@ def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
 
 
 def reopen_run(run_id: str) -> None:
-    """Mark a run RUNNING again (a resumed study's parent), dropping the reason it stopped."""
+    """Mark a run RUNNING again (a resumed run or study parent), dropping the reason it stopped."""
     client = MlflowClient()
     if FAILURE_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
@@ -392,13 +280,8 @@ def reopen_run(run_id: str) -> None:
 
 
 def default_experiment() -> str:
-    """The experiment a new run goes to: MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``.
-
-    MLflow's ``Default`` experiment (id 0) counts as unset: it is where ``mlflow run`` files
-    its run when nobody chose an experiment, which would split one user's results in two.
-    """
-    from mlflow.exceptions import MlflowException
-
+    """MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``. MLflow's ``Default`` (id 0) counts as unset:
+    `mlflow run` files its run there when nobody chose, which would split one user's results in two."""
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
     if os.environ.get("MLFLOW_EXPERIMENT_ID", "0") != "0":
@@ -406,35 +289,12 @@ def default_experiment() -> str:
             return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
         except MlflowException:  # an id left over from another store
             pass
-    return DEFAULT_EXPERIMENT
+    return "zoo"
 
 
 def run_experiment_name(run_id: str) -> str:
     client = MlflowClient()
     return client.get_experiment(client.get_run(run_id).info.experiment_id).name
-
-
-def run_status(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.status
-
-
-def run_tags(run_id: str) -> dict[str, str]:
-    return dict(MlflowClient().get_run(run_id).data.tags)
-
-
-def find_run(run_id: str):
-    """The MLflow run ``run_id``, or None when the tracking store has no such run."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return MlflowClient().get_run(run_id)
-    except MlflowException:
-        return None
-
-
-def has_artifact(run_id: str, artifact_path: str) -> bool:
-    folder, _, _ = artifact_path.rpartition("/")
-    return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
 
 
 def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
@@ -452,24 +312,9 @@ def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
         get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
 
 
-def metric_steps(run_id: str, key: str) -> list[int]:
-    return [m.step for m in MlflowClient().get_metric_history(run_id, key)]
-
-
-def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.set_tags(tags)
-    else:
-        log_batch(run_id, tags=tags)
-
-
 def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
               step: int = 0) -> None:
     """Metrics and tags of run ``run_id`` in one store call (one request to a tracking server)."""
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
     timestamp = int(time.time() * 1000)
     MlflowClient().log_batch(
         run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in (metrics or {}).items()],
@@ -477,17 +322,11 @@ def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dic
     )
 
 
-RESOLVED_SUFFIX = "_resolved"  # a param that already held what was asked: what it resolved to (log_params)
-
-
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
     """Log params (to the active run, or ``run_id``), never changing one the run already holds.
 
-    `mlflow run` logs an entry point's -P values before our code runs, as the user typed them:
-    "1" for epochs (logging 1 again is skipped as the same value), but also mean=auto, or a folder
-    with a trailing slash, which zoo resolves to other values. MLflow refuses to change a param, so
-    the one already logged stays (what was asked) and ours goes beside it as KEY_resolved (what
-    was used): mean=auto, mean_resolved=0.1394.
+    `mlflow run` logs an entry point's -P values as typed (mean=auto, a folder with a trailing slash);
+    MLflow refuses to change a param, so what zoo resolved them to goes beside: mean=auto, mean_resolved=0.1394.
     """
     run_id = run_id or mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
@@ -495,7 +334,7 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
     for key, value in params.items():
         if value is None:
             continue
-        for name in (key, key + RESOLVED_SUFFIX):
+        for name in (key, f"{key}_resolved"):
             if name not in existing:
                 fresh[name] = value
                 break
@@ -508,29 +347,16 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
         mlflow.log_params(fresh, run_id=run_id)
 
 
-def _same_value(logged: str | None, value: Any) -> bool:
-    if logged is None:
-        return False
-    if logged == str(value):
-        return True
+def _same_value(logged: str, value: Any) -> bool:
     try:
-        return float(logged) == float(value)
+        return logged == str(value) or float(logged) == float(value)
     except (TypeError, ValueError):
         return False
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step, run_id=run_id)
-
-
 def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS, run_id: str | None = None) -> None:
-    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of run ``run_id`` (default: the active run), in one
-    artifact upload.
-
-    A state given under several names (``last`` and ``epoch_003``) is serialized once and copied.
-    Logging the same name again replaces the file (local and served mlflow-artifacts stores
-    overwrite), so ``last`` and ``best`` each hold one file however many epochs run.
-    """
+    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of run ``run_id`` (default: the active run) in one
+    upload. Logging a name again replaces its file, so ``last`` and ``best`` each stay one file."""
     if not states:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -540,8 +366,6 @@ def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHEC
 
 def write_checkpoints(states: dict[str, dict[str, Any]], folder: Path) -> None:
     """Save each ``{name: state}`` as ``folder/NAME.pt``; a state given under several names is serialized once."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[int, Path] = {}
     for name, state in states.items():
@@ -561,51 +385,27 @@ def upload_checkpoints(run_id: str, folder: Path, names: list[str]) -> None:
 
 
 def log_metric_records(run_id: str, records: list[dict[str, Any]]) -> None:
-    """Metrics given as ``{key, value, timestamp, step}`` records, in order, in as few requests as MLflow allows.
-
-    Sending a record again is harmless: MLflow's SQL store drops an exact duplicate (same key, value,
-    timestamp and step), so a batch whose answer was lost is logged once however often it is resent.
-    """
-    from mlflow.entities import Metric
-    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
-
-    metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in records]
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        MlflowClient().log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
-
-
-def log_dict(data: Any, artifact_file: str, run_id: str | None = None) -> None:
-    mlflow.log_dict(data, artifact_file, run_id=run_id)
-
-
-def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
-    mlflow.log_text(text, artifact_file, run_id=run_id)
+    """``{key, value, timestamp, step}`` records, in order (MLflow splits the batch). Resending is harmless:
+    MLflow's SQL store drops an exact duplicate, so a batch whose answer was lost is logged once."""
+    MlflowClient().log_batch(run_id, metrics=[Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+                                              for r in records])
 
 
 def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: str | None = None) -> None:
-    """Image splits as inputs of run ``run_id`` (default: the active run; MLflow dataset tracking),
-    e.g. ``{"train": split, ...}``.
-
-    Each split (anything with uint8 ``images`` and int ``labels`` tensors) is named NAME-CONTEXT,
-    with the file or folder the images came from as its source; the UI lists them on the run
-    page and groups runs on the same data. MLflow's digest hashes the shape and the first
-    10,000 values only, so this stays cheap for any size.
-    """
+    """Image splits (``{"train": split, ...}``, each with uint8 ``images`` and int ``labels``) as the run's
+    MLflow dataset inputs named NAME-CONTEXT, sourced from the file or folder the images came from."""
     from mlflow.entities import DatasetInput, InputTag
-    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     datasets = [_mlflow_dataset(split.images, split.labels, source, f"{name}-{context}") for context, split in splits.items()]
-    # MlflowClient.log_inputs, which mlflow.log_inputs calls for the active run, takes any run.
     inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for dataset, context in zip(datasets, splits)]
     run_id = run_id or mlflow.active_run().info.run_id
     try:
         MlflowClient().log_inputs(run_id, datasets=inputs)
     except MlflowException as exc:
-        # MLflow's SQL store checks for the dataset, then inserts it: two trial threads logging the
-        # same split at once clash on its unique key. The transaction was rolled back and the
-        # dataset now exists, so the second try links it.
+        # Two trial threads logging the same split at once clash on the SQL store's unique key; the
+        # loser's transaction was rolled back and the dataset now exists, so a second try links it.
         if "unique" not in str(exc).lower():
             raise
         MlflowClient().log_inputs(run_id, datasets=inputs)
@@ -613,8 +413,8 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: s
 
 @lru_cache(maxsize=3)  # one dataset's train, validation and test splits
 def _mlflow_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str):
-    """MLflow's dataset object (and digest) of a split, made once per process: every trial of a study logs
-    the same splits. Tensors hash by identity, and the cache holds them, so an id is never reused here."""
+    """A split's MLflow dataset (and digest), made once per process: every trial logs the same splits.
+    Tensors hash by identity, and the cache holds them, so an id is never reused here."""
     import warnings
 
     with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
@@ -623,21 +423,11 @@ def _mlflow_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, nam
                                       name=name)
 
 
-def log_figure(figure, artifact_file: str, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.log_figure(figure, artifact_file)
-    else:
-        MlflowClient().log_figure(run_id, figure, artifact_file)
-
-
 def log_model(network: torch.nn.Module, *, registered_name: str | None = None, alias: str | None = None,
               **model: Any) -> str:
-    """Log ``network`` in the active run as a zoo model (zoo.model_format.mlflow_model.log_model, which
-    takes ``model``'s keywords), and register it as ``registered_name`` (``@alias``); its URI.
-
-    A run holds one zoo model, so calling this again in the same run (a retry once a tracking server
-    that dropped the connection is back, training.outage) reuses the model the run already logged
-    instead of logging a second one, and registration.register reuses the version it created."""
+    """Log ``network`` in the active run as a zoo model (``model``: mlflow_model.log_model's keywords),
+    registered as ``registered_name`` (``@alias``); its URI. Once per run: a retry after an outage
+    reuses the model and the version already made."""
     run = mlflow.active_run()
     uri = logged_model(run.info.run_id, run.info.experiment_id) or mlflow_model.log_model(
         network, registered_name=registered_name, **model)
@@ -647,8 +437,7 @@ def log_model(network: torch.nn.Module, *, registered_name: str | None = None, a
 
 
 def logged_model(run_id: str, experiment_id: str) -> str | None:
-    """``models:/m-...`` of the model run ``run_id`` has logged completely (READY), or None. One whose
-    upload was cut off stays PENDING and is not reused."""
+    """``models:/m-...`` of the model run ``run_id`` logged completely (READY; a cut-off upload stays PENDING), or None."""
     from mlflow.entities import LoggedModelStatus
 
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
+import mlflow
 import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
@@ -117,10 +118,10 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
         from training.figures import accuracy_figure  # matplotlib: only when the figure is drawn
 
         best.restore(network)
-        patiently(outbox, tracking.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
+        patiently(outbox, mlflow.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
     patiently(outbox, log_test_results, test_loss, test_accuracy, dataset, predicted, normalization, config)
-    run_id = tracking.mlflow.active_run().info.run_id
+    run_id = mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
 
@@ -131,7 +132,7 @@ def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwa
 
 def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
                      normalization: Normalization, config: TrainConfig, run_id: str | None = None) -> None:
-    tracking.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
     log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset, run_id)
 
 
@@ -153,8 +154,9 @@ def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normal
 
     labels = test.labels.cpu()
     title = f"{model} on {dataset_label(dataset)} ({short_normalization(normalization, compact=True)})"
-    tracking.log_figure(confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0], run_id)
-    tracking.log_figure(misclassified_figure(test, predicted, class_names, title), FIGURES[1], run_id)
+    client, run_id = mlflow.MlflowClient(), run_id or mlflow.active_run().info.run_id
+    client.log_figure(run_id, confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
+    client.log_figure(run_id, misclassified_figure(test, predicted, class_names, title), FIGURES[1])
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
@@ -207,9 +209,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
             outbox = Outbox(started, tracking_timeout)
             outbox.send()  # what a run stopped by an outage still held (see resume)
             if resume_from is None:
-                tracking.set_description(describe_training(config, normalization, dataset))
+                mlflow.set_tag(tracking.NOTE_TAG, describe_training(config, normalization, dataset))
             result = fit(config, dataset, resume=resume_from, outbox=outbox, network=network)
-            outbox.patiently(tracking.set_description, describe_training(config, normalization, dataset, result))
+            outbox.patiently(mlflow.set_tag, tracking.NOTE_TAG, describe_training(config, normalization, dataset, result))
             if log_model:
                 result.model_uri = outbox.patiently(
                     tracking.log_model, result.network, model_name=config.model, normalization=result.normalization,
@@ -230,8 +232,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
 
 def interrupted_message(run_id: str) -> str:
     last = checkpoints.checkpoint_path(checkpoints.LAST)
-    if tracking.has_artifact(run_id, last):
-        epoch = len(tracking.metric_steps(run_id, "val_accuracy"))
+    client = mlflow.MlflowClient()
+    if last in {a.path for a in client.list_artifacts(run_id, tracking.CHECKPOINTS)}:
+        epoch = len(client.get_metric_history(run_id, "val_accuracy"))
         return (f"training stopped: run {run_id} ended KILLED after epoch {epoch}, its last checkpoint kept; "
                 f"continue it with: zoo train --resume {run_id}")
     return f"training stopped: run {run_id} ended KILLED with no {last} to resume from"
@@ -253,14 +256,15 @@ def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: A
 
 def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """The run's config and ``last`` checkpoint, or a ValueError that says why the run cannot be resumed."""
-    run = tracking.find_run(run_id)
-    if run is None:
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
         raise UsageError(f"no MLflow run {run_id!r} in {masked_url(tracking.tracking_uri())}; check the id (MLflow UI, "
-                         "`mlflow runs list`) and MLFLOW_TRACKING_URI")
+                         "`mlflow runs list`) and MLFLOW_TRACKING_URI") from None
     if run.info.status == "FINISHED":
         raise UsageError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")
-    worker = run.data.tags.get(tracking.WORKER_TAG)
-    if run.info.status == "RUNNING" and tracking.worker_alive_here(worker, run.data.tags.get(tracking.WORKER_START_TAG)):
+    worker = run.data.tags.get(checkpoints.WORKER_TAG)
+    if run.info.status == "RUNNING" and checkpoints.worker_alive_here(worker, run.data.tags.get(checkpoints.WORKER_START_TAG)):
         pid = worker.rpartition(":")[2]
         raise UsageError(f"run {run_id} is still training in process {pid} on this machine; stop it first (Ctrl-C "
                          f"there, or kill {pid}: the run ends KILLED with its last checkpoint), then resume it")
@@ -281,7 +285,7 @@ def last_checkpoint(run_id: str) -> dict[str, Any]:
         tqdm.write(f"resuming from the checkpoint kept on this machine, {kept}", file=sys.stderr)
         return torch.load(kept, map_location="cpu", weights_only=True)
     last = checkpoints.checkpoint_path(checkpoints.LAST)
-    if not tracking.has_artifact(run_id, last):
+    if last not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, tracking.CHECKPOINTS)}:
         raise UsageError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
                          "was trained with --keep-checkpoints best or none); start a new run with zoo train")
     return tracking.load_checkpoint(run_id, last)

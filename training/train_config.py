@@ -1,6 +1,5 @@
-"""What one training run is set to do, and how its MLflow run shows it: the settings (TrainConfig,
-resolved against the model's recipe, and the input normalization they ask for), the run's params,
-name, tags and description."""
+"""What one training run is set to do (TrainConfig, resolved against the model's recipe, and its input
+normalization) and how its MLflow run shows it: params, name, tags and description."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
 from zoo.models.registry import ModelSpec, get_model_spec
 from zoo.errors import UsageError
-
 
 AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
 
@@ -65,9 +63,8 @@ class TrainConfig:
         return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
 
     def normalization(self, dataset: Dataset | None = None) -> Normalization:
-        """The input normalization for ``dataset``'s channels: the model's default, the given values, or
-        with ``auto`` the training split's own statistics (which need ``dataset``). Without ``dataset``,
-        for as many channels as the model's default or the values given."""
+        """The model's default, the given values, or with ``auto`` the training split's statistics, for
+        ``dataset``'s channels (without it: as many as the model's default or the values given)."""
         given = [len(parse_floats(v, what)) for v, what in ((self.mean, "mean"), (self.std, "std")) if v not in (None, AUTO)]
         channels = dataset.image_shape[0] if dataset is not None else max([self.spec().channels, *given])
         default = self.spec().normalization.for_data(channels)
@@ -94,15 +91,14 @@ class TrainConfig:
 
 
 class Tested(Protocol):
-    """A trained run's result as its description shows it (training.train.TrainResult, or a batched
-    trial's training.train_batch.MemberResult)."""
+    """A trained run's result (train.TrainResult, train_batch.MemberResult) as its description shows it."""
 
     val_accuracy: float
     test_accuracy: float
 
 
 def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
-    """What changed in the architecture to fit the data, said on stderr and in the run's description."""
+    """What changed in the architecture to fit the data (stderr and the run's description)."""
     shape = dataset.image_shape
     if shape == spec.input_shape and len(dataset.classes) == spec.num_classes:
         return None
@@ -117,47 +113,27 @@ def dataset_label(dataset: str) -> str:
     return Path(dataset).name if os.sep in dataset else dataset
 
 
+# TrainConfig fields a run logs as params under their own names.
+PARAM_FIELDS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
+                "precision", "val_fraction", "keep_best")
+
+
 def run_params(config: TrainConfig, normalization: Normalization, dataset: Dataset | None = None) -> dict[str, object]:
     config = config.resolved()
-    data = {}
-    if dataset is not None:
-        data["image_shape"] = "x".join(map(str, dataset.image_shape))
-        data["classes"] = len(dataset.classes)
-        if dataset.skipped:
-            data["skipped_files"] = dataset.skipped
-    if config.mean == AUTO or config.std == AUTO:
+    data = {} if dataset is None else {"image_shape": "x".join(map(str, dataset.image_shape)),
+                                       "classes": len(dataset.classes), "skipped_files": dataset.skipped or None}
+    if AUTO in (config.mean, config.std):
         data["normalization_from"] = "data"  # mean/std hold the statistics computed from the training split
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        **normalization.as_params(),
-        **data,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "optimizer": config.optimizer,
-        "lr": config.lr,
-        "lr_gamma": config.gamma,
-        "weight_decay": config.weight_decay,
-        "momentum": config.momentum,
-        "seed": config.seed,
-        "precision": config.precision,
-        "val_fraction": config.val_fraction,
-        "keep_best": config.keep_best,
-        **{f"model_{k}": v for k, v in config.model_config.items()},
-    }
+    return {**{k: getattr(config, k) for k in PARAM_FIELDS}, **normalization.as_params(), **data,
+            "lr_gamma": config.gamma, **{f"model_{k}": v for k, v in config.model_config.items()}}
 
 
 FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained model's run shows
 
 
 def short_normalization(normalization: Normalization, compact: bool = False) -> str:
-    """Mean/std as in "0.1307/0.3081": one value when every channel has it (as --mean/--std take it), else
-    comma-separated per channel.
-
-    By default every digit (the tag ``zoo.normalization``): each value as Python writes it back, so that
-    ``float()`` of it is the value used, e.g. a mean measured by ``auto``. ``compact`` (names and titles,
-    which have little room): 4 significant digits, and per-channel values at 2 without their leading zero,
-    ".48,.46,.41/.23,.22,.23" for ImageNet's, where the full values take 41 characters."""
+    """Mean/std as "0.1307/0.3081", per channel comma-separated when they differ; every digit (the tag
+    ``zoo.normalization``), or ``compact`` for names and titles: 4 digits, per channel 2 (".48,.46,.41/.23,.22,.23")."""
 
     def exact(value: float) -> str:
         return repr(value).removesuffix(".0")  # 0.5 and 1, as typed, not 1.0
@@ -173,8 +149,7 @@ def short_normalization(normalization: Normalization, compact: bool = False) -> 
 
 
 def normalization_word(config: TrainConfig, normalization: Normalization) -> str:
-    """The normalization as a run's name says it: ``auto`` (the training split's statistics), ``none``
-    (mean 0, std 1), ``default`` (the model's own), else the values given (compact)."""
+    """The normalization in a run's name: ``auto``, ``none`` (0/1), ``default`` (the model's), else the values."""
     if AUTO in (config.mean, config.std):
         return AUTO
     if normalization == Normalization.identity(normalization.channels):
@@ -185,11 +160,8 @@ def normalization_word(config: TrainConfig, normalization: Normalization) -> str
 
 
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
-    """What tells training runs apart, in the about 22 characters the MLflow UI's runs table shows of a name:
-    the model and the normalization ("mnist_cnn default", "timm:resnet18 auto", "mlp 0.5/0.25"), then, after
-    tracking.NAME_DETAIL, the dataset (which has its own column in the table, Dataset), the epochs and seed:
-    "mnist_cnn default · mnist-5k 14ep s1". An image folder shows as its own name. A run cut short by
-    --max-batches (--dry-run: 2) says so: "... 2 batches/epoch"."""
+    """Model and normalization first (the UI's runs table shows about 22 characters of a name), then after
+    tracking.NAME_DETAIL the dataset, epochs and seed: "mnist_cnn default · mnist-5k 14ep s1 [2 batches/epoch]"."""
     batches = f" {config.max_batches} batches/epoch" if config.max_batches else ""
     return (f"{config.model} {normalization_word(config, normalization)}{tracking.NAME_DETAIL}"
             f"{dataset_label(config.dataset)} {config.epochs}ep s{config.seed}{batches}")
@@ -202,7 +174,7 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
         "zoo.normalization": short_normalization(normalization),
         "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
         **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}),
-        **tracking.worker_tags(),
+        **checkpoints.worker_tags(),
     }
 
 

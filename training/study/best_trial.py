@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import mlflow
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -20,8 +21,7 @@ from zoo.normalization import Normalization
 
 
 def _tested_network(run_id: str, config: StudyConfig, dataset: Dataset) -> tuple[torch.nn.Module, Normalization]:
-    """A trial's network rebuilt from its checkpoint, with the weights it was tested with (its best
-    epoch's under the recipe's keep_best, else its last), and its normalization."""
+    """A trial's network rebuilt with the weights it was tested with (``best`` under keep_best, else ``last``)."""
     tested = checkpoints.BEST if config.train_config().resolved().keep_best else checkpoints.LAST
     state = tracking.load_checkpoint(run_id, checkpoints.checkpoint_path(tested))
     network = build_network(config.train_config(), dataset)
@@ -30,29 +30,29 @@ def _tested_network(run_id: str, config: StudyConfig, dataset: Dataset) -> tuple
 
 
 def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyConfig, dataset: Dataset) -> str | None:
-    """Log the best trial's network as an MLflow model in its child run (rebuilt from its checkpoint,
-    so it works whichever process ran it) and register it with ``config.register``."""
-    if config.log_models == "none" or not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    """Log the best trial's network (rebuilt from its checkpoint, whichever process ran it) in its child run
+    and register it with ``config.register``."""
+    run_id = _best_run_id(study)
+    if config.log_models == "none" or run_id is None:
         return None
     best = study.best_trial
-    run_id = best.user_attrs[RUN_ATTR]
-    uri = tracking.run_tags(run_id).get(MODEL_URI_TAG)
+    client = mlflow.MlflowClient()
+    uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
     if uri is None:
         network, normalization = _tested_network(run_id, config, dataset)
         with tracking.start_run(run_id=run_id):
             uri = log_trial_model(network, normalization, config, dataset, best.user_attrs.get("test_accuracy"),
                                    onnx=config.register is not None)
-            tracking.set_tags({MODEL_URI_TAG: uri})
-    if config.register and tracking.run_tags(parent_run_id).get("zoo.registered_run_id") != run_id:
+            mlflow.set_tag(MODEL_URI_TAG, uri)
+    if config.register and client.get_run(parent_run_id).data.tags.get("zoo.registered_run_id") != run_id:
         if not mlflow_model.ships_onnx(uri):  # logged in its trial (--log-models all), before it was the best
             network, normalization = _tested_network(run_id, config, dataset)
             mlflow_model.ship_onnx(uri, network, normalization, dataset.image_shape, dataset.classes, config.model,
                                source=f"models:/{config.register}")
         version = registration.register(uri, config.register, config.alias)
-        tracking.set_tags({"zoo.registered_run_id": run_id, "zoo.registered_version": version}, run_id=parent_run_id)
-    tracking.set_tags({"best_model_uri": uri}, run_id=parent_run_id)
+        tracking.log_batch(parent_run_id, tags={"zoo.registered_run_id": run_id, "zoo.registered_version": version})
+    client.set_tag(parent_run_id, "best_model_uri", uri)
     return uri
-
 
 
 def _best_run_id(study: optuna.Study) -> str | None:
@@ -61,9 +61,8 @@ def _best_run_id(study: optuna.Study) -> str | None:
 
 
 def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: TrialContext) -> None:
-    """Only the best trial keeps its checkpoints (full last + weights-only best):
-    a finished trial that is not the best loses them, and so does the best it supersedes. Other
-    processes' leftovers go in :func:`sweep_checkpoints` when the study ends."""
+    """Only the best trial keeps its checkpoints: a finished trial that is not the best loses them, and so does
+    the best it supersedes; other processes' leftovers go in :func:`sweep_checkpoints`."""
     run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)
     if run_id is None or not ctx.may_delete:
         return

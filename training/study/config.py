@@ -1,5 +1,5 @@
-"""What a study is: its settings (StudyConfig) and result, the names it stores in Optuna and MLflow,
-its samplers, the normalizations it suggests and enqueues, and what counts as a finished or collapsed trial."""
+"""What a study is: StudyConfig and StudyResult, the names it stores, its samplers and suggestions, and
+which trials count as finished or collapsed."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from training import registration, tracking
+from training import checkpoints, registration
 from training.train_config import TrainConfig, dataset_label
 from zoo.data import Dataset, Split
 from zoo.normalization import Normalization
 from zoo.errors import UsageError
-
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute naming the parent run
 CONFIG_ATTR = "zoo_study_config"  # what the study searches; a re-run must agree (a system attribute, see storage.stored_search)
@@ -26,7 +25,7 @@ OUTCOME_ATTR = "outcome"  # "diverged" marks a trial whose failure is a result, 
 SAMPLERS = ("tpe", "random", "qmc")
 LOG_MODELS = ("best", "all", "none")
 MODEL_URI_TAG = "zoo.model_uri"
-WORKER_TAG = tracking.WORKER_TAG  # HOST:PID of the process that ran a trial
+WORKER_TAG = checkpoints.WORKER_TAG  # HOST:PID of the process that ran a trial
 RESUME_STUDY = "re-run the same command to resume the study (the trials it stopped are run again)"  # past --tracking-timeout
 
 # The fields a re-run of an existing study must keep: the experiment that owns it, and what its trials measure.
@@ -111,18 +110,15 @@ class StudyResult:
     storage: str  # the Optuna storage URL that opens the study from any folder, its password masked
 
 
-
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            # constant_liar: a trial still running (in another process, or the same batch)
-            # counts as a poor result, so trials sampled while it runs go elsewhere.
+            # constant_liar: a running trial counts as a poor result, so trials sampled meanwhile go elsewhere.
             return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-
 
 
 def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: int) -> Normalization:
@@ -137,8 +133,7 @@ def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: in
 
 
 def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, float]]:
-    """``--enqueue MEAN STD`` pairs as Optuna params (values outside the ranges are allowed); ``auto``
-    stands for the training split's own statistics, per channel."""
+    """``--enqueue MEAN STD`` pairs as Optuna params (outside the ranges too); ``auto``: the training split's statistics."""
     out = []
     channels = dataset.image_shape[0]
     for mean, std in config.enqueue:
@@ -156,7 +151,6 @@ def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, floa
     return out
 
 
-
 def is_finished(trial: FrozenTrial) -> bool:
     """A trial whose result is known: complete, pruned, or diverged (a failure that is itself a result)."""
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
@@ -169,8 +163,6 @@ def count_trials(study: optuna.Study) -> tuple[int, int]:
     return sum(map(is_finished, trials)), sum(t.state == TrialState.RUNNING for t in trials)
 
 
-
 def one_class_accuracy(split: Split) -> float:
-    """The accuracy of always predicting the most frequent class: 1/classes on a balanced split,
-    more on a small subset (e.g. 0.122 on the first 500 Fashion-MNIST validation images)."""
+    """The accuracy of always predicting the most frequent class (1/classes on a balanced split)."""
     return float(split.labels.bincount().max()) / max(len(split), 1)

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import optuna
+from mlflow import MlflowClient
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
@@ -34,8 +35,8 @@ def ensure_parent_run(study: optuna.Study, created: bool, config: StudyConfig, s
     # made twice).
     patiently = Patience(config.tracking_timeout, RESUME_STUDY).patiently
     if project_run_id and project_run_id != parent:
-        patiently(tracking.set_tags, {"zoo.study_parent_run_id": parent}, run_id=project_run_id)
-    if patiently(tracking.run_status, parent) != "RUNNING":
+        patiently(tracking.log_batch, project_run_id, tags={"zoo.study_parent_run_id": parent})
+    if patiently(MlflowClient().get_run, parent).info.status != "RUNNING":
         patiently(tracking.reopen_run, parent)  # resuming
     return parent
 
@@ -46,7 +47,7 @@ def _create_parent_run(study: optuna.Study, config: StudyConfig, storage_url: st
             "zoo.model": config.model, "zoo.dataset": config.dataset}
     if tracking.is_project_run_here(project_run_id, config.experiment):
         run_id = project_run_id
-        tracking.set_tags({**tags, "mlflow.runName": f"study {config.name}"}, run_id=run_id)
+        tracking.log_batch(run_id, tags={**tags, "mlflow.runName": f"study {config.name}"})
     else:
         run_id = tracking.create_run(experiment=config.experiment or tracking.default_experiment(),
                                      run_name=f"study {config.name}", tags=tags)

@@ -1,5 +1,4 @@
-"""How a study is summarized and drawn on its parent run: the summary (median, spread, collapsed
-trials, best trial), the trials table, the run's description, Optuna's figures and an interactive page."""
+"""A study summarized and drawn on its parent run: summary, trials table, description, figures, interactive page."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import sys
 import warnings
 from typing import Any
 
+import mlflow
 import numpy as np
 import optuna
 from optuna.trial import TrialState
@@ -26,7 +26,6 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "min": float(a.min()), "max": float(a.max())}
 
 
-
 def summarize(study: optuna.Study, one_class: float, collapse_margin: float = 0.02) -> dict[str, Any]:
     """The answer to the study's question: how much accuracy moves over normalizations, and how often
     training collapses to predicting one class (val accuracy at or below ``one_class`` + margin)."""
@@ -36,18 +35,13 @@ def summarize(study: optuna.Study, one_class: float, collapse_margin: float = 0.
     val = [t.value for t in complete]
     test = [t.user_attrs["test_accuracy"] for t in complete if "test_accuracy" in t.user_attrs]
     summary: dict[str, Any] = {
-        "study_name": study.study_name,
-        "trials_complete": len(complete),
+        "study_name": study.study_name, "trials_complete": len(complete),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "trials_diverged": sum(is_finished(t) and t.state == TrialState.FAIL for t in trials),
         "trials_failed_other": sum(t.state == TrialState.FAIL and not is_finished(t) for t in trials),
         "trials_running": sum(t.state == TrialState.RUNNING for t in trials),
-        "collapse_threshold": threshold,
-        "trials_collapsed": sum(v <= threshold for v in val),
-        "val_accuracy": _stats(val),
-        "test_accuracy": _stats(test),
-        "best": None,
-    }
+        "collapse_threshold": threshold, "trials_collapsed": sum(v <= threshold for v in val),
+        "val_accuracy": _stats(val), "test_accuracy": _stats(test), "best": None}
     if complete:
         best = max(complete, key=lambda t: t.value)
         summary["best"] = {"trial": best.number, "params": best.params, "val_accuracy": best.value,
@@ -66,19 +60,17 @@ def trials_table(study: optuna.Study) -> str:
 
 def log_summary(study: optuna.Study, parent_run_id: str, one_class: float, collapse_margin: float, storage_url: str,
                 plots: bool = False) -> dict[str, Any]:
-    """Write the summary, the trials table (and, with ``plots``, the contour and importances) to the parent;
-    its description names ``storage_url`` (password masked), where Optuna's own clients open the study."""
+    """The summary, trials table, description (naming ``storage_url``, masked) and, with ``plots``, figures on the parent."""
     summary = summarize(study, one_class, collapse_margin)
-    tracking.log_dict(summary, "study/summary.json", run_id=parent_run_id)
-    tracking.log_text(trials_table(study), "study/trials.csv", run_id=parent_run_id)
-    metrics = {"trials_complete": summary["trials_complete"], "trials_collapsed": summary["trials_collapsed"],
-               "trials_diverged": summary["trials_diverged"], "trials_pruned": summary["trials_pruned"]}
-    for split in ("val", "test"):
-        metrics.update({f"{stat}_{split}_accuracy": v for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
+    mlflow.log_dict(summary, "study/summary.json", run_id=parent_run_id)
+    mlflow.log_text(trials_table(study), "study/trials.csv", run_id=parent_run_id)
+    metrics = {k: summary[k] for k in ("trials_complete", "trials_collapsed", "trials_diverged", "trials_pruned")}
+    metrics.update({f"{stat}_{split}_accuracy": v for split in ("val", "test")
+                    for stat, v in summary[f"{split}_accuracy"].items() if v is not None})
     tags = {tracking.NOTE_TAG: describe_study(study, summary, storage_url)}  # the parent's description
     if summary["best"]:
         best = summary["best"]
-        tracking.log_dict(best, "study/best_params.json", run_id=parent_run_id)
+        mlflow.log_dict(best, "study/best_params.json", run_id=parent_run_id)
         tags.update({"best_trial": best["trial"], "best_run_id": best["run_id"],
                      **{f"best_{k}": f"{v:.6g}" for k, v in best["params"].items()}})
     tracking.log_batch(parent_run_id, metrics=metrics, tags=tags)
@@ -118,27 +110,37 @@ def describe_study(study: optuna.Study, summary: dict[str, Any], storage_url: st
 
 
 def dashboard_command(storage_url: str) -> str:
-    """The command that opens the study in optuna-dashboard, from any folder (a SQLite path is absolute once
-    run_study has resolved it), its password masked."""
+    """The command that opens the study in optuna-dashboard from any folder, its password masked."""
     return f"optuna-dashboard {masked_url(storage_url)}"
 
 
 def log_plots(study: optuna.Study, parent_run_id: str, collapse_threshold: float) -> None:
-    """The study's figures (:func:`study_figures`) and Optuna's interactive plotly versions in one
-    HTML file, under ``study/`` of the parent run."""
+    """:func:`study_figures` and :func:`interactive_html` under ``study/`` of the parent run."""
     figures = study_figures(study, collapse_threshold)  # sets the Agg backend before pyplot is imported
     import matplotlib.pyplot as plt
 
     for name, figure in figures.items():
-        tracking.log_figure(figure, f"study/{name}.png", run_id=parent_run_id)
+        mlflow.MlflowClient().log_figure(parent_run_id, figure, f"study/{name}.png")
         plt.close(figure)
-    tracking.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+    mlflow.log_text(interactive_html(study), "study/interactive.html", run_id=parent_run_id)
+
+
+def _optuna_plot(plot: Any, study: optuna.Study) -> Any:
+    """Optuna's ``plot`` of val_accuracy, or the exception that says it needs more complete trials."""
+    import matplotlib
+
+    # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore")
+        try:
+            return plot(study, target_name="val_accuracy")
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            return exc
 
 
 def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, Any]:
-    """Matplotlib figures by name: Optuna's contour of accuracy over (mean, std) and parameter
-    importances, and accuracy against each searched value with the collapsed trials in red. A
-    figure that needs more complete trials than the study has is left out, with a line on stderr."""
+    """Matplotlib figures by name: Optuna's contour and parameter importances, and accuracy against each
+    searched value; one that needs more complete trials is left out, with a line on stderr."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps plotting off GUI event loops
@@ -146,14 +148,10 @@ def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, A
 
     figures = {}
     for name, plot in (("contour", optuna_plots.plot_contour), ("param_importances", optuna_plots.plot_param_importances)):
-        # Optuna switches matplotlib's global style to ggplot: undo it for the figures drawn after.
-        with warnings.catch_warnings(), matplotlib.rc_context():
-            warnings.simplefilter("ignore")
-            try:
-                axes = plot(study, target_name="val_accuracy")
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
-                tqdm.write(f"study: no {name} plot yet ({exc})", file=sys.stderr)
-                continue
+        axes = _optuna_plot(plot, study)
+        if isinstance(axes, Exception):
+            tqdm.write(f"study: no {name} plot yet ({axes})", file=sys.stderr)
+            continue
         figures[name] = np.asarray(axes).flat[0].figure
         figures[name].set_size_inches(8, 6)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -164,8 +162,7 @@ def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, A
         figures["accuracy_vs_normalization"] = accuracy_against_figure(
             {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
             [t.value <= collapse_threshold for t in complete], collapse_threshold,
-            f"study {study.study_name}: {len(complete)} complete trials",
-        )
+            f"study {study.study_name}: {len(complete)} complete trials")
     return figures
 
 
@@ -177,14 +174,11 @@ def interactive_html(study: optuna.Study) -> str:
     parts, embedded = [], False
     for plot in (visualization.plot_contour, visualization.plot_slice, visualization.plot_param_importances,
                  visualization.plot_optimization_history):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                figure = plot(study, target_name="val_accuracy")
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few complete trials
-                parts.append(f"<p>{plot.__name__}: not available yet ({exc})</p>")
-                continue
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
-        embedded = True
+        figure = _optuna_plot(plot, study)
+        if isinstance(figure, Exception):
+            parts.append(f"<p>{plot.__name__}: not available yet ({figure})</p>")
+        else:
+            parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
+            embedded = True
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head>"
             f"<body><h2>Optuna study {study.study_name}</h2>{''.join(parts)}</body></html>")

@@ -1,13 +1,5 @@
-"""A study's results as files for the docs: its summary table, per-trial table and figures.
-
-Reads the Optuna storage only (no MLflow), so it works on a study that is still running:
-
-    python -m training.study.report_files fmnist-full-sane --storage sqlite:///optuna.db --out docs/study/fmnist-full-sane
-
-writes ``summary.md`` (median, sd, min, max of validation and test accuracy, collapsed trials,
-and where the enqueued normalizations rank), ``trials.md``, ``contour.png`` (Optuna's contour of
-validation accuracy over mean x std) and ``accuracy_vs_normalization.png``.
-"""
+"""A study's results as files for the docs (summary.md, trials.md, contour.png, accuracy_vs_normalization.png),
+read from the Optuna storage alone, so a running study works too (docs/study.md shows the command)."""
 
 from __future__ import annotations
 
@@ -16,14 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from training.study.report import study_figures, summarize
-
-
-def rank_of(trial: FrozenTrial, complete: list[FrozenTrial]) -> int:
-    """1 = the best validation accuracy among complete trials (ties share the better rank)."""
-    return 1 + sum(t.value > trial.value for t in complete)
 
 
 def summary_markdown(study: optuna.Study, one_class: float, margin: float) -> str:
@@ -43,8 +30,8 @@ def summary_markdown(study: optuna.Study, one_class: float, margin: float) -> st
     if enqueued:
         lines += ["", "| enqueued normalization (mean / std) | val accuracy | rank among complete trials |",
                   "|---|---:|---:|"]
-        lines += [f"| {t.params['mean']:g} / {t.params['std']:g} | {t.value:.4f} | {rank_of(t, complete)} of "
-                  f"{len(complete)} |" for t in enqueued]
+        lines += [f"| {t.params['mean']:g} / {t.params['std']:g} | {t.value:.4f} | "  # ties share the better rank
+                  f"{1 + sum(c.value > t.value for c in complete)} of {len(complete)} |" for t in enqueued]
     return "\n".join(lines) + "\n"
 
 
@@ -54,17 +41,6 @@ def trials_markdown(study: optuna.Study) -> str:
     lines += [f"| {t.number} | {t.params['mean']:.3f} | {t.params['std']:.3f} | {t.value:.4f} | "
               f"{t.user_attrs.get('test_accuracy', float('nan')):.4f} |" for t in complete]
     return "\n".join(lines) + "\n"
-
-
-def write_figures(study: optuna.Study, threshold: float, out: Path) -> None:
-    """The contour and accuracy-vs-normalization figures the parent run logs (training.study.report.study_figures)."""
-    figures = study_figures(study, threshold)
-    for name in FIGURES:
-        if name in figures:
-            figures[name].savefig(out / f"{name}.png", dpi=80)
-
-
-FIGURES = ("contour", "accuracy_vs_normalization")
 
 
 def main() -> None:
@@ -80,7 +56,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(summary_markdown(study, args.one_class, args.collapse_margin))
     (args.out / "trials.md").write_text(trials_markdown(study))
-    write_figures(study, args.one_class + args.collapse_margin, args.out)
+    figures = study_figures(study, args.one_class + args.collapse_margin)  # those the parent run logs
+    for name in ("contour", "accuracy_vs_normalization"):
+        if name in figures:
+            figures[name].savefig(args.out / f"{name}.png", dpi=80)
     print((args.out / "summary.md").read_text())
 
 

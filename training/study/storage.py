@@ -25,6 +25,7 @@ from urllib.parse import quote
 import optuna
 from alembic.util import CommandError as AlembicCommandError
 from optuna.exceptions import StorageInternalError
+from mlflow import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, event, text
@@ -255,7 +256,7 @@ def _end_orphaned_run(trial: FrozenTrial) -> None:
     the tracking server is away, leave that to the next claim or the study's end)."""
     run_id = trial.user_attrs.get(RUN_ATTR)
     try:
-        if run_id and tracking.run_status(run_id) == "RUNNING":
+        if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
             tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
                                                      "the trial was failed and retried")
     except Exception as exc:

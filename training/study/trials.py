@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import mlflow
 import optuna
 import torch
 from optuna.storages import RDBStorage
@@ -90,7 +91,7 @@ def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, setup: Setup, **tag
         tags=resolve_tags({**trial_tags, **tags}))
     _note(trial, {RUN_ATTR: run_id})
     outbox = Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
-    outbox.patiently(tracking.set_description, _describe_trial(trial, ctx, train_config, normalization), run_id=run_id)
+    outbox.patiently(tracking.log_batch, run_id, tags={tracking.NOTE_TAG: _describe_trial(trial, ctx, train_config, normalization)})
     outbox.patiently(tracking.log_params, {"trial_number": trial.number, "train_size": len(ctx.dataset.train),
                                            "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)},
                      run_id=run_id)
@@ -101,11 +102,11 @@ def _record(trial: optuna.Trial, ctx: TrialContext, setup: Setup, result: Any, m
             patiently: Callable[..., Any]) -> None:
     """A trial's result, in the trial and on its active child run (and its model with ``--log-models all``)."""
     _note(trial, {"test_accuracy": result.test_accuracy})
-    patiently(tracking.set_description, _describe_trial(trial, ctx, setup[0], setup[1], result))
+    patiently(mlflow.set_tag, tracking.NOTE_TAG, _describe_trial(trial, ctx, setup[0], setup[1], result))
     if ctx.config.log_models == "all":
         uri = patiently(log_trial_model, result.network, model_normalization, ctx.config, ctx.dataset,
                         result.test_accuracy)
-        patiently(tracking.set_tags, {MODEL_URI_TAG: uri})
+        patiently(mlflow.set_tag, MODEL_URI_TAG, uri)
 
 
 def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainConfig, normalization: Normalization,

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import optuna
 import torch
+from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
@@ -267,9 +268,9 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
 
 def _finish_study(study: optuna.Study, parent: str, config: StudyConfig, dataset: Dataset) -> StudyResult:
     one_class = one_class_accuracy(dataset.val)
-    if tracking.run_status(parent) == "FINISHED":  # another worker finished it
+    if (run := MlflowClient().get_run(parent)).info.status == "FINISHED":  # another worker finished it
         summary = summarize(study, one_class, config.collapse_margin)
-        return StudyResult(config.name, parent, summary, tracking.run_tags(parent).get("best_model_uri"),
+        return StudyResult(config.name, parent, summary, run.data.tags.get("best_model_uri"),
                            masked_url(config.storage))
     end_orphaned_runs(study, config.heartbeat)
     sweep_checkpoints(study)
