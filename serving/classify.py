@@ -115,14 +115,11 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    # Networks end in logits or log-probabilities: softmax gives probabilities for both.
+def top_k(scores: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's ``k`` best classes and their probabilities, best first (ties: the lower index), as lists.
+    Softmax, as networks end in logits or log-probabilities."""
     e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def top_indices(probabilities: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Each row's ``k`` best classes and their probabilities, best first (ties: the lower index), as lists."""
+    probabilities = e / e.sum(axis=1, keepdims=True)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :min(k, probabilities.shape[1])]
     return order.tolist(), np.take_along_axis(probabilities, order, axis=1).tolist()
 
@@ -324,7 +321,7 @@ def classify_batch(batch: Batch, model: str, spec: DecodeSpec, k: int
         options.intra_op_num_threads = 1  # the other cores run the other workers
         session = _sessions[model] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     scores = session.run(None, {session.get_inputs()[0].name: to_float(pixels[good])})[0]
-    return *top_indices(softmax(scores), k), errors
+    return *top_k(scores, k), errors
 
 
 # ---- the whole path ----------------------------------------------------------------------------------
@@ -383,7 +380,7 @@ def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: 
         pool = ThreadPoolExecutor(1, thread_name_prefix="zoo-decode")
     for batch, (pixels, errors) in in_order(batches, partial(_decode, spec=spec), pool, depth):
         good = [i for i, e in enumerate(errors) if e is None]
-        order, best = top_indices(softmax(classifier.scores(to_float(pixels[good]))), k) if good else ([], [])
+        order, best = top_k(classifier.scores(to_float(pixels[good])), k) if good else ([], [])
         yield _rows(classifier.class_names, batch, errors, order, best)
 
 

@@ -31,7 +31,7 @@ _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # MLflow 3's models:/m-ID: a
 
 
 def check_uri(uri: str) -> None:
-    """Raise ValueError (bad usage) for a string that is no model URI at all."""
+    """UsageError for a string that is no model URI at all."""
     if re.match(r"^(models|runs):/.+", uri) or Path(uri).exists():
         return
     if "://" in uri or uri.startswith(("models:", "runs:")):
@@ -119,9 +119,7 @@ def _pixel_module(uri: str, legacy_pytorch: bool, normalization: Normalization) 
     if legacy_pytorch:  # logged before the pyfunc model: the network takes normalized input
         import mlflow.pytorch
 
-        wrapped = NormalizedModel(mlflow.pytorch.load_model(uri).eval(), normalization)
-        wrapped.training = False  # the network itself is in eval mode
-        return wrapped
+        return NormalizedModel(mlflow.pytorch.load_model(uri), normalization).eval()
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().module
 
 

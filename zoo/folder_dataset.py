@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -80,19 +80,10 @@ class _Listing:  # the folder's images in split order, before decoding
     not_images: list[str]  # files in class folders whose suffix is no image's
 
 
-def load_image_folder(
-    path: str | Path,
-    *,
-    val_fraction: float = 0.1,
-    test_fraction: float | None = None,
-    seed: int = 0,
-    image_size: tuple[int, int] | None = None,
-    default_size: tuple[int, int] = (28, 28),
-    cache_dir: str | Path | None = None,
-    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
-    workers: int | None = None,
-    progress: bool = True,
-) -> Dataset:
+def load_image_folder(path: str | Path, *, val_fraction: float = 0.1, test_fraction: float | None = None, seed: int = 0,
+                      image_size: tuple[int, int] | None = None, default_size: tuple[int, int] = (28, 28),
+                      cache_dir: str | Path | None = None, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+                      workers: int | None = None, progress: bool = True) -> Dataset:
     """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
@@ -316,15 +307,6 @@ def _drop_superseded(folder: Path, source: dict) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def decode_chunks(paths: Sequence[str], job, workers: int | None) -> Iterator[tuple[list[str], object]]:
-    """Each CHUNK of ``paths`` with ``job(chunk)``, in order: run by ``workers`` processes (default: one per core,
-    at most 8, from PARALLEL_FROM files on), or here for 0 or 1."""
-    if workers is None:
-        workers = min(usable_cores(), 8) if len(paths) >= PARALLEL_FROM else 0
-    chunks = [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
-    return in_order(chunks, job, start_pool(workers) if workers > 1 else None, depth=2 * workers)
-
-
 def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
                  default_size: tuple[int, int], quiet: bool = False) -> tuple[int, int, int]:
     """(C, H, W): grey when every readable image is grey, else RGB; the images' size when they all agree."""
@@ -344,25 +326,37 @@ def _one_size(headers: Sequence[Header | None]) -> tuple[int, int] | None:
     return next(iter(sizes)) if len(sizes) == 1 else None
 
 
-def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, workers: int | None,
-                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
-    """Decode into a .npy file in split order; returns the indices kept, (file, reason) for the others,
-    and every file's own (width, height, mode)."""
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
-    job = partial(decode_batch_with_headers, spec=DecodeSpec(shape, max_pixels_hint="remove the file or resize it"))
+def decode_files(out: np.ndarray, paths: Sequence[str], spec: DecodeSpec, workers: int | None, desc: str,
+                progress: bool = True) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+    """Decode ``paths`` into ``out``, compacted (the kept stay in order, the unreadable leave no gap): the indices
+    kept, (path, reason) for the others, every file's own (width, height, mode). By ``workers`` processes
+    (default: one per core, at most 8, from PARALLEL_FROM files on), or here for 0 or 1."""
+    if workers is None:
+        workers = min(usable_cores(), 8) if len(paths) >= PARALLEL_FROM else 0
+    chunks = [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
+    job = partial(decode_batch_with_headers, spec=spec)
     kept: list[int] = []
     errors: list[tuple[str, str]] = []
     headers: list[Header | None] = []
-    with tqdm(total=len(listing.files), desc=f"decoding {listing.root.name}", unit="img", leave=False,
-              disable=not progress) as bar:
-        for paths, (pixels, reasons, found) in decode_chunks([f.path for f in listing.files], job, workers):
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for chunk, (pixels, reasons, found) in in_order(chunks, job, start_pool(workers) if workers > 1 else None,
+                                                        depth=2 * workers):
             good = [i for i, reason in enumerate(reasons) if reason is None]
-            # Compacted as it goes: the kept images stay in split order, the unreadable leave no gap.
-            out[len(kept) : len(kept) + len(good)] = pixels if len(good) == len(paths) else pixels[good]
+            out[len(kept) : len(kept) + len(good)] = pixels if len(good) == len(chunk) else pixels[good]
             kept += [len(headers) + i for i in good]
-            errors += [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+            errors += [(path, reason) for path, reason in zip(chunk, reasons) if reason is not None]
             headers += found
-            bar.update(len(paths))
+            bar.update(len(chunk))
+    return kept, errors, headers
+
+
+def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, workers: int | None,
+                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+    """:func:`decode_files` a .npy file, in split order."""
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
+    kept, errors, headers = decode_files(out, [f.path for f in listing.files],
+                                        DecodeSpec(shape, max_pixels_hint="remove the file or resize it"), workers,
+                                        f"decoding {listing.root.name}", progress)
     out.flush()
     del out
     if errors:  # drop the unused tail rows

@@ -8,24 +8,21 @@ How folder names map to the model's classes, in this order:
 2. every folder names one of the model's classes (case, spaces and punctuation ignored:
    ``T-shirt_top`` matches ``T-shirt/top``): by name, any subset of the classes;
 3. as many folders as classes: sorted folders map by index;
-4. otherwise: a ValueError that lists both.
+4. otherwise: a UsageError that lists both.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from zoo.folder_dataset import SPLIT_FOLDERS, class_files, decode_chunks, warn_skipped
-from zoo.imaging import SUPPORTED, DecodeSpec, decode_batch
+from zoo.folder_dataset import SPLIT_FOLDERS, class_files, decode_files, warn_skipped
+from zoo.imaging import SUPPORTED, DecodeSpec
 from zoo.errors import UsageError
 
 SYNSET = re.compile(r"^n\d{8}$")
@@ -104,17 +101,9 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
     return LabelledFiles(root, [Path(f.path) for f in files], labels, rule), list(names)
 
 
-def decode_crops(
-    files: list[Path],
-    *,
-    resize: int,
-    crop: int,
-    workers: int = 0,
-    memory_limit_bytes: int = 4 << 30,
-    spill_dir: str | Path | None = None,
-    desc: str = "decoding",
-    skipped: list[tuple[str, str]] | None = None,
-) -> torch.Tensor:
+def decode_crops(files: list[Path], *, resize: int, crop: int, workers: int = 0, memory_limit_bytes: int = 4 << 30,
+                 spill_dir: str | Path | None = None, desc: str = "decoding",
+                 skipped: list[tuple[str, str]] | None = None) -> torch.Tensor:
     """uint8 ``[N, 3, crop, crop]``, above the limit in an unlinked memmap file in ``spill_dir`` (default: the temp
     folder). An undecodable file is left out and, with ``skipped``, appended there as (path, reason)."""
     shape = (len(files), 3, crop, crop)
@@ -123,23 +112,12 @@ def decode_crops(
     else:
         folder = Path(spill_dir or tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f"zoo-crops-{len(files)}x{crop}-", suffix=".npy", dir=folder)
-        os.close(handle)
-        path = Path(name)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-        path.unlink()  # the mapping keeps the data until the crops are freed; nothing is left behind
+        # Unlinked at once: the mapping keeps the data until the crops are freed; nothing is left behind.
+        out = np.memmap(tempfile.TemporaryFile(dir=folder), dtype=np.uint8, mode="w+", shape=shape)
     # The one decoder (zoo/imaging.py), as `zoo classify` and the logged model decode: a model registered by
     # `zoo renorm` is served with exactly the preprocessing it was scored with.
     spec = DecodeSpec((3, crop, crop), resize=resize, max_pixels_hint="remove the file or resize it")
-    kept = 0
-    with tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
-        for paths, (pixels, errors) in decode_chunks([str(f) for f in files], partial(decode_batch, spec=spec), workers):
-            for path, image, error in zip(paths, pixels, errors):
-                if error:
-                    if skipped is not None:
-                        skipped.append((path, error))
-                else:
-                    out[kept] = image  # compacted as it goes
-                    kept += 1
-            bar.update(len(paths))
-    return torch.from_numpy(out[:kept])
+    kept, errors, _ = decode_files(out, [str(f) for f in files], spec, workers, desc)
+    if skipped is not None:
+        skipped += errors
+    return torch.from_numpy(out[: len(kept)])
