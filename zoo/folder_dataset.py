@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -114,13 +115,11 @@ def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
     not_images = [f for _, _, _, others in per_split.values() for f in others]
     pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
     ordered = _assign_splits(pools, val_fraction, test_fraction, seed)
-    files, labels, bounds, start = [], [], {}, 0
+    files, labels, bounds = [], [], {}
     for split in ("train", "val", "test"):
-        split_files, split_labels = ordered[split]
-        files += split_files
-        labels += split_labels
-        bounds[split] = (start, start + len(split_files))
-        start += len(split_files)
+        bounds[split] = (len(files), len(files) + len(ordered[split][0]))
+        files += ordered[split][0]
+        labels += ordered[split][1]
     return _Listing(root, classes, files, labels, bounds, not_images)
 
 
@@ -194,11 +193,9 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                              + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
                                                        extra and f"extra {', '.join(extra[:5])}"]))
                              + ". Every split needs the same class folders")
-        counts = np.bincount(labels, minlength=len(names))
-        for name, count in zip(names, counts):
-            if count == 0:
-                raise UsageError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
-                                 "add images or remove the folder")
+        if empty := [name for name, n in zip(names, np.bincount(labels, minlength=len(names))) if n == 0]:
+            raise UsageError(f"class folder {layout[split] / empty[0]} holds no images ({SUPPORTED}); "
+                             "add images or remove the folder")
 
 
 def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_fraction: float,
@@ -270,11 +267,7 @@ def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
             kept, errors, _ = _decode_all(listing, shape, work / "images.npy", workers, progress)
         skipped = [(p, f"not an image file (image suffixes: {SUPPORTED})") for p in listing.not_images] + errors
         labels = [listing.labels[i] for i in kept]
-        bounds, start = {}, 0
-        for split, (a, b) in listing.bounds.items():
-            n = sum(1 for i in kept if a <= i < b)
-            bounds[split] = (start, start + n)
-            start += n
+        bounds = {split: (bisect_left(kept, a), bisect_left(kept, b)) for split, (a, b) in listing.bounds.items()}
         source = {**source, "image_size": list(shape[1:])}
         meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
                 "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": source}
