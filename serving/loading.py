@@ -119,7 +119,14 @@ def _pixel_module(uri: str, legacy_pytorch: bool, normalization: Normalization) 
     if legacy_pytorch:  # logged before the pyfunc model: the network takes normalized input
         import mlflow.pytorch
 
-        return NormalizedModel(mlflow.pytorch.load_model(uri), normalization).eval()
+        network = mlflow.pytorch.load_model(uri)
+        try:
+            network.eval()
+        except NotImplementedError:  # a torch.export module was exported in eval mode and refuses eval()
+            pass
+        wrapped = NormalizedModel(network, normalization)
+        wrapped.training = False
+        return wrapped
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().module
 
 
