@@ -1,10 +1,9 @@
 """Images and folders -> top-k labels, on onnxruntime (default) or PyTorch.
 
-Files are walked lazily, then decoded and classified batch by batch (in worker processes, or here:
-serving/workers.py), so memory stays flat however many files there are.
-A file that cannot be read becomes a row with an ``error``; it never stops the others.
-Only numpy and Pillow are imported here at start-up: onnxruntime, MLflow and torch are imported by
-the path that needs them (an .onnx file needs neither MLflow nor torch).
+Files are walked lazily and decoded and classified batch by batch, in worker processes (zoo/pool.py) or
+here, so memory stays flat however many files there are. An unreadable file becomes a row with an
+``error``; it never stops the others. Only numpy and Pillow are imported at start-up: an .onnx file
+needs neither MLflow nor torch.
 """
 
 from __future__ import annotations
@@ -15,25 +14,25 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from itertools import islice
+from functools import partial
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from serving.scores import softmax, to_float, top_indices
-from serving.workers import (SMALL_INPUT, Batch, classified_batches, decoded_batches, default_classifying_workers,
-                             pool_for)
-from zoo.model_format.model import RESIZE_METADATA
-from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
 from zoo.errors import UsageError
-from zoo.machine import cache_dir
+from zoo.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, decode_batch
+from zoo.machine import cache_dir, fork_is_safe, usable_cores
+from zoo.model_format.model import RESIZE_METADATA
+from zoo.pool import in_order, start_pool
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
 RUNTIMES = ("onnx", "torch")
 DEFAULT_BATCH_SIZE = 128  # large enough for onnxruntime to run near full speed on 28x28, small for 224x224x3
+Batch = list[tuple[str, "str | None"]]  # (path, why it is skipped)
 
 
 @dataclass
@@ -53,17 +52,9 @@ class Prediction:
 
 # ---- inputs: files named, folders walked lazily ---------------------------------------------------
 
-def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
-    """(path, None) for each file to decode, (path, reason) for a missing path or a folder without images.
-
-    A file named directly is tried whatever its suffix; in folders only image suffixes count.
-    """
-    return ((Path(path), error) for path, error in _inputs(paths))
-
-
 def _inputs(paths: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
-    """:func:`iter_inputs` with each path as the string a Path would print: a Path per file is a
-    noticeable share of classifying a small image."""
+    """(path, None) for each file to decode, (path, reason) for a missing path or a folder without images.
+    A file named directly is tried whatever its suffix; in folders only image suffixes count."""
     for p in map(Path, paths):
         if p.is_dir():
             found = False
@@ -72,19 +63,17 @@ def _inputs(paths: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
                 yield item
             if not found:
                 yield str(p), f"no images ({SUPPORTED}) in this folder"
-        elif p.exists():
-            yield str(p), None
         else:
-            yield str(p), "no such file or folder"
+            yield str(p), None if p.exists() else "no such file or folder"
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """The image files named, and those under the folders named (in name order); ValueError for a bad path."""
+    """The image files named, and those under the folders named (in name order); UsageError for a bad path."""
     files = []
-    for path, error in iter_inputs(paths):
+    for path, error in _inputs(paths):
         if error:
             raise UsageError(f"{path}: {error}")
-        files.append(path)
+        files.append(Path(path))
     return files
 
 
@@ -100,23 +89,14 @@ def _walk_images(folder: str) -> Iterator[tuple[str, str | None]]:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk_images(prefix + entry.name)
-        elif _suffix(entry.name).lower() in IMAGE_SUFFIXES and entry.is_file():
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
             yield prefix + entry.name, None
 
 
-def _suffix(name: str) -> str:
-    """PurePath(name).suffix without building a path: ".png" of "a.png", nothing for ".png" or "a."."""
-    i = name.rfind(".")
-    return name[i:] if 0 < i < len(name) - 1 else ""
-
-
-# ---- decoding: zoo/imaging.py (one file -> uint8 [C, H, W], or ImageError) ------------------
-
 def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool = False,
                 resize: int | None = None) -> np.ndarray:
-    """float32 [N, C, H, W] in [0, 1] for a few files; ValueError naming the first unreadable one."""
-    spec = DecodeSpec(tuple(input_shape), invert, resize=resize)
-    pixels, errors = decode_batch([str(f) for f in files], spec)
+    """float32 [N, C, H, W] in [0, 1] for a few files; UsageError naming the first unreadable one."""
+    pixels, errors = decode_batch([str(f) for f in files], DecodeSpec(tuple(input_shape), invert, resize=resize))
     for f, error in zip(files, errors):
         if error:
             raise UsageError(f"cannot read image {f}: {error}")
@@ -128,15 +108,31 @@ def _batches(items: Iterator[tuple[str, str | None]], size: int) -> Iterator[Bat
         yield batch
 
 
+# ---- one batch's arithmetic, the same in this process and in a worker -----------------------------
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1], the exported graph's input."""
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's ``k`` best classes and their probabilities, best first (ties: the lower index), as lists.
+    Softmax, as networks end in logits or log-probabilities."""
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = e / e.sum(axis=1, keepdims=True)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :min(k, probabilities.shape[1])]
+    return order.tolist(), np.take_along_axis(probabilities, order, axis=1).tolist()
+
+
+def _rows(class_names: list[str], batch: Batch, errors: list[str | None], order: list[list[int]],
+          best: list[list[float]]) -> list[Prediction]:
+    """The batch's rows in order: the readable files' top-k (``order``, ``best``), an error row for the others."""
+    top = iter([(class_names[j], p) for j, p in zip(o, ps)] for o, ps in zip(order, best))
+    return [Prediction(path, next(top)) if errors[i] is None else Prediction(path, [], error or errors[i])
+            for i, (path, error) in enumerate(batch)]
+
+
 # ---- classifiers -------------------------------------------------------------------------------------
-
-def top_k(probabilities: np.ndarray, class_names: list[str], files: Sequence[str | Path], k: int) -> list[Prediction]:
-    return _rows(class_names, [str(f) for f in files], *top_indices(probabilities, k))
-
-
-def _rows(class_names: list[str], paths: list[str], order: list[list[int]], best: list[list[float]]) -> list[Prediction]:
-    return [Prediction(path, [(class_names[j], p) for j, p in zip(o, ps)]) for path, o, ps in zip(paths, order, best)]
-
 
 class OnnxClassifier:
     """An exported graph: takes pixels in [0, 1], knows its classes and input shape from its metadata."""
@@ -199,30 +195,28 @@ def cached_export(uri: str) -> Path:
     """The ONNX file for ``uri``: one registry lookup when it is cached, else loaded and exported once."""
     import mlflow
 
-    # Keyed on what the model is (serving.loading.resolve_model_id), never on the URI typed alone; the
-    # tracking URI keeps two stores' models apart.
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{_model_identity(uri)}".encode()).hexdigest()[:16]
+    from serving.loading import load_model, resolve_model_id
+
+    # Keyed on what the model is, never on the URI typed alone; the tracking URI keeps two stores' models apart.
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{resolve_model_id(uri)}".encode()).hexdigest()[:16]
     cached = cache_dir("onnx") / f"{key}.onnx"
     if not cached.is_file():
-        # Written beside, renamed when complete: an interrupted or failed export never leaves a
-        # file the next call would trust.
-        partial = cached.with_name(f"{key}.{os.getpid()}.partial.onnx")
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside, renamed when complete: a failed export never leaves a file the next call would trust.
+        part = cached.with_name(f"{key}.{os.getpid()}.partial.onnx")
+        part.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if not _shipped_onnx(uri, partial):
+            if not _shipped_onnx(uri, part):
                 from zoo.model_format.onnx_graph import export_onnx
-                from serving.loading import load_model
 
-                export_onnx(load_model(uri), partial)
-            os.replace(partial, cached)
+                export_onnx(load_model(uri), part)
+            os.replace(part, cached)
         finally:
-            partial.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
     return cached
 
 
 def _shipped_onnx(uri: str, target: Path) -> bool:
-    """Copy the ONNX graph the model ships to ``target``; False when it ships none (logged unregistered, or
-    by an earlier version): then it is exported here. Saves the export (seconds, torch and onnxscript)."""
+    """Copy the ONNX graph the model ships to ``target`` (saves an export); False when it ships none."""
     import shutil
     import tempfile
 
@@ -251,8 +245,7 @@ _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def _model_location(uri: str) -> str:
-    """Where the files of the model ``uri`` names are: its logged model's artifact location (MLflow 3's
-    ``models:/m-ID``, what registered versions point at), a ``runs:/`` URI or a local folder."""
+    """Where the model's files are: its logged model's artifact location, a ``runs:/`` URI or a local folder."""
     import mlflow
 
     from serving.loading import registry_version
@@ -266,20 +259,69 @@ def _model_location(uri: str) -> str:
     return Path(uri).resolve().as_uri() if Path(uri).is_dir() else uri
 
 
-def _model_identity(uri: str) -> str:
-    from mlflow.exceptions import MlflowException
+# ---- where batches run -------------------------------------------------------------------------------
+# On onnxruntime, small images are decoded *and* classified by worker processes, each with a one-thread
+# session: a batch of 28x28 images is too little work to split across onnxruntime's threads, and in one
+# process Pillow's decoding and the inference slowed each other down (benchmarks/RESULTS.md, "Speed against
+# the floor of each job"). Otherwise workers only decode (the torch runtime; large images on more than 2
+# cores), or a thread decodes the next batch while this one is classified.
 
-    from serving.loading import ModelNotFound, resolve_model_id
+# Values (128x128 grey, 73x73 RGB) up to which images go to classifying workers. Larger ones stay here,
+# where onnxruntime's threads share each image's work and one copy of the model's activations is held.
+SMALL_INPUT = 16_384
+MAX_CLASSIFYING_WORKERS = 8  # a model and a batch each; more cores than this are not measured
+POOL_MIN_IMAGES = 4096  # a spawned pool (an interpreter, numpy, Pillow each) pays for itself from here on
 
-    try:
-        return resolve_model_id(uri)
-    except MlflowException as exc:
-        import mlflow
 
-        from zoo.access import masked_url
+def default_workers() -> int:
+    """Decoding workers: none on 2 cores or fewer (onnxruntime already runs a batch on both), else one per core but one."""
+    n = usable_cores()
+    return 0 if n <= 2 else n - 1
 
-        reason = (exc.message or str(exc)).strip().splitlines()[0]
-        raise ModelNotFound(f"no model at {uri!r} in tracking store {masked_url(mlflow.get_tracking_uri())}: {reason}") from exc
+
+def default_classifying_workers() -> int:
+    n = usable_cores()
+    return 0 if n < 2 else min(n, MAX_CLASSIFYING_WORKERS)
+
+
+def pool_for(batches: Iterator[Batch], processes: int, asked: bool) -> tuple[Iterator[Batch], Executor | None]:
+    """The batches (those looked at put back) and a pool of ``processes`` workers when it pays: from two batches
+    on when the workers were asked for or can be forked, else (spawned) from POOL_MIN_IMAGES images on."""
+    ahead: list[Batch] = []  # paths only: cheap to look ahead
+    forking = fork_is_safe()
+
+    def pays() -> bool:
+        return len(ahead) >= 2 and (asked or forking or sum(map(len, ahead)) >= POOL_MIN_IMAGES)
+
+    while processes and not pays() and (batch := next(batches, None)):
+        ahead.append(batch)
+    return chain(ahead, batches), (start_pool(processes) if processes and pays() else None)
+
+
+def _decode(batch: Batch, spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
+    return decode_batch([path if error is None else None for path, error in batch], spec)
+
+
+_sessions: dict[str, object] = {}  # in a worker: one onnxruntime session per model file
+
+
+def classify_batch(batch: Batch, model: str, spec: DecodeSpec, k: int
+                   ) -> tuple[list[list[int]], list[list[float]], list[str | None]]:
+    """In a worker: decode ``batch``, classify its readable files with the ONNX file ``model``: their top-k
+    class indices and probabilities, and one error per file."""
+    pixels, errors = _decode(batch, spec)
+    good = [i for i, e in enumerate(errors) if e is None]
+    if not good:
+        return [], [], errors
+    session = _sessions.get(model)
+    if session is None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # the other cores run the other workers
+        session = _sessions[model] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    scores = session.run(None, {session.get_inputs()[0].name: to_float(pixels[good])})[0]
+    return *top_k(scores, k), errors
 
 
 # ---- the whole path ----------------------------------------------------------------------------------
@@ -288,12 +330,8 @@ def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onn
                    batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                    max_pixels: int | None = None) -> Iterator[list[Prediction]]:
     """`zoo classify`: the model at ``uri`` opened (a bad one fails here), then one Prediction per input, in
-    input order, a batch at a time as the iterator is read; unreadable inputs have ``error`` set.
-
-    On onnxruntime, worker processes decode and classify whole batches (serving/workers.py): ``workers``
-    of them, or by default one per core for small images from two batches on. They are started before
-    the model is opened, while they can still be forked, and stopped if the model turns out not to
-    want them (large images, workers not asked for)."""
+    input order, a batch at a time; unreadable inputs have ``error`` set. On onnxruntime the classifying
+    workers start before the model is opened, while they can still be forked, and stop if it does not want them."""
     _check(k, batch_size)
     batches = _batches(_inputs(paths), batch_size)
     pool, processes = None, 0
@@ -308,19 +346,12 @@ def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onn
         raise
     spec = decode_spec(classifier, invert, max_pixels)
     if pool and (workers is not None or math.prod(classifier.input_shape) <= SMALL_INPUT):
-        return _classified_by(pool, processes, classifier, batches, spec, k)
+        job = partial(classify_batch, model=str(classifier.path), spec=spec, k=k)
+        return (_rows(classifier.class_names, batch, errors, order, best)
+                for batch, (order, best, errors) in in_order(batches, job, pool, depth=2 * processes))
     if pool:
         pool.shutdown()
     return _classified_here(classifier, batches, spec, k, workers)
-
-
-def classify_batches(classifier, paths: Iterable[str | Path], *, k: int = 3, invert: bool = False,
-                     batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                     max_pixels: int | None = None) -> Iterator[list[Prediction]]:
-    """:func:`classify_paths` with a classifier already open: classified in this process (``workers`` decode)."""
-    _check(k, batch_size)
-    spec = decode_spec(classifier, invert, max_pixels)
-    return _classified_here(classifier, _batches(_inputs(paths), batch_size), spec, k, workers)
 
 
 def decode_spec(classifier, invert: bool, max_pixels: int | None) -> DecodeSpec:
@@ -337,22 +368,24 @@ def _check(k: int, batch_size: int) -> None:
 
 def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int, workers: int | None
                      ) -> Iterator[list[Prediction]]:
-    for batch, pixels, errors in decoded_batches(batches, spec, workers):
+    """Classified in this process; decoded by ``workers`` processes (default: default_workers), or a thread."""
+    processes = default_workers() if workers is None else workers
+    batches, pool = pool_for(batches, processes, asked=workers is not None)
+    depth = 2 * processes if pool else 1  # twice as many batches in flight as workers keeps each one busy
+    if pool is None:
+        # Pillow's decoders and onnxruntime both release the GIL: decoding the next batch in a thread overlaps
+        # this one's inference (decoding then classifying leaves a core idle in each half).
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="zoo-decode")
+    for batch, (pixels, errors) in in_order(batches, partial(_decode, spec=spec), pool, depth):
         good = [i for i, e in enumerate(errors) if e is None]
-        rows: dict[int, Prediction] = {}
-        if good:
-            probabilities = softmax(classifier.scores(to_float(pixels[good])))
-            rows = dict(zip(good, top_k(probabilities, classifier.class_names, [batch[i][0] for i in good], k)))
-        yield [rows.get(i) or Prediction(path, [], error or errors[i]) for i, (path, error) in enumerate(batch)]
-
-
-def _classified_by(pool: Executor, processes: int, classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int
-                   ) -> Iterator[list[Prediction]]:
-    for batch, order, best, errors in classified_batches(pool, processes, batches, str(classifier.path), spec, k):
-        rows = iter(_rows(classifier.class_names, [batch[i][0] for i, e in enumerate(errors) if e is None], order, best))
-        yield [next(rows) if errors[i] is None else Prediction(path, [], error or errors[i])
-               for i, (path, error) in enumerate(batch)]
+        order, best = top_k(classifier.scores(to_float(pixels[good])), k) if good else ([], [])
+        yield _rows(classifier.class_names, batch, errors, order, best)
 
 
 def classify(classifier, paths: Sequence[str | Path], *, k: int = 3, invert: bool = False) -> list[Prediction]:
-    return [p for batch in classify_batches(classifier, paths, k=k, invert=invert) for p in batch]
+    """:func:`classify_paths` with a classifier already open, as one list."""
+    spec = decode_spec(classifier, invert, None)
+    return [p for batch in _classified_here(classifier, _batches(_inputs(paths), DEFAULT_BATCH_SIZE), spec, k, None)
+            for p in batch]

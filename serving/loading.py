@@ -1,10 +1,8 @@
 """``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
 
-A model logged by ``training.tracking.log_model`` is an MLflow pyfunc model (zoo.model_format
-describes it) whose network has its normalization inside: it takes pixels in [0, 1]. Its normalization, input
-shape and class names come from the model's MLflow metadata, so nothing here hard-codes them.
-Models logged by earlier versions (the ``pytorch`` flavor, a network taking normalized input)
-still load: their normalization is put in front of them here.
+A logged model (zoo.model_format) takes pixels in [0, 1]; its normalization, input shape and class names come
+from its MLflow metadata. Models of the older ``pytorch`` flavor (taking normalized input) get their
+normalization put in front of them here.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # MLflow 3's models:/m-ID: a
 
 
 def check_uri(uri: str) -> None:
-    """Raise ValueError (bad usage) for a string that is no model URI at all."""
+    """UsageError for a string that is no model URI at all."""
     if re.match(r"^(models|runs):/.+", uri) or Path(uri).exists():
         return
     if "://" in uri or uri.startswith(("models:", "runs:")):
@@ -42,11 +40,8 @@ def check_uri(uri: str) -> None:
 
 
 def resolve_latest(uri: str) -> tuple[str, str | None]:
-    """``models:/NAME`` (no version, no alias) -> (``models:/NAME/LATEST``, a note saying so); any other URI unchanged.
-
-    MLflow itself reads ``models:/NAME`` as a logged model id and answers "Logged model with ID
-    'NAME' not found"; ``zoo renorm --register`` registers without an alias, so users write it.
-    """
+    """``models:/NAME`` -> (``models:/NAME/LATEST``, a note saying so); any other URI unchanged. MLflow reads
+    ``models:/NAME`` as a logged model id; ``zoo renorm --register`` registers without an alias, so users write it."""
     m = _BARE_NAME.match(uri)
     if not m or _LOGGED_MODEL_ID.match(m.group(1)):
         return uri, None
@@ -73,12 +68,10 @@ def _model_info(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from zoo.access import masked_url
-
     try:
         return mlflow.models.get_model_info(uri)
     except MlflowException as exc:
-        raise ModelNotFound(f"no model at {uri!r} in tracking store {masked_url(mlflow.get_tracking_uri())}: {_short(exc)}") from exc
+        raise _not_found(uri, exc) from exc
     except OSError as exc:
         raise ModelNotFound(f"no MLflow model at {uri!r}: {_short(exc)}") from exc
 
@@ -126,24 +119,19 @@ def _pixel_module(uri: str, legacy_pytorch: bool, normalization: Normalization) 
     if legacy_pytorch:  # logged before the pyfunc model: the network takes normalized input
         import mlflow.pytorch
 
-        wrapped = NormalizedModel(set_eval(mlflow.pytorch.load_model(uri)), normalization)
-        wrapped.training = False  # the network itself is in eval mode; a pt2 module refuses eval()
+        network = mlflow.pytorch.load_model(uri)
+        try:
+            network.eval()
+        except NotImplementedError:  # a torch.export module was exported in eval mode and refuses eval()
+            pass
+        wrapped = NormalizedModel(network, normalization)
+        wrapped.training = False
         return wrapped
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().module
 
 
-def set_eval(network: nn.Module) -> nn.Module:
-    """eval() mode; a pt2 (torch.export) module was exported in eval mode and refuses eval() itself."""
-    try:
-        network.eval()
-    except NotImplementedError:
-        pass
-    return network
-
-
 def registry_version(uri: str):
-    """The registered model version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (one
-    registry lookup), or None for any other URI (a logged model's ``models:/m-ID``, ``runs:/``, a folder)."""
+    """The registered version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (one lookup), else None."""
     from mlflow.tracking import MlflowClient
 
     m = re.match(r"^models:/([^/@]+)(?:@(.+)|/(\d+))$", uri)
@@ -155,33 +143,38 @@ def registry_version(uri: str):
 
 
 def resolve_model_id(uri: str) -> str:
-    """What the model behind ``uri`` is, for caching its export; never only the string typed, which
-    names another model once an alias moves or another model is saved into the same folder or run.
-
-    A registered version's (or ``models:/m-ID``'s) logged-model id, which is unique; otherwise the
-    ``model_uuid`` of its MLmodel file (MLflow writes a new one each time a model is saved), with, for a
-    local folder, each file's path, size and modification time (files replaced under the same MLmodel).
-    """
-    version = registry_version(uri)
-    if version is not None and version.model_id:
-        return version.model_id
-    if uri.startswith("models:/") and _LOGGED_MODEL_ID.match(uri.removeprefix("models:/")):
-        return uri
+    """What the model behind ``uri`` is, for caching its export (an alias moves, a folder is saved over): its
+    logged-model id, else its MLmodel's ``model_uuid`` (new at each save), with a local folder's file stats."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    source = version.source if version is not None else uri
-    # The MLmodel file alone: get_model_info would also look the model's logged-model id up in this
-    # tracking store, where a folder copied from another store has none.
-    identity = mlflow.models.Model.load(source).model_uuid or source
-    if Path(source).is_dir():
-        identity += "|" + _files_identity(Path(source))
-    return identity
+    try:
+        version = registry_version(uri)
+        if version is not None and version.model_id:
+            return version.model_id
+        if uri.startswith("models:/") and _LOGGED_MODEL_ID.match(uri.removeprefix("models:/")):
+            return uri
+        source = version.source if version is not None else uri
+        # The MLmodel file alone: get_model_info would also look the model's logged-model id up in this
+        # tracking store, where a folder copied from another store has none.
+        identity = mlflow.models.Model.load(source).model_uuid or source
+    except MlflowException as exc:
+        raise _not_found(uri, exc) from exc
+    return identity + ("|" + _files_identity(Path(source)) if Path(source).is_dir() else "")
 
 
 def _files_identity(folder: Path) -> str:
     """Every file under ``folder`` as (relative path, size, modification time), in name order."""
     stats = ((f.relative_to(folder).as_posix(), f.stat()) for f in sorted(folder.rglob("*")) if f.is_file())
     return ";".join(f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in stats)
+
+
+def _not_found(uri: str, exc: Exception) -> ModelNotFound:
+    import mlflow
+
+    from zoo.access import masked_url
+
+    return ModelNotFound(f"no model at {uri!r} in tracking store {masked_url(mlflow.get_tracking_uri())}: {_short(exc)}")
 
 
 def _short(exc: BaseException) -> str:

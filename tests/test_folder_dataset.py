@@ -494,13 +494,14 @@ def test_a_class_whose_every_file_is_unreadable_is_refused_by_name(tmp_path, mni
 
 def test_decoding_workers_started_after_torch_loaded_are_spawned_not_forked(rgb_folder, tmp_path):
     """torch is loaded in this process (zoo.folder_dataset imports it): a worker forked now would inherit
-    half of its thread pools (serving/workers.py's rule), so the folder's decoding workers start fresh."""
-    from zoo.folder_dataset import PARALLEL_FROM, decode_pool
+    half of its thread pools (zoo.machine's rule), so the folder's decoding workers start fresh."""
+    from zoo.pool import start_pool
 
     assert "torch" in __import__("sys").modules
-    with decode_pool(PARALLEL_FROM, 2) as pool:
-        # eval is a builtin, so it pickles by name: it reports the worker's own modules.
-        assert pool.submit(eval, "'torch' in __import__('sys').modules").result() is False
+    pool = start_pool(2)
+    # eval is a builtin, so it pickles by name: it reports the worker's own modules.
+    assert pool.submit(eval, "'torch' in __import__('sys').modules").result() is False
+    pool.shutdown()
     # The spawned workers decode the folder exactly as this process does.
     here = load_image_folder(rgb_folder, workers=0, cache_dir=tmp_path / "here")
     spawned = load_image_folder(rgb_folder, workers=2, cache_dir=tmp_path / "spawned")

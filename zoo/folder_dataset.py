@@ -1,27 +1,12 @@
 """A folder of the user's images as a dataset: class folders in, uint8 splits out, decoded once and cached.
 
-Two layouts, those of torchvision's ``ImageFolder`` and timm:
-
-    PATH/train/CLASS/*.png  (and optionally PATH/val/CLASS/..., PATH/test/CLASS/...)
-    PATH/CLASS/*.png        (split into train/val/test by stratified, seeded fractions)
-
-A missing ``val/`` is carved from ``train/`` (``val_fraction`` of it); a missing ``test/`` too
-(``test_fraction``); a flat folder gives ``test_fraction`` and ``val_fraction`` of every class to
-test and validation. Class names are the folder names, sorted.
-
-Every image is decoded as ``zoo classify`` decodes it (zoo/imaging.py: 16-bit, CMYK, palette and
-transparent images included), to grey when every image is grey and RGB otherwise, resized to
-``image_size`` (default: the images' own size when they all agree, else the model's). The result
-is written once, as uint8 in split order, to ``$ZOO_CACHE_DIR/datasets/KEY/`` where KEY digests
-the files' relative paths, sizes and modification times with the split options and the size used:
-a second run of the same folder, with any model when its images share one size, reads the cache
-instead of decoding, and each split is a slice of it. A cache larger
-than ``memory_limit_bytes`` is memory-mapped rather than read.
-
-Files that are not readable images are skipped, each named in one warning (the first few) and
-counted (``Dataset.skipped``, logged on the run); a folder that cannot be a dataset (no class
-folders, one class, an empty class, splits with other classes, a folder of datasets) is a ValueError
-that says why.
+The layouts of torchvision's ``ImageFolder`` and timm: ``PATH/train/CLASS/*.png`` (optional ``val/`` and
+``test/``; missing ones are carved, stratified and seeded, from ``train/``) or ``PATH/CLASS/*.png`` (split by
+fractions). Class names are the sorted folder names. Images are decoded as ``zoo classify`` decodes them
+(zoo/imaging.py), to grey when all are grey, at ``image_size`` (default: their own size when they agree,
+else the model's), and written once as uint8 to ``$ZOO_CACHE_DIR/datasets/KEY/`` (KEY digests the files'
+paths, sizes and modification times with the options); a cache above ``memory_limit_bytes`` is memory-mapped.
+Unreadable files are skipped, named in one warning and counted; a folder that cannot be a dataset is a UsageError.
 """
 
 from __future__ import annotations
@@ -29,15 +14,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from bisect import bisect_left
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +31,8 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 from zoo.errors import UsageError
 from zoo.splits import Dataset, Split, stratified_split
 from zoo.imaging import IMAGE_SUFFIXES, SUPPORTED, DecodeSpec, Header, decode_batch_with_headers, probe_batch
-from zoo.machine import cache_dir as zoo_cache_dir, worker_start_method
+from zoo.machine import cache_dir as zoo_cache_dir, usable_cores
+from zoo.pool import in_order, start_pool
 
 CACHE_VERSION = 1  # bump when the decoded bytes would differ for the same files and options
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -68,15 +54,10 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
     """``32`` or ``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) (height x width); None stays None."""
     if value is None or value == "":
         return None
-    if isinstance(value, int):
-        parts = [value]
-    elif isinstance(value, str):
-        try:
-            parts = [int(v) for v in value.lower().split("x")]
-        except ValueError:
-            parts = []
-    else:
-        parts = [int(v) for v in value]
+    try:
+        parts = [int(v) for v in (str(value).lower().split("x") if isinstance(value, (str, int)) else value)]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
@@ -85,17 +66,13 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
 
 
 class ListedFile(NamedTuple):
-    """An image file as the listing found it: its size and modification time key the cache."""
-
-    path: str
+    path: str  # its size and modification time key the cache
     size: int
     mtime_ns: int
 
 
 @dataclass
-class _Listing:
-    """The folder's images in split order, before decoding."""
-
+class _Listing:  # the folder's images in split order, before decoding
     root: Path
     classes: list[str]
     files: list[ListedFile]
@@ -104,19 +81,10 @@ class _Listing:
     not_images: list[str]  # files in class folders whose suffix is no image's
 
 
-def load_image_folder(
-    path: str | Path,
-    *,
-    val_fraction: float = 0.1,
-    test_fraction: float | None = None,
-    seed: int = 0,
-    image_size: tuple[int, int] | None = None,
-    default_size: tuple[int, int] = (28, 28),
-    cache_dir: str | Path | None = None,
-    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
-    workers: int | None = None,
-    progress: bool = True,
-) -> Dataset:
+def load_image_folder(path: str | Path, *, val_fraction: float = 0.1, test_fraction: float | None = None, seed: int = 0,
+                      image_size: tuple[int, int] | None = None, default_size: tuple[int, int] = (28, 28),
+                      cache_dir: str | Path | None = None, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+                      workers: int | None = None, progress: bool = True) -> Dataset:
     """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
@@ -147,13 +115,11 @@ def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
     not_images = [f for _, _, _, others in per_split.values() for f in others]
     pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
     ordered = _assign_splits(pools, val_fraction, test_fraction, seed)
-    files, labels, bounds, start = [], [], {}, 0
+    files, labels, bounds = [], [], {}
     for split in ("train", "val", "test"):
-        split_files, split_labels = ordered[split]
-        files += split_files
-        labels += split_labels
-        bounds[split] = (start, start + len(split_files))
-        start += len(split_files)
+        bounds[split] = (len(files), len(files) + len(ordered[split][0]))
+        files += ordered[split][0]
+        labels += ordered[split][1]
     return _Listing(root, classes, files, labels, bounds, not_images)
 
 
@@ -161,10 +127,8 @@ def _split_folders(root: Path) -> dict[str, Path]:
     """{"train": ..., "val": ..., "test": ...} for the split layout (the ones present), or {"train": root}."""
     found = {}
     for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            if (root / name).is_dir():
-                found[split] = root / name
-                break
+        if name := next((n for n in names if (root / n).is_dir()), None):
+            found[split] = root / name
     if "train" not in found:
         if found:
             raise UsageError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
@@ -173,50 +137,37 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def _visible(entries) -> list[os.DirEntry]:
-    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def class_files(folder: Path) -> tuple[list[str], list[ListedFile], list[int], list[str]]:
-    """Sorted class folder names, the image files under each (recursively, in name order) with their
-    class index, and the other files found there."""
-    with os.scandir(folder) as it:
-        classes = [e.name for e in _visible(it) if e.is_dir()]
+    """Sorted class folder names, the image files under each (recursively, in name order; hidden ones passed
+    over) with their class index, and the other files found there."""
+    classes = [p.name for p in _visible(folder) if p.is_dir()]
     files, labels, others = [], [], []
     for index, name in enumerate(classes):
-        # Plain strings and the scan's own stat: a Path per file and a second stat cost more than
-        # the rest of a cached start (benchmarks/RESULTS.md, "Image folders: decoding, the cache, training").
-        for entry in _walk(os.path.join(folder, name)):
-            if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                stat = entry.stat()
-                files.append(ListedFile(entry.path, stat.st_size, stat.st_mtime_ns))
+        found = []
+        for top, dirs, names in os.walk(folder / name, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [Path(top, n) for n in names if not n.startswith(".")]
+        for path in sorted(found):  # by path parts: depth first, in name order
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                others.append(str(path))
+            elif path.is_file():
+                stat = path.stat()
+                files.append(ListedFile(str(path), stat.st_size, stat.st_mtime_ns))
                 labels.append(index)
-            else:
-                others.append(entry.path)
     return classes, files, labels, others
 
 
-def _walk(folder: str) -> Iterator[os.DirEntry]:
-    with os.scandir(folder) as it:
-        entries = _visible(it)
-    for entry in entries:
-        if entry.is_dir():
-            yield from _walk(entry.path)
-        elif entry.is_file():
-            yield entry
-
-
 def _check_folder_of_datasets(train: Path, classes: list[str]) -> None:
-    """Refuse, or warn about, class folders that hold no image of their own, only folders: a folder of datasets
-    (data/fashion-rgb/, data/heldout-rgb/) would train a model whose classes are the dataset names. Only a
-    warning when no class folder is a split layout (train/, test/): images sorted in sub-folders of their
-    class (cat/2019/*.jpg) are a layout torchvision's ImageFolder takes too."""
+    """Refuse a folder of datasets (its classes would be the dataset names); only warn when the class folders hold
+    just sub-folders (cat/2019/*.jpg, which torchvision's ImageFolder takes too)."""
     if not classes:
         return  # _check_classes says what a dataset folder holds
-    for name in classes:
-        with os.scandir(train / name) as it:
-            if any(not entry.is_dir() for entry in _visible(it)):
-                return
+    if any(not p.is_dir() for name in classes for p in _visible(train / name)):
+        return
     shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
     for name in classes:
         if split := next((s for s in SPLIT_FOLDERS["train"] if (train / name / s).is_dir()), None):
@@ -242,11 +193,9 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                              + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
                                                        extra and f"extra {', '.join(extra[:5])}"]))
                              + ". Every split needs the same class folders")
-        counts = np.bincount(labels, minlength=len(names))
-        for name, count in zip(names, counts):
-            if count == 0:
-                raise UsageError(f"class folder {layout[split] / name} holds no images ({SUPPORTED}); "
-                                 "add images or remove the folder")
+        if empty := [name for name, n in zip(names, np.bincount(labels, minlength=len(names))) if n == 0]:
+            raise UsageError(f"class folder {layout[split] / empty[0]} holds no images ({SUPPORTED}); "
+                             "add images or remove the folder")
 
 
 def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_fraction: float,
@@ -260,13 +209,9 @@ def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_
     # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
     parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
                              names=["train", *carve])
-    out = {}
+    out = {split: (files, labels.tolist()) for split, (files, labels) in pools.items()}
     for split, index in zip(["train", *carve], parts):
         out[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
-    for split in ("val", "test"):
-        if split in pools:
-            files, labels = pools[split]
-            out[split] = (files, labels.tolist())
     return out
 
 
@@ -274,10 +219,8 @@ def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_
 
 
 def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:
-    """Where this listing decoded at ``image_size`` is cached: a digest of every file's path relative to
-    the folder, size and modification time, in split order, and of the size. The size is the one the
-    images are decoded at, however it was chosen, so that models of other default sizes share the cache
-    of a folder whose images all have one size. ``None``: the record of the size its images have."""
+    """Where this listing decoded at ``image_size`` is cached: a digest of every file's relative path, size and
+    modification time, in split order, and of the size (``None``: the record of the images' own size)."""
     digest = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "image_size": list(image_size) if image_size else None,
         "bounds": listing.bounds, "classes": listing.classes,
@@ -288,8 +231,7 @@ def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
 
 
 def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -> tuple[int, int] | None:
-    """The size this listing is decoded at without --image-size, as its first decode found it: the images'
-    own size when they all have one, else the model's ``default_size``; None before the first decode."""
+    """The size found by the first decode without --image-size (the images' own, else ``default_size``); None before it."""
     try:
         own = json.loads((cache_folder(cache, listing, None) / "meta.json").read_text())["own_size"]
     except (OSError, ValueError, KeyError):
@@ -311,26 +253,21 @@ def _record_size(cache: Path, listing: _Listing, own_size: tuple[int, int] | Non
 def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
                  workers: int | None, progress: bool, source: dict) -> Path:
     """Decode every file into the cache folder of the size used, which it returns (written beside it, then
-    renamed: a crash leaves no half cache); without ``image_size``, record the images' own size too."""
+    renamed: a crash leaves no half cache)."""
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=listing.root.name + ".partial-", dir=cache))
     try:
-        with decode_pool(len(listing.files), workers) as pool:
-            # One pass over the files in the usual case: decode at the shape the first files have, read
-            # every file's own size and mode as it is decoded, and decode again only if they disagree.
-            guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
-                                 default_size, quiet=True)
-            kept, errors, headers = _decode_all(listing, guess, work / "images.npy", pool, progress)
-            shape = _input_shape(headers, listing, image_size, default_size)
-            if shape != guess:
-                kept, errors, _ = _decode_all(listing, shape, work / "images.npy", pool, progress)
+        # One pass over the files in the usual case: decode at the shape the first files have, read every
+        # file's own size and mode as it is decoded, and decode again only if they disagree.
+        guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
+                             default_size, quiet=True)
+        kept, errors, headers = _decode_all(listing, guess, work / "images.npy", workers, progress)
+        shape = _input_shape(headers, listing, image_size, default_size)
+        if shape != guess:
+            kept, errors, _ = _decode_all(listing, shape, work / "images.npy", workers, progress)
         skipped = [(p, f"not an image file (image suffixes: {SUPPORTED})") for p in listing.not_images] + errors
         labels = [listing.labels[i] for i in kept]
-        bounds, start = {}, 0
-        for split, (a, b) in listing.bounds.items():
-            n = sum(1 for i in kept if a <= i < b)
-            bounds[split] = (start, start + n)
-            start += n
+        bounds = {split: (bisect_left(kept, a), bisect_left(kept, b)) for split, (a, b) in listing.bounds.items()}
         source = {**source, "image_size": list(shape[1:])}
         meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
                 "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": source}
@@ -350,10 +287,8 @@ def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
 
 
 def _drop_superseded(folder: Path, source: dict) -> None:
-    """Delete the caches that ``folder`` replaces: the same folder, split and decoded the same way, from before
-    its files changed. Nothing would read them again, and each holds a decoded copy of the whole folder.
-    Caches of other options (--image-size, the fractions, the seed) stay. A process still training from a
-    deleted memory-mapped cache keeps its pages (the files go when it closes them)."""
+    """Delete the caches ``folder`` replaces (same folder and options, from before its files changed): nothing
+    would read them again. A process training from a deleted memory-mapped cache keeps its pages."""
     for other in folder.parent.glob(f"{glob.escape(folder.name.rsplit('-', 1)[0])}-*"):
         if other == folder or ".partial-" in other.name:
             continue
@@ -363,37 +298,6 @@ def _drop_superseded(folder: Path, source: dict) -> None:
             continue
         if superseded:
             shutil.rmtree(other, ignore_errors=True)
-
-
-class _InProcess:
-    """The pool's ``map`` in this process, for small folders and ``workers=0``."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def map(self, fn, *iterables):
-        return map(fn, *iterables)
-
-
-def decode_pool(files: int, workers: int | None):
-    """Where ``files`` images are decoded: ``workers`` processes (default: one per core, at most 8, from
-    PARALLEL_FROM files on), or this process for ``workers`` 0 or 1; a context manager with ``map``."""
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if files >= PARALLEL_FROM else 0
-    if workers <= 1:
-        return _InProcess()
-    # The workers run Pillow and numpy only, but this process has loaded torch (imported above), whose
-    # thread pools a forked child would inherit half of: the rule of serving/workers.py, in one place.
-    # Spawned workers import the caller's main module, so a script needs `if __name__ == "__main__":`.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()))
-
-
-def in_chunks(paths: Sequence[str]) -> list[list[str]]:
-    """``paths`` in lists of CHUNK, the unit one decoding worker takes at a time."""
-    return [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
 
 
 def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
@@ -415,29 +319,37 @@ def _one_size(headers: Sequence[Header | None]) -> tuple[int, int] | None:
     return next(iter(sizes)) if len(sizes) == 1 else None
 
 
-def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, pool,
-                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
-    """Decode into a .npy file in split order; returns the indices kept, (file, reason) for the others,
-    and every file's own (width, height, mode)."""
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
-    spec = DecodeSpec(shape, max_pixels_hint="remove the file or resize it")
+def decode_files(out: np.ndarray, paths: Sequence[str], spec: DecodeSpec, workers: int | None, desc: str,
+                progress: bool = True) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+    """Decode ``paths`` into ``out``, compacted (the kept stay in order, the unreadable leave no gap): the indices
+    kept, (path, reason) for the others, every file's own (width, height, mode). By ``workers`` processes
+    (default: one per core, at most 8, from PARALLEL_FROM files on), or here for 0 or 1."""
+    if workers is None:
+        workers = min(usable_cores(), 8) if len(paths) >= PARALLEL_FROM else 0
+    chunks = [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
+    job = partial(decode_batch_with_headers, spec=spec)
     kept: list[int] = []
     errors: list[tuple[str, str]] = []
     headers: list[Header | None] = []
-    chunks = in_chunks([f.path for f in listing.files])
-    index = 0
-    with tqdm(total=len(listing.files), desc=f"decoding {listing.root.name}", unit="img", leave=False,
-              disable=not progress) as bar:
-        for paths, (pixels, reasons, found) in zip(chunks, pool.map(decode_batch_with_headers, chunks,
-                                                                    [spec] * len(chunks))):
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for chunk, (pixels, reasons, found) in in_order(chunks, job, start_pool(workers) if workers > 1 else None,
+                                                        depth=2 * workers):
             good = [i for i, reason in enumerate(reasons) if reason is None]
-            # Compacted as it goes: the kept images stay in split order, the unreadable leave no gap.
-            out[len(kept) : len(kept) + len(good)] = pixels if len(good) == len(paths) else pixels[good]
-            kept += [index + i for i in good]
-            errors += [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
-            index += len(paths)
+            out[len(kept) : len(kept) + len(good)] = pixels if len(good) == len(chunk) else pixels[good]
+            kept += [len(headers) + i for i in good]
+            errors += [(path, reason) for path, reason in zip(chunk, reasons) if reason is not None]
             headers += found
-            bar.update(len(paths))
+            bar.update(len(chunk))
+    return kept, errors, headers
+
+
+def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, workers: int | None,
+                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+    """:func:`decode_files` a .npy file, in split order."""
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
+    kept, errors, headers = decode_files(out, [f.path for f in listing.files],
+                                        DecodeSpec(shape, max_pixels_hint="remove the file or resize it"), workers,
+                                        f"decoding {listing.root.name}", progress)
     out.flush()
     del out
     if errors:  # drop the unused tail rows

@@ -1,8 +1,5 @@
-"""Class-folder image collections (ImageNet val, any ImageFolder) decoded once into uint8 crops.
-
-Re-evaluating a network under many normalizations only changes ``(x - mean) / std``: the
-images are decoded, resized and center-cropped once, kept as uint8 (in memory, or in a
-numpy memmap on disk when they do not fit), and normalized on the device per batch.
+"""Class-folder image collections (ImageNet val, any ImageFolder) decoded once into uint8 crops for `zoo renorm
+--data`: re-evaluating under many normalizations only changes ``(x - mean) / std``, applied on the device per batch.
 
 How folder names map to the model's classes, in this order:
 
@@ -11,12 +8,11 @@ How folder names map to the model's classes, in this order:
 2. every folder names one of the model's classes (case, spaces and punctuation ignored:
    ``T-shirt_top`` matches ``T-shirt/top``): by name, any subset of the classes;
 3. as many folders as classes: sorted folders map by index;
-4. otherwise: a ValueError that lists both.
+4. otherwise: a UsageError that lists both.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -24,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from zoo.folder_dataset import SPLIT_FOLDERS, class_files, decode_pool, in_chunks, warn_skipped
-from zoo.imaging import SUPPORTED, DecodeSpec, decode_batch
+from zoo.folder_dataset import SPLIT_FOLDERS, class_files, decode_files, warn_skipped
+from zoo.imaging import SUPPORTED, DecodeSpec
 from zoo.errors import UsageError
 
 SYNSET = re.compile(r"^n\d{8}$")
@@ -48,9 +43,8 @@ class LabelledFiles:
 
 
 def image_folder_root(path: str | Path) -> Path:
-    """The class folders to evaluate on: ``path`` itself, ``path/val`` for torchvision's ``ImageNet``
-    layout (``meta.bin`` beside ``val/``), or the held-out split of the layout zoo train takes
-    (``train/`` beside ``val/`` or ``test/``: validation first)."""
+    """The class folders to evaluate on: ``path``, ``path/val`` for torchvision's ``ImageNet`` layout (``meta.bin``
+    beside ``val/``), or the held-out split (validation first) of zoo train's ``train/`` layout."""
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"no such image folder: {root} (expected one sub-folder of images per class)")
@@ -91,10 +85,8 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
 
 
 def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tuple[LabelledFiles, list[str]]:
-    """Image files under ``path``'s class folders with their class index; ``class_names`` None: the sorted folders.
-
-    The folders are listed as zoo train lists them (zoo/folder_dataset.py): hidden files are passed
-    over, sub-folders walked in name order, and other files are named in one warning."""
+    """Image files under ``path``'s class folders (listed as zoo train lists them) with their class index;
+    ``class_names`` None: the sorted folders. Other files are named in one warning."""
     root = image_folder_root(path)
     folders, files, indices, others = class_files(root)
     if not folders:
@@ -109,45 +101,23 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
     return LabelledFiles(root, [Path(f.path) for f in files], labels, rule), list(names)
 
 
-def decode_crops(
-    files: list[Path],
-    *,
-    resize: int,
-    crop: int,
-    workers: int = 0,
-    memory_limit_bytes: int = 4 << 30,
-    spill_dir: str | Path | None = None,
-    desc: str = "decoding",
-    skipped: list[tuple[str, str]] | None = None,
-) -> torch.Tensor:
-    """uint8 ``[N, 3, crop, crop]``; above the limit, backed by an (unlinked) memmap file in ``spill_dir`` (default: the temp folder).
-
-    A file that cannot be decoded is left out (the crops of the others stay in order) and, with
-    ``skipped``, appended there as (path, reason)."""
+def decode_crops(files: list[Path], *, resize: int, crop: int, workers: int = 0, memory_limit_bytes: int = 4 << 30,
+                 spill_dir: str | Path | None = None, desc: str = "decoding",
+                 skipped: list[tuple[str, str]] | None = None) -> torch.Tensor:
+    """uint8 ``[N, 3, crop, crop]``, above the limit in an unlinked memmap file in ``spill_dir`` (default: the temp
+    folder). An undecodable file is left out and, with ``skipped``, appended there as (path, reason)."""
     shape = (len(files), 3, crop, crop)
     if int(np.prod(shape)) <= memory_limit_bytes:
         out = np.empty(shape, dtype=np.uint8)
     else:
         folder = Path(spill_dir or tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f"zoo-crops-{len(files)}x{crop}-", suffix=".npy", dir=folder)
-        os.close(handle)
-        path = Path(name)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-        path.unlink()  # the mapping keeps the data until the crops are freed; nothing is left behind
+        # Unlinked at once: the mapping keeps the data until the crops are freed; nothing is left behind.
+        out = np.memmap(tempfile.TemporaryFile(dir=folder), dtype=np.uint8, mode="w+", shape=shape)
     # The one decoder (zoo/imaging.py), as `zoo classify` and the logged model decode: a model registered by
     # `zoo renorm` is served with exactly the preprocessing it was scored with.
     spec = DecodeSpec((3, crop, crop), resize=resize, max_pixels_hint="remove the file or resize it")
-    chunks = in_chunks([str(f) for f in files])
-    kept = 0
-    with decode_pool(len(files), workers) as pool, tqdm(total=len(files), unit="img", desc=desc, leave=False) as bar:
-        for paths, (pixels, errors) in zip(chunks, pool.map(decode_batch, chunks, [spec] * len(chunks))):
-            for path, image, error in zip(paths, pixels, errors):
-                if error:
-                    if skipped is not None:
-                        skipped.append((path, error))
-                else:
-                    out[kept] = image  # compacted as it goes
-                    kept += 1
-            bar.update(len(paths))
-    return torch.from_numpy(out[:kept])
+    kept, errors, _ = decode_files(out, [str(f) for f in files], spec, workers, desc)
+    if skipped is not None:
+        skipped += errors
+    return torch.from_numpy(out[: len(kept)])
