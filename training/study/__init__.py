@@ -17,7 +17,6 @@ Modules, each importing only those above it:
   its samplers, the normalizations it suggests and enqueues, what counts as a finished or collapsed trial.
 - ``storage``: where a study is stored and locked: the Optuna storage, StudyLock, opening the study,
   the search it stores, heartbeats, ending the runs of trials whose process died, a database that restarts.
-- ``parent_run``: the study's one MLflow parent run, created once and adopted by every process.
 - ``trials``: how a trial runs: its child run, the objective (one trial, or several trained together
   by training.train_batch) and pruning.
 - ``report``: how a study is summarized and drawn on its parent run: summary, trials table,
@@ -25,6 +24,6 @@ Modules, each importing only those above it:
 - ``report_files``: the same results as Markdown and PNG files for the docs (``python -m training.study.report_files``).
 - ``best_trial``: what the best trial keeps: its checkpoints (every other trial loses them) and, at the
   end, its logged and registered model.
-- ``workers``: how processes and machines share the study: claiming trials, the work loop, the
-  processes ``--jobs`` starts, :func:`run_study` and its default number of jobs.
+- ``workers``: how processes and machines share the study: its one MLflow parent run, claiming trials,
+  the work loop, the processes ``--jobs`` starts, :func:`run_study` and its default number of jobs.
 """
