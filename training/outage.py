@@ -51,9 +51,9 @@ def timeout_from_env() -> float:
                      f"that goes away mid-run, a number >= 0 (default {DEFAULT_TIMEOUT_S:g})")
 
 
-def local_checkpoint(run_id: str, name: str = "last") -> Path | None:
-    """The run's checkpoint kept on this machine until the server holds it, or None."""
-    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / f"{name}.pt"
+def local_checkpoint(run_id: str) -> Path | None:
+    """The run's last checkpoint kept on this machine until the server holds it, or None."""
+    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / "last.pt"
     return path if path.is_file() else None
 
 

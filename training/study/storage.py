@@ -21,7 +21,7 @@ import optuna
 from alembic.util import CommandError as AlembicCommandError
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -84,15 +84,9 @@ def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBSt
             probe.dispose()
 
     def connect() -> RDBStorage:
-        with quiet_optuna():
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-
-            def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:  # a trial whose process died
-                _end_orphaned_run(trial)
-                retry(study, trial)
-
+        with quiet_optuna():  # a trial whose process died is retried once (end_orphaned_runs ends its run)
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                 heartbeat_stale_trial_callback=on_stale_trial)
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
         if not sqlite:  # a file: nothing restarts
             wait_for_database(storage.engine, timeout_from_env() if wait_s is None else wait_s)
         return storage
@@ -150,7 +144,7 @@ class StudyLock:
     """A lock over every thread, process and machine working on one study, for short bookkeeping: a PostgreSQL
     advisory lock, MySQL's GET_LOCK, or flock beside a SQLite file (each released when its holder dies)."""
 
-    def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
+    def __init__(self, url: str, study_name: str, wait_s: float) -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.name = f"zoo-study:{study_name}"
@@ -159,7 +153,7 @@ class StudyLock:
         self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
         database = parsed.database if self.dialect == "sqlite" else None
         self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
-        if self.engine is not None and wait_s is not None:
+        if self.engine is not None:
             wait_for_database(self.engine, wait_s)
 
     @contextmanager
@@ -224,24 +218,21 @@ def stored_search(study: optuna.Study) -> dict[str, Any] | None:
     return stored if stored is not None else study.user_attrs.get(CONFIG_ATTR)
 
 
-def _end_orphaned_run(trial: FrozenTrial) -> None:
-    """End KILLED the child run a dead process left RUNNING (or leave it to the next claim if the server is away)."""
-    run_id = trial.user_attrs.get(RUN_ATTR)
-    try:
-        if run_id and tracking.run_status(run_id) == "RUNNING":
-            tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
-                                                     "the trial was failed and retried")
-    except Exception as exc:
-        if not unreachable(exc):
-            raise
-
-
 def end_orphaned_runs(study: optuna.Study, heartbeat_s: float) -> None:
-    """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
+    """Fail trials whose heartbeat stopped, and end KILLED the child runs of failed trials still RUNNING (left
+    to the next call while the tracking server is away)."""
     # Right after a database outage every trial's heartbeat is late: give them two heartbeats to catch up.
     if DATABASE.away_since is None and time.monotonic() - DATABASE.back_at >= 2 * heartbeat_s:
         with quiet_optuna():
             repeatable(optuna.storages.fail_stale_trials, study)
     for trial in repeatable(study.get_trials, deepcopy=False, states=(TrialState.FAIL,)):
-        if not is_finished(trial):  # a diverged trial ended its own run
-            _end_orphaned_run(trial)
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if not run_id or is_finished(trial):  # a diverged trial ended its own run
+            continue
+        try:
+            if tracking.run_status(run_id) == "RUNNING":
+                tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
+                                                         "the trial was failed and retried")
+        except Exception as exc:
+            if not unreachable(exc):
+                raise

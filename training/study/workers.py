@@ -10,9 +10,9 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -57,16 +57,6 @@ def default_jobs(device: str = "auto") -> int:
     return 1 if resolve_device(device).type != "cpu" else max(1, min(usable_cores(), MAX_AUTO_JOBS))
 
 
-@contextmanager
-def _torch_threads(jobs: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // jobs))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _after_trial(ctx: TrialContext, bar: tqdm, study: optuna.Study, trial: FrozenTrial) -> None:
     keep_best_trial_checkpoints(study, trial, ctx)
     bar.update(min(count_trials(study)[0], bar.total) - bar.n)
@@ -91,7 +81,6 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
     """Up to ``most`` trials to run, asked under the study's lock so N processes never overshoot the target (as
     ``study.optimize`` would); none once it holds ``config.trials`` finished. Waits while every slot is taken."""
     poll_s = min(5.0, max(0.5, ctx.config.heartbeat / 2))
-    channels = ctx.dataset.image_shape[0]
     while not ctx.stop.is_set():
         with ctx.claim():
             end_orphaned_runs(study, ctx.config.heartbeat)
@@ -103,7 +92,7 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
                 with quiet_optuna():
                     trials = [study.ask() for _ in range(min(most, free))]
                 for trial in trials:  # sampled now, so the sampler sees it running (TPE's constant liar)
-                    suggest_normalization(trial, ctx.config, channels)
+                    suggest_normalization(trial, ctx.config, ctx.dataset.image_shape[0])
                 return trials
         bar.update(min(finished, bar.total) - bar.n)
         time.sleep(poll_s)
@@ -125,20 +114,9 @@ def _run_trials(study: optuna.Study, trials: list[optuna.Trial], ctx: TrialConte
 
 
 def _work(study: optuna.Study, ctx: TrialContext, bar: tqdm) -> None:
-    with _extra_workers(ctx):
-        while trials := _claim_trials(study, ctx, bar, ctx.config.batch_trials):
-            for one in _run_trials(study, trials, ctx):
-                _after_trial(ctx, bar, study, one)
-
-
-@contextmanager
-def _extra_workers(ctx: TrialContext) -> Iterator[None]:
-    """``--jobs N``: N - 1 more processes join the study (not threads: torch's random generator is one per
-    process); stopping this process stops them, and one that fails fails the study."""
-    count = min(ctx.config.jobs, ctx.config.trials) - 1
-    if count < 1:
-        yield
-        return
+    """Claim and run trials until the study is done. ``--jobs N``: N - 1 more processes join it (not threads:
+    torch's random generator is one per process); stopping this process stops them, one that fails fails it."""
+    count = max(0, min(ctx.config.jobs, ctx.config.trials) - 1)
     # spawn: a fresh interpreter, not a fork of one whose torch, SQLAlchemy and MLflow state is mid-use
     spawn = multiprocessing.get_context("spawn")
     workers = [spawn.Process(target=_join_study, args=(ctx.config, torch.get_num_threads()),
@@ -155,7 +133,9 @@ def _extra_workers(ctx: TrialContext) -> Iterator[None]:
 
     threading.Thread(target=watch, daemon=True).start()
     try:
-        yield
+        while trials := _claim_trials(study, ctx, bar, ctx.config.batch_trials):
+            for one in _run_trials(study, trials, ctx):
+                _after_trial(ctx, bar, study, one)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -261,9 +241,11 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
             study.enqueue_trial(params, skip_if_exists=True)
     ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
                        storage, patience=patience)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // config.jobs))  # the study's processes share the cores
     try:
         # SIGTERM (kill, a scheduler's limit) stops a study as Ctrl-C does: no trial is left RUNNING.
-        with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
+        with checkpoints.sigterm_as_interrupt(), tqdm(
                 total=config.trials, unit="trial", desc=f"study {config.name}", disable=not (config.progress and bar)
         ) as progress:
             _work(study, ctx, progress)
@@ -278,6 +260,8 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
             raise StudyInterrupted(f"study {config.name} stopped with {finished} of {config.trials} trials finished; "
                                    "re-run the same command to resume it") from None
         raise
+    finally:
+        torch.set_num_threads(threads)
     with lock():  # the workers end together: one of them writes the final summary and publishes the model
         return ctx.patience.patiently(_finish_study, study, parent, config, dataset)  # each step can be redone
 
