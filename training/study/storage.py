@@ -40,8 +40,7 @@ _storage_of: weakref.WeakKeyDictionary[optuna.Study, RDBStorage] = weakref.WeakK
 
 @contextmanager
 def quiet_optuna() -> Iterator[None]:
-    """Optuna's ExperimentalWarning (heartbeats, metric names) and its "heartbeat is supposed to be used with
-    optimize" (:func:`heartbeats` records it)."""
+    """Optuna's ExperimentalWarning, and "heartbeat is supposed to be used with optimize" (heartbeats() does it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
