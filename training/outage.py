@@ -1,9 +1,7 @@
-"""Riding out a tracking server or study database that goes away mid-run (a restart, an upgrade).
-
-It is waited for up to ``--tracking-timeout`` (``ZOO_TRACKING_TIMEOUT``, default 10 minutes) by one policy,
-:func:`retrying`, with one line on stderr when it goes away and one when it is back; past the bound,
-:class:`tracking.ServerGone` says what to do next. :class:`Outbox` keeps a run's epochs on local disk
-meanwhile (MLflow's asynchronous logging would drop a batch whose request fails) and sends them in order.
+"""Riding out a tracking server or study database that goes away mid-run (a restart, an upgrade): one
+tenacity policy (:func:`retrying`) waits up to ``--tracking-timeout`` with one line when it goes and one when
+it is back; past the bound, :class:`tracking.ServerGone` says what to do next. :class:`Outbox` keeps a run's
+epochs on local disk meanwhile (MLflow's async logging would drop a failed batch) and sends them in order.
 """
 
 from __future__ import annotations
@@ -15,8 +13,10 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import tenacity
 
@@ -27,15 +27,13 @@ from zoo.machine import cache_dir
 
 TIMEOUT_ENV = "ZOO_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # a server restart or upgrade takes seconds to minutes
-POLL_S = 2.0  # how often a waiting call asks the server again
 PENDING = "pending.json"
 T = TypeVar("T")
 
 
 def retrying(bound_s: float, retry_on: Callable[[BaseException], bool],
-             went_away: Callable[[BaseException], Any] | None = None, wait_s: float = POLL_S) -> tenacity.Retrying:
-    """The one waiting policy: a call failing as ``retry_on`` says is made again every ``wait_s`` seconds for up
-    to ``bound_s``, ``went_away`` told of its first failure; past the bound the last error is raised."""
+             went_away: Callable[[BaseException], Any] | None = None, wait_s: float = 2.0) -> tenacity.Retrying:
+    """The one waiting policy: retry what ``retry_on`` accepts every ``wait_s`` for up to ``bound_s``, then raise."""
     def before_sleep(state: tenacity.RetryCallState) -> None:
         if went_away is not None and state.attempt_number == 1:
             went_away(state.outcome.exception())
@@ -45,48 +43,44 @@ def retrying(bound_s: float, retry_on: Callable[[BaseException], bool],
 
 
 def timeout_from_env() -> float:
-    """The bound on waiting for the tracking server, from ZOO_TRACKING_TIMEOUT (seconds), else 10 minutes."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_S)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not valid: give the seconds to wait for a tracking server "
-                         f"that goes away mid-run, a number >= 0 (default {DEFAULT_TIMEOUT_S:g})")
-    return value
+    with suppress(ValueError):
+        if (value := float(raw)) >= 0:
+            return value
+    raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not valid: give the seconds to wait for a tracking server "
+                     f"that goes away mid-run, a number >= 0 (default {DEFAULT_TIMEOUT_S:g})")
 
 
-def local_checkpoint(run_id: str, name: str = "last") -> Path | None:
-    """The run's checkpoint kept on this machine until the server holds it, or None."""
-    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / f"{name}.pt"
+def local_checkpoint(run_id: str) -> Path | None:
+    """The run's last checkpoint kept on this machine until the server holds it, or None."""
+    path = cache_dir("runs", run_id) / tracking.CHECKPOINTS / "last.pt"
     return path if path.is_file() else None
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what MLflow wrapped in it) says the tracking server did not answer (refused, reset,
-    timed out, 5xx while it restarts), rather than that it answered with an error."""
+    """Whether ``exc`` or what it wraps says the server did not answer (refused, reset, timed out, 5xx)."""
     from requests.exceptions import ConnectionError as Refused, RetryError, Timeout
 
-    kinds, seen = (Refused, Timeout, RetryError, ConnectionError), exc
-    while seen is not None and not isinstance(seen, ServerGone):
-        if isinstance(seen, kinds):
+    while exc is not None and not isinstance(exc, ServerGone):
+        if isinstance(exc, (Refused, Timeout, RetryError, ConnectionError)):
             return True
-        seen = seen.__cause__ or seen.__context__
+        exc = exc.__cause__ or exc.__context__
     return False
 
 
-def say(line: str) -> None:
-    from tqdm.auto import tqdm
+class Patience:
+    """Calls to a server (``what``, by default the tracking server) that wait for it when it stops answering, with
+    one line when it does and one when it is back; past the bound, ServerGone whose line ends with ``then``."""
 
-    tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
+    back_note = ""
 
-
-class Outage:
-    """A server that may stop answering (``what``): one line when it does, one when it answers again."""
-
-    def __init__(self, what: str, timeout_s: float | None = None) -> None:
-        self.what = what
+    def __init__(self, timeout_s: float | None = None, then: str = "run the same command again",
+                 what: str | None = None) -> None:
+        if what is None:
+            parts = urlsplit(tracking.tracking_uri())
+            what = f"the MLflow tracking server at {parts.scheme}://{parts.hostname}" + (
+                f":{parts.port}" if parts.port else "")
+        self.what, self.then = what, then
         self.timeout_s = timeout_from_env() if timeout_s is None else timeout_s
         self.away_since: float | None = None
         self.back_at = -float("inf")
@@ -100,38 +94,28 @@ class Outage:
         errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
         first = str(exc).strip().partition("\n")[0]
         reason = errno.group(1) if errno else first if 0 < len(first) <= 160 else type(exc).__name__
-        say(f"zoo: {self.what} stopped answering ({reason}); {self.waiting()}")
+        self.say(f"zoo: {self.what} stopped answering ({reason}); {self.waiting()}")
 
     def waiting(self) -> str:
         return f"waiting for it up to {self.timeout_s:g} s (--tracking-timeout)"
 
-    def came_back(self, note: str = "") -> None:
+    def came_back(self) -> None:
         with self._state:
             if self.away_since is None:
                 return
             away, self.away_since, self.back_at = time.monotonic() - self.away_since, None, time.monotonic()
-        say(f"zoo: {self.what} answers again after {away:.0f} s{note}")
+        self.say(f"zoo: {self.what} answers again after {away:.0f} s{self.back_note}")
 
     def bound_left(self) -> float:
         return self.timeout_s - (0.0 if self.away_since is None else time.monotonic() - self.away_since)
 
+    @staticmethod
+    def say(line: str) -> None:
+        from tqdm.auto import tqdm
 
-class Patience(Outage):
-    """Calls to the tracking server that wait for it (:func:`retrying`) when it stops answering. Past the
-    bound, :class:`ServerGone`, whose line ends with ``then`` (what to do once the server is back)."""
-
-    back_note = ""
-
-    def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(tracking.tracking_uri())
-        super().__init__(f"the MLflow tracking server at {parts.scheme}://{parts.hostname}"
-                         + (f":{parts.port}" if parts.port else ""), timeout_s)
-        self.then = then
+        tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
 
     def patiently(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``call(*args, **kwargs)``, made again while the server does not answer, up to the bound."""
         return self.within(self.bound_left(), call, *args, **kwargs)
 
     def within(self, bound_s: float, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -142,7 +126,7 @@ class Patience(Outage):
                 raise
             self.went_away(exc)
             raise ServerGone(self.gone_message()) from None
-        self.came_back(self.back_note)
+        self.came_back()
         return result
 
     def gone_message(self) -> str:
@@ -150,8 +134,8 @@ class Patience(Outage):
 
 
 class Outbox(Patience):
-    """One run's epoch results on their way to the tracking server, kept on local disk until it holds them.
-    ``then``: what to do past the bound (default: ``zoo train --resume RUN_ID``; a study trial gives its own)."""
+    """One run's epoch results kept on local disk until the tracking server holds them. ``then``: what to do
+    past the bound (default: ``zoo train --resume RUN_ID``)."""
 
     back_note = "; what was kept has been sent"
 
@@ -189,7 +173,6 @@ class Outbox(Patience):
                 raise ServerGone(self.gone_message()) from None
 
     def wait_and_send(self) -> None:
-        """Block until everything pending is sent, or raise ServerGone past the bound."""
         if self.pending:
             self.patiently(self._send_pending)
 
@@ -202,12 +185,11 @@ class Outbox(Patience):
         self._write_pending()
 
     def close(self) -> None:
-        """The run is over and the server holds everything: the local folder goes."""
         if not self.pending:
             self.discard()
 
     def discard(self) -> None:
-        """The local folder goes, sent or not (a study trial that failed is retried, never resumed)."""
+        """The local folder goes, sent or not (a failed study trial is retried, never resumed)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
     @property
@@ -223,16 +205,15 @@ class Outbox(Patience):
             return super().gone_message()
         checkpoint = local_checkpoint(self.run_id)
         kept = f"its checkpoint kept at {checkpoint}" if checkpoint else f"what it logged kept in {self.folder}"
-        return (f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout): run {self.run_id} stopped "
-                f"after epoch {self._last_epoch(checkpoint)}, {kept}; once the server is back, finish the run with: "
-                f"zoo train --resume {self.run_id}")
-
-    def _last_epoch(self, checkpoint: Path | None) -> int:
         if checkpoint is None:
-            return self.epoch
-        import torch
+            epoch = self.epoch
+        else:
+            import torch
 
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+            epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+        return (f"{self.what} did not answer for {self.timeout_s:g} s (--tracking-timeout): run {self.run_id} stopped "
+                f"after epoch {epoch}, {kept}; once the server is back, finish the run with: "
+                f"zoo train --resume {self.run_id}")
 
     def _write_pending(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,7 @@
-"""Where a study is stored and locked: its Optuna storage (SQLite or a database server), the lock over
-every worker (StudyLock), opening the study and the search it stores, ending the runs of trials whose
-process died (heartbeats), and riding out a restart of the database server.
-
-A restart is waited for through :func:`training.outage.retrying`, up to ``--tracking-timeout``: new
-connections wait for the server (SQLAlchemy's public ``do_connect`` event; ``pool_pre_ping`` replaces
-the connections the restart closed), and the calls the project makes that may be made twice (reads, trial
-attributes, the heartbeat) go through :func:`repeatable`. Not covered: any other statement in flight at
-the instant the server stops (``ask``, ``tell``: a commit whose answer was lost may have happened) fails.
+"""Where a study is stored and locked: its Optuna storage, the lock over every worker (StudyLock), opening
+the study and the search it stores, ending the runs of trials whose process died (heartbeats). A restarting
+database server is waited for up to ``--tracking-timeout``: new connections wait (SQLAlchemy's ``do_connect``
+event), and calls that may be made twice go through :func:`repeatable`; a commit in flight (``tell``) fails.
 """
 
 from __future__ import annotations
@@ -27,66 +22,72 @@ from alembic.util import CommandError as AlembicCommandError
 from optuna.exceptions import StorageInternalError
 from mlflow import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from training import tracking
-from training.outage import Outage, retrying, timeout_from_env, unreachable
+from training.outage import Patience, retrying, timeout_from_env, unreachable
 from training.study.config import CONFIG_ATTR, OBJECTIVE_NAME, RUN_ATTR, StudyConfig, is_finished, make_sampler
 from zoo.access import masked_url, storage_refused_hint
 from zoo.errors import UsageError
 
 T = TypeVar("T")
 RETRY_S = 1.0  # how often a waiting connection tries the database again
-DATABASE = Outage("the study's database", timeout_s=0.0)  # this process's one; SQLite (a file) never waits
+DATABASE = Patience(0.0, what="the study's database")  # this process's one; SQLite (a file) never waits
 _storage_of: weakref.WeakKeyDictionary[optuna.Study, RDBStorage] = weakref.WeakKeyDictionary()  # Optuna has no public getter
-STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")  # those StudyLock can lock
-DB_CONNECT_TIMEOUT_S = 5  # PostgreSQL connect timeout (psycopg's connect_timeout)
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's ExperimentalWarning, and "heartbeat is supposed to be used with optimize" (heartbeats() does it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        yield
 
 
 def absolute_storage_url(url: str) -> str:
-    """``sqlite:///optuna.db`` as ``sqlite:////CWD/optuna.db``, so the recorded URL names the same file from any
-    folder (``optuna-dashboard URL`` elsewhere would create an empty one); other URLs as written."""
-    try:
-        parsed = make_url(url) if "://" in url else None
-    except (ArgumentError, ValueError):
-        parsed = None  # not a URL: make_storage says what is wrong with it
-    if (parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:")
-            or os.path.isabs(parsed.database) or parsed.query.get("uri") == "true"):
-        return url
-    scheme, _, written = url.partition(":///")
-    query = written.partition("?")[2]
-    return f"{scheme}:///{quote(os.path.abspath(parsed.database))}" + (f"?{query}" if query else "")
+    """A relative SQLite path made absolute, so the recorded URL names the same file from any folder."""
+    with suppress(ArgumentError, ValueError):  # not a URL: make_storage says what is wrong with it
+        parsed = make_url(url)
+        if (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+                and not os.path.isabs(parsed.database) and parsed.query.get("uri") != "true"):
+            query = url.partition("?")[2]
+            return f"{url.partition(':///')[0]}:///{quote(os.path.abspath(parsed.database))}" + (f"?{query}" if query else "")
+    return url
 
 
 def make_storage(url: str, heartbeat: int, wait_s: float | None = None) -> RDBStorage:
     """RDB storage with heartbeats: trials of a dead process are failed, their runs ended, and retried once.
-    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT, else 600 s)."""
-    if "://" not in url or make_url(url).get_backend_name() not in STORAGE_DIALECTS:
+    A database server that restarts is waited for up to ``wait_s`` (default: ZOO_TRACKING_TIMEOUT)."""
+    if "://" not in url or make_url(url).get_backend_name() not in ("sqlite", "postgresql", "mysql"):
         raise UsageError(f"--storage must be a database URL such as sqlite:///optuna.db (one machine) or "
                          f"postgresql://USER@HOST:PORT/DB (several), got {masked_url(url) if '://' in url else url!r}")
     # Several threads and processes write one SQLite file: wait for its lock instead of failing.
-    # A database server that does not answer fails in DB_CONNECT_TIMEOUT_S instead of the OS's minutes.
-    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
-                     {"pool_pre_ping": True, "connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S}})
-    if not url.startswith("sqlite"):
-        check_database_server(url, engine_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-
-    def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        _end_orphaned_run(trial)
-        retry(study, trial)
+    # A database server that does not answer fails in 5 s instead of the OS's minutes.
+    sqlite = url.startswith("sqlite")
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if sqlite else
+                     {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}})
+    if not sqlite:  # one attempt first: an unreachable server fails at once with one line, not after the retries
+        probe = create_engine(url, **engine_kwargs)
+        try:
+            probe.connect().close()
+        except OperationalError as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            if hint := storage_refused_hint(reason):
+                raise PermissionError(f"the Optuna storage {masked_url(url)} refused the login ({reason}): {hint}") from None
+            raise ConnectionError(f"cannot reach the Optuna storage {masked_url(url)} ({reason}): check that the database "
+                                  "server runs there and accepts connections, or fix --storage / ZOO_OPTUNA_STORAGE") from None
+        finally:
+            probe.dispose()
 
     def connect() -> RDBStorage:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_optuna():  # a trial whose process died is retried once (end_orphaned_runs ends its run)
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                 heartbeat_stale_trial_callback=on_stale_trial)
-        if not url.startswith("sqlite"):  # a file: nothing restarts
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        if not sqlite:  # a file: nothing restarts
             wait_for_database(storage.engine, timeout_from_env() if wait_s is None else wait_s)
         return storage
 
@@ -109,8 +110,7 @@ def wait_for_database(engine: Engine, wait_s: float) -> None:
 
 
 def repeatable(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call``, made again when a database restart dropped the connection under it (the next attempt
-    reconnects, waiting for the server). Only for calls that may be made twice with the same effect."""
+    """``call``, made again when a database restart dropped its connection: only for idempotent calls."""
     def dropped(exc: BaseException) -> bool:
         return isinstance(exc if not isinstance(exc, StorageInternalError) else exc.__cause__, OperationalError)
 
@@ -119,8 +119,7 @@ def repeatable(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @contextmanager
 def heartbeats(storage: RDBStorage, study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
-    """Record the trials' heartbeats every ``storage.get_heartbeat_interval()`` s while they train, as
-    ``study.optimize`` does: a trial whose heartbeat stops belongs to a dead process."""
+    """Record the trials' heartbeats while they train, as ``study.optimize`` does."""
     study_id = repeatable(storage.get_study_id_from_name, study.study_name)
     ids = [repeatable(storage.get_trial_id_from_study_id_trial_number, study_id, t.number) for t in trials]
     stop = threading.Event()
@@ -141,69 +140,44 @@ def heartbeats(storage: RDBStorage, study: optuna.Study, trials: list[optuna.Tri
         thread.join()
 
 
-def check_database_server(url: str, engine_kwargs: dict[str, Any]) -> None:
-    """One connection attempt, so an unreachable server fails at once with one line (not after the schema retries)."""
-    engine = create_engine(url, **engine_kwargs)
-    try:
-        engine.connect().close()
-    except OperationalError as exc:
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        if hint := storage_refused_hint(reason):
-            raise PermissionError(f"the Optuna storage {masked_url(url)} refused the login ({reason}): {hint}") from None
-        raise ConnectionError(f"cannot reach the Optuna storage {masked_url(url)} ({reason}): check that the database "
-                              "server runs there and accepts connections, or fix --storage / ZOO_OPTUNA_STORAGE") from None
-    finally:
-        engine.dispose()
-
-
 class StudyLock:
-    """A lock over every thread, process and machine working on one study, held in its storage: a PostgreSQL
-    session advisory lock (released if the holder dies), MySQL's ``GET_LOCK``, or ``flock`` beside a SQLite
-    file. Taken for short bookkeeping only, never while a trial trains; ``wait_s``: how long taking it waits
-    for a database server that restarts (None: not at all)."""
+    """A lock over every thread, process and machine working on one study, for short bookkeeping: a PostgreSQL
+    advisory lock, MySQL's GET_LOCK, or flock beside a SQLite file (each released when its holder dies)."""
 
-    def __init__(self, url: str, study_name: str, wait_s: float | None = None) -> None:
+    def __init__(self, url: str, study_name: str, wait_s: float) -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
-        self.key = int.from_bytes(hashlib.sha256(f"zoo-study:{study_name}".encode()).digest()[:8], "big", signed=True)
-        self.name = f"zoo-study:{study_name}"[:64]
+        self.name = f"zoo-study:{study_name}"
+        self.key = int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "big", signed=True)
         self.threads = threading.Lock()  # flock and advisory locks are per connection, not per thread
         self.engine = None if self.dialect == "sqlite" else create_engine(url, pool_pre_ping=True)
         database = parsed.database if self.dialect == "sqlite" else None
         self.path = f"{database}.zoo-lock" if database and database != ":memory:" else None
-        if self.engine is not None and wait_s is not None:
+        if self.engine is not None:
             wait_for_database(self.engine, wait_s)
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
         with self.threads:
-            if self.dialect == "sqlite":
-                with self._file_lock():
-                    yield
-            else:
+            if self.engine is not None:
                 take, give = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)")
                               if self.dialect == "postgresql" else
                               ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"))
+                params = {"key": self.key, "name": self.name[:64]}
                 with self.engine.connect() as connection:
-                    connection.execute(text(take), {"key": self.key, "name": self.name})
+                    connection.execute(text(take), params)
                     try:
                         yield
                     finally:
                         with suppress(OperationalError):  # a restart under us ended the lock with its session
-                            connection.execute(text(give), {"key": self.key, "name": self.name})
+                            connection.execute(text(give), params)
                             connection.commit()
-
-    @contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        if self.path is None:  # an in-memory database lives in this process only
-            yield
-            return
-        with open(self.path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
+            elif self.path is None:  # an in-memory database lives in this process only
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            else:
+                with open(self.path, "a") as handle:  # closing it releases the lock
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    yield
 
 
 def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
@@ -215,8 +189,7 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
         _storage_of[study] = storage
         # Kept out of the user attributes, which `optuna studies` prints whole in one table cell.
         storage.set_study_system_attr(storage.get_study_id_from_name(config.name), CONFIG_ATTR, config.identity())
-        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and the only way to name it
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_optuna():  # "experimental" since Optuna 3.2, and the only way to name it
             study.set_metric_names([OBJECTIVE_NAME])
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
@@ -228,7 +201,12 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UsageError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
                          "Use another --study-name.")
-    check_same_search(study, config)
+    stored = stored_search(study) or {}  # none: its creator has not written it yet, or it was not made by zoo
+    differing = {k: (stored[k], v) for k, v in config.identity().items() if k in stored and stored[k] != v}
+    if differing:
+        what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())
+        raise UsageError(f"study {config.name!r} was created with other settings ({what}). "
+                         "Repeat its settings to resume it, or use another --study-name.")
     return study, False
 
 
@@ -240,37 +218,21 @@ def stored_search(study: optuna.Study) -> dict[str, Any] | None:
     return stored if stored is not None else study.user_attrs.get(CONFIG_ATTR)
 
 
-def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
-    stored = stored_search(study)
-    if stored is None:
-        return  # its creator has not written it yet, or it was not made by zoo
-    differing = {k: (stored[k], v) for k, v in config.identity().items() if k in stored and stored[k] != v}
-    if differing:
-        what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())
-        raise UsageError(f"study {config.name!r} was created with other settings ({what}). "
-                         "Repeat its settings to resume it, or use another --study-name.")
-
-
-def _end_orphaned_run(trial: FrozenTrial) -> None:
-    """A trial failed by Optuna because its process died left its child run RUNNING: end it KILLED (or, if
-    the tracking server is away, leave that to the next claim or the study's end)."""
-    run_id = trial.user_attrs.get(RUN_ATTR)
-    try:
-        if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
-            tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
-                                                     "the trial was failed and retried")
-    except Exception as exc:
-        if not unreachable(exc):
-            raise
-
-
 def end_orphaned_runs(study: optuna.Study, heartbeat_s: float) -> None:
-    """Fail trials whose heartbeat stopped, and end the child runs of every failed trial still RUNNING."""
+    """Fail trials whose heartbeat stopped, and end KILLED the child runs of failed trials still RUNNING (left
+    to the next call while the tracking server is away)."""
     # Right after a database outage every trial's heartbeat is late: give them two heartbeats to catch up.
     if DATABASE.away_since is None and time.monotonic() - DATABASE.back_at >= 2 * heartbeat_s:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_optuna():
             repeatable(optuna.storages.fail_stale_trials, study)
     for trial in repeatable(study.get_trials, deepcopy=False, states=(TrialState.FAIL,)):
-        if not is_finished(trial):  # a diverged trial ended its own run
-            _end_orphaned_run(trial)
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if not run_id or is_finished(trial):  # a diverged trial ended its own run
+            continue
+        try:
+            if MlflowClient().get_run(run_id).info.status == "RUNNING":
+                tracking.end_run_by_id(run_id, "KILLED", f"trial {trial.number}'s process died (no Optuna heartbeat); "
+                                                         "the trial was failed and retried")
+        except Exception as exc:
+            if not unreachable(exc):
+                raise

@@ -34,7 +34,6 @@ Setup = tuple[TrainConfig, Normalization, str, dict[str, str]]  # training confi
 @dataclass
 class TrialContext:
     """What every trial of this process shares."""
-
     config: StudyConfig
     dataset: Dataset
     parent_run_id: str
@@ -59,8 +58,8 @@ def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> Setup:
     return train_config, normalization, f"trial {trial.number:03d} {short_normalization(normalization, compact=True)}", tags
 
 
-def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
-    """Train one trial in its child run; its validation accuracy (test accuracy is recorded, never optimized)."""
+def objective(trial: optuna.Trial, ctx: TrialContext) -> tuple[float | None, TrialState]:
+    """Train one trial in its child run: (validation accuracy, state); the test accuracy is only recorded."""
     setup = _trial_setup(trial, ctx)
     outbox = _start_trial_run(trial, ctx, setup)
     patiently = outbox.patiently  # every write waits for a tracking server that went away (training goes on)
@@ -68,25 +67,26 @@ def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
         with ExitStack() as run:
             patiently(lambda: run.enter_context(tracking.start_run(
                 run_id=outbox.run_id, stopped=(optuna.TrialPruned,), patiently=patiently)))
-            try:
-                result = fit(setup[0], ctx.dataset, on_epoch=_pruning_callback(trial) if ctx.config.prune else None,
-                             outbox=outbox)
-            except TrainingDiverged as exc:
-                _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(exc)})
-                raise
+            result = fit(setup[0], ctx.dataset, on_epoch=_pruning_callback(trial) if ctx.config.prune else None,
+                         outbox=outbox)
             _record(trial, ctx, setup, result, result.normalization, patiently)
+        return result.val_accuracy, TrialState.COMPLETE
+    except optuna.TrialPruned:
+        return None, TrialState.PRUNED
+    except TrainingDiverged as exc:
+        _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(exc)})
+        return None, TrialState.FAIL
     finally:
         outbox.discard()  # sent, or the trial failed: a trial is retried, never resumed from it
-    return result.val_accuracy
 
 
 def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, setup: Setup, **tags: str) -> Outbox:
-    """Create the trial's described child run, name it in the trial; the Outbox its epochs go through."""
+    """Create the trial's child run, named in the trial; the Outbox its epochs go through."""
     from mlflow.tracking.context.registry import resolve_tags
 
     train_config, normalization, run_name, trial_tags = setup
     # One request, so a retry never leaves a half-made run; with the tags mlflow.start_run would add (user, source).
-    run_id = Patience(ctx.config.tracking_timeout, RESUME_STUDY).patiently(
+    run_id = ctx.patience.patiently(
         tracking.create_run, experiment=ctx.experiment, run_name=run_name, parent_run_id=ctx.parent_run_id,
         tags=resolve_tags({**trial_tags, **tags}))
     _note(trial, {RUN_ATTR: run_id})
@@ -100,7 +100,6 @@ def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, setup: Setup, **tag
 
 def _record(trial: optuna.Trial, ctx: TrialContext, setup: Setup, result: Any, model_normalization: Normalization,
             patiently: Callable[..., Any]) -> None:
-    """A trial's result, in the trial and on its active child run (and its model with ``--log-models all``)."""
     _note(trial, {"test_accuracy": result.test_accuracy})
     patiently(mlflow.set_tag, tracking.NOTE_TAG, _describe_trial(trial, ctx, setup[0], setup[1], result))
     if ctx.config.log_models == "all":
@@ -121,7 +120,7 @@ def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainC
 
 
 def _note(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    for key, value in attrs.items():  # an attribute set twice is set once
+    for key, value in attrs.items():  # setting an attribute twice is harmless
         repeatable(trial.set_user_attr, key, value)
 
 
@@ -136,7 +135,6 @@ def _pruning_callback(trial: optuna.Trial) -> Callable[[EpochResult], None]:
 
 def log_trial_model(network: torch.nn.Module, normalization: Normalization, config: StudyConfig,
                     dataset: Dataset, test_accuracy: float, onnx: bool = False) -> str:
-    """``onnx``: ship the ONNX graph too (the model is about to be registered)."""
     return tracking.log_model(
         network, model_name=config.model, normalization=normalization, input_shape=dataset.image_shape,
         class_names=dataset.classes, sample_images=dataset.test.images[:2],
@@ -145,9 +143,8 @@ def log_trial_model(network: torch.nn.Module, normalization: Normalization, conf
 
 
 def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple[float | None, TrialState]]:
-    """Train ``trials`` together, each in its own child run with its own Outbox; each one's (value, state).
-    A trial that diverges or is pruned ends there (run FAILED or KILLED), the others go on; any other
-    error ends every run of the batch FAILED (KILLED on Ctrl-C) and is raised."""
+    """Train ``trials`` together, each in its own child run; each one's (value, state). A diverged or pruned
+    trial ends alone; any other error ends every run of the batch and is raised."""
     setups = [_trial_setup(trial, ctx) for trial in trials]
     together = ",".join(str(t.number) for t in trials)
     outboxes: list[Outbox] = []
@@ -173,14 +170,14 @@ def objective_batch(trials: list[optuna.Trial], ctx: TrialContext) -> list[tuple
 
 def _end_batch_trial(trial: optuna.Trial, result: Any, setup: Setup, outbox: Outbox,
                      ctx: TrialContext) -> tuple[float | None, TrialState]:
-    patiently = outbox.patiently
-    if isinstance(result.stopped, TrainingDiverged):
-        _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(result.stopped)})
-        patiently(tracking.end_run_by_id, result.run_id, "FAILED", f"TrainingDiverged: {result.stopped}")
-        return None, TrialState.FAIL
-    if isinstance(result.stopped, optuna.TrialPruned):
-        patiently(tracking.end_run_by_id, result.run_id, "KILLED", f"TrialPruned: {result.stopped}")
-        return None, TrialState.PRUNED
+    patiently, stopped = outbox.patiently, result.stopped
+    if stopped is not None:  # TrainingDiverged, or TrialPruned
+        diverged = isinstance(stopped, TrainingDiverged)
+        if diverged:
+            _note(trial, {OUTCOME_ATTR: "diverged", "failure": str(stopped)})
+        patiently(tracking.end_run_by_id, result.run_id, "FAILED" if diverged else "KILLED",
+                  f"{type(stopped).__name__}: {stopped}")
+        return None, TrialState.FAIL if diverged else TrialState.PRUNED
     with ExitStack() as run:  # ends it FINISHED
         patiently(lambda: run.enter_context(tracking.start_run(run_id=result.run_id, patiently=patiently)))
         _record(trial, ctx, setup, result, setup[1], patiently)
