@@ -1,8 +1,5 @@
 """The one image decoder: a file or its bytes -> the model's input, uint8 [C, H, W], or an ImageError saying why.
-
-Shipped inside every logged model (zoo/model_format/pyfunc_model.py) so a served model decodes exactly as
-`zoo classify` does: it imports only numpy and Pillow, never the zoo package.
-"""
+Shipped inside every logged model so a served model decodes as `zoo classify` does: imports only numpy and Pillow."""
 
 from __future__ import annotations
 
@@ -28,9 +25,7 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decoder needs (picklable, for worker processes). ``resize`` None stretches the image to the
-    input's size; R resizes its shorter side to R then center-crops (ImageNet evaluation, `zoo renorm`)."""
-
+    """What a decoder needs (picklable). ``resize`` None stretches; R resizes the shorter side to R, then center-crops."""
     input_shape: tuple[int, int, int]
     invert: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -131,8 +126,7 @@ INK_SPREAD = 8  # grey levels: colour channels that vary less than this where al
 
 
 def _flatten(img, channels: int, background: int):
-    """Composite transparency onto ``background`` (black as MNIST's, white under --invert). Strokes drawn as
-    alpha over one colour (canvases export black ink, invisible on black) become the alpha itself."""
+    """Composite transparency onto ``background``; strokes drawn as alpha over one colour become the alpha itself."""
     rgba = np.asarray(img.convert("RGBA"))
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # an alpha channel with nothing transparent in it
@@ -155,8 +149,7 @@ def _to_8bit(img):
 
 def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
     """uint8 [N, C, H, W] and one error per file (None: decoded); a None path is skipped."""
-    out, errors, _ = decode_batch_with_headers(paths, spec)
-    return out, errors
+    return decode_batch_with_headers(paths, spec)[:2]
 
 
 def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec

@@ -24,7 +24,6 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
 def builder_options(model: str) -> dict[str, Any]:
     """The builder's keyword arguments and defaults (input shape and classes come from the data)."""
     from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
-
     signature = inspect.signature(get_model_spec(model).builder)
     return {name: p.default for name, p in signature.parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")}

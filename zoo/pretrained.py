@@ -21,7 +21,6 @@ DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that must be downloaded, without a network and not in the local cache."""
-
     complete_message = True  # the message says what to do: no traceback hint (zoo/cli/main.py)
 
 
@@ -49,9 +48,7 @@ def load_pretrained(model: str, weights: str) -> Pretrained:
 
 def _from_torchvision(model: str, name: str) -> Pretrained:
     from urllib.error import URLError
-
     from torchvision.models import get_model_weights
-
     try:
         enum = get_model_weights(model)
     except ValueError:
@@ -119,7 +116,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
     class_names = checkpoint.get("class_names")
     if class_names is None and num_classes == 1000:
         from torchvision.models import ResNet18_Weights
-
         class_names = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k, in synset order
     saved_norm = checkpoint.get("normalization")
     normalization = Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization

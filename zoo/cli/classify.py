@@ -19,24 +19,17 @@ from zoo.cli.options import MODEL_URI
               help="Images decoded and classified together: memory grows with this, not with the number of files.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes that decode images and, on onnx, classify them too (0: all in this process). "
-                   "Default on onnx: one per CPU core (at most 8) for images of up to 16,384 values (128x128 grey), "
-                   "from two batches on; otherwise none on 2 cores or fewer, else one decoding per core but one.")
+                   "Default: one per CPU core, at most 8 (docs/classify.md).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
-                   "Default: Pillow's limit, 89,478,485.")
+              help="Refuse images declaring more pixels (decompression bombs). Default: Pillow's limit, 89,478,485.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True,
               help="json: one array; jsonl: one object per line, written as each batch finishes (for large folders).")
 def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_pixels, fmt) -> None:
-    """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
+    """Classify images (files or folders) with MODEL_URI (models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME,
+    runs:/RUN_ID/model, a model folder or a .onnx file), printing the top-k labels.
 
-    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model,
-    a model folder or a .onnx file.
-
-    An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
-    stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
-    """
+    An unreadable input gets one line on stderr (an "error" row in json/jsonl), the others are classified; exit 1."""
     from serving.classify import classify_paths
-
     _print_classified(classify_paths(model_uri, paths, runtime=runtime, k=top_k, invert=invert, batch_size=batch_size,
                                      workers=workers, max_pixels=max_pixels), fmt)
 

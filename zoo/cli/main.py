@@ -71,9 +71,7 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import read_mlflow_creds
-
     from zoo.access import masked_url, tracking_refused
-
     while exc is not None:
         if isinstance(exc, MlflowException) and (status := exc.get_http_status_code()) in (401, 403):
             return tracking_refused(masked_url(mlflow.get_tracking_uri()), status, read_mlflow_creds().username)
@@ -86,9 +84,7 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
 def cli() -> None:
     """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
 
-    Runs go to MLflow's default store (sqlite:///mlflow.db in the current folder)
-    unless MLFLOW_TRACKING_URI says otherwise.
-    """
+    Runs go to sqlite:///mlflow.db in the current folder unless MLFLOW_TRACKING_URI says otherwise."""
 
 
 for _command in (train, study, renorm, export, classify, models, datasets, ui, demo):

@@ -34,7 +34,6 @@ def models(registered, pattern, fmt) -> None:
 def _architectures(pattern: str | None) -> list[dict]:
     """The registered architectures, then timm:NAME (timm's are too many to list)."""
     from zoo.models.registry import TIMM_PREFIX, get_model_spec, list_models
-
     specs = [get_model_spec(name) for name in list_models(pattern)]
     rows = [{"name": s.name, "input_shape": list(s.input_shape), "classes": s.num_classes,
              "normalization": s.normalization.to_dict(), "description": s.description} for s in specs]
@@ -50,7 +49,6 @@ def _architectures(pattern: str | None) -> list[dict]:
 
 def _registered_models() -> list[dict]:
     from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     return [{"name": rm.name,
              "latest_version": max((int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")),

@@ -24,9 +24,7 @@ def port_is_free(port: int) -> bool:
 
 def experiment_url(port: int) -> str:
     from mlflow.tracking import MlflowClient
-
     from training import tracking
-
     url = f"http://{HOST}:{port}/#/experiments"
     if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
         url += f"/{tracking.experiment_id_for()}"
@@ -36,14 +34,9 @@ def experiment_url(port: int) -> str:
 @click.command("ui")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port on 127.0.0.1.")
 def ui(port: int) -> None:
-    """Browse the runs in the MLflow UI (the store of MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
-
-    Serves on 127.0.0.1 only and runs until Ctrl-C.
-    """
+    """Browse the runs in the MLflow UI (MLFLOW_TRACKING_URI's store, default sqlite:///mlflow.db) on 127.0.0.1 until Ctrl-C."""
     import mlflow
-
     from zoo.access import masked_url
-
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({masked_url(uri)}): open that address "

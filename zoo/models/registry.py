@@ -1,9 +1,6 @@
-"""The model registry: a dict plus a decorator, as torchvision's ``models/_api.py``.
-
-Inside ``zoo.models`` so that importing it registers every family first. Each entry carries the input
-shape, classes, default normalization and optimizer recipe; builders fit the data they are given
-(``create_model(name, input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture.
-"""
+"""The model registry: a dict plus a decorator, as torchvision's ``models/_api.py``. Each entry carries the input
+shape, classes, default normalization and optimizer recipe; builders fit the data (``create_model(name,
+input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture."""
 
 from __future__ import annotations
 
@@ -51,7 +48,6 @@ def register_model(name: str, *, input_shape: tuple[int, int, int], num_classes:
         _MODELS[name] = ModelSpec(name, builder, tuple(input_shape), num_classes, normalization,
                                   description=description, **spec)
         return builder
-
     return wrapper
 
 

@@ -1,9 +1,6 @@
-"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)`` (the timm extra).
-
-Defaults come from the architecture's pretrained config. Pretrained weights (builder option
-``pretrained=true``, or ``weights=FILE`` for a local checkpoint loaded weights-only) are adapted by timm
-to the data's channels and classes; offline they come from the Hugging Face cache, or are refused in one line.
-"""
+"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)``, defaults from
+its pretrained config. Pretrained weights (``pretrained=true``, or ``weights=FILE`` loaded weights-only) come
+offline from the Hugging Face cache, or are refused in one line."""
 
 from __future__ import annotations
 
@@ -68,10 +65,8 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
 
 
 def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
-    """``timm.create_model`` with the hub's weights; without a network, from its local cache at once (the hub
-    would retry each file for a minute, then fail with no word on what to do)."""
+    """``timm.create_model`` with the hub's weights; without a network, from its cache at once (the hub would retry)."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
-
     if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
         reason = "offline mode is on (ZOO_OFFLINE or HF_HUB_OFFLINE)"
     else:
@@ -86,7 +81,6 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
               for path in [try_to_load_from_cache(repo, name, revision=revision or None)] if isinstance(path, str)]
     if not cached:
         from zoo.pretrained import WeightsUnavailable
-
         raise WeightsUnavailable(f"timm:{architecture}'s pretrained weights need a network: {reason}, and they are not "
                                  f"in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME); go online once to "
                                  "download them, or pass a local checkpoint with --weights FILE")
@@ -96,7 +90,6 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
 def _state_dict(path: str) -> dict:
     """A bare state dict, or one under ``state_dict`` or ``model`` (timm's and the zoo's checkpoints)."""
     from zoo.pretrained import load_weights_file
-
     saved = load_weights_file(path)
     for key in ("state_dict", "model"):
         if isinstance(saved, dict) and isinstance(saved.get(key), dict):
