@@ -1,8 +1,6 @@
 """The one image decoder: a file or its bytes -> the model's input, uint8 [C, H, W], or an ImageError saying why.
 Shipped inside every logged model so a served model decodes as `zoo classify` does: imports only numpy and Pillow."""
 
-from __future__ import annotations
-
 import io
 import os
 import warnings

@@ -1,8 +1,6 @@
 """The input normalization of a vision model as a value (a mean and std per channel), its layer, and
 folding it into a trained network. It travels with a model so nothing downstream hard-codes 0.1307."""
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -74,8 +72,7 @@ class Normalization:
 
     @classmethod
     def from_images(cls, images: torch.Tensor, chunk: int = 4096) -> "Normalization":
-        """Per-channel mean and std of uint8 ``[N, C, H, W]`` as pixels in [0, 1] (``--mean auto``), in chunks
-        so a memory-mapped dataset is never held whole."""
+        """Per-channel mean and std of uint8 ``[N, C, H, W]`` as pixels in [0, 1], in chunks (memory-mapped data)."""
         if len(images) == 0:
             raise UsageError("cannot compute the normalization of an empty training split")
         total = torch.zeros(images.shape[1], dtype=torch.float64)
@@ -167,8 +164,7 @@ def parse_spec(spec: str, channels: int) -> Normalization:
 
 
 class BorderPaddedConv2d(nn.Conv2d):
-    """A ``Conv2d`` padding with a constant per channel (``border``: F.pad's left, right, top, bottom): a folded
-    zero-padded convolution's border must hold what the old normalization maps to zero."""
+    """A ``Conv2d`` padding with a constant per channel: a folded border holds what the old normalization maps to 0."""
 
     def __init__(self, conv: nn.Conv2d, border: Sequence[int], pad_value: Sequence[float]):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=0,
@@ -204,8 +200,7 @@ def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[float], shift: list[float]) -> nn.Conv2d:
-    """Give ``conv`` the border that keeps it exact (the old border ``v`` becomes ``(v - shift) / scale``);
-    returns the conv now in ``model``."""
+    """Give ``conv`` the border that keeps it exact (``v`` becomes ``(v - shift) / scale``); returns the new conv."""
     if conv.padding_mode in _PIXEL_PADDING_MODES:
         return conv
     if conv.padding_mode != "zeros":
@@ -258,8 +253,7 @@ def fold_normalization(model: nn.Module, source: Normalization, target: Normaliz
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``inputs`` (normalized batches) as an equal-weight
-    average (``momentum=None``), other layers in eval mode. Returns the number of images seen."""
+    """Re-estimate every BatchNorm's running statistics from ``inputs`` (equal weights); returns the images seen."""
     kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
     if not norms:

@@ -1,8 +1,6 @@
 """Pretrained weights for a registered model: a torchvision weights name (with its preprocessing and class
 names), or a local state dict (a project checkpoint carries its normalization and class names too)."""
 
-from __future__ import annotations
-
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +81,7 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def load_weights_file(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)``: anything but tensors and containers is refused, since
-    unpickling it could run code."""
+    """``torch.load(path, weights_only=True)``: anything but tensors and containers could run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -1,7 +1,5 @@
 """`zoo classify`: images, files or folders, through a registered model or an .onnx file (serving.classify)."""
 
-from __future__ import annotations
-
 import json
 
 import click
@@ -43,7 +41,10 @@ def _print_classified(batches, fmt: str) -> None:
             if p.error:
                 failed += 1
                 click.echo(f"cannot classify {p.path}: {p.error}", err=True)
-        lines = _classify_lines(batch, fmt)
+        if fmt in ("json", "jsonl"):
+            lines = [json.dumps(p.to_dict()) for p in batch]
+        else:  # errors went to stderr
+            lines = [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]
         if fmt == "json" and lines:
             click.echo(separator + ",\n  ".join(lines), nl=False)
             separator = ",\n  "
@@ -53,10 +54,3 @@ def _print_classified(batches, fmt: str) -> None:
         click.echo("\n]" if separator != "[\n  " else "[]")
     if failed:
         raise click.ClickException(f"{failed} of {total} inputs could not be classified (listed above)")
-
-
-def _classify_lines(batch, fmt: str) -> list[str]:
-    """One output line per row; text shows only the classified ones (errors went to stderr)."""
-    if fmt in ("json", "jsonl"):
-        return [json.dumps(p.to_dict()) for p in batch]
-    return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

@@ -1,7 +1,5 @@
 """`zoo datasets`: the dataset catalog (sizes, image shape, classes)."""
 
-from __future__ import annotations
-
 from dataclasses import asdict
 
 import click

@@ -1,7 +1,5 @@
 """`zoo demo`: the whole path on real data, offline: train -> track -> register -> export -> classify."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import click

@@ -1,7 +1,5 @@
 """`zoo export`: a logged or registered model to one ONNX file, its normalization inside."""
 
-from __future__ import annotations
-
 from dataclasses import asdict
 
 import click

@@ -1,8 +1,6 @@
 """The `zoo` command: one Click group, every command attached. Exit 0 success, 1 runtime failure, 2 bad usage
 (click.UsageError, zoo.errors.UsageError); ZOO_DEBUG=1 shows the traceback behind an error."""
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -97,8 +95,7 @@ def main() -> None:
 
 
 def _run_links_in_the_training_view() -> None:
-    """MLflow's "View run NAME at: URL" opens its GenAI view: zoo prints the model-training view's link instead
-    (training/tracking.print_run_link), unless MLflow's own were turned off."""
+    """zoo prints the training view's run links (training/tracking.py), not MLflow's (its GenAI view), unless off."""
     if "ZOO_RUN_LINKS" not in os.environ:  # a zoo started by zoo keeps the first one's decision
         off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
         os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"

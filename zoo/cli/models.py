@@ -1,7 +1,5 @@
 """`zoo models`: the architectures the zoo trains, or the registered models it serves."""
 
-from __future__ import annotations
-
 import fnmatch
 
 import click

@@ -1,7 +1,5 @@
 """`zoo renorm`: a trained network re-evaluated under other input normalizations, as is and adapted."""
 
-from __future__ import annotations
-
 import click
 
 from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, REGISTER, RUN_NAME, echo_json, unset_sentinels

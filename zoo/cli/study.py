@@ -1,7 +1,5 @@
 """`zoo study`: search input normalizations with Optuna, one MLflow parent run per study."""
 
-from __future__ import annotations
-
 import click
 
 from zoo.cli.options import (

@@ -1,7 +1,5 @@
 """`zoo train`: train one model and log it to MLflow (training.train does the work)."""
 
-from __future__ import annotations
-
 import os
 
 import click

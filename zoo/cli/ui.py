@@ -1,7 +1,5 @@
 """`zoo ui`: the MLflow UI over the project's store, on loopback, until Ctrl-C."""
 
-from __future__ import annotations
-
 import os
 import signal
 import socket

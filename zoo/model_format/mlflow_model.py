@@ -1,8 +1,6 @@
 """The logged model as MLflow stores it: code (pyfunc_model.py, zoo/imaging.py), the ``torch.export`` program of
 the network with its normalization, the shipped ONNX graph, the signature, input example and requirements."""
 
-from __future__ import annotations
-
 import sys
 import tempfile
 from pathlib import Path

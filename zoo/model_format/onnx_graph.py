@@ -1,8 +1,6 @@
 """The one ONNX exporter (`zoo export`, and the graph a registered model ships): normalization inside, checked
 against PyTorch with onnxruntime."""
 
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,8 +2,6 @@
 never the zoo package. Input: an ``image`` column (encoded bytes, base64 over REST) or a ``pixels`` column
 (floats [C][H][W] in [0, 1]); output: ``label``, ``probability`` and the ``top_k`` best."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import mlflow

@@ -2,8 +2,6 @@
 shape, classes, default normalization and optimizer recipe; builders fit the data (``create_model(name,
 input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture."""
 
-from __future__ import annotations
-
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,8 +60,7 @@ def list_models(include: str | None = None, exclude: str | None = None) -> list[
 
 
 TIMM_PREFIX = "timm:"
-# Families named by a prefix (``timm:NAME``): prefix -> resolve(NAME) -> spec.
-_PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}
+_PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}  # prefix -> resolve(NAME) -> spec (``timm:NAME``)
 
 
 def register_prefix(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:

@@ -1,8 +1,6 @@
 """A 784-30-20-10 logistic network trained without autograd (the lab's ``z = a @ w + b``, logistic cross-entropy
 summed over outputs); its forward returns the output pre-activations, like any other model."""
 
-from __future__ import annotations
-
 import math
 from typing import Any
 

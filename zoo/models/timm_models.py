@@ -2,10 +2,7 @@
 its pretrained config. Pretrained weights (``pretrained=true``, or ``weights=FILE`` loaded weights-only) come
 offline from the Hugging Face cache, or are refused in one line."""
 
-from __future__ import annotations
-
 import functools
-import os
 from pathlib import Path
 
 from torch import nn
@@ -13,6 +10,7 @@ from torch import nn
 from zoo.normalization import IMAGENET, Normalization
 from zoo.models.registry import TIMM_PREFIX, ModelSpec, register_prefix
 from zoo.errors import UsageError
+from zoo.machine import offline
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
@@ -67,7 +65,7 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
 def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
     """``timm.create_model`` with the hub's weights; without a network, from its cache at once (the hub would retry)."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
-    if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
+    if constants.is_offline_mode() or offline():
         reason = "offline mode is on (ZOO_OFFLINE or HF_HUB_OFFLINE)"
     else:
         try:
