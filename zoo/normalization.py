@@ -2,6 +2,7 @@
 folding it into a trained network. It travels with a model so nothing downstream hard-codes 0.1307."""
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -106,9 +107,7 @@ class Normalization:
     def apply(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalize a batch ``[N, C, H, W]``: uint8 in [0, 255] or float in [0, 1]."""
         x = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return Normalize(self).to(x)(x)
 
 
 def _broadcast(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
@@ -135,16 +134,11 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class NormalizedModel(nn.Module):
-    """A network preceded by its normalization: takes pixels in [0, 1]."""
+class NormalizedModel(nn.Sequential):
+    """A network preceded by its normalization (``.normalize``, ``.network``): takes pixels in [0, 1]."""
 
     def __init__(self, network: nn.Module, normalization: Normalization):
-        super().__init__()
-        self.normalize = Normalize(normalization)
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(x))
+        super().__init__(OrderedDict(normalize=Normalize(normalization), network=network))
 
 
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli.options import DATA_DIR, EXPERIMENT
+from zoo.cli.options import DATA_DIR, EXPERIMENT, options
 
 
 def write_digit_images(images, labels, class_names: list[str], folder: Path) -> list[tuple[Path, str]]:
@@ -28,8 +28,7 @@ def write_digit_images(images, labels, class_names: list[str], folder: Path) -> 
               help="Where the ONNX file and the digit images go.")
 @click.option("--register", "registered_name", default="mnist-cnn", show_default=True)
 @click.option("--alias", default="champion", show_default=True)
-@DATA_DIR
-@EXPERIMENT
+@options(DATA_DIR, EXPERIMENT)
 def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment) -> None:
     """Train the MNIST CNN on real digits (mnist-5k), register, export to ONNX and classify held-out digits."""
     import mlflow

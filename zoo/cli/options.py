@@ -1,5 +1,6 @@
 """Options shared by several commands, defined once (as MLflow's utils/cli_args.py does), and the JSON printer."""
 
+import functools
 import json
 import os
 from dataclasses import fields
@@ -51,6 +52,11 @@ def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> st
     if value != "text":
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return value
+
+
+def options(*decorators):
+    """Several options as one decorator, shown in the order given."""
+    return lambda command: functools.reduce(lambda f, option: option(f), reversed(decorators), command)
 
 
 def _checked(check):

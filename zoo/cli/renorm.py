@@ -2,7 +2,9 @@
 
 import click
 
-from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, REGISTER, RUN_NAME, echo_json, unset_sentinels
+from zoo.cli.options import (
+    ALIAS, DEVICE, EXPERIMENT, FORMAT, REGISTER, RUN_NAME, echo_json, options, unset_sentinels,
+)
 
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
@@ -51,11 +53,7 @@ def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | 
               help="Decoded crops above this size go to a memmap on disk (--spill-dir) instead of memory.")
 @click.option("--spill-dir", type=click.Path(file_okay=False), default=None, help="Where the memmap goes. Default: a temp folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the calibration and --limit images.")
-@DEVICE
-@EXPERIMENT
-@RUN_NAME
-@REGISTER
-@ALIAS
+@options(DEVICE, EXPERIMENT, RUN_NAME, REGISTER, ALIAS)
 @click.option("--register-norm", default=None, callback=unset_sentinels, metavar="SPEC",
               help="Which evaluated normalization to register. Default: the first --norm.")
 @click.option("--register-adapt", default=None, callback=unset_sentinels, metavar="ADAPTATION",

@@ -4,7 +4,7 @@ import click
 
 from zoo.cli.options import (
     ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, REGISTER,
-    TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, unset_sentinels,
+    TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, options, unset_sentinels,
 )
 
 _POSITIVE = click.IntRange(min=1)
@@ -16,11 +16,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 
 
 @click.command()
-@MODEL
-@DATASET
-@IMAGE_SIZE
-@VAL_FRACTION
-@TEST_FRACTION
+@options(MODEL, DATASET, IMAGE_SIZE, VAL_FRACTION, TEST_FRACTION)
 @click.option("--trials", type=_POSITIVE, default=20, show_default=True,
               help="Finished trials the study must hold; a re-run tops it up to this number.")
 @click.option("--epochs", type=_POSITIVE, default=1, show_default=True, help="Training epochs per trial.")
@@ -52,16 +48,12 @@ def _size(ctx: click.Context, param: click.Parameter, value):
                    "own statistics (averaged over channels unless --per-channel).")
 @click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
               help="Which trials log an MLflow model (only the best trial keeps its checkpoints).")
-@REGISTER
-@ALIAS
+@options(REGISTER, ALIAS)
 @click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for two is failed and retried once.")
 @click.option("--collapse-margin", type=click.FloatRange(min=0), default=0.02, show_default=True,
               help="A trial whose val accuracy is <= the most frequent class's share + this counts as collapsed.")
-@DEVICE
-@DATA_DIR
-@EXPERIMENT
-@TRACKING_TIMEOUT
+@options(DEVICE, DATA_DIR, EXPERIMENT, TRACKING_TIMEOUT)
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
 def study(model, dataset, image_size, val_fraction, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,

@@ -7,18 +7,12 @@ import click
 from zoo.cli.options import (
     ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN,
     MODEL, MODEL_OPT, MOMENTUM, REGISTER, RESUME, RUN_NAME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json,
-    resume_options, unset_sentinels,
+    options, resume_options, unset_sentinels,
 )
 
 
 @click.command()
-@MODEL
-@DATASET
-@IMAGE_SIZE
-@VAL_FRACTION
-@TEST_FRACTION
-@MEAN
-@STD
+@options(MODEL, DATASET, IMAGE_SIZE, VAL_FRACTION, TEST_FRACTION, MEAN, STD)
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True,
               help="Passes over the training split; val metrics and checkpoints after each.")
 @BATCH_SIZE
@@ -26,8 +20,7 @@ from zoo.cli.options import (
 @click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
 @click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
 @click.option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@MOMENTUM
-@MODEL_OPT
+@options(MOMENTUM, MODEL_OPT)
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
               help="timm: models: start from timm's pretrained weights (offline from the Hugging Face cache, HF_HOME) "
                    "or a local checkpoint FILE (tensors and state dicts only), adapted to the data (docs/models.md).")
@@ -36,18 +29,11 @@ from zoo.cli.options import (
 @DEVICE
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
               help="bf16-mixed: forward passes in bfloat16 (weights stay float32); rounds inputs to 8 significant bits.")
-@DATA_DIR
-@EXPERIMENT
-@RUN_NAME
-@REGISTER
-@ALIAS
+@options(DATA_DIR, EXPERIMENT, RUN_NAME, REGISTER, ALIAS)
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
-@MAX_BATCHES
-@KEEP_CHECKPOINTS
+@options(MAX_BATCHES, KEEP_CHECKPOINTS)
 @click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
-@RESUME
-@TRACKING_TIMEOUT
-@FORMAT
+@options(RESUME, TRACKING_TIMEOUT, FORMAT)
 @click.pass_context
 def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma,
           weight_decay, momentum, model_opts, weights, seed, device, precision, data_dir, experiment, run_name, register,
@@ -67,8 +53,8 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
         precision=precision, data_dir=data_dir, max_batches=2 if dry_run else max_batches,
         checkpoints=not no_checkpoints, keep_checkpoints=keep_checkpoints)
     if resume:
-        options = resume_options(ctx, config)
-        result = resume_training(resume, options, register=register, alias=alias, tracking_timeout=tracking_timeout)
+        given = resume_options(ctx, config)
+        result = resume_training(resume, given, register=register, alias=alias, tracking_timeout=tracking_timeout)
     else:
         result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias,
                            tracking_timeout=tracking_timeout)
