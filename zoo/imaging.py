@@ -62,7 +62,7 @@ def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] |
         raise
     except UnidentifiedImageError:
         # Asked only now: a stat per file up front cost more than the message is worth on the good ones.
-        if not isinstance(source, io.BytesIO) and _is_empty(source):
+        if not isinstance(source, io.BytesIO) and os.path.isfile(source) and os.path.getsize(source) == 0:
             raise ImageError("empty file (0 bytes)") from None
         raise ImageError(f"not an image Pillow can read (unknown format); supported: {SUPPORTED}") from None
     except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
@@ -75,13 +75,6 @@ def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] |
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def _is_empty(path: str | Path) -> bool:
-    try:
-        return os.path.getsize(path) == 0
-    except OSError:
-        return False
-
-
 def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     channels, height, width = spec.input_shape
     w, h = img.size
@@ -89,35 +82,23 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
         raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
                          f"(a decompression bomb?); {spec.max_pixels_hint}")
     mode = "L" if channels == 1 else "RGB"
-    size = (width, height) if spec.resize is None else _shorter_side_to(spec.resize, w, h)
+    size, side = (width, height), spec.resize
+    if side is not None:  # the shorter side to ``side``, rounded down as torchvision's Resize([side]) does
+        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
     img.draft(mode, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
     img = _to_8bit(img)
-    if _has_transparency(img):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = _flatten(img, channels, background=255 if spec.invert else 0)
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    if size != (width, height):
-        img = img.crop(_center(size, width, height))
+    if size != (width, height):  # the center crop, placed as torchvision's CenterCrop places it
+        left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
+        img = img.crop((left, top, left + width, top + height))
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return 255 - arr if spec.invert else arr
-
-
-def _shorter_side_to(side: int, w: int, h: int) -> tuple[int, int]:
-    """The shorter side to ``side``, rounded down as torchvision's Resize([side]) does."""
-    return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-
-
-def _center(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
-    """The center crop box, placed as torchvision's CenterCrop places it."""
-    left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
-    return left, top, left + width, top + height
-
-
-def _has_transparency(img) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
 INK_SPREAD = 8  # grey levels: colour channels that vary less than this where alpha > 0 carry no drawing

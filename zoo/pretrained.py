@@ -85,17 +85,13 @@ def load_weights_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        holds = f" (it holds {', '.join(unsafe)})" if (unsafe := _unsafe_globals(path)) else ""
+        try:  # naming what it holds is a courtesy (torch 2.5+): the file is refused either way
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            unsafe = []
+        holds = f" (it holds {', '.join(unsafe)})" if unsafe else ""
         raise UsageError(f"the weights file {path} holds more than tensors{holds}: only tensors and state dicts are "
                          "loaded (torch.load weights_only=True); save the network's state_dict() with torch.save") from None
-
-
-def _unsafe_globals(path: str | Path) -> list[str]:
-    names = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    try:
-        return list(names(str(path))) if names else []
-    except Exception:  # naming them is a courtesy: the file is refused either way
-        return []
 
 
 def _from_state_dict_file(model: str, path: str) -> Pretrained:

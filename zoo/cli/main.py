@@ -90,13 +90,9 @@ for _command in (train, study, renorm, export, classify, models, datasets, ui, d
 
 
 def main() -> None:
-    _run_links_in_the_training_view()
-    cli(prog_name="zoo")
-
-
-def _run_links_in_the_training_view() -> None:
-    """zoo prints the training view's run links (training/tracking.py), not MLflow's (its GenAI view), unless off."""
+    # zoo prints the training view's run links (training/tracking.py), not MLflow's (its GenAI view), unless off.
     if "ZOO_RUN_LINKS" not in os.environ:  # a zoo started by zoo keeps the first one's decision
         off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
         os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    cli(prog_name="zoo")

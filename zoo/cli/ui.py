@@ -11,15 +11,6 @@ import click
 HOST = "127.0.0.1"  # loopback only: the UI has no login, and it can delete runs
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def experiment_url(port: int) -> str:
     from mlflow.tracking import MlflowClient
     from training import tracking
@@ -40,8 +31,12 @@ def ui(port: int) -> None:
         raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({masked_url(uri)}): open that address "
                                "in a browser (a server started with --app-name basic-auth asks there for your MLflow "
                                "user name and password); `zoo ui` serves a local store such as sqlite:///mlflow.db")
-    if not port_is_free(port):
-        raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); choose another with --port")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); "
+                                       "choose another with --port") from None
     url = experiment_url(port)
     # One web worker is plenty for one person, and no job runner (it serves GenAI evaluation jobs only).
     command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port), "--workers", "1"]

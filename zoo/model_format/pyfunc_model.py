@@ -1,5 +1,5 @@
-"""The MLflow model of a zoo classifier ("models from code"), shipped with zoo/imaging.py beside it: imports
-never the zoo package. Input: an ``image`` column (encoded bytes, base64 over REST) or a ``pixels`` column
+"""The MLflow model of a zoo classifier ("models from code"), shipped with zoo/imaging.py beside it (it never
+imports the zoo package). Input: an ``image`` column (encoded bytes, base64 over REST) or a ``pixels`` column
 (floats [C][H][W] in [0, 1]); output: ``label``, ``probability`` and the ``top_k`` best."""
 
 from typing import Any

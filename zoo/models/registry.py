@@ -49,14 +49,9 @@ def register_model(name: str, *, input_shape: tuple[int, int, int], num_classes:
     return wrapper
 
 
-def list_models(include: str | None = None, exclude: str | None = None) -> list[str]:
-    """Sorted model names, optionally filtered by fnmatch patterns."""
-    names = sorted(_MODELS)
-    if include:
-        names = [n for n in names if fnmatch.fnmatch(n, include)]
-    if exclude:
-        names = [n for n in names if not fnmatch.fnmatch(n, exclude)]
-    return names
+def list_models(include: str | None = None) -> list[str]:
+    """Sorted model names, optionally filtered by an fnmatch pattern."""
+    return sorted(n for n in _MODELS if not include or fnmatch.fnmatch(n, include))
 
 
 TIMM_PREFIX = "timm:"

@@ -56,7 +56,13 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
             raise UsageError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
         pretrained = True
         # Read here, not by timm's `file` overlay: weights_only whatever timm's and torch's defaults.
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": _state_dict(weights)}
+        from zoo.pretrained import load_weights_file
+        saved = load_weights_file(weights)  # a bare state dict, or one under state_dict (timm's) or model (zoo's)
+        for key in ("state_dict", "model"):
+            if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+                saved = saved[key]
+                break
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": saved}
     elif pretrained:
         return _from_the_hub(timm, architecture, kwargs)
     return timm.create_model(architecture, pretrained=pretrained, **kwargs)
@@ -83,16 +89,6 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
                                  f"in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME); go online once to "
                                  "download them, or pass a local checkpoint with --weights FILE")
     return timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": cached[0]}, **kwargs)
-
-
-def _state_dict(path: str) -> dict:
-    """A bare state dict, or one under ``state_dict`` or ``model`` (timm's and the zoo's checkpoints)."""
-    from zoo.pretrained import load_weights_file
-    saved = load_weights_file(path)
-    for key in ("state_dict", "model"):
-        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
-            return saved[key]
-    return saved
 
 
 register_prefix(TIMM_PREFIX, timm_spec)
