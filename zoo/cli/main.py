@@ -8,9 +8,8 @@ if not sys.stderr.isatty():
     # In a log file a progress line every 10 s is plenty; tqdm reads this when imported, so before any import.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-# MLflow's default retries take minutes to report an unreachable server; zoo waits for a server that went away
-# itself (training/outage.py) without blocking training. MLflow's INFO lines and artifact bars are not zoo's
-# output. A user's own values win.
+# MLflow's default retries take minutes to report an unreachable server (zoo waits itself: training/outage.py);
+# its INFO lines and artifact bars are not zoo's output. A user's own values win.
 for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():

