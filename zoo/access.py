@@ -1,8 +1,6 @@
 """Server URLs shown without passwords, and the one line naming the credentials to set when a server refuses
 them. Imports neither MLflow nor PyTorch (the CLI's error handler uses it)."""
 
-from __future__ import annotations
-
 import re
 from urllib.parse import unquote_plus, urlsplit
 
@@ -25,16 +23,10 @@ def masked_url(url: str) -> str:
         user = user_info.split(":", 1)[0]
         url = url.replace(parts.netloc, f"{user}:***@{host}", 1)
     if parts.query:
-        url = url.replace(f"?{parts.query}", f"?{_masked_query(parts.query)}", 1)
+        fields = [f"{name}=***" if equals and value and SECRET_PARAMETER.search(unquote_plus(name)) else field
+                  for field in parts.query.split("&") for name, equals, value in [field.partition("=")]]
+        url = url.replace(f"?{parts.query}", "?" + "&".join(fields), 1)
     return url
-
-
-def _masked_query(query: str) -> str:
-    fields = []
-    for field in query.split("&"):
-        name, equals, value = field.partition("=")
-        fields.append(f"{name}=***" if equals and value and SECRET_PARAMETER.search(unquote_plus(name)) else field)
-    return "&".join(fields)
 
 
 def tracking_refused(server: str, status: int, username: str | None) -> str:

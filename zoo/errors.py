@@ -2,5 +2,4 @@
 
 
 class UsageError(ValueError):
-    """Input the user gave is not valid; the message says what is. `zoo` prints it on one line and exits 2
-    (any other exception exits 1). A ValueError, so code catching ValueError around a check still does."""
+    """Input the user gave is not valid; `zoo` prints the message on one line and exits 2 (a ValueError still)."""

@@ -1,10 +1,5 @@
 """The one image decoder: a file or its bytes -> the model's input, uint8 [C, H, W], or an ImageError saying why.
-
-Shipped inside every logged model (zoo/model_format/pyfunc_model.py) so a served model decodes exactly as
-`zoo classify` does: it imports only numpy and Pillow, never the zoo package.
-"""
-
-from __future__ import annotations
+Shipped inside every logged model so a served model decodes as `zoo classify` does: imports only numpy and Pillow."""
 
 import io
 import os
@@ -28,9 +23,7 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decoder needs (picklable, for worker processes). ``resize`` None stretches the image to the
-    input's size; R resizes its shorter side to R then center-crops (ImageNet evaluation, `zoo renorm`)."""
-
+    """What a decoder needs (picklable). ``resize`` None stretches; R resizes the shorter side to R, then center-crops."""
     input_shape: tuple[int, int, int]
     invert: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -69,7 +62,7 @@ def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] |
         raise
     except UnidentifiedImageError:
         # Asked only now: a stat per file up front cost more than the message is worth on the good ones.
-        if not isinstance(source, io.BytesIO) and _is_empty(source):
+        if not isinstance(source, io.BytesIO) and os.path.isfile(source) and os.path.getsize(source) == 0:
             raise ImageError("empty file (0 bytes)") from None
         raise ImageError(f"not an image Pillow can read (unknown format); supported: {SUPPORTED}") from None
     except Image.DecompressionBombError as exc:  # Pillow's guard, above twice the limit
@@ -82,13 +75,6 @@ def _decode(source: str | Path | bytes, spec: DecodeSpec, header: list[Header] |
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def _is_empty(path: str | Path) -> bool:
-    try:
-        return os.path.getsize(path) == 0
-    except OSError:
-        return False
-
-
 def _pixels(img, spec: DecodeSpec) -> np.ndarray:
     channels, height, width = spec.input_shape
     w, h = img.size
@@ -96,43 +82,30 @@ def _pixels(img, spec: DecodeSpec) -> np.ndarray:
         raise ImageError(f"declares {w}x{h} = {w * h:,} pixels, above the limit of {spec.max_pixels:,} "
                          f"(a decompression bomb?); {spec.max_pixels_hint}")
     mode = "L" if channels == 1 else "RGB"
-    size = (width, height) if spec.resize is None else _shorter_side_to(spec.resize, w, h)
+    size, side = (width, height), spec.resize
+    if side is not None:  # the shorter side to ``side``, rounded down as torchvision's Resize([side]) does
+        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
     img.draft(mode, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target
     img = _to_8bit(img)
-    if _has_transparency(img):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = _flatten(img, channels, background=255 if spec.invert else 0)
     if img.mode != mode:
         img = (img if img.mode in ("L", "RGB") else img.convert("RGB")).convert(mode)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    if size != (width, height):
-        img = img.crop(_center(size, width, height))
+    if size != (width, height):  # the center crop, placed as torchvision's CenterCrop places it
+        left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
+        img = img.crop((left, top, left + width, top + height))
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return 255 - arr if spec.invert else arr
-
-
-def _shorter_side_to(side: int, w: int, h: int) -> tuple[int, int]:
-    """The shorter side to ``side``, rounded down as torchvision's Resize([side]) does."""
-    return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-
-
-def _center(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
-    """The center crop box, placed as torchvision's CenterCrop places it."""
-    left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
-    return left, top, left + width, top + height
-
-
-def _has_transparency(img) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
 INK_SPREAD = 8  # grey levels: colour channels that vary less than this where alpha > 0 carry no drawing
 
 
 def _flatten(img, channels: int, background: int):
-    """Composite transparency onto ``background`` (black as MNIST's, white under --invert). Strokes drawn as
-    alpha over one colour (canvases export black ink, invisible on black) become the alpha itself."""
+    """Composite transparency onto ``background``; strokes drawn as alpha over one colour become the alpha itself."""
     rgba = np.asarray(img.convert("RGBA"))
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # an alpha channel with nothing transparent in it
@@ -155,8 +128,7 @@ def _to_8bit(img):
 
 def decode_batch(paths: Sequence[str | None], spec: DecodeSpec) -> tuple[np.ndarray, list[str | None]]:
     """uint8 [N, C, H, W] and one error per file (None: decoded); a None path is skipped."""
-    out, errors, _ = decode_batch_with_headers(paths, spec)
-    return out, errors
+    return decode_batch_with_headers(paths, spec)[:2]
 
 
 def decode_batch_with_headers(paths: Sequence[str | None], spec: DecodeSpec

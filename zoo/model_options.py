@@ -1,8 +1,6 @@
 """Builder keyword arguments from ``--model-opt KEY=VALUE``, checked against the builder and converted to each
 default's type, so a typo fails with the valid keys before any run starts."""
 
-from __future__ import annotations
-
 import inspect
 from typing import Any, Iterable
 
@@ -21,17 +19,12 @@ def parse_model_options(pairs: Iterable[str]) -> dict[str, str]:
     return options
 
 
-def builder_options(model: str) -> dict[str, Any]:
-    """The builder's keyword arguments and defaults (input shape and classes come from the data)."""
-    from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
-
-    signature = inspect.signature(get_model_spec(model).builder)
-    return {name: p.default for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")}
-
-
 def coerce_model_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
-    valid = builder_options(model)
+    """``config`` checked against the builder's keyword arguments (not input shape and classes: the data's)."""
+    from zoo.models.registry import get_model_spec  # torch: not needed to parse options at CLI start-up
+    signature = inspect.signature(get_model_spec(model).builder)
+    valid = {name: p.default for name, p in signature.parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("num_classes", "input_shape")}
     out: dict[str, Any] = {}
     for key, value in config.items():
         if key not in valid:

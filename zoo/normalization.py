@@ -1,9 +1,8 @@
 """The input normalization of a vision model as a value (a mean and std per channel), its layer, and
 folding it into a trained network. It travels with a model so nothing downstream hard-codes 0.1307."""
 
-from __future__ import annotations
-
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -32,7 +31,6 @@ def parse_floats(value: str | float | Iterable[float], what: str) -> tuple[float
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel ``mean`` and ``std``; ``std`` must be positive and finite."""
-
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -75,8 +73,7 @@ class Normalization:
 
     @classmethod
     def from_images(cls, images: torch.Tensor, chunk: int = 4096) -> "Normalization":
-        """Per-channel mean and std of uint8 ``[N, C, H, W]`` as pixels in [0, 1] (``--mean auto``), in chunks
-        so a memory-mapped dataset is never held whole."""
+        """Per-channel mean and std of uint8 ``[N, C, H, W]`` as pixels in [0, 1], in chunks (memory-mapped data)."""
         if len(images) == 0:
             raise UsageError("cannot compute the normalization of an empty training split")
         total = torch.zeros(images.shape[1], dtype=torch.float64)
@@ -110,9 +107,7 @@ class Normalization:
     def apply(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalize a batch ``[N, C, H, W]``: uint8 in [0, 255] or float in [0, 1]."""
         x = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return Normalize(self).to(x)(x)
 
 
 def _broadcast(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
@@ -139,16 +134,11 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class NormalizedModel(nn.Module):
-    """A network preceded by its normalization: takes pixels in [0, 1]."""
+class NormalizedModel(nn.Sequential):
+    """A network preceded by its normalization (``.normalize``, ``.network``): takes pixels in [0, 1]."""
 
     def __init__(self, network: nn.Module, normalization: Normalization):
-        super().__init__()
-        self.normalize = Normalize(normalization)
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(x))
+        super().__init__(OrderedDict(normalize=Normalize(normalization), network=network))
 
 
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -167,52 +157,25 @@ def parse_spec(spec: str, channels: int) -> Normalization:
     return Normalization.parse(mean, std, channels=channels)
 
 
-def first_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.BatchNorm2d | None]:
-    """The first ``Conv2d``, its name in ``model``, and the BatchNorm registered right after it, if any."""
-    modules = list(model.named_modules())
-    for i, (name, module) in enumerate(modules):
-        if isinstance(module, nn.Conv2d):
-            following = modules[i + 1][1] if i + 1 < len(modules) else None
-            if isinstance(following, nn.BatchNorm2d) and following.num_features == module.out_channels:
-                return name, module, following
-            return name, module, None
-    raise UsageError(f"{type(model).__name__} has no Conv2d layer to fold a normalization into")
-
-
 class BorderPaddedConv2d(nn.Conv2d):
-    """A ``Conv2d`` padding with a constant per channel (``border``: F.pad's left, right, top, bottom): a folded
-    zero-padded convolution's border must hold what the old normalization maps to zero."""
+    """A ``Conv2d`` padding with a constant per channel: a folded border holds what the old normalization maps to 0."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
-                 border: Sequence[int], pad_value: Sequence[float], stride: int | tuple[int, int] = 1,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, dilation=dilation,
-                         bias=bias, device=device, dtype=dtype)
-        if len(border) != 4 or len(pad_value) != in_channels:
-            raise ValueError(f"border takes 4 amounts and pad_value {in_channels} value(s), got {border} and {pad_value}")
-        self.border = tuple(int(b) for b in border)
-        self.pad_value = tuple(float(v) for v in pad_value)
-
-    @classmethod
-    def replacing(cls, conv: nn.Conv2d, border: Sequence[int], pad_value: Sequence[float]) -> "BorderPaddedConv2d":
-        weight = conv.weight
-        padded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, border=border, pad_value=pad_value,
-                     stride=conv.stride, dilation=conv.dilation, bias=conv.bias is not None,
-                     device=weight.device, dtype=weight.dtype)
-        padded.load_state_dict(conv.state_dict())
-        return padded.train(conv.training)
+    def __init__(self, conv: nn.Conv2d, border: Sequence[int], pad_value: Sequence[float]):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=0,
+                         dilation=conv.dilation, bias=conv.bias is not None, device=conv.weight.device,
+                         dtype=conv.weight.dtype)
+        self.border, self.pad_value = tuple(int(b) for b in border), tuple(float(v) for v in pad_value)
+        self.load_state_dict(conv.state_dict())
+        self.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(pad_per_channel(x, self.border, self.pad_value))
+        if len(set(self.pad_value)) == 1:  # one Pad node in an exported graph
+            return super().forward(F.pad(x, self.border, value=self.pad_value[0]))
+        return super().forward(torch.cat([F.pad(x[:, c : c + 1], self.border, value=v)
+                                          for c, v in enumerate(self.pad_value)], dim=1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, border={self.border}, pad_value={self.pad_value}"
-
-
-def pad_per_channel(x: torch.Tensor, border: Sequence[int], values: Sequence[float]) -> torch.Tensor:
-    if len(set(values)) == 1:  # one Pad node in an exported graph
-        return F.pad(x, tuple(border), value=values[0])
-    return torch.cat([F.pad(x[:, c : c + 1], tuple(border), value=v) for c, v in enumerate(values)], dim=1)
 
 
 # Padding modes that copy pixels: they commute with a per-channel affine map, so the fold is exact as it is.
@@ -224,18 +187,14 @@ def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":  # as torch does it: the odd pixel goes right/bottom
-        amounts: list[int] = []
-        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
-            total = d * (k - 1)
-            amounts += [total // 2, total - total // 2]
-        return tuple(amounts)
+        totals = [d * (k - 1) for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size))]
+        return tuple(n for t in totals for n in (t // 2, t - t // 2))
     height, width = conv.padding
     return (width, width, height, height)
 
 
 def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[float], shift: list[float]) -> nn.Conv2d:
-    """Give ``conv`` the border that keeps it exact (the old border ``v`` becomes ``(v - shift) / scale``);
-    returns the conv now in ``model``."""
+    """Give ``conv`` the border that keeps it exact (``v`` becomes ``(v - shift) / scale``); returns the new conv."""
     if conv.padding_mode in _PIXEL_PADDING_MODES:
         return conv
     if conv.padding_mode != "zeros":
@@ -249,7 +208,7 @@ def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[fl
     border = zero_padding(conv)
     if not any(border) or not any(new):  # no padding, or zeros stay zeros (same means): nothing to change
         return conv
-    padded = BorderPaddedConv2d.replacing(conv, border, new)
+    padded = BorderPaddedConv2d(conv, border, new)
     if name:
         model.set_submodule(name, padded)
     return padded
@@ -257,13 +216,16 @@ def _refold_padding(model: nn.Module, name: str, conv: nn.Conv2d, scale: list[fl
 
 @torch.no_grad()
 def fold_normalization(model: nn.Module, source: Normalization, target: Normalization) -> nn.Module:
-    """Rewrite ``model`` in place so that on ``target``-normalized input it computes what it did on ``source``.
-
-    ``x_source = a * x_target + b`` per channel: the first convolution's weights are scaled by ``a`` and its
-    response to the constant ``b`` goes into its bias (or, without one, the next BatchNorm's running mean:
-    exact in eval mode). Zero padding becomes a :class:`BorderPaddedConv2d` border, so borders stay exact.
-    """
-    name, conv, bn = first_conv_and_norm(model)
+    """Rewrite ``model`` in place so that on ``target``-normalized input it computes what it did on ``source``:
+    the first convolution's weights scaled, its response to the shift in its bias (or the next BatchNorm's running
+    mean), its zero padding a :class:`BorderPaddedConv2d` border."""
+    modules = [*model.named_modules(), ("", None)]
+    i = next((i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)), None)
+    if i is None:
+        raise UsageError(f"{type(model).__name__} has no Conv2d layer to fold a normalization into")
+    (name, conv), bn = modules[i], modules[i + 1][1]  # and the BatchNorm right after it, if any
+    if not (isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels):
+        bn = None
     if conv.groups != 1:
         raise UsageError("fold_normalization supports a first convolution with groups=1 only")
     src, tgt = source.for_channels(conv.in_channels), target.for_channels(conv.in_channels)
@@ -285,8 +247,7 @@ def fold_normalization(model: nn.Module, source: Normalization, target: Normaliz
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``inputs`` (normalized batches) as an equal-weight
-    average (``momentum=None``), other layers in eval mode. Returns the number of images seen."""
+    """Re-estimate every BatchNorm's running statistics from ``inputs`` (equal weights); returns the images seen."""
     kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
     if not norms:

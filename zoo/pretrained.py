@@ -1,8 +1,6 @@
 """Pretrained weights for a registered model: a torchvision weights name (with its preprocessing and class
 names), or a local state dict (a project checkpoint carries its normalization and class names too)."""
 
-from __future__ import annotations
-
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,6 @@ DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that must be downloaded, without a network and not in the local cache."""
-
     complete_message = True  # the message says what to do: no traceback hint (zoo/cli/main.py)
 
 
@@ -49,9 +46,7 @@ def load_pretrained(model: str, weights: str) -> Pretrained:
 
 def _from_torchvision(model: str, name: str) -> Pretrained:
     from urllib.error import URLError
-
     from torchvision.models import get_model_weights
-
     try:
         enum = get_model_weights(model)
     except ValueError:
@@ -86,22 +81,17 @@ def _num_classes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def load_weights_file(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)``: anything but tensors and containers is refused, since
-    unpickling it could run code."""
+    """``torch.load(path, weights_only=True)``: anything but tensors and containers could run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        holds = f" (it holds {', '.join(unsafe)})" if (unsafe := _unsafe_globals(path)) else ""
+        try:  # naming what it holds is a courtesy (torch 2.5+): the file is refused either way
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            unsafe = []
+        holds = f" (it holds {', '.join(unsafe)})" if unsafe else ""
         raise UsageError(f"the weights file {path} holds more than tensors{holds}: only tensors and state dicts are "
                          "loaded (torch.load weights_only=True); save the network's state_dict() with torch.save") from None
-
-
-def _unsafe_globals(path: str | Path) -> list[str]:
-    names = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    try:
-        return list(names(str(path))) if names else []
-    except Exception:  # naming them is a courtesy: the file is refused either way
-        return []
 
 
 def _from_state_dict_file(model: str, path: str) -> Pretrained:
@@ -119,7 +109,6 @@ def _from_state_dict_file(model: str, path: str) -> Pretrained:
     class_names = checkpoint.get("class_names")
     if class_names is None and num_classes == 1000:
         from torchvision.models import ResNet18_Weights
-
         class_names = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k, in synset order
     saved_norm = checkpoint.get("normalization")
     normalization = Normalization.from_dict(saved_norm) if saved_norm else get_model_spec(model).normalization

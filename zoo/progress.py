@@ -1,8 +1,6 @@
 """Progress bars: tqdm's redrawn line on a terminal, plain lines in a log file (CI, `mlflow run`, `2> log`),
 where tqdm's carriage returns and cursor escapes are noise: each refresh is one line instead."""
 
-from __future__ import annotations
-
 import io
 import sys
 

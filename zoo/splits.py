@@ -1,8 +1,6 @@
 """What a loaded dataset is, for the catalog and image folders: uint8 image splits (in memory or
 memory-mapped) with class names."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -50,8 +48,7 @@ class Dataset:
 
 def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
                      names: Sequence[str] = ("train", "val", "test")) -> list[torch.Tensor]:
-    """Indices for each fraction (adding up to 1, training first), every class divided alike. Every split is
-    made here, so fractions that leave a split no image are refused here, naming the option."""
+    """Indices for each fraction (adding up to 1, training first), every class divided alike; empty splits refused."""
     names = list(names)[: len(fractions)]
     if fractions[0] <= 0:
         held = " and ".join(f"{name} fraction ({f:g})" for name, f in zip(names[1:], fractions[1:]))

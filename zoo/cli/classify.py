@@ -1,7 +1,5 @@
 """`zoo classify`: images, files or folders, through a registered model or an .onnx file (serving.classify)."""
 
-from __future__ import annotations
-
 import json
 
 import click
@@ -19,24 +17,17 @@ from zoo.cli.options import MODEL_URI
               help="Images decoded and classified together: memory grows with this, not with the number of files.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes that decode images and, on onnx, classify them too (0: all in this process). "
-                   "Default on onnx: one per CPU core (at most 8) for images of up to 16,384 values (128x128 grey), "
-                   "from two batches on; otherwise none on 2 cores or fewer, else one decoding per core but one.")
+                   "Default: one per CPU core, at most 8 (docs/classify.md).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Refuse images that declare more pixels than this (decompression bombs), before decoding them. "
-                   "Default: Pillow's limit, 89,478,485.")
+              help="Refuse images declaring more pixels (decompression bombs). Default: Pillow's limit, 89,478,485.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True,
               help="json: one array; jsonl: one object per line, written as each batch finishes (for large folders).")
 def classify(model_uri, paths, top_k, runtime, invert, batch_size, workers, max_pixels, fmt) -> None:
-    """Classify images (PNG, JPEG, ... files or folders) with MODEL_URI, printing the top-k labels.
+    """Classify images (files or folders) with MODEL_URI (models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME,
+    runs:/RUN_ID/model, a model folder or a .onnx file), printing the top-k labels.
 
-    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model,
-    a model folder or a .onnx file.
-
-    An unreadable input (missing, empty, truncated, not an image, too many pixels) gets one line on
-    stderr and a row with an "error" in json/jsonl; the others are still classified. Exit 1 if any failed.
-    """
+    An unreadable input gets one line on stderr (an "error" row in json/jsonl), the others are classified; exit 1."""
     from serving.classify import classify_paths
-
     _print_classified(classify_paths(model_uri, paths, runtime=runtime, k=top_k, invert=invert, batch_size=batch_size,
                                      workers=workers, max_pixels=max_pixels), fmt)
 
@@ -50,7 +41,10 @@ def _print_classified(batches, fmt: str) -> None:
             if p.error:
                 failed += 1
                 click.echo(f"cannot classify {p.path}: {p.error}", err=True)
-        lines = _classify_lines(batch, fmt)
+        if fmt in ("json", "jsonl"):
+            lines = [json.dumps(p.to_dict()) for p in batch]
+        else:  # errors went to stderr
+            lines = [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]
         if fmt == "json" and lines:
             click.echo(separator + ",\n  ".join(lines), nl=False)
             separator = ",\n  "
@@ -60,10 +54,3 @@ def _print_classified(batches, fmt: str) -> None:
         click.echo("\n]" if separator != "[\n  " else "[]")
     if failed:
         raise click.ClickException(f"{failed} of {total} inputs could not be classified (listed above)")
-
-
-def _classify_lines(batch, fmt: str) -> list[str]:
-    """One output line per row; text shows only the classified ones (errors went to stderr)."""
-    if fmt in ("json", "jsonl"):
-        return [json.dumps(p.to_dict()) for p in batch]
-    return [f"{p.path}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in p.top) for p in batch if not p.error]

@@ -1,7 +1,5 @@
 """`zoo datasets`: the dataset catalog (sizes, image shape, classes)."""
 
-from __future__ import annotations
-
 from dataclasses import asdict
 
 import click
@@ -10,18 +8,12 @@ from zoo.cli.options import FORMAT, echo_json
 
 
 @click.command()
-@click.option("--details", is_flag=True,
-              help="With --format json: map each name to an object (description, train_images, test_images, "
-                   "image_shape [C, H, W], classes) instead of to its description.")
+@click.option("--details", is_flag=True, help="With --format json: map each name to an object (description, "
+              "train_images, test_images, image_shape [C, H, W], classes) instead of to its description.")
 @FORMAT
 def datasets(details, fmt) -> None:
-    """List the datasets in the catalog: training and test images, image shape, classes.
-
-    Training images are the dataset's own training split, from which --val-fraction takes the
-    validation split.
-    """
+    """List the datasets in the catalog: training images (before --val-fraction), test images, image shape, classes."""
     from zoo.data import dataset_info, list_datasets
-
     descriptions = list_datasets()
     if fmt == "json" and not details:  # the original shape, name -> description, kept for scripts
         echo_json(descriptions)

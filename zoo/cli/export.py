@@ -1,7 +1,5 @@
 """`zoo export`: a logged or registered model to one ONNX file, its normalization inside."""
 
-from __future__ import annotations
-
 from dataclasses import asdict
 
 import click
@@ -16,14 +14,10 @@ from zoo.cli.options import FORMAT, MODEL_URI, echo_json
               help="Fail if onnxruntime and PyTorch outputs differ by more than this.")
 @FORMAT
 def export(model_uri, output, tolerance, fmt) -> None:
-    """Export MODEL_URI to ONNX with its normalization inside the graph (input: pixels in [0, 1]).
-
-    MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME (its latest version), runs:/RUN_ID/model
-    or a model folder.
-    """
+    """Export MODEL_URI (models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME, runs:/RUN_ID/model or a model
+    folder) to ONNX with its normalization inside the graph (input: pixels in [0, 1])."""
     from zoo.model_format.onnx_graph import export_onnx
     from serving.loading import load_model
-
     if not output.endswith(".onnx"):
         raise click.BadParameter(f"{output!r} should end in .onnx", param_hint="--output")
     report = export_onnx(load_model(model_uri), output, tolerance=tolerance)

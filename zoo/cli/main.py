@@ -1,8 +1,6 @@
 """The `zoo` command: one Click group, every command attached. Exit 0 success, 1 runtime failure, 2 bad usage
 (click.UsageError, zoo.errors.UsageError); ZOO_DEBUG=1 shows the traceback behind an error."""
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -10,9 +8,8 @@ if not sys.stderr.isatty():
     # In a log file a progress line every 10 s is plenty; tqdm reads this when imported, so before any import.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-# MLflow's default retries take minutes to report an unreachable server; zoo waits for a server that went away
-# itself (training/outage.py) without blocking training. MLflow's INFO lines and artifact bars are not zoo's
-# output. A user's own values win.
+# MLflow's default retries take minutes to report an unreachable server (zoo waits itself: training/outage.py);
+# its INFO lines and artifact bars are not zoo's output. A user's own values win.
 for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
@@ -71,9 +68,7 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import read_mlflow_creds
-
     from zoo.access import masked_url, tracking_refused
-
     while exc is not None:
         if isinstance(exc, MlflowException) and (status := exc.get_http_status_code()) in (401, 403):
             return tracking_refused(masked_url(mlflow.get_tracking_uri()), status, read_mlflow_creds().username)
@@ -86,9 +81,7 @@ def tracking_refusal(exc: BaseException | None) -> str | None:
 def cli() -> None:
     """An MLflow-tracked model zoo: train, search normalizations, export to ONNX, classify.
 
-    Runs go to MLflow's default store (sqlite:///mlflow.db in the current folder)
-    unless MLFLOW_TRACKING_URI says otherwise.
-    """
+    Runs go to sqlite:///mlflow.db in the current folder unless MLFLOW_TRACKING_URI says otherwise."""
 
 
 for _command in (train, study, renorm, export, classify, models, datasets, ui, demo):
@@ -96,14 +89,9 @@ for _command in (train, study, renorm, export, classify, models, datasets, ui, d
 
 
 def main() -> None:
-    _run_links_in_the_training_view()
-    cli(prog_name="zoo")
-
-
-def _run_links_in_the_training_view() -> None:
-    """MLflow's "View run NAME at: URL" opens its GenAI view: zoo prints the model-training view's link instead
-    (training/tracking.print_run_link), unless MLflow's own were turned off."""
+    # zoo prints the training view's run links (training/tracking.py), not MLflow's (its GenAI view), unless off.
     if "ZOO_RUN_LINKS" not in os.environ:  # a zoo started by zoo keeps the first one's decision
         off = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "").strip().lower() in ("true", "1")
         os.environ["ZOO_RUN_LINKS"] = "0" if off else "1"
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    cli(prog_name="zoo")

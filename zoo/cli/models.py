@@ -1,7 +1,5 @@
 """`zoo models`: the architectures the zoo trains, or the registered models it serves."""
 
-from __future__ import annotations
-
 import fnmatch
 
 import click
@@ -34,23 +32,19 @@ def models(registered, pattern, fmt) -> None:
 def _architectures(pattern: str | None) -> list[dict]:
     """The registered architectures, then timm:NAME (timm's are too many to list)."""
     from zoo.models.registry import TIMM_PREFIX, get_model_spec, list_models
-
     specs = [get_model_spec(name) for name in list_models(pattern)]
     rows = [{"name": s.name, "input_shape": list(s.input_shape), "classes": s.num_classes,
              "normalization": s.normalization.to_dict(), "description": s.description} for s in specs]
     timm = f"{TIMM_PREFIX}NAME"
     if pattern is None or fnmatch.fnmatch(timm, pattern):
-        rows.append({
-            "name": timm, "input_shape": None, "classes": None, "normalization": None,
-            "description": "Builds any timm architecture, timm.create_model(NAME, in_chans=C, num_classes=K): input shape and "
-                           "normalization from its pretrained config; needs the timm extra: pip install 'mlflow-zoo[timm]'.",
-        })
+        rows.append({"name": timm, "input_shape": None, "classes": None, "normalization": None, "description":
+                     "Builds any timm architecture, timm.create_model(NAME, in_chans=C, num_classes=K): input shape and "
+                     "normalization from its pretrained config; needs the timm extra: pip install 'mlflow-zoo[timm]'."})
     return rows
 
 
 def _registered_models() -> list[dict]:
     from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     return [{"name": rm.name,
              "latest_version": max((int(v.version) for v in client.search_model_versions(f"name = '{rm.name}'")),

@@ -1,5 +1,6 @@
 """Options shared by several commands, defined once (as MLflow's utils/cli_args.py does), and the JSON printer."""
 
+import functools
 import json
 import os
 from dataclasses import fields
@@ -11,6 +12,8 @@ from click.core import ParameterSource
 from zoo.model_options import parse_model_options
 from zoo.errors import UsageError
 
+FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+
 
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))  # default: paths as strings
@@ -21,13 +24,9 @@ def unset_sentinels(ctx: click.Context, param: click.Parameter, value):
     return None if value in ("", "default") else value
 
 
-MODEL = click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
-
-
 def dataset_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A catalog name as given; an image folder as an absolute path, so the run (and --resume) finds it from anywhere."""
     from zoo.folder_dataset import looks_like_folder  # torch: the commands taking --dataset load it anyway
-
     if value and looks_like_folder(value):
         path = os.path.abspath(os.path.expanduser(value))
         if not os.path.isdir(path):
@@ -37,47 +36,15 @@ def dataset_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-DATASET = click.option(
-    "--dataset", default="mnist-5k", show_default=True, callback=dataset_name,
-    help="A catalog name (see `zoo datasets`) or a folder of images: FOLDER/CLASS/*.png, or FOLDER/train/CLASS/... "
-         "with optional val/ and test/. Folders are decoded once and cached.",
-)
-IMAGE_SIZE = click.option(
-    "--image-size", "--image_size", "image_size", default=None, callback=unset_sentinels, metavar="SIDE|HxW",
-    help="Image folders: resize every image to this (e.g. 32 or 48x64). Default: the images' own size when they "
-         "all agree, else the model's input size.",
-)
-TEST_FRACTION = click.option(
-    "--test-fraction", "--test_fraction", "test_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-    help="Image folders without test/: the share of each class held out for testing. [default: 0.2]",
-)
-VAL_FRACTION = click.option(
-    "--val-fraction", "--val_fraction", "val_fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-    help="The share of the training data (of every image, for a folder with neither val/ nor test/) held out for "
-         "validation. Default: the model's recipe (0.1; 0.2 for mlp). Refused where it would leave a split "
-         "without images (mnist-5k: below 0.8, its test share being 0.2).",
-)
-MAX_BATCHES = click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
-                           help="Stop each epoch after N batches.")
-BATCH_SIZE = click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
-                          help="Default: the model's recipe (64 for mnist_cnn).")
-ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
-                     help="Point this alias of the registered model (--register) at the new version.")
-
-
 def latest_version(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """``models:/NAME`` -> ``models:/NAME/LATEST``, said on stderr (MLflow alone would not find it)."""
     if not value.startswith("models:/"):  # an .onnx file or a folder: no MLflow import, start-up stays fast
         return value
     from serving.loading import resolve_latest
-
     uri, note = resolve_latest(value)
     if note:
         click.echo(note, err=True)
     return uri
-
-
-MODEL_URI = click.argument("model_uri", metavar="MODEL_URI", callback=latest_version)
 
 
 def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -87,74 +54,88 @@ def machine_output(ctx: click.Context, param: click.Parameter, value: str) -> st
     return value
 
 
-FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, callback=machine_output,
-    help="json prints machine-readable output on stdout (logs go to stderr).",
-)
+def options(*decorators):
+    """Several options as one decorator, shown in the order given."""
+    return lambda command: functools.reduce(lambda f, option: option(f), reversed(decorators), command)
+
+
+def _checked(check):
+    """A callback running ``check(value)``, its ValueError shown as Click's bad-parameter line."""
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return callback
+
+
+def _keep_checkpoints(value: str) -> str:
+    from training.checkpoints import parse_keep
+    parse_keep(value)
+    return value
+
+
+MODEL = click.option("--model", default="mnist_cnn", show_default=True, help="A registered architecture (see `zoo models`).")
+DATASET = click.option(
+    "--dataset", default="mnist-5k", show_default=True, callback=dataset_name,
+    help="A catalog name (see `zoo datasets`) or a folder of images: FOLDER/CLASS/*.png, or FOLDER/train/CLASS/... "
+         "with optional val/ and test/. Folders are decoded once and cached.")
+IMAGE_SIZE = click.option(
+    "--image-size", "--image_size", "image_size", default=None, callback=unset_sentinels, metavar="SIDE|HxW",
+    help="Image folders: resize every image to this (e.g. 32 or 48x64). Default: the images' own size when they "
+         "all agree, else the model's input size.")
+TEST_FRACTION = click.option(
+    "--test-fraction", "--test_fraction", "test_fraction", type=FRACTION, default=None,
+    help="Image folders without test/: the share of each class held out for testing. [default: 0.2]")
+VAL_FRACTION = click.option(
+    "--val-fraction", "--val_fraction", "val_fraction", type=FRACTION, default=None,
+    help="The share of the training data (of every image, for a folder with neither val/ nor test/) held out for "
+         "validation. Default: the model's recipe (0.1; 0.2 for mlp); mnist-5k takes below 0.8.")
+MAX_BATCHES = click.option("--max-batches", "--max_batches", "max_batches", type=click.IntRange(min=1), default=None,
+                           help="Stop each epoch after N batches.")
+BATCH_SIZE = click.option("--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=None,
+                          help="Default: the model's recipe (64 for mnist_cnn).")
+REGISTER = click.option("--register", default=None, callback=unset_sentinels, metavar="NAME",
+                        help="Register the model under NAME (study: the best trial's; renorm: see --register-norm).")
+ALIAS = click.option("--alias", default=None, callback=unset_sentinels,
+                     help="Point this alias of the registered model (--register) at the new version.")
+RUN_NAME = click.option("--run-name", default=None, help="The MLflow run's name. Default: from the model and settings.")
+MODEL_URI = click.argument("model_uri", metavar="MODEL_URI", callback=latest_version)
+FORMAT = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                      callback=machine_output, help="json prints machine-readable output on stdout (logs go to stderr).")
 MEAN = click.option("--mean", default=None, callback=unset_sentinels,
-                    help="Normalization mean: one value, comma-separated per channel, or auto (the training split's own, "
-                         "per channel). Default: the model's.")
+                    help="Normalization mean: one value, one per channel (comma-separated), or auto (the training "
+                         "split's own). Default: the model's.")
 STD = click.option("--std", default=None, callback=unset_sentinels,
-                   help="Normalization std (> 0): one value, comma-separated per channel, or auto (the training "
-                        "split's own, per channel). Default: the model's.")
+                   help="Normalization std (> 0): one value, one per channel (comma-separated), or auto (the training "
+                        "split's own). Default: the model's.")
 DATA_DIR = click.option(
     "--data-dir", "--data_dir", "data_dir", envvar="ZOO_DATA_DIR", default=None, type=click.Path(file_okay=False),
-    help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]",
-)
-EXPERIMENT = click.option(
-    "--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=None, help="MLflow experiment name. [env: MLFLOW_EXPERIMENT_NAME; default zoo]"
-)
+    help="Where datasets are read from and downloaded to. [env: ZOO_DATA_DIR; default ~/.cache/zoo/data]")
+EXPERIMENT = click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=None,
+                          help="MLflow experiment name. [env: MLFLOW_EXPERIMENT_NAME; default zoo]")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 TRACKING_TIMEOUT = click.option(
     "--tracking-timeout", "tracking_timeout", envvar="ZOO_TRACKING_TIMEOUT", type=click.FloatRange(min=0), default=600,
     show_default=True, metavar="SECONDS",
-    help="How long a run waits for an MLflow tracking server that goes away once the run has started (a restart): "
-         "training goes on meanwhile, what it logs kept on local disk and sent when the server is back. "
-         "Past it, the command stops and names the command that finishes the run. zoo study waits as long for its "
-         "database (PostgreSQL, MySQL) when it restarts. [env: ZOO_TRACKING_TIMEOUT]",
-)
-
-
-def _model_options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    try:
-        return parse_model_options(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
+    help="How long a started run waits for a tracking server (and zoo study for its database) that went away, "
+         "training meanwhile and logging to local disk; past it the command stops naming the command that finishes "
+         "the run (docs/outages.md). [env: ZOO_TRACKING_TIMEOUT]")
 MODEL_OPT = click.option(
-    "--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE", callback=_model_options,
+    "--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE", callback=_checked(parse_model_options),
     help="A builder option of the model, repeatable: e.g. --model-opt dropout=0.2 --model-opt batchnorm=true (mlp), "
-         "--model-opt init=normal (scratch_mlp). Logged as params model_KEY.",
-)
-MOMENTUM = click.option(
-    "--momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
-    help="SGD momentum. Default: the model's recipe (0.4 for scratch_mlp, else 0).",
-)
-
-
-def _keep_checkpoints(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from training.checkpoints import parse_keep
-
-    try:
-        parse_keep(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    return value
-
-
+         "--model-opt init=normal (scratch_mlp). Logged as params model_KEY.")
+MOMENTUM = click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
+                        help="SGD momentum. Default: the model's recipe (0.4 for scratch_mlp, else 0).")
 KEEP_CHECKPOINTS = click.option(
     "--keep-checkpoints", "--keep_checkpoints", "keep_checkpoints", default="last,best", show_default=True,
-    callback=_keep_checkpoints, metavar="WHICH",
-    help="Checkpoints the run keeps: last, best, all or none, or a comma-separated list. last: the full state "
-         "--resume needs (weights, optimizer, lr scheduler, RNG states), overwritten each epoch; best: the weights "
-         "alone of the epoch with the best val_accuracy; all: both plus every epoch's full checkpoint; none: nothing.",
-)
+    callback=_checked(_keep_checkpoints), metavar="WHICH",
+    help="last (the full state --resume needs, overwritten each epoch), best (the weights of the best val_accuracy "
+         "epoch), all (both and every epoch's), none, or a comma-separated list.")
 RESUME = click.option(
-    "--resume", metavar="RUN_ID", default=None, callback=lambda ctx, param, value: value or None,
-    help="Continue this stopped (KILLED or FAILED) run from its last checkpoint, in the same MLflow run, with its "
-         "own settings; options that contradict them are refused.",
-)
+    "--resume", metavar="RUN_ID", default=None, callback=unset_sentinels,
+    help="Continue this stopped (KILLED or FAILED) run from its last checkpoint with its own settings; options "
+         "that contradict them are refused.")
 
 _FIELD_OF = {"model_opts": "model_config", "dry_run": "max_batches", "no_checkpoints": "checkpoints"}
 

@@ -1,10 +1,10 @@
 """`zoo renorm`: a trained network re-evaluated under other input normalizations, as is and adapted."""
 
-from __future__ import annotations
-
 import click
 
-from zoo.cli.options import ALIAS, DEVICE, EXPERIMENT, FORMAT, echo_json, unset_sentinels
+from zoo.cli.options import (
+    ALIAS, DEVICE, EXPERIMENT, FORMAT, REGISTER, RUN_NAME, echo_json, options, unset_sentinels,
+)
 
 
 def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]:
@@ -17,27 +17,19 @@ def _split_words(ctx: click.Context, param: click.Parameter, value) -> list[str]
 
 def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | None:
     value = unset_sentinels(ctx, param, value)
-    if value is None:
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number") from None
-    if count < 1:
-        raise click.BadParameter(f"must be at least 1, got {count}")
-    return count
+    return None if value is None else click.IntRange(min=1).convert(value, param, ctx)
 
 
 @click.command("renorm")
 @click.option("--model", default="resnet18", show_default=True, help="A registered architecture: resnet18, resnet50.")
 @click.option("--weights", default="IMAGENET1K_V1", show_default=True,
               help="torchvision weights name (IMAGENET1K_V1, DEFAULT; from torchvision's cache when offline) "
-                   "or the path of a state dict (a checkpoint {'model', 'normalization', 'class_names'} works too).")
+                   "or the path of a state dict or of a zoo checkpoint.")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Class-folder images: ImageNet val (synset folders), torchvision's ImageNet root, or any ImageFolder.")
 @click.option("--norm", "norms", multiple=True, callback=_split_words, metavar="SPEC",
-              help="imagenet, identity or MEAN:STD (e.g. 0.5:0.5, 0:1, 0.485,0.456,0.406:0.229,0.224,0.225). Repeatable; "
-                   "several may be given space-separated. Default: imagenet.")
+              help="imagenet, identity or MEAN:STD (e.g. 0.5:0.5, 0.485,0.456,0.406:0.229,0.224,0.225). Repeatable or "
+                   "space-separated. Default: imagenet.")
 @click.option("--grid-mean", nargs=3, type=(float, float, int), default=None, metavar="LOW HIGH STEPS",
               help="Grid of means (applied to every channel); STEPS 0: no grid.")
 @click.option("--grid-std", nargs=3, type=(float, float, int), default=None, metavar="LOW HIGH STEPS",
@@ -48,11 +40,12 @@ def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | 
               help="Evaluate on N images drawn at random (seeded). Default: all.")
 @click.option("--calibration", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Images for bn-recalibrate, split off --data (never evaluated) unless --calibration-data is given.")
-@click.option("--calibration-data", type=click.Path(exists=True, file_okay=False), default=None,
-              callback=unset_sentinels, help="Class-folder images to calibrate on (e.g. ImageNet train).")
+@click.option("--calibration-data", type=click.Path(exists=True, file_okay=False), default=None, callback=unset_sentinels,
+              help="Class-folder images to calibrate on (e.g. ImageNet train).")
 @click.option("--source-norm", default=None, callback=unset_sentinels, metavar="SPEC",
-              help="The normalization the weights were trained with. Default: the weights' own (the model's for a bare state dict).")
-@click.option("--resize", type=click.IntRange(min=1), default=None, help="Shorter side before the crop (a registered model is served with both). Default: the weights' (256).")
+              help="The normalization the weights were trained with. Default: the weights' own, else the model's.")
+@click.option("--resize", type=click.IntRange(min=1), default=None,
+              help="Shorter side before the crop (a registered model is served with both). Default: the weights' (256).")
 @click.option("--crop", type=click.IntRange(min=1), default=None, help="Center crop. Default: the weights' (224).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image decoding processes.")
@@ -60,12 +53,7 @@ def _optional_count(ctx: click.Context, param: click.Parameter, value) -> int | 
               help="Decoded crops above this size go to a memmap on disk (--spill-dir) instead of memory.")
 @click.option("--spill-dir", type=click.Path(file_okay=False), default=None, help="Where the memmap goes. Default: a temp folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the calibration and --limit images.")
-@DEVICE
-@EXPERIMENT
-@click.option("--run-name", default=None)
-@click.option("--register", default=None, callback=unset_sentinels, metavar="NAME",
-              help="Register the model adapted to --register-norm with --register-adapt under NAME.")
-@ALIAS
+@options(DEVICE, EXPERIMENT, RUN_NAME, REGISTER, ALIAS)
 @click.option("--register-norm", default=None, callback=unset_sentinels, metavar="SPEC",
               help="Which evaluated normalization to register. Default: the first --norm.")
 @click.option("--register-adapt", default=None, callback=unset_sentinels, metavar="ADAPTATION",
@@ -76,19 +64,15 @@ def renorm(model, weights, data, norms, grid_mean, grid_std, adaptations, limit,
            run_name, register, alias, register_norm, register_adapt, fmt) -> None:
     """Re-evaluate a pretrained network under other input normalizations, as is and adapted to them.
 
-    One parent MLflow run with a results table and top-1 heatmaps over the grid; one child run
-    per (normalization, adaptation) with top1, top5, agreement and max_abs_logit_diff.
-    """
+    One parent MLflow run (results table, top-1 heatmaps); one child run per (normalization, adaptation)."""
     from training.renorm import RenormConfig
     from training.renorm import renorm as run_renorm
-
     config = RenormConfig(
         data=data, model=model, weights=weights, norms=norms or ["imagenet"], grid_mean=grid_mean, grid_std=grid_std,
         adaptations=adaptations or ["none"], limit=limit, calibration=calibration, calibration_data=calibration_data,
         source_norm=source_norm, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device,
         seed=seed, memory_limit_gb=memory_limit_gb, spill_dir=spill_dir, register=register, alias=alias,
-        register_norm=register_norm, register_adapt=register_adapt,
-    )
+        register_norm=register_norm, register_adapt=register_adapt)
     result = run_renorm(config, experiment=experiment, run_name=run_name)
     if fmt == "json":
         echo_json({"parent_run_id": result.parent_run_id, "model_uri": result.model_uri, "results": result.rows})

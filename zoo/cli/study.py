@@ -1,12 +1,10 @@
 """`zoo study`: search input normalizations with Optuna, one MLflow parent run per study."""
 
-from __future__ import annotations
-
 import click
 
 from zoo.cli.options import (
-    ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, TEST_FRACTION,
-    TRACKING_TIMEOUT, VAL_FRACTION, echo_json, unset_sentinels,
+    ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, MAX_BATCHES, MODEL, REGISTER,
+    TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, options, unset_sentinels,
 )
 
 _POSITIVE = click.IntRange(min=1)
@@ -18,11 +16,7 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 
 
 @click.command()
-@MODEL
-@DATASET
-@IMAGE_SIZE
-@VAL_FRACTION
-@TEST_FRACTION
+@options(MODEL, DATASET, IMAGE_SIZE, VAL_FRACTION, TEST_FRACTION)
 @click.option("--trials", type=_POSITIVE, default=20, show_default=True,
               help="Finished trials the study must hold; a re-run tops it up to this number.")
 @click.option("--epochs", type=_POSITIVE, default=1, show_default=True, help="Training epochs per trial.")
@@ -34,17 +28,14 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--sampler", type=click.Choice(["tpe", "random", "qmc"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (training always starts from seed 1).")
 @click.option("--jobs", type=click.IntRange(min=0), default=None, callback=_size,
-              help="Trials run at once, one per process (this one and N - 1 it starts, which join the study), the CPU's "
-                   "torch threads shared out among them; a trial's result does not depend on it. "
-                   "Default: one per CPU core (at most 8) on the CPU, 1 on a GPU; one 1-thread trial per core ran "
-                   "more trials per minute than one trial on all cores (docs/study.md).")
+              help="Trials run at once, one per process (this one and N - 1 it starts), sharing the CPU's threads; "
+                   "results do not depend on it. Default: one per CPU core (at most 8) on the CPU, 1 on a GPU.")
 @click.option("--batch-trials", type=_POSITIVE, default=1, show_default=True, metavar="K",
-              help="Train K trials at once in one batched computation (torch.func.vmap; each still its own trial and "
-                   "child run). For GPUs: on a CPU it is slower than one at a time.")
+              help="Train K trials at once in one batched computation (torch.func.vmap), each its own trial and child "
+                   "run. For GPUs: slower on a CPU.")
 @click.option("--storage", envvar="ZOO_OPTUNA_STORAGE", default="sqlite:///optuna.db", show_default=True,
               help="Optuna storage URL; share a postgresql://USER@HOST:PORT/DB between machines. A relative SQLite "
-                   "path is taken from the current folder and recorded (the parent run's optuna_storage) as an "
-                   "absolute one, which opens the study from any folder. [env: ZOO_OPTUNA_STORAGE]")
+                   "path is recorded as an absolute one. [env: ZOO_OPTUNA_STORAGE]")
 @click.option("--study-name", default=None, callback=unset_sentinels, help="Default: MODEL-DATASET-normalization.")
 @click.option("--prune", is_flag=True, help="Median-prune trials on per-epoch validation accuracy.")
 @BATCH_SIZE
@@ -53,21 +44,16 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--test-size", type=click.IntRange(min=0), default=None, callback=_size, help="Use the first N test images.")
 @MAX_BATCHES
 @click.option("--enqueue", nargs=2, multiple=True, metavar="MEAN STD",
-              help="A normalization to try first (repeatable), e.g. the model's default 0.1307 0.3081, or auto auto: "
-                   "the training split's own statistics (shared: their average over the channels; per channel with "
-                   "--per-channel).")
+              help="A normalization to try first (repeatable), e.g. 0.1307 0.3081, or auto auto: the training split's "
+                   "own statistics (averaged over channels unless --per-channel).")
 @click.option("--log-models", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
               help="Which trials log an MLflow model (only the best trial keeps its checkpoints).")
-@click.option("--register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the best trial's model under NAME.")
-@ALIAS
+@options(REGISTER, ALIAS)
 @click.option("--heartbeat", type=_POSITIVE, default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for two is failed and retried once.")
 @click.option("--collapse-margin", type=click.FloatRange(min=0), default=0.02, show_default=True,
-              help="A trial whose val accuracy is <= that of predicting the most frequent class + this counts as collapsed.")
-@DEVICE
-@DATA_DIR
-@EXPERIMENT
-@TRACKING_TIMEOUT
+              help="A trial whose val accuracy is <= the most frequent class's share + this counts as collapsed.")
+@options(DEVICE, DATA_DIR, EXPERIMENT, TRACKING_TIMEOUT)
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
 def study(model, dataset, image_size, val_fraction, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
@@ -75,23 +61,18 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
           heartbeat, collapse_margin, device, data_dir, experiment, tracking_timeout, no_progress, fmt) -> None:
     """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
 
-    Run the same command in several processes or machines (sharing --storage) to parallelize;
-    run it again to resume an interrupted study.
-    """
+    Run the same command on several machines (sharing --storage) to parallelize, or again to resume a study."""
     from training.study.config import StudyConfig
     from training.study.report import dashboard_command
     from training.study.workers import default_jobs, run_study
-
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
         std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs or default_jobs(device),
         storage=storage, batch_trials=batch_trials, study_name=study_name, experiment=experiment, prune=prune,
         batch_size=batch_size, train_size=train_size, val_size=val_size, test_size=test_size, max_batches=max_batches,
-        log_models=log_models, register=register,
-        alias=alias, heartbeat=heartbeat, enqueue=list(enqueue), collapse_margin=collapse_margin, device=device,
-        data_dir=data_dir, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
-        progress=not no_progress, tracking_timeout=tracking_timeout,
-    )
+        log_models=log_models, register=register, alias=alias, heartbeat=heartbeat, enqueue=list(enqueue),
+        collapse_margin=collapse_margin, device=device, data_dir=data_dir, image_size=image_size,
+        val_fraction=val_fraction, test_fraction=test_fraction, progress=not no_progress, tracking_timeout=tracking_timeout)
     result = run_study(config)
     report = {"study_name": result.study_name, "parent_run_id": result.parent_run_id,
               "best_model_uri": result.best_model_uri, "storage": result.storage, **result.summary}

@@ -1,26 +1,18 @@
 """`zoo train`: train one model and log it to MLflow (training.train does the work)."""
 
-from __future__ import annotations
-
 import os
 
 import click
 
 from zoo.cli.options import (
     ALIAS, BATCH_SIZE, DATA_DIR, DATASET, DEVICE, EXPERIMENT, FORMAT, IMAGE_SIZE, KEEP_CHECKPOINTS, MAX_BATCHES, MEAN,
-    MODEL, MODEL_OPT, MOMENTUM, RESUME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json, resume_options,
-    unset_sentinels,
+    MODEL, MODEL_OPT, MOMENTUM, REGISTER, RESUME, RUN_NAME, STD, TEST_FRACTION, TRACKING_TIMEOUT, VAL_FRACTION, echo_json,
+    options, resume_options, unset_sentinels,
 )
 
 
 @click.command()
-@MODEL
-@DATASET
-@IMAGE_SIZE
-@VAL_FRACTION
-@TEST_FRACTION
-@MEAN
-@STD
+@options(MODEL, DATASET, IMAGE_SIZE, VAL_FRACTION, TEST_FRACTION, MEAN, STD)
 @click.option("--epochs", type=click.IntRange(min=1), default=14, show_default=True,
               help="Passes over the training split; val metrics and checkpoints after each.")
 @BATCH_SIZE
@@ -28,57 +20,41 @@ from zoo.cli.options import (
 @click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's recipe.")
 @click.option("--gamma", type=float, default=None, help="StepLR decay per epoch. Default: the model's recipe.")
 @click.option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@MOMENTUM
-@MODEL_OPT
+@options(MOMENTUM, MODEL_OPT)
 @click.option("--weights", default=None, callback=unset_sentinels, metavar="pretrained|FILE",
-              help="timm: models: start from timm's pretrained weights (pretrained: online, or offline from the Hugging "
-                   "Face cache, HF_HOME) or a local checkpoint "
-                   "FILE (tensors and state dicts only); timm adapts the stem to the data's channels and starts a "
-                   "classifier of another size afresh.")
+              help="timm: models: start from timm's pretrained weights (offline from the Hugging Face cache, HF_HOME) "
+                   "or a local checkpoint FILE (tensors and state dicts only), adapted to the data (docs/models.md).")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seeds the initial weights, dropout and the order of the batches.")
 @DEVICE
 @click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
-              help="bf16-mixed: forward passes in bfloat16 (weights stay float32); faster where the CPU or GPU "
-                   "has bfloat16 arithmetic, but it rounds normalized inputs to 8 significant bits.")
-@DATA_DIR
-@EXPERIMENT
-@click.option("--run-name", default=None,
-              help="The MLflow run's name. Default: the model and normalization (default, auto, none or the values), "
-                   "then the dataset, epochs and seed.")
-@click.option("--register", "register", default=None, callback=unset_sentinels, metavar="NAME", help="Register the model under NAME.")
-@ALIAS
+              help="bf16-mixed: forward passes in bfloat16 (weights stay float32); rounds inputs to 8 significant bits.")
+@options(DATA_DIR, EXPERIMENT, RUN_NAME, REGISTER, ALIAS)
 @click.option("--dry-run", is_flag=True, help="Train on 2 batches per epoch: checks the pipeline in seconds.")
-@MAX_BATCHES
-@KEEP_CHECKPOINTS
+@options(MAX_BATCHES, KEEP_CHECKPOINTS)
 @click.option("--no-checkpoints", is_flag=True, help="Same as --keep-checkpoints none.")
-@RESUME
-@TRACKING_TIMEOUT
-@FORMAT
+@options(RESUME, TRACKING_TIMEOUT, FORMAT)
 @click.pass_context
 def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, std, epochs, batch_size, optimizer, lr, gamma,
           weight_decay, momentum, model_opts, weights, seed, device, precision, data_dir, experiment, run_name, register,
           alias, dry_run, max_batches, keep_checkpoints, no_checkpoints, resume, tracking_timeout, fmt) -> None:
     """Train one model and log it to MLflow (params, per-epoch metrics, checkpoints, model).
 
-    Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it.
-    """
+    Ctrl-C or SIGTERM ends the run KILLED with its last checkpoint; --resume RUN_ID continues it."""
     from training.train import resume as resume_training
     from training.train import train as run_train
     from training.train_config import TrainConfig
-
     if weights:
         model_opts = {**model_opts, **pretrained_weights_option(model, weights)}
     config = TrainConfig(
         model=model, dataset=dataset, image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
-        mean=mean, std=std, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, gamma=gamma, weight_decay=weight_decay, momentum=momentum, model_config=model_opts,
-        seed=seed, device=device, precision=precision, data_dir=data_dir, max_batches=2 if dry_run else max_batches,
-        checkpoints=not no_checkpoints, keep_checkpoints=keep_checkpoints,
-    )
+        mean=mean, std=std, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, gamma=gamma,
+        weight_decay=weight_decay, momentum=momentum, model_config=model_opts, seed=seed, device=device,
+        precision=precision, data_dir=data_dir, max_batches=2 if dry_run else max_batches,
+        checkpoints=not no_checkpoints, keep_checkpoints=keep_checkpoints)
     if resume:
-        options = resume_options(ctx, config)
-        result = resume_training(resume, options, register=register, alias=alias, tracking_timeout=tracking_timeout)
+        given = resume_options(ctx, config)
+        result = resume_training(resume, given, register=register, alias=alias, tracking_timeout=tracking_timeout)
     else:
         result = run_train(config, experiment=experiment, run_name=run_name, register=register, alias=alias,
                            tracking_timeout=tracking_timeout)
@@ -97,7 +73,6 @@ def train(ctx, model, dataset, image_size, val_fraction, test_fraction, mean, st
 def pretrained_weights_option(model: str, weights: str) -> dict[str, str]:
     """--weights as the timm builder's option: pretrained=true, or weights=FILE (absolute: --resume finds it)."""
     from zoo.models.registry import TIMM_PREFIX
-
     if not model.startswith(TIMM_PREFIX):
         raise click.UsageError(f"--weights starts timm: models (--model timm:NAME) from pretrained weights, not "
                                f"{model!r}; a torchvision ResNet's weights are re-evaluated with zoo renorm --weights")

@@ -1,7 +1,5 @@
 """`zoo ui`: the MLflow UI over the project's store, on loopback, until Ctrl-C."""
 
-from __future__ import annotations
-
 import os
 import signal
 import socket
@@ -13,20 +11,9 @@ import click
 HOST = "127.0.0.1"  # loopback only: the UI has no login, and it can delete runs
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def experiment_url(port: int) -> str:
     from mlflow.tracking import MlflowClient
-
     from training import tracking
-
     url = f"http://{HOST}:{port}/#/experiments"
     if MlflowClient().get_experiment_by_name(tracking.default_experiment()) is not None:
         url += f"/{tracking.experiment_id_for()}"
@@ -36,21 +23,20 @@ def experiment_url(port: int) -> str:
 @click.command("ui")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port on 127.0.0.1.")
 def ui(port: int) -> None:
-    """Browse the runs in the MLflow UI (the store of MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
-
-    Serves on 127.0.0.1 only and runs until Ctrl-C.
-    """
+    """Browse the runs in the MLflow UI (MLFLOW_TRACKING_URI's store, default sqlite:///mlflow.db) on 127.0.0.1 until Ctrl-C."""
     import mlflow
-
     from zoo.access import masked_url
-
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         raise click.UsageError(f"MLFLOW_TRACKING_URI points at a tracking server ({masked_url(uri)}): open that address "
                                "in a browser (a server started with --app-name basic-auth asks there for your MLflow "
                                "user name and password); `zoo ui` serves a local store such as sqlite:///mlflow.db")
-    if not port_is_free(port):
-        raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); choose another with --port")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            raise click.ClickException(f"port {port} on {HOST} is in use (another MLflow UI?); "
+                                       "choose another with --port") from None
     url = experiment_url(port)
     # One web worker is plenty for one person, and no job runner (it serves GenAI evaluation jobs only).
     command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port), "--workers", "1"]

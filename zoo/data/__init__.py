@@ -1,8 +1,5 @@
-"""The dataset catalog: every dataset becomes uint8 tensors in memory, split into train/val/test.
-
-uint8 images normalized per batch on the device feed faster than a per-sample transform in a DataLoader
-(benchmarks/RESULTS.md, "Input pipeline"), take a quarter of float32's memory, and serve any normalization.
-"""
+"""The dataset catalog: every dataset becomes uint8 tensors split into train/val/test, normalized per batch on
+the device: a quarter of float32's memory, any normalization (benchmarks/RESULTS.md, "Input pipeline")."""
 
 from zoo.data.catalog import (
     DatasetInfo, DatasetUnavailable, dataset_info, default_data_dir, list_datasets, load_dataset, register_dataset,

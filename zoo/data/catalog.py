@@ -1,14 +1,13 @@
 """The catalog's registry (names -> loaders, descriptions, static facts) and :func:`load_dataset`; a name that
 is a folder goes to zoo/folder_dataset.py."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from zoo.errors import UsageError
+from zoo.machine import offline
 from zoo.splits import Dataset
 
 
@@ -37,7 +36,6 @@ def register_dataset(name: str, description: str, info: DatasetInfo) -> Callable
     def wrapper(loader: Loader) -> Loader:
         _DATASETS[name] = (loader, description, info)
         return loader
-
     return wrapper
 
 
@@ -52,14 +50,12 @@ def dataset_info(name: str) -> DatasetInfo | None:
 def load_dataset(name: str, *, data_dir: str | Path | None = None, download: bool = True, val_fraction: float = 0.1,
                  seed: int = 0, test_fraction: float | None = None, image_size: tuple[int, int] | None = None,
                  default_size: tuple[int, int] = (28, 28), progress: bool = True) -> Dataset:
-    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``.
-    ``test_fraction``, ``image_size`` and ``default_size`` apply to folders; ``ZOO_OFFLINE=1`` turns downloads off."""
-    download = download and os.environ.get("ZOO_OFFLINE", "") in ("", "0")
+    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``."""
+    download = download and not offline()
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"the val fraction must be between 0 and 1 (exclusive), got {val_fraction:g}")
     if name not in _DATASETS:
         from zoo.folder_dataset import load_image_folder, looks_like_folder
-
         if looks_like_folder(name):
             return load_image_folder(name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                      image_size=image_size, default_size=default_size, progress=progress)

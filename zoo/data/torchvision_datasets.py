@@ -1,11 +1,6 @@
 """The torchvision catalog: CIFAR-10/100, SVHN, KMNIST, EMNIST letters and STL-10 (the MNIST family: mnist.py).
-
-torchvision's own dataset classes download, check and parse the files; each entry only turns what its class
-holds into uint8 [N, C, H, W] splits. ``--data-dir`` is torchvision's ``root``, so a folder torchvision
-already downloaded into serves as it is.
-"""
-
-from __future__ import annotations
+torchvision's classes download and parse the files (``--data-dir`` is their ``root``); each entry turns what its
+class holds into uint8 [N, C, H, W] splits."""
 
 import functools
 import string
@@ -36,9 +31,9 @@ def open_splits(cls: Callable, name: str, root: Path, download: bool, hint: str)
 
 def to_dataset(name: str, classes: list[str], pair, as_arrays: Callable[[Any], tuple], val_fraction: float,
                seed: int, source: str | Path) -> Dataset:
-    """The zoo's splits of torchvision's (train, test) ``pair``; ``as_arrays(ds)`` gives [N, C, H, W] images and
-    labels. The validation split is a stratified share of the training one."""
-    train, test = (_split(*as_arrays(ds)) for ds in pair)
+    """The zoo's splits of torchvision's (train, test) ``pair`` (``as_arrays(ds)``: [N, C, H, W] images, labels)."""
+    train, test = (Split(torch.as_tensor(x, dtype=torch.uint8).contiguous(),
+                         torch.as_tensor(np.asarray(y), dtype=torch.int64)) for x, y in map(as_arrays, pair))
     train_idx, val_idx = stratified_split(train.labels, [1 - val_fraction, val_fraction], seed)
     return Dataset(name, list(classes), Split(train.images[train_idx], train.labels[train_idx]),
                    Split(train.images[val_idx], train.labels[val_idx]), test, str(Path(source).resolve()))
@@ -54,29 +49,23 @@ def _chw_arrays(ds) -> tuple:
     return ds.data, ds.labels
 
 
-def _split(images: np.ndarray | torch.Tensor, labels: Any) -> Split:
-    images = torch.as_tensor(images, dtype=torch.uint8)
-    return Split(images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
-
-
 def _catalog_entry(name: str, what: str, info: DatasetInfo) -> Callable:
     return register_dataset(name, f"{what} through torchvision: downloads when online, or reads --data-dir", info)
 
 
 def _by_split_name(cls: type) -> Callable[..., Any]:
     """Open a class that takes ``split='train'/'test'`` (SVHN, STL10) as open_splits opens ``train=``."""
-
-    def open_split(root: str, train: bool, download: bool):
-        return cls(root, split="train" if train else "test", download=download)
-
-    return open_split
+    return lambda root, train, download: cls(root, split="train" if train else "test", download=download)
 
 
 def _folder_hint(folder: str, files: list[str], origin: str) -> str:
     return f"Point --data-dir (or ZOO_DATA_DIR) at a folder holding {folder} ({', '.join(files)}), {origin}, or go online."
 
 
-def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+def _cifar(cls_name: str, name: str, data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, cls_name)
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     hint = _folder_hint(f"{cls.base_folder}/", files, f"as unpacked from {cls.url}")
     pair = open_splits(cls, name, data_dir, download, hint)
@@ -84,24 +73,15 @@ def _cifar(cls: type, name: str, data_dir: Path, download: bool, val_fraction: f
     return to_dataset(name, pair[0].classes, pair, hwc, val_fraction, seed, data_dir / cls.base_folder)
 
 
-@_catalog_entry("cifar10", "CIFAR-10 objects and animals", DatasetInfo(50_000, 10_000, (3, 32, 32), 10))
-def _load_cifar10(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
-    from torchvision.datasets import CIFAR10
-
-    return _cifar(CIFAR10, "cifar10", data_dir, download, val_fraction, seed)
-
-
-@_catalog_entry("cifar100", "CIFAR-100 (100 fine classes)", DatasetInfo(50_000, 10_000, (3, 32, 32), 100))
-def _load_cifar100(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
-    from torchvision.datasets import CIFAR100
-
-    return _cifar(CIFAR100, "cifar100", data_dir, download, val_fraction, seed)
+for _name, _cls_name, _what, _classes in (("cifar10", "CIFAR10", "CIFAR-10 objects and animals", 10),
+                                          ("cifar100", "CIFAR100", "CIFAR-100 (100 fine classes)", 100)):
+    _catalog_entry(_name, _what, DatasetInfo(50_000, 10_000, (3, 32, 32), _classes))(
+        functools.partial(_cifar, _cls_name, _name))
 
 
 @_catalog_entry("svhn", "SVHN house-number digits ('extra' not used)", DatasetInfo(73_257, 26_032, (3, 32, 32), 10))
 def _load_svhn(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import SVHN
-
     files = [SVHN.split_list[s][1] for s in ("train", "test")]
     hint = (f"Point --data-dir (or ZOO_DATA_DIR) at the folder holding {' and '.join(files)} "
             f"(from {SVHN.split_list['train'][0].rsplit('/', 1)[0]}/), or go online.")
@@ -112,7 +92,6 @@ def _load_svhn(data_dir: Path, download: bool, val_fraction: float, seed: int) -
 @_catalog_entry("kmnist", "Kuzushiji-MNIST (10 hiragana)", DatasetInfo(60_000, 10_000, (1, 28, 28), 10))
 def _load_kmnist(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import KMNIST
-
     files = [f.removesuffix(".gz") for f, _ in KMNIST.resources]
     hint = _folder_hint("KMNIST/raw/", files, f"gunzipped from {KMNIST.mirrors[0]}")
     pair = open_splits(KMNIST, "kmnist", data_dir, download, hint)
@@ -123,7 +102,6 @@ def _load_kmnist(data_dir: Path, download: bool, val_fraction: float, seed: int)
                 DatasetInfo(124_800, 20_800, (1, 28, 28), 26))
 def _load_emnist_letters(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import EMNIST
-
     files = [f"emnist-letters-{s}-{kind}-ubyte" for s in ("train", "test") for kind in ("images-idx3", "labels-idx1")]
     hint = _folder_hint("EMNIST/raw/", files, f"gunzipped from the gzip/ folder of {EMNIST.url}")
     pair = open_splits(functools.partial(EMNIST, split="letters"), "emnist-letters", data_dir, download, hint)
@@ -135,7 +113,6 @@ def _load_emnist_letters(data_dir: Path, download: bool, val_fraction: float, se
 @_catalog_entry("stl10", "STL-10 labelled images ('unlabeled' not used)", DatasetInfo(5_000, 8_000, (3, 96, 96), 10))
 def _load_stl10(data_dir: Path, download: bool, val_fraction: float, seed: int) -> Dataset:
     from torchvision.datasets import STL10
-
     # torchvision checks all five binaries, unlabeled_X.bin (2.8 GB, unused here) included.
     files = [f for f, _ in STL10.train_list + STL10.test_list]
     hint = _folder_hint(f"{STL10.base_folder}/", files, f"as unpacked from {STL10.url}")

@@ -1,8 +1,6 @@
 """The logged model as MLflow stores it: code (pyfunc_model.py, zoo/imaging.py), the ``torch.export`` program of
 the network with its normalization, the shipped ONNX graph, the signature, input example and requirements."""
 
-from __future__ import annotations
-
 import sys
 import tempfile
 from pathlib import Path
@@ -29,10 +27,8 @@ def log_model(network: torch.nn.Module, *, model_name: str, normalization: Norma
               input_shape: tuple[int, int, int], class_names: list[str], registered_name: str | None = None,
               sample_images: torch.Tensor | None = None, onnx: bool | None = None, resize: int | None = None,
               **extra_metadata: Any) -> str:
-    """Log ``network`` (it takes *normalized* input) in the active run as a model that takes images; returns
-    its URI (``models:/m-...``). ``sample_images`` (uint8) give the input example; ``resize`` (shorter side before
-    a center crop) goes wherever images are decoded. ``onnx`` (default: when it will be registered) ships the
-    ONNX graph, so `zoo classify models:/NAME@ALIAS` downloads it instead of exporting it on each machine."""
+    """Log ``network`` (taking *normalized* input) in the active run as a model that takes images; returns its URI.
+    ``onnx`` (default: when it will be registered) ships the ONNX graph, for `zoo classify` to download."""
     config = {"class_names": [str(c) for c in class_names], "input_shape": list(input_shape), "resize": resize}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "program.pt2"
@@ -90,11 +86,9 @@ def export_program(network: torch.nn.Module, normalization: Normalization, input
 
 
 def model_signature():
-    """An ``image`` (encoded bytes) or a ``pixels`` ([C][H][W] floats) column, a ``top_k`` param. ``pixels`` is
-    typed Any so that pyfunc_model.py, not MLflow's type error, says which row is wrong and how."""
+    """An ``image`` or a ``pixels`` column (typed Any: pyfunc_model.py names a bad row), a ``top_k`` param."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
-
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec(AnyType(), "pixels", required=False)])
     top = Array(Object([Property("label", "string"), Property("probability", "double")]))
     outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec(top, "top")])
@@ -103,10 +97,8 @@ def model_signature():
 
 def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]):
     import io
-
     import pandas as pd
     from PIL import Image
-
     if images is None:
         images = torch.full((1, *input_shape), 128, dtype=torch.uint8)
     encoded = []
@@ -121,5 +113,4 @@ def image_example(images: torch.Tensor | None, input_shape: tuple[int, int, int]
 def pip_requirements() -> list[str]:
     """Pinned requirements, given explicitly: MLflow's inference of them is slow."""
     from importlib.metadata import version
-
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]

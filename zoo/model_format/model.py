@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
-
     from zoo.normalization import Normalization
 
 # What every logged zoo model's MLflow metadata holds (serving.loading refuses a model without them).

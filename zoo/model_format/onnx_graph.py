@@ -1,8 +1,6 @@
 """The one ONNX exporter (`zoo export`, and the graph a registered model ships): normalization inside, checked
 against PyTorch with onnxruntime."""
 
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,6 @@ def onnx_metadata(model: LoadedModel) -> dict[str, str]:
 def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> ExportReport:
     """Write ``path`` (one self-contained file) and check it against PyTorch; raise ParityError above ``tolerance``."""
     import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = model.module
@@ -53,7 +50,6 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
         entry.key, entry.value = key, value
     onnx.save_model(proto, str(path))  # weights inside the one file: these models are small
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
-
     batch_sizes = (1, 7)  # neither is the export batch: proves the batch dimension is dynamic
     diff = max(parity(wrapped, path, model.input_shape, n) for n in batch_sizes)
     if not diff <= tolerance:  # also catches NaN
@@ -63,10 +59,8 @@ def export_onnx(model: LoadedModel, path: str | Path, *, tolerance: float = DEFA
 
 
 def without_hard_sigmoid(proto):
-    """``proto`` with each ``HardSigmoid`` written as ``Clip(Add(Mul(x, alpha), beta), 0, 1)``: OpenCV's DNN module
-    computes a broadcast ``Mul(x, HardSigmoid(s))`` (timm's MobileNetV3 gates) wrongly, onnxruntime does not."""
+    """Each ``HardSigmoid`` as ``Clip(x * alpha + beta, 0, 1)``: OpenCV's DNN gets timm's MobileNetV3 gates wrong."""
     from onnx import TensorProto, helper
-
     nodes = []
     for node in proto.graph.node:
         if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
@@ -90,7 +84,6 @@ def without_hard_sigmoid(proto):
 
 def parity(wrapped: torch.nn.Module, path: Path, input_shape: tuple[int, ...], batch: int) -> float:
     import onnxruntime as ort
-
     pixels = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
         expected = wrapped(pixels).numpy()

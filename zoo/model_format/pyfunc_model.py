@@ -1,11 +1,6 @@
-"""The MLflow model of a zoo classifier ("models from code"): images in, labels out.
-
-Shipped inside the logged model with zoo/imaging.py beside it, so it imports only torch, numpy, pandas,
-Pillow and mlflow, never the zoo package. Input: an ``image`` column (encoded bytes, base64 over REST) or a
-``pixels`` column (floats [C][H][W] in [0, 1]); output: ``label``, ``probability`` and the ``top_k`` best.
-"""
-
-from __future__ import annotations
+"""The MLflow model of a zoo classifier ("models from code"), shipped with zoo/imaging.py beside it (it never
+imports the zoo package). Input: an ``image`` column (encoded bytes, base64 over REST) or a ``pixels`` column
+(floats [C][H][W] in [0, 1]); output: ``label``, ``probability`` and the ``top_k`` best."""
 
 from typing import Any
 
@@ -107,11 +102,9 @@ def decode_image(data: Any, input_shape: tuple[int, int, int], row: int, resize:
 
 
 def _base64_decoded(data: bytes) -> bytes:
-    """``data``, or what it encodes when it is base64 text (MLflow decodes only dataframe requests; image files
-    open with non-ASCII bytes, so never parse as base64)."""
+    """``data``, or what it encodes when it is base64 text (MLflow decodes only dataframe requests)."""
     import base64
     import binascii
-
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

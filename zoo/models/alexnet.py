@@ -1,8 +1,6 @@
 """AlexNet for Fashion-MNIST, as in the LeNet/AlexNet notebook (after d2l). It resizes its 28x28 input to
 224x224 itself: 60,000 images at 224x224 would take 3 GB, and its input shape stays the data's."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,8 +1,6 @@
 """LeNet-5 as in the LeNet/AlexNet notebook (after d2l): sigmoid activations, max pooling. Images under
 32x32 are zero-padded up to that geometry by the first convolution (padding 2 at 28x28, as d2l does)."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
@@ -37,7 +35,7 @@ class LeNet5(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(_flattened(self.features, in_channels, height, width), 120),  # 16 x 5 x 5 at 28 and 32
+            nn.Linear(self.features(torch.zeros(1, in_channels, height, width)).numel(), 120),  # 16x5x5 at 28 and 32
             nn.Sigmoid(),
             nn.Linear(120, 84),
             nn.Sigmoid(),
@@ -47,11 +45,6 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
-
-
-def _flattened(features: nn.Module, channels: int, height: int, width: int) -> int:
-    with torch.no_grad():
-        return features(torch.zeros(1, channels, height, width)).numel()
 
 
 # The notebook feeds ToTensor() pixels in [0, 1], and picked its best epoch on the test set: here, on validation.

@@ -1,8 +1,6 @@
 """The course's 784-256-256-10 ReLU network. Dropout and BatchNorm are builder switches, not separate
 models, so regularized runs stay comparable under one model name."""
 
-from __future__ import annotations
-
 import math
 
 import torch

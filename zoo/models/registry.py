@@ -1,11 +1,6 @@
-"""The model registry: a dict plus a decorator, as torchvision's ``models/_api.py``.
-
-Inside ``zoo.models`` so that importing it registers every family first. Each entry carries the input
-shape, classes, default normalization and optimizer recipe; builders fit the data they are given
-(``create_model(name, input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture.
-"""
-
-from __future__ import annotations
+"""The model registry: a dict plus a decorator, as torchvision's ``models/_api.py``. Each entry carries the input
+shape, classes, default normalization and optimizer recipe; builders fit the data (``create_model(name,
+input_shape=(C, H, W), num_classes=K)``). ``timm:NAME`` names any timm architecture."""
 
 import fnmatch
 from dataclasses import dataclass, field
@@ -51,23 +46,16 @@ def register_model(name: str, *, input_shape: tuple[int, int, int], num_classes:
         _MODELS[name] = ModelSpec(name, builder, tuple(input_shape), num_classes, normalization,
                                   description=description, **spec)
         return builder
-
     return wrapper
 
 
-def list_models(include: str | None = None, exclude: str | None = None) -> list[str]:
-    """Sorted model names, optionally filtered by fnmatch patterns."""
-    names = sorted(_MODELS)
-    if include:
-        names = [n for n in names if fnmatch.fnmatch(n, include)]
-    if exclude:
-        names = [n for n in names if not fnmatch.fnmatch(n, exclude)]
-    return names
+def list_models(include: str | None = None) -> list[str]:
+    """Sorted model names, optionally filtered by an fnmatch pattern."""
+    return sorted(n for n in _MODELS if not include or fnmatch.fnmatch(n, include))
 
 
 TIMM_PREFIX = "timm:"
-# Families named by a prefix (``timm:NAME``): prefix -> resolve(NAME) -> spec.
-_PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}
+_PREFIXED: dict[str, Callable[[str], ModelSpec]] = {}  # prefix -> resolve(NAME) -> spec (``timm:NAME``)
 
 
 def register_prefix(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:

@@ -33,7 +33,6 @@ def _for_channels(network: tv.ResNet, channels: int) -> tv.ResNet:
 def resnet18(*, num_classes: int = 1000, input_shape: tuple[int, int, int] = IMAGENET_SHAPE) -> tv.ResNet:
     """torchvision ResNet-18 (11.7 M parameters); pretrained weights: IMAGENET1K_V1."""
     from torchvision import models as tv
-
     return _for_channels(tv.resnet18(weights=None, num_classes=num_classes), input_shape[0])
 
 
@@ -41,5 +40,4 @@ def resnet18(*, num_classes: int = 1000, input_shape: tuple[int, int, int] = IMA
 def resnet50(*, num_classes: int = 1000, input_shape: tuple[int, int, int] = IMAGENET_SHAPE) -> tv.ResNet:
     """torchvision ResNet-50 (25.6 M parameters); pretrained weights: IMAGENET1K_V1, IMAGENET1K_V2."""
     from torchvision import models as tv
-
     return _for_channels(tv.resnet50(weights=None, num_classes=num_classes), input_shape[0])

@@ -1,8 +1,5 @@
-"""A 784-30-20-10 logistic network trained without autograd: explicit forward, backward and SGD (the lab's
-conventions: ``z = a @ w + b``, logistic cross-entropy summed over outputs). Its forward returns the output
-pre-activations, so tracking, export and classification treat it like any other model."""
-
-from __future__ import annotations
+"""A 784-30-20-10 logistic network trained without autograd (the lab's ``z = a @ w + b``, logistic cross-entropy
+summed over outputs); its forward returns the output pre-activations, like any other model."""
 
 import math
 from typing import Any

@@ -1,14 +1,8 @@
-"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)`` (the timm extra).
-
-Defaults come from the architecture's pretrained config. Pretrained weights (builder option
-``pretrained=true``, or ``weights=FILE`` for a local checkpoint loaded weights-only) are adapted by timm
-to the data's channels and classes; offline they come from the Hugging Face cache, or are refused in one line.
-"""
-
-from __future__ import annotations
+"""Any timm architecture as ``timm:NAME``: ``timm.create_model(NAME, in_chans=C, num_classes=K)``, defaults from
+its pretrained config. Pretrained weights (``pretrained=true``, or ``weights=FILE`` loaded weights-only) come
+offline from the Hugging Face cache, or are refused in one line."""
 
 import functools
-import os
 from pathlib import Path
 
 from torch import nn
@@ -16,6 +10,7 @@ from torch import nn
 from zoo.normalization import IMAGENET, Normalization
 from zoo.models.registry import TIMM_PREFIX, ModelSpec, register_prefix
 from zoo.errors import UsageError
+from zoo.machine import offline
 
 # timm's own fine-tuning defaults (train.py): AdamW; the zoo's StepLR stays off.
 _RECIPE = dict(optimizer="adamw", lr=1e-3, lr_gamma=1.0)
@@ -61,18 +56,22 @@ def build_timm(architecture: str, *, num_classes: int = 1000, input_shape: tuple
             raise UsageError(f"no weights file {weights!r} (model option weights= takes a local timm checkpoint)")
         pretrained = True
         # Read here, not by timm's `file` overlay: weights_only whatever timm's and torch's defaults.
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": _state_dict(weights)}
+        from zoo.pretrained import load_weights_file
+        saved = load_weights_file(weights)  # a bare state dict, or one under state_dict (timm's) or model (zoo's)
+        for key in ("state_dict", "model"):
+            if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+                saved = saved[key]
+                break
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": saved}
     elif pretrained:
         return _from_the_hub(timm, architecture, kwargs)
     return timm.create_model(architecture, pretrained=pretrained, **kwargs)
 
 
 def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
-    """``timm.create_model`` with the hub's weights; without a network, from its local cache at once (the hub
-    would retry each file for a minute, then fail with no word on what to do)."""
+    """``timm.create_model`` with the hub's weights; without a network, from its cache at once (the hub would retry)."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
-
-    if constants.is_offline_mode() or os.environ.get("ZOO_OFFLINE", "") not in ("", "0"):
+    if constants.is_offline_mode() or offline():
         reason = "offline mode is on (ZOO_OFFLINE or HF_HUB_OFFLINE)"
     else:
         try:
@@ -86,22 +85,10 @@ def _from_the_hub(timm, architecture: str, kwargs: dict) -> nn.Module:
               for path in [try_to_load_from_cache(repo, name, revision=revision or None)] if isinstance(path, str)]
     if not cached:
         from zoo.pretrained import WeightsUnavailable
-
         raise WeightsUnavailable(f"timm:{architecture}'s pretrained weights need a network: {reason}, and they are not "
                                  f"in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME); go online once to "
                                  "download them, or pass a local checkpoint with --weights FILE")
     return timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": cached[0]}, **kwargs)
-
-
-def _state_dict(path: str) -> dict:
-    """A bare state dict, or one under ``state_dict`` or ``model`` (timm's and the zoo's checkpoints)."""
-    from zoo.pretrained import load_weights_file
-
-    saved = load_weights_file(path)
-    for key in ("state_dict", "model"):
-        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
-            return saved[key]
-    return saved
 
 
 register_prefix(TIMM_PREFIX, timm_spec)
