@@ -235,8 +235,7 @@ POOL_MIN_IMAGES = 4096  # a spawned pool (an interpreter, numpy, Pillow each) pa
 
 
 def pool_for(batches: Iterator[Batch], processes: int, asked: bool) -> tuple[Iterator[Batch], Executor | None]:
-    """The batches (those looked ahead put back) and a pool when it pays: from two batches on when the workers were
-    asked for or can be forked, else (spawned) from POOL_MIN_IMAGES images on."""
+    """The batches (those looked ahead put back) and a pool of ``processes`` workers when it pays (``pays``)."""
     ahead: list[Batch] = []  # paths only: cheap to look ahead
     forking = fork_is_safe()
 

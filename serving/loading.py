@@ -5,6 +5,7 @@ taking pixels in [0, 1], its normalization, input shape and class names from its
 from __future__ import annotations
 
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,10 +91,8 @@ def load_model(uri: str) -> LoadedModel:
         import mlflow.pytorch
 
         network = mlflow.pytorch.load_model(uri)
-        try:
+        with suppress(NotImplementedError):  # a torch.export module was exported in eval mode and refuses eval()
             network.eval()
-        except NotImplementedError:  # a torch.export module was exported in eval mode and refuses eval()
-            pass
         module = NormalizedModel(network, normalization)
         module.training = False
     else:

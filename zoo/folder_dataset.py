@@ -93,7 +93,8 @@ def load_image_folder(path: str | Path, *, val_fraction: float = 0.1, test_fract
 
 
 def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> _Listing:
-    """Class folders and their files, assigned to splits; a UsageError for a folder that is no dataset."""
+    """Class folders and their files in split order, missing splits carved (stratified) from train; a UsageError
+    for a folder that is no dataset."""
     if not root.is_dir():
         raise UsageError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
                          "name: see zoo datasets)")
@@ -103,23 +104,28 @@ def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
     classes = per_split["train"][0]
     _check_folder_of_datasets(given / layout["train"].relative_to(root), classes)
     _check_classes(root, layout, per_split, classes)
-    not_images = [f for _, _, _, others in per_split.values() for f in others]
-    pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
-    ordered = _assign_splits(pools, val_fraction, test_fraction, seed)
+    ordered = {split: (files, labels) for split, (_, files, labels, _) in per_split.items()}
+    train_files, train_labels = ordered["train"][0], torch.tensor(ordered["train"][1], dtype=torch.int64)
+    carve = [s for s in ("val", "test") if s not in ordered]
+    fractions = {"val": val_fraction, "test": test_fraction}
+    # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
+    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
+                             names=["train", *carve])
+    for split, index in zip(["train", *carve], parts):
+        ordered[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
     files, labels, bounds = [], [], {}
     for split in ("train", "val", "test"):
         bounds[split] = (len(files), len(files) + len(ordered[split][0]))
         files += ordered[split][0]
         labels += ordered[split][1]
+    not_images = [f for _, _, _, others in per_split.values() for f in others]
     return _Listing(root, classes, files, labels, bounds, not_images)
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
     """{"train": ..., "val": ..., "test": ...} for the split layout (the ones present), or {"train": root}."""
-    found = {}
-    for split, names in SPLIT_FOLDERS.items():
-        if name := next((n for n in names if (root / n).is_dir()), None):
-            found[split] = root / name
+    found = {split: root / name for split, names in SPLIT_FOLDERS.items()
+             if (name := next((n for n in names if (root / n).is_dir()), None))}
     if "train" not in found:
         if found:
             raise UsageError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
@@ -187,28 +193,11 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                              "add images or remove the folder")
 
 
-def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_fraction: float,
-                   test_fraction: float, seed: int) -> dict[str, tuple[list[ListedFile], list[int]]]:
-    """Each split's files and labels: the folders given, the missing splits carved (stratified) from train."""
-    train_files, train_labels = pools["train"]
-    carve = [s for s in ("val", "test") if s not in pools]
-    fractions = {"val": val_fraction, "test": test_fraction}
-    # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
-    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
-                             names=["train", *carve])
-    out = {split: (files, labels.tolist()) for split, (files, labels) in pools.items()}
-    for split, index in zip(["train", *carve], parts):
-        out[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
-    return out
-
-
 def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:
     """Where this listing decoded at ``image_size`` is cached: a digest of every file's relative path, size and
     modification time, in split order, and of the size (``None``: the record of the images' own size)."""
-    digest = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION, "image_size": list(image_size) if image_size else None,
-        "bounds": listing.bounds, "classes": listing.classes,
-    }).encode())
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "image_size": image_size and list(image_size),
+                                        "bounds": listing.bounds, "classes": listing.classes}).encode())
     prefix = len(str(listing.root)) + 1
     digest.update("".join(f"{f.path[prefix:]}\0{f.size}\0{f.mtime_ns}\n" for f in listing.files).encode())
     return cache / f"{listing.root.name}-{digest.hexdigest()[:20]}"
@@ -272,11 +261,10 @@ def _drop_superseded(folder: Path, source: dict) -> None:
         if other == folder or ".partial-" in other.name:
             continue
         try:
-            superseded = json.loads((other / "meta.json").read_text()).get("source") == source
+            if json.loads((other / "meta.json").read_text()).get("source") == source:
+                shutil.rmtree(other, ignore_errors=True)
         except (OSError, ValueError):  # another kind of entry, or one being written
-            continue
-        if superseded:
-            shutil.rmtree(other, ignore_errors=True)
+            pass
 
 
 def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
@@ -358,8 +346,7 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
     if unreadable := [c for c, n in zip(meta["classes"], counts) if n == 0]:
         raise UsageError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
                          "see above); add images or remove the folder")
-    for name, split in splits.items():
-        if len(split) == 0:
-            raise UsageError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
+    if empty := next((name for name, split in splits.items() if len(split) == 0), None):
+        raise UsageError(f"the {empty} split of {root} holds no readable image; add images or change the fractions")
     return Dataset(root.name, meta["classes"], splits["train"], splits["val"], splits["test"], str(root),
                    skipped=len(meta["skipped"]))
