@@ -1,6 +1,2 @@
-"""Using registered models: loading them (``models:/`` URIs, ``loading``) and classifying images with them
-(``classify``: streaming, ONNX Runtime or PyTorch, worker processes, bad files become error rows).
-
-What a logged model is belongs to ``zoo.model_format``; the `zoo` commands that call this are in ``zoo.cli``.
-Nothing here imports ``training``.
-"""
+"""Registered models in use: loading ``models:/`` URIs (``loading``) and classifying images with them (``classify``).
+What a logged model is belongs to ``zoo.model_format``; nothing here imports ``training``."""

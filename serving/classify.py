@@ -1,9 +1,7 @@
 """Images and folders -> top-k labels, on onnxruntime (default) or PyTorch.
 
-Files are walked lazily and decoded and classified batch by batch, in worker processes (zoo/pool.py) or
-here, so memory stays flat however many files there are. An unreadable file becomes a row with an
-``error``; it never stops the others. Only numpy and Pillow are imported at start-up: an .onnx file
-needs neither MLflow nor torch.
+Files are walked lazily and decoded and classified batch by batch, in worker processes (zoo/pool.py) or here,
+so memory stays flat; an unreadable file becomes a row with an ``error``. Only numpy and Pillow load at start-up.
 """
 
 from __future__ import annotations
@@ -50,11 +48,8 @@ class Prediction:
                 "error": self.error}
 
 
-# ---- inputs: files named, folders walked lazily ---------------------------------------------------
-
 def _inputs(paths: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
-    """(path, None) for each file to decode, (path, reason) for a missing path or a folder without images.
-    A file named directly is tried whatever its suffix; in folders only image suffixes count."""
+    """(path, None) to decode, or (path, why not); a file named is tried whatever its suffix, in folders images only."""
     for p in map(Path, paths):
         if p.is_dir():
             found = False
@@ -68,13 +63,11 @@ def _inputs(paths: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """The image files named, and those under the folders named (in name order); UsageError for a bad path."""
-    files = []
-    for path, error in _inputs(paths):
-        if error:
-            raise UsageError(f"{path}: {error}")
-        files.append(Path(path))
-    return files
+    """The image files named and under the folders named (in name order); UsageError for a bad path."""
+    inputs = list(_inputs(paths))
+    if bad := next((f"{p}: {e}" for p, e in inputs if e), None):
+        raise UsageError(bad)
+    return [Path(p) for p, _ in inputs]
 
 
 def _walk_images(folder: str) -> Iterator[tuple[str, str | None]]:
@@ -97,9 +90,8 @@ def load_pixels(files: Sequence[Path], input_shape: Sequence[int], invert: bool 
                 resize: int | None = None) -> np.ndarray:
     """float32 [N, C, H, W] in [0, 1] for a few files; UsageError naming the first unreadable one."""
     pixels, errors = decode_batch([str(f) for f in files], DecodeSpec(tuple(input_shape), invert, resize=resize))
-    for f, error in zip(files, errors):
-        if error:
-            raise UsageError(f"cannot read image {f}: {error}")
+    if bad := next((f"cannot read image {f}: {e}" for f, e in zip(files, errors) if e), None):
+        raise UsageError(bad)
     return to_float(pixels)
 
 
@@ -108,16 +100,13 @@ def _batches(items: Iterator[tuple[str, str | None]], size: int) -> Iterator[Bat
         yield batch
 
 
-# ---- one batch's arithmetic, the same in this process and in a worker -----------------------------
-
 def to_float(pixels: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1], the exported graph's input."""
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Each row's ``k`` best classes and their probabilities, best first (ties: the lower index), as lists.
-    Softmax, as networks end in logits or log-probabilities."""
+    """Each row's ``k`` best classes and softmax probabilities (networks end in logits), best first."""
     e = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities = e / e.sum(axis=1, keepdims=True)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :min(k, probabilities.shape[1])]
@@ -126,13 +115,10 @@ def top_k(scores: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]
 
 def _rows(class_names: list[str], batch: Batch, errors: list[str | None], order: list[list[int]],
           best: list[list[float]]) -> list[Prediction]:
-    """The batch's rows in order: the readable files' top-k (``order``, ``best``), an error row for the others."""
     top = iter([(class_names[j], p) for j, p in zip(o, ps)] for o, ps in zip(order, best))
     return [Prediction(path, next(top)) if errors[i] is None else Prediction(path, [], error or errors[i])
             for i, (path, error) in enumerate(batch)]
 
-
-# ---- classifiers -------------------------------------------------------------------------------------
 
 class OnnxClassifier:
     """An exported graph: takes pixels in [0, 1], knows its classes and input shape from its metadata."""
@@ -160,10 +146,8 @@ class OnnxClassifier:
 
 class TorchClassifier:
     def __init__(self, loaded):
-        self.model = loaded.module
-        self.class_names = loaded.class_names
-        self.input_shape = loaded.input_shape
-        self.resize = loaded.resize
+        self.model, self.class_names = loaded.module, loaded.class_names
+        self.input_shape, self.resize = loaded.input_shape, loaded.resize
 
     def scores(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -223,70 +207,35 @@ def _shipped_onnx(uri: str, target: Path) -> bool:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from serving.loading import registry_version
     from zoo.model_format.model import SHIPPED_ONNX
 
-    quiet = os.environ.get(_PROGRESS_BAR)
-    os.environ[_PROGRESS_BAR] = "false"  # one small file: MLflow's progress bar would only clutter stderr
     try:
-        location = _model_location(uri)
+        # Where the model's files are: its logged model's artifact location, a runs:/ URI or a local folder.
+        if (version := registry_version(uri)) is not None:
+            uri = f"models:/{version.model_id}" if version.model_id else version.source
+        if m := re.match(r"^models:/(m-[0-9a-f]+)$", uri):
+            uri = mlflow.get_logged_model(m.group(1)).artifact_location
+        elif Path(uri).is_dir():
+            uri = Path(uri).resolve().as_uri()
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.move(mlflow.artifacts.download_artifacts(f"{location}/{SHIPPED_ONNX}", dst_path=tmp), target)
+            shutil.move(mlflow.artifacts.download_artifacts(f"{uri}/{SHIPPED_ONNX}", dst_path=tmp), target)
         return True
     except (MlflowException, OSError):
         return False
-    finally:
-        if quiet is None:
-            del os.environ[_PROGRESS_BAR]
-        else:
-            os.environ[_PROGRESS_BAR] = quiet
 
 
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
-def _model_location(uri: str) -> str:
-    """Where the model's files are: its logged model's artifact location, a ``runs:/`` URI or a local folder."""
-    import mlflow
-
-    from serving.loading import registry_version
-
-    version = registry_version(uri)
-    if version is not None:
-        uri = f"models:/{version.model_id}" if version.model_id else version.source
-    m = re.match(r"^models:/(m-[0-9a-f]+)$", uri)
-    if m:
-        return mlflow.get_logged_model(m.group(1)).artifact_location
-    return Path(uri).resolve().as_uri() if Path(uri).is_dir() else uri
-
-
-# ---- where batches run -------------------------------------------------------------------------------
-# On onnxruntime, small images are decoded *and* classified by worker processes, each with a one-thread
-# session: a batch of 28x28 images is too little work to split across onnxruntime's threads, and in one
-# process Pillow's decoding and the inference slowed each other down (benchmarks/RESULTS.md, "Speed against
-# the floor of each job"). Otherwise workers only decode (the torch runtime; large images on more than 2
-# cores), or a thread decodes the next batch while this one is classified.
-
-# Values (128x128 grey, 73x73 RGB) up to which images go to classifying workers. Larger ones stay here,
-# where onnxruntime's threads share each image's work and one copy of the model's activations is held.
+# On onnxruntime, images up to SMALL_INPUT values (128x128 grey, 73x73 RGB) are decoded *and* classified by workers
+# with one-thread sessions: a batch of them is too little to split across onnxruntime's threads, and in one process
+# decoding and inference slow each other down (benchmarks/RESULTS.md). Larger ones are classified here, where
+# onnxruntime's threads share each image's work; workers (or a thread) only decode them.
 SMALL_INPUT = 16_384
 MAX_CLASSIFYING_WORKERS = 8  # a model and a batch each; more cores than this are not measured
 POOL_MIN_IMAGES = 4096  # a spawned pool (an interpreter, numpy, Pillow each) pays for itself from here on
 
 
-def default_workers() -> int:
-    """Decoding workers: none on 2 cores or fewer (onnxruntime already runs a batch on both), else one per core but one."""
-    n = usable_cores()
-    return 0 if n <= 2 else n - 1
-
-
-def default_classifying_workers() -> int:
-    n = usable_cores()
-    return 0 if n < 2 else min(n, MAX_CLASSIFYING_WORKERS)
-
-
 def pool_for(batches: Iterator[Batch], processes: int, asked: bool) -> tuple[Iterator[Batch], Executor | None]:
-    """The batches (those looked at put back) and a pool of ``processes`` workers when it pays: from two batches
-    on when the workers were asked for or can be forked, else (spawned) from POOL_MIN_IMAGES images on."""
+    """The batches (those looked ahead put back) and a pool of ``processes`` workers when it pays (``pays``)."""
     ahead: list[Batch] = []  # paths only: cheap to look ahead
     forking = fork_is_safe()
 
@@ -302,41 +251,37 @@ def _decode(batch: Batch, spec: DecodeSpec) -> tuple[np.ndarray, list[str | None
     return decode_batch([path if error is None else None for path, error in batch], spec)
 
 
-_sessions: dict[str, object] = {}  # in a worker: one onnxruntime session per model file
+def _scored(classifier, pixels: np.ndarray, errors: list[str | None], k: int) -> tuple[list, list]:
+    """The top-k of the readable files' (no error) pixels."""
+    good = [i for i, e in enumerate(errors) if e is None]
+    return top_k(classifier.scores(to_float(pixels[good])), k) if good else ([], [])
+
+
+_sessions: dict[str, OnnxClassifier] = {}  # in a worker: one per model file
 
 
 def classify_batch(batch: Batch, model: str, spec: DecodeSpec, k: int
                    ) -> tuple[list[list[int]], list[list[float]], list[str | None]]:
-    """In a worker: decode ``batch``, classify its readable files with the ONNX file ``model``: their top-k
-    class indices and probabilities, and one error per file."""
+    """In a worker: the top-k of ``batch``'s readable files by the ONNX file ``model``, and one error per file."""
     pixels, errors = _decode(batch, spec)
-    good = [i for i, e in enumerate(errors) if e is None]
-    if not good:
-        return [], [], errors
-    session = _sessions.get(model)
-    if session is None:
-        import onnxruntime as ort
+    if model not in _sessions:
+        _sessions[model] = OnnxClassifier(model, threads=1)  # the other cores run the other workers
+    return *_scored(_sessions[model], pixels, errors, k), errors
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # the other cores run the other workers
-        session = _sessions[model] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    scores = session.run(None, {session.get_inputs()[0].name: to_float(pixels[good])})[0]
-    return *top_k(scores, k), errors
-
-
-# ---- the whole path ----------------------------------------------------------------------------------
 
 def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onnx", k: int = 3, invert: bool = False,
                    batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                    max_pixels: int | None = None) -> Iterator[list[Prediction]]:
-    """`zoo classify`: the model at ``uri`` opened (a bad one fails here), then one Prediction per input, in
-    input order, a batch at a time; unreadable inputs have ``error`` set. On onnxruntime the classifying
-    workers start before the model is opened, while they can still be forked, and stop if it does not want them."""
-    _check(k, batch_size)
+    """`zoo classify`: the model opened (a bad one fails here), then Predictions in input order, a batch at a time.
+    Classifying workers start before the model is opened, while they can still be forked."""
+    for name, value in (("top-k", k), ("batch size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
     batches = _batches(_inputs(paths), batch_size)
     pool, processes = None, 0
     if runtime == "onnx" and workers != 0:
-        processes = default_classifying_workers() if workers is None else workers
+        n = usable_cores()
+        processes = (0 if n < 2 else min(n, MAX_CLASSIFYING_WORKERS)) if workers is None else workers
         batches, pool = pool_for(batches, processes, asked=workers is not None)
     try:
         classifier = open_classifier(uri, runtime)
@@ -344,7 +289,8 @@ def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onn
         if pool:
             pool.shutdown(cancel_futures=True)
         raise
-    spec = decode_spec(classifier, invert, max_pixels)
+    # To the model's input shape, stretched or (resize) cropped as it was scored.
+    spec = DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS, resize=classifier.resize)
     if pool and (workers is not None or math.prod(classifier.input_shape) <= SMALL_INPUT):
         job = partial(classify_batch, model=str(classifier.path), spec=spec, k=k)
         return (_rows(classifier.class_names, batch, errors, order, best)
@@ -354,22 +300,11 @@ def classify_paths(uri: str, paths: Iterable[str | Path], *, runtime: str = "onn
     return _classified_here(classifier, batches, spec, k, workers)
 
 
-def decode_spec(classifier, invert: bool, max_pixels: int | None) -> DecodeSpec:
-    """How files are decoded for ``classifier``: to its input shape, stretched or (``resize``) cropped as it was scored."""
-    return DecodeSpec(tuple(classifier.input_shape), invert, max_pixels or DEFAULT_MAX_PIXELS, resize=classifier.resize)
-
-
-def _check(k: int, batch_size: int) -> None:
-    if k < 1:
-        raise UsageError(f"top-k must be at least 1, got {k}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
-
-
 def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: int, workers: int | None
                      ) -> Iterator[list[Prediction]]:
-    """Classified in this process; decoded by ``workers`` processes (default: default_workers), or a thread."""
-    processes = default_workers() if workers is None else workers
+    """Classified here; decoded by ``workers`` processes (default: one per core but one, none on 2 cores, where
+    onnxruntime already runs a batch on both), or a thread."""
+    processes = (0 if usable_cores() <= 2 else usable_cores() - 1) if workers is None else workers
     batches, pool = pool_for(batches, processes, asked=workers is not None)
     depth = 2 * processes if pool else 1  # twice as many batches in flight as workers keeps each one busy
     if pool is None:
@@ -379,13 +314,4 @@ def _classified_here(classifier, batches: Iterator[Batch], spec: DecodeSpec, k: 
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="zoo-decode")
     for batch, (pixels, errors) in in_order(batches, partial(_decode, spec=spec), pool, depth):
-        good = [i for i, e in enumerate(errors) if e is None]
-        order, best = top_k(classifier.scores(to_float(pixels[good])), k) if good else ([], [])
-        yield _rows(classifier.class_names, batch, errors, order, best)
-
-
-def classify(classifier, paths: Sequence[str | Path], *, k: int = 3, invert: bool = False) -> list[Prediction]:
-    """:func:`classify_paths` with a classifier already open, as one list."""
-    spec = decode_spec(classifier, invert, None)
-    return [p for batch in _classified_here(classifier, _batches(_inputs(paths), DEFAULT_BATCH_SIZE), spec, k, None)
-            for p in batch]
+        yield _rows(classifier.class_names, batch, errors, *_scored(classifier, pixels, errors, k))

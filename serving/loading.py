@@ -1,13 +1,11 @@
-"""``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model.
-
-A logged model (zoo.model_format) takes pixels in [0, 1]; its normalization, input shape and class names come
-from its MLflow metadata. Models of the older ``pytorch`` flavor (taking normalized input) get their
-normalization put in front of them here.
-"""
+"""``models:/name@alias`` (or ``models:/name/1``, ``runs:/ID/model``, a local model folder) -> a usable model
+taking pixels in [0, 1], its normalization, input shape and class names from its MLflow metadata (an older
+``pytorch``-flavor model, taking normalized input, gets its normalization put in front of it here)."""
 
 from __future__ import annotations
 
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +14,6 @@ from zoo.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported where a network is loaded: `zoo classify x.onnx` never needs it
     from torch import nn
-
-    from zoo.normalization import Normalization
 
 
 class ModelNotFound(RuntimeError):
@@ -40,8 +36,8 @@ def check_uri(uri: str) -> None:
 
 
 def resolve_latest(uri: str) -> tuple[str, str | None]:
-    """``models:/NAME`` -> (``models:/NAME/LATEST``, a note saying so); any other URI unchanged. MLflow reads
-    ``models:/NAME`` as a logged model id; ``zoo renorm --register`` registers without an alias, so users write it."""
+    """``models:/NAME`` -> (``models:/NAME/LATEST``, a note saying so), as MLflow would read NAME as a logged model id
+    (``zoo renorm --register`` registers without an alias, so users write it); any other URI unchanged."""
     m = _BARE_NAME.match(uri)
     if not m or _LOGGED_MODEL_ID.match(m.group(1)):
         return uri, None
@@ -61,73 +57,54 @@ def resolve_latest(uri: str) -> tuple[str, str | None]:
 
 
 def read_metadata(uri: str) -> dict:
-    return _metadata(_model_info(uri), uri)
+    return _model_info(uri).metadata
 
 
 def _model_info(uri: str):
+    """MLflow's ModelInfo for ``uri``; ModelNotFound when there is none or its metadata lacks what zoo needs."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.models.get_model_info(uri)
+        info = mlflow.models.get_model_info(uri)
     except MlflowException as exc:
         raise _not_found(uri, exc) from exc
     except OSError as exc:
         raise ModelNotFound(f"no MLflow model at {uri!r}: {_short(exc)}") from exc
-
-
-def _metadata(info, uri: str) -> dict:
-    metadata = info.metadata or {}
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
-    if missing:
-        raise ModelNotFound(
-            f"model {uri!r} has no {', '.join(missing)} in its metadata; log it with `zoo train` "
-            "(or training.tracking.log_model) so its normalization and classes travel with it"
-        )
-    return metadata
+    if missing := [k for k in REQUIRED_METADATA if k not in (info.metadata or {})]:
+        raise ModelNotFound(f"model {uri!r} has no {', '.join(missing)} in its metadata; log it with `zoo train` "
+                            "(or training.tracking.log_model) so its normalization and classes travel with it")
+    return info
 
 
 def load_model(uri: str) -> LoadedModel:
     """Load a model logged by ``training.tracking.log_model`` (or its pytorch-flavor predecessor)."""
-    from zoo.normalization import Normalization
+    import mlflow
+
+    from zoo.normalization import Normalization, NormalizedModel
 
     check_uri(uri)
     info = _model_info(uri)
-    metadata = _metadata(info, uri)
+    metadata = info.metadata
     normalization = Normalization.from_dict(metadata["normalization"])
-    return LoadedModel(
-        uri=uri,
-        module=_pixel_module(uri, "pytorch" in info.flavors, normalization),
-        normalization=normalization,
-        class_names=list(metadata["class_names"]),
-        input_shape=tuple(metadata["input_shape"]),
-        model_name=str(metadata.get("zoo_model", "unknown")),
-        resize=metadata.get(RESIZE_METADATA),
-    )
+    if "pytorch" in info.flavors:  # logged before the pyfunc model: the network takes normalized input
+        import mlflow.pytorch
+
+        network = mlflow.pytorch.load_model(uri)
+        with suppress(NotImplementedError):  # a torch.export module was exported in eval mode and refuses eval()
+            network.eval()
+        module = NormalizedModel(network, normalization)
+        module.training = False
+    else:
+        module = mlflow.pyfunc.load_model(uri).unwrap_python_model().module
+    return LoadedModel(uri=uri, module=module, normalization=normalization, class_names=list(metadata["class_names"]),
+                       input_shape=tuple(metadata["input_shape"]), model_name=str(metadata.get("zoo_model", "unknown")),
+                       resize=metadata.get(RESIZE_METADATA))
 
 
 def load_module(uri: str) -> nn.Module:
     """The PyTorch module of a logged model: pixels in [0, 1] ``[N, C, H, W]`` in, class scores out."""
     return load_model(uri).module
-
-
-def _pixel_module(uri: str, legacy_pytorch: bool, normalization: Normalization) -> nn.Module:
-    import mlflow
-
-    from zoo.normalization import NormalizedModel
-
-    if legacy_pytorch:  # logged before the pyfunc model: the network takes normalized input
-        import mlflow.pytorch
-
-        network = mlflow.pytorch.load_model(uri)
-        try:
-            network.eval()
-        except NotImplementedError:  # a torch.export module was exported in eval mode and refuses eval()
-            pass
-        wrapped = NormalizedModel(network, normalization)
-        wrapped.training = False
-        return wrapped
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model().module
 
 
 def registry_version(uri: str):
@@ -143,8 +120,8 @@ def registry_version(uri: str):
 
 
 def resolve_model_id(uri: str) -> str:
-    """What the model behind ``uri`` is, for caching its export (an alias moves, a folder is saved over): its
-    logged-model id, else its MLmodel's ``model_uuid`` (new at each save), with a local folder's file stats."""
+    """What the model behind ``uri`` is, to key its cached export (an alias moves, a folder is saved over): its
+    logged-model id, else its MLmodel's ``model_uuid`` (new at each save) and a local folder's files' stats."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -160,13 +137,11 @@ def resolve_model_id(uri: str) -> str:
         identity = mlflow.models.Model.load(source).model_uuid or source
     except MlflowException as exc:
         raise _not_found(uri, exc) from exc
-    return identity + ("|" + _files_identity(Path(source)) if Path(source).is_dir() else "")
-
-
-def _files_identity(folder: Path) -> str:
-    """Every file under ``folder`` as (relative path, size, modification time), in name order."""
-    stats = ((f.relative_to(folder).as_posix(), f.stat()) for f in sorted(folder.rglob("*")) if f.is_file())
-    return ";".join(f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in stats)
+    if not Path(source).is_dir():
+        return identity
+    files = sorted(f for f in Path(source).rglob("*") if f.is_file())
+    return identity + "|" + ";".join(f"{f.relative_to(source).as_posix()}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                     for f in files)
 
 
 def _not_found(uri: str, exc: Exception) -> ModelNotFound:

@@ -1,12 +1,6 @@
-"""A folder of the user's images as a dataset: class folders in, uint8 splits out, decoded once and cached.
-
-The layouts of torchvision's ``ImageFolder`` and timm: ``PATH/train/CLASS/*.png`` (optional ``val/`` and
-``test/``; missing ones are carved, stratified and seeded, from ``train/``) or ``PATH/CLASS/*.png`` (split by
-fractions). Class names are the sorted folder names. Images are decoded as ``zoo classify`` decodes them
-(zoo/imaging.py), to grey when all are grey, at ``image_size`` (default: their own size when they agree,
-else the model's), and written once as uint8 to ``$ZOO_CACHE_DIR/datasets/KEY/`` (KEY digests the files'
-paths, sizes and modification times with the options); a cache above ``memory_limit_bytes`` is memory-mapped.
-Unreadable files are skipped, named in one warning and counted; a folder that cannot be a dataset is a UsageError.
+"""A folder of the user's images as a dataset: class folders in (torchvision's ``ImageFolder`` and timm's layouts,
+``PATH/train/CLASS/*`` with optional ``val/`` and ``test/``, or ``PATH/CLASS/*``), uint8 splits out, decoded once
+(zoo/imaging.py) and cached under ``$ZOO_CACHE_DIR/datasets/`` (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -98,37 +92,40 @@ def load_image_folder(path: str | Path, *, val_fraction: float = 0.1, test_fract
     return _from_cache(folder, listing.root, memory_limit_bytes)
 
 
-# ---- listing --------------------------------------------------------------------------------------
-
-
 def list_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> _Listing:
-    """Class folders and their files, assigned to splits; a ValueError for a folder that is no dataset."""
+    """Class folders and their files in split order, missing splits carved (stratified) from train; a UsageError
+    for a folder that is no dataset."""
     if not root.is_dir():
         raise UsageError(f"no such dataset folder: {root} (a folder of class folders of images, or a catalog "
-                                "name: see zoo datasets)")
+                         "name: see zoo datasets)")
     given, root = root, root.resolve()
     layout = _split_folders(root)
     per_split = {split: class_files(folder) for split, folder in layout.items()}
     classes = per_split["train"][0]
     _check_folder_of_datasets(given / layout["train"].relative_to(root), classes)
     _check_classes(root, layout, per_split, classes)
-    not_images = [f for _, _, _, others in per_split.values() for f in others]
-    pools = {split: (files, torch.tensor(labels, dtype=torch.int64)) for split, (_, files, labels, _) in per_split.items()}
-    ordered = _assign_splits(pools, val_fraction, test_fraction, seed)
+    ordered = {split: (files, labels) for split, (_, files, labels, _) in per_split.items()}
+    train_files, train_labels = ordered["train"][0], torch.tensor(ordered["train"][1], dtype=torch.int64)
+    carve = [s for s in ("val", "test") if s not in ordered]
+    fractions = {"val": val_fraction, "test": test_fraction}
+    # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
+    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
+                             names=["train", *carve])
+    for split, index in zip(["train", *carve], parts):
+        ordered[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
     files, labels, bounds = [], [], {}
     for split in ("train", "val", "test"):
         bounds[split] = (len(files), len(files) + len(ordered[split][0]))
         files += ordered[split][0]
         labels += ordered[split][1]
+    not_images = [f for _, _, _, others in per_split.values() for f in others]
     return _Listing(root, classes, files, labels, bounds, not_images)
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
     """{"train": ..., "val": ..., "test": ...} for the split layout (the ones present), or {"train": root}."""
-    found = {}
-    for split, names in SPLIT_FOLDERS.items():
-        if name := next((n for n in names if (root / n).is_dir()), None):
-            found[split] = root / name
+    found = {split: root / name for split, names in SPLIT_FOLDERS.items()
+             if (name := next((n for n in names if (root / n).is_dir()), None))}
     if "train" not in found:
         if found:
             raise UsageError(f"{root} has {', '.join(p.name + '/' for p in found.values())} but no train/ folder; "
@@ -142,8 +139,8 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def class_files(folder: Path) -> tuple[list[str], list[ListedFile], list[int], list[str]]:
-    """Sorted class folder names, the image files under each (recursively, in name order; hidden ones passed
-    over) with their class index, and the other files found there."""
+    """Sorted class folder names, the image files under each (at any depth, in name order, hidden ones passed over)
+    with their class index, and the other files found there."""
     classes = [p.name for p in _visible(folder) if p.is_dir()]
     files, labels, others = [], [], []
     for index, name in enumerate(classes):
@@ -164,10 +161,8 @@ def class_files(folder: Path) -> tuple[list[str], list[ListedFile], list[int], l
 def _check_folder_of_datasets(train: Path, classes: list[str]) -> None:
     """Refuse a folder of datasets (its classes would be the dataset names); only warn when the class folders hold
     just sub-folders (cat/2019/*.jpg, which torchvision's ImageFolder takes too)."""
-    if not classes:
-        return  # _check_classes says what a dataset folder holds
-    if any(not p.is_dir() for name in classes for p in _visible(train / name)):
-        return
+    if not classes or any(not p.is_dir() for name in classes for p in _visible(train / name)):
+        return  # no classes: _check_classes says what a dataset folder holds
     shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
     for name in classes:
         if split := next((s for s in SPLIT_FOLDERS["train"] if (train / name / s).is_dir()), None):
@@ -198,40 +193,18 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                              "add images or remove the folder")
 
 
-def _assign_splits(pools: dict[str, tuple[list[ListedFile], torch.Tensor]], val_fraction: float,
-                   test_fraction: float, seed: int) -> dict[str, tuple[list[ListedFile], list[int]]]:
-    """Each split's files and labels: the folders given, the missing splits carved (stratified) from train."""
-    train_files, train_labels = pools["train"]
-    carve = [s for s in ("val", "test") if s not in pools]
-    fractions = {"val": val_fraction, "test": test_fraction}
-    if "val" in carve and "test" not in carve:  # train/ and test/ given: val is a fraction of train/
-        fractions = {"val": val_fraction}
-    # Only the fractions carved from train/ count: with a test/ folder, --val-fraction may take up to all of train/.
-    parts = stratified_split(train_labels, [1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)], seed,
-                             names=["train", *carve])
-    out = {split: (files, labels.tolist()) for split, (files, labels) in pools.items()}
-    for split, index in zip(["train", *carve], parts):
-        out[split] = ([train_files[i] for i in index.tolist()], train_labels[index].tolist())
-    return out
-
-
-# ---- the cache ------------------------------------------------------------------------------------
-
-
 def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:
     """Where this listing decoded at ``image_size`` is cached: a digest of every file's relative path, size and
     modification time, in split order, and of the size (``None``: the record of the images' own size)."""
-    digest = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION, "image_size": list(image_size) if image_size else None,
-        "bounds": listing.bounds, "classes": listing.classes,
-    }).encode())
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "image_size": image_size and list(image_size),
+                                        "bounds": listing.bounds, "classes": listing.classes}).encode())
     prefix = len(str(listing.root)) + 1
     digest.update("".join(f"{f.path[prefix:]}\0{f.size}\0{f.mtime_ns}\n" for f in listing.files).encode())
     return cache / f"{listing.root.name}-{digest.hexdigest()[:20]}"
 
 
 def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -> tuple[int, int] | None:
-    """The size found by the first decode without --image-size (the images' own, else ``default_size``); None before it."""
+    """The size the first decode without --image-size found (the images' own, else ``default_size``), or None."""
     try:
         own = json.loads((cache_folder(cache, listing, None) / "meta.json").read_text())["own_size"]
     except (OSError, ValueError, KeyError):
@@ -239,21 +212,9 @@ def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -
     return tuple(own) if own else tuple(default_size)
 
 
-def _record_size(cache: Path, listing: _Listing, own_size: tuple[int, int] | None, source: dict) -> None:
-    """Record the images' own size (None: they differ) under the listing's size-free key, for _size_found."""
-    record = cache_folder(cache, listing, None)
-    record.mkdir(exist_ok=True)
-    meta = {"own_size": list(own_size) if own_size else None, "source": {**source, "image_size": None}}
-    written = record / f"meta.json.{os.getpid()}"  # renamed whole: a reader never sees half a record
-    written.write_text(json.dumps(meta))
-    written.replace(record / "meta.json")
-    _drop_superseded(record, meta["source"])
-
-
 def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
                  workers: int | None, progress: bool, source: dict) -> Path:
-    """Decode every file into the cache folder of the size used, which it returns (written beside it, then
-    renamed: a crash leaves no half cache)."""
+    """Decode every file into the cache folder of the size used, returned (written beside, then renamed)."""
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=listing.root.name + ".partial-", dir=cache))
     try:
@@ -281,8 +242,15 @@ def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
         shutil.rmtree(work, ignore_errors=True)
         raise
     _drop_superseded(folder, source)
-    if image_size is None:
-        _record_size(cache, listing, _one_size(headers), source)
+    if image_size is None:  # the images' own size (None: they differ), under the size-free key, for _size_found
+        record = cache_folder(cache, listing, None)
+        record.mkdir(exist_ok=True)
+        own = _one_size(headers)
+        meta = {"own_size": list(own) if own else None, "source": {**source, "image_size": None}}
+        written = record / f"meta.json.{os.getpid()}"  # renamed whole: a reader never sees half a record
+        written.write_text(json.dumps(meta))
+        written.replace(record / "meta.json")
+        _drop_superseded(record, meta["source"])
     return folder
 
 
@@ -293,11 +261,10 @@ def _drop_superseded(folder: Path, source: dict) -> None:
         if other == folder or ".partial-" in other.name:
             continue
         try:
-            superseded = json.loads((other / "meta.json").read_text()).get("source") == source
+            if json.loads((other / "meta.json").read_text()).get("source") == source:
+                shutil.rmtree(other, ignore_errors=True)
         except (OSError, ValueError):  # another kind of entry, or one being written
-            continue
-        if superseded:
-            shutil.rmtree(other, ignore_errors=True)
+            pass
 
 
 def _input_shape(headers: Sequence[Header | None], listing: _Listing, image_size: tuple[int, int] | None,
@@ -321,18 +288,15 @@ def _one_size(headers: Sequence[Header | None]) -> tuple[int, int] | None:
 
 def decode_files(out: np.ndarray, paths: Sequence[str], spec: DecodeSpec, workers: int | None, desc: str,
                 progress: bool = True) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
-    """Decode ``paths`` into ``out``, compacted (the kept stay in order, the unreadable leave no gap): the indices
-    kept, (path, reason) for the others, every file's own (width, height, mode). By ``workers`` processes
-    (default: one per core, at most 8, from PARALLEL_FROM files on), or here for 0 or 1."""
+    """Decode ``paths`` into ``out``, the unreadable leaving no gap: the indices kept, (path, reason) for the others,
+    every file's (width, height, mode). By ``workers`` processes (default: up to 8 from PARALLEL_FROM files on)."""
     if workers is None:
         workers = min(usable_cores(), 8) if len(paths) >= PARALLEL_FROM else 0
     chunks = [list(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
-    job = partial(decode_batch_with_headers, spec=spec)
-    kept: list[int] = []
-    errors: list[tuple[str, str]] = []
-    headers: list[Header | None] = []
+    kept, errors, headers = [], [], []
+    pool = start_pool(workers) if workers > 1 else None
     with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=not progress) as bar:
-        for chunk, (pixels, reasons, found) in in_order(chunks, job, start_pool(workers) if workers > 1 else None,
+        for chunk, (pixels, reasons, found) in in_order(chunks, partial(decode_batch_with_headers, spec=spec), pool,
                                                         depth=2 * workers):
             good = [i for i, reason in enumerate(reasons) if reason is None]
             out[len(kept) : len(kept) + len(good)] = pixels if len(good) == len(chunk) else pixels[good]
@@ -353,15 +317,13 @@ def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, wo
     out.flush()
     del out
     if errors:  # drop the unused tail rows
-        full = np.load(target, mmap_mode="r")
-        np.save(target.with_suffix(".tmp.npy"), full[: len(kept)])
-        del full
+        np.save(target.with_suffix(".tmp.npy"), np.load(target, mmap_mode="r")[: len(kept)])
         target.with_suffix(".tmp.npy").replace(target)
     return kept, errors, headers
 
 
 def warn_skipped(root: Path, skipped: Sequence[tuple[str, str]], files: int) -> None:
-    """One warning on stderr naming the first few files skipped under ``root``, and why, with the count."""
+    """One warning naming the first few files skipped under ``root``, and why, with the count."""
     if skipped:
         shown = "; ".join(f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p} ({reason})"
                           for p, reason in skipped[:SHOWN_SKIPPED])
@@ -379,15 +341,12 @@ def _from_cache(folder: Path, root: Path, memory_limit_bytes: int) -> Dataset:
     if len(labels) != len(images):
         raise ValueError(f"the dataset cache {folder} is damaged (labels and images differ); delete it and run again")
     splits = {name: Split(images[a:b], labels[a:b], mapped) for name, (a, b) in meta["bounds"].items()}
-    skipped = [tuple(s) for s in meta["skipped"]]
-    warn_skipped(root, skipped, meta["files"])
-    unreadable = [c for c, n in zip(meta["classes"], np.bincount(splits["train"].labels.numpy(),
-                                                                   minlength=len(meta["classes"]))) if n == 0]
-    if unreadable:
+    warn_skipped(root, meta["skipped"], meta["files"])
+    counts = np.bincount(splits["train"].labels.numpy(), minlength=len(meta["classes"]))
+    if unreadable := [c for c, n in zip(meta["classes"], counts) if n == 0]:
         raise UsageError(f"class {unreadable[0]} of {root} has no readable training image (its files were skipped, "
                          "see above); add images or remove the folder")
-    for name, split in splits.items():
-        if len(split) == 0:
-            raise UsageError(f"the {name} split of {root} holds no readable image; add images or change the fractions")
+    if empty := next((name for name, split in splits.items() if len(split) == 0), None):
+        raise UsageError(f"the {empty} split of {root} holds no readable image; add images or change the fractions")
     return Dataset(root.name, meta["classes"], splits["train"], splits["val"], splits["test"], str(root),
-                   skipped=len(skipped))
+                   skipped=len(meta["skipped"]))

@@ -1,14 +1,6 @@
-"""Class-folder image collections (ImageNet val, any ImageFolder) decoded once into uint8 crops for `zoo renorm
---data`: re-evaluating under many normalizations only changes ``(x - mean) / std``, applied on the device per batch.
-
-How folder names map to the model's classes, in this order:
-
-1. every folder is a WordNet synset id (``n01440764``): ImageNet's layout; the sorted
-   folders map by index to the model's classes, so there must be as many as classes;
-2. every folder names one of the model's classes (case, spaces and punctuation ignored:
-   ``T-shirt_top`` matches ``T-shirt/top``): by name, any subset of the classes;
-3. as many folders as classes: sorted folders map by index;
-4. otherwise: a UsageError that lists both.
+"""Class-folder images (ImageNet val, any ImageFolder) decoded once into uint8 crops for `zoo renorm --data`:
+re-evaluating under many normalizations only changes ``(x - mean) / std``, applied on the device per batch.
+Folders map to the model's classes by ImageNet synset index, by class name, or by sorted index (docs/renorm.md).
 """
 
 from __future__ import annotations
@@ -33,7 +25,7 @@ class LabelledFiles:
     root: Path
     files: list[Path]
     labels: torch.Tensor  # int64 [N], indices into the model's classes
-    class_mapping: str  # which rule of the module docstring applied
+    class_mapping: str  # which rule of map_folders applied
 
     def __len__(self) -> int:
         return len(self.files)
@@ -43,18 +35,15 @@ class LabelledFiles:
 
 
 def image_folder_root(path: str | Path) -> Path:
-    """The class folders to evaluate on: ``path``, ``path/val`` for torchvision's ``ImageNet`` layout (``meta.bin``
-    beside ``val/``), or the held-out split (validation first) of zoo train's ``train/`` layout."""
+    """The class folders to evaluate on: ``path``, ``path/val`` of torchvision's ``ImageNet`` root (``meta.bin``),
+    or the held-out split (validation first) of zoo train's ``train/`` layout."""
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"no such image folder: {root} (expected one sub-folder of images per class)")
     if (root / "meta.bin").is_file() and (root / "val").is_dir():
         return root / "val"
-    if any((root / name).is_dir() for name in SPLIT_FOLDERS["train"]):
-        held_out = [root / name for split in ("val", "test") for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
-        if held_out:
-            return held_out[0]
-    return root
+    held_out = [root / name for split in ("val", "test") for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
+    return held_out[0] if held_out and any((root / n).is_dir() for n in SPLIT_FOLDERS["train"]) else root
 
 
 def _key(name: str) -> str:
@@ -62,7 +51,8 @@ def _key(name: str) -> str:
 
 
 def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, int], str]:
-    """Folder name -> class index, and the rule used (see the module docstring)."""
+    """Folder name -> class index, and the rule used: all synset ids (ImageNet's sorted index), all class names (case
+    and punctuation ignored), as many folders as classes (sorted index), else a UsageError listing both."""
     folders = sorted(folders)
     if folders and all(SYNSET.match(f) for f in folders):
         if len(folders) != len(class_names):
@@ -85,8 +75,8 @@ def map_folders(folders: list[str], class_names: list[str]) -> tuple[dict[str, i
 
 
 def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tuple[LabelledFiles, list[str]]:
-    """Image files under ``path``'s class folders (listed as zoo train lists them) with their class index;
-    ``class_names`` None: the sorted folders. Other files are named in one warning."""
+    """Image files under ``path``'s class folders (as zoo train lists them) with their class index (``class_names``
+    None: the sorted folders); other files are named in one warning."""
     root = image_folder_root(path)
     folders, files, indices, others = class_files(root)
     if not folders:
@@ -104,8 +94,8 @@ def list_labelled_files(path: str | Path, class_names: list[str] | None) -> tupl
 def decode_crops(files: list[Path], *, resize: int, crop: int, workers: int = 0, memory_limit_bytes: int = 4 << 30,
                  spill_dir: str | Path | None = None, desc: str = "decoding",
                  skipped: list[tuple[str, str]] | None = None) -> torch.Tensor:
-    """uint8 ``[N, 3, crop, crop]``, above the limit in an unlinked memmap file in ``spill_dir`` (default: the temp
-    folder). An undecodable file is left out and, with ``skipped``, appended there as (path, reason)."""
+    """uint8 ``[N, 3, crop, crop]``, above the limit in an unlinked memmap in ``spill_dir`` (default: the temp folder);
+    an undecodable file is left out and, with ``skipped``, appended there as (path, reason)."""
     shape = (len(files), 3, crop, crop)
     if int(np.prod(shape)) <= memory_limit_bytes:
         out = np.empty(shape, dtype=np.uint8)
@@ -114,8 +104,7 @@ def decode_crops(files: list[Path], *, resize: int, crop: int, workers: int = 0,
         folder.mkdir(parents=True, exist_ok=True)
         # Unlinked at once: the mapping keeps the data until the crops are freed; nothing is left behind.
         out = np.memmap(tempfile.TemporaryFile(dir=folder), dtype=np.uint8, mode="w+", shape=shape)
-    # The one decoder (zoo/imaging.py), as `zoo classify` and the logged model decode: a model registered by
-    # `zoo renorm` is served with exactly the preprocessing it was scored with.
+    # The one decoder (zoo/imaging.py): a model registered by `zoo renorm` is served as it was scored.
     spec = DecodeSpec((3, crop, crop), resize=resize, max_pixels_hint="remove the file or resize it")
     kept, errors, _ = decode_files(out, [str(f) for f in files], spec, workers, desc)
     if skipped is not None:

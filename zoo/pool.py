@@ -1,8 +1,5 @@
-"""The one worker-pool mechanism: processes started by zoo.machine's fork policy, fed in order, a few items ahead.
-
-Used by `zoo classify` (serving/workers.py) and to decode image folders (folder_dataset, image_folder).
-Standard library only, imported lazily: `zoo classify x.onnx` needs it without torch.
-"""
+"""The one worker-pool mechanism (`zoo classify`, image folder decoding): processes started by zoo.machine's fork
+policy, fed in order, a few items ahead. Standard library only: `zoo classify x.onnx` needs it without torch."""
 
 from __future__ import annotations
 
@@ -29,15 +26,12 @@ def start_pool(processes: int) -> Executor:
     from concurrent.futures import ProcessPoolExecutor
 
     method = worker_start_method()
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    # Ctrl-C reaches the whole process group: the caller stops sending work, the workers finish theirs.
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method), initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))
     if method == "fork":
         pool.submit(int).result()
     return pool
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the caller stops sending work, the workers finish theirs.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def in_order(items: Iterable[T], job: Callable, pool: Executor | None = None, depth: int = 1) -> Iterator[tuple[T, object]]:
@@ -55,8 +49,7 @@ def in_order(items: Iterable[T], job: Callable, pool: Executor | None = None, de
             if len(pending) > depth:
                 item, future = pending.popleft()
                 yield item, future.result()
-        while pending:
-            item, future = pending.popleft()
+        for item, future in pending:
             yield item, future.result()
     except BrokenExecutor:
         raise WorkerDied("a worker process died (out of memory? killed?); what is above is complete: run again with "

@@ -32,7 +32,7 @@ def write_digit_images(images, labels, class_names: list[str], folder: Path) -> 
 def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment) -> None:
     """Train the MNIST CNN on real digits (mnist-5k), register, export to ONNX and classify held-out digits."""
     import mlflow
-    from serving.classify import classify, open_classifier
+    from serving.classify import classify_paths
     from zoo.model_format.onnx_graph import export_onnx
     from serving.loading import load_model
     from training.train import train
@@ -53,7 +53,7 @@ def demo(epochs, n_images, out_dir, registered_name, alias, data_dir, experiment
     test = dataset.test.subset(n_images)
     written = write_digit_images(test.images, test.labels, dataset.classes, out / "digits")
     click.echo("[4/4] classifying them with onnxruntime", err=True)
-    predictions = classify(open_classifier(str(report.path)), [p for p, _ in written], k=1)
+    predictions = [p for batch in classify_paths(str(report.path), [p for p, _ in written], k=1) for p in batch]
     correct = 0
     click.echo(f"{'image':<32}{'true':>5}{'predicted':>11}{'probability':>13}")
     for (path, truth), pred in zip(written, predictions):
