@@ -1,16 +1,12 @@
-"""What every finished epoch leaves behind (history, best epoch, metrics, checkpoints), the same for a lone run
-(training.train.fit) and for each member of a batched one (training.train_batch.fit_batch).
-
-The two epoch loops stay two: fit steps one network with any registry trainer (bf16 autocast, progress bar,
-resume, waiting for a server through an Outbox; one failure ends the run); fit_batch trains K networks as
-one stacked computation, drops a member that diverges or is pruned, logs to runs by id, and neither resumes
-nor waits (a study retries a failed trial from scratch).
+"""What every finished epoch leaves behind (history, best epoch, metrics, checkpoints), for training.train.fit and
+each member of training.train_batch.fit_batch. The loops stay two: fit resumes and waits for a server (one failure
+ends the run); fit_batch drops a member that diverges or is pruned and never resumes (a study retries the trial).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -21,14 +17,6 @@ from training.train_config import TrainConfig
 from zoo.normalization import Normalization
 
 
-class Weights(Protocol):
-    """A network, or one member of a batch seen as one (training.train_batch)."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
-
-
 class BestEpoch:
     """The epoch with the best validation accuracy, with a copy of its weights when ``keep_weights``."""
 
@@ -36,8 +24,7 @@ class BestEpoch:
         self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
         self.keep_weights = keep_weights
 
-    def update(self, result: EpochResult, network: Weights) -> bool:
-        """Record ``result`` if it is the best so far; returns whether it is."""
+    def update(self, result: EpochResult, network: Any) -> bool:  # a network, or a train_batch.Member
         if not result.val_accuracy > self.val_accuracy:
             return False
         self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
@@ -45,8 +32,8 @@ class BestEpoch:
             self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         return True
 
-    def restore(self, network: Weights, run_id: str | None = None) -> None:
-        """Put the best epoch's weights back and log which it was (to run ``run_id``, default the active run)."""
+    def restore(self, network: Any, run_id: str | None = None) -> None:
+        """Put the best epoch's weights back and log which it was."""
         if self.state is not None:
             network.load_state_dict(self.state)
             tracking.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
@@ -54,9 +41,9 @@ class BestEpoch:
 
 @dataclass
 class EpochBookkeeping:
-    """One run's record of its finished epochs; :meth:`record` after each."""
+    """One run's record of its finished epochs."""
 
-    network: Weights
+    network: Any  # state_dict() and load_state_dict(): a network, or a train_batch.Member
     config: TrainConfig
     normalization: Normalization
     generator: torch.Generator  # the shuffling generator, saved in the ``last`` checkpoint
@@ -68,7 +55,6 @@ class EpochBookkeeping:
     run_id: str | None = None  # None: the active run
 
     def record(self, result: EpochResult, seconds: float) -> None:
-        """Add ``result`` to the history and the best epoch, then log its metrics and checkpoints."""
         self.history.append(result)
         improved = self.best.update(result, self.network)
 
@@ -84,16 +70,16 @@ class EpochBookkeeping:
             log_epoch(result, seconds, states, self.outbox, self.run_id)
 
     def weights(self, epoch: int) -> dict[str, Any]:
-        """What every checkpoint holds: the weights and what they mean (all the ``best`` checkpoint holds)."""
+        """What every checkpoint holds (all the ``best`` one holds)."""
         return {"model": self.network.state_dict(), "epoch": epoch, "args": asdict(self.config),
                 "normalization": self.normalization.to_dict()}
 
 
 def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
               outbox: Outbox | None, run_id: str | None = None) -> None:
-    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises), to MLflow
-    or through ``outbox``, which keeps them while the server is away."""
-    metrics = {**result.metrics(), "epoch_seconds": seconds}
+    """An epoch's metrics, then its checkpoints unless check_finite raises, to MLflow or through ``outbox``."""
+    metrics = {**asdict(result), "epoch_seconds": seconds}
+    del metrics["epoch"]
     if outbox is None:
         tracking.log_metrics(metrics, step=result.epoch, run_id=run_id)
         check_finite(result)
@@ -108,7 +94,6 @@ def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str
 
 
 def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    """What the ``last`` checkpoint adds for a resume, besides the trainer's state."""
     state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
              "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
     if best.state is not None:
