@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,9 @@ def candidates(config: RenormConfig, channels: int) -> list[Candidate]:
     means, stds = grid_axis(config.grid_mean, "--grid-mean"), grid_axis(config.grid_std, "--grid-std")
     if (len(means) == 0) != (len(stds) == 0):
         raise UsageError("give both --grid-mean and --grid-std (LOW HIGH STEPS each), or neither")
-    for m in means:
-        for s in stds:
-            cell = (round(float(m), 6), round(float(s), 6))
-            out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
+    for m, s in itertools.product(means, stds):
+        cell = (round(float(m), 6), round(float(s), 6))
+        out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
     if not out:
         raise UsageError("nothing to evaluate: give --norm and/or --grid-mean/--grid-std")
     return out
@@ -120,10 +120,9 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
     if chosen is None:
         raise UsageError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
     adapt = config.register_adapt or next(a for a in REGISTER_ADAPT_PREFERENCE if a in config.adaptations)
-    if adapt not in ADAPTATIONS:
-        raise UsageError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
-    if adapt not in config.adaptations:
-        raise UsageError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
+    if adapt not in config.adaptations:  # config.adaptations are known ones by now
+        raise UsageError(f"--register-adapt {adapt} was not evaluated (evaluated: {', '.join(config.adaptations)}); "
+                         f"valid: {', '.join(ADAPTATIONS)}, each evaluated only when given with --adapt")
     return cands, chosen, adapt
 
 

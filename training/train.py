@@ -158,7 +158,6 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     """Train in a new run (or ``run_id``, from ``resume_from``) and log the model; a tracking server that goes away
     is waited for up to ``tracking_timeout`` s (training/outage.py)."""
     config = config.resolved()  # unknown model or model option: fail before any run exists
-    spec = config.spec()
     config.check_normalization()  # bad mean/std: same
     parse_image_size(config.image_size)  # bad --image-size: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
@@ -171,20 +170,18 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
         dataset = load_training_data(config)
     network = seeded_network(config, dataset)  # images too small for the architecture: same
     trainer_for(config, network)  # bad optimizer for the model: same
-    note = fitted_note(spec, dataset)
+    note = fitted_note(config.spec(), dataset)
     if note and run_id is None:
         tqdm.write(f"note: {note}", file=sys.stderr)
     normalization = config.normalization(dataset)
     if run_id is None:
         run_name = run_name or readable_run_name(config, normalization)
-    started: str | None = None
     outbox: Outbox | None = None
     try:
         with checkpoints.sigterm_as_interrupt(), tracking.start_run(
             experiment=experiment, run_name=run_name, run_id=run_id, tags=training_tags(config, normalization, "train"),
         ) as run:
-            started = run.info.run_id
-            outbox = Outbox(started, tracking_timeout)
+            outbox = Outbox(run.info.run_id, tracking_timeout)
             outbox.send()  # what a run stopped by an outage still held (see resume)
             if resume_from is None:
                 tracking.set_description(describe_training(config, normalization, dataset))
@@ -202,8 +199,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     except BaseException as exc:
         if outbox is not None:
             outbox.close()
-        if isinstance(exc, KeyboardInterrupt) and started is not None:
-            raise TrainingInterrupted(interrupted_message(started)) from None
+            if isinstance(exc, KeyboardInterrupt):
+                raise TrainingInterrupted(interrupted_message(outbox.run_id)) from None
         raise
     return result
 
@@ -249,7 +246,18 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     state = last_checkpoint(run_id)
     known = {f.name for f in fields(TrainConfig)}
     stored = TrainConfig(**{k: v for k, v in state["args"].items() if k in known})
-    check_same_training(run_id, stored, options)
+    fixed = {k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE}
+    wanted = replace(stored, **fixed).resolved()
+    differing = [
+        f"{_OPTION_NAMES.get(k, '--' + k.replace('_', '-'))} {getattr(wanted, k)} (the run has {getattr(stored, k)})"
+        for k in fixed if k not in ("mean", "std") and getattr(wanted, k) != getattr(stored, k)
+    ]
+    if {"mean", "std"} & fixed.keys() and (wanted.mean, wanted.std) != (stored.mean, stored.std) and (
+            AUTO in (wanted.mean, wanted.std, stored.mean, stored.std) or wanted.normalization() != stored.normalization()):
+        differing.append(f"--mean/--std {wanted.normalization()} (the run has {stored.normalization()})")
+    if differing:
+        raise UsageError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
+                         "Leave these options out to resume with the run's own, or start a new run")
     return replace(stored, **{k: v for k, v in options.items() if k in RESUME_MAY_CHANGE}), state
 
 
@@ -264,18 +272,3 @@ def last_checkpoint(run_id: str) -> dict[str, Any]:
         raise UsageError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
                          "was trained with --keep-checkpoints best or none); start a new run with zoo train")
     return tracking.load_checkpoint(run_id, last)
-
-
-def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any]) -> None:
-    fixed = {k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE}
-    wanted = replace(stored, **fixed).resolved()
-    differing = [
-        f"{_OPTION_NAMES.get(k, '--' + k.replace('_', '-'))} {getattr(wanted, k)} (the run has {getattr(stored, k)})"
-        for k in fixed if k not in ("mean", "std") and getattr(wanted, k) != getattr(stored, k)
-    ]
-    if {"mean", "std"} & fixed.keys() and (wanted.mean, wanted.std) != (stored.mean, stored.std) and (
-            AUTO in (wanted.mean, wanted.std, stored.mean, stored.std) or wanted.normalization() != stored.normalization()):
-        differing.append(f"--mean/--std {wanted.normalization()} (the run has {stored.normalization()})")
-    if differing:
-        raise UsageError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
-                         "Leave these options out to resume with the run's own, or start a new run")
