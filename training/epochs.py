@@ -51,52 +51,39 @@ class EpochBookkeeping:
     history: list[EpochResult]
     best: BestEpoch
     keep: frozenset[str]  # the checkpoints to keep (training.checkpoints.parse_keep)
-    outbox: Outbox | None = None  # see log_epoch
+    outbox: Outbox | None = None  # keeps the writes while the tracking server is away
     run_id: str | None = None  # None: the active run
 
     def record(self, result: EpochResult, seconds: float) -> None:
         self.history.append(result)
         improved = self.best.update(result, self.network)
 
+        metrics = {k: v for k, v in asdict(result).items() if k != "epoch"} | {"epoch_seconds": seconds}
+        best, outbox = self.best, self.outbox
+        resume = {"rng": checkpoints.rng_state(self.generator), "history": [asdict(r) for r in self.history],
+                  "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy},
+                  **({"best_model": best.state} if best.state is not None else {})}  # keep_best restores it
+
         def states() -> dict[str, dict[str, Any]]:
             return checkpoints.states_to_keep(
-                self.keep, result.epoch, improved,
-                full=lambda: {**self.weights(result.epoch), **self.trainer_state(),
-                              **resume_state(self.generator, self.history, self.best)},
-                weights=lambda: {**self.weights(result.epoch), "val_accuracy": result.val_accuracy},
-            )
+                self.keep, result.epoch, improved, full=lambda: {**self.weights(result.epoch), **self.trainer_state(), **resume},
+                weights=lambda: {**self.weights(result.epoch), "val_accuracy": result.val_accuracy})
 
-        with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
-            log_epoch(result, seconds, states, self.outbox, self.run_id)
+        # The metrics, then the checkpoints unless check_finite raises (both or neither), through the outbox if any.
+        with checkpoints.interrupts_held():
+            if outbox is None:
+                tracking.log_metrics(metrics, step=result.epoch, run_id=self.run_id)
+                check_finite(result)
+                tracking.log_checkpoints(states(), run_id=self.run_id)
+                return
+            outbox.add_metrics(metrics, step=result.epoch)
+            try:
+                check_finite(result)
+                outbox.add_checkpoints(states())
+            finally:
+                outbox.send()
 
     def weights(self, epoch: int) -> dict[str, Any]:
         """What every checkpoint holds (all the ``best`` one holds)."""
         return {"model": self.network.state_dict(), "epoch": epoch, "args": asdict(self.config),
                 "normalization": self.normalization.to_dict()}
-
-
-def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
-              outbox: Outbox | None, run_id: str | None = None) -> None:
-    """An epoch's metrics, then its checkpoints unless check_finite raises, to MLflow or through ``outbox``."""
-    metrics = {**asdict(result), "epoch_seconds": seconds}
-    del metrics["epoch"]
-    if outbox is None:
-        tracking.log_metrics(metrics, step=result.epoch, run_id=run_id)
-        check_finite(result)
-        tracking.log_checkpoints(states(), run_id=run_id)
-        return
-    outbox.add_metrics(metrics, step=result.epoch)
-    try:
-        check_finite(result)
-        outbox.add_checkpoints(states())
-    finally:
-        outbox.send()
-
-
-def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
-             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
-    if best.state is not None:
-        state["best_model"] = best.state  # keep_best restores it at the end
-    return state
-
