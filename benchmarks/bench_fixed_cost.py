@@ -36,7 +36,7 @@ WRAPPED = [
     ("training.engine", "run_epoch", "training (1 batch)"),
     ("training.train", "evaluate", "validation (6,000 images)"),
     ("training.train", "evaluate_predictions", "test (10,000 images)"),
-    ("training.train", "log_test_figures", "figures"),
+    ("training.train", "log_test_results", "test metrics and figures"),
     ("training.tracking", "write_checkpoints", "checkpoint"),  # zoo train keeps them locally (training/outage.py)
     ("training.tracking", "upload_checkpoints", "checkpoint"),  # then sends them
     ("training.tracking", "log_model", "log_model"),

@@ -1,16 +1,13 @@
-"""The one training loop and the one evaluation loop, shared by every model, and the trainers a registry entry
-names (``trainer``): "autograd", or "scratch" (the hand-written backpropagation of ``zoo.models.scratch_mlp``).
-
-Data stay uint8 on the device and are normalized per batch (zoo/data/__init__.py says why), so the same
-decoded tensors serve every normalization a study tries.
-"""
+"""The one training and evaluation loop, and the trainers a registry entry names: "autograd", or "scratch"
+(zoo.models.scratch_mlp's hand-written backpropagation). Data stay uint8 on the device, normalized per batch."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +21,12 @@ from zoo.normalization import Normalization
 
 OPTIMIZERS = ("adadelta", "sgd", "adam", "adamw")
 
-# Small enough that a convolution's output stays in the CPU's caches (benchmarks/bench_evaluation.py);
-# results depend on it only through float summation order.
-EVAL_BATCH_SIZE = 128
+EVAL_BATCH_SIZE = 128  # a convolution's output stays in the CPU's caches (benchmarks/bench_evaluation.py)
 
-# "bf16-mixed": the forward pass under bfloat16 autocast, weights and optimizer state in float32 (as
-# Lightning's). bfloat16 keeps 8 significant bits, coarser than one grey level under a small std, so
-# studies of the normalization itself train in fp32.
+# "bf16-mixed": the forward pass under bfloat16 autocast, weights and optimizer state in float32. bfloat16 is
+# coarser than one grey level under a small std, so studies of the normalization itself train in fp32.
 PRECISIONS = ("fp32", "bf16-mixed")
+BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # torch.cpu.get_capabilities keys (x86, ARM)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,63 +47,48 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16-mixed":
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported()
-        else:  # oneDNN's own check for AVX512-BF16 / AMX (a private op: where it is missing, say nothing)
-            is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-            native = device.type == "cpu" and (is_supported is None or is_supported())
+        else:  # torch.cpu.get_capabilities is newer than torch 2.4: where it is missing, say nothing
+            caps = getattr(torch.cpu, "get_capabilities", lambda: None)()
+            native = device.type == "cpu" and (caps is None or any(caps.get(k) for k in BF16_CPU_FEATURES))
         if not native:
             warnings.warn(f"bf16-mixed: this {device.type} has no native bfloat16 arithmetic, so it is emulated "
                           "and slower than fp32", stacklevel=2)
 
 
 def autocast(precision: str, device: torch.device):
-    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says at which epoch."""
+    """The loss became NaN or infinite."""
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
     name = name.lower()
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; only {', '.join(OPTIMIZERS)} are supported")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    optimizer = {"adadelta": torch.optim.Adadelta, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return optimizer(params, lr=lr, weight_decay=weight_decay)
+    optimizer = {"adadelta": torch.optim.Adadelta, "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return optimizer(params, lr=lr, weight_decay=weight_decay, **({"momentum": momentum} if name == "sgd" else {}))
 
 
 def splits_on(dataset: Dataset, device: torch.device) -> tuple[Split, Split, Split]:
-    """The train, val and test splits moved to ``device`` once (a memory-mapped split stays mapped on the CPU)."""
+    """The splits moved to ``device`` once (a memory-mapped split stays mapped on the CPU)."""
     return tuple(Split(s.images.to(device), s.labels.to(device), s.mapped and device.type == "cpu")
                  for s in (dataset.train, dataset.val, dataset.test))
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``split`` in order, or in a new random order drawn from ``generator``.
-
-    A shuffled epoch is gathered once into contiguous tensors, then sliced; a memory-mapped split is
-    gathered batch by batch, so that only one batch of it is ever read into memory.
-    """
+    """Batches of ``split`` in order, or shuffled by ``generator``: gathered once, or per batch when memory-mapped
+    (only one batch of it is then read into memory)."""
     images, labels = split.images, split.labels
     order = torch.randperm(len(split), generator=generator, device="cpu").to(images.device) if shuffle else None
-    if order is not None and split.mapped:
-        for start in range(0, len(labels), batch_size):
-            index = order[start : start + batch_size]
-            yield images[index], labels[index]
-        return
-    if order is not None:
-        images, labels = images[order], labels[order]
+    if order is not None and not split.mapped:
+        images, labels, order = images[order], labels[order], None
     for start in range(0, len(labels), batch_size):
-        yield images[start : start + batch_size], labels[start : start + batch_size]
-
-
-def score_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, in float32 (bf16-mixed logits are bfloat16); log_softmax outputs pass unchanged."""
-    return F.cross_entropy(output.float(), target)
+        rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+        yield images[rows], labels[rows]
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,24 +97,17 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([F.cross_entropy(x, labels, reduction="sum") for x in flat]).view(logits.shape[:-2])
 
 
-# One optimization step on a batch of normalized images; returns the batch's mean loss.
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def run_epoch(step: Step, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
-              on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
-    """One shuffled pass of ``step`` over ``split`` (every trainer's); returns the mean training loss."""
-    # Summed on the device and read once per epoch: loss.item() every batch would wait for the device.
-    total, count = torch.zeros((), dtype=torch.float64, device=split.images.device), 0
-    for i, (images, labels) in enumerate(batches(split, batch_size, shuffle=True, generator=generator)):
-        if max_batches is not None and i >= max_batches:
-            break
-        loss = step(normalization.apply(images), labels)
-        total.add_(loss.detach(), alpha=len(labels))
+def run_epoch(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], split: Split, batch_size: int,
+              generator: torch.Generator, on_batch: Callable[[int], None] | None = None,
+              max_batches: int | None = None) -> torch.Tensor:
+    """One shuffled pass of ``step(uint8 images, labels) -> mean loss`` (one per stacked member); the mean loss."""
+    total, count = torch.zeros((), dtype=torch.float64), 0  # on the device, read once: .item() per batch would wait
+    for images, labels in itertools.islice(batches(split, batch_size, shuffle=True, generator=generator), max_batches):
+        total = total + step(images, labels).detach().double() * len(labels)
         count += len(labels)
         if on_batch:
             on_batch(len(labels))
-    return total.item() / max(count, 1)
+    return total / max(count, 1)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, normalization: Normalization,
@@ -146,24 +119,20 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: S
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
-            loss = score_loss(model(images), labels)
+            loss = F.cross_entropy(model(normalization.apply(images)).float(), labels)  # float32: bf16 logits
         loss.backward()
         optimizer.step()
-        return loss.detach()
+        return loss
 
     model.train()
-    return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
+    return run_epoch(step, split, batch_size, generator, on_batch, max_batches).item()
 
 
 def evaluate_batches(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, batch_size: int = EVAL_BATCH_SIZE,
                      *, device: torch.device | None = None,
                      on_logits: Callable[[slice, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, ...]:
-    """The one evaluation loop: ``split`` in order, each uint8 batch moved to ``device`` (default: the split's)
-    and through ``forward`` to logits [..., N, classes], in inference mode; ``on_logits(rows, logits)`` sees them.
-
-    Returns the mean loss and the accuracy (float64, one per leading index: several stacked networks give
-    several) and the predicted classes [..., N] on the CPU, read back once rather than per batch.
-    """
+    """The one evaluation loop: uint8 batches moved to ``device`` and through ``forward`` to logits [..., N, classes].
+    Returns mean loss and accuracy (one per leading index) and the predictions [..., N] on the CPU."""
     device = device or split.images.device
     loss, correct, predictions = torch.zeros((), dtype=torch.float64, device=device), 0, []
     with torch.inference_mode():
@@ -185,15 +154,14 @@ def evaluate_batches(forward: Callable[[torch.Tensor], torch.Tensor], split: Spl
 
 def evaluate_predictions(model: nn.Module, split: Split, normalization: Normalization,
                          batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32") -> tuple[float, float, torch.Tensor]:
-    """Mean loss, accuracy (a fraction in [0, 1]) and the predicted class of every image (CPU) of ``model``."""
+    """Mean loss, accuracy in [0, 1] and every image's predicted class (CPU)."""
     device = split.images.device
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
             return model(normalization.apply(images))
 
-    # Channels-last weights while evaluating (oneDNN runs the MNIST CNN's inference faster so), converted
-    # back after and outside inference mode, so the same parameters train on.
+    # Channels-last while evaluating (oneDNN's faster layout), back after and outside inference mode, to train on.
     model.eval().to(memory_format=torch.channels_last)
     try:
         loss, accuracy, predicted = evaluate_batches(forward, split, batch_size)
@@ -204,7 +172,6 @@ def evaluate_predictions(model: nn.Module, split: Split, normalization: Normaliz
 
 def evaluate(model: nn.Module, split: Split, normalization: Normalization, batch_size: int = EVAL_BATCH_SIZE,
              precision: str = "fp32") -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on ``split``."""
     return evaluate_predictions(model, split, normalization, batch_size, precision)[:2]
 
 
@@ -215,9 +182,6 @@ class EpochResult:
     val_loss: float
     val_accuracy: float
 
-    def metrics(self) -> dict[str, float]:
-        return {"train_loss": self.train_loss, "val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
-
 
 def check_finite(result: EpochResult) -> None:
     if not all(math.isfinite(v) for v in (result.train_loss, result.val_loss)):
@@ -226,22 +190,8 @@ def check_finite(result: EpochResult) -> None:
         )
 
 
-class EpochTrainer(Protocol):
-    def train_epoch(self, split: Split, normalization: Normalization, batch_size: int, generator: torch.Generator,
-                    on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> float:
-        """One pass over ``split``; returns the mean training loss."""
-
-    def end_epoch(self) -> None:
-        """After validation: the learning-rate schedule."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpoint entries besides the weights (optimizer, lr_scheduler), for ``load_state_dict`` on resume."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
 class AutogradTrainer:
-    """train_one_epoch with one of make_optimizer's optimizers and a StepLR(step_size=1) schedule."""
+    """train_one_epoch with a make_optimizer optimizer and StepLR(step_size=1); every trainer has these four methods."""
 
     def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
                  precision: str = "fp32"):
@@ -265,7 +215,7 @@ class AutogradTrainer:
 
 
 class ScratchTrainer:
-    """Hand-written forward, backward and SGD step, no autograd (zoo.models.scratch_mlp)."""
+    """Hand-written forward, backward and SGD step (zoo.models.scratch_mlp)."""
 
     def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
                  precision: str = "fp32"):
@@ -282,12 +232,11 @@ class ScratchTrainer:
     @torch.no_grad()
     def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
         def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            zs, activations = self.network.layers(images)
+            zs, activations = self.network.layers(normalization.apply(images))
             self.sgd.step(self.network.gradients(activations, labels))
-            # Reported with the same cross-entropy of the scores as val_loss, so the curves compare.
-            return score_loss(zs[-1], labels)
+            return F.cross_entropy(zs[-1], labels)  # the val_loss measure, so the curves compare
 
-        return run_epoch(step, split, normalization, batch_size, generator, on_batch, max_batches)
+        return run_epoch(step, split, batch_size, generator, on_batch, max_batches).item()
 
     def end_epoch(self) -> None:
         self.sgd.lr *= self.gamma
@@ -305,8 +254,7 @@ class ScratchTrainer:
 TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}
 
 
-def make_trainer(name: str, network: nn.Module, **settings: Any) -> EpochTrainer:
-    """The trainer a registry entry names; ``settings``: optimizer, lr, gamma, weight_decay, momentum, precision."""
+def make_trainer(name: str, network: nn.Module, **settings: Any) -> AutogradTrainer | ScratchTrainer:
     if name not in TRAINERS:
         raise UsageError(f"unknown trainer {name!r}; valid trainers: {', '.join(sorted(TRAINERS))}")
     return TRAINERS[name](network, **settings)

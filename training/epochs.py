@@ -1,16 +1,12 @@
-"""What every finished epoch leaves behind (history, best epoch, metrics, checkpoints), the same for a lone run
-(training.train.fit) and for each member of a batched one (training.train_batch.fit_batch).
-
-The two epoch loops stay two: fit steps one network with any registry trainer (bf16 autocast, progress bar,
-resume, waiting for a server through an Outbox; one failure ends the run); fit_batch trains K networks as
-one stacked computation, drops a member that diverges or is pruned, logs to runs by id, and neither resumes
-nor waits (a study retries a failed trial from scratch).
+"""What every finished epoch leaves behind (history, best epoch, metrics, checkpoints), for training.train.fit and
+each member of training.train_batch.fit_batch. The loops stay two: fit resumes and waits for a server (one failure
+ends the run); fit_batch drops a member that diverges or is pruned and never resumes (a study retries the trial).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import mlflow
 import torch
@@ -22,14 +18,6 @@ from training.train_config import TrainConfig
 from zoo.normalization import Normalization
 
 
-class Weights(Protocol):
-    """A network, or one member of a batch seen as one (training.train_batch)."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
-
-
 class BestEpoch:
     """The epoch with the best validation accuracy, with a copy of its weights when ``keep_weights``."""
 
@@ -37,8 +25,7 @@ class BestEpoch:
         self.epoch, self.val_accuracy, self.state = 0, float("-inf"), None
         self.keep_weights = keep_weights
 
-    def update(self, result: EpochResult, network: Weights) -> bool:
-        """Record ``result`` if it is the best so far; returns whether it is."""
+    def update(self, result: EpochResult, network: Any) -> bool:  # a network, or a train_batch.Member
         if not result.val_accuracy > self.val_accuracy:
             return False
         self.epoch, self.val_accuracy = result.epoch, result.val_accuracy
@@ -46,8 +33,8 @@ class BestEpoch:
             self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         return True
 
-    def restore(self, network: Weights, run_id: str | None = None) -> None:
-        """Put the best epoch's weights back and log which it was (to run ``run_id``, default the active run)."""
+    def restore(self, network: Any, run_id: str | None = None) -> None:
+        """Put the best epoch's weights back and log which it was."""
         if self.state is not None:
             network.load_state_dict(self.state)
             mlflow.log_metrics({"best_epoch": self.epoch, "best_val_accuracy": self.val_accuracy}, run_id=run_id)
@@ -55,9 +42,9 @@ class BestEpoch:
 
 @dataclass
 class EpochBookkeeping:
-    """One run's record of its finished epochs; :meth:`record` after each."""
+    """One run's record of its finished epochs."""
 
-    network: Weights
+    network: Any  # state_dict() and load_state_dict(): a network, or a train_batch.Member
     config: TrainConfig
     normalization: Normalization
     generator: torch.Generator  # the shuffling generator, saved in the ``last`` checkpoint
@@ -65,54 +52,39 @@ class EpochBookkeeping:
     history: list[EpochResult]
     best: BestEpoch
     keep: frozenset[str]  # the checkpoints to keep (training.checkpoints.parse_keep)
-    outbox: Outbox | None = None  # see log_epoch
+    outbox: Outbox | None = None  # keeps the writes while the tracking server is away
     run_id: str | None = None  # None: the active run
 
     def record(self, result: EpochResult, seconds: float) -> None:
-        """Add ``result`` to the history and the best epoch, then log its metrics and checkpoints."""
         self.history.append(result)
         improved = self.best.update(result, self.network)
 
+        metrics = {k: v for k, v in asdict(result).items() if k != "epoch"} | {"epoch_seconds": seconds}
+        best, outbox = self.best, self.outbox
+        resume = {"rng": checkpoints.rng_state(self.generator), "history": [asdict(r) for r in self.history],
+                  "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy},
+                  **({"best_model": best.state} if best.state is not None else {})}  # keep_best restores it
+
         def states() -> dict[str, dict[str, Any]]:
             return checkpoints.states_to_keep(
-                self.keep, result.epoch, improved,
-                full=lambda: {**self.weights(result.epoch), **self.trainer_state(),
-                              **resume_state(self.generator, self.history, self.best)},
-                weights=lambda: {**self.weights(result.epoch), "val_accuracy": result.val_accuracy},
-            )
+                self.keep, result.epoch, improved, full=lambda: {**self.weights(result.epoch), **self.trainer_state(), **resume},
+                weights=lambda: {**self.weights(result.epoch), "val_accuracy": result.val_accuracy})
 
-        with checkpoints.interrupts_held():  # metrics and checkpoint of an epoch: both or neither
-            log_epoch(result, seconds, states, self.outbox, self.run_id)
+        # The metrics, then the checkpoints unless check_finite raises (both or neither), through the outbox if any.
+        with checkpoints.interrupts_held():
+            if outbox is None:
+                mlflow.log_metrics(metrics, step=result.epoch, run_id=self.run_id)
+                check_finite(result)
+                tracking.log_checkpoints(states(), run_id=self.run_id)
+                return
+            outbox.add_metrics(metrics, step=result.epoch)
+            try:
+                check_finite(result)
+                outbox.add_checkpoints(states())
+            finally:
+                outbox.send()
 
     def weights(self, epoch: int) -> dict[str, Any]:
-        """What every checkpoint holds: the weights and what they mean (all the ``best`` checkpoint holds)."""
+        """What every checkpoint holds (all the ``best`` one holds)."""
         return {"model": self.network.state_dict(), "epoch": epoch, "args": asdict(self.config),
                 "normalization": self.normalization.to_dict()}
-
-
-def log_epoch(result: EpochResult, seconds: float, states: Callable[[], dict[str, dict[str, Any]]],
-              outbox: Outbox | None, run_id: str | None = None) -> None:
-    """An epoch's metrics, then its checkpoints unless its loss is not finite (check_finite raises), to MLflow
-    or through ``outbox``, which keeps them while the server is away."""
-    metrics = {**result.metrics(), "epoch_seconds": seconds}
-    if outbox is None:
-        mlflow.log_metrics(metrics, step=result.epoch, run_id=run_id)
-        check_finite(result)
-        tracking.log_checkpoints(states(), run_id=run_id)
-        return
-    outbox.add_metrics(metrics, step=result.epoch)
-    try:
-        check_finite(result)
-        outbox.add_checkpoints(states())
-    finally:
-        outbox.send()
-
-
-def resume_state(generator: torch.Generator, history: list[EpochResult], best: BestEpoch) -> dict[str, Any]:
-    """What the ``last`` checkpoint adds for a resume, besides the trainer's state."""
-    state = {"rng": checkpoints.rng_state(generator), "history": [asdict(r) for r in history],
-             "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy}}
-    if best.state is not None:
-        state["best_model"] = best.state  # keep_best restores it at the end
-    return state
-

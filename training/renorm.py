@@ -1,23 +1,20 @@
-"""Re-evaluate a trained network under other input normalizations, as is and adapted to them (docs/renorm.md).
-
-One parent MLflow run (a CSV table, a top-1 heatmap per adaptation over the mean x std grid), one child run per
-(normalization, adaptation) with top1/top5, ``agreement`` (images keeping the unmodified network's top-1 class under
-its own normalization) and ``max_abs_logit_diff``. Adaptations, none retraining: ``none`` (the published protocol),
-``bn-recalibrate`` (BatchNorm statistics re-estimated on calibration images disjoint from the evaluation ones) and
-``fold`` (the first convolution rewritten to compute the same under the new normalization, borders included).
-"""
+"""Re-evaluate a trained network under other input normalizations, as is and adapted (docs/renorm.md): one parent
+run (CSV table, top-1 heatmaps over the mean x std grid), one child run per (normalization, adaptation). Adaptations
+retrain nothing: ``none``, ``bn-recalibrate`` (BatchNorm statistics re-estimated on separate calibration images),
+``fold`` (the first convolution rewritten to compute the same under the new normalization, borders included)."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import io
+import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
+import mlflow
 import torch
 from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
@@ -78,9 +75,6 @@ class RenormResult:
     model_uri: str | None = None
     source: Normalization | None = None
 
-    def top1(self, label: str, adaptation: str) -> float:
-        return next(r["top1"] for r in self.rows if r["normalization"] == label and r["adaptation"] == adaptation)
-
 
 def grid_axis(spec: tuple[float, float, int] | None, name: str) -> np.ndarray:
     if spec is None or int(spec[2]) == 0:
@@ -95,14 +89,13 @@ def grid_axis(spec: tuple[float, float, int] | None, name: str) -> np.ndarray:
 
 def candidates(config: RenormConfig, channels: int) -> list[Candidate]:
     """The explicit normalizations, then the grid cells (mean-major)."""
-    out = [Candidate(spec.strip().lower() if ":" not in spec else spec.strip(), parse_spec(spec, channels)) for spec in config.norms]
+    out = [Candidate(spec.strip() if ":" in spec else spec.strip().lower(), parse_spec(spec, channels)) for spec in config.norms]
     means, stds = grid_axis(config.grid_mean, "--grid-mean"), grid_axis(config.grid_std, "--grid-std")
     if (len(means) == 0) != (len(stds) == 0):
         raise UsageError("give both --grid-mean and --grid-std (LOW HIGH STEPS each), or neither")
-    for m in means:
-        for s in stds:
-            cell = (round(float(m), 6), round(float(s), 6))
-            out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
+    for m, s in itertools.product(means, stds):
+        cell = (round(float(m), 6), round(float(s), 6))
+        out.append(Candidate(f"grid {cell[0]:g}:{cell[1]:g}", Normalization.parse(cell[0], cell[1], channels), cell))
     if not out:
         raise UsageError("nothing to evaluate: give --norm and/or --grid-mean/--grid-std")
     return out
@@ -128,22 +121,20 @@ def check_config(config: RenormConfig, channels: int = 3) -> tuple[list[Candidat
     if chosen is None:
         raise UsageError(f"--register-norm {config.register_norm} is not among the evaluated normalizations; add it with --norm")
     adapt = config.register_adapt or next(a for a in REGISTER_ADAPT_PREFERENCE if a in config.adaptations)
-    if adapt not in ADAPTATIONS:
-        raise UsageError(f"unknown --register-adapt {adapt}; valid: {', '.join(ADAPTATIONS)}")
-    if adapt not in config.adaptations:
-        raise UsageError(f"--register-adapt {adapt} was not evaluated; add it with --adapt (evaluated: {', '.join(config.adaptations)})")
+    if adapt not in config.adaptations:  # config.adaptations are known ones by now
+        raise UsageError(f"--register-adapt {adapt} was not evaluated (evaluated: {', '.join(config.adaptations)}); "
+                         f"valid: {', '.join(ADAPTATIONS)}, each evaluated only when given with --adapt")
     return cands, chosen, adapt
 
 
 @dataclass
 class Crops(Split):
-    """uint8 [N, 3, crop, crop] crops, in memory or memmap-backed, and their labels."""
-
+    """uint8 [N, 3, crop, crop] crops (maybe memmap-backed) and their labels."""
     skipped: int = 0  # files that could not be decoded, left out
 
 
 def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[str]) -> tuple[LabelledFiles, LabelledFiles | None]:
-    """(evaluation, calibration) files; calibration images never overlap the evaluation images."""
+    """(evaluation, calibration) files, never overlapping."""
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(files), generator=generator)
     calibration = None
@@ -161,7 +152,7 @@ def split_files(config: RenormConfig, files: LabelledFiles, class_names: list[st
 
 
 def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, desc: str) -> Crops:
-    """The files' crops; unreadable files are left out with their labels, named in one warning and counted."""
+    """The files' crops; unreadable files are left out, named in one warning and counted."""
     skipped: list[tuple[str, str]] = []
     images = decode_crops(files.files, resize=resize, crop=crop, workers=config.workers, desc=desc, skipped=skipped,
                           memory_limit_bytes=int(config.memory_limit_gb * (1 << 30)), spill_dir=config.spill_dir)
@@ -175,8 +166,7 @@ def decode(config: RenormConfig, files: LabelledFiles, resize: int, crop: int, d
 
 def run_network(network: nn.Module, crops: Crops, normalization: Normalization, device: torch.device, batch_size: int,
                 desc: str, on_logits) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy and predictions of ``network`` under ``normalization`` (the uint8 crops moved to ``device``
-    per batch, by training.engine's evaluation loop); ``on_logits(rows, CPU float logits)`` sees each batch."""
+    """Top-1 accuracy and predictions; ``on_logits(rows, CPU float logits)`` sees each batch."""
     network.eval()
     with tqdm(total=len(crops.labels), unit="img", desc=desc, leave=False) as bar:
         def seen(rows: slice, logits: torch.Tensor) -> None:
@@ -204,7 +194,7 @@ def score(network: nn.Module, crops: Crops, normalization: Normalization, refere
 
 def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Normalization,
           calibration: Crops | None, device: torch.device, batch_size: int) -> nn.Module:
-    """``base`` itself for ``none``; otherwise an adapted copy (``base`` is never changed)."""
+    """``base`` itself for ``none``, else an adapted copy."""
     if adaptation == "none":
         return base
     network = copy.deepcopy(base)
@@ -218,8 +208,7 @@ def adapt(base: nn.Module, adaptation: str, source: Normalization, target: Norma
 
 @dataclass
 class Prepared:
-    """What the evaluations share: the network, its classes, the decoded crops, the device."""
-
+    """What the evaluations share."""
     config: RenormConfig
     pretrained: Pretrained
     class_names: list[str]
@@ -230,14 +219,11 @@ class Prepared:
     crop: int
     resize: int
     device: torch.device
-
-    @property
-    def source(self) -> Normalization:
-        return self.pretrained.normalization
+    source: Normalization  # what the weights were trained with
 
 
 def prepare(config: RenormConfig) -> Prepared:
-    """Load the weights, map the class folders, split off calibration images and decode everything once."""
+    """Load the weights, map the class folders, split off calibration images, decode everything once."""
     pretrained = load_pretrained(config.model, config.weights)
     if config.source_norm:
         pretrained.normalization = parse_spec(config.source_norm, 3)
@@ -254,7 +240,7 @@ def prepare(config: RenormConfig) -> Prepared:
     return Prepared(config, pretrained, class_names, files.class_mapping, str(files.root.resolve()),
                     evaluation=decode(config, eval_files, resize, crop, "decoding evaluation images"),
                     calibration=decode(config, calib_files, resize, crop, "decoding calibration images") if calib_files else None,
-                    crop=crop, resize=resize, device=device)
+                    crop=crop, resize=resize, device=device, source=pretrained.normalization)
 
 
 def parent_params(job: Prepared) -> dict[str, object]:
@@ -273,10 +259,10 @@ def parent_params(job: Prepared) -> dict[str, object]:
 
 
 def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: torch.Tensor, register: bool) -> dict:
-    """One child run (inside the active parent): adapt, score, log, and log/register the model if asked."""
+    """One child run of the active parent: adapt, score, log, and log/register the model if asked."""
     config, base = job.config, job.pretrained.network
     network = adapt(base, adaptation, job.source, cand.normalization, job.calibration, job.device, config.batch_size)
-    parent_id = mlflow.active_run().info.run_id
+    parent_id = tracking.mlflow.active_run().info.run_id
     tags = {tracking.KIND_TAG: "renorm-eval", "zoo.model": config.model, "zoo.weights": job.pretrained.weights,
             "zoo.normalization": cand.label, "zoo.adaptation": adaptation}
     with tracking.start_run(parent_run_id=parent_id, run_name=f"{adaptation} {cand.label}", tags=tags) as child:
@@ -303,7 +289,7 @@ def evaluate_pair(job: Prepared, cand: Candidate, adaptation: str, reference: to
 
 
 def warn_if_fold_inexact(metrics: dict[str, float], reference: torch.Tensor, what: str) -> None:
-    """fold must reproduce the reference; if not, the first Conv2d is probably not the network's first layer."""
+    """fold must reproduce the reference; if not, the first Conv2d is probably not the first layer."""
     limit = FOLD_TOLERANCE * float(reference.abs().max())
     if metrics["agreement"] < 1.0 or metrics["max_abs_logit_diff"] > limit:
         tqdm.write(f"warning: fold of {what} is not exact (agreement {metrics['agreement']:.4f}, max |logit difference| "
@@ -312,7 +298,6 @@ def warn_if_fold_inexact(metrics: dict[str, float], reference: torch.Tensor, wha
 
 
 def renorm(config: RenormConfig, *, experiment: str | None = None, run_name: str | None = None) -> RenormResult:
-    """Evaluate every (normalization, adaptation) pair in one parent run with a child run each."""
     cands, register_cand, register_adapt = check_config(config)
     job = prepare(config)
     tags = {tracking.KIND_TAG: "renorm", "zoo.model": config.model, "zoo.weights": job.pretrained.weights}
@@ -344,7 +329,7 @@ ADAPTATION_MEANING = {
 
 
 def describe_renorm(job: Prepared, rows: list[dict] | None = None) -> str:
-    """The parent run's description (markdown): what was re-evaluated on what, then top-1 per normalization."""
+    """The parent run's markdown description: what was re-evaluated on what, then top-1 per normalization."""
     config = job.config
     lines = [
         f"Re-evaluated the pretrained **{config.model}** (weights `{job.pretrained.weights}`, trained with "
@@ -366,7 +351,6 @@ def describe_renorm(job: Prepared, rows: list[dict] | None = None) -> str:
 
 
 def describe_evaluation(job: Prepared, cand: Candidate, adaptation: str, metrics: dict[str, float]) -> str:
-    """A child run's description: one normalization, one adaptation, and how the network did."""
     return (
         f"**{job.config.model}** (weights `{job.pretrained.weights}`, trained with {job.source}) evaluated with "
         f"input normalization **{cand.normalization}** ({cand.label}), adaptation **{adaptation}**: "
@@ -381,17 +365,13 @@ def _fmt_grid(spec: tuple[float, float, int] | None) -> str | None:
     return None if spec is None or int(spec[2]) == 0 else f"{spec[0]:g} {spec[1]:g} {int(spec[2])}"
 
 
-def results_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def log_summary(rows: list[dict], config: RenormConfig, num_classes: int) -> None:
     """On the parent run: the table, and per adaptation a grid heatmap and the grid's median top-1."""
-    mlflow.log_text(results_csv(rows), "renorm_results.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow.log_text(table.getvalue(), "renorm_results.csv")
     for adaptation in config.adaptations:
         cells = [r for r in rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
         if not cells:
@@ -399,31 +379,23 @@ def log_summary(rows: list[dict], config: RenormConfig, num_classes: int) -> Non
         mlflow.log_metrics({f"grid_median_top1_{adaptation}": float(np.median([r["top1"] for r in cells]))})
         figure = heatmap(cells, f"{config.model} top-1, adaptation: {adaptation} (chance {1 / num_classes:.1%})")
         mlflow.log_figure(figure, f"heatmap_top1_{adaptation}.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
 
 
 def heatmap(cells: list[dict], title: str):
-    """Top-1 (%) over the grid: mean on x, std on y, one annotated cell per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Top-1 (%) over the grid: mean on x, std on y, one annotated cell per evaluation (no pyplot state)."""
+    from matplotlib.figure import Figure
 
     means, stds = sorted({r["grid_mean"] for r in cells}), sorted({r["grid_std"] for r in cells})
     grid = np.full((len(stds), len(means)), np.nan)
     for r in cells:
         grid[stds.index(r["grid_std"]), means.index(r["grid_mean"])] = 100 * r["top1"]
-    figure, ax = plt.subplots(figsize=(1.1 * len(means) + 3, 0.8 * len(stds) + 2))
+    figure = Figure(figsize=(1.1 * len(means) + 3, 0.8 * len(stds) + 2), layout="tight")
+    ax = figure.add_subplot()
     image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 50 else "black", fontsize=8)
     ax.set_xticks(range(len(means)), [f"{m:.3g}" for m in means])
     ax.set_yticks(range(len(stds)), [f"{s:.3g}" for s in stds])
-    ax.set_xlabel("mean (all channels)")
-    ax.set_ylabel("std (all channels)")
-    ax.set_title(title)
+    ax.set(xlabel="mean (all channels)", ylabel="std (all channels)", title=title)
     figure.colorbar(image, ax=ax, label="top-1 accuracy (%)")
-    figure.tight_layout()
     return figure

@@ -21,7 +21,7 @@ from zoo.models.registry import create_model
 
 
 def as_rgb(split: Split, size: int) -> Split:
-    """Grayscale uint8 [N, 1, H, W] -> [N, 3, size, size], resized as the renorm job's decoder does (bilinear)."""
+    """Grayscale uint8 [N, 1, H, W] -> [N, 3, size, size], resized bilinearly as the renorm job's decoder does."""
     from torchvision.transforms import functional as F
 
     images = F.resize(split.images, [size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
@@ -31,8 +31,8 @@ def as_rgb(split: Split, size: int) -> Split:
 def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_images: int = 6000, epochs: int = 1,
                        size: int = 32, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, patience: int | None = None,
                        val_images: int = 1000, device: str = "cpu") -> tuple[nn.Module, float]:
-    """resnet18 trained with the project's loop, and its val accuracy. With ``patience``: up to ``epochs``, halving
-    the lr after each epoch without a better val accuracy, stopping after ``patience`` such, keeping the best."""
+    """resnet18 trained with the project's loop, and its val accuracy; with ``patience``, the lr halves after an epoch
+    without a better val accuracy, training stops after ``patience`` such and keeps the best."""
     torch.manual_seed(seed)
     target = torch.device(device)
     network = create_model("resnet18", num_classes=len(dataset.classes)).to(target)
@@ -59,7 +59,7 @@ def train_small_resnet(dataset: Dataset, normalization: Normalization, *, train_
 
 
 def save_checkpoint(network: nn.Module, normalization: Normalization, class_names: list[str], path: Path) -> Path:
-    """The checkpoint layout zoo.pretrained reads: the state dict with its normalization and class names."""
+    """The checkpoint layout zoo.pretrained reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": network.state_dict(), "normalization": normalization.to_dict(), "class_names": class_names}, path)
     return path
@@ -116,10 +116,9 @@ def main(out_dir, train_images, test_images, epochs, patience, val_images, size,
     click.echo("| normalization | none | bn-recalibrate | fold | fold agreement | fold max logit diff |")
     click.echo("|---|---|---|---|---|---|")
     for label in config.norms:
-        top1 = {a: result.top1(label, a) for a in config.adaptations}
-        fold = next(r for r in result.rows if r["normalization"] == label and r["adaptation"] == "fold")
-        click.echo(f"| {label} | {top1['none']:.4f} | {top1['bn-recalibrate']:.4f} | {top1['fold']:.4f} | "
-                   f"{fold['agreement']:.4f} | {fold['max_abs_logit_diff']:.2g} |")
+        row = {r["adaptation"]: r for r in result.rows if r["normalization"] == label}
+        click.echo(f"| {label} | " + " | ".join(f"{row[a]['top1']:.4f}" for a in config.adaptations)
+                   + f" | {row['fold']['agreement']:.4f} | {row['fold']['max_abs_logit_diff']:.2g} |")
     for adaptation in config.adaptations:
         cells = [r for r in result.rows if r["adaptation"] == adaptation and r["grid_mean"] is not None]
         if cells:

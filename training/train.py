@@ -1,11 +1,10 @@
-"""Train one model: one MLflow run with params, per-epoch metrics, checkpoints and the model; stop it
-cleanly and resume it."""
+"""Train one model into one MLflow run (params, per-epoch metrics, checkpoints, the model); stop and resume it."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import mlflow
@@ -15,7 +14,7 @@ from zoo.progress import tqdm  # plain lines when stderr is no terminal
 from training import checkpoints, registration, tracking
 from training.outage import Outbox, local_checkpoint
 from training.engine import (
-    EpochResult, EpochTrainer, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
+    EpochResult, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
 )
 from training.epochs import BestEpoch, EpochBookkeeping
 from training.train_config import (
@@ -23,7 +22,7 @@ from training.train_config import (
     short_normalization, training_tags,
 )
 from zoo.access import masked_url
-from zoo.data import Dataset, Split, load_dataset
+from zoo.data import Dataset, load_dataset
 from zoo.folder_dataset import parse_image_size
 from zoo.normalization import Normalization
 from zoo.models.registry import create_model
@@ -33,13 +32,13 @@ from zoo.errors import UsageError
 @dataclass
 class TrainResult:
     run_id: str
-    model_uri: str | None
-    network: torch.nn.Module
-    normalization: Normalization
-    class_names: list[str]
-    history: list[EpochResult]
-    test_loss: float
-    test_accuracy: float
+    model_uri: str | None = None
+    network: torch.nn.Module | None = None  # trained (CPU, eval mode)
+    normalization: Normalization | None = None
+    class_names: list[str] = field(default_factory=list)
+    history: list[EpochResult] = field(default_factory=list)
+    test_loss: float | None = None
+    test_accuracy: float | None = None
 
     @property
     def val_accuracy(self) -> float:
@@ -47,21 +46,19 @@ class TrainResult:
 
 
 def build_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
-    """``config``'s model fitted to ``dataset``'s images and classes (a ValueError when the images are too small)."""
+    """``config``'s model fitted to ``dataset`` (a ValueError when the images are too small)."""
     config = config.resolved()
     return create_model(config.model, input_shape=dataset.image_shape, num_classes=len(dataset.classes),
                         **config.model_config)
 
 
 def seeded_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
-    """The network a run starts from: its initial weights, and the global RNG stream after them (dropout),
-    follow from ``config.seed`` alone."""
+    """The network a run starts from: its weights and the RNG stream after them (dropout) follow from the seed."""
     torch.manual_seed(config.seed)
     return build_network(config, dataset)
 
 
-def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
-    """The trainer ``config``'s model names in the registry, with its optimizer settings."""
+def trainer_for(config: TrainConfig, network: torch.nn.Module):
     config = config.resolved()
     return make_trainer(
         config.spec().trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
@@ -72,11 +69,8 @@ def trainer_for(config: TrainConfig, network: torch.nn.Module) -> EpochTrainer:
 def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResult], None] | None = None,
         resume: dict[str, Any] | None = None, outbox: Outbox | None = None,
         network: torch.nn.Module | None = None) -> TrainResult:
-    """Train inside the active MLflow run: params, per-epoch metrics and checkpoints, test metrics (not the model).
-
-    ``on_epoch`` follows each epoch's logging (a study prunes from it); ``resume`` (a ``last`` checkpoint)
-    continues after its epoch; through ``outbox``, training goes on while the tracking server is away.
-    """
+    """Train inside the active run, logging all but the model; ``on_epoch`` follows each epoch's logging (a study
+    prunes there), ``resume`` is a ``last`` checkpoint, ``outbox`` keeps training while the server is away."""
     config = config.resolved()
     normalization = config.normalization(dataset)
     device = resolve_device(config.device)
@@ -85,7 +79,6 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
         patiently(outbox, tracking.log_dataset_inputs, dataset.name, dataset.source,
                   {"train": dataset.train, "validation": dataset.val, "test": dataset.test})
 
-    # A network given (train's, checked before the run) comes from seeded_network, nothing drawn since.
     network = (network if network is not None else seeded_network(config, dataset)).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     trainer = trainer_for(config, network)
@@ -93,8 +86,13 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
 
     history: list[EpochResult] = []
     best = BestEpoch(keep_weights=config.keep_best)
-    if resume is not None:
-        restore_training(resume, network, trainer, generator, history, best)
+    if resume is not None:  # a ``last`` checkpoint: weights, optimizer, scheduler, RNG states, history, best epoch
+        network.load_state_dict(resume["model"])
+        trainer.load_state_dict(resume)
+        checkpoints.restore_rng(resume["rng"], generator)
+        history.extend(EpochResult(**r) for r in resume["history"])
+        best.epoch, best.val_accuracy = resume["best"]["epoch"], resume["best"]["val_accuracy"]
+        best.state = resume.get("best_model")
     book = EpochBookkeeping(network, config, normalization, generator, trainer.state_dict, history, best,
                             config.kept_checkpoints(), outbox)
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
@@ -121,46 +119,28 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
         patiently(outbox, mlflow.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
     test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
     patiently(outbox, log_test_results, test_loss, test_accuracy, dataset, predicted, normalization, config)
-    run_id = mlflow.active_run().info.run_id
+    run_id = tracking.mlflow.active_run().info.run_id
     return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
 
 def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``call``, through ``outbox.patiently`` (waiting for a server that went away) when there is one."""
     return call(*args, **kwargs) if outbox is None else outbox.patiently(call, *args, **kwargs)
 
 
 def log_test_results(test_loss: float, test_accuracy: float, dataset: Dataset, predicted: torch.Tensor,
                      normalization: Normalization, config: TrainConfig, run_id: str | None = None) -> None:
-    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
-    log_test_figures(dataset.test, predicted, normalization, dataset.classes, config.model, config.dataset, run_id)
-
-
-def restore_training(state: dict[str, Any], network: torch.nn.Module, trainer: EpochTrainer, generator: torch.Generator,
-                     history: list[EpochResult], best: BestEpoch) -> None:
-    """Put a ``last`` checkpoint back: weights, optimizer, scheduler, RNG states, history and best epoch."""
-    network.load_state_dict(state["model"])
-    trainer.load_state_dict(state)
-    checkpoints.restore_rng(state["rng"], generator)
-    history.extend(EpochResult(**r) for r in state["history"])
-    best.epoch, best.val_accuracy = state["best"]["epoch"], state["best"]["val_accuracy"]
-    best.state = state.get("best_model")
-
-
-def log_test_figures(test: Split, predicted: torch.Tensor, normalization: Normalization, class_names: list[str],
-                     model: str, dataset: str, run_id: str | None = None) -> None:
-    """The test split's confusion matrix and misclassified images, titled short (every digit is in the params)."""
+    """Test metrics, the confusion matrix and the misclassified images, titled short (every digit is in the params)."""
     from training.figures import confusion_figure, misclassified_figure
 
-    labels = test.labels.cpu()
-    title = f"{model} on {dataset_label(dataset)} ({short_normalization(normalization, compact=True)})"
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, run_id=run_id)
     client, run_id = mlflow.MlflowClient(), run_id or mlflow.active_run().info.run_id
-    client.log_figure(run_id, confusion_figure(labels.numpy(), predicted.numpy(), class_names, title), FIGURES[0])
-    client.log_figure(run_id, misclassified_figure(test, predicted, class_names, title), FIGURES[1])
+    test, names = dataset.test, dataset.classes
+    title = f"{config.model} on {dataset_label(config.dataset)} ({short_normalization(normalization, compact=True)})"
+    client.log_figure(run_id, confusion_figure(test.labels.cpu().numpy(), predicted.numpy(), names, title), FIGURES[0])
+    client.log_figure(run_id, misclassified_figure(test, predicted, names, title), FIGURES[1])
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
-    """The dataset split the way ``config`` (resolved against its model's recipe) asks."""
     config = config.resolved()
     return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0,
                         test_fraction=config.test_fraction, image_size=parse_image_size(config.image_size),
@@ -170,17 +150,16 @@ def load_training_data(config: TrainConfig) -> Dataset:
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped training; the run ended KILLED, its checkpoints kept."""
 
-    complete_message = True  # it names the run and the command that continues it: no traceback hint (zoo/cli/main.py)
+    complete_message = True  # it names the command that continues: no traceback hint (zoo/cli/main.py)
 
 
 def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: str | None = None,
           run_name: str | None = None, register: str | None = None, alias: str | None = None, log_model: bool = True,
           run_id: str | None = None, resume_from: dict[str, Any] | None = None,
           tracking_timeout: float | None = None) -> TrainResult:
-    """Train ``config.model`` in a new MLflow run (or ``run_id``, resumed from ``resume_from``) and log the model;
-    a tracking server that goes away meanwhile is waited for up to ``tracking_timeout`` s (training/outage.py)."""
+    """Train in a new run (or ``run_id``, from ``resume_from``) and log the model; a tracking server that goes away
+    is waited for up to ``tracking_timeout`` s (training/outage.py)."""
     config = config.resolved()  # unknown model or model option: fail before any run exists
-    spec = config.spec()
     config.check_normalization()  # bad mean/std: same
     parse_image_size(config.image_size)  # bad --image-size: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
@@ -193,20 +172,18 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
         dataset = load_training_data(config)
     network = seeded_network(config, dataset)  # images too small for the architecture: same
     trainer_for(config, network)  # bad optimizer for the model: same
-    note = fitted_note(spec, dataset)
+    note = fitted_note(config.spec(), dataset)
     if note and run_id is None:
         tqdm.write(f"note: {note}", file=sys.stderr)
     normalization = config.normalization(dataset)
     if run_id is None:
         run_name = run_name or readable_run_name(config, normalization)
-    started: str | None = None
     outbox: Outbox | None = None
     try:
         with checkpoints.sigterm_as_interrupt(), tracking.start_run(
             experiment=experiment, run_name=run_name, run_id=run_id, tags=training_tags(config, normalization, "train"),
         ) as run:
-            started = run.info.run_id
-            outbox = Outbox(started, tracking_timeout)
+            outbox = Outbox(run.info.run_id, tracking_timeout)
             outbox.send()  # what a run stopped by an outage still held (see resume)
             if resume_from is None:
                 mlflow.set_tag(tracking.NOTE_TAG, describe_training(config, normalization, dataset))
@@ -224,8 +201,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     except BaseException as exc:
         if outbox is not None:
             outbox.close()
-        if isinstance(exc, KeyboardInterrupt) and started is not None:
-            raise TrainingInterrupted(interrupted_message(started)) from None
+            if isinstance(exc, KeyboardInterrupt):
+                raise TrainingInterrupted(interrupted_message(outbox.run_id)) from None
         raise
     return result
 
@@ -246,8 +223,8 @@ _OPTION_NAMES = {"model_config": "--model-opt", "max_batches": "--max-batches/--
 
 
 def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: Any) -> TrainResult:
-    """Continue run ``run_id`` from its last checkpoint with its own config; explicit ``options`` (TrainConfig
-    fields) must agree with it but for RESUME_MAY_CHANGE. ``train_kwargs`` go to :func:`train`."""
+    """Continue run ``run_id`` from its last checkpoint; ``options`` (TrainConfig fields) must agree with its config
+    but for RESUME_MAY_CHANGE."""
     config, state = config_to_resume(run_id, options or {})
     tqdm.write(f"resuming run {run_id} after epoch {state['epoch']} of {config.epochs}", file=sys.stderr)
     tracking.reopen_run(run_id)
@@ -255,7 +232,6 @@ def resume(run_id: str, options: dict[str, Any] | None = None, **train_kwargs: A
 
 
 def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """The run's config and ``last`` checkpoint, or a ValueError that says why the run cannot be resumed."""
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -274,25 +250,6 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     state = last_checkpoint(run_id)
     known = {f.name for f in fields(TrainConfig)}
     stored = TrainConfig(**{k: v for k, v in state["args"].items() if k in known})
-    check_same_training(run_id, stored, options)
-    return replace(stored, **{k: v for k, v in options.items() if k in RESUME_MAY_CHANGE}), state
-
-
-def last_checkpoint(run_id: str) -> dict[str, Any]:
-    """The run's ``last`` checkpoint: the one kept on this machine (never older than the server's), else the server's."""
-    kept = local_checkpoint(run_id)
-    if kept is not None:
-        tqdm.write(f"resuming from the checkpoint kept on this machine, {kept}", file=sys.stderr)
-        return torch.load(kept, map_location="cpu", weights_only=True)
-    last = checkpoints.checkpoint_path(checkpoints.LAST)
-    if last not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, tracking.CHECKPOINTS)}:
-        raise UsageError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
-                         "was trained with --keep-checkpoints best or none); start a new run with zoo train")
-    return tracking.load_checkpoint(run_id, last)
-
-
-def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any]) -> None:
-    """Refuse explicit options that contradict what run ``run_id`` trains."""
     fixed = {k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE}
     wanted = replace(stored, **fixed).resolved()
     differing = [
@@ -305,3 +262,17 @@ def check_same_training(run_id: str, stored: TrainConfig, options: dict[str, Any
     if differing:
         raise UsageError(f"run {run_id} was trained with other settings: {'; '.join(differing)}. "
                          "Leave these options out to resume with the run's own, or start a new run")
+    return replace(stored, **{k: v for k, v in options.items() if k in RESUME_MAY_CHANGE}), state
+
+
+def last_checkpoint(run_id: str) -> dict[str, Any]:
+    """The ``last`` checkpoint kept on this machine (never older than the server's), else the server's."""
+    kept = local_checkpoint(run_id)
+    if kept is not None:
+        tqdm.write(f"resuming from the checkpoint kept on this machine, {kept}", file=sys.stderr)
+        return torch.load(kept, map_location="cpu", weights_only=True)
+    last = checkpoints.checkpoint_path(checkpoints.LAST)
+    if last not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, tracking.CHECKPOINTS)}:
+        raise UsageError(f"run {run_id} has no {last} to resume from (it stopped before its first epoch ended, or "
+                         "was trained with --keep-checkpoints best or none); start a new run with zoo train")
+    return tracking.load_checkpoint(run_id, last)
