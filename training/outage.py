@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import mlflow
 import tenacity
 
 from training import tracking
@@ -125,7 +126,7 @@ class Patience(Outage):
     def __init__(self, timeout_s: float | None = None, then: str = "run the same command again") -> None:
         from urllib.parse import urlsplit
 
-        parts = urlsplit(tracking.tracking_uri())
+        parts = urlsplit(mlflow.get_tracking_uri())
         super().__init__(f"the MLflow tracking server at {parts.scheme}://{parts.hostname}"
                          + (f":{parts.port}" if parts.port else ""), timeout_s)
         self.then = then

@@ -243,8 +243,8 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
         for params in queued:  # processes started together would each queue the same points
             study.enqueue_trial(params, skip_if_exists=True)
     patience = Patience(config.tracking_timeout, RESUME_STUDY)
-    ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
-                       storage, patience=patience)
+    experiment = patience.patiently(lambda: MlflowClient().get_experiment(MlflowClient().get_run(parent).info.experiment_id))
+    ctx = TrialContext(config, dataset, parent, experiment.name, lock, storage, patience=patience)
     try:
         # SIGTERM (kill, a scheduler's limit) stops a study as Ctrl-C does: no trial is left RUNNING.
         with checkpoints.sigterm_as_interrupt(), _torch_threads(config.jobs), tqdm(
