@@ -128,18 +128,13 @@ def start_run(*, experiment: str | None = None, run_name: str | None = None, par
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag(FAILURE_TAG, "interrupted")
-        mlflow.end_run("KILLED")
-        print_run_link(run.info)
+        _end_active_run("KILLED", "interrupted", None)  # at once: Ctrl-C does not wait for a server
         raise
     except ServerGone:
         _drop_active_run()
         raise
-    except stopped as exc:
-        _end_active_run("KILLED", f"{type(exc).__name__}: {exc}", patiently)
-        raise
     except BaseException as exc:
-        _end_active_run("FAILED", f"{type(exc).__name__}: {exc}", patiently)
+        _end_active_run("KILLED" if isinstance(exc, stopped) else "FAILED", f"{type(exc).__name__}: {exc}", patiently)
         raise
     else:
         _end_active_run("FINISHED", None, patiently)
@@ -161,25 +156,16 @@ def print_run_link(run: RunInfo | str) -> None:
 
 
 def _end_active_run(status: str, reason: str | None, patiently: Callable[..., Any] | None) -> None:
-    if patiently is None:
-        if reason:
-            mlflow.set_tag(FAILURE_TAG, reason[:5000])
-        info = mlflow.active_run().info
-        mlflow.end_run(status)
-        print_run_link(info)
-        return
     # mlflow.end_run forgets the active run before it calls the server, so it cannot be retried:
-    # the server is told through the client, patiently, and only then is the run dropped here.
-    patiently(end_run_by_id, mlflow.active_run().info.run_id, status, reason)
+    # the server is told through the client (patiently, if given), and only then is the run dropped here.
+    (patiently or (lambda end, *args: end(*args)))(end_run_by_id, mlflow.active_run().info.run_id, status, reason)
     _drop_active_run(status)
 
 
 def _drop_active_run(status: str = "KILLED") -> None:
     """Forget the active run here: the server is away (the run stays RUNNING for --resume) or holds ``status``."""
-    try:
+    with suppress(MlflowException):
         mlflow.end_run(status)  # MLflow drops the active run before it calls the server
-    except MlflowException:
-        pass
 
 
 def experiment_id_for(name: str | None = None) -> str:
@@ -261,10 +247,8 @@ def default_experiment() -> str:
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
     if os.environ.get("MLFLOW_EXPERIMENT_ID", "0") != "0":
-        try:
+        with suppress(MlflowException):  # an id left over from another store
             return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
-        except MlflowException:  # an id left over from another store
-            pass
     return "zoo"
 
 
@@ -284,11 +268,9 @@ def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
 
 def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
               step: int = 0) -> None:
-    timestamp = int(time.time() * 1000)
-    MlflowClient().log_batch(
-        run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in (metrics or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
