@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,11 +44,9 @@ def worker_tags() -> dict[str, str]:
 
 def process_start(pid: int) -> str | None:
     """Process ``pid``'s starttime (/proc/PID/stat), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[22 - 3]  # field 22; the command name, spaces and all, ends at ")"
+    with suppress(OSError):  # field 22; the command name, spaces and all, ends at ")"
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[22 - 3]
+    return None
 
 
 def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
@@ -99,10 +97,8 @@ def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Calla
 @contextmanager
 def _handling(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterator[None]:
     """``handler`` for ``signals`` inside the block, on the main thread only (Python allows no other)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in signals}
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in signals} if main else {}
     try:
         yield
     finally:

@@ -31,8 +31,7 @@ from zoo import access
 
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
-# The MLflow 3.17 UI opens every experiment and run page in its GenAI view (a per-browser switch,
-# which ignores the experiment's mlflow.experimentKind tag) unless the address asks for this one.
+# MLflow 3.17's UI opens pages in its GenAI view (a per-browser switch) unless the address asks for this one.
 UI_VIEW = "?workflowType=machine_learning"
 KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
 PROJECT_RUN_TAG = "zoo.project_run_id"
@@ -45,7 +44,6 @@ RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry p
 
 class ServerGone(RuntimeError):
     """The tracking server stayed away past the bound (training.outage); what the run still had to send is on local disk."""
-
     complete_message = True  # it names the kept checkpoint and the command that finishes the run (zoo/cli/main.py)
 
 
@@ -67,9 +65,8 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
                             max_retries=0, raise_on_status=False)  # MLFLOW_HTTP_REQUEST_TIMEOUT: a busy server is slow
     if response.status_code == 403 and "Invalid Host header" in response.text:
-        name = urlsplit(mlflow.get_tracking_uri()).netloc.rpartition("@")[2]
         raise PermissionError(f"the MLflow tracking server at {server} refused the name it was reached by (403: Invalid "
-                              f"Host header): add {name} to its `mlflow server --allowed-hosts`")
+                              f"Host header): add {parts.netloc.rpartition('@')[2]} to its `mlflow server --allowed-hosts`")
     if response.status_code in (401, 403):
         raise PermissionError(access.tracking_refused(server, response.status_code, creds.username))
 
@@ -298,11 +295,10 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
 
 def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS, run_id: str | None = None) -> None:
     """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` in one upload, replacing a name logged before."""
-    if not states:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoints(states, Path(tmp))
-        mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
+    if states:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoints(states, Path(tmp))
+            mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
 
 
 def write_checkpoints(states: dict[str, dict[str, Any]], folder: Path) -> None:

@@ -30,16 +30,14 @@ def _tested_network(run_id: str, config: StudyConfig, dataset: Dataset) -> tuple
 
 def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyConfig, dataset: Dataset) -> str | None:
     """Log the best trial's network, rebuilt from its checkpoint, in its run; register it as ``config.register``."""
-    run_id = _best_run_id(study)
+    run_id, client = _best_run_id(study), mlflow.MlflowClient()
     if config.log_models == "none" or run_id is None:
         return None
-    best = study.best_trial
-    client = mlflow.MlflowClient()
     uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
     if uri is None:
         network, normalization = _tested_network(run_id, config, dataset)
         with tracking.start_run(run_id=run_id):
-            uri = log_trial_model(network, normalization, config, dataset, best.user_attrs.get("test_accuracy"),
+            uri = log_trial_model(network, normalization, config, dataset, study.best_trial.user_attrs.get("test_accuracy"),
                                    onnx=config.register is not None)
             mlflow.set_tag(MODEL_URI_TAG, uri)
     if config.register and client.get_run(parent_run_id).data.tags.get("zoo.registered_run_id") != run_id:
@@ -54,7 +52,7 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
 
 
 def _best_run_id(study: optuna.Study) -> str | None:
-    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return study.best_trial.user_attrs.get(RUN_ATTR) if complete else None
 
 
