@@ -160,13 +160,10 @@ def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
 
 def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
     """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
-    return {
-        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
-        "zoo.normalization": short_normalization(normalization),
-        "zoo.normalization_is_default": str(config.is_default(normalization)).lower(),
-        **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}),
-        **checkpoints.worker_tags(),
-    }
+    return {tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
+            "zoo.normalization": short_normalization(normalization),
+            "zoo.normalization_is_default": str(config.is_default(normalization)).lower(),
+            **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}), **checkpoints.worker_tags()}
 
 
 def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
