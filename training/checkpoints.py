@@ -1,10 +1,6 @@
-"""What a run's checkpoints hold, which are kept, who trains a run, and stopping a run cleanly.
-
-``--keep-checkpoints`` (comma-separated): ``last`` (everything ``--resume`` needs: weights, optimizer,
-scheduler, RNG states, epoch, config, history; overwritten every epoch), ``best`` (the weights of the
-best validation epoch), ``all`` (both plus ``epoch_NNN.pt`` per epoch), ``none``. Ctrl-C and SIGTERM
-both raise KeyboardInterrupt, held back while an epoch's metrics and checkpoints are written.
-"""
+"""Which checkpoints a run keeps (--keep-checkpoints: ``last``, all --resume needs, overwritten every
+epoch; ``best``, the best validation epoch's weights; ``all``, both plus ``epoch_NNN.pt``; ``none``), who
+trains a run, and stopping cleanly: SIGTERM acts as Ctrl-C, both held while an epoch is written."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import os
 import signal
 import socket
 import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,18 +26,14 @@ DEFAULT_KEEP = "last,best"
 
 
 def parse_keep(value: str) -> frozenset[str]:
-    """``"last,best"`` -> {"last", "best"}; ``"all"`` adds every epoch; ``"none"`` keeps nothing."""
     parts = {p.strip().lower() for p in value.split(",") if p.strip()}
     if not parts or not parts <= set(KEEP_CHOICES) or ("none" in parts and len(parts) > 1):
         raise UsageError(f"--keep-checkpoints {value!r} is not valid: give last, best, all or none, or a "
                          f"comma-separated list such as {DEFAULT_KEEP} (the default); see zoo train --help")
-    if "all" in parts:
-        return frozenset({LAST, BEST, EPOCHS})
-    return frozenset(parts - {"none"})
+    return frozenset({LAST, BEST, EPOCHS} if "all" in parts else parts - {"none"})
 
 
-def checkpoint_path(name: str) -> str:
-    """The artifact path of checkpoint ``name`` (last, best, epoch_003) in a run."""
+def checkpoint_path(name: str) -> str:  # last, best, epoch_003
     return f"{tracking.CHECKPOINTS}/{name}.pt"
 
 
@@ -51,17 +43,14 @@ def worker_tags() -> dict[str, str]:
 
 
 def process_start(pid: int) -> str | None:
-    """Process ``pid``'s starttime (/proc/PID/stat); None where it is gone or there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[22 - 3]  # field 22; the command name, spaces and all, ends at ")"
+    """Process ``pid``'s starttime (/proc/PID/stat), or None."""
+    with suppress(OSError):  # field 22; the command name, spaces and all, ends at ")"
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[22 - 3]
+    return None
 
 
 def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
-    """Whether ``worker`` (WORKER_TAG) is a live process on this machine other than this one, and the one that
-    ``started`` (WORKER_START_TAG) says, not a later one given its PID. Another machine's: False."""
+    """Whether ``worker`` (WORKER_TAG) is another live process on this machine, started when ``started`` says."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -77,7 +66,6 @@ def worker_alive_here(worker: str | None, started: str | None = None) -> bool:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """The RNG states a resumed run needs to draw the same batches and dropout masks."""
     state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -93,7 +81,7 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Callable[[], dict[str, Any]],
                    weights: Callable[[], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch`` (``improved``: the best val accuracy yet)."""
+    """``{name: state}`` of the checkpoints ``keep`` asks for after ``epoch``."""
     states: dict[str, dict[str, Any]] = {}
     if keep & {LAST, EPOCHS}:
         state = full()
@@ -106,17 +94,11 @@ def states_to_keep(keep: frozenset[str], epoch: int, improved: bool, full: Calla
     return states
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 @contextmanager
 def _handling(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterator[None]:
-    """``handler`` for ``signals`` inside the block; only the main thread may set one (trial threads go without)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in signals}
+    """``handler`` for ``signals`` inside the block, on the main thread only (Python allows no other)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in signals} if main else {}
     try:
         yield
     finally:
@@ -125,13 +107,13 @@ def _handling(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterato
 
 
 def sigterm_as_interrupt() -> AbstractContextManager[None]:
-    """SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the run ends KILLED, checkpoints kept."""
-    return _handling((signal.SIGTERM,), _interrupt)
+    """SIGTERM (kill, a scheduler's time limit) takes Ctrl-C's path: the run ends KILLED, checkpoints kept."""
+    return _handling((signal.SIGTERM,), signal.default_int_handler)
 
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while an epoch's metrics and checkpoints are written, then raise KeyboardInterrupt."""
+    """Hold Ctrl-C and SIGTERM while an epoch's metrics and checkpoints are written."""
     received: list[int] = []
     with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: received.append(signum)):
         yield

@@ -1,5 +1,4 @@
-"""Pictures runs log for the MLflow UI: matplotlib ``Figure``s built without pyplot, so no global
-figure state is shared between a study's trial threads and nothing needs closing."""
+"""Figures runs log, built without pyplot: no global state shared between threads, nothing to close."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ MISCLASSIFIED_SHOWN = 24  # images in the grid: enough to see a pattern, small e
 
 
 def confusion_figure(labels: np.ndarray, predicted: np.ndarray, class_names: list[str], title: str) -> Figure:
-    """Counts of true class (rows) against predicted class (columns); one imshow and a text per cell,
-    as scikit-learn's ConfusionMatrixDisplay draws it, without importing scikit-learn on every run."""
+    """True class (rows) against predicted (columns), as scikit-learn's ConfusionMatrixDisplay draws it."""
     n = len(class_names)
     counts = np.bincount(n * labels.astype(np.int64) + predicted.astype(np.int64), minlength=n * n).reshape(n, n)
     size = 3.0 + 0.45 * n
@@ -36,7 +34,7 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, class_names: lis
 
 def misclassified_figure(split: Split, predicted: torch.Tensor, class_names: list[str], title: str,
                          limit: int = MISCLASSIFIED_SHOWN) -> Figure:
-    """The first ``limit`` wrongly classified images labelled true/predicted, tiled into one imshow (not 24 subplots)."""
+    """The first ``limit`` misclassified images labelled true/predicted, tiled into one imshow."""
     from torchvision.utils import make_grid
 
     labels = split.labels.cpu()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
+import mlflow
 import tenacity
 
 from training import tracking
@@ -77,7 +78,7 @@ class Patience:
     def __init__(self, timeout_s: float | None = None, then: str = "run the same command again",
                  what: str | None = None) -> None:
         if what is None:
-            parts = urlsplit(tracking.tracking_uri())
+            parts = urlsplit(mlflow.get_tracking_uri())
             what = f"the MLflow tracking server at {parts.scheme}://{parts.hostname}" + (
                 f":{parts.port}" if parts.port else "")
         self.what, self.then = what, then

@@ -1,13 +1,11 @@
-"""Registering logged models in MLflow's model registry: names, aliases, version descriptions and tags,
-all from the logged model's metadata, so train, study and renorm register alike."""
+"""Registering logged models: names, aliases, descriptions and tags from the logged model's metadata,
+so train, study and renorm register alike."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import mlflow
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from zoo.normalization import Normalization
@@ -33,78 +31,41 @@ def register(model_uri: str, name: str, alias: str | None = None) -> int:
     """Register ``model_uri`` as a version of ``name``, described and tagged, ``alias`` pointing at it; the version.
     Safe to call again (a retry after an outage): the version made from ``model_uri`` is reused."""
     info = mlflow.models.get_model_info(model_uri)
-    metadata = info.metadata or {}
-    version = (existing_version(name, model_uri, info.run_id)
-               or mlflow.register_model(model_uri, name, tags=version_tags(metadata, info.run_id)))
-    client = MlflowClient()
-    client.update_model_version(name, version.version, description=version_description(metadata, info.run_id))
-    client.update_registered_model(name, description=registered_model_description(metadata, name, version.version, alias))
-    for key, value in registered_model_tags(metadata).items():
+    meta, run_id, client = info.metadata or {}, info.run_id, MlflowClient()
+    scored = next(((k, float(meta[k])) for k in ("test_accuracy", "top1") if meta.get(k) is not None), None)
+    normalization = str(Normalization.from_dict(meta["normalization"])) if "normalization" in meta else "unknown"
+    model, classes = meta.get("zoo_model", "unknown"), [str(c) for c in meta.get("class_names", [])]
+    shape = "x".join(map(str, meta.get("input_shape", [])))
+    if meta.get("dataset"):
+        source = f"trained on {meta['dataset']}"
+    elif meta.get("weights"):
+        evaluated = f", evaluated on {meta['eval_data']}" if meta.get("eval_data") else ""
+        source = f"pretrained weights {meta['weights']}, adapted by {meta.get('adaptation', 'none')}{evaluated}"
+    else:
+        source = "source unknown"
+    model_id = model_uri.rstrip("/").rpartition("/")[2]
+    escaped = name.replace("'", "\\'")
+    existing = run_id and next((v for v in client.search_model_versions(f"name = '{escaped}' and run_id = '{run_id}'")
+                                if model_id in (v.model_id, v.source.rpartition("/")[2]) and v.status == "READY"), None)
+    version = existing or mlflow.register_model(model_uri, name, tags={
+        "zoo_model": str(model), "dataset": str(meta.get("dataset") or meta.get("eval_data") or "unknown"),
+        "normalization": normalization, "source_run_id": str(run_id),
+        **({"weights": str(meta["weights"])} if meta.get("weights") else {}),
+        **({scored[0]: f"{scored[1]:.4f}"} if scored else {})})
+    score = f"{scored[0]} {scored[1]:.4f}" if scored else ""
+    client.update_model_version(name, version.version, description=(
+        f"{meta.get('zoo_model', 'model')} {source}, normalization {normalization} (inside the model)"
+        f"{'; ' + score if score else ''}. Logged by run {run_id}."))
+    pointer = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+    client.update_registered_model(name, description=(
+        f"{meta.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({', '.join(classes[:10])}"
+        f"{', ...' if len(classes) > 10 else ''}). Takes images (column 'image': PNG/JPEG bytes, base64 over REST) "
+        f"or pixels in [0, 1] (column 'pixels', {shape}); the normalization is inside the model. Answers label, "
+        f"probability and top-k.\n\nLatest version {version.version} ({pointer}): {source}, normalization "
+        f"{normalization}{', ' + score if score else ''}."))
+    for key, value in {"task": "image-classification", "zoo_model": str(model), "classes": str(len(classes)),
+                       "input": f"image bytes or pixels in [0, 1], {shape}"}.items():
         client.set_registered_model_tag(name, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
-
-
-def existing_version(name: str, model_uri: str, run_id: str | None) -> ModelVersion | None:
-    """The version of registered model ``name`` made from ``model_uri`` (``models:/m-...``), or None."""
-    if run_id is None:
-        return None
-    escaped = name.replace("'", "\\'")
-    model_id = model_uri.rstrip("/").rpartition("/")[2]
-    versions = MlflowClient().search_model_versions(f"name = '{escaped}' and run_id = '{run_id}'")
-    return next((v for v in versions if model_id in (v.model_id, v.source.rpartition("/")[2])
-                 and v.status == "READY"), None)
-
-
-def _accuracy(metadata: dict[str, Any]) -> tuple[str, float] | None:
-    """(metric name, value): a trained model's test accuracy, or a renormalized one's top-1 agreement."""
-    return next(((k, float(metadata[k])) for k in ("test_accuracy", "top1") if metadata.get(k) is not None), None)
-
-
-def _source(metadata: dict[str, Any]) -> str:
-    if metadata.get("dataset"):
-        return f"trained on {metadata['dataset']}"
-    if metadata.get("weights"):
-        evaluated = f", evaluated on {metadata['eval_data']}" if metadata.get("eval_data") else ""
-        return f"pretrained weights {metadata['weights']}, adapted by {metadata.get('adaptation', 'none')}{evaluated}"
-    return "source unknown"
-
-
-def _normalization_text(metadata: dict[str, Any]) -> str:
-    return str(Normalization.from_dict(metadata["normalization"])) if "normalization" in metadata else "unknown"
-
-
-def version_tags(metadata: dict[str, Any], run_id: str | None) -> dict[str, str]:
-    accuracy = _accuracy(metadata)
-    return {"zoo_model": str(metadata.get("zoo_model", "unknown")),
-            "dataset": str(metadata.get("dataset") or metadata.get("eval_data") or "unknown"),
-            "normalization": _normalization_text(metadata), "source_run_id": str(run_id),
-            **({"weights": str(metadata["weights"])} if metadata.get("weights") else {}),
-            **({accuracy[0]: f"{accuracy[1]:.4f}"} if accuracy else {})}
-
-
-def version_description(metadata: dict[str, Any], run_id: str | None) -> str:
-    accuracy = _accuracy(metadata)
-    scored = f"; {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
-    return (f"{metadata.get('zoo_model', 'model')} {_source(metadata)}, normalization {_normalization_text(metadata)} "
-            f"(inside the model){scored}. Logged by run {run_id}.")
-
-
-def registered_model_description(metadata: dict[str, Any], name: str, version: str, alias: str | None) -> str:
-    classes = [str(c) for c in metadata.get("class_names", [])]
-    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-    shape = "x".join(map(str, metadata.get("input_shape", [])))
-    accuracy = _accuracy(metadata)
-    scored = f", {accuracy[0]} {accuracy[1]:.4f}" if accuracy else ""
-    pointer = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    return (f"{metadata.get('zoo_model', 'A zoo')} image classifier, {len(classes)} classes ({shown}). "
-            f"Takes images (column 'image': PNG/JPEG bytes, base64 over REST) or pixels in [0, 1] "
-            f"(column 'pixels', {shape}); the normalization is inside the model. Answers label, probability and top-k.\n\n"
-            f"Latest version {version} ({pointer}): {_source(metadata)}, normalization {_normalization_text(metadata)}{scored}.")
-
-
-def registered_model_tags(metadata: dict[str, Any]) -> dict[str, str]:
-    return {"task": "image-classification", "zoo_model": str(metadata.get("zoo_model", "unknown")),
-            "input": "image bytes or pixels in [0, 1], " + "x".join(map(str, metadata.get("input_shape", []))),
-            "classes": str(len(metadata.get("class_names", [])))}

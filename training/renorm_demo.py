@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import mlflow
 import torch
 from torch import nn
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
-from training import tracking
 from training.engine import EpochResult, evaluate, make_optimizer, train_one_epoch
 from training.epochs import BestEpoch
 from zoo.access import masked_url
@@ -112,7 +112,7 @@ def main(out_dir, train_images, test_images, epochs, patience, val_images, size,
         resize=size, crop=size, workers=0, register=register, register_norm="0:1" if register else None, device=device,
     )
     result = renorm(config, run_name="renorm resnet18 fashion-mnist demo")
-    click.echo(f"parent run {result.parent_run_id} in {masked_url(tracking.tracking_uri())}")
+    click.echo(f"parent run {result.parent_run_id} in {masked_url(mlflow.get_tracking_uri())}")
     click.echo("| normalization | none | bn-recalibrate | fold | fold agreement | fold max logit diff |")
     click.echo("|---|---|---|---|---|---|")
     for label in config.norms:

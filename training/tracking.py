@@ -1,10 +1,6 @@
-"""Writing runs to MLflow where a call carries a decision: how a run starts and ends, its name and
-experiment, `mlflow run` linking, server and login probes, params that never change, checkpoints,
-dataset inputs and a model logged once per run. Plain writes call MLflow directly.
-
-MLflow's active run is thread-local: a study's trial threads start child runs with an explicit
-``parent_run_id`` (``nested=True`` alone would give orphans under threads).
-"""
+"""MLflow writes that carry a decision: how a run starts and ends, its name and experiment, `mlflow run`
+linking, server and login probes, params that never change, checkpoints, dataset inputs, a model logged
+once per run. Plain writes call MLflow directly."""
 
 from __future__ import annotations
 
@@ -14,7 +10,8 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,8 +31,7 @@ from zoo import access
 
 FAILURE_TAG = "zoo.failure"
 CHECKPOINTS = "checkpoints"  # the artifact folder of a run's checkpoints
-# The MLflow 3.17 UI opens every experiment and run page in its GenAI view (a per-browser switch,
-# which ignores the experiment's mlflow.experimentKind tag) unless the address asks for this one.
+# MLflow 3.17's UI opens pages in its GenAI view (a per-browser switch) unless the address asks for this one.
 UI_VIEW = "?workflowType=machine_learning"
 KIND_TAG = "zoo.kind"  # train, study, trial, renorm, renorm-eval; pointer: an `mlflow run` run pointing at ours
 PROJECT_RUN_TAG = "zoo.project_run_id"
@@ -46,22 +42,16 @@ NAME_DETAIL = " · "  # in a run name: what tells runs apart (model, normalizati
 RUN_LINKS_ENV = "ZOO_RUN_LINKS"  # "1": print_run_link prints (the `zoo` entry point decides, zoo/cli/main.py)
 
 
-def tracking_uri() -> str:  # outage.py's name for it
-    return mlflow.get_tracking_uri()
-
-
 class ServerGone(RuntimeError):
     """The tracking server stayed away past the bound (training.outage); what the run still had to send is on local disk."""
-
     complete_message = True  # it names the kept checkpoint and the command that finishes the run (zoo/cli/main.py)
 
 
 def check_tracking_server(timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the server, when an http(s) tracking URI does not answer or refuses the
-    credentials MLflow would send, before any training time is spent."""
+    """Fail in seconds, naming the server, when an http(s) tracking URI does not answer or refuses our login."""
     from mlflow.utils.rest_utils import http_request
 
-    parts = urlsplit(tracking_uri())
+    parts = urlsplit(mlflow.get_tracking_uri())
     if parts.scheme not in ("http", "https"):
         return
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -71,24 +61,20 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     except OSError as exc:
         raise ConnectionError(f"cannot reach the MLflow tracking server at {server} ({exc.strerror or exc}): check "
                               "that `mlflow server` runs there, or fix MLFLOW_TRACKING_URI") from None
-    creds = get_default_host_creds(tracking_uri())
+    creds = get_default_host_creds(mlflow.get_tracking_uri())
     response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
                             max_retries=0, raise_on_status=False)  # MLFLOW_HTTP_REQUEST_TIMEOUT: a busy server is slow
     if response.status_code == 403 and "Invalid Host header" in response.text:
-        name = urlsplit(tracking_uri()).netloc.rpartition("@")[2]
         raise PermissionError(f"the MLflow tracking server at {server} refused the name it was reached by (403: Invalid "
-                              f"Host header): add {name} to its `mlflow server --allowed-hosts`")
+                              f"Host header): add {parts.netloc.rpartition('@')[2]} to its `mlflow server --allowed-hosts`")
     if response.status_code in (401, 403):
         raise PermissionError(access.tracking_refused(server, response.status_code, creds.username))
 
 
 def check_can_write(experiment: str, registered_model: str | None = None) -> None:
-    """On a tracking server, one harmless write to ``experiment`` (its kind tag) and to ``registered_model``
-    (its description, set again), so that a login lacking EDIT on either fails in seconds, before any data
-    is loaded or any study is created, naming what to grant."""
-    from mlflow.exceptions import MlflowException
-
-    if not tracking_uri().startswith(("http:", "https:")):
+    """One harmless write to ``experiment`` and ``registered_model`` on a tracking server, so that a login
+    lacking EDIT fails in seconds, before any data is loaded, naming what to grant."""
+    if not mlflow.get_tracking_uri().startswith(("http:", "https:")):
         return
     client, what = MlflowClient(), f"experiment {experiment!r}"
     try:
@@ -104,7 +90,7 @@ def check_can_write(experiment: str, registered_model: str | None = None) -> Non
         if exc.get_http_status_code() != 403:
             raise
     # Raised past the except block: zoo.cli's generic 403 line would replace this one.
-    user = get_default_host_creds(tracking_uri()).username
+    user = get_default_host_creds(mlflow.get_tracking_uri()).username
     raise PermissionError(f"user {user!r} may not write {what} on the MLflow tracking server (403): ask its admin to "
                           "grant this user EDIT on it (a registered model: created by the admin first, docs/scaleout.md)")
 
@@ -114,13 +100,9 @@ def start_run(*, experiment: str | None = None, run_name: str | None = None, par
               run_id: str | None = None, tags: dict[str, str] | None = None,
               stopped: tuple[type[BaseException], ...] = (),
               patiently: Callable[..., Any] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A run that ends FINISHED, FAILED (the reason as a tag) or KILLED (Ctrl-C, or a ``stopped``
-    exception such as a pruned trial), never left RUNNING.
-
-    A new top-level ``run_name`` is made unique (:func:`unique_run_name`). Inside ``mlflow run``, the
-    project's run (MLFLOW_RUN_ID) is reused when it lies in our experiment, else pointed at ours.
-    ``patiently`` (``outage.Patience.patiently``) writes the run's end, waiting for a server that went away.
-    """
+    """A run that ends FINISHED, FAILED (reason tagged) or KILLED (Ctrl-C, a ``stopped`` exception), never RUNNING.
+    Inside ``mlflow run`` the project's run is reused when in our experiment, else pointed at ours;
+    ``patiently`` (outage.Patience) writes the run's end, waiting out a server that went away."""
     project_run_id, new_top_level = None, run_id is None and parent_run_id is None
     if new_top_level:
         project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -143,27 +125,21 @@ def start_run(*, experiment: str | None = None, run_name: str | None = None, par
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag(FAILURE_TAG, "interrupted")
-        mlflow.end_run("KILLED")
-        print_run_link(run.info)
+        _end_active_run("KILLED", "interrupted", None)  # at once: Ctrl-C does not wait for a server
         raise
     except ServerGone:
         _drop_active_run()
         raise
-    except stopped as exc:
-        _end_active_run("KILLED", f"{type(exc).__name__}: {exc}", patiently)
-        raise
     except BaseException as exc:
-        _end_active_run("FAILED", f"{type(exc).__name__}: {exc}", patiently)
+        _end_active_run("KILLED" if isinstance(exc, stopped) else "FAILED", f"{type(exc).__name__}: {exc}", patiently)
         raise
     else:
         _end_active_run("FINISHED", None, patiently)
 
 
 def print_run_link(run: RunInfo | str) -> None:
-    """MLflow's "View run NAME at: URL" lines, on stderr, with addresses that open the model-training view
-    (MLflow's own open 3.17's GenAI view, so the `zoo` entry point swaps them for these). Every run end calls it."""
-    uri = tracking_uri()
+    """MLflow's "View run NAME at: URL" lines on stderr, opening the model-training view (MLflow's open the GenAI one)."""
+    uri = mlflow.get_tracking_uri()
     if os.environ.get(RUN_LINKS_ENV) != "1" or not uri.startswith(("http://", "https://")):
         return
     if isinstance(run, str):  # as MLflow does, one lookup for the name (a run ended by id)
@@ -177,32 +153,21 @@ def print_run_link(run: RunInfo | str) -> None:
 
 
 def _end_active_run(status: str, reason: str | None, patiently: Callable[..., Any] | None) -> None:
-    if patiently is None:
-        if reason:
-            mlflow.set_tag(FAILURE_TAG, reason[:5000])
-        info = mlflow.active_run().info
-        mlflow.end_run(status)
-        print_run_link(info)
-        return
     # mlflow.end_run forgets the active run before it calls the server, so it cannot be retried:
-    # the server is told through the client, patiently, and only then is the run dropped here.
-    patiently(end_run_by_id, mlflow.active_run().info.run_id, status, reason)
+    # the server is told through the client (patiently, if given), and only then is the run dropped here.
+    (patiently or (lambda end, *args: end(*args)))(end_run_by_id, mlflow.active_run().info.run_id, status, reason)
     _drop_active_run(status)
 
 
 def _drop_active_run(status: str = "KILLED") -> None:
-    """Forget the active run here while the server is away (it stays RUNNING there, for `zoo train --resume`),
-    or once the server already holds its ``status``."""
-    try:
+    """Forget the active run here: the server is away (the run stays RUNNING for --resume) or holds ``status``."""
+    with suppress(MlflowException):
         mlflow.end_run(status)  # MLflow drops the active run before it calls the server
-    except MlflowException:
-        pass
 
 
 def experiment_id_for(name: str | None = None) -> str:
-    """The id of experiment ``name`` (default: :func:`default_experiment`), created if missing and tagged so
-    the UI opens it on its runs. Looked up by name each time: mlflow.set_experiment's cached id goes stale
-    when the tracking URI changes."""
+    """Experiment ``name``'s id, created and tagged for the runs view if needed; looked up each time
+    (mlflow.set_experiment's cached id goes stale when the tracking URI changes)."""
     name = name or default_experiment()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
@@ -217,13 +182,12 @@ def experiment_id_for(name: str | None = None) -> str:
 
 
 def is_project_run_here(run_id: str | None, experiment: str | None = None) -> bool:
-    """Whether the run ``mlflow run`` created (MLFLOW_RUN_ID) lies in ``experiment``, where our runs go
-    (``mlflow run`` files its run in ``Default`` unless told otherwise): only then is it logged into."""
+    """Whether `mlflow run`'s run (MLFLOW_RUN_ID) lies in ``experiment``: only then is it logged into."""
     return bool(run_id) and MlflowClient().get_run(run_id).info.experiment_id == experiment_id_for(experiment)
 
 
 def link_project_run(project_run_id: str, run_id: str) -> None:
-    """Point the run ``mlflow run`` created at ours and back; ours takes its source tags (entry point, git, user)."""
+    """Point `mlflow run`'s run at ours and back; ours takes its source tags (entry point, git, user)."""
     client = MlflowClient()
     project, ours = client.get_run(project_run_id), client.get_run(run_id)
     experiment = client.get_experiment(ours.info.experiment_id)
@@ -239,8 +203,7 @@ def link_project_run(project_run_id: str, run_id: str) -> None:
 
 
 def unique_run_name(experiment_id: str, name: str) -> str:
-    """``name``, or with ``#2``, ``#3``... when the experiment has it, put before NAME_DETAIL so the UI's
-    runs table (about 22 characters of a name) shows it: "mnist_cnn default #2 · mnist-5k 14ep s1"."""
+    """``name``, or with ``#2``, ``#3``... before NAME_DETAIL, where the UI's runs table shows it."""
     head, sep, detail = name.partition(NAME_DETAIL)
     escaped = head.replace("'", "\\'")
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{escaped}%'",
@@ -252,8 +215,7 @@ def unique_run_name(experiment_id: str, name: str) -> str:
 
 def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> str:
-    """A RUNNING run that is *not* the active run (a study's parent; trials trained together): its id.
-    End it with :func:`end_run_by_id`. A top-level run's name is made unique."""
+    """The id of a new RUNNING run that is not the active one (a study's parent, batched trials)."""
     experiment_id = experiment_id_for(experiment)
     if parent_run_id is None:
         run_name = unique_run_name(experiment_id, run_name)
@@ -263,7 +225,6 @@ def create_run(*, experiment: str, run_name: str, tags: dict[str, str] | None = 
 
 
 def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
-    """Set a run's final status (FINISHED, FAILED, KILLED), recording ``reason`` as a tag."""
     client = MlflowClient()
     if reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
@@ -272,7 +233,6 @@ def end_run_by_id(run_id: str, status: str, reason: str | None = None) -> None:
 
 
 def reopen_run(run_id: str) -> None:
-    """Mark a run RUNNING again (a resumed run or study parent), dropping the reason it stopped."""
     client = MlflowClient()
     if FAILURE_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
@@ -280,32 +240,23 @@ def reopen_run(run_id: str) -> None:
 
 
 def default_experiment() -> str:
-    """MLFLOW_EXPERIMENT_NAME / _ID when set, else ``zoo``. MLflow's ``Default`` (id 0) counts as unset:
-    `mlflow run` files its run there when nobody chose, which would split one user's results in two."""
+    """MLFLOW_EXPERIMENT_NAME / _ID, else ``zoo``; ``Default`` (id 0, where `mlflow run` goes unasked) counts as unset."""
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
     if os.environ.get("MLFLOW_EXPERIMENT_ID", "0") != "0":
-        try:
+        with suppress(MlflowException):  # an id left over from another store
             return MlflowClient().get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
-        except MlflowException:  # an id left over from another store
-            pass
     return "zoo"
 
 
-def run_experiment_name(run_id: str) -> str:
-    client = MlflowClient()
-    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
-
-
 def load_checkpoint(run_id: str, artifact_path: str) -> dict[str, Any]:
-    """A checkpoint written by :func:`log_checkpoints`, read back from the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
-    """Delete a run's checkpoints from its artifact store (local, mlflow-artifacts, S3, ...); a run without any is fine."""
+    """Delete a run's checkpoints from any artifact store; a run without any is fine."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     if MlflowClient().list_artifacts(run_id, artifact_path):
@@ -314,20 +265,14 @@ def delete_checkpoints(run_id: str, artifact_path: str = CHECKPOINTS) -> None:
 
 def log_batch(run_id: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
               step: int = 0) -> None:
-    """Metrics and tags of run ``run_id`` in one store call (one request to a tracking server)."""
-    timestamp = int(time.time() * 1000)
-    MlflowClient().log_batch(
-        run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in (metrics or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
-    """Log params (to the active run, or ``run_id``), never changing one the run already holds.
-
-    `mlflow run` logs an entry point's -P values as typed (mean=auto, a folder with a trailing slash);
-    MLflow refuses to change a param, so what zoo resolved them to goes beside: mean=auto, mean_resolved=0.1394.
-    """
+    """Log params never changing one the run holds: `mlflow run` logs -P values as typed, so what zoo
+    resolved goes beside (mean=auto, mean_resolved=0.1394)."""
     run_id = run_id or mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
     fresh = {}
@@ -338,8 +283,9 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
             if name not in existing:
                 fresh[name] = value
                 break
-            if _same_value(existing[name], value):
-                break
+            with suppress(TypeError, ValueError):
+                if existing[name] == str(value) or float(existing[name]) == float(value):
+                    break
         else:  # both taken with other values (a run resumed on other data): neither may change
             print(f"note: run {run_id} keeps its params {key}={existing[key]} and {name}={existing[name]}; "
                   f"this part of it used {value}", file=sys.stderr)
@@ -347,25 +293,16 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
         mlflow.log_params(fresh, run_id=run_id)
 
 
-def _same_value(logged: str, value: Any) -> bool:
-    try:
-        return logged == str(value) or float(logged) == float(value)
-    except (TypeError, ValueError):
-        return False
-
-
 def log_checkpoints(states: dict[str, dict[str, Any]], artifact_path: str = CHECKPOINTS, run_id: str | None = None) -> None:
-    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` of run ``run_id`` (default: the active run) in one
-    upload. Logging a name again replaces its file, so ``last`` and ``best`` each stay one file."""
-    if not states:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoints(states, Path(tmp))
-        mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
+    """Save each ``{name: state}`` as ``checkpoints/NAME.pt`` in one upload, replacing a name logged before."""
+    if states:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoints(states, Path(tmp))
+            mlflow.log_artifacts(tmp, artifact_path=artifact_path, run_id=run_id)
 
 
 def write_checkpoints(states: dict[str, dict[str, Any]], folder: Path) -> None:
-    """Save each ``{name: state}`` as ``folder/NAME.pt``; a state given under several names is serialized once."""
+    """Save each ``{name: state}`` as ``folder/NAME.pt``, a state under several names serialized once."""
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[int, Path] = {}
     for name, state in states.items():
@@ -378,22 +315,18 @@ def write_checkpoints(states: dict[str, dict[str, Any]], folder: Path) -> None:
 
 
 def upload_checkpoints(run_id: str, folder: Path, names: list[str]) -> None:
-    """Upload ``folder/NAME.pt`` for each of ``names`` as the run's ``checkpoints/NAME.pt`` (replacing it)."""
-    client = MlflowClient()
-    for name in names:
-        client.log_artifact(run_id, str(folder / f"{name}.pt"), artifact_path=CHECKPOINTS)
+    for name in names:  # replacing the run's checkpoints/NAME.pt
+        MlflowClient().log_artifact(run_id, str(folder / f"{name}.pt"), artifact_path=CHECKPOINTS)
 
 
 def log_metric_records(run_id: str, records: list[dict[str, Any]]) -> None:
-    """``{key, value, timestamp, step}`` records, in order (MLflow splits the batch). Resending is harmless:
-    MLflow's SQL store drops an exact duplicate, so a batch whose answer was lost is logged once."""
+    """``{key, value, timestamp, step}`` records in order; resending is harmless (the store drops exact duplicates)."""
     MlflowClient().log_batch(run_id, metrics=[Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
                                               for r in records])
 
 
 def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: str | None = None) -> None:
-    """Image splits (``{"train": split, ...}``, each with uint8 ``images`` and int ``labels``) as the run's
-    MLflow dataset inputs named NAME-CONTEXT, sourced from the file or folder the images came from."""
+    """Image splits (``{"train": split, ...}``) as the run's dataset inputs named NAME-CONTEXT."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -413,10 +346,7 @@ def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: s
 
 @lru_cache(maxsize=3)  # one dataset's train, validation and test splits
 def _mlflow_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str):
-    """A split's MLflow dataset (and digest), made once per process: every trial logs the same splits.
-    Tensors hash by identity, and the cache holds them, so an id is never reused here."""
-    import warnings
-
+    """A split's MLflow dataset, made once per process (tensors hash by identity; the cache holds them)."""
     with warnings.catch_warnings():  # MLflow 3.17 registers the local source type twice and says so
         warnings.simplefilter("ignore", UserWarning)
         return mlflow.data.from_numpy(images.cpu().numpy(), targets=labels.cpu().numpy(), source=source or None,
@@ -425,22 +355,16 @@ def _mlflow_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, nam
 
 def log_model(network: torch.nn.Module, *, registered_name: str | None = None, alias: str | None = None,
               **model: Any) -> str:
-    """Log ``network`` in the active run as a zoo model (``model``: mlflow_model.log_model's keywords),
-    registered as ``registered_name`` (``@alias``); its URI. Once per run: a retry after an outage
-    reuses the model and the version already made."""
-    run = mlflow.active_run()
-    uri = logged_model(run.info.run_id, run.info.experiment_id) or mlflow_model.log_model(
+    """Log ``network`` in the active run as a zoo model, registered as ``registered_name`` (``@alias``); its URI.
+    Once per run: a retry after an outage reuses the READY model (a cut-off upload stays PENDING)."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = mlflow.active_run().info
+    models = mlflow.search_logged_models(experiment_ids=[run.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run.run_id}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    uri = f"models:/{ready[0].model_id}" if ready else mlflow_model.log_model(
         network, registered_name=registered_name, **model)
     if registered_name:
         registration.register(uri, registered_name, alias)
     return uri
-
-
-def logged_model(run_id: str, experiment_id: str) -> str | None:
-    """``models:/m-...`` of the model run ``run_id`` logged completely (READY; a cut-off upload stays PENDING), or None."""
-    from mlflow.entities import LoggedModelStatus
-
-    models = mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                         output_format="list")
-    ready = [m for m in models if m.status == LoggedModelStatus.READY]
-    return f"models:/{ready[0].model_id}" if ready else None

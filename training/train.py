@@ -235,7 +235,7 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UsageError(f"no MLflow run {run_id!r} in {masked_url(tracking.tracking_uri())}; check the id (MLflow UI, "
+        raise UsageError(f"no MLflow run {run_id!r} in {masked_url(mlflow.get_tracking_uri())}; check the id (MLflow UI, "
                          "`mlflow runs list`) and MLFLOW_TRACKING_URI") from None
     if run.info.status == "FINISHED":
         raise UsageError(f"run {run_id} is FINISHED: there is nothing to resume; start a new run with zoo train")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
@@ -52,6 +52,9 @@ class TrainConfig:
     def spec(self) -> ModelSpec:
         return get_model_spec(self.model)
 
+    def is_default(self, normalization: Normalization) -> bool:
+        return normalization == self.spec().normalization.for_data(normalization.channels)
+
     def resolved(self) -> "TrainConfig":
         """A copy with every None setting taken from the model's recipe, and model_config typed and checked."""
         spec = self.spec()
@@ -63,15 +66,13 @@ class TrainConfig:
         return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
 
     def normalization(self, dataset: Dataset | None = None) -> Normalization:
-        """The model's default, the given values, or with ``auto`` the training split's statistics, for
-        ``dataset``'s channels (without it: as many as the model's default or the values given)."""
+        """The model's default, the given values, or with ``auto`` the training split's statistics."""
         given = [len(parse_floats(v, what)) for v, what in ((self.mean, "mean"), (self.std, "std")) if v not in (None, AUTO)]
         channels = dataset.image_shape[0] if dataset is not None else max([self.spec().channels, *given])
         default = self.spec().normalization.for_data(channels)
         if self.mean is None and self.std is None:
             return default
-        mean = self.mean if self.mean is not None else ",".join(map(str, default.mean))
-        std = self.std if self.std is not None else ",".join(map(str, default.std))
+        mean, std = (",".join(map(str, d)) if v is None else v for v, d in ((self.mean, default.mean), (self.std, default.std)))
         if AUTO in (mean, std):
             if dataset is None:
                 raise UsageError("--mean/--std auto is computed from the training data, which is not loaded yet")
@@ -90,26 +91,18 @@ class TrainConfig:
             Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
 
 
-class Tested(Protocol):
-    """A trained run's result (train.TrainResult, train_batch.MemberResult) as its description shows it."""
-
-    val_accuracy: float
-    test_accuracy: float
-
-
 def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
     """What changed in the architecture to fit the data (stderr and the run's description)."""
-    shape = dataset.image_shape
+    shape, size = dataset.image_shape, "x".join(map(str, dataset.image_shape))
     if shape == spec.input_shape and len(dataset.classes) == spec.num_classes:
         return None
-    return (f"{spec.name} built for {'x'.join(map(str, shape))} images and {len(dataset.classes)} classes (it was "
+    return (f"{spec.name} built for {size} images and {len(dataset.classes)} classes (it was "
             f"designed for {'x'.join(map(str, spec.input_shape))} and {spec.num_classes}): the first layer takes "
             f"{shape[0]} channel(s), the layers sized by the image follow its size, the last layer has "
             f"{len(dataset.classes)} outputs")
 
 
 def dataset_label(dataset: str) -> str:
-    """A dataset as names show it: a catalog name, or an image folder's own name."""
     return Path(dataset).name if os.sep in dataset else dataset
 
 
@@ -122,9 +115,9 @@ def run_params(config: TrainConfig, normalization: Normalization, dataset: Datas
     config = config.resolved()
     data = {} if dataset is None else {"image_shape": "x".join(map(str, dataset.image_shape)),
                                        "classes": len(dataset.classes), "skipped_files": dataset.skipped or None}
-    if AUTO in (config.mean, config.std):
-        data["normalization_from"] = "data"  # mean/std hold the statistics computed from the training split
     return {**{k: getattr(config, k) for k in PARAM_FIELDS}, **normalization.as_params(), **data,
+            # normalization_from=data: mean/std hold the training split's statistics
+            "normalization_from": "data" if AUTO in (config.mean, config.std) else None,
             "lr_gamma": config.gamma, **{f"model_{k}": v for k, v in config.model_config.items()}}
 
 
@@ -132,17 +125,15 @@ FIGURES = ("confusion_matrix.png", "misclassified.png")  # what every trained mo
 
 
 def short_normalization(normalization: Normalization, compact: bool = False) -> str:
-    """Mean/std as "0.1307/0.3081", per channel comma-separated when they differ; every digit (the tag
-    ``zoo.normalization``), or ``compact`` for names and titles: 4 digits, per channel 2 (".48,.46,.41/.23,.22,.23")."""
-
-    def exact(value: float) -> str:
-        return repr(value).removesuffix(".0")  # 0.5 and 1, as typed, not 1.0
+    """Mean/std as "0.1307/0.3081", per channel comma-separated when they differ: every digit (the tag
+    ``zoo.normalization``), or ``compact`` for names: 4 digits, per channel 2 (".48,.46,.41/.23,.22,.23")."""
 
     def values(numbers: tuple[float, ...]) -> str:
-        if len(set(numbers)) == 1:
-            return f"{numbers[0]:.4g}" if compact else exact(numbers[0])
-        if not compact:
-            return ",".join(map(exact, numbers))
+        numbers = numbers[:1] if len(set(numbers)) == 1 else numbers
+        if not compact:  # 0.5 and 1, as typed, not 1.0
+            return ",".join(repr(v).removesuffix(".0") for v in numbers)
+        if len(numbers) == 1:
+            return f"{numbers[0]:.4g}"
         return ",".join(f"{v:.2g}".replace("0.", ".", 1) if abs(v) < 1 else f"{v:.2g}" for v in numbers)
 
     return f"{values(normalization.mean)}/{values(normalization.std)}"
@@ -154,14 +145,14 @@ def normalization_word(config: TrainConfig, normalization: Normalization) -> str
         return AUTO
     if normalization == Normalization.identity(normalization.channels):
         return "none"
-    if normalization == config.spec().normalization.for_data(normalization.channels):
+    if config.is_default(normalization):
         return "default"
     return short_normalization(normalization, compact=True)
 
 
 def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
-    """Model and normalization first (the UI's runs table shows about 22 characters of a name), then after
-    tracking.NAME_DETAIL the dataset, epochs and seed: "mnist_cnn default · mnist-5k 14ep s1 [2 batches/epoch]"."""
+    """Model and normalization first (the UI's runs table shows about 22 characters), then the rest:
+    "mnist_cnn default · mnist-5k 14ep s1 [2 batches/epoch]"."""
     batches = f" {config.max_batches} batches/epoch" if config.max_batches else ""
     return (f"{config.model} {normalization_word(config, normalization)}{tracking.NAME_DETAIL}"
             f"{dataset_label(config.dataset)} {config.epochs}ep s{config.seed}{batches}")
@@ -169,20 +160,17 @@ def readable_run_name(config: TrainConfig, normalization: Normalization) -> str:
 
 def training_tags(config: TrainConfig, normalization: Normalization, kind: str) -> dict[str, str]:
     """Tags to filter and group runs by in the UI (``kind``: train or trial)."""
-    return {
-        tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
-        "zoo.normalization": short_normalization(normalization),
-        "zoo.normalization_is_default": str(normalization == config.spec().normalization.for_data(normalization.channels)).lower(),
-        **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}),
-        **checkpoints.worker_tags(),
-    }
+    return {tracking.KIND_TAG: kind, "zoo.model": config.model, "zoo.dataset": config.dataset,
+            "zoo.normalization": short_normalization(normalization),
+            "zoo.normalization_is_default": str(config.is_default(normalization)).lower(),
+            **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}), **checkpoints.worker_tags()}
 
 
 def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
-                      result: Tested | None = None) -> str:
+                      result: Any = None) -> str:
     """The run's description (markdown): what was trained, on what data, and the result once known."""
     config = config.resolved()
-    default = (" (the model's default)" if normalization == config.spec().normalization.for_data(normalization.channels)
+    default = (" (the model's default)" if config.is_default(normalization)
                else " (the training split's own statistics)" if AUTO in (config.mean, config.std) else "")
     batches = f", at most {config.max_batches} batches per epoch" if config.max_batches else ""
     skipped = f" ({dataset.skipped:,} unreadable files skipped)" if dataset.skipped else ""
@@ -199,13 +187,8 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
         + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
         "",
     ]
-    if result is None:
-        lines.append("**Result:** none yet (training, or stopped before the test evaluation).")
-    else:
-        lines += [
-            f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** "
-            f"(validation {100 * result.val_accuracy:.2f} % after the last epoch).",
-            "",
-            f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split).",
-        ]
-    return "\n".join(lines)
+    if result is None:  # result: train.TrainResult or train_batch.MemberResult
+        return "\n".join([*lines, "**Result:** none yet (training, or stopped before the test evaluation)."])
+    return "\n".join([*lines, f"**Result:** test accuracy **{100 * result.test_accuracy:.2f} %** (validation "
+                      f"{100 * result.val_accuracy:.2f} % after the last epoch).", "",
+                      f"Figures: {', '.join(f'`{f}`' for f in FIGURES)} (test split)."])

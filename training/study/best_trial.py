@@ -1,5 +1,4 @@
-"""What the best trial keeps: its checkpoints (every other finished trial loses its own, whichever
-process ran it) and, once the study ends, its network logged as an MLflow model and registered."""
+"""Only the best trial keeps its checkpoints and, once the study ends, has its network logged and registered."""
 
 from __future__ import annotations
 
@@ -30,18 +29,15 @@ def _tested_network(run_id: str, config: StudyConfig, dataset: Dataset) -> tuple
 
 
 def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyConfig, dataset: Dataset) -> str | None:
-    """Log the best trial's network (rebuilt from its checkpoint, whichever process ran it) in its child run
-    and register it with ``config.register``."""
-    run_id = _best_run_id(study)
+    """Log the best trial's network, rebuilt from its checkpoint, in its run; register it as ``config.register``."""
+    run_id, client = _best_run_id(study), mlflow.MlflowClient()
     if config.log_models == "none" or run_id is None:
         return None
-    best = study.best_trial
-    client = mlflow.MlflowClient()
     uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
     if uri is None:
         network, normalization = _tested_network(run_id, config, dataset)
         with tracking.start_run(run_id=run_id):
-            uri = log_trial_model(network, normalization, config, dataset, best.user_attrs.get("test_accuracy"),
+            uri = log_trial_model(network, normalization, config, dataset, study.best_trial.user_attrs.get("test_accuracy"),
                                    onnx=config.register is not None)
             mlflow.set_tag(MODEL_URI_TAG, uri)
     if config.register and client.get_run(parent_run_id).data.tags.get("zoo.registered_run_id") != run_id:
@@ -56,13 +52,12 @@ def publish_best_model(study: optuna.Study, parent_run_id: str, config: StudyCon
 
 
 def _best_run_id(study: optuna.Study) -> str | None:
-    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return study.best_trial.user_attrs.get(RUN_ATTR) if complete else None
 
 
 def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: TrialContext) -> None:
-    """Only the best trial keeps its checkpoints: a finished trial that is not the best loses them, and so does
-    the best it supersedes; other processes' leftovers go in :func:`sweep_checkpoints`."""
+    """Delete the checkpoints of a finished trial that is not the best, or of the best it supersedes."""
     run_id, best = trial.user_attrs.get(RUN_ATTR), _best_run_id(study)
     if run_id is None or not ctx.may_delete:
         return
@@ -81,8 +76,7 @@ def keep_best_trial_checkpoints(study: optuna.Study, trial: FrozenTrial, ctx: Tr
 
 
 def sweep_checkpoints(study: optuna.Study) -> None:
-    """Delete the checkpoints of every finished trial but the best (whichever process ran them).
-    A deletion that fails is reported, not raised: every trial is recorded, only disk is lost."""
+    """Delete the checkpoints of every finished trial but the best; a failure is reported, not raised."""
     best, kept, failure = _best_run_id(study), 0, None
     for trial in study.get_trials(deepcopy=False):
         run_id = trial.user_attrs.get(RUN_ATTR)
@@ -97,7 +91,6 @@ def sweep_checkpoints(study: optuna.Study) -> None:
 
 
 def _cleanup_failure(exc: Exception) -> str:
-    """Why deleting checkpoints failed, in one line; a locked server's 403 says which permission is missing."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "403" in reason:
         reason += (" (MLflow counts deleting artifacts as MANAGE: once the study is complete, the same command run "

@@ -1,5 +1,4 @@
-"""What a study is: StudyConfig and StudyResult, the names it stores, its samplers and suggestions, and
-which trials count as finished or collapsed."""
+"""What a study is: its config and result, the names it stores, samplers, suggestions, finished trials."""
 
 from __future__ import annotations
 
@@ -111,14 +110,11 @@ class StudyResult:
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # constant_liar: trials sampled while one runs go elsewhere
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":
-            # constant_liar: a running trial counts as a poor result, so trials sampled meanwhile go elsewhere.
-            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+        return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, scramble=True)}[name]()
 
 
 def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: int) -> Normalization:
@@ -134,8 +130,7 @@ def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: in
 
 def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, float]]:
     """``--enqueue MEAN STD`` pairs as Optuna params (outside the ranges too); ``auto``: the training split's statistics."""
-    out = []
-    channels = dataset.image_shape[0]
+    out, channels = [], dataset.image_shape[0]
     for mean, std in config.enqueue:
         norm = replace(config.train_config(), mean=mean, std=std).normalization(dataset)
         if config.per_channel and channels > 1:
@@ -152,17 +147,16 @@ def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, floa
 
 
 def is_finished(trial: FrozenTrial) -> bool:
-    """A trial whose result is known: complete, pruned, or diverged (a failure that is itself a result)."""
+    """Complete, pruned, or diverged (a failure that is itself a result)."""
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
         trial.state == TrialState.FAIL and trial.user_attrs.get(OUTCOME_ATTR) == "diverged")
 
 
 def count_trials(study: optuna.Study) -> tuple[int, int]:
-    """(finished, running) trials over every process working on the study."""
     trials = study.get_trials(deepcopy=False)
     return sum(map(is_finished, trials)), sum(t.state == TrialState.RUNNING for t in trials)
 
 
 def one_class_accuracy(split: Split) -> float:
-    """The accuracy of always predicting the most frequent class (1/classes on a balanced split)."""
+    """The accuracy of always predicting the most frequent class."""
     return float(split.labels.bincount().max()) / max(len(split), 1)

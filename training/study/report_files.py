@@ -1,5 +1,5 @@
 """A study's results as files for the docs (summary.md, trials.md, contour.png, accuracy_vs_normalization.png),
-read from the Optuna storage alone, so a running study works too (docs/study.md shows the command)."""
+read from the Optuna storage alone, so a running study works too."""
 
 from __future__ import annotations
 
@@ -26,12 +26,10 @@ def summary_markdown(study: optuna.Study, one_class: float, margin: float) -> st
         + " / ".join(f"{val[k]:.4f}" for k in ("median", "sd", "min", "max")) + " | "
         + " / ".join(f"{test[k]:.4f}" for k in ("median", "sd", "min", "max")) + f" | {np.median(durations):.0f} |",
     ]
-    enqueued = [t for t in complete if t.system_attrs.get("fixed_params")]
-    if enqueued:
+    if enqueued := [t for t in complete if t.system_attrs.get("fixed_params")]:
         lines += ["", "| enqueued normalization (mean / std) | val accuracy | rank among complete trials |",
-                  "|---|---:|---:|"]
-        lines += [f"| {t.params['mean']:g} / {t.params['std']:g} | {t.value:.4f} | "  # ties share the better rank
-                  f"{1 + sum(c.value > t.value for c in complete)} of {len(complete)} |" for t in enqueued]
+                  "|---|---:|---:|", *(f"| {t.params['mean']:g} / {t.params['std']:g} | {t.value:.4f} | "  # ties share the better rank
+                                      f"{1 + sum(c.value > t.value for c in complete)} of {len(complete)} |" for t in enqueued)]
     return "\n".join(lines) + "\n"
 
 
@@ -54,13 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     study = optuna.load_study(study_name=args.study_name, storage=args.storage)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.md").write_text(summary_markdown(study, args.one_class, args.collapse_margin))
+    summary = summary_markdown(study, args.one_class, args.collapse_margin)
+    (args.out / "summary.md").write_text(summary)
     (args.out / "trials.md").write_text(trials_markdown(study))
     figures = study_figures(study, args.one_class + args.collapse_margin)  # those the parent run logs
     for name in ("contour", "accuracy_vs_normalization"):
         if name in figures:
             figures[name].savefig(args.out / f"{name}.png", dpi=80)
-    print((args.out / "summary.md").read_text())
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -240,8 +240,8 @@ def run_study(config: StudyConfig, *, bar: bool = True) -> StudyResult:
         parent = ensure_parent_run(study, created, config, project_run_id, patience.patiently)
         for params in queued:  # processes started together would each queue the same points
             study.enqueue_trial(params, skip_if_exists=True)
-    ctx = TrialContext(config, dataset, parent, patience.patiently(tracking.run_experiment_name, parent), lock,
-                       storage, patience=patience)
+    experiment = patience.patiently(lambda: MlflowClient().get_experiment(MlflowClient().get_run(parent).info.experiment_id))
+    ctx = TrialContext(config, dataset, parent, experiment.name, lock, storage, patience=patience)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // config.jobs))  # the study's processes share the cores
     try:
