@@ -22,7 +22,7 @@ class ModelSpec:
     optimizer: str = "adadelta"
     lr: float = 1.0
     lr_gamma: float = 0.7  # StepLR(step_size=1) decay per epoch; 1.0 keeps lr constant
-    trainer: str = "autograd"  # or the name of a trainer of its own (training/trainers.py)
+    trainer: str = "autograd"  # or the name of a trainer of its own (training/engine.py)
     description: str = ""
     # Training defaults beyond the optimizer (batch_size, val_fraction, momentum, keep_best) for TrainConfig.
     recipe: dict[str, Any] = field(default_factory=dict)
