@@ -327,11 +327,11 @@ def log_metric_records(run_id: str, records: list[dict[str, Any]]) -> None:
 
 def log_dataset_inputs(name: str, source: str, splits: dict[str, Any], run_id: str | None = None) -> None:
     """Image splits (``{"train": split, ...}``) as the run's dataset inputs named NAME-CONTEXT."""
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     datasets = [_mlflow_dataset(split.images, split.labels, source, f"{name}-{context}") for context, split in splits.items()]
-    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    inputs = [DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for dataset, context in zip(datasets, splits)]
     run_id = run_id or mlflow.active_run().info.run_id
     try:
