@@ -10,16 +10,18 @@ from typing import Any
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
+from training.recipes import recipe_settings
 from zoo.data import Dataset
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
-from zoo.models.registry import ModelSpec, get_model_spec
+from zoo.folder_dataset import looks_like_folder
+from zoo.models.registry import TIMM_PREFIX, ModelSpec, get_model_spec
 from zoo.errors import UsageError
 
 AUTO = "auto"  # --mean/--std auto: the training split's per-channel statistics
 
 # Training settings a model's registry recipe may override (ModelSpec.recipe).
-RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False}
+RECIPE_DEFAULTS = {"batch_size": 64, "val_fraction": 0.1, "momentum": 0.0, "keep_best": False, "crop_mode": "squash"}
 
 
 @dataclass
@@ -33,7 +35,7 @@ class TrainConfig:
     optimizer: str | None = None
     lr: float | None = None
     gamma: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None here and below: the recipe's (training/recipes.py)
     momentum: float | None = None  # SGD momentum (ignored by the other optimizers)
     seed: int = 1
     device: str = "auto"
@@ -48,6 +50,20 @@ class TrainConfig:
     keep_checkpoints: str = DEFAULT_KEEP  # see training/checkpoints.py
     progress: bool = True
     model_config: dict = field(default_factory=dict)  # keyword arguments for the builder
+    recipe: str | None = None  # None: finetune from pretrained weights, light for folders and timm: models, else seed
+    schedule: str | None = None  # step (StepLR by gamma each epoch), cosine (warmup, then cosine), onecycle
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    ema: float | None = None  # decay of the weights' moving average; 0: off
+    patience: int | None = None  # early stopping: epochs without a better val_accuracy; 0: off
+    crop_pad: int | None = None  # random crop after zero padding by this many pixels
+    scale: str | None = None  # random resized crop area range "MIN,MAX"; "": off
+    hflip: float | None = None  # horizontal flip probability
+    aa: str | None = None  # trivialaugment, randaugment or none
+    reprob: float | None = None  # random erasing probability
+    mixup: float | None = None  # alpha; 0: off
+    cutmix: float | None = None  # alpha; 0: off
+    crop_mode: str | None = None  # image folders: squash (stretch, the default) or center (aspect kept)
 
     def spec(self) -> ModelSpec:
         return get_model_spec(self.model)
@@ -56,11 +72,15 @@ class TrainConfig:
         return normalization == self.spec().normalization.for_data(normalization.channels)
 
     def resolved(self) -> "TrainConfig":
-        """A copy with every None setting taken from the model's recipe, and model_config typed and checked."""
+        """A copy with every None setting taken from the named recipe, then the model's own, and model_config
+        typed and checked."""
         spec = self.spec()
-        recipe = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
-        unset = {k: v for k, v in recipe.items() if getattr(self, k) is None}
-        return replace(self, **unset, model_config=coerce_model_config(self.model, self.model_config))
+        model_config = coerce_model_config(self.model, self.model_config)
+        recipe = self.recipe or default_recipe(spec, self.dataset, model_config)
+        settings = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
+        settings |= recipe_settings(recipe, self.optimizer or settings["optimizer"])
+        unset = {k: v for k, v in settings.items() if getattr(self, k) is None}
+        return replace(self, **unset, recipe=recipe, model_config=model_config)
 
     def kept_checkpoints(self) -> frozenset[str]:
         return checkpoints.parse_keep(self.keep_checkpoints) if self.checkpoints else frozenset()
@@ -89,6 +109,15 @@ class TrainConfig:
             Normalization.parse(0.0, self.std, channels=len(parse_floats(self.std, "std")))
         elif self.mean not in (None, AUTO):
             Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
+
+
+def default_recipe(spec: ModelSpec, dataset: str, model_config: dict) -> str:
+    """finetune from pretrained weights, light for image folders and timm: models, else the seed protocols'."""
+    if spec.trainer != "autograd":
+        return "seed"  # a trainer of its own (scratch_mlp) trains the seed recipe only
+    if model_config.get("pretrained") or model_config.get("weights"):
+        return "finetune"
+    return "light" if looks_like_folder(dataset) or spec.name.startswith(TIMM_PREFIX) else "seed"
 
 
 def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
