@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -506,3 +507,68 @@ def test_decoding_workers_started_after_torch_loaded_are_spawned_not_forked(rgb_
     here = load_image_folder(rgb_folder, workers=0, cache_dir=tmp_path / "here")
     spawned = load_image_folder(rgb_folder, workers=2, cache_dir=tmp_path / "spawned")
     assert torch.equal(here.train.images, spawned.train.images) and torch.equal(here.test.labels, spawned.test.labels)
+
+
+# ---- crop mode center: the aspect kept, the same at train and serve time -------------------------------
+
+
+def wide_noise_folder(root: Path, count: int = 12) -> list[Path]:
+    """RGB PNGs of 80x40 (width x height) random pixels, two classes: stretching and cropping give other pixels."""
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (count, 3, 40, 80), dtype=np.uint8))
+    return write_folder(images, torch.arange(count) % 2, ["left", "right"], root)
+
+
+def every_image(data) -> set[bytes]:
+    return {image.numpy().tobytes() for split in (data.train, data.val, data.test) for image in split.images}
+
+
+def test_crop_mode_center_decodes_as_the_one_decoders_resize_in_a_cache_of_its_own(tmp_path):
+    from zoo.imaging import DecodeSpec, decode_batch
+
+    cache, root = tmp_path / "cache", tmp_path / "wide"
+    files = [str(f) for f in wide_noise_folder(root)]
+    center = load_image_folder(root, cache_dir=cache, image_size=(32, 32), crop_mode="center", progress=False)
+    cropped, errors = decode_batch(files, DecodeSpec((3, 32, 32), resize=32))  # shorter side to 32, center 32x32
+    stretched, _ = decode_batch(files, DecodeSpec((3, 32, 32)))
+    assert errors == [None] * len(files)
+    assert every_image(center) == {image.tobytes() for image in cropped}
+    squash = load_image_folder(root, cache_dir=cache, image_size=(32, 32), progress=False)  # squash: the default
+    assert every_image(squash) == {image.tobytes() for image in stretched} != every_image(center)
+    assert len(list(cache.glob("*/images.npy"))) == 2  # one cache each: neither mode replaces the other
+    again = load_image_folder(root, cache_dir=cache, image_size=(32, 32), crop_mode="center", progress=False)
+    assert every_image(again) == every_image(center) and len(list(cache.glob("*/images.npy"))) == 2
+    with pytest.raises(UsageError, match="unknown crop mode 'stretch'; valid: squash, center"):
+        load_image_folder(root, cache_dir=cache, crop_mode="stretch", progress=False)
+
+
+def test_a_model_trained_center_cropped_is_served_with_the_pixels_it_trained_on(tmp_path):
+    """The logged model records resize (zoo/model_format): pyfunc and zoo classify decode a training file into
+    the very tensor training saw, not a stretched one; squash, the default, logs none."""
+    import pandas as pd
+    from training.train import train
+    from training.train_config import TrainConfig
+    from zoo.imaging import DecodeSpec, decode_image
+
+    root = tmp_path / "wide"
+    files = wide_noise_folder(root)
+    config = TrainConfig(model="lenet5", dataset=str(root), epochs=1, max_batches=1, image_size="32", recipe="seed",
+                         checkpoints=False, progress=False)
+    result = train(replace(config, crop_mode="center"), register="wide", alias="center")
+    assert mlflow.models.get_model_info("models:/wide@center").metadata["resize"] == 32
+    trained = load_image_folder(root, image_size=(32, 32), crop_mode="center", progress=False).train.images[0]
+    spec = DecodeSpec((3, 32, 32), resize=32)
+    file = next(f for f in files if np.array_equal(decode_image(f, spec), trained.numpy()))
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    by_file = pd.DataFrame({"image": [file.read_bytes()]})
+    assert np.array_equal(model.unwrap_python_model().pixels_of(by_file)[0], trained.numpy() / np.float32(255))
+    by_pixels = model.predict(pd.DataFrame({"pixels": [trained.numpy() / np.float32(255)]}))
+    np.testing.assert_allclose(model.predict(by_file)["probability"], by_pixels["probability"], atol=1e-5)
+    classified = zoo("classify", "models:/wide@center", str(file), "--format", "json")
+    assert classified.exit_code == 0, classified.output
+    row = json.loads(classified.stdout)[0]
+    assert row["top"][0]["label"] == by_pixels["label"][0]
+    assert abs(row["top"][0]["probability"] - by_pixels["probability"][0]) < 1e-4
+    squash = train(config, register="wide", alias="squash")  # no crop mode: stretched, as before
+    assert "resize" not in mlflow.models.get_model_info("models:/wide@squash").metadata
+    assert squash.model_uri != result.model_uri

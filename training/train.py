@@ -23,7 +23,7 @@ from training.train_config import (
 )
 from zoo.access import masked_url
 from zoo.data import Dataset, load_dataset
-from zoo.folder_dataset import parse_image_size
+from zoo.folder_dataset import parse_image_size, served_resize
 from zoo.normalization import Normalization
 from zoo.models.registry import create_model
 from zoo.errors import UsageError
@@ -144,7 +144,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
     config = config.resolved()
     return load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction, seed=0,
                         test_fraction=config.test_fraction, image_size=parse_image_size(config.image_size),
-                        default_size=config.spec().input_shape[1:], progress=config.progress)
+                        default_size=config.spec().input_shape[1:], progress=config.progress, crop_mode=config.crop_mode)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -194,7 +194,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
                     tracking.log_model, result.network, model_name=config.model, normalization=result.normalization,
                     input_shape=dataset.image_shape, class_names=dataset.classes,
                     sample_images=dataset.test.images[:2], registered_name=register, alias=alias,
-                    dataset=config.dataset, test_accuracy=result.test_accuracy)
+                    dataset=config.dataset, test_accuracy=result.test_accuracy,
+                    resize=served_resize(config.dataset, config.crop_mode, dataset.image_shape))
         outbox.close()
     except tracking.ServerGone:
         raise  # the run's local folder stays: `zoo train --resume` reads it

@@ -37,6 +37,7 @@ CHUNK = 256  # files per task sent to a decoding process
 PARALLEL_FROM = 2048  # fewer files decode faster in this process than a pool starts
 SHOWN_SKIPPED = 5  # skipped files named in the warning
 GUESS_FROM = 64  # files whose headers give the shape of the first decoding pass
+CROP_MODES = ("squash", "center")  # stretch to the size; or keep the aspect: shorter side resized, center cropped
 
 
 def looks_like_folder(name: str) -> bool:
@@ -78,17 +79,20 @@ class _Listing:  # the folder's images in split order, before decoding
 def load_image_folder(path: str | Path, *, val_fraction: float = 0.1, test_fraction: float | None = None, seed: int = 0,
                       image_size: tuple[int, int] | None = None, default_size: tuple[int, int] = (28, 28),
                       cache_dir: str | Path | None = None, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
-                      workers: int | None = None, progress: bool = True) -> Dataset:
-    """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring)."""
+                      workers: int | None = None, progress: bool = True, crop_mode: str = "squash") -> Dataset:
+    """The folder at ``path`` as a :class:`zoo.data.Dataset` (see the module docstring), each image stretched to the
+    size (``crop_mode`` squash) or resized and center-cropped as :func:`center_resize` says (center)."""
+    if crop_mode not in CROP_MODES:
+        raise UsageError(f"unknown crop mode {crop_mode!r}; valid: {', '.join(CROP_MODES)}")
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     listing = list_folder(Path(path).expanduser(), val_fraction, test_fraction, seed)
     cache = Path(cache_dir) if cache_dir else zoo_cache_dir("datasets")
     # What the folder's earlier caches share with this one: the same folder, split the same way.
     source = {"root": str(listing.root), "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
     size = image_size or _size_found(cache, listing, default_size)
-    folder = cache_folder(cache, listing, size) if size else None
+    folder = cache_folder(cache, listing, size, crop_mode) if size else None
     if folder is None or not (folder / "meta.json").is_file():
-        folder = _decode_into(cache, listing, size, default_size, workers, progress, source)
+        folder = _decode_into(cache, listing, size, default_size, workers, progress, source, crop_mode)
     return _from_cache(folder, listing.root, memory_limit_bytes)
 
 
@@ -193,14 +197,33 @@ def _check_classes(root: Path, layout: dict[str, Path], per_split: dict, classes
                              "add images or remove the folder")
 
 
-def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None) -> Path:
-    """Where this listing decoded at ``image_size`` is cached: a digest of every file's relative path, size and
-    modification time, in split order, and of the size (``None``: the record of the images' own size)."""
-    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "image_size": image_size and list(image_size),
-                                        "bounds": listing.bounds, "classes": listing.classes}).encode())
+def center_resize(image_size: Sequence[int]) -> int:
+    """Crop mode center's shorter side for an HxW target: the longer of the two, so the crop always fits in the
+    image (torchvision's Resize(R) then CenterCrop((H, W)); the logged model's ``resize``)."""
+    return max(image_size)
+
+
+def served_resize(dataset: str, crop_mode: str, image_shape: Sequence[int]) -> int | None:
+    """The logged model's ``resize`` (zoo/model_format), so that it is served decoded as it was trained: R for a
+    folder center-cropped to ``image_shape`` ([C,] H, W), None (stretched) otherwise (crop modes are for folders)."""
+    return center_resize(image_shape[-2:]) if crop_mode == "center" and looks_like_folder(dataset) else None
+
+
+def cache_folder(cache: Path, listing: _Listing, image_size: tuple[int, int] | None, crop_mode: str = "squash") -> Path:
+    """Where this listing decoded at ``image_size`` with ``crop_mode`` is cached: a digest of every file's relative
+    path, size and modification time, in split order, and of the options (``None``: the record of the images' own
+    size, which every crop mode reads)."""
+    options = {"version": CACHE_VERSION, "image_size": image_size and list(image_size), "bounds": listing.bounds,
+               "classes": listing.classes, **_center(crop_mode)}
+    digest = hashlib.sha256(json.dumps(options).encode())
     prefix = len(str(listing.root)) + 1
     digest.update("".join(f"{f.path[prefix:]}\0{f.size}\0{f.mtime_ns}\n" for f in listing.files).encode())
     return cache / f"{listing.root.name}-{digest.hexdigest()[:20]}"
+
+
+def _center(crop_mode: str) -> dict:
+    """What a center crop adds to a cache's key and source; squash adds nothing, so its caches stay as they were."""
+    return {"crop_mode": crop_mode} if crop_mode != "squash" else {}
 
 
 def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -> tuple[int, int] | None:
@@ -213,7 +236,7 @@ def _size_found(cache: Path, listing: _Listing, default_size: tuple[int, int]) -
 
 
 def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | None, default_size: tuple[int, int],
-                 workers: int | None, progress: bool, source: dict) -> Path:
+                 workers: int | None, progress: bool, source: dict, crop_mode: str) -> Path:
     """Decode every file into the cache folder of the size used, returned (written beside, then renamed)."""
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=listing.root.name + ".partial-", dir=cache))
@@ -222,18 +245,19 @@ def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
         # file's own size and mode as it is decoded, and decode again only if they disagree.
         guess = _input_shape(probe_batch([f.path for f in listing.files[:GUESS_FROM]]), listing, image_size,
                              default_size, quiet=True)
-        kept, errors, headers = _decode_all(listing, guess, work / "images.npy", workers, progress)
+        kept, errors, headers = _decode_all(listing, guess, work / "images.npy", workers, progress, crop_mode)
         shape = _input_shape(headers, listing, image_size, default_size)
         if shape != guess:
-            kept, errors, _ = _decode_all(listing, shape, work / "images.npy", workers, progress)
+            kept, errors, _ = _decode_all(listing, shape, work / "images.npy", workers, progress, crop_mode)
         skipped = [(p, f"not an image file (image suffixes: {SUPPORTED})") for p in listing.not_images] + errors
         labels = [listing.labels[i] for i in kept]
         bounds = {split: (bisect_left(kept, a), bisect_left(kept, b)) for split, (a, b) in listing.bounds.items()}
-        source = {**source, "image_size": list(shape[1:])}
+        # The crop mode in the source too: a center cache does not supersede the squash one of the same folder.
+        decoded = {**source, "image_size": list(shape[1:]), **_center(crop_mode)}
         meta = {"classes": listing.classes, "labels": labels, "bounds": bounds, "shape": list(shape),
-                "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": source}
+                "skipped": skipped, "files": len(listing.files) + len(listing.not_images), "source": decoded}
         (work / "meta.json").write_text(json.dumps(meta))
-        folder = cache_folder(cache, listing, shape[1:])
+        folder = cache_folder(cache, listing, shape[1:], crop_mode)
         try:
             work.rename(folder)
         except OSError:  # another process cached the same folder first: theirs is as good
@@ -241,7 +265,7 @@ def _decode_into(cache: Path, listing: _Listing, image_size: tuple[int, int] | N
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _drop_superseded(folder, source)
+    _drop_superseded(folder, decoded)
     if image_size is None:  # the images' own size (None: they differ), under the size-free key, for _size_found
         record = cache_folder(cache, listing, None)
         record.mkdir(exist_ok=True)
@@ -307,12 +331,13 @@ def decode_files(out: np.ndarray, paths: Sequence[str], spec: DecodeSpec, worker
     return kept, errors, headers
 
 
-def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, workers: int | None,
-                progress: bool) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
+def _decode_all(listing: _Listing, shape: tuple[int, int, int], target: Path, workers: int | None, progress: bool,
+                crop_mode: str) -> tuple[list[int], list[tuple[str, str]], list[Header | None]]:
     """:func:`decode_files` a .npy file, in split order."""
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(listing.files), *shape))
-    kept, errors, headers = decode_files(out, [f.path for f in listing.files],
-                                        DecodeSpec(shape, max_pixels_hint="remove the file or resize it"), workers,
+    spec = DecodeSpec(shape, max_pixels_hint="remove the file or resize it",
+                      resize=center_resize(shape[1:]) if crop_mode == "center" else None)
+    kept, errors, headers = decode_files(out, [f.path for f in listing.files], spec, workers,
                                         f"decoding {listing.root.name}", progress)
     out.flush()
     del out

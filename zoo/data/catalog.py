@@ -49,8 +49,9 @@ def dataset_info(name: str) -> DatasetInfo | None:
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, download: bool = True, val_fraction: float = 0.1,
                  seed: int = 0, test_fraction: float | None = None, image_size: tuple[int, int] | None = None,
-                 default_size: tuple[int, int] = (28, 28), progress: bool = True) -> Dataset:
-    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``."""
+                 default_size: tuple[int, int] = (28, 28), progress: bool = True, crop_mode: str = "squash") -> Dataset:
+    """Load ``name`` (a catalog name, or a folder of class folders) as uint8 splits, deterministic for ``seed``.
+    ``image_size`` and ``crop_mode`` apply to folders only: a catalog dataset has the one size it comes in."""
     download = download and not offline()
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"the val fraction must be between 0 and 1 (exclusive), got {val_fraction:g}")
@@ -58,7 +59,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
         from zoo.folder_dataset import load_image_folder, looks_like_folder
         if looks_like_folder(name):
             return load_image_folder(name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                                     image_size=image_size, default_size=default_size, progress=progress)
+                                     image_size=image_size, default_size=default_size, progress=progress,
+                                     crop_mode=crop_mode)
         raise UsageError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(_DATASETS))}, "
                          "or the path of a folder of class folders of images")
     loader, _, _ = _DATASETS[name]
