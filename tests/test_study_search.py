@@ -7,10 +7,16 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from test_study import SMALL_ARGS, no_inherited_experiment, study_runs  # noqa: F401 (an autouse fixture)
+from test_study import SMALL_ARGS, study_runs
 from training.study.config import StudyConfig
 from zoo.cli.main import cli
 from zoo.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLFLOW_EXPERIMENT_ID left by an earlier test names an experiment this test's fresh store lacks."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
 
 
 def study_args(tmp_path, *args: str) -> list[str]:
