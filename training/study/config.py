@@ -29,7 +29,16 @@ RESUME_STUDY = "re-run the same command to resume the study (the trials it stopp
 
 # The fields a re-run of an existing study must keep: the experiment that owns it, and what its trials measure.
 _IDENTITY = ("experiment", "model", "dataset", "epochs", "mean_range", "std_range", "per_channel", "batch_size",
-             "train_size", "val_size", "test_size", "max_batches", "image_size", "val_fraction", "test_fraction")
+             "train_size", "val_size", "test_size", "max_batches", "image_size", "val_fraction", "test_fraction",
+             "recipe", "search")
+
+# Training settings --search takes: name -> (low, high, scale), the range searched unless NAME=LOW:HIGH is given.
+SEARCHABLE: dict[str, tuple[float, float, str]] = {
+    "lr": (1e-5, 1e-1, "log"), "weight_decay": (1e-6, 0.1, "log"), "label_smoothing": (0.0, 0.3, "linear"),
+    "mixup": (0.0, 1.0, "linear"), "cutmix": (0.0, 1.0, "linear"), "hflip": (0.0, 1.0, "linear"),
+    "crop_pad": (0, 8, "int"), "ema": (0.99, 0.9999, "linear"), "warmup_epochs": (0.0, 5.0, "linear"),
+    "reprob": (0.0, 0.5, "linear"), "momentum": (0.0, 0.99, "linear"),
+}
 
 
 @dataclass
@@ -66,6 +75,8 @@ class StudyConfig:
     val_fraction: float | None = None  # None: the model's recipe (TrainConfig.val_fraction)
     test_fraction: float | None = None  # image folders without test/
     progress: bool = True
+    recipe: str | None = None  # each trial's TrainConfig.recipe (None: its default for the model and data)
+    search: tuple[str, ...] = ()  # training settings searched beside the normalization: NAME or NAME=LOW:HIGH
     tracking_timeout: float | None = None  # seconds to wait for an MLflow server that goes away (None: ZOO_TRACKING_TIMEOUT, else 600)
 
     @property
@@ -88,15 +99,46 @@ class StudyConfig:
         registration.check_registry_names(self.register, self.alias)
         if self.register and self.log_models == "none":
             raise UsageError("--register needs a logged model; use --log-models best or all")
+        self.search_space()
+        recipe = self.train_config().resolved().recipe  # an unknown --recipe fails here
+        if self.batch_trials > 1 and (self.search or recipe != "seed"):
+            what = f"searches {','.join(self.search)}" if self.search else f"trains the {recipe} recipe"
+            raise UsageError(f"--batch-trials trains the seed recipe only, and this study {what}: use --batch-trials 1, "
+                             "or --recipe seed without --search")
+
+    def search_space(self) -> dict[str, tuple[float, float, str]]:
+        """--search as name -> (low, high, scale), the table's ranges unless given."""
+        space = {}
+        for item in self.search:
+            name, _, given = (part.strip() for part in item.partition("="))
+            if name not in SEARCHABLE:
+                raise UsageError(f"--search: unknown setting {name!r}; searchable: {', '.join(SEARCHABLE)}")
+            if name in space:
+                raise UsageError(f"--search names {name} twice")
+            low, high, scale = SEARCHABLE[name]
+            if given:
+                try:
+                    low, high = (int(v) if scale == "int" else float(v) for v in given.split(":"))
+                except ValueError:
+                    raise UsageError(f"--search {item}: give {name}'s range as {name}=LOW:HIGH, e.g. "
+                                     f"{name}={low:g}:{high:g} ({'whole numbers' if scale == 'int' else 'numbers'})") from None
+            if not (math.isfinite(low) and math.isfinite(high) and low < high) or (scale == "log" and low <= 0):
+                raise UsageError(f"--search {name} needs {'0 < ' if scale == 'log' else ''}LOW < HIGH, got {low:g}:{high:g}")
+            space[name] = (low, high, scale)
+        return space
 
     def identity(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in _IDENTITY}
+        identity = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in _IDENTITY}
+        # The ranges searched, whatever the order or spelling (lr and lr=1e-05:0.1 are one search), and the recipe the trials train
+        return identity | {"recipe": self.train_config().resolved().recipe,
+                           "search": {k: [low, high] for k, (low, high, _) in self.search_space().items()}}
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
             device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
             image_size=self.image_size, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+            recipe=self.recipe,
         )
 
 
@@ -126,6 +168,13 @@ def suggest_normalization(trial: optuna.Trial, config: StudyConfig, channels: in
     mean = trial.suggest_float("mean", *config.mean_range)
     std = trial.suggest_float("std", *config.std_range, log=True)
     return Normalization((mean,), (std,)).for_channels(channels)
+
+
+def suggest_settings(trial: optuna.Trial, config: StudyConfig) -> dict[str, float | int]:
+    """The --search settings of this trial, as TrainConfig fields."""
+    return {name: trial.suggest_int(name, low, high) if scale == "int" else
+            trial.suggest_float(name, low, high, log=scale == "log")
+            for name, (low, high, scale) in config.search_space().items()}
 
 
 def enqueue_params(config: StudyConfig, dataset: Dataset) -> list[dict[str, float]]:

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import tracking
-from training.study.config import RUN_ATTR, is_finished
+from training.study.config import RUN_ATTR, SEARCHABLE, is_finished
 from training.study.storage import stored_search
 from zoo.access import masked_url
 
@@ -76,7 +76,9 @@ def describe_study(study: optuna.Study, summary: dict[str, Any], storage_url: st
     s, val, best = stored_search(study) or {}, summary["val_accuracy"], summary["best"]
     searched = (f": trains **{s['model']}** on **{s['dataset']}** for {s['epochs']} epoch(s) per trial, with the input "
                 f"mean searched in [{s['mean_range'][0]:g}, {s['mean_range'][1]:g}] and the std in "
-                f"[{s['std_range'][0]:g}, {s['std_range'][1]:g}] (log scale)") if s else ""
+                f"[{s['std_range'][0]:g}, {s['std_range'][1]:g}] (log scale)"
+                + "".join(f", {k} in [{low:g}, {high:g}]" for k, (low, high) in s.get("search", {}).items())
+                + (f", around the {s['recipe']} recipe" if s.get("recipe") else "")) if s else ""
     result = "no trial has completed yet." if not summary["trials_complete"] else (
         f"{summary['trials_complete']} trials complete ({summary['trials_collapsed']} collapsed to predicting one "
         f"class, {summary['trials_diverged']} diverged, {summary['trials_pruned']} pruned). Validation accuracy: "
@@ -146,9 +148,13 @@ def study_figures(study: optuna.Study, collapse_threshold: float) -> dict[str, A
     if complete:
         from training.figures import accuracy_against_figure
 
-        names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), k))  # mean(s), then std(s)
-        figures["accuracy_vs_normalization"] = accuracy_against_figure(
+        # mean(s), std(s), then the --search settings
+        names = sorted(complete[0].params, key=lambda k: (not k.startswith("mean"), not k.startswith("std"), k))
+        figure = figures["accuracy_vs_normalization"] = accuracy_against_figure(
             {k: [t.params[k] for t in complete] for k in names}, [t.value for t in complete],
             [t.value <= collapse_threshold for t in complete], collapse_threshold,
             f"study {study.study_name}: {len(complete)} complete trials")
+        for axes, name in zip(figure.axes, names):
+            if SEARCHABLE.get(name, (0, 0, ""))[2] == "log":  # searched on a log scale, as the stds
+                axes.set_xscale("log")
     return figures

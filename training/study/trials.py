@@ -20,6 +20,7 @@ from training.engine import EpochResult, TrainingDiverged
 from training.outage import Outbox, Patience
 from training.study.config import (
     MODEL_URI_TAG, OUTCOME_ATTR, RESUME_STUDY, RUN_ATTR, StudyConfig, one_class_accuracy, suggest_normalization,
+    suggest_settings,
 )
 from training.study.storage import StudyLock, repeatable
 from training.train import fit
@@ -50,7 +51,7 @@ class TrialContext:
 def _trial_setup(trial: optuna.Trial, ctx: TrialContext) -> Setup:
     config = ctx.config
     normalization = suggest_normalization(trial, config, ctx.dataset.image_shape[0])
-    train_config = replace(config.train_config(), **normalization.as_params())
+    train_config = replace(config.train_config(), **normalization.as_params(), **suggest_settings(trial, config))
     tags = {**training_tags(train_config, normalization, "trial"),
             "optuna.study_name": config.name, "optuna.trial_number": str(trial.number)}  # training_tags has WORKER_TAG
     if RUN_ATTR in trial.user_attrs:  # a retry inherits the attributes of the trial whose process died
@@ -92,9 +93,10 @@ def _start_trial_run(trial: optuna.Trial, ctx: TrialContext, setup: Setup, **tag
     _note(trial, {RUN_ATTR: run_id})
     outbox = Outbox(run_id, ctx.config.tracking_timeout, RESUME_STUDY)
     outbox.patiently(tracking.log_batch, run_id, tags={tracking.NOTE_TAG: _describe_trial(trial, ctx, train_config, normalization)})
+    searched = {name: getattr(train_config, name) for name in ctx.config.search_space()}  # shown before training ends
     outbox.patiently(tracking.log_params, {"trial_number": trial.number, "train_size": len(ctx.dataset.train),
-                                           "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test)},
-                     run_id=run_id)
+                                           "val_size": len(ctx.dataset.val), "test_size": len(ctx.dataset.test),
+                                           **searched}, run_id=run_id)
     return outbox
 
 
@@ -110,8 +112,10 @@ def _record(trial: optuna.Trial, ctx: TrialContext, setup: Setup, result: Any, m
 
 def _describe_trial(trial: optuna.Trial, ctx: TrialContext, train_config: TrainConfig, normalization: Normalization,
                     result=None) -> str:
+    searched = "".join(f", {k} {getattr(train_config, k):.4g}" for k in ctx.config.search_space())
     text = (f"Trial {trial.number} of the Optuna study **{ctx.config.name}** (the parent run), which searches "
-            f"the input normalization.\n\n" + describe_training(train_config, normalization, ctx.dataset, result))
+            f"the input normalization{' and training settings (this trial: ' + searched[2:] + ')' if searched else ''}."
+            f"\n\n" + describe_training(train_config, normalization, ctx.dataset, result))
     threshold = one_class_accuracy(ctx.dataset.val) + ctx.config.collapse_margin
     if result is not None and result.val_accuracy <= threshold:
         text += (f"\n\n**Collapsed:** validation accuracy {100 * result.val_accuracy:.2f} % is at most "

@@ -27,7 +27,7 @@ from training.outage import Patience, timeout_from_env
 from training.study.best_trial import keep_best_trial_checkpoints, publish_best_model, sweep_checkpoints
 from training.study.config import (
     PARENT_ATTR, RESUME_STUDY, StudyConfig, StudyResult, count_trials, enqueue_params, one_class_accuracy,
-    suggest_normalization,
+    suggest_normalization, suggest_settings,
 )
 from training.study.report import log_summary, summarize
 from training.study.storage import (
@@ -94,6 +94,7 @@ def _claim_trials(study: optuna.Study, ctx: TrialContext, bar: tqdm, most: int =
                     trials = [study.ask() for _ in range(min(most, free))]
                 for trial in trials:  # sampled now, so the sampler sees it running (TPE's constant liar)
                     suggest_normalization(trial, ctx.config, ctx.dataset.image_shape[0])
+                    suggest_settings(trial, ctx.config)
                 return trials
         bar.update(min(finished, bar.total) - bar.n)
         time.sleep(poll_s)
@@ -197,6 +198,8 @@ def _create_parent_run(study: optuna.Study, config: StudyConfig, project_run_id:
         "sampler": config.sampler, "seed": config.seed, "pruner": "median" if config.prune else "none",
         "batch_size": config.batch_size, "train_size": config.train_size, "val_size": config.val_size,
         "test_size": config.test_size, "max_batches": config.max_batches, "collapse_margin": config.collapse_margin,
+        "recipe": config.train_config().resolved().recipe,  # what --search varies around
+        "search": ",".join(f"{k}={low:g}:{high:g}" for k, (low, high, _) in config.search_space().items()) or None,
         **{k: v for k, v in (("image_size", config.image_size), ("val_fraction", config.val_fraction),
                              ("test_fraction", config.test_fraction)) if v is not None},
     }, run_id=run_id)

@@ -25,6 +25,13 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @click.option("--std-range", nargs=2, type=float, default=(0.05, 1.0), show_default=True, metavar="LOW HIGH",
               help="Std searched on a log scale (LOW > 0).")
 @click.option("--per-channel", is_flag=True, help="Search one mean and std per channel (RGB models).")
+@click.option("--recipe", default=None, metavar="NAME",
+              help="Every trial's training recipe: seed, light, strong or finetune (as zoo train --recipe). "
+                   "Default: zoo train's for the model and data.")
+@click.option("--search", default="", metavar="NAME[=LOW:HIGH],...",
+              help="Also search these training settings, e.g. lr,weight_decay; NAME=LOW:HIGH sets a range "
+                   "(lr=1e-4:1e-2). Searchable: lr, weight_decay, label_smoothing, mixup, cutmix, hflip, crop_pad, ema, "
+                   "warmup_epochs, reprob, momentum (their default ranges: docs/study.md).")
 @click.option("--sampler", type=click.Choice(["tpe", "random", "qmc"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (training always starts from seed 1).")
 @click.option("--jobs", type=click.IntRange(min=0), default=None, callback=_size,
@@ -56,10 +63,12 @@ def _size(ctx: click.Context, param: click.Parameter, value):
 @options(DEVICE, DATA_DIR, EXPERIMENT, TRACKING_TIMEOUT)
 @click.option("--no-progress", is_flag=True, help="No progress bar (Optuna logs each trial instead).")
 @FORMAT
-def study(model, dataset, image_size, val_fraction, test_fraction, trials, epochs, mean_range, std_range, per_channel, sampler, seed, jobs, batch_trials, storage, study_name,
+def study(model, dataset, image_size, val_fraction, test_fraction, trials, epochs, mean_range, std_range, per_channel,
+          recipe, search, sampler, seed, jobs, batch_trials, storage, study_name,
           prune, batch_size, train_size, val_size, test_size, max_batches, enqueue, log_models, register, alias,
           heartbeat, collapse_margin, device, data_dir, experiment, tracking_timeout, no_progress, fmt) -> None:
-    """Search input normalizations (mean, std) with Optuna: one MLflow parent run, one child run per trial.
+    """Search input normalizations (mean, std), and with --search training settings, with Optuna: one MLflow parent
+    run, one child run per trial.
 
     Run the same command on several machines (sharing --storage) to parallelize, or again to resume a study."""
     from training.study.config import StudyConfig
@@ -67,7 +76,8 @@ def study(model, dataset, image_size, val_fraction, test_fraction, trials, epoch
     from training.study.workers import default_jobs, run_study
     config = StudyConfig(
         model=model, dataset=dataset, trials=trials, epochs=epochs, mean_range=tuple(mean_range),
-        std_range=tuple(std_range), per_channel=per_channel, sampler=sampler, seed=seed, jobs=jobs or default_jobs(device),
+        std_range=tuple(std_range), per_channel=per_channel, recipe=recipe,
+        search=tuple(item for item in search.split(",") if item.strip()), sampler=sampler, seed=seed, jobs=jobs or default_jobs(device),
         storage=storage, batch_trials=batch_trials, study_name=study_name, experiment=experiment, prune=prune,
         batch_size=batch_size, train_size=train_size, val_size=val_size, test_size=test_size, max_batches=max_batches,
         log_models=log_models, register=register, alias=alias, heartbeat=heartbeat, enqueue=list(enqueue),
