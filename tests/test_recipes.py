@@ -106,3 +106,16 @@ def test_resume_refuses_another_recipe_or_setting_than_the_runs(mnist_5k):
         res = CliRunner().invoke(cli, ["train", "--resume", result.run_id, *args])
         assert res.exit_code == 2 and differing in res.output, res.output
     assert MlflowClient().get_run(result.run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_mlflow_run_passes_the_recipe_and_its_settings_to_zoo_train(tmp_path, mnist_5k):
+    from test_mlproject import mlflow_run
+
+    folder = write_image_folder(mnist_5k.test.subset(100), mnist_5k.classes, tmp_path / "digits")
+    proc = mlflow_run("-e", "train", "--experiment-name", "mine", "-P", f"dataset={folder}", "-P", "epochs=1",
+                      "-P", "max_batches=1", "-P", "recipe=strong", "-P", "label_smoothing=0.2", "-P", "crop_mode=center")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params = only_run().data.params
+    assert (params["recipe"], params["label_smoothing"], params["crop_mode"]) == ("strong", "0.2", "center")
+    assert params["mixup"] == str(RECIPES["strong"]["mixup"]) and "recipe_resolved" not in params
