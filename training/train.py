@@ -12,6 +12,7 @@ import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
+from training.augment import check_augmentation
 from training.outage import Outbox, local_checkpoint
 from training.engine import (
     EpochResult, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
@@ -162,6 +163,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     config = config.resolved()  # unknown model or model option: fail before any run exists
     config.check_normalization()  # bad mean/std: same
     parse_image_size(config.image_size)  # bad --image-size: same
+    check_augmentation(config)  # bad --scale, --hflip, ...: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
     registration.check_registry_names(register, alias)

@@ -10,7 +10,7 @@ from typing import Any
 
 from training import checkpoints, tracking
 from training.checkpoints import DEFAULT_KEEP
-from training.recipes import recipe_settings
+from training.recipes import SETTINGS, recipe_settings
 from zoo.data import Dataset
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
@@ -120,6 +120,17 @@ def default_recipe(spec: ModelSpec, dataset: str, model_config: dict) -> str:
     return "light" if looks_like_folder(dataset) or spec.name.startswith(TIMM_PREFIX) else "seed"
 
 
+def check_contradictions(config: TrainConfig) -> None:
+    """Refuse options given together (``config`` as given, not resolved) that cannot both apply."""
+    schedule = config.resolved().schedule
+    if config.gamma is not None and schedule != "step":
+        raise UsageError(f"--gamma is the step schedule's decay per epoch, and the schedule is {schedule}: leave "
+                         "--gamma out, or give --schedule step")
+    if config.warmup_epochs and schedule == "step":
+        raise UsageError("--warmup-epochs applies to the cosine and onecycle schedules, and the schedule is step: "
+                         "give --schedule cosine or onecycle, or leave --warmup-epochs out")
+
+
 def fitted_note(spec: ModelSpec, dataset: Dataset) -> str | None:
     """What changed in the architecture to fit the data (stderr and the run's description)."""
     shape, size = dataset.image_shape, "x".join(map(str, dataset.image_shape))
@@ -135,9 +146,9 @@ def dataset_label(dataset: str) -> str:
     return Path(dataset).name if os.sep in dataset else dataset
 
 
-# TrainConfig fields a run logs as params under their own names.
+# TrainConfig fields a run logs as params under their own names (the recipe's settings resolved).
 PARAM_FIELDS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
-                "precision", "val_fraction", "keep_best")
+                "precision", "val_fraction", "keep_best", "recipe", *SETTINGS, "crop_mode")
 
 
 def run_params(config: TrainConfig, normalization: Normalization, dataset: Dataset | None = None) -> dict[str, object]:
@@ -195,6 +206,16 @@ def training_tags(config: TrainConfig, normalization: Normalization, kind: str) 
             **({"zoo.max_batches": str(config.max_batches)} if config.max_batches else {}), **checkpoints.worker_tags()}
 
 
+def recipe_summary(config: TrainConfig) -> str:
+    """The resolved schedule and what is on among the recipe's settings, in words: "cosine schedule (1 warmup
+    epoch), label smoothing 0.1, crop pad 4, hflip 0.5, weight decay 0.05"."""
+    schedule = (f"step schedule (gamma {config.gamma})" if config.schedule == "step"
+                else f"{config.schedule} schedule ({config.warmup_epochs:g} warmup epochs)")
+    on = [f"{name.replace('_', ' ')} {getattr(config, name)}" for name in SETTINGS
+          if name not in ("schedule", "warmup_epochs") and getattr(config, name) not in (0, "", "none")]
+    return ", ".join([schedule, *on] if on else [schedule, "no augmentation"])
+
+
 def describe_training(config: TrainConfig, normalization: Normalization, dataset: Dataset,
                       result: Any = None) -> str:
     """The run's description (markdown): what was trained, on what data, and the result once known."""
@@ -212,7 +233,8 @@ def describe_training(config: TrainConfig, normalization: Normalization, dataset
         *([note, ""] if (note := fitted_note(config.spec(), dataset)) else []),
         f"Input normalization: mean {','.join(f'{v:g}' for v in normalization.mean)}, "
         f"std {','.join(f'{v:g}' for v in normalization.std)}{default}.",
-        f"Recipe: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed {config.seed}"
+        f"Recipe **{config.recipe}**: {config.optimizer}, lr {config.lr}, batch {config.batch_size}, seed "
+        f"{config.seed}, {recipe_summary(config)}"
         + (", keeping the epoch with the best validation accuracy." if config.keep_best else "."),
         "",
     ]

@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from training.recipes import RECIPES
 from zoo.model_options import parse_model_options
 from zoo.errors import UsageError
 
@@ -149,3 +150,52 @@ def resume_options(ctx: click.Context, config: Any) -> dict[str, Any]:
     config_fields = {f.name for f in fields(config)}
     given = [p for p in ctx.params if ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
     return {_FIELD_OF.get(p, p): getattr(config, _FIELD_OF.get(p, p)) for p in given if _FIELD_OF.get(p, p) in config_fields}
+
+
+def _by_recipe(name: str) -> str:
+    """Each recipe's value of a setting, from training/recipes.py (so help follows a retuned table)."""
+    grouped: dict[str, list[str]] = {}
+    for recipe, settings in RECIPES.items():
+        value = settings.get(name)
+        if isinstance(value, dict):  # per optimizer
+            value = ", ".join(f"{k} {v:g}" for k, v in value.items()) + ", else 0"
+        grouped.setdefault(str(value) if value != "" else "off", []).append(recipe)
+    return "Default: the recipe's (" + "; ".join(f"{'/'.join(r)}: {v}" for v, r in grouped.items()) + ")."
+
+
+def _recipe_option(*names: str, help: str, **kwargs):
+    field = names[-1]
+    return click.option(*names, default=None, help=f"{help} {_by_recipe(field)}", **kwargs)
+
+
+RECIPE_OPTIONS = (
+    click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+                 help="The training recipe filling every setting not given (docs/training.md#recipes). Default: finetune "
+                      "with --weights, light for image folders and timm: models, else seed (the published protocols)."),
+    _recipe_option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0),
+                   help="Weight decay (AdamW: decoupled; SGD, Adam: L2)."),
+    _recipe_option("--schedule", "schedule", type=click.Choice(["step", "cosine", "onecycle"]),
+                   help="Learning-rate schedule: step (StepLR by --gamma each epoch), cosine (linear warmup from lr/100, "
+                        "then cosine to 0, per batch) or onecycle (torch's OneCycleLR)."),
+    _recipe_option("--warmup-epochs", "--warmup_epochs", "warmup_epochs", type=click.FloatRange(min=0),
+                   help="Linear warmup of cosine and onecycle, in epochs (fractions allowed)."),
+    _recipe_option("--label-smoothing", "--label_smoothing", "label_smoothing", type=click.FloatRange(0, 1, max_open=True),
+                   help="Label smoothing of the cross-entropy."),
+    _recipe_option("--ema", "ema", type=click.FloatRange(0, 1, max_open=True),
+                   help="Decay of a moving average of the weights, which is then validated, tested and logged; 0: off."),
+    _recipe_option("--patience", "patience", type=click.IntRange(min=0),
+                   help="Stop after this many epochs without a better val_accuracy; 0: off."),
+    _recipe_option("--crop-pad", "--crop_pad", "crop_pad", type=click.IntRange(min=0),
+                   help="Random crop of the image's size after zero padding by this many pixels; 0: off."),
+    _recipe_option("--scale", "scale", metavar="MIN,MAX",
+                   help='Random resized crop keeping MIN..MAX of the area (timm --scale), e.g. 0.35,1; "": off.'),
+    _recipe_option("--hflip", "hflip", type=click.FloatRange(0, 1), help="Horizontal flip probability."),
+    _recipe_option("--aa", "aa", type=click.Choice(["trivialaugment", "randaugment", "none"]),
+                   help="Policy augmentation (timm --aa)."),
+    _recipe_option("--reprob", "reprob", type=click.FloatRange(0, 1), help="Random erasing probability."),
+    _recipe_option("--mixup", "mixup", type=click.FloatRange(min=0), help="Mixup alpha; 0: off."),
+    _recipe_option("--cutmix", "cutmix", type=click.FloatRange(min=0), help="CutMix alpha; 0: off."),
+    click.option("--crop-mode", "--crop_mode", "crop_mode", type=click.Choice(["squash", "center"]), default=None,
+                 help="Image folders: squash (stretch to the size) or center (resize the shorter side, then center "
+                      "crop: aspect kept, the same when serving). [default: squash]"),
+)
