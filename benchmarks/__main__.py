@@ -19,6 +19,9 @@ Benchmarks, in order (each reuses the functions of its own script, which also ru
 - ``spark``: docs/spark.md's Spark job (``local[2]``, ``spark_udf``) against `zoo classify` on one folder of
   digit PNGs, from one registry alias (bench_spark.py; needs pyspark and Java).
 
+Not run from here: bench_recipes.py (issue 32: zoo's default recipe before and after against timm's train.py,
+hours of training, needs an older checkout): run it alone; it writes its own table for this file.
+
 Each benchmark's result replaces its own part of the generated section of RESULTS.md (between the
 markers below; ``--only`` refreshes some and keeps the others), with the exact command, the date,
 the machine and the load average before and after (other jobs on the machine show there); the rest
