@@ -270,7 +270,7 @@ class AutogradTrainer:
     def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
         return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches,
                                self.precision, augment=self.augment, label_smoothing=self.label_smoothing,
-                               after_step=self.after_step if self.per_batch or self.ema is not None else None)
+                               after_step=self.after_step)
 
     def end_epoch(self) -> None:
         if not self.per_batch:
