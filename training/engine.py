@@ -12,8 +12,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import StepLR
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
+from torch.optim.swa_utils import AveragedModel
 
+from training.recipes import SEED
 from zoo.data import Dataset, Split
 from zoo.errors import UsageError
 from zoo.models.scratch_mlp import ScratchMLP, ScratchSGD
@@ -112,16 +114,23 @@ def run_epoch(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], split:
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, normalization: Normalization,
                     batch_size: int, generator: torch.Generator, on_batch: Callable[[int], None] | None = None,
-                    max_batches: int | None = None, precision: str = "fp32") -> float:
-    """One autograd pass over ``split``; returns the mean training loss."""
+                    max_batches: int | None = None, precision: str = "fp32", *,
+                    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    label_smoothing: float = 0.0, after_step: Callable[[], None] | None = None) -> float:
+    """One autograd pass over ``split``; returns the mean training loss. ``augment(uint8 images, labels)`` gives
+    the images and targets (class indices or probabilities) trained on; ``after_step`` follows each optimizer step
+    (a per-batch schedule, the weights' moving average)."""
     device = split.images.device
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
-            loss = F.cross_entropy(model(normalization.apply(images)).float(), labels)  # float32: bf16 logits
+        images, targets = augment(images, labels) if augment else (images, labels)
+        with autocast(precision, device):  # the loss in float32: bf16 logits
+            loss = F.cross_entropy(model(normalization.apply(images)).float(), targets, label_smoothing=label_smoothing)
         loss.backward()
         optimizer.step()
+        if after_step:
+            after_step()
         return loss
 
     model.train()
@@ -181,6 +190,7 @@ class EpochResult:
     train_loss: float
     val_loss: float
     val_accuracy: float
+    lr: float | None = None  # the learning rate the epoch started at (None: not recorded, as in older checkpoints)
 
 
 def check_finite(result: EpochResult) -> None:
@@ -190,28 +200,94 @@ def check_finite(result: EpochResult) -> None:
         )
 
 
+SCHEDULES = ("step", "cosine", "onecycle")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, gamma: float, warmup_epochs: float,
+                   steps_per_epoch: int, epochs: int):
+    """step: StepLR(step_size=1, gamma), stepped per epoch; cosine (linear warmup from lr/100, then cosine to 0)
+    and onecycle (torch's, warmup_epochs its rise): stepped per batch."""
+    if schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule == "step":
+        return StepLR(optimizer, step_size=1, gamma=gamma)
+    total = max(steps_per_epoch * epochs, 1)
+    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)  # at least one step left to decay over
+    if schedule == "onecycle":  # the optimizer's own momentum stays: cycling it would give plain SGD momentum
+        rise = warmup if warmup >= 2 else 0  # OneCycleLR divides by the rise's length in steps, less one
+        lr = optimizer.param_groups[0]["lr"]
+        return OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=rise / total, cycle_momentum=False)
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return LambdaLR(optimizer, cosine)
+
+
+def ema_average(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """AveragedModel's multi_avg_fn: decay warmed up as min(decay, (1 + n) / (10 + n)) after n updates, so a short
+    run's average is not dominated by the initial weights."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        weight = 1 - ((1 + n) / (10 + n)).clamp(max=decay)  # a tensor on the device: no wait for the GPU
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, weight.to(a.dtype))
+            else:  # integer buffers (batch norm's batch counter)
+                a.copy_(c)
+
+    return update
+
+
 class AutogradTrainer:
-    """train_one_epoch with a make_optimizer optimizer and StepLR(step_size=1); every trainer has these four methods."""
+    """train_one_epoch with a make_optimizer optimizer, a make_scheduler schedule, and when ``ema`` > 0 a moving
+    average of the weights (then ``model``: the one validated, kept as best, tested and logged); every trainer has
+    ``model``, ``lr`` and the four methods below."""
 
     def __init__(self, network: nn.Module, *, optimizer: str, lr: float, gamma: float, weight_decay: float, momentum: float,
-                 precision: str = "fp32"):
-        self.network, self.precision = network, precision
+                 precision: str = "fp32", schedule: str = "step", warmup_epochs: float = 0.0,
+                 label_smoothing: float = 0.0, ema: float = 0.0, steps_per_epoch: int = 1, epochs: int = 1,
+                 augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.network, self.precision, self.label_smoothing, self.augment = network, precision, label_smoothing, augment
         self.optimizer = make_optimizer(optimizer, network.parameters(), lr, weight_decay, momentum)
-        self.scheduler = StepLR(self.optimizer, step_size=1, gamma=gamma)
+        self.scheduler = make_scheduler(self.optimizer, schedule, gamma, warmup_epochs, steps_per_epoch, epochs)
+        self.per_batch = schedule != "step"
+        self.ema = AveragedModel(network, multi_avg_fn=ema_average(ema), use_buffers=True) if ema else None
+        self.model = network if self.ema is None else self.ema.module
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def after_step(self) -> None:
+        if self.per_batch:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.network)
 
     def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
         return train_one_epoch(self.network, self.optimizer, split, normalization, batch_size, generator, on_batch, max_batches,
-                               self.precision)
+                               self.precision, augment=self.augment, label_smoothing=self.label_smoothing,
+                               after_step=self.after_step)
 
     def end_epoch(self) -> None:
-        self.scheduler.step()
+        if not self.per_batch:
+            self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict()}
+        """Optimizer and schedule; with EMA, the trained weights and the count of updates too (a checkpoint's
+        ``model`` holds the average, ``model`` here)."""
+        ema = {} if self.ema is None else {"trained_model": self.network.state_dict(), "ema_updates": self.ema.n_averaged}
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(), **ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            self.network.load_state_dict(state["trained_model"])
+            self.ema.n_averaged.copy_(state["ema_updates"])
 
 
 class ScratchTrainer:
@@ -226,8 +302,13 @@ class ScratchTrainer:
         if optimizer != "sgd" or weight_decay:
             raise UsageError(f"scratch_mlp trains with its own SGD (lr, momentum); got optimizer={optimizer!r}, "
                              f"weight_decay={weight_decay}: use --optimizer sgd (the default) and no weight decay")
-        self.network, self.gamma = network, gamma
+        self.network = self.model = network
+        self.gamma = gamma
         self.sgd = ScratchSGD(network.parameter_list(), lr, momentum)
+
+    @property
+    def lr(self) -> float:
+        return self.sgd.lr
 
     @torch.no_grad()
     def train_epoch(self, split, normalization, batch_size, generator, on_batch=None, max_batches=None) -> float:
@@ -249,6 +330,16 @@ class ScratchTrainer:
         self.sgd.lr, self.sgd.momentum = saved["lr"], saved["momentum"]
         for velocity, value in zip(self.sgd.velocity, saved["velocity"]):
             velocity.copy_(value)
+
+
+def check_seed_recipe(config: Any, who: str) -> None:
+    """Refuse a resolved TrainConfig (schedule, label smoothing, EMA, patience, augmentation) other than the seed
+    recipe's: ``who`` trains that recipe only."""
+    other = [f"--{k.replace('_', '-')} {getattr(config, k)}" for k, v in SEED.items()
+             if k != "weight_decay" and getattr(config, k) != v]  # weight decay: the trainers check their own
+    if other:
+        recipe = "use --recipe seed and " if config.recipe != "seed" else ""
+        raise UsageError(f"{who} trains the seed recipe only, not {', '.join(other)}: {recipe}leave those options out")
 
 
 TRAINERS: dict[str, type] = {"autograd": AutogradTrainer, "scratch": ScratchTrainer}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -15,9 +16,10 @@ from training import checkpoints, registration, tracking
 from training.augment import check_augmentation
 from training.outage import Outbox, local_checkpoint
 from training.engine import (
-    EpochResult, check_precision, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
+    EpochResult, check_precision, check_seed_recipe, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
 )
 from training.epochs import BestEpoch, EpochBookkeeping
+from training.recipes import SEED
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
     short_normalization, training_tags,
@@ -59,12 +61,22 @@ def seeded_network(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
     return build_network(config, dataset)
 
 
-def trainer_for(config: TrainConfig, network: torch.nn.Module):
+def trainer_for(config: TrainConfig, network: torch.nn.Module, *, steps_per_epoch: int = 1, augment: Any = None):
+    """``config``'s trainer; ``steps_per_epoch`` sizes a per-batch schedule, ``augment`` (training.augment.Augment)
+    gives the images trained on."""
     config = config.resolved()
-    return make_trainer(
-        config.spec().trainer, network, optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
-        weight_decay=config.weight_decay, momentum=config.momentum, precision=config.precision,
-    )
+    trainer = config.spec().trainer
+    settings = dict(optimizer=config.optimizer.lower(), lr=config.lr, gamma=config.gamma,
+                    weight_decay=config.weight_decay, momentum=config.momentum, precision=config.precision)
+    if trainer == "autograd":
+        settings |= dict(schedule=config.schedule, warmup_epochs=config.warmup_epochs, label_smoothing=config.label_smoothing,
+                         ema=config.ema, steps_per_epoch=steps_per_epoch, epochs=config.epochs, augment=augment)
+    else:
+        check_seed_recipe(config, f"{config.model} (its own {trainer} trainer)")
+    return make_trainer(trainer, network, **settings)
+
+
+AUGMENTATIONS = ("crop_pad", "scale", "hflip", "aa", "reprob", "mixup", "cutmix")  # TrainConfig fields Augment reads
 
 
 def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResult], None] | None = None,
@@ -82,30 +94,43 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
 
     network = (network if network is not None else seeded_network(config, dataset)).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    trainer = trainer_for(config, network)
+    augment = None
+    if any(getattr(config, k) != SEED[k] for k in AUGMENTATIONS):
+        from training.augment import Augment  # only when asked: its policies import torchvision
+
+        augment = Augment(config, len(dataset.classes), generator)  # draws from the shuffling generator: resumable
     train_split, val_split, test_split = splits_on(dataset, device)
+    steps = math.ceil(len(train_split) / config.batch_size)
+    trainer = trainer_for(config, network, augment=augment,
+                          steps_per_epoch=steps if config.max_batches is None else min(steps, config.max_batches))
+    model = trainer.model  # the network, or with EMA its average: validated, kept as best, tested and logged
 
     history: list[EpochResult] = []
     best = BestEpoch(keep_weights=config.keep_best)
     if resume is not None:  # a ``last`` checkpoint: weights, optimizer, scheduler, RNG states, history, best epoch
-        network.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"])
         trainer.load_state_dict(resume)
         checkpoints.restore_rng(resume["rng"], generator)
         history.extend(EpochResult(**r) for r in resume["history"])
         best.epoch, best.val_accuracy = resume["best"]["epoch"], resume["best"]["val_accuracy"]
         best.state = resume.get("best_model")
-    book = EpochBookkeeping(network, config, normalization, generator, trainer.state_dict, history, best,
+    book = EpochBookkeeping(model, config, normalization, generator, trainer.state_dict, history, best,
                             config.kept_checkpoints(), outbox)
     per_epoch = len(train_split) if config.max_batches is None else min(len(train_split), config.max_batches * config.batch_size)
     with tqdm(total=per_epoch * (config.epochs - len(history)), unit="img", desc=f"{config.model} on {dataset_label(config.dataset)}", disable=not config.progress, leave=False) as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):  # all N epochs (the reference notebook's loop ran N-1)
-            started = time.perf_counter()
+            if config.patience and epoch - 1 - best.epoch >= config.patience:  # from the history: resumes the same
+                tqdm.write(f"early stopping after epoch {epoch - 1}: no better val_accuracy since epoch {best.epoch} "
+                           f"(--patience {config.patience})", file=sys.stderr)
+                patiently(outbox, mlflow.log_metric, "stopped_epoch", epoch - 1)
+                break
+            started, lr = time.perf_counter(), trainer.lr
             train_loss = trainer.train_epoch(
                 train_split, normalization, config.batch_size, generator, on_batch=bar.update, max_batches=config.max_batches
             )
-            val_loss, val_accuracy = evaluate(network, val_split, normalization, precision=config.precision)
+            val_loss, val_accuracy = evaluate(model, val_split, normalization, precision=config.precision)
             trainer.end_epoch()
-            result = EpochResult(epoch, train_loss, val_loss, val_accuracy)
+            result = EpochResult(epoch, train_loss, val_loss, val_accuracy, lr)
             book.record(result, time.perf_counter() - started)
             bar.set_postfix(val_acc=f"{val_accuracy:.4f}", loss=f"{train_loss:.4f}")
             if on_epoch:
@@ -116,12 +141,12 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
     if config.keep_best:
         from training.figures import accuracy_figure  # matplotlib: only when the figure is drawn
 
-        best.restore(network)
+        best.restore(model)
         patiently(outbox, mlflow.log_figure, accuracy_figure(history, best.epoch, config.model), "val_accuracy.png")
-    test_loss, test_accuracy, predicted = evaluate_predictions(network, test_split, normalization, precision=config.precision)
+    test_loss, test_accuracy, predicted = evaluate_predictions(model, test_split, normalization, precision=config.precision)
     patiently(outbox, log_test_results, test_loss, test_accuracy, dataset, predicted, normalization, config)
     run_id = tracking.mlflow.active_run().info.run_id
-    return TrainResult(run_id, None, network.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
+    return TrainResult(run_id, None, model.cpu().eval(), normalization, dataset.classes, history, test_loss, test_accuracy)
 
 
 def patiently(outbox: Outbox | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -166,6 +191,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, experiment: st
     check_augmentation(config)  # bad --scale, --hflip, ...: same
     config.kept_checkpoints()  # bad --keep-checkpoints: same
     check_precision(config.precision, resolve_device(config.device))  # unknown precision, no GPU: same
+    if config.spec().trainer != "autograd":  # a recipe its own trainer lacks: same
+        check_seed_recipe(config, f"{config.model} (its own {config.spec().trainer} trainer)")
     registration.check_registry_names(register, alias)
     tracking.check_tracking_server()
     if run_id is None:
@@ -252,7 +279,8 @@ def config_to_resume(run_id: str, options: dict[str, Any]) -> tuple[TrainConfig,
                    "on another machine: resuming it (if that process still trains, both write to the run)", file=sys.stderr)
     state = last_checkpoint(run_id)
     known = {f.name for f in fields(TrainConfig)}
-    stored = TrainConfig(**{k: v for k, v in state["args"].items() if k in known})
+    # A run from before recipes (its args without "recipe") trained the seed recipe, whatever the default is now.
+    stored = TrainConfig(**{"recipe": "seed", **{k: v for k, v in state["args"].items() if k in known}}).resolved()
     fixed = {k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE}
     wanted = replace(stored, **fixed).resolved()
     differing = [

@@ -16,7 +16,7 @@ from torch.func import functional_call, vmap
 
 from training import tracking
 from training.engine import (
-    EVAL_BATCH_SIZE, EpochResult, TrainingDiverged, evaluate_batches, make_optimizer, resolve_device, run_epoch,
+    EVAL_BATCH_SIZE, EpochResult, TrainingDiverged, check_seed_recipe, evaluate_batches, make_optimizer, resolve_device, run_epoch,
     splits_on, summed_loss,
 )
 from training.epochs import BestEpoch, EpochBookkeeping
@@ -148,6 +148,7 @@ def fit_batch(configs: list[TrainConfig], dataset: Dataset, run_ids: list[str], 
     """Train ``configs[i]`` into run ``run_ids[i]``, all at once; a member stops at TrainingDiverged or one of
     ``stops`` raised by ``on_epoch(i, result)``; writes to run i go through ``outboxes[i]`` when given."""
     configs = [c.resolved() for c in configs]
+    check_seed_recipe(configs[0], "--batch-trials")  # the stacked loop has no schedule, EMA, augmentation, ...
     if any(replace(c, mean=None, std=None) != replace(configs[0], mean=None, std=None) for c in configs):
         raise ValueError("runs trained together must differ only in their normalization (mean, std)")
     config, spec = configs[0], configs[0].spec()
@@ -173,14 +174,14 @@ def fit_batch(configs: list[TrainConfig], dataset: Dataset, run_ids: list[str], 
     for epoch in range(1, config.epochs + 1):
         if not stack.members:
             break
-        started = time.perf_counter()
+        started, lr = time.perf_counter(), stack.optimizer.param_groups[0]["lr"]
         train_losses = stack.train_epoch(train_split, config.batch_size, generator, max_batches=config.max_batches)
         val_losses, val_accuracies, _ = stack.evaluate(val_split)
         stack.end_epoch()
         seconds = time.perf_counter() - started
         stopped = []
         for position, member in enumerate(list(stack.members)):
-            result = EpochResult(epoch, train_losses[position], val_losses[position], val_accuracies[position])
+            result = EpochResult(epoch, train_losses[position], val_losses[position], val_accuracies[position], lr)
             try:
                 books[member].record(result, seconds)
                 if on_epoch:
