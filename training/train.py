@@ -13,13 +13,12 @@ import torch
 from zoo.progress import tqdm  # plain lines when stderr is no terminal
 
 from training import checkpoints, registration, tracking
-from training.augment import check_augmentation
+from training.augment import Augment, check_augmentation
 from training.outage import Outbox, local_checkpoint
 from training.engine import (
     EpochResult, check_precision, check_seed_recipe, evaluate, evaluate_predictions, make_trainer, resolve_device, splits_on,
 )
 from training.epochs import BestEpoch, EpochBookkeeping
-from training.recipes import SEED
 from training.train_config import (
     AUTO, FIGURES, TrainConfig, dataset_label, describe_training, fitted_note, readable_run_name, run_params,
     short_normalization, training_tags,
@@ -76,9 +75,6 @@ def trainer_for(config: TrainConfig, network: torch.nn.Module, *, steps_per_epoc
     return make_trainer(trainer, network, **settings)
 
 
-AUGMENTATIONS = ("crop_pad", "scale", "hflip", "aa", "reprob", "mixup", "cutmix")  # TrainConfig fields Augment reads
-
-
 def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResult], None] | None = None,
         resume: dict[str, Any] | None = None, outbox: Outbox | None = None,
         network: torch.nn.Module | None = None) -> TrainResult:
@@ -94,11 +90,7 @@ def fit(config: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[EpochResul
 
     network = (network if network is not None else seeded_network(config, dataset)).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    augment = None
-    if any(getattr(config, k) != SEED[k] for k in AUGMENTATIONS):
-        from training.augment import Augment  # only when asked: its policies import torchvision
-
-        augment = Augment(config, len(dataset.classes), generator)  # draws from the shuffling generator: resumable
+    augment = Augment(config, len(dataset.classes), generator)  # draws from the shuffling generator: resumable
     train_split, val_split, test_split = splits_on(dataset, device)
     steps = math.ceil(len(train_split) / config.batch_size)
     trainer = trainer_for(config, network, augment=augment,

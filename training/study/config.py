@@ -138,7 +138,7 @@ class StudyConfig:
             model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size, seed=1,
             device=self.device, data_dir=self.data_dir, max_batches=self.max_batches, progress=False,
             image_size=self.image_size, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-            recipe=self.recipe,
+            recipe=self.recipe or ("seed" if self.batch_trials > 1 else None),  # batched trials train seed only
         )
 
 
