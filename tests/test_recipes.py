@@ -31,15 +31,17 @@ def assert_logs_recipe(params: dict[str, str], recipe: str, optimizer: str) -> N
             assert params[name] == str(value), name
 
 
-def test_a_folder_of_images_trains_with_the_light_recipe_and_logs_its_settings(tmp_path, mnist_5k):
+def test_a_timm_model_on_a_folder_trains_with_the_light_recipe_and_the_zoos_own_models_keep_seed(tmp_path, mnist_5k):
     folder = write_image_folder(mnist_5k.test.subset(100), mnist_5k.classes, tmp_path / "digits")
-    res = zoo_train("--dataset", str(folder))
+    res = zoo_train("--dataset", str(folder), "--model", "timm:test_resnet")
     assert res.exit_code == 0, res.output
     run = only_run()
-    assert_logs_recipe(run.data.params, "light", "adadelta")
+    assert_logs_recipe(run.data.params, "light", "adamw")
     assert run.data.params["schedule"] == "cosine" and run.data.params["hflip"] == "0.5"
     assert run.data.params["crop_mode"] == "squash" and run.data.params["keep_best"] == "True"
     assert "Recipe **light**" in run.data.tags["mlflow.note.content"]
+    # LeNet-5 and the other registry models train their own protocol on a folder too (they underfit augmented).
+    assert TrainConfig(model="lenet5", dataset=str(folder)).resolved().recipe == "seed"
 
 
 def test_the_catalog_datasets_keep_the_seed_protocol_and_log_todays_params_beside_the_seed_settings():

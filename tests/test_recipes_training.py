@@ -104,9 +104,9 @@ def test_a_run_from_before_recipes_resumes_with_the_seed_recipe(mnist_5k, tmp_pa
     old = tracking.load_checkpoint(run_id, "checkpoints/last.pt")
     new_fields = {"recipe", "schedule", "warmup_epochs", "label_smoothing", "ema", "patience", "crop_pad", "scale",
                   "hflip", "aa", "reprob", "mixup", "cutmix", "crop_mode"}
-    # Its args as an older zoo wrote them, with a folder of images as the dataset: today's default there is "light".
-    old["args"] = {k: v for k, v in old["args"].items() if k not in new_fields} | {"dataset": str(tmp_path)}
+    # Its args as an older zoo wrote them, for a timm: model: today's default for those is "light".
+    old["args"] = {k: v for k, v in old["args"].items() if k not in new_fields} | {"model": "timm:test_resnet"}
     tracking.log_checkpoints({"last": old}, run_id=run_id)
     config, _ = config_to_resume(run_id, {"epochs": 1})
     assert config.recipe == "seed" and config.resolved().schedule == "step"
-    assert TrainConfig(dataset=str(tmp_path)).resolved().recipe == "light"  # what it would have been
+    assert TrainConfig(model="timm:test_resnet").resolved().recipe == "light"  # what it would have been

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from test_study import SMALL_ARGS, study_runs
-from training.study.config import StudyConfig
+from training.study.config import CONFIG_ATTR, StudyConfig
 from zoo.cli.main import cli
 from zoo.errors import UsageError
 
@@ -77,3 +77,18 @@ def test_batch_trials_train_the_seed_recipe_only():
     with pytest.raises(UsageError, match="unknown recipe 'bogus'"):
         StudyConfig(recipe="bogus").validate()
     StudyConfig(batch_trials=2, recipe="seed").validate()
+
+
+def test_a_study_made_before_recipes_resumes_only_with_the_seed_recipe_its_trials_trained(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = CliRunner().invoke(cli, study_args(tmp_path, "--trials", "1"))
+    assert first.exit_code == 0, first.output
+    # What a study created before recipes stored: its identity without recipe and search.
+    rdb = optuna.storages.RDBStorage(storage)
+    study_id = rdb.get_study_id_from_name("search")
+    old = {k: v for k, v in rdb.get_study_system_attrs(study_id)[CONFIG_ATTR].items() if k not in ("recipe", "search")}
+    rdb.set_study_system_attr(study_id, CONFIG_ATTR, old)
+
+    light = CliRunner().invoke(cli, study_args(tmp_path, "--trials", "2", "--recipe", "light"))
+    assert light.exit_code == 2 and "recipe: study has seed, command has light" in light.output, light.output
+    assert len(study_runs()[1]) == 1  # no trial trained with another recipe

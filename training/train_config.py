@@ -14,7 +14,6 @@ from training.recipes import SETTINGS, recipe_settings
 from zoo.data import Dataset
 from zoo.model_options import coerce_model_config
 from zoo.normalization import Normalization, parse_floats
-from zoo.folder_dataset import looks_like_folder
 from zoo.models.registry import TIMM_PREFIX, ModelSpec, get_model_spec
 from zoo.errors import UsageError
 
@@ -50,7 +49,7 @@ class TrainConfig:
     keep_checkpoints: str = DEFAULT_KEEP  # see training/checkpoints.py
     progress: bool = True
     model_config: dict = field(default_factory=dict)  # keyword arguments for the builder
-    recipe: str | None = None  # None: finetune from pretrained weights, light for folders and timm: models, else seed
+    recipe: str | None = None  # None: finetune from pretrained weights, light for timm: models, else seed
     schedule: str | None = None  # step (StepLR by gamma each epoch), cosine (warmup, then cosine), onecycle
     warmup_epochs: float | None = None
     label_smoothing: float | None = None
@@ -76,7 +75,7 @@ class TrainConfig:
         typed and checked."""
         spec = self.spec()
         model_config = coerce_model_config(self.model, self.model_config)
-        recipe = self.recipe or default_recipe(spec, self.dataset, model_config)
+        recipe = self.recipe or default_recipe(spec, model_config)
         settings = {"optimizer": spec.optimizer, "lr": spec.lr, "gamma": spec.lr_gamma, **RECIPE_DEFAULTS, **spec.recipe}
         settings |= recipe_settings(recipe, self.optimizer or settings["optimizer"])
         unset = {k: v for k, v in settings.items() if getattr(self, k) is None}
@@ -111,13 +110,12 @@ class TrainConfig:
             Normalization.parse(self.mean, 1.0, channels=len(parse_floats(self.mean, "mean")))
 
 
-def default_recipe(spec: ModelSpec, dataset: str, model_config: dict) -> str:
-    """finetune from pretrained weights, light for image folders and timm: models, else the seed protocols'."""
-    if spec.trainer != "autograd":
-        return "seed"  # a trainer of its own (scratch_mlp) trains the seed recipe only
-    if model_config.get("pretrained") or model_config.get("weights"):
-        return "finetune"
-    return "light" if looks_like_folder(dataset) or spec.name.startswith(TIMM_PREFIX) else "seed"
+def default_recipe(spec: ModelSpec, model_config: dict) -> str:
+    """finetune from pretrained weights, light for timm: models; the zoo's own models keep their seed protocols,
+    on any data: augmented, they underfit (LeNet-5 on a folder, benchmarks/RESULTS.md, issue 32)."""
+    if not spec.name.startswith(TIMM_PREFIX):
+        return "seed"
+    return "finetune" if model_config.get("pretrained") or model_config.get("weights") else "light"
 
 
 def check_contradictions(config: TrainConfig) -> None:

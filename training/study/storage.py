@@ -202,6 +202,8 @@ def open_study(config: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, 
         raise UsageError(f"study {config.name!r} minimizes; a normalization study maximizes accuracy. "
                          "Use another --study-name.")
     stored = stored_search(study) or {}  # none: its creator has not written it yet, or it was not made by zoo
+    if stored and "recipe" not in stored:  # made before recipes: its trials trained the seed recipe, searching nothing else
+        stored |= {"recipe": "seed", "search": {}}
     differing = {k: (stored[k], v) for k, v in config.identity().items() if k in stored and stored[k] != v}
     if differing:
         what = "; ".join(f"{k}: study has {old}, command has {new}" for k, (old, new) in differing.items())

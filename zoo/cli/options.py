@@ -170,8 +170,8 @@ def _recipe_option(*names: str, help: str, **kwargs):
 
 RECIPE_OPTIONS = (
     click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
-                 help="The training recipe filling every setting not given (docs/training.md#recipes). Default: finetune "
-                      "with --weights, light for image folders and timm: models, else seed (the published protocols)."),
+                 help="The training recipe filling every setting not given (docs/training.md#recipes). Default: for timm: "
+                      "models light, or finetune with --weights; the zoo's own models keep their protocols (seed)."),
     _recipe_option("--weight-decay", "--weight_decay", "weight_decay", type=click.FloatRange(min=0),
                    help="Weight decay (AdamW: decoupled; SGD, Adam: L2)."),
     _recipe_option("--schedule", "schedule", type=click.Choice(["step", "cosine", "onecycle"]),
