@@ -59,7 +59,7 @@ class EpochBookkeeping:
         self.history.append(result)
         improved = self.best.update(result, self.network)
 
-        metrics = {k: v for k, v in asdict(result).items() if k != "epoch" and v is not None} | {"epoch_seconds": seconds}
+        metrics = {k: v for k, v in asdict(result).items() if k != "epoch"} | {"epoch_seconds": seconds}
         best, outbox = self.best, self.outbox
         resume = {"rng": checkpoints.rng_state(self.generator), "history": [asdict(r) for r in self.history],
                   "best": {"epoch": best.epoch, "val_accuracy": best.val_accuracy},
